@@ -1,0 +1,60 @@
+"""Hand-made step grids: the optimizer's starting points and the baselines a table must beat.
+
+Each grid has N + 1 points from t = T (first) to t = eps (last) and is returned in lambda
+(increasing), float64:
+- ``unif``: uniform in lambda (the paper's choice for pixel-space models);
+- ``unif_t``: uniform in t (diffusers' default spacing; for latent-space models);
+- ``quad``: uniform in sqrt(t), i.e. quadratic in t (DDIM's "quad" / the time-quadratic grid);
+- ``edm``: uniform in kappa^(1/rho), kappa = sigma/alpha = e^-lambda, rho = 7 (Karras et al.).
+
+For flow models a ``shift`` s spaces the time grids: the grid is built in unshifted time u and
+mapped through t = s u / (1 + (s - 1) u) (SD3 uses s = 3); ``unif`` and ``edm`` are defined in
+lambda and kappa and do not depend on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BadInput
+
+GRIDS = ("unif", "unif_t", "quad", "edm")
+EDM_RHO = 7.0
+
+
+def shift_time(u, shift: float):
+    """Map unshifted time u in [0, 1] to t = s u / (1 + (s - 1) u)."""
+    u = np.asarray(u, dtype=np.float64)
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def unshift_time(t, shift: float):
+    """Inverse of ``shift_time``."""
+    t = np.asarray(t, dtype=np.float64)
+    return t / (shift - (shift - 1.0) * t)
+
+
+def _time_grid(kind: str, T: float, eps: float, n: int, shift: float | None) -> np.ndarray:
+    s = 1.0 if shift is None else shift
+    a, b = unshift_time(T, s), unshift_time(eps, s)
+    if kind == "unif_t":
+        u = np.linspace(a, b, n + 1)
+    else:  # quad
+        u = np.linspace(np.sqrt(a), np.sqrt(b), n + 1) ** 2
+    return shift_time(u, s)
+
+
+def grid_lambda(kind: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None):
+    """The grid ``kind`` with ``nfe`` steps as N + 1 increasing lambdas, endpoints exact."""
+    if kind not in GRIDS:
+        raise BadInput(f"unknown grid {kind!r} (choose from {', '.join(GRIDS)})")
+    lam_T, lam_eps = float(schedule.lam(T)), float(schedule.lam(eps))
+    if kind == "unif":
+        lam = np.linspace(lam_T, lam_eps, nfe + 1)
+    elif kind == "edm":
+        r = np.linspace(np.exp(-lam_T / EDM_RHO), np.exp(-lam_eps / EDM_RHO), nfe + 1)
+        lam = -EDM_RHO * np.log(r)
+    else:
+        lam = schedule.lam(_time_grid(kind, T, eps, nfe, shift))
+    lam[0], lam[-1] = lam_T, lam_eps
+    return lam

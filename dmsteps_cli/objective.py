@@ -1,0 +1,140 @@
+"""The surrogate error bound of Xue et al. that the steps minimize, with its exact gradient.
+
+Everything is a function of the N + 1 lambdas lam[0] = lambda(T) < ... < lam[N] = lambda(eps)
+(increasing; the first is the noise end). Step s goes from lam[s] to lam[s + 1] and has order
+k_s; its contributions are e = eps_tilde(lam_i) * w_{s,j} for each of its nodes i = s - k_s + 1 + j,
+with eps_tilde = sigma^p / alpha computed from the schedule's own alpha and sigma (method note §3).
+
+The objective is a sum of *groups* of contributions:
+    F(lam) = sum_g |sum_{c in g} e_c|            (abs groups)
+           + sum_g sqrt(sum_{c in g} e_c^2)       (L2 groups)
+Modes:
+- ``paper``: Eq. 35: one abs group per node (all steps' contributions to a node are merged), with
+  the order pattern of the solver that is used (``weights.order_pattern``).
+- ``reference``: what the reference implementation computes: order pattern 1,2,3,...,3,2,1 whatever
+  the solver; the two order-1 end steps are abs groups of their own; steps s < trunc (counted from
+  0) of order >= 2 are L2 groups of their own; all other contributions are merged per node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import BadInput
+from .weights import lagrange_step_weights
+
+OBJECTIVES = ("reference", "paper")
+
+
+def eps_tilde(schedule, lam, p: float):
+    """eps_tilde = sigma^p / alpha at the given lambdas and its derivative d eps_tilde / d lambda."""
+    log_a, log_s, dlog_a, dlog_s = schedule.log_alpha_sigma_of_lambda(lam)
+    value = np.exp(p * log_s - log_a)
+    return value, value * (p * dlog_s - dlog_a)
+
+
+def reference_orders(nfe: int) -> list[int]:
+    """The reference implementation's fixed pattern 1,2,3,...,3,2,1 (N=4: 1,2,2,1; N=3: 1,2,1)."""
+    return [min(3, s + 1, nfe - s) for s in range(nfe)]
+
+
+@dataclass
+class Objective:
+    """The objective for one N: structure precomputed, evaluation vectorized (see module doc)."""
+
+    schedule: object
+    p: float
+    orders: list[int]
+    kind: str
+    trunc: int | None
+    nfe: int = field(init=False)
+    node: np.ndarray = field(init=False)  # (C,) lambda index of each contribution
+    abs_groups: np.ndarray = field(init=False)  # (Ga, C) 0/1
+    l2_groups: np.ndarray = field(init=False)  # (Gl, C) 0/1
+
+    def __post_init__(self):
+        self.nfe = len(self.orders)
+        N, orders = self.nfe, self.orders
+        for s, k in enumerate(orders):
+            if k < 1 or k > s + 1:
+                raise BadInput(f"step {s} cannot have order {k}: only {s + 1} evaluated nodes exist")
+        starts = np.concatenate([[0], np.cumsum(orders)])
+        C = int(starts[-1])
+        self.node = np.concatenate([np.arange(s - k + 1, s + 1) for s, k in enumerate(orders)])
+        # blocks of steps with equal order: (k, steps (S,), contribution ids (S, k))
+        self._blocks = []
+        for k in sorted(set(orders)):
+            steps = np.array([s for s, ks in enumerate(orders) if ks == k])
+            self._blocks.append((k, steps, starts[steps][:, None] + np.arange(k)[None, :]))
+        abs_rows, l2_rows = [], []
+        merged = np.zeros(C, dtype=bool)
+        for s, k in enumerate(orders):
+            ids = np.arange(starts[s], starts[s + 1])
+            row = np.zeros(C)
+            row[ids] = 1.0
+            if self.kind == "reference" and k == 1:
+                abs_rows.append(row)
+            elif self.kind == "reference" and s < self.trunc:
+                l2_rows.append(row)
+            else:
+                merged[ids] = True
+        for i in range(N):
+            mask = merged & (self.node == i)
+            if mask.any():
+                abs_rows.append(mask.astype(float))
+        self.abs_groups = np.array(abs_rows).reshape(-1, C)
+        self.l2_groups = np.array(l2_rows).reshape(-1, C)
+
+    # --- evaluation -------------------------------------------------------------------------
+    def contributions(self, lam, jac: bool = True):
+        """e (C,) and, if jac, de/dlam (C, N + 1)."""
+        lam = np.asarray(lam, dtype=np.float64)
+        et, det = eps_tilde(self.schedule, lam, self.p)
+        C = self.node.size
+        e = np.empty(C)
+        de = np.zeros((C, self.nfe + 1)) if jac else None
+        for k, steps, ids in self._blocks:
+            nodes = steps[:, None] + np.arange(-k + 1, 1)[None, :]  # (S, k)
+            w, dw_dn, dw_de = lagrange_step_weights(lam[nodes], lam[steps + 1])
+            e[ids] = et[nodes] * w
+            if jac:
+                de[ids[:, :, None], nodes[:, None, :]] = et[nodes][:, :, None] * dw_dn
+                de[ids, nodes] += det[nodes] * w
+                de[ids, (steps + 1)[:, None]] = et[nodes] * dw_de
+        return e, de
+
+    def terms(self, lam, jac: bool = True):
+        """The abs-group sums a (Ga,), L2-group norms q (Gl,) and their Jacobians over lam."""
+        e, de = self.contributions(lam, jac)
+        a = self.abs_groups @ e
+        q = np.sqrt(self.l2_groups @ (e * e))
+        if not jac:
+            return a, q, None, None
+        Ja = self.abs_groups @ de
+        Jq = (self.l2_groups @ (e[:, None] * de)) / q[:, None] if q.size else np.zeros((0, de.shape[1]))
+        return a, q, Ja, Jq
+
+    def value(self, lam) -> float:
+        a, q, _, _ = self.terms(lam, jac=False)
+        return float(np.abs(a).sum() + q.sum())
+
+    def value_and_grad(self, lam):
+        """F(lam) and dF/dlam over all N + 1 lambdas (a subgradient where some a_g = 0)."""
+        a, q, Ja, Jq = self.terms(lam)
+        return float(np.abs(a).sum() + q.sum()), np.sign(a) @ Ja + Jq.sum(axis=0)
+
+
+def build_objective(schedule, kind: str, p: float, orders: list[int], trunc: int | None = 3) -> Objective:
+    """The objective of mode ``kind`` for the solver order pattern ``orders`` (ignored by
+    ``reference``, which uses its own fixed pattern)."""
+    if kind not in OBJECTIVES:
+        raise BadInput(f"unknown objective {kind!r} (choose from {', '.join(OBJECTIVES)})")
+    if not p >= 0:
+        raise BadInput(f"--p must be >= 0, got {p}")
+    if kind == "reference":
+        if trunc is None or trunc < 0:
+            raise BadInput(f"--trunc must be >= 0, got {trunc}")
+        return Objective(schedule, float(p), reference_orders(len(orders)), kind, int(trunc))
+    return Objective(schedule, float(p), list(orders), kind, None)

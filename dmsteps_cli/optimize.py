@@ -1,0 +1,114 @@
+"""The constrained optimizer that places the steps, and the per-NFE driver.
+
+The objective F(lam) = sum_g |a_g(lam)| + sum_g q_g(lam) (see ``objective``) has kinks where an
+a_g changes sign, and a smooth method that meets a kink stalls there (the reference implementation
+does, for N >= 6). We solve the equivalent smooth problem with one slack variable per abs group:
+
+    minimize   sum_g q_g(x) + sum_g s_g
+    subject to s_g - a_g(x) >= 0,  s_g + a_g(x) >= 0,
+               x_0 - lam_T >= gap,  x_{i+1} - x_i >= gap,  lam_eps - x_{N-2} >= gap,
+
+over the interior lambdas x = lam[1:-1] and s, with SLSQP and exact gradients. The minimum gap
+keeps the steps strictly increasing (the weights divide by the gaps). The result is never worse
+than the start: if it were, the start is returned and the status says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
+MAXITER = 1000
+FTOL = 1e-13
+
+
+@dataclass
+class StepResult:
+    """Outcome of one optimization: lam runs from lambda(T) (first) to lambda(eps) (last)."""
+
+    lam: np.ndarray
+    objective: float
+    init_objective: float
+    status: str  # "converged", "not-converged" or "kept-start"
+    message: str
+    iterations: int
+    evaluations: int
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+
+def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: int = MAXITER) -> StepResult:
+    """Minimize ``objective`` over the interior of ``lam_init`` (endpoints fixed)."""
+    from scipy.optimize import minimize
+
+    lam_init = np.asarray(lam_init, dtype=np.float64)
+    lam_T, lam_eps = lam_init[0], lam_init[-1]
+    n = lam_init.size - 2
+    if min_gap is None:
+        min_gap = GAP_FRACTION * (lam_eps - lam_T)
+    F0 = objective.value(lam_init)
+    scale = 1.0 / F0
+    cache = {}
+
+    def terms(x):
+        key = x.tobytes()
+        if key not in cache:
+            cache.clear()
+            lam = np.concatenate([[lam_T], x, [lam_eps]])
+            a, q, Ja, Jq = objective.terms(lam)
+            cache[key] = (scale * a, scale * q.sum(), scale * Ja[:, 1:-1], scale * Jq[:, 1:-1].sum(axis=0))
+        return cache[key]
+
+    ga = objective.abs_groups.shape[0]
+    eye = np.eye(ga)
+
+    def fun(z):
+        return terms(z[:n])[1] + z[n:].sum()
+
+    def jac(z):
+        return np.concatenate([terms(z[:n])[3], np.ones(ga)])
+
+    def slack_fun(z):
+        a = terms(z[:n])[0]
+        return np.concatenate([z[n:] - a, z[n:] + a])
+
+    def slack_jac(z):
+        Ja = terms(z[:n])[2]
+        return np.block([[-Ja, eye], [Ja, eye]])
+
+    # gap constraints G x - b >= 0
+    G = np.zeros((n + 1, n + ga))
+    b = np.full(n + 1, min_gap)
+    for i in range(n + 1):
+        if i < n:
+            G[i, i] = 1.0
+        if i > 0:
+            G[i, i - 1] = -1.0
+    b[0] += lam_T
+    b[n] -= lam_eps
+
+    a0 = terms(lam_init[1:-1])[0]
+    z0 = np.concatenate([lam_init[1:-1], np.abs(a0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = minimize(
+            fun, z0, jac=jac, method="SLSQP",
+            constraints=[
+                {"type": "ineq", "fun": slack_fun, "jac": slack_jac},
+                {"type": "ineq", "fun": lambda z: G @ z - b, "jac": lambda z: G},
+            ],
+            options={"maxiter": maxiter, "ftol": FTOL},
+        )
+    lam = np.concatenate([[lam_T], res.x[:n], [lam_eps]])
+    status = "converged" if res.status == 0 else "not-converged"
+    message = str(res.message)
+    F = objective.value(lam) if np.all(np.isfinite(lam)) and np.all(np.diff(lam) > 0) else np.inf
+    if not F <= F0:
+        lam, F, status = lam_init.copy(), F0, "kept-start"
+        message = f"the optimizer did not improve on the start ({message})"
+    return StepResult(lam, float(F), float(F0), status, message, int(res.nit), int(res.nfev))

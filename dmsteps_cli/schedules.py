@@ -1,0 +1,495 @@
+"""Noise schedules: alpha(t), sigma(t), the half log-SNR lambda(t) and its exact inverse.
+
+Conventions (the DPM-Solver / UniPC ones, see the method note §5):
+- the forward process is q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I);
+- lambda_t = log(alpha_t / sigma_t) is strictly decreasing in t, so sampling from t = T (noise)
+  to t = eps (data) runs towards increasing lambda;
+- every function takes and returns float64 numpy arrays (scalars are accepted) and is vectorized;
+- ``sigmas(t)`` is what the model family's samplers call sigma: kappa = sigma/alpha = e^-lambda
+  for VP and EDM models, t itself for flow models;
+- ``model_timestep(t)`` is the timestep input of the network: (t - 1/M) * M for discrete
+  schedules, t for continuous VP, sigma for EDM and 1000 t for flow models.
+
+A schedule is rebuilt from ``family`` and ``params`` alone (``schedule_from_spec``), which is how a
+table records it; ``identity()`` fingerprints alpha and sigma so that a table made for another
+schedule can be recognized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInput
+
+CONTINUOUS_EPS_MIN = 1e-5
+
+
+def _f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+class Schedule:
+    """Base class. Subclasses define log_alpha, log_sigma, t_of_lambda and the conventions."""
+
+    family: str = ""
+    name: str = ""
+    T: float = 1.0  # default start time (noise end)
+    eps_default: float = 1e-3  # default end time (data end)
+    eps_min: float = CONTINUOUS_EPS_MIN  # smallest valid end time
+    t_max: float = 1.0  # largest valid start time
+    timestep_convention: str = ""
+    sigma_convention: str = "kappa = sigma/alpha"
+    default_shift: float | None = None  # only flow models space their time grid with a shift
+
+    # --- per-family definitions -------------------------------------------------------------
+    def log_alpha(self, t):
+        raise NotImplementedError
+
+    def log_sigma(self, t):
+        raise NotImplementedError
+
+    def t_of_lambda(self, lam):
+        """Inverse of lambda(t)."""
+        raise NotImplementedError
+
+    def log_alpha_sigma_of_lambda(self, lam):
+        """(log alpha, log sigma, d log alpha/d lambda, d log sigma/d lambda) as functions of lambda."""
+        raise NotImplementedError
+
+    def model_timestep(self, t):
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    # --- derived quantities -----------------------------------------------------------------
+    def alpha(self, t):
+        return np.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        return np.exp(self.log_sigma(t))
+
+    def lam(self, t):
+        """Half log-SNR lambda(t) = log alpha_t - log sigma_t."""
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def sigmas(self, t):
+        """The sigma that samplers of this model family use: kappa = sigma/alpha (VP, EDM)."""
+        return np.exp(self.log_sigma(t) - self.log_alpha(t))
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this schedule with ``schedule_from_spec``."""
+        return {"name": self.name, "family": self.family, "params": self.params()}
+
+    def identity(self) -> dict:
+        """A fingerprint of the schedule itself (not of its name or source).
+
+        ``probe_t`` are 9 times spread over [eps_min, T]; ``log_alpha`` and ``log_sigma`` are the
+        schedule's values there (rounded to 10 significant digits, for tolerant comparison);
+        ``sha256`` hashes alpha and sigma on 257 such times at 9 significant digits.
+        """
+        def probe(n):
+            return np.linspace(self.eps_min, self.T, n)
+
+        t9 = probe(9)
+        t_hash = probe(257)
+        text = ",".join(f"{a:.8e}:{s:.8e}" for a, s in zip(self.alpha(t_hash), self.sigma(t_hash)))
+        return {
+            "family": self.family,
+            "probe_t": [_round_sig(v) for v in t9],
+            "log_alpha": [_round_sig(v) for v in self.log_alpha(t9)],
+            "log_sigma": [_round_sig(v) for v in self.log_sigma(t9)],
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        }
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _round_sig(x: float, digits: int = 10) -> float:
+    return float(f"{float(x):.{digits - 1}e}")
+
+
+class _VP(Schedule):
+    """Variance preserving: alpha^2 + sigma^2 = 1, so alpha and sigma follow from lambda alone."""
+
+    def log_sigma(self, t):
+        return 0.5 * np.log(-np.expm1(2.0 * self.log_alpha(t)))
+
+    def log_alpha_sigma_of_lambda(self, lam):
+        lam = _f64(lam)
+        log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)
+        log_sigma = -0.5 * np.logaddexp(0.0, 2.0 * lam)
+        # d log alpha / d lambda = sigma^2, d log sigma / d lambda = -alpha^2
+        return log_alpha, log_sigma, np.exp(2.0 * log_sigma), -np.exp(2.0 * log_alpha)
+
+    def t_of_lambda(self, lam):
+        return self._t_of_log_alpha(-0.5 * np.logaddexp(0.0, -2.0 * _f64(lam)))
+
+    def _t_of_log_alpha(self, log_alpha):
+        raise NotImplementedError
+
+
+class DiscreteVP(_VP):
+    """A DDPM-style schedule of M training steps, made continuous as in DPM-Solver.
+
+    log alpha at t_n = (n + 1)/M is 0.5 log(alphas_cumprod[n]); in between it is interpolated
+    linearly in t. T = 1 and the smallest usable eps is 1/M.
+    """
+
+    family = "discrete"
+    timestep_convention = "(t - 1/M) * M"
+
+    def __init__(self, alphas_cumprod, name: str, params: dict):
+        ac = _f64(alphas_cumprod).ravel()
+        if ac.size < 2:
+            raise BadInput(f"schedule {name}: needs at least 2 training steps, got {ac.size}")
+        if not np.all(np.isfinite(ac)) or np.any(ac < 0) or np.any(ac > 1):
+            raise BadInput(f"schedule {name}: alphas_cumprod must lie in [0, 1]")
+        if ac[-1] <= 0:
+            raise BadInput(
+                f"schedule {name}: zero terminal SNR (alphas_cumprod[-1] = 0) is not supported: "
+                "lambda(T) would be -inf; use a schedule without rescale_betas_zero_snr"
+            )
+        if np.any(np.diff(ac) >= 0) or ac[0] >= 1:
+            raise BadInput(f"schedule {name}: alphas_cumprod must be strictly decreasing and below 1")
+        self.M = ac.size
+        self.alphas_cumprod = ac
+        self.name = name
+        self._params = params
+        self.t_grid = np.arange(1, self.M + 1, dtype=np.float64) / self.M
+        self.log_alpha_grid = 0.5 * np.log(ac)
+        self.T = 1.0
+        self.t_max = 1.0
+        self.eps_min = 1.0 / self.M
+        self.eps_default = max(1e-3, self.eps_min)
+
+    def params(self):
+        return dict(self._params)
+
+    def log_alpha(self, t):
+        return np.interp(_f64(t), self.t_grid, self.log_alpha_grid)
+
+    def _t_of_log_alpha(self, log_alpha):
+        return np.interp(log_alpha, self.log_alpha_grid[::-1], self.t_grid[::-1])
+
+    def model_timestep(self, t):
+        return (_f64(t) - 1.0 / self.M) * self.M
+
+    def identity(self):
+        ident = super().identity()
+        ident["num_train_timesteps"] = self.M
+        return ident
+
+
+class VPLinear(_VP):
+    """Score-SDE VP with linear beta(t) = beta_0 + t (beta_1 - beta_0), continuous t in (0, 1]."""
+
+    family = "vp-linear"
+    timestep_convention = "t"
+
+    def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0, name: str = "vp-linear"):
+        if not (0 <= beta_0 < beta_1):
+            raise BadInput(f"schedule {name}: need 0 <= beta_0 < beta_1, got {beta_0}, {beta_1}")
+        self.beta_0, self.beta_1, self.name = float(beta_0), float(beta_1), name
+
+    def params(self):
+        return {"beta_0": self.beta_0, "beta_1": self.beta_1}
+
+    def log_alpha(self, t):
+        t = _f64(t)
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def _t_of_log_alpha(self, log_alpha):
+        # root of a t^2 + b t - c = 0 written without cancellation
+        a, b, c = 0.25 * (self.beta_1 - self.beta_0), 0.5 * self.beta_0, -log_alpha
+        return 2.0 * c / (b + np.sqrt(b * b + 4.0 * a * c))
+
+    def model_timestep(self, t):
+        return _f64(t).copy()
+
+
+class VPCosine(_VP):
+    """Improved-DDPM cosine schedule in continuous time; T = 0.9946 where the beta cap is reached."""
+
+    family = "vp-cosine"
+    timestep_convention = "t"
+    T = 0.9946
+    t_max = 0.9946
+
+    def __init__(self, s: float = 0.008, name: str = "vp-cosine"):
+        if not s > 0:
+            raise BadInput(f"schedule {name}: need s > 0, got {s}")
+        self.s, self.name = float(s), name
+        self._tan_a0 = np.tan(0.5 * np.pi * self.s / (1.0 + self.s))
+
+    def params(self):
+        return {"s": self.s}
+
+    # alpha_t = cos(a0 + d) / cos(a0) with a0 = pi/2 s/(1+s), d = pi/2 t/(1+s), i.e.
+    # alpha_t = cos d - tan(a0) sin d: written this way, small t keeps its precision.
+    def log_alpha(self, t):
+        d = 0.5 * np.pi * _f64(t) / (1.0 + self.s)
+        return np.log1p(-2.0 * np.sin(0.5 * d) ** 2 - self._tan_a0 * np.sin(d))
+
+    def _t_of_log_alpha(self, log_alpha):
+        # with u = tan(d/2): (1 + y) u^2 + 2 tan(a0) u - (1 - y) = 0, y = alpha; stable root
+        y = np.exp(log_alpha)
+        one_minus_y = -np.expm1(log_alpha)
+        k = self._tan_a0
+        u = one_minus_y / (k + np.sqrt(k * k + (1.0 + y) * one_minus_y))
+        return 2.0 * np.arctan(u) * 2.0 * (1.0 + self.s) / np.pi
+
+    def model_timestep(self, t):
+        return _f64(t).copy()
+
+
+class EDM(Schedule):
+    """Variance exploding / EDM: alpha = 1, sigma = t, lambda = -log sigma; t is sigma."""
+
+    family = "edm"
+    timestep_convention = "sigma (the model applies its own preconditioning)"
+    sigma_convention = "kappa = sigma/alpha = t"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, name: str = "edm"):
+        if not (0 < sigma_min < sigma_max):
+            raise BadInput(f"schedule {name}: need 0 < sigma_min < sigma_max")
+        self.sigma_min, self.sigma_max, self.name = float(sigma_min), float(sigma_max), name
+        self.T = self.sigma_max
+        self.t_max = np.inf
+        self.eps_default = self.sigma_min
+
+    def params(self):
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def log_alpha(self, t):
+        return np.zeros_like(_f64(t))
+
+    def log_sigma(self, t):
+        return np.log(_f64(t))
+
+    def t_of_lambda(self, lam):
+        return np.exp(-_f64(lam))
+
+    def log_alpha_sigma_of_lambda(self, lam):
+        lam = _f64(lam)
+        zero = np.zeros_like(lam)
+        return zero, -lam, zero, -np.ones_like(lam)
+
+    def model_timestep(self, t):
+        return _f64(t).copy()
+
+
+class Flow(Schedule):
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t, t in (0, 1).
+
+    ``shift`` is not part of the schedule: it spaces the time grid (t = s u / (1 + (s - 1) u) for a
+    grid u); ``default_shift`` is the shift the model's scheduler config names.
+    """
+
+    family = "flow"
+    timestep_convention = "1000 * t"
+    sigma_convention = "t"
+    T = 0.999
+    t_max = 1.0 - 1e-9
+
+    def __init__(self, name: str = "flow", default_shift: float = 1.0):
+        self.name = name
+        self.default_shift = float(default_shift)
+
+    def params(self):
+        return {"default_shift": self.default_shift}
+
+    def log_alpha(self, t):
+        return np.log1p(-_f64(t))
+
+    def log_sigma(self, t):
+        return np.log(_f64(t))
+
+    def t_of_lambda(self, lam):
+        return np.exp(-np.logaddexp(0.0, _f64(lam)))
+
+    def log_alpha_sigma_of_lambda(self, lam):
+        lam = _f64(lam)
+        log_alpha = -np.logaddexp(0.0, -lam)
+        log_sigma = -np.logaddexp(0.0, lam)
+        # d log alpha / d lambda = sigma, d log sigma / d lambda = -alpha
+        return log_alpha, log_sigma, np.exp(log_sigma), -np.exp(log_alpha)
+
+    def sigmas(self, t):
+        return _f64(t).copy()
+
+    def model_timestep(self, t):
+        return 1000.0 * _f64(t)
+
+
+# --- discrete beta presets ----------------------------------------------------------------------
+
+def betas_for(kind: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
+    """The beta arrays of DDPM (`linear`), Stable Diffusion (`scaled_linear`) and improved DDPM
+    (`squaredcos_cap_v2`, where beta_start/beta_end are unused), in float64."""
+    M = int(num_train_timesteps)
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, M, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, M, dtype=np.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        def abar(u):
+            return np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+
+        i = np.arange(M, dtype=np.float64)
+        return np.minimum(1.0 - abar((i + 1) / M) / abar(i / M), 0.999)
+    raise BadInput(f"unknown beta_schedule {kind!r} (known: linear, scaled_linear, squaredcos_cap_v2)")
+
+
+def _discrete_from_betas_params(name: str, params: dict) -> DiscreteVP:
+    betas = betas_for(params["betas"], params.get("beta_start", 0.0), params.get("beta_end", 0.0),
+                      params["num_train_timesteps"])
+    return DiscreteVP(np.cumprod(1.0 - betas), name, params)
+
+
+def _discrete_preset(kind, beta_start, beta_end, M=1000):
+    params = {"betas": kind, "beta_start": beta_start, "beta_end": beta_end, "num_train_timesteps": M}
+    if kind == "squaredcos_cap_v2":
+        params = {"betas": kind, "num_train_timesteps": M}
+    return lambda: _discrete_from_betas_params(kind, params)
+
+
+PRESETS = {
+    "scaled_linear": (_discrete_preset("scaled_linear", 0.00085, 0.012),
+                      "Stable Diffusion 1.x/2.x/XL betas, 1000 steps (discrete)"),
+    "linear": (_discrete_preset("linear", 1e-4, 0.02), "DDPM betas 1e-4 ... 0.02, 1000 steps (discrete)"),
+    "squaredcos_cap_v2": (_discrete_preset("squaredcos_cap_v2", None, None),
+                          "improved-DDPM cosine betas, 1000 steps (discrete)"),
+    "vp-linear": (lambda: VPLinear(name="vp-linear"), "Score-SDE VP, beta 0.1 ... 20 (continuous)"),
+    "vp-cosine": (lambda: VPCosine(name="vp-cosine"), "improved-DDPM cosine, continuous, T = 0.9946"),
+    "edm": (lambda: EDM(name="edm"), "EDM / VE, sigma 0.002 ... 80, t = sigma"),
+    "flow": (lambda: Flow(name="flow"), "rectified flow (SD3, FLUX): alpha = 1 - t, sigma = t; use --shift"),
+}
+
+
+def preset_names():
+    return list(PRESETS)
+
+
+def schedule_from_spec(spec: dict) -> Schedule:
+    """Rebuild a schedule from ``Schedule.spec()`` (as recorded in a table)."""
+    try:
+        family, params, name = spec["family"], dict(spec["params"]), spec.get("name", spec["family"])
+    except (KeyError, TypeError) as exc:
+        raise BadInput(f"schedule spec lacks {exc}") from None
+    try:
+        if family == "discrete":
+            if "alphas_cumprod" in params:
+                return DiscreteVP(params["alphas_cumprod"], name, params)
+            return _discrete_from_betas_params(name, params)
+        if family == "vp-linear":
+            return VPLinear(params["beta_0"], params["beta_1"], name=name)
+        if family == "vp-cosine":
+            return VPCosine(params["s"], name=name)
+        if family == "edm":
+            return EDM(params["sigma_min"], params["sigma_max"], name=name)
+        if family == "flow":
+            return Flow(name=name, default_shift=params.get("default_shift", 1.0))
+    except KeyError as exc:
+        raise BadInput(f"schedule spec for family {family!r} lacks parameter {exc}") from None
+    raise BadInput(f"unknown schedule family {family!r}")
+
+
+def get_schedule(arg: str) -> Schedule:
+    """A preset name, ``betas:FILE`` / ``alphas_cumprod:FILE`` (.npy or .txt), or a diffusers
+    ``scheduler_config.json`` path."""
+    if arg in PRESETS:
+        return PRESETS[arg][0]()
+    for kind in ("betas", "alphas_cumprod"):
+        if arg.startswith(kind + ":"):
+            return _schedule_from_array_file(kind, arg[len(kind) + 1:])
+    path = Path(arg)
+    if path.suffix.lower() == ".json" or path.is_dir():
+        return _schedule_from_diffusers_config(path)
+    if path.suffix.lower() in (".npy", ".txt"):
+        raise BadInput(f"schedule file {arg}: say what it holds, as betas:{arg} or alphas_cumprod:{arg}")
+    raise BadInput(f"unknown schedule {arg!r} (presets: {', '.join(PRESETS)}; or a scheduler_config.json, "
+                   "betas:FILE, alphas_cumprod:FILE)")
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise BadInput(f"schedule file {path} does not exist")
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except (ValueError, OSError) as exc:
+        raise BadInput(f"schedule file {path}: cannot read numbers ({str(exc).splitlines()[0]})") from None
+    arr = np.asarray(arr, dtype=np.float64).ravel()
+    if arr.size < 2 or not np.all(np.isfinite(arr)):
+        raise BadInput(f"schedule file {path}: needs at least 2 finite numbers")
+    return arr
+
+
+def _schedule_from_array_file(kind: str, file: str) -> DiscreteVP:
+    path = Path(file)
+    arr = _load_array(path)
+    if kind == "betas":
+        if np.any(arr <= 0) or np.any(arr >= 1):
+            raise BadInput(f"schedule file {path}: betas must lie in (0, 1)")
+        ac = np.cumprod(1.0 - arr)
+    else:
+        ac = arr
+    return DiscreteVP(ac, f"{kind}:{path.name}", {"alphas_cumprod": ac.tolist()})
+
+
+def _schedule_from_diffusers_config(path: Path) -> Schedule:
+    if path.is_dir():
+        for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+            if cand.is_file():
+                path = cand
+                break
+    if not path.is_file():
+        raise BadInput(f"schedule config {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"schedule config {path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise BadInput(f"schedule config {path}: expected a JSON object")
+    cls = str(cfg.get("_class_name", ""))
+    name = path.name if path.parent == Path(".") else str(path)
+    if cls.startswith("FlowMatch"):
+        if cfg.get("use_dynamic_shifting"):
+            raise BadInput(f"schedule config {path}: use_dynamic_shifting depends on the image size; "
+                           "pass the shift you sample with as --shift and the preset 'flow'")
+        return Flow(name=name, default_shift=float(cfg.get("shift", 1.0)))
+    if cls.startswith("EDM"):
+        return EDM(float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0)), name=name)
+    if cfg.get("rescale_betas_zero_snr"):
+        raise BadInput(f"schedule config {path}: rescale_betas_zero_snr gives zero terminal SNR "
+                       "(lambda(T) = -inf), which is not supported")
+    M = cfg.get("num_train_timesteps", 1000)
+    if not isinstance(M, int) or M < 2:
+        raise BadInput(f"schedule config {path}: num_train_timesteps must be an integer >= 2")
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64).ravel()
+        if betas.size != M:
+            raise BadInput(f"schedule config {path}: trained_betas has {betas.size} values, "
+                           f"num_train_timesteps is {M}")
+        ac = np.cumprod(1.0 - betas)
+        return DiscreteVP(ac, name, {"alphas_cumprod": ac.tolist()})
+    kind = cfg.get("beta_schedule", "linear")
+    if kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        raise BadInput(f"schedule config {path}: unsupported beta_schedule {kind!r}")
+    params = {"betas": kind, "num_train_timesteps": M}
+    if kind != "squaredcos_cap_v2":
+        try:
+            params["beta_start"] = float(cfg.get("beta_start", 0.0001))
+            params["beta_end"] = float(cfg.get("beta_end", 0.02))
+        except (TypeError, ValueError):
+            raise BadInput(f"schedule config {path}: beta_start/beta_end must be numbers") from None
+    return _discrete_from_betas_params(name, params)

@@ -1,0 +1,105 @@
+"""Weights of one multistep step and the order pattern of each solver.
+
+A step goes from lambda_c (the newest evaluated node) to lambda_e = lambda_c + h and replaces the
+data prediction x_theta by the Lagrange polynomial through its k newest evaluated nodes
+lambda_{c-k+1} < ... < lambda_c; the weight of node j is (method note §2)
+
+    w_j = int_{lambda_c}^{lambda_e} e^lambda l_j(lambda) dlambda
+        = e^{lambda_c} sum_m a_{jm} H_m(h),    H_m(h) = int_0^h u^m e^u du,
+
+where a_{jm} are the monomial coefficients of l_j in u = lambda - lambda_c. This works for any
+order k. The derivatives are exact and just as general:
+
+    d w_j / d lambda_e = e^{lambda_e} l_j(lambda_e)
+    d w_j / d lambda_i = -l_j'(lambda_i) w_i - [i = j = c] e^{lambda_c}     (i a node)
+
+(moving node i with the nodal values fixed changes the interpolant by -p'(lambda_i) l_i).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import BadInput
+
+SOLVERS = ("unipc", "dpmpp", "ddim")
+MAX_ORDER = {"ddim": 1, "dpmpp": 3, "unipc": 3}
+
+_SERIES_BELOW = 2.0  # use the power series of H_m for h below this
+_SERIES_TERMS = 40  # 2^40 / 40! < 1e-35: far below float64 rounding
+
+
+def exp_moments(h, m_max: int) -> np.ndarray:
+    """H_m(h) = int_0^h u^m e^u du for m = 0 .. m_max; shape h.shape + (m_max + 1,).
+
+    For h >= 2 the recurrence H_0 = e^h - 1, H_m = h^m e^h - m H_{m-1} is accurate; below, it
+    cancels (1e-5 relative error in H_2 at h = 1e-5), so the series
+    H_m(h) = sum_r h^(m+r+1) / (r! (m+r+1)) is used instead.
+    """
+    h = np.asarray(h, dtype=np.float64)
+    out = np.empty(h.shape + (m_max + 1,))
+    small = h < _SERIES_BELOW
+    # recurrence (values for small h are overwritten below)
+    eh = np.exp(h)
+    out[..., 0] = np.expm1(h)
+    for m in range(1, m_max + 1):
+        out[..., m] = h**m * eh - m * out[..., m - 1]
+    if np.any(small):
+        hs = h[small]
+        r = np.arange(_SERIES_TERMS, dtype=np.float64)
+        inv_fact = np.array([1.0 / math.factorial(int(k)) for k in r])
+        powers = hs[:, None] ** r[None, :] * inv_fact  # h^r / r!
+        for m in range(m_max + 1):
+            out[small, m] = hs ** (m + 1) * (powers / (m + 1 + r)).sum(axis=1)
+    return out
+
+
+def lagrange_step_weights(nodes, end):
+    """Weights of one step for a batch of steps of the same order k.
+
+    nodes: (S, k) increasing lambdas, the newest (lambda_c) last; end: (S,) with end > nodes[:, -1].
+    Returns w (S, k), dw_dnodes (S, k, k) with [s, j, i] = d w_j / d node_i, and
+    dw_dend (S, k) = d w_j / d end.
+    """
+    nodes = np.asarray(nodes, dtype=np.float64)
+    end = np.asarray(end, dtype=np.float64)
+    S, k = nodes.shape
+    lam_c = nodes[:, -1]
+    u = nodes - lam_c[:, None]  # node offsets, last one 0
+    h = end - lam_c
+    powers = np.arange(k)
+    V = u[:, :, None] ** powers[None, None, :]  # V[s, i, m] = u_i^m
+    Vinv = np.linalg.inv(V)  # Vinv[s, m, j] = a_{jm}: l_j(u) = sum_m Vinv[m, j] u^m
+    e_c = np.exp(lam_c)
+    Hm = exp_moments(h, k - 1)  # (S, k)
+    w = e_c[:, None] * np.einsum("smj,sm->sj", Vinv, Hm)
+    l_at_end = np.einsum("smj,sm->sj", Vinv, h[:, None] ** powers[None, :])
+    dw_dend = np.exp(end)[:, None] * l_at_end
+    # differentiation matrix D[s, i, j] = l_j'(u_i)
+    dV = np.zeros_like(V)
+    if k > 1:
+        dV[:, :, 1:] = powers[None, None, 1:] * u[:, :, None] ** (powers[None, None, 1:] - 1)
+    D = dV @ Vinv
+    dw_dnodes = -np.transpose(D, (0, 2, 1)) * w[:, None, :]  # [s, j, i] = -D[s, i, j] w_i
+    dw_dnodes[:, k - 1, k - 1] -= e_c
+    return w, dw_dnodes, dw_dend
+
+
+def order_pattern(solver: str, order: int, nfe: int) -> list[int]:
+    """Order of each of the N = nfe steps of a multistep solver, step s from lambda_s to lambda_{s+1}.
+
+    The solver warms up (orders 1, 2, ...) and lowers its order on the last steps, as diffusers'
+    DPM-Solver++ and UniPC do with ``lower_order_final`` (below 15 steps; the tables assume it at
+    every N): step s has order min(order, s + 1, N - s), e.g. 1,2,3,3,2,1 for order 3 at N = 6.
+    For ``unipc`` this is the order of the predictor; its corrector is not part of this pattern.
+    ``ddim`` is DPM-Solver++ of order 1.
+    """
+    if solver not in SOLVERS:
+        raise BadInput(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    if not 1 <= order <= MAX_ORDER[solver]:
+        raise BadInput(f"solver {solver} supports orders 1..{MAX_ORDER[solver]}, got {order}")
+    if nfe < order:
+        raise BadInput(f"order {order} needs at least {order} steps, got NFE {nfe}")
+    return [min(order, s + 1, nfe - s) for s in range(nfe)]
