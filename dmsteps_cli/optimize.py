@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import BadInput
+from .grids import GRIDS, grid_lambda
+from .objective import OBJECTIVES, build_objective
+from .weights import SOLVERS, order_pattern
+
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
 MAXITER = 1000
 FTOL = 1e-13
@@ -112,3 +117,98 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
         lam, F, status = lam_init.copy(), F0, "kept-start"
         message = f"the optimizer did not improve on the start ({message})"
     return StepResult(lam, float(F), float(F0), status, message, int(res.nit), int(res.nfev))
+
+
+# --- one table's worth of optimizations --------------------------------------------------------
+
+INITS = GRIDS + ("best",)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a table is made from; recorded verbatim in the table's ``config``.
+
+    ``schedule`` is the name or path the user gave (the table also records the schedule's full
+    spec); ``T``/``eps``/``order``/``shift`` are the resolved values (never None after
+    ``resolve``), ``trunc`` is None for objectives other than ``reference``.
+    """
+
+    schedule: str = "scaled_linear"
+    solver: str = "unipc"
+    order: int | None = None
+    objective: str = "reference"
+    p: float = 2.0
+    init: str = "unif_t"
+    trunc: int | None = 3
+    T: float | None = None
+    eps: float | None = None
+    shift: float | None = None
+    nfe: tuple[int, ...] = tuple(range(5, 16))
+
+    def as_dict(self) -> dict:
+        return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}
+
+
+def resolve(config: StepConfig, schedule) -> StepConfig:
+    """Fill in per-schedule defaults and reject impossible settings (raises BadInput)."""
+    c = dict(config.__dict__)
+    if c["solver"] not in SOLVERS:
+        raise BadInput(f"unknown solver {c['solver']!r} (choose from {', '.join(SOLVERS)})")
+    if c["order"] is None:
+        c["order"] = 1 if c["solver"] == "ddim" else 3
+    if c["objective"] not in OBJECTIVES:
+        raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(OBJECTIVES)})")
+    if c["objective"] == "reference":
+        c["trunc"] = 3 if c["trunc"] is None else c["trunc"]
+        if c["trunc"] < 0:
+            raise BadInput(f"--trunc must be >= 0, got {c['trunc']}")
+    elif c["trunc"] is not None:
+        raise BadInput(f"--trunc applies only to --objective reference, not {c['objective']}")
+    if c["init"] not in INITS:
+        raise BadInput(f"unknown init {c['init']!r} (choose from {', '.join(INITS)})")
+    if not (np.isfinite(c["p"]) and c["p"] >= 0):
+        raise BadInput(f"--p must be a finite number >= 0, got {c['p']}")
+    c["T"] = float(schedule.T if c["T"] is None else c["T"])
+    c["eps"] = float(schedule.eps_default if c["eps"] is None else c["eps"])
+    if not (np.isfinite(c["T"]) and c["T"] <= schedule.t_max):
+        raise BadInput(f"--T {c['T']} is outside the schedule {schedule.name} (largest valid T: {schedule.t_max})")
+    if not (c["eps"] >= schedule.eps_min):
+        raise BadInput(f"--eps {c['eps']} is below the smallest valid eps {schedule.eps_min} of {schedule.name}")
+    if not c["eps"] < c["T"]:
+        raise BadInput(f"--eps {c['eps']} must be below T = {c['T']}")
+    if schedule.default_shift is None:
+        if c["shift"] is not None:
+            raise BadInput(f"--shift applies only to flow schedules, not {schedule.name}")
+    else:
+        c["shift"] = float(schedule.default_shift if c["shift"] is None else c["shift"])
+        if not (np.isfinite(c["shift"]) and c["shift"] > 0):
+            raise BadInput(f"--shift must be > 0, got {c['shift']}")
+    nfes = tuple(int(n) for n in c["nfe"])
+    if not nfes:
+        raise BadInput("--nfe names no step counts")
+    for n in nfes:
+        if n < 2:
+            raise BadInput(f"NFE {n} is too small: a table needs at least 2 steps")
+        order_pattern(c["solver"], c["order"], n)  # raises for an order the NFE cannot hold
+    c["nfe"] = nfes
+    return StepConfig(**c)
+
+
+def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, str, dict, list[int]]:
+    """Optimize the steps for one NFE of a resolved config.
+
+    Returns the result, the name of the starting grid it came from (for ``best``: the one with
+    the lowest optimized objective), the objective of every hand-made grid at this NFE and the
+    order pattern the objective assumed.
+    """
+    orders = order_pattern(config.solver, config.order, nfe)
+    objective = build_objective(schedule, config.objective, config.p, orders, config.trunc)
+    grids = {g: grid_lambda(g, schedule, nfe, config.T, config.eps, config.shift) for g in GRIDS}
+    baselines = {g: objective.value(lam) for g, lam in grids.items()}
+    starts = GRIDS if config.init == "best" else (config.init,)
+    best = None
+    for g in starts:
+        res = minimize_steps(objective, grids[g])
+        if best is None or res.objective < best[0].objective:
+            best = (res, g)
+    return best[0], best[1], baselines, objective.orders

@@ -1,0 +1,198 @@
+"""The ``dmsteps`` command line: parsing, messages and progress; the numerics live elsewhere.
+
+Machine output (tables, comma-separated lines) goes to stdout or ``-o FILE``; progress, summaries
+and warnings go to stderr. Bad input exits with code 2 and one line ``error: ...`` on stderr;
+``check`` exits with 1 when a table drifted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import BadInput
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Optimized time-step tables for diffusion samplers (Xue et al., CVPR 2024).",
+)
+
+AS_FIELDS = ("t", "lambda", "sigmas", "timesteps")
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def parse_nfe(text: str) -> tuple[int, ...]:
+    """``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10`` -> sorted unique NFEs."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if ".." in part:
+                lo_s, hi_s = part.split("..", 1)
+                lo, hi = int(lo_s), int(hi_s)
+                if lo > hi:
+                    raise BadInput(f"--nfe range {part} runs backwards (did you mean {hi}..{lo}?)")
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise BadInput(f"--nfe {text!r} is not a step count, a range like 5..15 or a list like 5,7,10") from None
+    return tuple(sorted(out))
+
+
+@app.command()
+def optimize(
+    schedule: str = typer.Option("scaled_linear", "--schedule", "-s",
+                                 help="Preset name (see `dmsteps schedules`), a diffusers scheduler_config.json, "
+                                      "betas:FILE or alphas_cumprod:FILE (.npy/.txt)."),
+    solver: str = typer.Option("unipc", help="Solver whose order pattern the objective assumes: unipc, dpmpp, ddim."),
+    order: Optional[int] = typer.Option(None, help="Solver order (default 3; ddim is 1)."),
+    nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
+    p: float = typer.Option(2.0, "--p", help="Exponent of eps_tilde = sigma^p/alpha (paper: 2 latent, 1 pixel)."),
+    init: str = typer.Option("unif_t", help="Starting grid: unif, unif_t, quad, edm, or best (all, keep the lowest)."),
+    eps: Optional[float] = typer.Option(None, help="Last time (data end); default per schedule (1e-3; EDM 0.002)."),
+    T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),
+    shift: Optional[float] = typer.Option(None, help="Flow models only: time-grid shift (SD3: 3.0)."),
+    objective: str = typer.Option("reference", help="reference (the published code) or paper (Eq. 35 with --solver's orders)."),
+    trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here (atomically) instead of stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+):
+    """Optimize the time steps for each NFE and write a versioned table."""
+    from .optimize import StepConfig, resolve
+    from .schedules import get_schedule
+    from .tables import dumps, format_for, make_table, write_atomic
+
+    out_fmt = format_for(str(output) if output else None, fmt)
+    sched = get_schedule(schedule)
+    config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, objective=objective, p=p,
+                                init=init, trunc=trunc, T=T, eps=eps, shift=shift, nfe=parse_nfe(nfe)), sched)
+    if output is not None and not (output.parent if str(output.parent) else Path(".")).is_dir():
+        raise BadInput(f"cannot write {output}: folder {output.parent} does not exist")
+    err = _stderr()
+    show_progress = not quiet and len(config.nfe) > 1 and err.is_terminal
+    if show_progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("optimizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("nfe", total=len(config.nfe))
+            table = make_table(config, sched, progress=lambda n: bar.advance(task))
+    else:
+        table = make_table(config, sched)
+    text = dumps(table, out_fmt)
+    if output is not None:
+        write_atomic(output, text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    for e in table["entries"]:
+        if e["optimizer"]["status"] != "converged":
+            err.print(f"warning: NFE {e['nfe']}: optimizer {e['optimizer']['status']}: {e['optimizer']['message']}",
+                      markup=False)
+    if not quiet:
+        _summary(err, table)
+
+
+def _summary(console, table: dict) -> None:
+    from rich.table import Table
+
+    c = table["config"]
+    title = (f"{table['schedule']['name']} · {c['solver']} order {c['order']} · objective {c['objective']}"
+             f" · p={c['p']:g} · init {c['init']}")
+    t = Table(title=title, title_justify="left")
+    for col in ("NFE", "objective", "start", "best hand-made grid", "status"):
+        t.add_column(col, justify="left" if col in ("best hand-made grid", "status") else "right")
+    for e in table["entries"]:
+        g, v = min(e["baselines"].items(), key=lambda kv: kv[1])
+        t.add_row(str(e["nfe"]), f"{e['objective']:.6g}", f"{e['init_objective']:.6g} ({e['init']})",
+                  f"{v:.6g} ({g})", e["optimizer"]["status"])
+    console.print(t)
+
+
+@app.command()
+def show(
+    file: Path = typer.Argument(..., help="A table (JSON or YAML)."),
+    nfe: Optional[int] = typer.Option(None, help="Which NFE (needed when the table holds several)."),
+    as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line: t, lambda, sigmas or timesteps."),
+):
+    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table."""
+    from .tables import entry_for, load_table
+
+    table = load_table(file)
+    if as_ is None and nfe is None:
+        _summary(_console_stdout(), table)
+        return
+    field = as_ or "t"
+    if field not in AS_FIELDS:
+        raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
+    entry = entry_for(table, nfe)
+    sys.stdout.write(",".join(repr(float(v)) for v in entry[field]) + "\n")
+
+
+def _console_stdout():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@app.command()
+def schedules():
+    """List the schedule presets (name, T, default eps, description)."""
+    from .schedules import PRESETS
+
+    for name, (make, desc) in PRESETS.items():
+        s = make()
+        sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\t{desc}\n")
+
+
+@app.command()
+def check(files: List[Path] = typer.Argument(..., help="Tables to recompute and compare.")):
+    """Recompute each table from its recorded config; exit 1 naming what drifted."""
+    from .tables import check_table, load_table
+
+    err = _stderr()
+    bad = 0
+    for f in files:
+        drift = check_table(load_table(f))
+        if drift:
+            bad += 1
+            for d in drift:
+                err.print(f"{f}: {d}", markup=False)
+        else:
+            err.print(f"{f}: ok", markup=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; exit 2 with one line on stderr for bad input (ours or the parser's)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rc = app(args or ["--help"], prog_name="dmsteps", standalone_mode=False)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:
+        # the parser's usage errors (typer's vendored click exceptions) carry a message and a code
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
