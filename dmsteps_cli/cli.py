@@ -35,18 +35,14 @@ def parse_nfe(text: str) -> tuple[int, ...]:
     """``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10`` -> sorted unique NFEs."""
     out: set[int] = set()
     for part in text.split(","):
-        part = part.strip()
+        lo_s, _, hi_s = part.strip().partition("..")
         try:
-            if ".." in part:
-                lo_s, hi_s = part.split("..", 1)
-                lo, hi = int(lo_s), int(hi_s)
-                if lo > hi:
-                    raise BadInput(f"--nfe range {part} runs backwards (did you mean {hi}..{lo}?)")
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
+            lo, hi = int(lo_s), int(hi_s or lo_s)
         except ValueError:
             raise BadInput(f"--nfe {text!r} is not a step count, a range like 5..15 or a list like 5,7,10") from None
+        if lo > hi:
+            raise BadInput(f"--nfe range {part.strip()} runs backwards (did you mean {hi}..{lo}?)")
+        out.update(range(lo, hi + 1))
     return tuple(sorted(out))
 
 
