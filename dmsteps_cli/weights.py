@@ -31,6 +31,16 @@ _SERIES_BELOW = 2.0  # use the power series of H_m for h below this
 _SERIES_TERMS = 40  # 2^40 / 40! < 1e-35: far below float64 rounding
 
 
+def _series_coefficients(m_max: int) -> np.ndarray:
+    """C[m, r] = 1 / (r! (m + r + 1)), so that H_m(h) = h^(m+1) sum_r C[m, r] h^r."""
+    r = np.arange(_SERIES_TERMS)
+    inv_fact = np.array([1.0 / math.factorial(k) for k in r])
+    return inv_fact[None, :] / (np.arange(m_max + 1)[:, None] + r[None, :] + 1.0)
+
+
+_COEF = _series_coefficients(8)
+
+
 def exp_moments(h, m_max: int) -> np.ndarray:
     """H_m(h) = int_0^h u^m e^u du for m = 0 .. m_max; shape h.shape + (m_max + 1,).
 
@@ -39,6 +49,7 @@ def exp_moments(h, m_max: int) -> np.ndarray:
     H_m(h) = sum_r h^(m+r+1) / (r! (m+r+1)) is used instead.
     """
     h = np.asarray(h, dtype=np.float64)
+    coef = _COEF if m_max < _COEF.shape[0] else _series_coefficients(m_max)
     out = np.empty(h.shape + (m_max + 1,))
     small = h < _SERIES_BELOW
     # recurrence (values for small h are overwritten below)
@@ -48,12 +59,17 @@ def exp_moments(h, m_max: int) -> np.ndarray:
         out[..., m] = h**m * eh - m * out[..., m - 1]
     if np.any(small):
         hs = h[small]
-        r = np.arange(_SERIES_TERMS, dtype=np.float64)
-        inv_fact = np.array([1.0 / math.factorial(int(k)) for k in r])
-        powers = hs[:, None] ** r[None, :] * inv_fact  # h^r / r!
-        for m in range(m_max + 1):
-            out[small, m] = hs ** (m + 1) * (powers / (m + 1 + r)).sum(axis=1)
+        series = _powers(hs, _SERIES_TERMS) @ coef[: m_max + 1].T  # (S, m_max + 1)
+        out[small] = _powers(hs, m_max + 2)[:, 1:] * series
     return out
+
+
+def _powers(x, k: int) -> np.ndarray:
+    """x^m for m = 0 .. k-1 along a new last axis."""
+    out = np.empty(np.shape(x) + (k,))
+    out[..., 0] = 1.0
+    out[..., 1:] = np.asarray(x)[..., None]
+    return np.multiply.accumulate(out, axis=-1, out=out)
 
 
 def lagrange_step_weights(nodes, end):
@@ -69,18 +85,16 @@ def lagrange_step_weights(nodes, end):
     lam_c = nodes[:, -1]
     u = nodes - lam_c[:, None]  # node offsets, last one 0
     h = end - lam_c
-    powers = np.arange(k)
-    V = u[:, :, None] ** powers[None, None, :]  # V[s, i, m] = u_i^m
+    V = _powers(u, k)  # V[s, i, m] = u_i^m
     Vinv = np.linalg.inv(V)  # Vinv[s, m, j] = a_{jm}: l_j(u) = sum_m Vinv[m, j] u^m
     e_c = np.exp(lam_c)
     Hm = exp_moments(h, k - 1)  # (S, k)
-    w = e_c[:, None] * np.einsum("smj,sm->sj", Vinv, Hm)
-    l_at_end = np.einsum("smj,sm->sj", Vinv, h[:, None] ** powers[None, :])
+    w = e_c[:, None] * (Hm[:, None, :] @ Vinv)[:, 0, :]
+    l_at_end = (_powers(h, k)[:, None, :] @ Vinv)[:, 0, :]
     dw_dend = np.exp(end)[:, None] * l_at_end
-    # differentiation matrix D[s, i, j] = l_j'(u_i)
+    # differentiation matrix D[s, i, j] = l_j'(u_i), from d(u^m)/du = m u^(m-1)
     dV = np.zeros_like(V)
-    if k > 1:
-        dV[:, :, 1:] = powers[None, None, 1:] * u[:, :, None] ** (powers[None, None, 1:] - 1)
+    dV[..., 1:] = V[..., :-1] * np.arange(1, k)
     D = dV @ Vinv
     dw_dnodes = -np.transpose(D, (0, 2, 1)) * w[:, None, :]  # [s, j, i] = -D[s, i, j] w_i
     dw_dnodes[:, k - 1, k - 1] -= e_c
