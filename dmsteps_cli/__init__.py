@@ -5,12 +5,27 @@ Library entry points (none of them imports torch):
     from dmsteps_cli import StepConfig, get_schedule, make_table
     schedule = get_schedule("scaled_linear")
     table = make_table(StepConfig(nfe=(5, 6, 7)), schedule)
+
+Names are imported on first use so that `dmsteps --help` starts without numpy.
 """
 
 __version__ = "0.1.0"
 
-from .optimize import StepConfig  # noqa: E402
-from .schedules import get_schedule  # noqa: E402
-from .tables import check_table, load_table, make_table  # noqa: E402
+_EXPORTS = {
+    "StepConfig": "optimize",
+    "get_schedule": "schedules",
+    "make_table": "tables",
+    "load_table": "tables",
+    "check_table": "tables",
+    "dumps": "tables",
+}
 
-__all__ = ["__version__", "StepConfig", "get_schedule", "make_table", "load_table", "check_table"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
