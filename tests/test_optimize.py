@@ -1,0 +1,107 @@
+"""The optimizer against brute force, its guarantees and its status reporting."""
+
+import numpy as np
+import pytest
+
+from dmsteps_cli.errors import BadInput
+from dmsteps_cli.grids import GRIDS, grid_lambda
+from dmsteps_cli.objective import build_objective
+from dmsteps_cli.optimize import GAP_FRACTION, StepConfig, minimize_steps, resolve
+from dmsteps_cli.schedules import get_schedule
+from dmsteps_cli.weights import order_pattern
+
+
+@pytest.mark.parametrize("name, kind, p", [("scaled_linear", "reference", 2.0), ("linear", "paper", 1.0),
+                                           ("edm", "paper", 0.0), ("flow", "reference", 1.0)])
+def test_matches_brute_force_for_three_steps(name, kind, p):
+    """N = 3 has two free lambdas: a grid search polished by Nelder-Mead (no gradients, no
+    slack variables) is the ground truth; the optimizer must do at least as well."""
+    from scipy.optimize import minimize
+
+    s = get_schedule(name)
+    lam0 = grid_lambda("unif_t", s, 3, s.T, s.eps_default)
+    ob = build_objective(s, kind, p, order_pattern("unipc", 2, 3), 3)
+    res = minimize_steps(ob, lam0)
+    a, b = lam0[0], lam0[-1]
+    gap = GAP_FRACTION * (b - a)  # the same feasible set: neighbours at least `gap` apart
+
+    def f(x):
+        lam = np.array([a, x[0], x[1], b])
+        return ob.value(lam) if np.all(np.diff(lam) >= gap) else np.inf
+
+    xs = np.linspace(a, b, 122)[1:-1]
+    cells = sorted((f((x1, x2)), x1, x2) for i, x1 in enumerate(xs) for x2 in xs[i + 1:])
+    best = min(minimize(f, c[1:], method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12}).fun
+               for c in cells[:3])
+    assert res.converged
+    assert res.objective == pytest.approx(ob.value(res.lam), rel=1e-14)
+    assert res.objective <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_never_worse_than_start_and_strictly_increasing(grid):
+    s = get_schedule("vp-linear")
+    for n in (5, 9, 14):
+        lam0 = grid_lambda(grid, s, n, s.T, 1e-3)
+        ob = build_objective(s, "reference", 2.0, order_pattern("unipc", 3, n), 3)
+        res = minimize_steps(ob, lam0)
+        assert res.objective <= res.init_objective
+        assert res.objective == pytest.approx(ob.value(res.lam), rel=1e-14)
+        gaps = np.diff(res.lam)
+        assert np.all(gaps >= 1e-4 * (lam0[-1] - lam0[0]) * (1 - 1e-6))
+        assert res.lam[0] == lam0[0] and res.lam[-1] == lam0[-1]
+
+
+def test_restarting_from_the_optimum_stays_there():
+    s = get_schedule("scaled_linear")
+    ob = build_objective(s, "reference", 2.0, [1] * 5, 3)
+    first = minimize_steps(ob, grid_lambda("quad", s, 5, 1.0, 1e-3))
+    again = minimize_steps(ob, first.lam)
+    assert again.objective <= first.objective
+    np.testing.assert_allclose(again.lam, first.lam, atol=1e-6)
+
+
+def test_non_convergence_is_reported():
+    s = get_schedule("scaled_linear")
+    ob = build_objective(s, "reference", 2.0, [1] * 12, 3)
+    res = minimize_steps(ob, grid_lambda("unif", s, 12, 1.0, 1e-3), maxiter=2)
+    assert res.status in ("not-converged", "kept-start") and not res.converged
+    assert "Iteration limit" in res.message or "did not improve" in res.message
+    assert res.objective <= res.init_objective
+
+
+def test_a_worse_result_falls_back_to_the_start(monkeypatch):
+    import scipy.optimize
+
+    s = get_schedule("scaled_linear")
+    ob = build_objective(s, "reference", 2.0, [1] * 6, 3)
+    lam0 = grid_lambda("unif_t", s, 6, 1.0, 1e-3)
+
+    class Fake:
+        x = np.concatenate([np.linspace(lam0[0] + 1e-3, lam0[0] + 5e-3, 5), np.zeros(20)])
+        status, message, nit, nfev = 0, "fake", 1, 1
+
+    monkeypatch.setattr(scipy.optimize, "minimize", lambda *a, **k: Fake)
+    res = minimize_steps(ob, lam0)
+    assert res.status == "kept-start" and np.array_equal(res.lam, lam0)
+    assert res.objective == res.init_objective
+
+
+def test_resolve_defaults_and_refusals():
+    sd = get_schedule("scaled_linear")
+    c = resolve(StepConfig(), sd)
+    assert (c.order, c.T, c.eps, c.trunc, c.shift) == (3, 1.0, 1e-3, 3, None)
+    assert resolve(StepConfig(solver="ddim"), sd).order == 1
+    assert resolve(StepConfig(objective="paper", trunc=None), sd).trunc is None
+    fl = resolve(StepConfig(), get_schedule("flow"))
+    assert (fl.T, fl.eps, fl.shift) == (0.999, 1e-3, 1.0)
+    edm = resolve(StepConfig(), get_schedule("edm"))
+    assert (edm.T, edm.eps) == (80.0, 0.002)
+    with pytest.raises(BadInput, match="largest valid T"):
+        resolve(StepConfig(T=1.0), get_schedule("flow"))
+    with pytest.raises(BadInput, match="largest valid T"):
+        resolve(StepConfig(T=1.0), get_schedule("vp-cosine"))
+    with pytest.raises(BadInput, match="must be below T"):
+        resolve(StepConfig(eps=1.0), sd)
+    with pytest.raises(BadInput, match="--shift must be > 0"):
+        resolve(StepConfig(shift=0.0), get_schedule("flow"))
