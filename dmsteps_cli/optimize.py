@@ -28,6 +28,7 @@ from .weights import SOLVERS, order_pattern
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
 MAXITER = 1000
 FTOL = 1e-13
+RESTARTS = 3
 
 
 @dataclass
@@ -48,7 +49,13 @@ class StepResult:
 
 
 def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: int = MAXITER) -> StepResult:
-    """Minimize ``objective`` over the interior of ``lam_init`` (endpoints fixed)."""
+    """Minimize ``objective`` over the interior of ``lam_init`` (endpoints fixed).
+
+    The best feasible point any evaluation met is kept, so a run that stops badly (SLSQP can end
+    with "Positive directional derivative for linesearch" or a singular subproblem on these
+    non-smooth landscapes) still returns its best point; such a run is restarted from that point,
+    up to RESTARTS times, while it keeps improving.
+    """
     from scipy.optimize import minimize
 
     lam_init = np.asarray(lam_init, dtype=np.float64)
@@ -59,6 +66,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
     F0 = objective.value(lam_init)
     scale = 1.0 / F0
     cache = {}
+    best = {"F": F0, "x": lam_init[1:-1].copy()}
 
     def terms(x):
         key = x.tobytes()
@@ -66,6 +74,9 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
             cache.clear()
             lam = np.concatenate([[lam_T], x, [lam_eps]])
             a, q, Ja, Jq = objective.terms(lam)
+            F = np.abs(a).sum() + q.sum()
+            if F < best["F"] and np.all(np.diff(lam) >= min_gap * (1 - 1e-9)):
+                best["F"], best["x"] = F, x.copy()
             cache[key] = (scale * a, scale * q.sum(), scale * Ja[:, 1:-1], scale * Jq[:, 1:-1].sum(axis=0))
         return cache[key]
 
@@ -86,7 +97,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
         Ja = terms(z[:n])[2]
         return np.block([[-Ja, eye], [Ja, eye]])
 
-    # gap constraints G x - b >= 0
+    # gap constraints G z - b >= 0
     G = np.zeros((n + 1, n + ga))
     b = np.full(n + 1, min_gap)
     for i in range(n + 1):
@@ -96,27 +107,27 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
             G[i, i - 1] = -1.0
     b[0] += lam_T
     b[n] -= lam_eps
+    constraints = [{"type": "ineq", "fun": slack_fun, "jac": slack_jac},
+                   {"type": "ineq", "fun": lambda z: G @ z - b, "jac": lambda z: G}]
 
-    a0 = terms(lam_init[1:-1])[0]
-    z0 = np.concatenate([lam_init[1:-1], np.abs(a0)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        res = minimize(
-            fun, z0, jac=jac, method="SLSQP",
-            constraints=[
-                {"type": "ineq", "fun": slack_fun, "jac": slack_jac},
-                {"type": "ineq", "fun": lambda z: G @ z - b, "jac": lambda z: G},
-            ],
-            options={"maxiter": maxiter, "ftol": FTOL},
-        )
-    lam = np.concatenate([[lam_T], res.x[:n], [lam_eps]])
+    nit = nfev = 0
+    for attempt in range(RESTARTS + 1):
+        x0, F_before = best["x"].copy(), best["F"]
+        z0 = np.concatenate([x0, np.abs(terms(x0)[0])])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = minimize(fun, z0, jac=jac, method="SLSQP", constraints=constraints,
+                           options={"maxiter": maxiter, "ftol": FTOL})
+        nit, nfev = nit + int(res.nit), nfev + int(res.nfev)
+        terms(res.x[:n])  # the final point competes for best too
+        if res.status == 0 or not best["F"] < F_before * (1 - 1e-12):
+            break
+    lam = np.concatenate([[lam_T], best["x"], [lam_eps]])
     status = "converged" if res.status == 0 else "not-converged"
-    message = str(res.message)
-    F = objective.value(lam) if np.all(np.isfinite(lam)) and np.all(np.diff(lam) > 0) else np.inf
-    if not F <= F0:
-        lam, F, status = lam_init.copy(), F0, "kept-start"
-        message = f"the optimizer did not improve on the start ({message})"
-    return StepResult(lam, float(F), float(F0), status, message, int(res.nit), int(res.nfev))
+    message = str(res.message) + (f" (after {attempt} restarts)" if attempt else "")
+    if not best["F"] < F0:
+        status, message = "kept-start", f"the optimizer did not improve on the start ({message})"
+    return StepResult(lam, float(best["F"]), float(F0), status, message, nit, nfev)
 
 
 # --- one table's worth of optimizations --------------------------------------------------------
