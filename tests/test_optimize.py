@@ -105,3 +105,33 @@ def test_resolve_defaults_and_refusals():
         resolve(StepConfig(eps=1.0), sd)
     with pytest.raises(BadInput, match="--shift must be > 0"):
         resolve(StepConfig(shift=0.0), get_schedule("flow"))
+
+
+@pytest.mark.parametrize("name, grid, p, n", [("vp-cosine", "quad", 1.0, 7), ("linear", "unif", 0.0, 9),
+                                              ("squaredcos_cap_v2", "edm", 2.0, 6)])
+def test_no_worse_than_the_published_procedure(name, grid, p, n):
+    """The published procedure (trust-constr, finite differences) on the same objective and start."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from published import published_minimize
+
+    s = get_schedule(name)
+    lam0 = grid_lambda(grid, s, n, s.T, 1e-3)
+    ob = build_objective(s, "reference", p, order_pattern("unipc", 3, n), 3)
+    ours = minimize_steps(ob, lam0)
+    _, theirs, _, _ = published_minimize(ob, lam0)
+    assert ours.objective <= theirs * (1 + 1e-9)
+
+
+def test_optimize_path_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dmsteps_cli.cli import main\n"
+            "try:\n    main(['optimize', '--nfe', '5,6', '-q'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert 'scipy.optimize' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
