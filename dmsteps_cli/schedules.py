@@ -32,6 +32,13 @@ def _f64(x):
     return np.asarray(x, dtype=np.float64)
 
 
+def softplus(x):
+    """log(1 + e^x), accurate for large |x|; also for complex x (complex-step derivatives)."""
+    x = np.asarray(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(x.real > 0, x + np.log1p(np.exp(-x)), np.log1p(np.exp(x)))
+
+
 class Schedule:
     """Base class. Subclasses define log_alpha, log_sigma, t_of_lambda and the conventions."""
 
@@ -57,7 +64,10 @@ class Schedule:
         raise NotImplementedError
 
     def log_alpha_sigma_of_lambda(self, lam):
-        """(log alpha, log sigma, d log alpha/d lambda, d log sigma/d lambda) as functions of lambda."""
+        """(log alpha, log sigma, d log alpha/d lambda, d log sigma/d lambda) as functions of lambda.
+
+        Analytic in lambda: complex lambda gives complex values (used for complex-step derivatives).
+        """
         raise NotImplementedError
 
     def model_timestep(self, t):
@@ -121,9 +131,9 @@ class _VP(Schedule):
         return 0.5 * np.log(-np.expm1(2.0 * self.log_alpha(t)))
 
     def log_alpha_sigma_of_lambda(self, lam):
-        lam = _f64(lam)
-        log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)
-        log_sigma = -0.5 * np.logaddexp(0.0, 2.0 * lam)
+        lam = np.asarray(lam)
+        log_alpha = -0.5 * softplus(-2.0 * lam)
+        log_sigma = -0.5 * softplus(2.0 * lam)
         # d log alpha / d lambda = sigma^2, d log sigma / d lambda = -alpha^2
         return log_alpha, log_sigma, np.exp(2.0 * log_sigma), -np.exp(2.0 * log_alpha)
 
@@ -276,7 +286,7 @@ class EDM(Schedule):
         return np.exp(-_f64(lam))
 
     def log_alpha_sigma_of_lambda(self, lam):
-        lam = _f64(lam)
+        lam = np.asarray(lam)
         zero = np.zeros_like(lam)
         return zero, -lam, zero, -np.ones_like(lam)
 
@@ -314,9 +324,9 @@ class Flow(Schedule):
         return np.exp(-np.logaddexp(0.0, _f64(lam)))
 
     def log_alpha_sigma_of_lambda(self, lam):
-        lam = _f64(lam)
-        log_alpha = -np.logaddexp(0.0, -lam)
-        log_sigma = -np.logaddexp(0.0, lam)
+        lam = np.asarray(lam)
+        log_alpha = -softplus(-lam)
+        log_sigma = -softplus(lam)
         # d log alpha / d lambda = sigma, d log sigma / d lambda = -alpha
         return log_alpha, log_sigma, np.exp(log_sigma), -np.exp(log_alpha)
 

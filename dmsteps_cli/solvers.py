@@ -1,0 +1,227 @@
+"""Multistep solvers as *plans*: coefficients built once from the step lambdas, applied by one loop.
+
+Every solver here works in data-prediction form: the model output D_k is the estimate of x_0 at node
+k, t_0 = T (noise) ... t_N = eps (data), lambda increasing. Each is a linear recurrence:
+
+    predictor  x_{n+1} = r_n x_n + sum_j p_{n,j} D_j                      (j <= n)
+    corrector  x_n <- r_{n-1} x_{n-1} + sum_j c_{n,j} D_j                 (UniPC only, j <= n, 1 <= n <= N-1)
+
+where x_n is the (corrected) state at node n, the model is evaluated at the predicted state, and
+r_n = sigma_{n+1}/sigma_n. The coefficients depend only on lambda and on alpha, sigma at the nodes,
+so a `Plan` holds them and `run_plan` applies them to anything that supports `+` and scalar `*`:
+torch tensors when sampling, numpy basis vectors when the objective asks for the weight of each
+model output in the final sample (`final_weights`). The plan is built in numpy float64; a
+complex lambda gives complex coefficients, which the `exact` objective uses for complex-step
+derivatives. This module never imports torch.
+
+Solvers (orders warm up and fall at the end: step n has order min(order, n + 1, N - n)):
+- ``ddim``: DPM-Solver++ of order 1 (= DDIM).
+- ``dpmpp``: DPM-Solver++ multistep, orders 1-3, second order in diffusers' default "midpoint" form.
+- ``unipc``: UniPC multistep with B(h) = h (``bh1``) or e^h - 1 (``bh2``, diffusers' default),
+  predictor orders 1-3 and the UniC corrector after every model evaluation but the last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import BadInput
+from .weights import order_pattern
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+_PHI_TERMS = 26  # |z| < 1: 1/26! < 1e-26
+
+
+def phi(z, k: int):
+    """phi_k(z) = sum_{m>=0} z^m / (m + k)!  (phi_0 = e^z, phi_{k+1} = (phi_k - 1/k!) / z).
+
+    The recurrence cancels for small |z|; there the series is used. Elementwise, complex-safe.
+    """
+    z = np.asarray(z)
+    with np.errstate(all="ignore"):
+        rec = np.exp(z)
+        for j in range(k):
+            rec = (rec - 1.0 / math.factorial(j)) / z
+        series = np.zeros_like(z)
+        for m in reversed(range(_PHI_TERMS)):
+            series = series * z + 1.0 / math.factorial(m + k)
+    return np.where(np.abs(z) < 1.0, series, rec)
+
+
+@dataclass
+class Plan:
+    """Coefficients of one solver run over N steps (see module doc).
+
+    ``pred[n]`` / ``corr[n]`` are lists of (j, coefficient) pairs: the weight of model output D_j
+    in the predictor of step n / the corrector at node n (empty: no corrector). Coefficients are
+    arrays of the lambda batch shape (0-d for a plain run).
+    """
+
+    solver: str
+    order: int
+    variant: str | None
+    orders: list[int]
+    lam: np.ndarray  # (N + 1, *batch)
+    log_alpha: np.ndarray
+    log_sigma: np.ndarray
+    pred_ratio: list = field(default_factory=list)
+    pred: list = field(default_factory=list)
+    corr_ratio: list = field(default_factory=list)
+    corr: list = field(default_factory=list)
+
+    @property
+    def nfe(self) -> int:
+        return len(self.orders)
+
+    def map(self, fn) -> "Plan":
+        """The same plan with every coefficient passed through fn (e.g. float, or adding an axis)."""
+        return Plan(self.solver, self.order, self.variant, self.orders, self.lam, self.log_alpha,
+                    self.log_sigma, [fn(r) for r in self.pred_ratio],
+                    [[(j, fn(c)) for j, c in terms] for terms in self.pred],
+                    [fn(r) for r in self.corr_ratio], [[(j, fn(c)) for j, c in terms] for terms in self.corr])
+
+
+def run_plan(plan: Plan, x, denoise):
+    """Apply the plan: ``denoise(x, k)`` is the data prediction at node k (time t_k) for state x.
+
+    Works for any array type with + and scalar *; returns the state at t_N = eps.
+    """
+    outputs = []
+    x_prev = x
+    for n in range(plan.nfe):
+        outputs.append(denoise(x, n))
+        if plan.corr[n]:
+            x = plan.corr_ratio[n] * x_prev + sum(c * outputs[j] for j, c in plan.corr[n])
+        x_prev = x
+        x = plan.pred_ratio[n] * x + sum(c * outputs[j] for j, c in plan.pred[n])
+    return x
+
+
+def _combine(*pairs):
+    """Sum of coefficient * {j: weight} dictionaries -> {j: weight}."""
+    out: dict[int, object] = {}
+    for coef, terms in pairs:
+        for j, w in terms.items():
+            out[j] = out.get(j, 0.0) + coef * w
+    return out
+
+
+def _dpmpp_step(lam, log_alpha, n, p):
+    """DPM-Solver++ step n (node n -> n + 1) of order p: {j: coefficient of D_j}."""
+    h = lam[n + 1] - lam[n]
+    alpha_t = np.exp(log_alpha[n + 1])
+    c0 = alpha_t * h * phi(-h, 1)  # -alpha_t (e^-h - 1)
+    D0 = {n: 1.0}
+    if p == 1:
+        return _combine((c0, D0))
+    r0 = (lam[n] - lam[n - 1]) / h
+    D1_0 = {n: 1.0 / r0, n - 1: -1.0 / r0}
+    if p == 2:  # diffusers' "midpoint" form: - 0.5 alpha_t (e^-h - 1) D1
+        return _combine((c0, D0), (0.5 * c0, D1_0))
+    r1 = (lam[n - 1] - lam[n - 2]) / h
+    D1_1 = {n - 1: 1.0 / r1, n - 2: -1.0 / r1}
+    diff = _combine((1.0, D1_0), (-1.0, D1_1))
+    D1 = _combine((1.0, D1_0), (r0 / (r0 + r1), diff))
+    D2 = _combine((1.0 / (r0 + r1), diff))
+    c1 = alpha_t * h * phi(-h, 2)  # alpha_t ((e^-h - 1)/h + 1)
+    c2 = -alpha_t * h * phi(-h, 3)  # alpha_t ((e^-h - 1 + h)/h^2 - 1/2)
+    return _combine((c0, D0), (c1, D1), (-c2, D2))
+
+
+def _solve(R, b):
+    """Solve R x = b for stacked small systems: R (p, p, *batch), b (p, *batch)."""
+    Rm = np.moveaxis(np.asarray(R), (0, 1), (-2, -1))
+    bm = np.moveaxis(np.asarray(b), 0, -1)[..., None]
+    return np.moveaxis(np.linalg.solve(Rm, bm)[..., 0], -1, 0)
+
+
+def _unipc_update(lam, log_alpha, n, p, variant, with_new: bool):
+    """UniPC from node n to n + 1 with order p: the predictor (with_new=False, uses D_{n-p+1..n}) or
+    the corrector (with_new=True, also uses D_{n+1}, the model output at the predicted state).
+    Returns {j: coefficient of D_j}; the state coefficient is sigma_{n+1}/sigma_n in both."""
+    h = lam[n + 1] - lam[n]
+    hh = -h
+    alpha_t = np.exp(log_alpha[n + 1])
+    h_phi_1 = hh * phi(hh, 1)  # e^hh - 1
+    B_h = hh if variant == "bh1" else h_phi_1
+    m0 = {n: 1.0}
+    out = _combine((-alpha_t * h_phi_1, m0))
+    rks = [(lam[n - i] - lam[n]) / h for i in range(1, p)]
+    D1s = [{n - i: 1.0 / r, n: -1.0 / r} for i, r in zip(range(1, p), rks)]
+    # b_i = i! (phi_i(hh) - 1/i!) / B_h = i! hh phi_{i+1}(hh) / B_h
+    b = [math.factorial(i) * hh * phi(hh, i + 1) / B_h for i in range(1, p + 1)]
+    if not with_new:
+        if p == 1:
+            return out
+        if p == 2:
+            rhos = [0.5]
+        else:
+            R = [[r**i for r in rks] for i in range(p - 1)]
+            rhos = list(_solve(R, b[: p - 1]))
+        res = _combine(*[(rho, d) for rho, d in zip(rhos, D1s)])
+    else:
+        if p == 1:
+            rhos = [0.5]
+        else:
+            R = [[r**i for r in [*rks, 1.0 + 0.0 * h]] for i in range(p)]
+            rhos = list(_solve(R, b))
+        res = _combine(*[(rho, d) for rho, d in zip(rhos[:-1], D1s)], (rhos[-1], {n + 1: 1.0, n: -1.0}))
+    return _combine((1.0, out), (-alpha_t * B_h, res))
+
+
+def build_plan(schedule, lam, solver: str, order: int | None = None, variant: str | None = None) -> Plan:
+    """The plan of ``solver`` for the steps ``lam`` (N + 1 increasing lambdas, T first).
+
+    ``lam`` may carry trailing batch axes (and be complex): every coefficient then has that shape.
+    """
+    if order is None:
+        order = 1 if solver == "ddim" else 3
+    lam = np.asarray(lam)
+    nfe = lam.shape[0] - 1
+    orders = order_pattern(solver, order, nfe)
+    if solver == "unipc":
+        variant = variant or "bh2"
+        if variant not in UNIPC_VARIANTS:
+            raise BadInput(f"unknown UniPC variant {variant!r} (choose from {', '.join(UNIPC_VARIANTS)})")
+    elif variant is not None:
+        raise BadInput(f"--variant applies only to unipc, not {solver}")
+    log_alpha, log_sigma, _, _ = schedule.log_alpha_sigma_of_lambda(lam)
+    plan = Plan(solver, order, variant, orders, lam, log_alpha, log_sigma)
+    for n, p in enumerate(orders):
+        ratio = np.exp(log_sigma[n + 1] - log_sigma[n])
+        if solver == "unipc":
+            terms = _unipc_update(lam, log_alpha, n, p, variant, with_new=False)
+        else:
+            terms = _dpmpp_step(lam, log_alpha, n, p)
+        plan.pred_ratio.append(ratio)
+        plan.pred.append(sorted(terms.items()))
+        if solver == "unipc" and n >= 1:  # corrector at node n, with the order of the step that led there
+            prev = np.exp(log_sigma[n] - log_sigma[n - 1])
+            plan.corr_ratio.append(prev)
+            plan.corr.append(sorted(_unipc_update(lam, log_alpha, n - 1, orders[n - 1], variant, True).items()))
+        else:
+            plan.corr_ratio.append(0.0)
+            plan.corr.append([])
+    return plan
+
+
+def final_weights(plan: Plan) -> np.ndarray:
+    """The final sample as a combination of its inputs: (N + 1, *batch) array W with
+    x_N = W[0] x_T + sum_k W[k + 1] D_k, found by running the plan on basis vectors."""
+    n_in = plan.nfe + 1
+    batch = np.shape(plan.lam)[1:]
+    probe = plan.map(lambda c: np.asarray(c)[..., None])
+    dtype = np.result_type(plan.lam, np.float64)
+    basis = np.eye(n_in, dtype=dtype)
+    x_T = np.broadcast_to(basis[0], batch + (n_in,))
+    out = run_plan(probe, x_T, lambda x, k: basis[k + 1])
+    return np.moveaxis(out, -1, 0)
+
+
+def initial_noise_scale(schedule, T: float) -> float:
+    """x_T = scale * standard normal noise: 1 for VP and flow models (as diffusers and DPM-Solver
+    do), sigma_T for EDM models (alpha = 1)."""
+    return float(schedule.sigma(T)) if schedule.family == "edm" else 1.0

@@ -1,0 +1,171 @@
+"""Solver plans: closed-form Gaussian oracle, exact weights vs finite differences, diffusers parity."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmsteps_cli.grids import grid_lambda
+from dmsteps_cli.schedules import get_schedule
+from dmsteps_cli.solvers import build_plan, final_weights, phi, run_plan
+
+torch.set_num_threads(1)
+
+SOLVERS = [("ddim", 1, None), ("dpmpp", 1, None), ("dpmpp", 2, None), ("dpmpp", 3, None),
+           ("unipc", 1, "bh1"), ("unipc", 2, "bh2"), ("unipc", 3, "bh1"), ("unipc", 3, "bh2")]
+
+
+def test_phi_against_its_series():
+    z = np.array([1e-9, -1e-4, 0.3, -0.99, 1.0, -2.5, 4.0, 0.5 + 0.2j])
+    for k in range(5):
+        ref = np.array([sum(v**m / math.factorial(m + k) for m in range(90)) for v in z])
+        np.testing.assert_allclose(phi(z, k), ref, rtol=1e-13)
+
+
+class GaussianOracle:
+    """Data N(mu, s^2): the denoiser and the probability-flow ODE's solution are closed forms."""
+
+    def __init__(self, schedule, mu=0.3, s=0.5):
+        self.schedule, self.mu, self.s = schedule, mu, s
+
+    def alpha_sigma(self, lam):
+        la, ls, _, _ = self.schedule.log_alpha_sigma_of_lambda(np.asarray(lam, dtype=float))
+        return np.exp(la), np.exp(ls)
+
+    def denoise(self, x, a, g):
+        return self.mu + a * self.s**2 / (a**2 * self.s**2 + g**2) * (x - a * self.mu)
+
+    def solution(self, x_T, lam_T, lam_eps):
+        (aT, gT), (a, g) = self.alpha_sigma(lam_T), self.alpha_sigma(lam_eps)
+        z = (x_T - aT * self.mu) / np.sqrt(aT**2 * self.s**2 + gT**2)
+        return a * self.mu + np.sqrt(a**2 * self.s**2 + g**2) * z
+
+
+def solve(schedule, oracle, lam, solver, order, variant, x_T):
+    plan = build_plan(schedule, lam, solver, order, variant).map(float)
+    a, g = oracle.alpha_sigma(lam)
+    return run_plan(plan, x_T, lambda x, k: oracle.denoise(x, a[k], g[k]))
+
+
+# Expected global orders. Every step's local error is O(h^(k+1)) for a predictor of order k, and
+# UniC raises a step to O(h^(k+2)). The lower-order end steps limit the total: the last step is
+# order 1 with no corrector after it (local O(h^2)), and the first steps' errors are damped only
+# by O(1). Hence: ddim/dpmpp-1 -> 1; dpmpp-2 -> 2; dpmpp-3 -> 2 (first-order end steps);
+# unipc-1 -> 2 (UniC on a first-order predictor); unipc-2/3 -> 2 (the final order-1 step without
+# corrector). The last step's error is proportional to dD/dlambda near eps, which is tiny when the
+# data spread s is much larger than sigma_eps (then UniPC shows its interior order p + 1 up to very
+# large N); with s = 0.01 ~ sigma_eps = 0.0105 (vp-linear, eps = 1e-3) every solver is asymptotic
+# by N = 80, and the slope is measured between N = 160 and 320 (tolerance 0.1).
+EXPECTED_ORDER = {("ddim", 1): 1, ("dpmpp", 1): 1, ("dpmpp", 2): 2, ("dpmpp", 3): 2,
+                  ("unipc", 1): 2, ("unipc", 2): 2, ("unipc", 3): 2}
+
+
+@pytest.mark.parametrize("solver, order, variant", SOLVERS)
+def test_convergence_order_on_gaussian_oracle(solver, order, variant):
+    s = get_schedule("vp-linear")
+    oracle = GaussianOracle(s, mu=0.3, s=0.01)
+    x_T = np.array([1.3, -0.7, 0.2])
+    errors = []
+    for n in (160, 320):
+        lam = grid_lambda("unif", s, n, 1.0, 1e-3)
+        err = solve(s, oracle, lam, solver, order, variant, x_T) - oracle.solution(x_T, lam[0], lam[-1])
+        errors.append(np.abs(err).max())
+    slope = math.log2(errors[0] / errors[1])
+    assert slope == pytest.approx(EXPECTED_ORDER[(solver, order)], abs=0.1), errors
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "edm", "flow"])
+@pytest.mark.parametrize("solver, order, variant", SOLVERS)
+def test_exact_weights_are_the_derivatives_of_the_output(name, solver, order, variant):
+    """W[k+1] = d x_N / d D_k with the other model outputs held fixed, by finite differences of a
+    real torch run; W[0] = d x_N / d x_T. Also: constants are integrated exactly."""
+    s = get_schedule(name)
+    lam = grid_lambda("quad", s, 7, s.T, s.eps_default)
+    plan = build_plan(s, lam, solver, order, variant)
+    W = final_weights(plan)
+    torch_plan = plan.map(float)
+    rng = np.random.default_rng(1)
+    outs = torch.tensor(rng.normal(size=(7, 4)), dtype=torch.float64)
+    x_T = torch.tensor(rng.normal(size=4), dtype=torch.float64)
+
+    def run(delta_k=None, delta=0.0, x=x_T):
+        d = outs.clone()
+        if delta_k is not None:
+            d[delta_k] += delta
+        return run_plan(torch_plan, x, lambda x, k: d[k])
+
+    base = run()
+    np.testing.assert_allclose(base.numpy(), W[0] * x_T.numpy() + W[1:] @ outs.numpy(), rtol=1e-12, atol=1e-12)
+    h = 1e-3  # the map is linear: differences are exact up to rounding
+    for k in range(7):
+        fd = ((run(k, h) - run(k, -h)) / (2 * h)).numpy()
+        np.testing.assert_allclose(fd, W[k + 1], rtol=1e-9, atol=1e-12 * np.abs(W).max())
+    np.testing.assert_allclose(((run(x=x_T + h) - run(x=x_T - h)) / (2 * h)).numpy(), W[0], rtol=1e-9,
+                               atol=1e-12 * np.abs(W).max())
+    la, ls, _, _ = s.log_alpha_sigma_of_lambda(lam)
+    assert W[0] == pytest.approx(math.exp(ls[-1] - ls[0]), rel=1e-12)
+    assert W[1:].sum() == pytest.approx(math.exp(la[-1]) - math.exp(ls[-1] - ls[0] + la[0]), rel=1e-10)
+
+
+def test_complex_lambdas_give_complex_step_derivatives():
+    s = get_schedule("scaled_linear")
+    lam = grid_lambda("unif_t", s, 6, 1.0, 1e-3)
+    for solver, order, variant in SOLVERS:
+        i = 3
+        dl = np.zeros(7)
+        dl[i] = 1e-6
+        fd = (final_weights(build_plan(s, lam + dl, solver, order, variant))
+              - final_weights(build_plan(s, lam - dl, solver, order, variant))) / 2e-6
+        cs = final_weights(build_plan(s, lam + 1e-30j * (np.arange(7) == i), solver, order, variant)).imag / 1e-30
+        np.testing.assert_allclose(cs, fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("nfe", [5, 8, 10])
+@pytest.mark.parametrize("solver, order, variant", [("dpmpp", 2, None), ("dpmpp", 3, None), ("unipc", 2, "bh2"),
+                                                    ("unipc", 3, "bh2"), ("unipc", 3, "bh1")])
+def test_matches_diffusers_schedulers(tiny_unet, nfe, solver, order, variant):
+    """Given the same steps (scheduler.timesteps / sigmas overwritten after set_timesteps, final
+    sigma = the table's last kappa), our plans reproduce diffusers' DPM-Solver++ and UniPC."""
+    import diffusers
+
+    from dmsteps_cli import StepConfig, make_table
+
+    s = get_schedule("scaled_linear")
+    entry = make_table(StepConfig(nfe=(nfe,)), s)["entries"][0]
+    common = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                  solver_order=order, final_sigmas_type="sigma_min", prediction_type="v_prediction")
+    if solver == "dpmpp":
+        sched = diffusers.DPMSolverMultistepScheduler(**common)
+    else:
+        sched = diffusers.UniPCMultistepScheduler(solver_type=variant, **common)
+    sched.set_timesteps(nfe)
+    sched.timesteps = torch.tensor(entry["timesteps"], dtype=torch.float64)
+    sched.sigmas = torch.tensor(entry["sigmas"], dtype=torch.float32)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(tiny_unet(x, t).sample, t, x).prev_sample
+    t_nodes = np.array(entry["t"])
+    a, g = s.alpha(t_nodes), s.sigma(t_nodes)
+    plan = build_plan(s, np.array(entry["lambda"]), solver, order, variant).map(float)
+
+    def denoise(x, k):
+        v = tiny_unet(x.float(), torch.full((x.shape[0],), entry["timesteps"][k])).sample.double()
+        return a[k] * x - g[k] * v
+
+    with torch.no_grad():
+        ours = run_plan(plan, x_T.double(), denoise)
+    assert 1.0 < x.abs().max() < 10.0  # samples of unit scale
+    assert (ours - x.double()).abs().max().item() < 1e-5
