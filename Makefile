@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean digits-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py
+
+# A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, a few minutes.
+digits-model: install
+	$(PY) scripts/train_digits.py --out build/digits-model
 
 clean:
 	rm -rf build .pytest_cache
