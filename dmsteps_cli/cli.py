@@ -53,13 +53,15 @@ def optimize(
                                       "betas:FILE or alphas_cumprod:FILE (.npy/.txt)."),
     solver: str = typer.Option("unipc", help="Solver whose order pattern the objective assumes: unipc, dpmpp, ddim."),
     order: Optional[int] = typer.Option(None, help="Solver order (default 3; ddim is 1)."),
+    variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh2 (default, as diffusers) or bh1."),
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
     p: float = typer.Option(2.0, "--p", help="Exponent of eps_tilde = sigma^p/alpha (paper: 2 latent, 1 pixel)."),
     init: str = typer.Option("unif_t", help="Starting grid: unif, unif_t, quad, edm, or best (all, keep the lowest)."),
     eps: Optional[float] = typer.Option(None, help="Last time (data end); default per schedule (1e-3; EDM 0.002)."),
     T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),
     shift: Optional[float] = typer.Option(None, help="Flow models only: time-grid shift (SD3: 3.0)."),
-    objective: str = typer.Option("reference", help="reference (the published code) or paper (Eq. 35 with --solver's orders)."),
+    objective: str = typer.Option("reference", help="reference (the published code), paper (Eq. 35 with --solver's "
+                                  "orders) or exact (the weights of the real solver, corrector included)."),
     trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here (atomically) instead of stdout."),
@@ -72,8 +74,8 @@ def optimize(
 
     out_fmt = format_for(str(output) if output else None, fmt)
     sched = get_schedule(schedule)
-    config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, objective=objective, p=p,
-                                init=init, trunc=trunc, T=T, eps=eps, shift=shift, nfe=parse_nfe(nfe)), sched)
+    config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, variant=variant, objective=objective,
+                                p=p, init=init, trunc=trunc, T=T, eps=eps, shift=shift, nfe=parse_nfe(nfe)), sched)
     if output is not None and not (output.parent if str(output.parent) else Path(".")).is_dir():
         raise BadInput(f"cannot write {output}: folder {output.parent} does not exist")
     err = _stderr()

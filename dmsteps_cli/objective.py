@@ -14,6 +14,11 @@ Modes:
 - ``reference``: what the reference implementation computes: order pattern 1,2,3,...,3,2,1 whatever
   the solver; the two order-1 end steps are abs groups of their own; steps s < trunc (counted from
   0) of order >= 2 are L2 groups of their own; all other contributions are merged per node.
+- ``exact``: the solver that really runs (``solvers``): x_N = W_0 x_T + sum_i W_{i+1} D_i, and the
+  objective is sum_i eps_tilde_i |W_{i+1}| / sigma_N (divided by sigma_N so that it is on the scale
+  of the other modes, whose weights omit that factor). W comes from running the solver's own plan
+  on basis vectors; its gradient from the same plan at complex lambdas (complex step, exact to
+  rounding).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import numpy as np
 from .errors import BadInput
 from .weights import lagrange_step_weights
 
-OBJECTIVES = ("reference", "paper")
+OBJECTIVES = ("reference", "paper", "exact")
+_COMPLEX_STEP = 1e-30
 
 
 def eps_tilde(schedule, lam, p: float):
@@ -126,13 +132,51 @@ class Objective:
         return float(np.abs(a).sum() + q.sum()), np.sign(a) @ Ja + Jq.sum(axis=0)
 
 
-def build_objective(schedule, kind: str, p: float, orders: list[int], trunc: int | None = 3) -> Objective:
+class ExactObjective:
+    """sum_i eps_tilde_i |W_{i+1}| / sigma_N for the real solver (see module doc); one abs term
+    per evaluated node, no L2 terms. Same interface as ``Objective``."""
+
+    def __init__(self, schedule, p: float, nfe: int, solver: str, order: int, variant: str | None):
+        from .solvers import build_plan, final_weights
+
+        self._build_plan, self._final_weights = build_plan, final_weights
+        self.schedule, self.p, self.nfe = schedule, float(p), nfe
+        self.solver, self.order, self.variant = solver, order, variant
+        self.kind, self.trunc = "exact", None
+        self.orders = build_plan(schedule, np.zeros(nfe + 1) + np.arange(nfe + 1), solver, order, variant).orders
+
+    def _weights(self, lam):
+        plan = self._build_plan(self.schedule, lam, self.solver, self.order, self.variant)
+        return self._final_weights(plan)[1:] / np.exp(plan.log_sigma[-1])
+
+    def terms(self, lam, jac: bool = True):
+        lam = np.asarray(lam, dtype=np.float64)
+        N = self.nfe
+        et, det = eps_tilde(self.schedule, lam[:N], self.p)
+        if not jac:
+            return et * self._weights(lam), np.zeros(0), None, None
+        perturbed = lam[:, None] + 1j * _COMPLEX_STEP * np.eye(N + 1)  # one column per lambda
+        W = self._weights(perturbed)  # (N, N + 1)
+        w = W[:, 0].real
+        dW = W.imag / _COMPLEX_STEP
+        Ja = et[:, None] * dW
+        Ja[np.arange(N), np.arange(N)] += det * w
+        return et * w, np.zeros(0), Ja, np.zeros((0, N + 1))
+
+    value = Objective.value
+    value_and_grad = Objective.value_and_grad
+
+
+def build_objective(schedule, kind: str, p: float, orders: list[int], trunc: int | None = 3,
+                    solver: str = "unipc", order: int = 3, variant: str | None = None):
     """The objective of mode ``kind`` for the solver order pattern ``orders`` (ignored by
-    ``reference``, which uses its own fixed pattern)."""
+    ``reference``, which uses its own fixed pattern; ``exact`` uses solver/order/variant)."""
     if kind not in OBJECTIVES:
         raise BadInput(f"unknown objective {kind!r} (choose from {', '.join(OBJECTIVES)})")
     if not p >= 0:
         raise BadInput(f"--p must be >= 0, got {p}")
+    if kind == "exact":
+        return ExactObjective(schedule, p, len(orders), solver, order, variant)
     if kind == "reference":
         if trunc is None or trunc < 0:
             raise BadInput(f"--trunc must be >= 0, got {trunc}")

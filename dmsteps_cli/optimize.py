@@ -23,6 +23,7 @@ import numpy as np
 from .errors import BadInput
 from .grids import GRIDS, grid_lambda
 from .objective import OBJECTIVES, build_objective
+from .solvers import UNIPC_VARIANTS
 from .weights import SOLVERS, order_pattern
 
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
@@ -80,7 +81,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
             cache[key] = (scale * a, scale * q.sum(), scale * Ja[:, 1:-1], scale * Jq[:, 1:-1].sum(axis=0))
         return cache[key]
 
-    ga = objective.abs_groups.shape[0]
+    ga = objective.terms(lam_init, jac=False)[0].size
     eye = np.eye(ga)
 
     def fun(z):
@@ -141,12 +142,14 @@ class StepConfig:
 
     ``schedule`` is the name or path the user gave (the table also records the schedule's full
     spec); ``T``/``eps``/``order``/``shift`` are the resolved values (never None after
-    ``resolve``), ``trunc`` is None for objectives other than ``reference``.
+    ``resolve``), ``trunc`` is None for objectives other than ``reference``, ``variant`` (UniPC's
+    B(h): bh1 or bh2) is None for other solvers.
     """
 
     schedule: str = "scaled_linear"
     solver: str = "unipc"
     order: int | None = None
+    variant: str | None = None
     objective: str = "reference"
     p: float = 2.0
     init: str = "unif_t"
@@ -167,6 +170,12 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
         raise BadInput(f"unknown solver {c['solver']!r} (choose from {', '.join(SOLVERS)})")
     if c["order"] is None:
         c["order"] = 1 if c["solver"] == "ddim" else 3
+    if c["solver"] == "unipc":
+        c["variant"] = c["variant"] or "bh2"
+        if c["variant"] not in UNIPC_VARIANTS:
+            raise BadInput(f"unknown UniPC variant {c['variant']!r} (choose from {', '.join(UNIPC_VARIANTS)})")
+    elif c["variant"] is not None:
+        raise BadInput(f"--variant applies only to unipc, not {c['solver']}")
     if c["objective"] not in OBJECTIVES:
         raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(OBJECTIVES)})")
     if c["objective"] == "reference":
@@ -213,7 +222,8 @@ def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, st
     order pattern the objective assumed.
     """
     orders = order_pattern(config.solver, config.order, nfe)
-    objective = build_objective(schedule, config.objective, config.p, orders, config.trunc)
+    objective = build_objective(schedule, config.objective, config.p, orders, config.trunc,
+                                config.solver, config.order, config.variant)
     grids = {g: grid_lambda(g, schedule, nfe, config.T, config.eps, config.shift) for g in GRIDS}
     baselines = {g: objective.value(lam) for g, lam in grids.items()}
     starts = GRIDS if config.init == "best" else (config.init,)

@@ -101,7 +101,7 @@ def run_plan(plan: Plan, x, denoise):
 
 
 def _combine(*pairs):
-    """Sum of coefficient * {j: weight} dictionaries -> {j: weight}."""
+    """Sum of coefficient * {offset: weight} dictionaries -> {offset: weight}."""
     out: dict[int, object] = {}
     for coef, terms in pairs:
         for j, w in terms.items():
@@ -109,20 +109,23 @@ def _combine(*pairs):
     return out
 
 
+# The step formulas below take ``n``, an integer array of the steps that share an order, and
+# return {offset: coefficient array}: the weight of D_{n + offset} for each of those steps.
+
 def _dpmpp_step(lam, log_alpha, n, p):
-    """DPM-Solver++ step n (node n -> n + 1) of order p: {j: coefficient of D_j}."""
+    """DPM-Solver++ steps n (node n -> n + 1) of order p."""
     h = lam[n + 1] - lam[n]
     alpha_t = np.exp(log_alpha[n + 1])
     c0 = alpha_t * h * phi(-h, 1)  # -alpha_t (e^-h - 1)
-    D0 = {n: 1.0}
+    D0 = {0: 1.0}
     if p == 1:
         return _combine((c0, D0))
     r0 = (lam[n] - lam[n - 1]) / h
-    D1_0 = {n: 1.0 / r0, n - 1: -1.0 / r0}
+    D1_0 = {0: 1.0 / r0, -1: -1.0 / r0}
     if p == 2:  # diffusers' "midpoint" form: - 0.5 alpha_t (e^-h - 1) D1
         return _combine((c0, D0), (0.5 * c0, D1_0))
     r1 = (lam[n - 1] - lam[n - 2]) / h
-    D1_1 = {n - 1: 1.0 / r1, n - 2: -1.0 / r1}
+    D1_1 = {-1: 1.0 / r1, -2: -1.0 / r1}
     diff = _combine((1.0, D1_0), (-1.0, D1_1))
     D1 = _combine((1.0, D1_0), (r0 / (r0 + r1), diff))
     D2 = _combine((1.0 / (r0 + r1), diff))
@@ -141,16 +144,15 @@ def _solve(R, b):
 def _unipc_update(lam, log_alpha, n, p, variant, with_new: bool):
     """UniPC from node n to n + 1 with order p: the predictor (with_new=False, uses D_{n-p+1..n}) or
     the corrector (with_new=True, also uses D_{n+1}, the model output at the predicted state).
-    Returns {j: coefficient of D_j}; the state coefficient is sigma_{n+1}/sigma_n in both."""
+    The state coefficient is sigma_{n+1}/sigma_n in both."""
     h = lam[n + 1] - lam[n]
     hh = -h
     alpha_t = np.exp(log_alpha[n + 1])
     h_phi_1 = hh * phi(hh, 1)  # e^hh - 1
     B_h = hh if variant == "bh1" else h_phi_1
-    m0 = {n: 1.0}
-    out = _combine((-alpha_t * h_phi_1, m0))
+    out = _combine((-alpha_t * h_phi_1, {0: 1.0}))
     rks = [(lam[n - i] - lam[n]) / h for i in range(1, p)]
-    D1s = [{n - i: 1.0 / r, n: -1.0 / r} for i, r in zip(range(1, p), rks)]
+    D1s = [{-i: 1.0 / r, 0: -1.0 / r} for i, r in zip(range(1, p), rks)]
     # b_i = i! (phi_i(hh) - 1/i!) / B_h = i! hh phi_{i+1}(hh) / B_h
     b = [math.factorial(i) * hh * phi(hh, i + 1) / B_h for i in range(1, p + 1)]
     if not with_new:
@@ -159,23 +161,32 @@ def _unipc_update(lam, log_alpha, n, p, variant, with_new: bool):
         if p == 2:
             rhos = [0.5]
         else:
-            R = [[r**i for r in rks] for i in range(p - 1)]
-            rhos = list(_solve(R, b[: p - 1]))
+            rhos = list(_solve([[r**i for r in rks] for i in range(p - 1)], b[: p - 1]))
         res = _combine(*[(rho, d) for rho, d in zip(rhos, D1s)])
     else:
         if p == 1:
             rhos = [0.5]
         else:
-            R = [[r**i for r in [*rks, 1.0 + 0.0 * h]] for i in range(p)]
-            rhos = list(_solve(R, b))
-        res = _combine(*[(rho, d) for rho, d in zip(rhos[:-1], D1s)], (rhos[-1], {n + 1: 1.0, n: -1.0}))
+            one = np.ones_like(h)
+            rhos = list(_solve([[r**i for r in [*rks, one]] for i in range(p)], b))
+        res = _combine(*[(rho, d) for rho, d in zip(rhos[:-1], D1s)], (rhos[-1], {1: 1.0, 0: -1.0}))
     return _combine((1.0, out), (-alpha_t * B_h, res))
+
+
+def _per_step(steps, terms, shift=0):
+    """{offset: coefficient array over steps} -> {step: [(model output index, coefficient)]}."""
+    out = {}
+    for idx, n in enumerate(steps):
+        out[int(n) + shift] = sorted((int(n) + off, np.broadcast_to(c, np.shape(steps) + np.shape(c)[1:])[idx]
+                                      if np.ndim(c) else c) for off, c in terms.items())
+    return out
 
 
 def build_plan(schedule, lam, solver: str, order: int | None = None, variant: str | None = None) -> Plan:
     """The plan of ``solver`` for the steps ``lam`` (N + 1 increasing lambdas, T first).
 
     ``lam`` may carry trailing batch axes (and be complex): every coefficient then has that shape.
+    Steps of equal order are computed together.
     """
     if order is None:
         order = 1 if solver == "ddim" else 3
@@ -189,23 +200,22 @@ def build_plan(schedule, lam, solver: str, order: int | None = None, variant: st
     elif variant is not None:
         raise BadInput(f"--variant applies only to unipc, not {solver}")
     log_alpha, log_sigma, _, _ = schedule.log_alpha_sigma_of_lambda(lam)
-    plan = Plan(solver, order, variant, orders, lam, log_alpha, log_sigma)
-    for n, p in enumerate(orders):
-        ratio = np.exp(log_sigma[n + 1] - log_sigma[n])
+    ratio = np.exp(log_sigma[1:] - log_sigma[:-1])  # sigma_{n+1}/sigma_n
+    pred, corr = {}, {}
+    for p in sorted(set(orders)):
+        steps = np.array([n for n, k in enumerate(orders) if k == p])
         if solver == "unipc":
-            terms = _unipc_update(lam, log_alpha, n, p, variant, with_new=False)
+            pred.update(_per_step(steps, _unipc_update(lam, log_alpha, steps, p, variant, False)))
+            # the corrector at node n + 1 has the order of the step that led there; none at node N
+            inner = steps[steps + 1 < nfe]
+            if inner.size:
+                corr.update(_per_step(inner, _unipc_update(lam, log_alpha, inner, p, variant, True), shift=1))
         else:
-            terms = _dpmpp_step(lam, log_alpha, n, p)
-        plan.pred_ratio.append(ratio)
-        plan.pred.append(sorted(terms.items()))
-        if solver == "unipc" and n >= 1:  # corrector at node n, with the order of the step that led there
-            prev = np.exp(log_sigma[n] - log_sigma[n - 1])
-            plan.corr_ratio.append(prev)
-            plan.corr.append(sorted(_unipc_update(lam, log_alpha, n - 1, orders[n - 1], variant, True).items()))
-        else:
-            plan.corr_ratio.append(0.0)
-            plan.corr.append([])
-    return plan
+            pred.update(_per_step(steps, _dpmpp_step(lam, log_alpha, steps, p)))
+    return Plan(solver, order, variant, orders, lam, log_alpha, log_sigma,
+                pred_ratio=[ratio[n] for n in range(nfe)], pred=[pred[n] for n in range(nfe)],
+                corr_ratio=[ratio[n - 1] if n in corr else 0.0 for n in range(nfe)],
+                corr=[corr.get(n, []) for n in range(nfe)])
 
 
 def final_weights(plan: Plan) -> np.ndarray:

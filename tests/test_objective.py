@@ -115,3 +115,28 @@ def test_bad_objective_settings():
         build_objective(s, "magic", 2, [1, 2, 1], 3)
     with pytest.raises(BadInput, match="--p must be >= 0"):
         build_objective(s, "paper", -1, [1, 2, 1], 3)
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "edm", "flow"])
+@pytest.mark.parametrize("solver, order, variant", [("unipc", 3, "bh2"), ("unipc", 2, "bh1"), ("dpmpp", 3, None)])
+def test_exact_objective_gradient(name, solver, order, variant):
+    s = get_schedule(name)
+    n = 7
+    lam = grid_lambda("unif_t", s, n, s.T, s.eps_default)
+    ob = build_objective(s, "exact", 1.0, order_pattern(solver, order, n), None, solver, order, variant)
+    value, grad = ob.value_and_grad(lam)
+    h = 1e-6
+    fd = np.array([(ob.value(lam + h * e) - ob.value(lam - h * e)) / (2 * h) for e in np.eye(n + 1)])
+    np.testing.assert_allclose(grad[:-1], fd[:-1], rtol=1e-6, atol=1e-7 * np.abs(grad).max())
+
+
+def test_exact_objective_of_ddim_is_the_paper_objective():
+    """DDIM (DPM-Solver++ order 1) integrates the constant interpolant exactly: its weights are
+    the Lagrange weights of order 1, so `exact` and `paper` agree."""
+    s = get_schedule("linear")
+    for n in (3, 8):
+        lam = grid_lambda("quad", s, n, 1.0, 1e-3)
+        orders = order_pattern("ddim", 1, n)
+        exact = build_objective(s, "exact", 1.0, orders, None, "ddim", 1, None)
+        paper = build_objective(s, "paper", 1.0, orders, None)
+        assert exact.value(lam) == pytest.approx(paper.value(lam), rel=1e-12)
