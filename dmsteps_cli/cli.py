@@ -156,6 +156,50 @@ def schedules():
 
 
 @app.command()
+def sample(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (pipeline with unet/ or "
+                                    "transformer/ and scheduler/, or a bare UNet2DModel) or a Gaussian-mixture "
+                                    ".yaml/.npz."),
+    table: Path = typer.Option(..., "--table", "-t", help="A step table (JSON/YAML)."),
+    nfe: Optional[int] = typer.Option(None, help="Which NFE of the table (needed when it holds several)."),
+    batch: int = typer.Option(16, help="Number of samples."),
+    seed: int = typer.Option(0, help="Sample i uses seed + i."),
+    device: str = typer.Option("cuda", help="cuda, cuda:K or cpu."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder (samples.npz, grid.png, sample.json)."),
+    solver: Optional[str] = typer.Option(None, help="Solver (default: the table's)."),
+    order: Optional[int] = typer.Option(None, help="Solver order (default: the table's)."),
+    variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh1 or bh2 (default: the table's)."),
+    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (DiT)."),
+    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale (DiT)."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt for text-to-image pipelines."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, float16 or bfloat16."),
+    schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none (a bare UNet)."),
+    force: bool = typer.Option(False, help="Use a table made for another schedule."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+):
+    """Sample a checkpoint with a table's steps (loads torch; diffusers for diffusers checkpoints)."""
+    from .sample import SampleRequest, run_sample
+
+    req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=nfe, batch=batch, seed=seed,
+                        device=device, out=str(out), solver=solver, order=order, variant=variant,
+                        class_label=class_label, guidance_scale=guidance_scale, prompt=prompt, force=force,
+                        dtype=dtype, schedule=schedule)
+    err = _stderr()
+    if not quiet and err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("nfe", total=None)
+            sidecar = run_sample(req, progress=lambda k, n: bar.update(task, completed=k, total=n))
+    else:
+        sidecar = run_sample(req)
+    if sidecar is not None and not quiet:
+        err.print(f"{len(sidecar['seeds'])} samples, NFE {sidecar['nfe']} {sidecar['solver']}, "
+                  f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {out}/", markup=False)
+
+
+@app.command()
 def check(files: List[Path] = typer.Argument(..., help="Tables to recompute and compare.")):
     """Recompute each table from its recorded config; exit 1 naming what drifted."""
     from .tables import check_table, load_table

@@ -135,16 +135,16 @@ def format_for(path: str | None, fmt: str | None) -> str:
     return "json"
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename."""
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write text or bytes to path via a temporary file in the same folder and a rename."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadInput(f"cannot write {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

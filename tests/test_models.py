@@ -16,6 +16,7 @@ from dmsteps_cli.errors import BadInput
 from dmsteps_cli.models import (GaussianMixture, load_checkpoint, load_mixture, save_mixture,
                                 to_data_prediction)
 from dmsteps_cli.schedules import get_schedule
+from tiny import TINY_DIT, TINY_UNET
 
 torch.set_num_threads(1)
 
@@ -279,14 +280,11 @@ def test_malformed_mixture_npz_and_schedule(tmp_path):
 
 # --- diffusers checkpoints -----------------------------------------------------------------------
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                 norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "UpBlock2D"))
-
-
 @pytest.fixture(scope="module")
 def diffusers():
-    return pytest.importorskip("diffusers")
+    import diffusers
+
+    return diffusers
 
 
 @pytest.fixture(scope="module")
@@ -354,10 +352,6 @@ def test_bare_unet_needs_a_schedule(unet_dirs):
     with pytest.raises(BadInput, match="differs"):
         load_checkpoint(root / "ddpm", schedule="scaled_linear")
     assert load_checkpoint(root / "ddpm", schedule="linear").kind == "unet"
-
-
-TINY_DIT = dict(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1,
-                sample_size=4, patch_size=2, num_embeds_ada_norm=5)
 
 
 @pytest.fixture(scope="module")
