@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean digits-model
+.PHONY: install demo test bench clean gpu-check gpu-wheels digits-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py
+	$(PY) benchmarks/bench_sample.py
+
+# On a machine with CUDA (the GPU image has python3.12 and torch but no diffusers: run
+# `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check)
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=.:$$PYTHONPATH $(GPU_PYTHON) tests/gpu_check.py
+
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
 
 # A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, a few minutes.
 digits-model: install
