@@ -35,20 +35,35 @@ UNIPC_VARIANTS = ("bh1", "bh2")
 _PHI_TERMS = 26  # |z| < 1: 1/26! < 1e-26
 
 
-def phi(z, k: int):
-    """phi_k(z) = sum_{m>=0} z^m / (m + k)!  (phi_0 = e^z, phi_{k+1} = (phi_k - 1/k!) / z).
+_PHI_COEF = np.array([[1.0 / math.factorial(m + k) for m in range(_PHI_TERMS)] for k in range(8)])
 
-    The recurrence cancels for small |z|; there the series is used. Elementwise, complex-safe.
+
+def phis(z, k_max: int):
+    """[phi_0(z), ..., phi_kmax(z)] with phi_k(z) = sum_{m>=0} z^m / (m + k)!, elementwise, complex-safe.
+
+    phi_0 = e^z and phi_{k+1} = (phi_k - 1/k!) / z, a recurrence that cancels for small |z|; there
+    the series is used (|z| < 1, 26 terms).
     """
     z = np.asarray(z)
+    flat = z.reshape(-1)
+    powers = np.empty(flat.shape + (_PHI_TERMS,), dtype=np.result_type(flat, np.float64))
+    powers[:, 0] = 1.0
+    powers[:, 1:] = flat[:, None]
+    np.multiply.accumulate(powers, axis=1, out=powers)
+    series = powers @ _PHI_COEF[: k_max + 1].T  # (n, k_max + 1)
+    small = np.abs(flat) < 1.0
+    out = []
     with np.errstate(all="ignore"):
-        rec = np.exp(z)
-        for j in range(k):
-            rec = (rec - 1.0 / math.factorial(j)) / z
-        series = np.zeros_like(z)
-        for m in reversed(range(_PHI_TERMS)):
-            series = series * z + 1.0 / math.factorial(m + k)
-    return np.where(np.abs(z) < 1.0, series, rec)
+        rec = np.exp(flat)
+        for k in range(k_max + 1):
+            out.append(np.where(small, series[:, k], rec).reshape(z.shape))
+            rec = (rec - 1.0 / math.factorial(k)) / flat
+    return out
+
+
+def phi(z, k: int):
+    """phi_k(z) alone (see ``phis``)."""
+    return phis(z, k)[k]
 
 
 @dataclass
@@ -116,7 +131,8 @@ def _dpmpp_step(lam, log_alpha, n, p):
     """DPM-Solver++ steps n (node n -> n + 1) of order p."""
     h = lam[n + 1] - lam[n]
     alpha_t = np.exp(log_alpha[n + 1])
-    c0 = alpha_t * h * phi(-h, 1)  # -alpha_t (e^-h - 1)
+    ph = phis(-h, min(p, 3))
+    c0 = alpha_t * h * ph[1]  # -alpha_t (e^-h - 1)
     D0 = {0: 1.0}
     if p == 1:
         return _combine((c0, D0))
@@ -129,8 +145,8 @@ def _dpmpp_step(lam, log_alpha, n, p):
     diff = _combine((1.0, D1_0), (-1.0, D1_1))
     D1 = _combine((1.0, D1_0), (r0 / (r0 + r1), diff))
     D2 = _combine((1.0 / (r0 + r1), diff))
-    c1 = alpha_t * h * phi(-h, 2)  # alpha_t ((e^-h - 1)/h + 1)
-    c2 = -alpha_t * h * phi(-h, 3)  # alpha_t ((e^-h - 1 + h)/h^2 - 1/2)
+    c1 = alpha_t * h * ph[2]  # alpha_t ((e^-h - 1)/h + 1)
+    c2 = -alpha_t * h * ph[3]  # alpha_t ((e^-h - 1 + h)/h^2 - 1/2)
     return _combine((c0, D0), (c1, D1), (-c2, D2))
 
 
@@ -148,13 +164,14 @@ def _unipc_update(lam, log_alpha, n, p, variant, with_new: bool):
     h = lam[n + 1] - lam[n]
     hh = -h
     alpha_t = np.exp(log_alpha[n + 1])
-    h_phi_1 = hh * phi(hh, 1)  # e^hh - 1
+    ph = phis(hh, p + 1)
+    h_phi_1 = hh * ph[1]  # e^hh - 1
     B_h = hh if variant == "bh1" else h_phi_1
     out = _combine((-alpha_t * h_phi_1, {0: 1.0}))
     rks = [(lam[n - i] - lam[n]) / h for i in range(1, p)]
     D1s = [{-i: 1.0 / r, 0: -1.0 / r} for i, r in zip(range(1, p), rks)]
     # b_i = i! (phi_i(hh) - 1/i!) / B_h = i! hh phi_{i+1}(hh) / B_h
-    b = [math.factorial(i) * hh * phi(hh, i + 1) / B_h for i in range(1, p + 1)]
+    b = [math.factorial(i) * hh * ph[i + 1] / B_h for i in range(1, p + 1)]
     if not with_new:
         if p == 1:
             return out
@@ -175,11 +192,10 @@ def _unipc_update(lam, log_alpha, n, p, variant, with_new: bool):
 
 def _per_step(steps, terms, shift=0):
     """{offset: coefficient array over steps} -> {step: [(model output index, coefficient)]}."""
-    out = {}
-    for idx, n in enumerate(steps):
-        out[int(n) + shift] = sorted((int(n) + off, np.broadcast_to(c, np.shape(steps) + np.shape(c)[1:])[idx]
-                                      if np.ndim(c) else c) for off, c in terms.items())
-    return out
+    full = {off: np.broadcast_to(c, np.shape(steps) + np.shape(c)[1:]) if np.ndim(c) else np.full(len(steps), c)
+            for off, c in terms.items()}
+    return {int(n) + shift: sorted((int(n) + off, c[idx]) for off, c in full.items())
+            for idx, n in enumerate(steps)}
 
 
 def build_plan(schedule, lam, solver: str, order: int | None = None, variant: str | None = None) -> Plan:

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from . import __version__
 from .errors import BadInput, TableError
 from .grids import GRIDS
 from .optimize import GAP_FRACTION, StepConfig, optimize_nfe, resolve
-from .schedules import schedule_from_spec
+from .schedules import PRESETS, get_schedule, schedule_from_spec
 
 SCHEMA = "dmsteps.table/1"
 FORMATS = ("json", "yaml")
@@ -72,8 +73,16 @@ def make_entry(config: StepConfig, schedule, nfe: int) -> dict:
     }
 
 
-def make_table(config: StepConfig, schedule, progress=None) -> dict:
-    """The whole table for a config (resolved here); ``progress(nfe)`` is called after each NFE."""
+def make_table(config: StepConfig, schedule=None, progress=None) -> dict:
+    """The whole table for a config (resolved here); ``progress(nfe)`` is called after each NFE.
+
+    ``schedule`` defaults to ``get_schedule(config.schedule)``; a schedule passed in whose name is
+    not what ``config.schedule`` names is recorded under its own name.
+    """
+    if schedule is None:
+        schedule = get_schedule(config.schedule)
+    elif config.schedule != schedule.name and config.schedule in PRESETS:
+        config = replace(config, schedule=schedule.name)
     config = resolve(config, schedule)
     entries = []
     for n in config.nfe:
