@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +113,27 @@ def _gather(rank: int, world: int, seeds: list[int], samples: np.ndarray):
     return [all_seeds[i] for i in order], all_samples[order]
 
 
-def run_sample(req: SampleRequest, progress=None) -> dict | None:
-    """Sample as requested; returns the sidecar dict (None on non-zero ranks of a torchrun launch).
+@dataclass
+class Run:
+    """Everything a sampling run needs, resolved from the request (see ``prepare``)."""
 
-    ``progress(k, n)`` is called after each model evaluation.
-    """
+    req: SampleRequest
+    table: dict
+    entry: dict
+    ckpt: object
+    solver: str
+    plan: object  # solvers.Plan with float coefficients
+    t: np.ndarray  # N + 1 times at which the plan's nodes lie (checkpoint's schedule)
+    timesteps: list  # N model inputs
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    seeds: list  # this rank's seeds
+
+
+def prepare(req: SampleRequest) -> Run:
+    """Validate the request, load table and checkpoint, check the schedule, build the plan."""
     if req.batch < 1:
         raise BadInput(f"--batch must be >= 1, got {req.batch}")
     if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
@@ -132,65 +149,148 @@ def run_sample(req: SampleRequest, progress=None) -> dict | None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     ckpt = load_checkpoint(req.checkpoint, device=device, dtype=dtypes[req.dtype], schedule=req.schedule)
     schedule = ckpt.schedule
-    if not same_schedule(table["schedule"]["identity"], schedule.identity()):
-        if not req.force:
-            raise BadInput(f"table {req.table} was made for schedule {table['schedule']['name']} "
-                           f"({table['schedule']['family']}) but checkpoint {req.checkpoint} uses "
-                           f"{schedule.name} ({schedule.family}); --force uses it anyway")
-    cfg = table["config"]
-    solver = req.solver or cfg.get("solver", "unipc")
-    order = req.order or (cfg.get("order") if solver == cfg.get("solver") else None)
-    variant = req.variant or (cfg.get("variant") if solver == "unipc" == cfg.get("solver") else None)
     lam = np.asarray(entry["lambda"], dtype=np.float64)
     if same_schedule(table["schedule"]["identity"], schedule.identity()):
         t = np.asarray(entry["t"], dtype=np.float64)
         timesteps = [float(v) for v in entry["timesteps"]]
-    else:  # forced: keep the table's log-SNRs, in the checkpoint's own time
+    elif req.force:  # keep the table's log-SNRs, in the checkpoint's own time
         t = np.clip(schedule.t_of_lambda(lam), schedule.eps_min, schedule.t_max)
         lam = schedule.lam(t)
         timesteps = [float(v) for v in schedule.model_timestep(t[:-1])]
+    else:
+        raise BadInput(f"table {req.table} was made for schedule {table['schedule']['name']} "
+                       f"({table['schedule']['family']}) but checkpoint {req.checkpoint} uses "
+                       f"{schedule.name} ({schedule.family}); --force uses it anyway")
+    cfg = table["config"]
+    solver = req.solver or cfg.get("solver", "unipc")
+    order = req.order or (cfg.get("order") if solver == cfg.get("solver") else None)
+    variant = req.variant or (cfg.get("variant") if solver == "unipc" == cfg.get("solver") else None)
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
-    alpha = [float(v) for v in schedule.alpha(t)]
-    sigma = [float(v) for v in schedule.sigma(t)]
-    if ckpt.kind == "pipeline" or req.prompt is not None:
-        raise BadInput("text-to-image pipelines (--prompt) run through the pipeline's own call with "
-                       "dmsteps.integrations.diffusers.apply_table; not available in this build")
+    seeds = [req.seed + i for i in range(req.batch)][rank::world]
+    return Run(req, table, entry, ckpt, solver, plan, t, timesteps, device, dtypes[req.dtype], rank, world, seeds)
+
+
+def run_sample(req: SampleRequest, progress=None) -> dict | None:
+    """Sample as requested; returns the sidecar dict (None on non-zero ranks of a torchrun launch).
+
+    ``progress(k, n)`` is called after each model evaluation.
+    """
+    run = prepare(req)
+    sampler = run_pipeline if run.ckpt.kind == "pipeline" or req.prompt is not None else run_network
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    start = time.perf_counter()
+    samples = sampler(run, progress)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - start
+    gathered = _gather(run.rank, run.world, run.seeds, samples)
+    if gathered is None:
+        return None
+    seeds, samples = gathered
+    images = decode_latents(run, samples) if run.ckpt.kind != "pipeline" else None
+    return write_outputs(run, seeds, samples, seconds, images)
+
+
+def decode_latents(run: Run, latents: np.ndarray) -> np.ndarray | None:
+    """Images in [-1, 1] from a latent-space checkpoint's samples, through the ``vae/`` beside its
+    model (DiT pipelines); None for pixel-space checkpoints."""
+    vae_dir = Path(run.req.checkpoint) / "vae"
+    if not vae_dir.is_dir():
+        return None
+    from .models import _diffusers
+
+    diffusers = _diffusers()
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).to(run.device).eval()
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"checkpoint {run.req.checkpoint}: cannot load vae/ ({str(exc).splitlines()[0]})") from None
+    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    out = []
+    with torch.no_grad():
+        for chunk in np.array_split(latents, max(1, len(latents) // 16)):
+            z = torch.from_numpy(chunk).to(run.device, vae.dtype) / scale
+            out.append(vae.decode(z).sample.clamp(-1, 1).float().cpu().numpy())
+    return np.concatenate(out) if out else None
+
+
+def run_network(run: Run, progress=None) -> np.ndarray:
+    """A denoiser checkpoint (UNet, DiT, Gaussian mixture) driven by the plan: (B, C, H, W) float32."""
+    req, ckpt = run.req, run.ckpt
     if ckpt.sample_shape is None:
         raise BadInput(f"checkpoint {req.checkpoint}: unknown sample shape")
-    labels = None
-    if ckpt.num_classes is not None:
-        if req.class_label is None:
-            raise BadInput(f"checkpoint {req.checkpoint} is class-conditional: give --class-label "
-                           f"in 0..{ckpt.num_classes - 1}")
-        labels = req.class_label
-    elif req.class_label is not None:
+    if ckpt.num_classes is not None and req.class_label is None:
+        raise BadInput(f"checkpoint {req.checkpoint} is class-conditional: give --class-label "
+                       f"in 0..{ckpt.num_classes - 1}")
+    if ckpt.num_classes is None and req.class_label is not None:
         raise BadInput(f"checkpoint {req.checkpoint} is not class-conditional: drop --class-label")
-    denoiser = ckpt.denoiser(class_labels=labels, guidance_scale=req.guidance_scale)
-    all_seeds = [req.seed + i for i in range(req.batch)]
-    my_seeds = all_seeds[rank::world]
-    scale = initial_noise_scale(schedule, float(t[0]))
-    work_dtype = torch.float64 if ckpt.kind == "gmm" else torch.float32
-    x = noise_for(my_seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=work_dtype)
+    denoiser = ckpt.denoiser(class_labels=req.class_label, guidance_scale=req.guidance_scale)
+    schedule, t, plan = ckpt.schedule, run.t, run.plan
+    alpha, sigma = [float(v) for v in schedule.alpha(t)], [float(v) for v in schedule.sigma(t)]
+    work_dtype = torch.float64 if ckpt.kind == "gmm" else torch.float32  # the solver's state
+    x = noise_for(run.seeds, tuple(ckpt.sample_shape), initial_noise_scale(schedule, float(t[0])))
+    x = x.to(device=run.device, dtype=work_dtype)
 
     def denoise(state, k):
-        out = denoiser(state, float(t[k]), timesteps[k], alpha[k], sigma[k]).to(work_dtype)
+        out = denoiser(state, float(t[k]), run.timesteps[k], alpha[k], sigma[k]).to(work_dtype)
         if progress is not None:
             progress(k + 1, plan.nfe)
         return out
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    if not run.seeds:
+        return np.zeros((0, *ckpt.sample_shape), dtype=np.float32)
     with torch.no_grad():
-        result = run_plan(plan, x, denoise) if my_seeds else x
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    gathered = _gather(rank, world, my_seeds, result.float().cpu().numpy())
-    if gathered is None:
-        return None
-    seeds, samples = gathered
-    return write_outputs(req, table, entry, ckpt, solver, plan, seeds, samples, seconds, device, world)
+        return run_plan(plan, x, denoise).float().cpu().numpy()
+
+
+def run_pipeline(run: Run, progress=None) -> np.ndarray:
+    """A text-to-image pipeline through its own call, its scheduler replaced by the table's solver
+    (UniPC, or DPM-Solver++ for dpmpp/ddim) and set to the table's steps with ``apply_table``.
+
+    Returns images in [-1, 1], (B, 3, H, W). One CPU generator per seed, as for the other
+    checkpoints, so the latents do not depend on the device.
+    """
+    from .integrations.diffusers import apply_table
+    from .models import _diffusers
+
+    req, entry, plan, seeds = run.req, run.entry, run.plan, run.seeds
+    if run.ckpt.kind != "pipeline":
+        raise BadInput(f"--prompt needs a text-to-image pipeline; {req.checkpoint} is a {run.ckpt.kind} checkpoint")
+    if req.prompt is None:
+        raise BadInput(f"{req.checkpoint} is a text-to-image pipeline: give --prompt")
+    diffusers = _diffusers()
+    diffusers.utils.logging.set_verbosity_error()
+    if req.force:
+        raise BadInput("--force is not available for text-to-image pipelines: their scheduler must match the table")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype is renamed dtype in new diffusers
+            pipe = diffusers.DiffusionPipeline.from_pretrained(req.checkpoint, torch_dtype=run.dtype)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise BadInput(f"checkpoint {req.checkpoint}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
+    pipe.to(run.device)
+    pipe.set_progress_bar_config(disable=True)
+    if plan.solver == "unipc":
+        pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, solver_order=plan.order,
+                                                                       solver_type=plan.variant)
+    else:
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, solver_order=plan.order, algorithm_type="dpmsolver++")
+    apply_table(pipe.scheduler, run.table, entry["nfe"])
+    if not seeds:
+        return np.zeros((0, 3, 1, 1), dtype=np.float32)
+    callback = None
+    if progress is not None:
+        def callback(pipeline, step, timestep, kwargs):
+            progress(step + 1, entry["nfe"])
+            return kwargs
+    kwargs = {"callback_on_step_end": callback} if callback is not None else {}
+    with torch.no_grad():
+        out = pipe(prompt=[req.prompt] * len(seeds), num_inference_steps=entry["nfe"],
+                   generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+                   guidance_scale=req.guidance_scale, output_type="np", **kwargs)
+    images = np.asarray(out.images, dtype=np.float32)  # (B, H, W, C) in [0, 1]
+    return images.transpose(0, 3, 1, 2) * 2.0 - 1.0
 
 
 def _png_grid(samples: np.ndarray) -> bytes:
@@ -215,15 +315,21 @@ def _png_grid(samples: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(req, table, entry, ckpt, solver, plan, seeds, samples, seconds, device, world) -> dict:
+def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
+    """samples.npz (``samples``: the solver's result, latents for latent models; ``images`` when
+    decoded; ``seeds``), grid.png (of the images, else of the samples) and sample.json."""
+    req, ckpt, plan = run.req, run.ckpt, run.plan
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
+    arrays = {"samples": samples.astype(np.float32), "seeds": np.asarray(seeds, dtype=np.int64)}
+    if images is not None:
+        arrays["images"] = images.astype(np.float32)
     buf = io.BytesIO()
-    np.savez(buf, samples=samples.astype(np.float32), seeds=np.asarray(seeds, dtype=np.int64))
+    np.savez(buf, **arrays)
     write_atomic(out / "samples.npz", buf.getvalue())
     png = None
     try:
-        png = _png_grid(samples)
+        png = _png_grid(samples if images is None else images)
     except ImportError:
         pass
     if png is not None:
@@ -236,16 +342,16 @@ def write_outputs(req, table, entry, ckpt, solver, plan, seeds, samples, seconds
         "table_sha256": hashlib.sha256(table_bytes).hexdigest(),
         "schedule": ckpt.schedule.name,
         "nfe": plan.nfe,
-        "solver": solver,
+        "solver": plan.solver,
         "order": plan.order,
         "variant": plan.variant,
         "orders": plan.orders,
-        "t": [float(v) for v in entry["t"]],
+        "t": [float(v) for v in run.t],
         "seeds": [int(s) for s in seeds],
         "class_label": req.class_label,
         "guidance_scale": req.guidance_scale,
-        "device": str(device),
-        "world_size": world,
+        "device": str(run.device),
+        "world_size": run.world,
         "dtype": req.dtype,
         "torch": torch.__version__,
         "seconds": seconds,

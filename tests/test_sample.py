@@ -174,3 +174,47 @@ def test_torchrun_two_processes_gather_one_output(gaussian, tmp_path):
     assert list(two["seeds"]) == [2, 3, 4, 5, 6]
     np.testing.assert_array_equal(one["samples"], two["samples"])
     assert json.loads((tmp_path / "two" / "sample.json").read_text())["world_size"] == 2
+
+
+def test_dit_pipeline_with_vae_writes_decoded_images(tmp_path):
+    import diffusers
+
+    ckpt = save_pipeline(tmp_path / "dit", tiny_dit(), diffusers.DDPMScheduler(beta_schedule="linear"),
+                         folder="transformer")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                            norm_num_groups=4).save_pretrained(ckpt / "vae")
+    table = write_table(tmp_path / "t.json")
+    run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, batch=2, device="cpu",
+                             out=str(tmp_path / "out"), class_label=1))
+    data = np.load(tmp_path / "out" / "samples.npz")
+    assert data["samples"].shape == (2, 4, 4, 4) and data["images"].shape == (2, 3, 8, 8)
+    assert np.abs(data["images"]).max() <= 1.0
+
+
+def test_text_to_image_pipeline_runs_the_table_through_its_own_call(tmp_path):
+    """`dmsteps sample --prompt` = the pipeline's own call with its scheduler set by apply_table."""
+    import diffusers
+
+    from dmsteps_cli.integrations.diffusers import apply_table
+    from tiny import save_tiny_text_to_image
+
+    ckpt = save_tiny_text_to_image(tmp_path / "sd")
+    table = write_table(tmp_path / "t.json", schedule="scaled_linear", nfe=(5,))
+    r = run_cli("sample", "-c", str(ckpt), "-t", str(table), "--batch", "2", "--seed", "4", "--device", "cpu",
+                "--prompt", "a photo of cat", "--guidance-scale", "3", "-o", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "out" / "samples.npz")["samples"]
+    pipe = diffusers.DiffusionPipeline.from_pretrained(ckpt)
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, solver_order=3)
+    apply_table(pipe.scheduler, str(table), 5)
+    with torch.no_grad():
+        want = pipe(prompt=["a photo of cat"] * 2, num_inference_steps=5, guidance_scale=3.0, output_type="np",
+                    generator=[torch.Generator().manual_seed(s) for s in (4, 5)]).images
+    np.testing.assert_allclose(got, want.transpose(0, 3, 1, 2) * 2 - 1, atol=1e-5)
+    side = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert side["checkpoint_kind"] == "pipeline" and side["nfe"] == 5
+    r = run_cli("sample", "-c", str(ckpt), "-t", str(table), "--device", "cpu", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "give --prompt" in r.stderr

@@ -29,3 +29,42 @@ def save_pipeline(root, model, scheduler, folder: str = "unet"):
     model.save_pretrained(root / folder)
     scheduler.save_pretrained(root / "scheduler")
     return root
+
+
+def save_tiny_text_to_image(root, scheduler=None):
+    """A tiny random Stable-Diffusion-style pipeline folder (UNet2DConditionModel, AutoencoderKL,
+    CLIP text encoder and a word-level CLIP tokenizer written here), 16x16 images, 8x8 latents."""
+    import json
+
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    words = ["a", "photo", "of", "cat", "dog", "red", "blue"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for w in words:
+        vocab[w + "</w>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1))
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                          block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=16,
+                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                          attention_head_dim=4)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                                  up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4,
+                                  sample_size=16)
+    scheduler = scheduler or diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                     beta_end=0.012, prediction_type="v_prediction")
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
