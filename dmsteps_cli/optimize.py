@@ -27,9 +27,10 @@ from .solvers import UNIPC_VARIANTS
 from .weights import SOLVERS, order_pattern
 
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
-MAXITER = 1000
+MAXITER = 200  # SLSQP iterations per run
 FTOL = 1e-13
-RESTARTS = 3
+RESTARTS = 10  # further runs from the best point while a run ends unconverged
+STALL = 1e-6  # a run that improves the objective by less than this (relative) ends the restarts
 
 
 @dataclass
@@ -39,7 +40,7 @@ class StepResult:
     lam: np.ndarray
     objective: float
     init_objective: float
-    status: str  # "converged", "not-converged" or "kept-start"
+    status: str  # "converged", "stalled", "not-converged" or "kept-start"
     message: str
     iterations: int
     evaluations: int
@@ -55,7 +56,10 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
     The best feasible point any evaluation met is kept, so a run that stops badly (SLSQP can end
     with "Positive directional derivative for linesearch" or a singular subproblem on these
     non-smooth landscapes) still returns its best point; such a run is restarted from that point,
-    up to RESTARTS times, while it keeps improving.
+    up to RESTARTS times. Status: ``converged`` (SLSQP's test met), ``stalled`` (a run ended
+    unconverged without improving the objective by STALL relative: a degenerate optimum, where
+    many |.| terms are zero at once), ``not-converged`` (restarts exhausted while still improving)
+    or ``kept-start`` (nothing better than the start was found).
     """
     from scipy.optimize import minimize
 
@@ -112,6 +116,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
                    {"type": "ineq", "fun": lambda z: G @ z - b, "jac": lambda z: G}]
 
     nit = nfev = 0
+    status = "not-converged"
     for attempt in range(RESTARTS + 1):
         x0, F_before = best["x"].copy(), best["F"]
         z0 = np.concatenate([x0, np.abs(terms(x0)[0])])
@@ -121,10 +126,13 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
                            options={"maxiter": maxiter, "ftol": FTOL})
         nit, nfev = nit + int(res.nit), nfev + int(res.nfev)
         terms(res.x[:n])  # the final point competes for best too
-        if res.status == 0 or not best["F"] < F_before * (1 - 1e-12):
+        if res.status == 0:
+            status = "converged"
+            break
+        if not best["F"] < F_before * (1 - STALL):
+            status = "stalled"
             break
     lam = np.concatenate([[lam_T], best["x"], [lam_eps]])
-    status = "converged" if res.status == 0 else "not-converged"
     message = str(res.message) + (f" (after {attempt} restarts)" if attempt else "")
     if not best["F"] < F0:
         status, message = "kept-start", f"the optimizer did not improve on the start ({message})"
