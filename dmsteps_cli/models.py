@@ -205,11 +205,13 @@ class GaussianMixture:
         coef_x = a * s * s / v  # (K,)
         coef_mu = sg * sg / v  # (K,) = 1 - alpha * coef_x
         amu = a * mu
+        amu_sq = amu.square().sum(-1)  # (K,)
         out = torch.empty_like(xf)
-        chunk = max(1, _MIXTURE_CHUNK_ELEMENTS // (self.K * self.D))
+        chunk = max(1, _MIXTURE_CHUNK_ELEMENTS // self.K)
         for i in range(0, xf.shape[0], chunk):
             xc = xf[i:i + chunk]
-            d2 = (xc[:, None, :] - amu[None]).square_().sum(-1)  # (b, K)
+            # |x - a mu_k|^2 by a product (no (b, K, D) temporary); float64 keeps it exact enough
+            d2 = (xc.square().sum(-1, keepdim=True) - 2.0 * xc @ amu.T + amu_sq).clamp_min_(0.0)  # (b, K)
             r = torch.softmax(log_c - 0.5 * d2 / v, dim=1)
             out[i:i + chunk] = (r * coef_mu) @ mu + (r @ coef_x)[:, None] * xc
         return out.reshape(x.shape).to(x.dtype)
