@@ -200,6 +200,73 @@ def sample(
 
 
 @app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
+                                    "folder or a Gaussian-mixture .yaml/.npz)."),
+    table: List[Path] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option)."),
+    baselines: str = typer.Option(",".join(("unif_t", "unif", "edm", "quad")), help="Hand-made grids to measure."),
+    solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
+    order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
+    variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
+    nfe: Optional[str] = typer.Option(None, help="NFEs to measure (default: the tables' own; 5..15 without)."),
+    samples: int = typer.Option(256, help="Number of noises (seeds seed ... seed + samples - 1)."),
+    seed: int = typer.Option(0, help="First seed."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
+    ref_steps: int = typer.Option(500, help="Reference solution: 2x this many uniform-lambda steps (>= 500)."),
+    schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
+    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
+    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
+    plot: Optional[Path] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
+):
+    """Measure the sampling error of tables and hand-made grids against a high-accuracy solution."""
+    import json
+
+    from .evaluate import EvalRequest
+    from .evaluate import evaluate as run_evaluation
+    from .tables import write_atomic
+
+    req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
+                      baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), solver=solver,
+                      order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
+                      device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
+                      guidance_scale=guidance_scale)
+    report = run_evaluation(req)
+    text = json.dumps(report, indent=1) + "\n"
+    if output is not None:
+        write_atomic(output, text)
+    else:
+        sys.stdout.write(text)
+    if plot is not None:
+        from .plots import plot_evaluation
+
+        plot_evaluation(report, plot)
+    if not quiet:
+        _evaluation_summary(_stderr(), report)
+
+
+def _evaluation_summary(console, report: dict) -> None:
+    from rich.table import Table
+
+    grids = list(dict.fromkeys(r["grid"] for r in report["rows"]))
+    s = report["solver"]
+    t = Table(title=f"{report['checkpoint']} · {s['name']} order {s['order']} · error = mean RMS to the "
+                    f"reference ({report['reference']['method']}); (ratio to the best hand-made grid)",
+              title_justify="left")
+    t.add_column("NFE", justify="right")
+    for g in grids:
+        t.add_column(Path(g).name if g not in ("unif", "unif_t", "quad", "edm") else g, justify="right")
+    for n in sorted({r["nfe"] for r in report["rows"]}):
+        cells = []
+        for g in grids:
+            r = next((r for r in report["rows"] if r["nfe"] == n and r["grid"] == g), None)
+            cells.append("" if r is None else f"{r['error']:.4g} ({r['ratio_to_best_baseline']:.2f})")
+        t.add_row(str(n), *cells)
+    console.print(t)
+
+
+@app.command()
 def check(files: List[Path] = typer.Argument(..., help="Tables to recompute and compare.")):
     """Recompute each table from its recorded config; exit 1 naming what drifted."""
     from .tables import check_table, load_table

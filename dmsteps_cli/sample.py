@@ -214,33 +214,47 @@ def decode_latents(run: Run, latents: np.ndarray) -> np.ndarray | None:
     return np.concatenate(out) if out else None
 
 
-def run_network(run: Run, progress=None) -> np.ndarray:
-    """A denoiser checkpoint (UNet, DiT, Gaussian mixture) driven by the plan: (B, C, H, W) float32."""
-    req, ckpt = run.req, run.ckpt
+def network_denoiser(ckpt, class_label=None, guidance_scale: float = 1.0):
+    """The checkpoint's data-prediction denoiser, after checking the class label fits it."""
     if ckpt.sample_shape is None:
-        raise BadInput(f"checkpoint {req.checkpoint}: unknown sample shape")
-    if ckpt.num_classes is not None and req.class_label is None:
-        raise BadInput(f"checkpoint {req.checkpoint} is class-conditional: give --class-label "
+        raise BadInput(f"checkpoint {ckpt.source}: unknown sample shape")
+    if ckpt.num_classes is not None and class_label is None:
+        raise BadInput(f"checkpoint {ckpt.source} is class-conditional: give --class-label "
                        f"in 0..{ckpt.num_classes - 1}")
-    if ckpt.num_classes is None and req.class_label is not None:
-        raise BadInput(f"checkpoint {req.checkpoint} is not class-conditional: drop --class-label")
-    denoiser = ckpt.denoiser(class_labels=req.class_label, guidance_scale=req.guidance_scale)
-    schedule, t, plan = ckpt.schedule, run.t, run.plan
+    if ckpt.num_classes is None and class_label is not None:
+        raise BadInput(f"checkpoint {ckpt.source} is not class-conditional: drop --class-label")
+    return ckpt.denoiser(class_labels=class_label, guidance_scale=guidance_scale)
+
+
+def state_dtype(ckpt) -> torch.dtype:
+    """The solver's state: float64 for the closed-form mixtures (exact tests), float32 otherwise."""
+    return torch.float64 if ckpt.kind == "gmm" else torch.float32
+
+
+def integrate(denoiser, schedule, plan, t, timesteps, x, progress=None):
+    """Apply the plan to the state x (at t[0]) with the denoiser; the state at t[N]."""
     alpha, sigma = [float(v) for v in schedule.alpha(t)], [float(v) for v in schedule.sigma(t)]
-    work_dtype = torch.float64 if ckpt.kind == "gmm" else torch.float32  # the solver's state
-    x = noise_for(run.seeds, tuple(ckpt.sample_shape), initial_noise_scale(schedule, float(t[0])))
-    x = x.to(device=run.device, dtype=work_dtype)
 
     def denoise(state, k):
-        out = denoiser(state, float(t[k]), run.timesteps[k], alpha[k], sigma[k]).to(work_dtype)
+        out = denoiser(state, float(t[k]), timesteps[k], alpha[k], sigma[k]).to(state.dtype)
         if progress is not None:
             progress(k + 1, plan.nfe)
         return out
 
+    with torch.no_grad():
+        return run_plan(plan, x, denoise)
+
+
+def run_network(run: Run, progress=None) -> np.ndarray:
+    """A denoiser checkpoint (UNet, DiT, Gaussian mixture) driven by the plan: (B, C, H, W) float32."""
+    ckpt = run.ckpt
+    denoiser = network_denoiser(ckpt, run.req.class_label, run.req.guidance_scale)
     if not run.seeds:
         return np.zeros((0, *ckpt.sample_shape), dtype=np.float32)
-    with torch.no_grad():
-        return run_plan(plan, x, denoise).float().cpu().numpy()
+    x = noise_for(run.seeds, tuple(ckpt.sample_shape), initial_noise_scale(ckpt.schedule, float(run.t[0])))
+    x = x.to(device=run.device, dtype=state_dtype(ckpt))
+    out = integrate(denoiser, ckpt.schedule, run.plan, run.t, run.timesteps, x, progress)
+    return out.float().cpu().numpy()
 
 
 def run_pipeline(run: Run, progress=None) -> np.ndarray:
