@@ -269,8 +269,14 @@ def check_table(table: dict) -> list[str]:
 
     Compared: the schedule's identity exactly; per NFE, lambda to 1e-8 absolute and t, sigmas,
     timesteps, objective, init_objective and the baselines to 1e-8 relative; the orders, init and
-    optimizer status exactly. The generator's version is not compared.
+    optimizer status exactly. The generator's version is not compared. A refined table (made by
+    ``refine`` on a model) cannot be recomputed without that model: for it, t, sigmas and
+    timesteps are checked against its lambdas.
     """
+    if "refine" in table:  # made on a model: only its consistency can be checked here
+        from .refine import refined_consistency
+
+        return refined_consistency(table)
     schedule = schedule_from_spec(table["schedule"])
     drift = []
     if schedule.identity() != table["schedule"]["identity"]:

@@ -1,0 +1,115 @@
+"""`evaluate` and `refine` on closed-form checkpoints: exact numbers, references, smoke tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
+from dmsteps_cli.errors import BadInput
+from dmsteps_cli.evaluate import EvalRequest, evaluate
+from dmsteps_cli.grids import grid_lambda
+from dmsteps_cli.models import GaussianMixture, save_mixture
+from dmsteps_cli.refine import RefineRequest, refine
+from dmsteps_cli.sample import noise_for
+from dmsteps_cli.solvers import build_plan, run_plan
+from dmsteps_cli.tables import check_table
+
+torch.set_num_threads(1)
+MU, S = 0.2, 0.4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    mu = torch.full((1, 16), MU, dtype=torch.float64)
+    save_mixture(GaussianMixture(mu, S, sample_shape=(1, 4, 4)), root / "gauss.yaml", schedule="vp-linear")
+    rng = np.random.default_rng(0)
+    means = torch.tensor(rng.uniform(-1, 1, size=(3, 16)))
+    save_mixture(GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)), root / "mix.yaml", schedule="vp-linear")
+    table = root / "t.json"
+    table.write_text(dumps(make_table(StepConfig(schedule="vp-linear", nfe=(5, 6)), get_schedule("vp-linear")),
+                           "json"))
+    return root, table
+
+
+def independent_error(lam, seeds, solver="unipc", order=3, variant="bh2"):
+    """The same measurement written out in numpy: closed-form Gaussian denoiser and ODE solution."""
+    s = get_schedule("vp-linear")
+    la, ls, _, _ = s.log_alpha_sigma_of_lambda(np.asarray(lam))
+    a, g = np.exp(la), np.exp(ls)
+    x_T = noise_for(seeds, (1, 4, 4), 1.0).double().numpy().reshape(len(seeds), -1)
+    plan = build_plan(s, np.asarray(lam), solver, order, variant).map(float)
+    x = run_plan(plan, x_T, lambda x, k: MU + a[k] * S**2 / (a[k] ** 2 * S**2 + g[k] ** 2) * (x - a[k] * MU))
+    z = (x_T - a[0] * MU) / np.sqrt(a[0] ** 2 * S**2 + g[0] ** 2)
+    ref = a[-1] * MU + np.sqrt(a[-1] ** 2 * S**2 + g[-1] ** 2) * z
+    return np.sqrt(((x - ref) ** 2).mean(axis=1)).mean()
+
+
+def test_gaussian_errors_are_exact(files):
+    root, table = files
+    rep = evaluate(EvalRequest(checkpoint=str(root / "gauss.yaml"), tables=[str(table)], samples=12, seed=5))
+    assert rep["reference"]["method"].startswith("closed form")
+    s = get_schedule("vp-linear")
+    entries = {e["nfe"]: e for e in json.loads(table.read_text())["entries"]}
+    seeds = list(range(5, 17))
+    for r in rep["rows"]:
+        lam = grid_lambda(r["grid"], s, r["nfe"], 1.0, 1e-3) if r["kind"] == "baseline" else entries[r["nfe"]]["lambda"]
+        assert r["error"] == pytest.approx(independent_error(lam, seeds), rel=1e-9), r
+    for n in (5, 6):
+        at_n = [r for r in rep["rows"] if r["nfe"] == n]
+        assert min(r["ratio_to_best_baseline"] for r in at_n if r["kind"] == "baseline") == 1.0
+        assert len(at_n) == 5
+
+
+def test_mixture_reference_is_converged(files):
+    root, table = files
+    rep = evaluate(EvalRequest(checkpoint=str(root / "mix.yaml"), nfe=(10,), baselines=("quad",), samples=8))
+    assert rep["reference"]["check_error"] < 1e-6
+    assert rep["rows"][0]["error"] > 100 * rep["reference"]["check_error"]
+
+
+def test_refuses_other_schedules_and_bad_grids(files, tmp_path):
+    root, _ = files
+    sd = tmp_path / "sd.json"
+    sd.write_text(dumps(make_table(StepConfig(nfe=(5,)), get_schedule("scaled_linear")), "json"))
+    with pytest.raises(BadInput, match="made for schedule scaled_linear"):
+        evaluate(EvalRequest(checkpoint=str(root / "gauss.yaml"), tables=[str(sd)], samples=2))
+    with pytest.raises(BadInput, match="unknown baseline grid"):
+        evaluate(EvalRequest(checkpoint=str(root / "gauss.yaml"), baselines=("cosine",), samples=2))
+
+
+def test_cli_json_and_plot(files, tmp_path):
+    root, table = files
+    r = subprocess.run([sys.executable, "-m", "dmsteps_cli", "evaluate", "-c", str(root / "mix.yaml"), "-t", str(table),
+                        "--nfe", "5", "--samples", "4", "--ref-steps", "500", "--plot", str(tmp_path / "e.png")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["schema"] == "dmsteps.evaluation/1" and {row["grid"] for row in rep["rows"]} >= {"quad", str(table)}
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    assert "NFE" in r.stderr
+
+
+def test_refine_lowers_the_error_and_check_knows_refined_tables(files, tmp_path):
+    root, table = files
+    out = refine(RefineRequest(checkpoint=str(root / "gauss.yaml"), table=str(table), nfe=(5,), train=8,
+                               holdout=16, maxiter=15))
+    r = out["entries"][0]["refine"]
+    assert r["train_error"] < r["train_error_start"]
+    assert r["holdout_error"] < r["holdout_error_start"]
+    # the held-out number is the evaluate number of the refined steps on the same seeds
+    assert r["holdout_error"] == pytest.approx(independent_error(out["entries"][0]["lambda"], list(range(16))),
+                                               rel=1e-9)
+    assert out["refine"]["train_seeds"] == [1_000_000, 1_000_007] and out["refine"]["holdout_seeds"] == [0, 15]
+    assert check_table(json.loads(dumps(out, "json"))) == []
+    out["entries"][0]["lambda"][2] += 1e-3
+    assert any("does not follow from its lambda" in d for d in check_table(out))
+    path = tmp_path / "refined.json"
+    path.write_text(dumps(out, "json"))
+    with pytest.raises(BadInput, match="already refined"):
+        refine(RefineRequest(checkpoint=str(root / "gauss.yaml"), table=str(path)))
