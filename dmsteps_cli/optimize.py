@@ -27,10 +27,10 @@ from .solvers import UNIPC_VARIANTS
 from .weights import SOLVERS, order_pattern
 
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
-MAXITER = 200  # SLSQP iterations per run
+MAXITER = 100  # SLSQP iterations per run
 FTOL = 1e-13
 RESTARTS = 10  # further runs from the best point while a run ends unconverged
-STALL = 1e-6  # a run that improves the objective by less than this (relative) ends the restarts
+STALL = 1e-4  # a run that improves the objective by less than this (relative) ends the restarts
 
 
 @dataclass
