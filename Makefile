@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-wheels digits-model tables
+.PHONY: install demo test bench clean gpu-check gpu-wheels study digits-model tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install
 # Ready-made tables (tables/*.json, index.json, README.md): deterministic, checked in CI by tests/test_tables_dir.py.
 tables: install
 	$(PY) scripts/make_tables.py
+
+# The evaluation study: docs/evaluation.md (measured errors on the digits ideal denoiser).
+study: install
+	$(PY) scripts/study.py
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py

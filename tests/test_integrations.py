@@ -24,10 +24,11 @@ from dmsteps_cli.solvers import build_plan, run_plan
 from dmsteps_cli.tables import dumps, entry_for
 
 torch.set_num_threads(1)
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
+import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])
 
 from dmsteps_cli.integrations.diffusers import apply_table, applied_steps, remove_table  # noqa: E402
 from dmsteps_cli.models import to_data_prediction  # noqa: E402
+from tiny import record_orders, tiny_unet  # noqa: E402
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 NFES = (5, 10, 15)
@@ -43,11 +44,7 @@ def table(solver, order, schedule="scaled_linear", nfe=NFES, shift=None):
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    return tiny_unet()
 
 
 def noise():
@@ -84,21 +81,6 @@ def pattern(k, n):
     return [min(k, s + 1, n - s) for s in range(n)]
 
 
-def record_dpm_orders(sched):
-    """Wrap the instance's DPM-Solver++ update functions to log the order of each step."""
-    orders = []
-    for k, name in ((1, "dpm_solver_first_order_update"), (2, "multistep_dpm_solver_second_order_update"),
-                    (3, "multistep_dpm_solver_third_order_update")):
-        fn = getattr(sched, name)
-
-        def logged(*args, _fn=fn, _k=k, **kwargs):
-            orders.append(_k)
-            return _fn(*args, **kwargs)
-
-        setattr(sched, name, logged)
-    return orders
-
-
 # --- parity: DPM-Solver++ and UniPC -------------------------------------------------------------
 
 @pytest.mark.parametrize("nfe", NFES)
@@ -115,7 +97,7 @@ def test_multistep_schedulers_match_our_plans(unet, solver, order, nfe):
     else:
         sched = diffusers.DPMSolverMultistepScheduler(solver_order=order, prediction_type="v_prediction", **SD)
     apply_table(sched, tab, nfe)
-    dpm_orders = record_dpm_orders(sched) if solver == "dpmpp" else None
+    dpm_orders = record_orders(sched) if solver == "dpmpp" else None
     unipc_orders = []
     sched.set_timesteps(nfe)  # as a pipeline does
     x_T = noise()
@@ -138,7 +120,7 @@ def test_without_the_order_cap_dpm_solver_keeps_full_order_at_15_steps(unet):
     sched.set_timesteps(nfe)
     sched.timesteps = torch.tensor(e["timesteps"], dtype=torch.float32)
     sched.sigmas = torch.tensor(e["sigmas"], dtype=torch.float32)
-    orders = record_dpm_orders(sched)
+    orders = record_orders(sched)
     x_T = noise()
     x = diffusers_loop(sched, unet, x_T)
     assert orders[-2:] == [3, 3] and pattern(3, nfe)[-2:] == [2, 1]

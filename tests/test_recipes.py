@@ -31,14 +31,14 @@ import torch
 from dmsteps_cli.tables import dumps, entry_for, load_table, make_table
 
 torch.set_num_threads(1)
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
+import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])
 
 from dmsteps_cli.integrations.diffusers import applied_steps  # noqa: E402
 from dmsteps_cli.models import to_data_prediction  # noqa: E402
 from dmsteps_cli.sample import SampleRequest, noise_for, run_sample  # noqa: E402
 from dmsteps_cli.schedules import get_schedule  # noqa: E402
 from dmsteps_cli.solvers import build_plan, run_plan  # noqa: E402
-from tiny import save_pipeline, save_tiny_text_to_image, tiny_unet  # noqa: E402
+from tiny import record_orders, save_pipeline, save_tiny_text_to_image, tiny_unet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Using a table in your sampler"
@@ -213,29 +213,6 @@ def _pattern(k, n):
     return [min(k, s + 1, n - s) for s in range(n)]
 
 
-def _record_orders(sched):
-    """Log the order of each step the scheduler runs (UniPC: this_order; DPM-Solver++: which update)."""
-    orders = []
-    if isinstance(sched, diffusers.UniPCMultistepScheduler):
-        step = sched.step
-
-        def logged_step(*args, **kwargs):
-            out = step(*args, **kwargs)
-            orders.append(sched.this_order)
-            return out
-
-        sched.step = logged_step
-    else:
-        for k, name in ((1, "dpm_solver_first_order_update"), (2, "multistep_dpm_solver_second_order_update"),
-                        (3, "multistep_dpm_solver_third_order_update")):
-            fn = getattr(sched, name)
-
-            def logged(*args, _fn=fn, _k=k, **kwargs):
-                orders.append(_k)
-                return _fn(*args, **kwargs)
-
-            setattr(sched, name, logged)
-    return orders
 
 
 @pytest.mark.parametrize("setup", ["diffusers", "diffusers-dpmpp"])
@@ -250,7 +227,7 @@ def test_stock_pipeline_call_runs_the_table(in_workdir, sd_folder, setup):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
     pipe.set_progress_bar_config(disable=True)
     ns = run_python(code, imports({"pipe": pipe, "prompt": "a photo of cat"}))
-    orders = _record_orders(pipe.scheduler)
+    orders = record_orders(pipe.scheduler)
     latents = []
     step = pipe.scheduler.step
 

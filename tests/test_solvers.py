@@ -121,14 +121,11 @@ def test_complex_lambdas_give_complex_step_derivatives():
         np.testing.assert_allclose(cs, fd, rtol=1e-6, atol=1e-9)
 
 
-@pytest.fixture(scope="module")
-def tiny_unet():
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[test])")
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+@pytest.fixture(scope="module", name="tiny_unet")
+def tiny_unet_fixture():
+    from tiny import tiny_unet
+
+    return tiny_unet()
 
 
 @pytest.mark.parametrize("nfe", [5, 8, 10])

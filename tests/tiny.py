@@ -1,4 +1,5 @@
-"""Tiny random-weight diffusers models for tests (built in a few milliseconds, CPU only)."""
+"""Test helpers: tiny random-weight diffusers models (built in milliseconds, CPU only) and a recorder
+of the orders a diffusers multistep scheduler runs."""
 
 import torch
 
@@ -68,3 +69,30 @@ def save_tiny_text_to_image(root, scheduler=None):
                                              requires_safety_checker=False)
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
+
+
+def record_orders(sched):
+    """Log the order of each step the scheduler runs (UniPC: this_order; DPM-Solver++: which update)."""
+    orders = []
+    import diffusers
+
+    if isinstance(sched, diffusers.UniPCMultistepScheduler):
+        step = sched.step
+
+        def logged_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            orders.append(sched.this_order)
+            return out
+
+        sched.step = logged_step
+    else:
+        for k, name in ((1, "dpm_solver_first_order_update"), (2, "multistep_dpm_solver_second_order_update"),
+                        (3, "multistep_dpm_solver_third_order_update")):
+            fn = getattr(sched, name)
+
+            def logged(*args, _fn=fn, _k=k, **kwargs):
+                orders.append(_k)
+                return _fn(*args, **kwargs)
+
+            setattr(sched, name, logged)
+    return orders
