@@ -55,7 +55,8 @@ def optimize(
     order: Optional[int] = typer.Option(None, help="Solver order (default 3; ddim is 1)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh2 (default, as diffusers) or bh1."),
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
-    p: float = typer.Option(2.0, "--p", help="Exponent of eps_tilde = sigma^p/alpha (paper: 2 latent, 1 pixel)."),
+    p: Optional[float] = typer.Option(None, "--p", help="Exponent of eps_tilde = sigma^p/alpha (default 2; 1 for "
+                                      "EDM, from measurements; the paper: 2 latent, 1 pixel)."),
     init: str = typer.Option("unif_t", help="Starting grid: unif, unif_t, quad, edm, or best (all, keep the lowest)."),
     eps: Optional[float] = typer.Option(None, help="Last time (data end); default per schedule (1e-3; EDM 0.002)."),
     T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),

@@ -154,7 +154,8 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "",
         f"`scripts/make_tables.py` calls `make_table(StepConfig(schedule=..., solver=..., order=..., shift=...))` "
         f"with every other setting at its default (dmsteps {__version__}): objective `{d.objective}`, "
-        f"p = {d.p:g}, starting grid `{d.init}`, trunc {d.trunc}, UniPC variant `{ex.get('variant')}`, "
+        "p = 2 (p = 1 for EDM, chosen from measurements: docs/evaluation.md), "
+        f"starting grid `{d.init}`, trunc {d.trunc}, UniPC variant `{ex.get('variant')}`, "
         "T and eps the schedule's defaults (column T ... eps above; for EDM these are sigmas), and writes "
         "`dumps(table, \"json\")` atomically. The same table is what "
         "`dmsteps optimize --schedule S [--shift X] --solver V --order K --nfe 5..15` prints.",
@@ -184,9 +185,10 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "schedule; from either start the optimizer reaches practically the same steps (largest lambda difference "
         f"between `flow-shift3` and `flow-shift1`: {flow_gap:.3g}). The two families differ in their "
         "recorded `shift` and baselines.",
-        f"- p = {d.p:g} is the paper's choice for latent-space models; for pixel-space models (DDPM, ADM, "
-        "Score-SDE, EDM) the paper uses p = 1: `dmsteps optimize --schedule linear --p 1 ...` makes such a "
-        "table.",
+        "- p = 2 is the paper's choice for latent-space models; for pixel-space models (DDPM, ADM, "
+        "Score-SDE, EDM) the paper uses p = 1. Measured on the digits ideal denoiser (docs/evaluation.md), "
+        "p = 1 helps EDM (the default there) and no p helps the discrete and Score-SDE schedules at larger "
+        "NFE: `dmsteps optimize --schedule linear --p 1 ...` makes such a table.",
         "- FLUX.1-schnell is timestep-distilled for 1-4 steps; these tables start at 5.",
         "- The objective is an upper bound on the error, not the error: see \"What the numbers mean\" in "
         "the top-level README before relying on a table at larger NFE.",

@@ -5,7 +5,7 @@ Benchmark: the closed-form ideal denoiser of scikit-learn's 1797 digits (a Gauss
 1000 uniform-lambda steps (checked against 500). For each preset, solver (order 3; order 2 for the
 default objective too) and objective setting, every NFE 5..15 is measured and divided by the best
 hand-made grid (unif, unif_t, quad, edm) at that NFE: below 1 the table wins. `refine` (the measured
-error minimized on 32 training noises) gives the limit at NFE 5..8 for two presets.
+error minimized on 64 training noises) gives the limit at NFE 5..8 for two presets.
 
 Writes docs/evaluation.md, docs/evaluation/results.json and one plot per preset/solver.
     python scripts/study.py [--samples 128] [--quick]
@@ -31,12 +31,13 @@ from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
 from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
+from dmsteps_cli.optimize import default_p  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
 
 PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0)]
 SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
 OBJECTIVES = [  # (label, StepConfig fields)
-    ("reference p=2 (default)", dict(objective="reference", p=2.0, trunc=3)),
+    ("reference p=2", dict(objective="reference", p=2.0, trunc=3)),
     ("reference p=1", dict(objective="reference", p=1.0, trunc=3)),
     ("reference p=0", dict(objective="reference", p=0.0, trunc=3)),
     ("reference p=2 trunc=0", dict(objective="reference", p=2.0, trunc=0)),
@@ -77,7 +78,9 @@ def main():
                 for g in GRIDS:
                     run["baselines"][g] = [float(held.errors(grid_lambda(g, schedule, n, T, eps, shift), solver, k,
                                                              var).mean()) for n in NFES]
-                configs = OBJECTIVES if k == order else OBJECTIVES[:1]
+                default = f"reference p={default_p(schedule):g}"
+                run["default"] = default
+                configs = OBJECTIVES if k == order else [c for c in OBJECTIVES if c[0] == default]
                 for label, fields in configs:
                     t0 = time.perf_counter()
                     table = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=NFES,
@@ -88,7 +91,7 @@ def main():
                         "status": [e["optimizer"]["status"] for e in table["entries"]], "seconds": secs}
                 if not args.quick and k == order and solver == "unipc" and name in ("scaled_linear", "linear"):
                     if train is None:
-                        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 32), T, eps, "cpu")
+                        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 64), T, eps, "cpu")
                     base = make_table(StepConfig(schedule=name, solver=solver, order=k, nfe=(5, 6, 7, 8)), schedule)
                     for e in base["entries"]:
                         lam, _, _, _ = refine_entry(train, e["lambda"], solver, k, var, 40)
@@ -125,7 +128,7 @@ def write_report(results, out: Path):
         "results file, about 1e-7, far below every error here). Each cell is the error divided by the best "
         "of the four hand-made grids (uniform lambda `unif`, uniform t `unif_t`, time-quadratic `quad`, EDM "
         "rho = 7 `edm`) at that NFE: **below 1.00 the table wins**; the row `best grid` names that grid. "
-        "`refine` is the measured error minimized over the steps on 32 other noises (the limit).",
+        "`refine` is the measured error minimized over the steps on 64 other noises (the limit).",
         "",
     ]
     summary = []
@@ -139,8 +142,8 @@ def write_report(results, out: Path):
         for label, tab in run["tables"].items():
             r = ratios(run, tab["errors"])
             lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r) + f" | {r.max():.2f} |")
-            if label.endswith("(default)"):
-                summary.append((title, r))
+            if label == run["default"]:
+                summary.append((title + f" ({label})", r))
         if run["refine"]:
             errs = [run["refine"].get(n) for n in NFES]
             best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
@@ -151,7 +154,7 @@ def write_report(results, out: Path):
         for g in GRIDS:
             ax.plot(NFES, run["baselines"][g], "--", marker="o", ms=3, label=g)
         for label, tab in run["tables"].items():
-            if label.startswith(("reference p=2 (default)", "reference p=1", "exact")):
+            if label.startswith(("reference p=2", "reference p=1", "exact")):
                 ax.plot(NFES, tab["errors"], "-", marker="s", ms=3, label=label)
         if run["refine"]:
             ns = sorted(int(n) for n in run["refine"])
@@ -167,7 +170,8 @@ def write_report(results, out: Path):
         fig.savefig(out / "evaluation" / png, dpi=100)
         plt.close(fig)
         lines += [f"![{title}](evaluation/{png})", ""]
-    head = ["## Summary: the default tables (reference objective, p = 2) against the best hand-made grid", "",
+    head = ["## Summary: the default tables (reference objective; p = 2, EDM p = 1) against the best hand-made grid",
+            "",
             "| preset · solver | NFE where the table wins (ratio < 1) | NFE within 1% | worst ratio |", "|---|---|---|---|"]
     for title, r in summary:
         wins = [str(n) for n, v in zip(NFES, r) if v < 1.0]
