@@ -1,7 +1,7 @@
 """`dmsteps refine`: move a table's steps to minimize the *measured* error on a given model.
 
-For each entry, the interior lambdas are parametrized by the gaps, gap_i proportional to
-softmax(u)_i (so the steps stay strictly increasing between the fixed ends), and the mean RMS error
+For each entry, the interior lambdas are parametrized by the gaps, gap_i = the optimizer's minimum
+gap + a share softmax(u)_i of the rest (strictly increasing between the fixed ends), and the mean RMS error
 to the reference solution (``evaluate``) over the *training* noises is minimized with L-BFGS-B and
 finite-difference gradients in u, starting from the table's steps. The result is reported on
 *held-out* noises, the same ones ``evaluate`` uses by default (seeds seed ... seed + holdout - 1);
@@ -22,6 +22,7 @@ from .errors import BadInput
 from .evaluate import Evaluator
 from .models import load_checkpoint
 from .objective import build_objective
+from .optimize import GAP_FRACTION
 from .sample import network_denoiser, resolve_device, same_schedule
 from .tables import entry_for, load_table
 from .weights import order_pattern
@@ -46,8 +47,13 @@ class RefineRequest:
 
 
 def _lam_of(u, lam_T, lam_eps):
+    """Lambdas whose gaps are GAP_FRACTION of the range plus shares of the rest by softmax(u):
+    strictly increasing, neighbours never closer than the optimizer's minimum gap."""
     w = np.exp(u - u.max())
-    return lam_T + (lam_eps - lam_T) * np.concatenate([[0.0], np.cumsum(w / w.sum())])
+    n = u.size
+    span = lam_eps - lam_T
+    gaps = GAP_FRACTION * span + (1.0 - n * GAP_FRACTION) * span * w / w.sum()
+    return lam_T + np.concatenate([[0.0], np.cumsum(gaps)])
 
 
 def refine_entry(train: Evaluator, lam0, solver, order, variant, maxiter: int):
@@ -56,7 +62,8 @@ def refine_entry(train: Evaluator, lam0, solver, order, variant, maxiter: int):
 
     lam0 = np.asarray(lam0, dtype=np.float64)
     lam_T, lam_eps = lam0[0], lam0[-1]
-    u0 = np.log(np.diff(lam0))
+    span = lam_eps - lam_T
+    u0 = np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
     cache = {}
 
     def f(u):
