@@ -228,6 +228,10 @@ def evaluate(
     from .evaluate import evaluate as run_evaluation
     from .tables import write_atomic
 
+    if plot is not None:
+        from .plots import _pyplot
+
+        _pyplot()  # fail before the measurement, not after it
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
                       baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,

@@ -14,7 +14,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BadInput("plots need matplotlib: pip install matplotlib") from None
+        raise BadInput("plots need matplotlib: pip install dmsteps[plot]") from None
     return plt
 
 
