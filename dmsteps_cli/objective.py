@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadInput
-from .weights import lagrange_step_weights
+from .weights import lagrange_step_weights, order_pattern
 
 OBJECTIVES = ("reference", "paper", "exact")
 _COMPLEX_STEP = 1e-30
@@ -143,7 +143,7 @@ class ExactObjective:
         self.schedule, self.p, self.nfe = schedule, float(p), nfe
         self.solver, self.order, self.variant = solver, order, variant
         self.kind, self.trunc = "exact", None
-        self.orders = build_plan(schedule, np.zeros(nfe + 1) + np.arange(nfe + 1), solver, order, variant).orders
+        self.orders = order_pattern(solver, order, nfe)
 
     def _weights(self, lam):
         plan = self._build_plan(self.schedule, lam, self.solver, self.order, self.variant)
