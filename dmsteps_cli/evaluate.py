@@ -24,7 +24,7 @@ import torch
 from .errors import BadInput
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
-from .sample import integrate, network_denoiser, noise_for, same_schedule, state_dtype
+from .sample import integrate, network_denoiser, noise_for, same_schedule, solver_choice, state_dtype
 from .solvers import build_plan, initial_noise_scale
 from .tables import load_table
 
@@ -136,9 +136,7 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
         if not (math.isclose(c["T"], T, rel_tol=1e-12) and math.isclose(c["eps"], eps, rel_tol=1e-12)):
             raise BadInput(f"table {path} runs from T = {c['T']} to eps = {c['eps']}, the others from "
                            f"{T} to {eps}: evaluate tables of one interval together")
-    solver = req.solver or first.get("solver", "unipc")
-    order = req.order or (first.get("order") if solver == first.get("solver") else None)
-    variant = req.variant or (first.get("variant") if solver == "unipc" == first.get("solver") else None)
+    solver, order, variant = solver_choice(first, req.solver, req.order, req.variant)
     denoiser = network_denoiser(ckpt, req.class_label, req.guidance_scale)
     ev = Evaluator(ckpt, denoiser, range(req.seed, req.seed + req.samples), T, eps, device, req.ref_steps)
     rows = []

@@ -67,6 +67,15 @@ def same_schedule(ident_a: dict, ident_b: dict, rtol: float = IDENTITY_RTOL) -> 
     return True
 
 
+def solver_choice(cfg: dict, solver=None, order=None, variant=None):
+    """(solver, order, variant): the ones asked for, else the table config's; the config's order and
+    variant only apply when the solver is the config's."""
+    solver = solver or cfg.get("solver", "unipc")
+    order = order or (cfg.get("order") if solver == cfg.get("solver") else None)
+    variant = variant or (cfg.get("variant") if solver == "unipc" == cfg.get("solver") else None)
+    return solver, order, variant
+
+
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
@@ -161,10 +170,7 @@ def prepare(req: SampleRequest) -> Run:
         raise BadInput(f"table {req.table} was made for schedule {table['schedule']['name']} "
                        f"({table['schedule']['family']}) but checkpoint {req.checkpoint} uses "
                        f"{schedule.name} ({schedule.family}); --force uses it anyway")
-    cfg = table["config"]
-    solver = req.solver or cfg.get("solver", "unipc")
-    order = req.order or (cfg.get("order") if solver == cfg.get("solver") else None)
-    variant = req.variant or (cfg.get("variant") if solver == "unipc" == cfg.get("solver") else None)
+    solver, order, variant = solver_choice(table["config"], req.solver, req.order, req.variant)
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
     seeds = [req.seed + i for i in range(req.batch)][rank::world]
     return Run(req, table, entry, ckpt, solver, plan, t, timesteps, device, dtypes[req.dtype], rank, world, seeds)
