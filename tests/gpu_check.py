@@ -100,8 +100,9 @@ def main() -> int:
                  wall_seconds_incl_loading=time.perf_counter() - t0)
     bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sample.py"), "--device", gpu],
                            capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    emit(results, check="solver-overhead", output=bench.stdout.strip().splitlines(), ok=bench.returncode == 0)
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    emit(results, check="solver-overhead", output=bench.stdout.strip().splitlines(),
+         error=bench.stderr.strip().splitlines()[-3:] if bench.returncode else [], ok=bench.returncode == 0)
     return finish(results)
 
 
