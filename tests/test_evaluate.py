@@ -113,3 +113,23 @@ def test_refine_lowers_the_error_and_check_knows_refined_tables(files, tmp_path)
     path.write_text(dumps(out, "json"))
     with pytest.raises(BadInput, match="already refined"):
         refine(RefineRequest(checkpoint=str(root / "gauss.yaml"), table=str(path)))
+
+
+def test_refine_starts_from_the_candidate_with_the_lowest_training_error(files):
+    """refine_entry measures every start on the training noises (checked here against the
+    independent numpy error) and begins at the lowest; the result is never worse than it."""
+    from dmsteps_cli.evaluate import Evaluator
+    from dmsteps_cli.models import load_checkpoint
+    from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry
+
+    root, _ = files
+    ckpt = load_checkpoint(str(root / "gauss.yaml"), device="cpu")
+    s = ckpt.schedule
+    seeds = list(range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 6))
+    train = Evaluator(ckpt, ckpt.denoiser(), seeds, s.T, s.eps_default, "cpu")
+    starts = {g: grid_lambda(g, s, 5, s.T, s.eps_default) for g in ("unif", "unif_t", "quad", "edm")}
+    want = {g: independent_error(lam, seeds) for g, lam in starts.items()}
+    lam, start, e0, e1, _ = refine_entry(train, starts, "unipc", 3, "bh2", 10)
+    assert start == min(want, key=want.get)
+    assert e0 == pytest.approx(want[start], rel=1e-9)
+    assert e1 <= e0 and independent_error(lam, seeds) == pytest.approx(e1, rel=1e-9)
