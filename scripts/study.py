@@ -1,7 +1,7 @@
 """The evaluation study (`make study`): measured sampling error of optimized tables vs hand-made grids.
 
 Benchmark: the closed-form ideal denoiser of scikit-learn's 1797 digits (a Gaussian mixture, std
-0.05 per component, pixels in [-1, 1]), 128 held-out noises (seeds 0..127), reference = UniPC-3 on
+0.05 per component, pixels in [-1, 1]), 256 held-out noises (seeds 0..255), reference = UniPC-3 on
 1000 uniform-lambda steps (checked against 500). For each preset, solver (order 3; order 2 for the
 default objective too) and objective setting, every NFE 5..15 is measured and divided by the best
 hand-made grid (unif, unif_t, quad, edm) at that NFE: below 1 the table wins. `refine` (the measured
@@ -9,7 +9,7 @@ error minimized on 64 training noises, from the best of the table and the grids)
 every NFE for UniPC-3 on every preset and for DPM-Solver++-3 on scaled_linear.
 
 Writes docs/evaluation.md, docs/evaluation/results.json and one plot per preset/solver.
-    python scripts/study.py [--samples 128] [--quick]
+    python scripts/study.py [--samples 256] [--quick]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ REFINE_MAXITER = 40
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="two presets, unipc only, no refine (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
@@ -77,9 +77,10 @@ def main():
                 var = variant
                 run = {"schedule": name, "shift": shift, "solver": solver, "order": k,
                        "reference": held.reference_info, "baselines": {}, "tables": {}, "refine": {}}
+                per_sample = {g: [held.errors(grid_lambda(g, schedule, n, T, eps, shift), solver, k, var)
+                                  for n in NFES] for g in GRIDS}
                 for g in GRIDS:
-                    run["baselines"][g] = [float(held.errors(grid_lambda(g, schedule, n, T, eps, shift), solver, k,
-                                                             var).mean()) for n in NFES]
+                    run["baselines"][g] = [float(e.mean()) for e in per_sample[g]]
                 default = f"reference p={default_p(schedule):g}"
                 run["default"] = default
                 configs = OBJECTIVES if k == order else [c for c in OBJECTIVES if c[0] == default]
@@ -88,9 +89,14 @@ def main():
                     table = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=NFES,
                                                   **fields), schedule)
                     secs = time.perf_counter() - t0
+                    errs = [held.errors(e["lambda"], solver, k, var) for e in table["entries"]]
                     run["tables"][label] = {
-                        "errors": [float(held.errors(e["lambda"], solver, k, var).mean()) for e in table["entries"]],
+                        "errors": [float(e.mean()) for e in errs],
                         "status": [e["optimizer"]["status"] for e in table["entries"]], "seconds": secs}
+                    if label == default:
+                        run["tables"][label]["ratio_ci95"] = [
+                            paired_ratio_ci(errs[i], min((per_sample[g][i] for g in GRIDS), key=np.mean))
+                            for i in range(len(NFES))]
                 if not args.quick and k == order and (solver == "unipc" or name == "scaled_linear"):
                     if train is None:
                         train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 64), T, eps, "cpu")
@@ -109,6 +115,14 @@ def main():
     write_report(results, out)
 
 
+def paired_ratio_ci(a, b, resamples: int = 2000):
+    """95% interval of mean(a) / mean(b) over the same noises (paired bootstrap, fixed seed)."""
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    r = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    return [float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))]
+
+
 def ratios(run, errors):
     best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
     return np.array(errors) / best
@@ -123,7 +137,7 @@ def write_report(results, out: Path):
     lines = [
         "# Evaluation: do optimized tables beat the hand-made grids?",
         "",
-        "Reproduce with `make study` (scripts/study.py; about ten minutes on the 2-core machine). Raw numbers:",
+        f"Reproduce with `make study` (scripts/study.py; {results['seconds'] / 60:.0f} minutes on the 2-core machine for this run). Raw numbers:",
         "[evaluation/results.json](evaluation/results.json).",
         "",
         "**Benchmark.** The ideal denoiser (closed form) of scikit-learn's 1797 digits: a Gaussian mixture",
@@ -149,11 +163,14 @@ def write_report(results, out: Path):
         for label, tab in run["tables"].items():
             r = ratios(run, tab["errors"])
             lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r) + f" | {r.max():.2f} |")
+            if "ratio_ci95" in tab:
+                lines.append(f"| {label}: 95% interval | "
+                             + " | ".join(f"{lo:.2f}-{hi:.2f}" for lo, hi in tab["ratio_ci95"]) + " | |")
             if label == run["default"]:
                 ref = None
                 if run["refine"]:
                     ref = ratios(run, [run["refine"].get(n, run["refine"].get(str(n), np.nan)) for n in NFES])
-                summary.append((title + f" ({label})", r, ref))
+                summary.append((title + f" ({label})", r, ref, tab["ratio_ci95"]))
         if run["refine"]:
             errs = [run["refine"].get(n, run["refine"].get(str(n))) for n in NFES]
             best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
@@ -187,10 +204,13 @@ def write_report(results, out: Path):
             "`refine` columns: the refined steps (64 training noises, measured on the same held-out noises) against "
             "the best grid, and the default table's error over refine's at NFE 5-8 (the target is at most 1.25).",
             "",
-            "| preset · solver | NFE where the table wins (ratio < 1) | NFE within 1% | worst ratio "
-            "| NFE where refine wins | refine's worst ratio | table / refine at NFE 5-8 (max) |",
-            "|---|---|---|---|---|---|---|"]
-    for title, r, ref in summary:
+            "`clear loss` lists the NFE where the whole 95% interval of the ratio (paired bootstrap over the "
+            "held-out noises) lies above 1.01, `clear win` where it lies below 1.",
+            "",
+            "| preset · solver | NFE where the table wins (ratio < 1) | clear win | NFE within 1% | clear loss "
+            "| worst ratio | NFE where refine wins | refine's worst ratio | table / refine at NFE 5-8 (max) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for title, r, ref, ci in summary:
         wins = [str(n) for n, v in zip(NFES, r) if v < 1.0]
         close = [str(n) for n, v in zip(NFES, r) if 1.0 <= v <= 1.01]
         cells = ["", "", ""]
@@ -198,7 +218,10 @@ def write_report(results, out: Path):
             have = ~np.isnan(ref)
             cells = [", ".join(str(n) for n, v in zip(NFES, ref) if v < 1.0) or "none", f"{np.nanmax(ref):.2f}",
                      f"{np.nanmax((r / ref)[:4]):.2f}" if have[:4].all() else ""]
-        head.append(f"| {title} | {', '.join(wins) or 'none'} | {', '.join(close) or 'none'} | {r.max():.2f} | "
+        clear_win = [str(n) for n, c in zip(NFES, ci) if c[1] < 1.0]
+        clear_loss = [str(n) for n, c in zip(NFES, ci) if c[0] > 1.01]
+        head.append(f"| {title} | {', '.join(wins) or 'none'} | {', '.join(clear_win) or 'none'} | "
+                    f"{', '.join(close) or 'none'} | {', '.join(clear_loss) or 'none'} | {r.max():.2f} | "
                     + " | ".join(cells) + " |")
     head.append("")
     text = "\n".join(lines[:8] + head + lines[8:]) + "\n"
