@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-wheels study digits-model tables
+.PHONY: install demo test bench clean gpu-check gpu-wheels study study-unet digits-model tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ tables: install
 # The evaluation study: docs/evaluation.md (measured errors on the digits ideal denoiser).
 study: install
 	$(PY) scripts/study.py
+
+# The same on the trained digits UNet (build/digits-model, trained first if missing): docs/evaluation-unet.md.
+study-unet: install
+	test -d build/digits-model/unet || $(MAKE) digits-model
+	$(PY) scripts/study_unet.py
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py

@@ -1,0 +1,264 @@
+"""The evaluation study on a trained network (`make study-unet`): default tables vs hand-made grids.
+
+Benchmark: the small pixel-space DDPM that `make digits-model` trains on scikit-learn's 8x8 digits
+(diffusers UNet2DModel, epsilon prediction, linear betas; build/digits-model). Held-out noises are
+seeds 0..samples-1; the reference is the library's evaluator (UniPC-3 on 1000 uniform-lambda steps,
+checked against 500). For UniPC-3 (bh2) and DPM-Solver++-3, every NFE 5..10 is measured for the four
+hand-made grids and for the table the library makes with its *current defaults* (only schedule,
+solver, order and NFE are given), and divided by the best grid at that NFE: below 1 the table wins.
+`refine` (the measured error minimized on 64 training noises, started from the better of the default
+table and the grids on those training noises) gives the limit at NFE 5..8.
+
+Writes docs/evaluation-unet.md, docs/evaluation/unet-results.json and one plot per solver.
+    python scripts/study_unet.py [--samples 256] [--model build/digits-model] [--quick] [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dmsteps_cli import StepConfig, make_table  # noqa: E402
+from dmsteps_cli.evaluate import Evaluator  # noqa: E402
+from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
+from dmsteps_cli.models import load_checkpoint  # noqa: E402
+from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+
+SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
+NFES = tuple(range(5, 11))
+REFINE_NFES = (5, 6, 7, 8)
+TRAIN_SAMPLES = 64
+MAXITER = 40
+
+
+def log(msg: str, t_start: float):
+    print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--model", default=str(ROOT / "build" / "digits-model"))
+    ap.add_argument("--quick", action="store_true", help="32 samples, unipc only, NFE 5..6, no refine (a smoke run)")
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    samples = 32 if args.quick else args.samples
+    solvers = SOLVERS[:1] if args.quick else SOLVERS
+    nfes = NFES[:2] if args.quick else NFES
+    refine_nfes = () if args.quick else tuple(n for n in REFINE_NFES if n in nfes)
+    out = Path(args.out)
+    (out / "evaluation").mkdir(parents=True, exist_ok=True)
+
+    model = Path(args.model)
+    ckpt = load_checkpoint(str(model), device="cpu")
+    den = ckpt.denoiser()
+    schedule = ckpt.schedule
+    T, eps = schedule.T, schedule.eps_default
+    training = None
+    if (model / "training.json").is_file():
+        training = json.loads((model / "training.json").read_text())
+    log(f"loaded {model} ({ckpt.model_class}, {ckpt.prediction_type}, shape {ckpt.sample_shape}); "
+        f"reference for {samples} held-out noises ...", t_start)
+    held = Evaluator(ckpt, den, range(samples), T, eps, "cpu")
+    log(f"reference: {held.reference_info}", t_start)
+    train = None
+    if refine_nfes:
+        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + TRAIN_SAMPLES), T, eps, "cpu")
+        log(f"training reference ({TRAIN_SAMPLES} noises): {train.reference_info}", t_start)
+
+    results = {
+        "model": _display(model), "model_class": ckpt.model_class, "prediction_type": ckpt.prediction_type,
+        "sample_shape": list(ckpt.sample_shape), "training": training,
+        "schedule": schedule.spec(), "T": T, "eps": eps,
+        "samples": samples, "seeds": [0, samples - 1], "quick": bool(args.quick),
+        "train_seeds": [TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + TRAIN_SAMPLES - 1] if train else None,
+        "refine_maxiter": MAXITER, "nfes": list(nfes),
+        "metric": "mean over samples of RMS(x - x_ref) over the sample's dimensions",
+        "reference": held.reference_info, "runs": [],
+    }
+    for solver, order, variant in solvers:
+        run = {"solver": solver, "order": order, "variant": variant, "baselines": {}, "table": {}, "refine": {}}
+        grid_lams = {g: {n: grid_lambda(g, schedule, n, T, eps, None) for n in nfes} for g in GRIDS}
+        for g in GRIDS:
+            run["baselines"][g] = [float(held.errors(grid_lams[g][n], solver, order, variant).mean()) for n in nfes]
+        log(f"{solver}-{order}: grids measured", t_start)
+        t0 = time.perf_counter()
+        table = make_table(StepConfig(schedule=schedule.name, solver=solver, order=order, nfe=nfes), schedule)
+        secs = time.perf_counter() - t0
+        run["config"] = table["config"]
+        entries = {e["nfe"]: e for e in table["entries"]}
+        run["table"] = {
+            "errors": [float(held.errors(entries[n]["lambda"], solver, order, variant).mean()) for n in nfes],
+            "status": [entries[n]["optimizer"]["status"] for n in nfes], "seconds": secs}
+        log(f"{solver}-{order}: default table made in {secs:.1f} s and measured", t_start)
+        for n in refine_nfes:
+            cands = {"default table": entries[n]["lambda"], **{g: grid_lams[g][n] for g in GRIDS}}
+            train_err = {k: float(train.errors(lam, solver, order, variant).mean()) for k, lam in cands.items()}
+            start = min(train_err, key=train_err.get)
+            t0 = time.perf_counter()
+            lam, e0, e1, nit = refine_entry(train, cands[start], solver, order, variant, MAXITER)
+            run["refine"][n] = {
+                "error": float(held.errors(lam, solver, order, variant).mean()), "start": start,
+                "train_errors": train_err, "train_start": e0, "train_final": e1, "iterations": nit,
+                "seconds": time.perf_counter() - t0, "lambda": [float(v) for v in lam]}
+            log(f"{solver}-{order}: refine NFE {n} from {start} ({nit} it, train {e0:.3e} -> {e1:.3e})", t_start)
+        results["runs"].append(run)
+    results["seconds"] = time.perf_counter() - t_start
+    (out / "evaluation" / "unet-results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results, out)
+    log(f"wrote {out / 'evaluation-unet.md'}", t_start)
+
+
+def _display(path: Path) -> str:
+    """The path relative to the repository when it lies inside it (reports do not name the machine)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def config_line(config: dict) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in config.items() if k not in ("nfe", "schedule"))
+
+
+def write_report(results, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nfes = results["nfes"]
+    ref = results["reference"]
+    tr = results["training"]
+    if tr:
+        trained = (f"{tr.get('model', results['model_class'])} with {tr.get('parameters', '?')} parameters, trained "
+                   f"{tr.get('steps', '?')} steps (batch {tr.get('batch_size', '?')}, EMA {tr.get('ema', '?')}); "
+                   f"last training loss {_fmt(tr.get('train_loss_last', '?'))}, EMA eval loss "
+                   f"{_fmt(tr.get('eval_loss_ema', '?'))}")
+    else:
+        trained = f"{results['model_class']} (no training.json beside it)"
+    sched = results["schedule"]
+    lines = [
+        "# Evaluation on a trained UNet: do the default tables beat the hand-made grids?",
+        "",
+        f"Reproduce with `make study-unet` (scripts/study_unet.py; this run took {results['seconds'] / 60:.1f} min "
+        "on the 2-core machine, one thread). Raw numbers: [evaluation/unet-results.json](evaluation/unet-results.json).",
+        "",
+        f"**Benchmark.** The small pixel-space DDPM of `make digits-model` (`{results['model']}`): scikit-learn's "
+        f"8x8 digits (pixels in [-1, 1], shape {results['sample_shape']}), {trained}. "
+        f"Prediction type {results['prediction_type']}, schedule {sched.get('family')} "
+        f"{_fmt(sched.get('params'))}, sampled from T = {_fmt(results['T'])} to eps = {_fmt(results['eps'])}. "
+        f"{results['samples']} held-out noises (seeds {results['seeds'][0]}..{results['seeds'][1]}), the same for "
+        "every grid and table; the state is float32. Error = mean over samples of the RMS distance to the solution "
+        "of the same probability-flow ODE from the same noise, with the same network (reference: "
+        f"{ref.get('method')}; its {ref.get('check', 'check')} is "
+        f"{_fmt(ref['check_error']) if 'check_error' in ref else 'n/a'}). "
+        "Each ratio is an error divided by the best of the four hand-made grids (uniform lambda `unif`, uniform t "
+        "`unif_t`, time-quadratic `quad`, EDM rho = 7 `edm`) at that NFE: **below 1.00 the table wins**. "
+        f"`refine` is the measured error minimized over the steps (L-BFGS-B, at most {results['refine_maxiter']} "
+        "iterations) on 64 other noises "
+        + (f"(seeds {results['train_seeds'][0]}..{results['train_seeds'][1]}) " if results["train_seeds"] else "")
+        + "and then measured on the held-out noises: the limit of what a step table can do here. It starts from "
+        "whichever of the default table and the four grids has the lowest error on those training noises.",
+        "",
+        "**Tables measured** (the library's defaults at the time of the run; the script gives only schedule, "
+        "solver, order and NFE):",
+        "",
+    ]
+    for run in results["runs"]:
+        lines.append(f"- {run['solver']} order {run['order']}: {config_line(run['config'])}")
+    lines.append("")
+    if results["quick"]:
+        lines += ["*Quick smoke run (`--quick`): few samples, one solver, no refine.*", ""]
+
+    summary = []
+    body = []
+    for run in results["runs"]:
+        title = f"{run['solver']} order {run['order']}" + (f" ({run['variant']})" if run["variant"] else "")
+        base = np.array([run["baselines"][g] for g in GRIDS])
+        best = base.min(axis=0)
+        best_grid = [GRIDS[i] for i in base.argmin(axis=0)]
+        tab = np.array(run["table"]["errors"])
+        r = tab / best
+        ref_err = [run["refine"].get(n, run["refine"].get(str(n))) for n in nfes]
+        ref_err = [None if e is None else e["error"] for e in ref_err]
+        body += [f"## {title}", ""]
+        body.append("| row | " + " | ".join(str(n) for n in nfes) + " | max |")
+        body.append("|---" * (len(nfes) + 2) + "|")
+        for g in GRIDS:
+            body.append(f"| {g} (error) | " + " | ".join(f"{v:.3e}" for v in run["baselines"][g]) + " | |")
+        body.append("| default table (error) | " + " | ".join(f"{v:.3e}" for v in tab) + " | |")
+        body.append("| best grid | " + " | ".join(best_grid) + " | |")
+        body.append("| default table / best grid | " + " | ".join(f"{v:.2f}" for v in r) + f" | {r.max():.2f} |")
+        rr = [None if e is None else e / b for e, b in zip(ref_err, best)]
+        dr = [None if e is None else t / e for e, t in zip(ref_err, tab)]
+        if any(v is not None for v in rr):
+            body.append("| refine (limit) / best grid | " + " | ".join("" if v is None else f"{v:.2f}" for v in rr)
+                        + f" | {max(v for v in rr if v is not None):.2f} |")
+            body.append("| default table / refine (target <= 1.25) | "
+                        + " | ".join("" if v is None else f"{v:.2f}" for v in dr)
+                        + f" | {max(v for v in dr if v is not None):.2f} |")
+            starts = [run["refine"].get(n, run["refine"].get(str(n))) for n in nfes]
+            body.append("| refine started from | " + " | ".join("" if s is None else s["start"] for s in starts)
+                        + " | |")
+        body.append("")
+        status = sorted(set(run["table"]["status"]))
+        body += [f"Default table made in {run['table']['seconds']:.2f} s; optimizer status: {', '.join(map(str, status))}.",
+                 ""]
+        summary.append((title, r, dr))
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for g in GRIDS:
+            ax.plot(nfes, run["baselines"][g], "--", marker="o", ms=3, label=g)
+        ax.plot(nfes, tab, "-", marker="s", ms=4, lw=2, label="default table")
+        ns = [n for n, e in zip(nfes, ref_err) if e is not None]
+        if ns:
+            ax.plot(ns, [e for e in ref_err if e is not None], "k-", marker="*", ms=9, label="refine (limit)")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("mean RMS error")
+        ax.set_title(f"digits UNet · {title}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = f"unet-{run['solver']}-o{run['order']}.png"
+        fig.savefig(out / "evaluation" / png, dpi=100)
+        plt.close(fig)
+        body += [f"![{title}](evaluation/{png})", ""]
+
+    head = ["## Summary: the default table against the best hand-made grid", "",
+            "| solver | NFE where the table wins (ratio < 1) | NFE within 1% | worst ratio | worst default / refine |",
+            "|---|---|---|---|---|"]
+    for title, r, dr in summary:
+        wins = [str(n) for n, v in zip(nfes, r) if v < 1.0]
+        close = [str(n) for n, v in zip(nfes, r) if 1.0 <= v <= 1.01]
+        d = [v for v in dr if v is not None]
+        head.append(f"| {title} | {', '.join(wins) or 'none'} | {', '.join(close) or 'none'} | {r.max():.2f} | "
+                    + (f"{max(d):.2f}" if d else "n/a") + " |")
+    head.append("")
+    text = "\n".join(lines + head + body) + "\n"
+    (out / "evaluation-unet.md").write_text(text)
+    print(f"wrote {out / 'evaluation-unet.md'} ({results['seconds']:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
