@@ -1,0 +1,50 @@
+"""Smoke tests of the study scripts (scripts/study.py, scripts/study_unet.py) on cut-down settings:
+they run end to end through the library's current API and write their reports."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+torch.set_num_threads(1)
+
+
+def test_study_runs_and_reports_refine_and_intervals(tmp_path, monkeypatch):
+    import study
+
+    monkeypatch.setattr(study, "PRESETS", study.PRESETS[:1])
+    monkeypatch.setattr(study, "SOLVERS", study.SOLVERS[:1])
+    monkeypatch.setattr(study, "NFES", (5, 6))
+    monkeypatch.setattr(study, "OBJECTIVES", study.OBJECTIVES[:1])
+    monkeypatch.setattr(study, "REFINE_MAXITER", 2)
+    monkeypatch.setattr(sys, "argv", ["study", "--samples", "8", "--out", str(tmp_path)])
+    study.main()
+    res = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    run = res["runs"][0]
+    assert set(run["refine"]) == {"5", "6"} and run["refine_start"]["5"] in ("table", "unif", "unif_t", "quad", "edm")
+    ci = run["tables"][run["default"]]["ratio_ci95"]
+    ratio = [a / min(run["baselines"][g][i] for g in run["baselines"]) for i, a in
+             enumerate(run["tables"][run["default"]]["errors"])]
+    assert all(lo <= r <= hi for (lo, hi), r in zip(ci, ratio))
+    text = (tmp_path / "evaluation.md").read_text()
+    assert "refine (limit)" in text and "95% interval" in text
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_study_unet_quick_on_a_tiny_random_unet(tmp_path, monkeypatch):
+    import diffusers
+    import study_unet
+    from tiny import save_pipeline, tiny_unet
+
+    model = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
+    monkeypatch.setattr(study_unet, "TRAIN_SAMPLES", 4)
+    monkeypatch.setattr(study_unet, "MAXITER", 2)
+    monkeypatch.setattr(sys, "argv", ["study_unet", "--quick", "--model", str(model), "--out", str(tmp_path / "o")])
+    study_unet.main()
+    res = json.loads((tmp_path / "o" / "evaluation" / "unet-results.json").read_text())
+    assert res["runs"][0]["config"]["objective"] == "reference" and "5" in res["runs"][0]["refine"]
+    assert "default table / best grid" in (tmp_path / "o" / "evaluation-unet.md").read_text()
