@@ -257,7 +257,8 @@ def _evaluation_summary(console, report: dict) -> None:
     grids = list(dict.fromkeys(r["grid"] for r in report["rows"]))
     s = report["solver"]
     t = Table(title=f"{report['checkpoint']} · {s['name']} order {s['order']} · error = mean RMS to the "
-                    f"reference ({report['reference']['method']}); (ratio to the best hand-made grid)",
+                    f"reference ({report['reference']['method']}); (ratio to the best hand-made grid, and for "
+                    "tables its 95% interval over the noises)",
               title_justify="left")
     t.add_column("NFE", justify="right")
     for g in grids:
@@ -266,7 +267,14 @@ def _evaluation_summary(console, report: dict) -> None:
         cells = []
         for g in grids:
             r = next((r for r in report["rows"] if r["nfe"] == n and r["grid"] == g), None)
-            cells.append("" if r is None else f"{r['error']:.4g} ({r['ratio_to_best_baseline']:.2f})")
+            if r is None:
+                cells.append("")
+            elif r["ratio_ci95"] is None or r["kind"] == "baseline":
+                ratio = "" if r["ratio_to_best_baseline"] is None else f" ({r['ratio_to_best_baseline']:.2f})"
+                cells.append(f"{r['error']:.4g}{ratio}")
+            else:
+                lo, hi = r["ratio_ci95"]
+                cells.append(f"{r['error']:.4g} ({r['ratio_to_best_baseline']:.2f}, {lo:.2f}-{hi:.2f})")
         t.add_row(str(n), *cells)
     console.print(t)
 

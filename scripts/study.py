@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator  # noqa: E402
+from dmsteps_cli.evaluate import Evaluator, paired_ratio_ci  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
 from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
 from dmsteps_cli.optimize import default_p  # noqa: E402
@@ -113,14 +113,6 @@ def main():
     results["seconds"] = time.perf_counter() - t_start
     (out / "evaluation" / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     write_report(results, out)
-
-
-def paired_ratio_ci(a, b, resamples: int = 2000):
-    """95% interval of mean(a) / mean(b) over the same noises (paired bootstrap, fixed seed)."""
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(a), size=(resamples, len(a)))
-    r = a[idx].mean(axis=1) / b[idx].mean(axis=1)
-    return [float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))]
 
 
 def ratios(run, errors):

@@ -133,3 +133,28 @@ def test_refine_starts_from_the_candidate_with_the_lowest_training_error(files):
     assert start == min(want, key=want.get)
     assert e0 == pytest.approx(want[start], rel=1e-9)
     assert e1 <= e0 and independent_error(lam, seeds) == pytest.approx(e1, rel=1e-9)
+
+
+def test_paired_ratio_interval():
+    from dmsteps_cli.evaluate import paired_ratio_ci
+
+    rng = np.random.default_rng(1)
+    b = rng.lognormal(size=200)
+    lo, hi = paired_ratio_ci(0.7 * b, b)  # a fixed multiple of the same noises: no uncertainty
+    assert lo == pytest.approx(0.7, rel=1e-12) and hi == pytest.approx(0.7, rel=1e-12)
+    a = b * rng.lognormal(0.0, 0.3, size=200)
+    lo, hi = paired_ratio_ci(a, b)
+    assert lo < a.mean() / b.mean() < hi and paired_ratio_ci(a, b) == [lo, hi]
+    # the width shrinks like 1/sqrt(n): 4x the noises, about half the width
+    a4, b4 = np.tile(a, 4), np.tile(b, 4)
+    lo4, hi4 = paired_ratio_ci(a4, b4)
+    assert 0.35 < (hi4 - lo4) / (hi - lo) < 0.65
+
+
+def test_evaluate_reports_intervals_and_medians(files):
+    root, table = files
+    rep = evaluate(EvalRequest(checkpoint=str(root / "mix.yaml"), tables=[str(table)], nfe=(5,), samples=8,
+                               baselines=("quad", "unif")))
+    for r in rep["rows"]:
+        lo, hi = r["ratio_ci95"]
+        assert lo <= r["ratio_to_best_baseline"] <= hi and r["median"] > 0
