@@ -62,7 +62,8 @@ def optimize(
     T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),
     shift: Optional[float] = typer.Option(None, help="Flow models only: time-grid shift (SD3: 3.0)."),
     objective: str = typer.Option("reference", help="reference (the published code), paper (Eq. 35 with --solver's "
-                                  "orders) or exact (the weights of the real solver, corrector included)."),
+                                  "orders), exact (the weights of the real solver, corrector included) or none "
+                                  "(no optimization: the --init grid itself, as a table)."),
     trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here (atomically) instead of stdout."),
@@ -97,7 +98,7 @@ def optimize(
         sys.stdout.write(text)
         sys.stdout.flush()
     for e in table["entries"]:
-        if e["optimizer"]["status"] != "converged":
+        if e["optimizer"]["status"] not in ("converged", "not-optimized"):
             err.print(f"warning: NFE {e['nfe']}: optimizer {e['optimizer']['status']}: {e['optimizer']['message']}",
                       markup=False)
     if not quiet:

@@ -40,7 +40,7 @@ class StepResult:
     lam: np.ndarray
     objective: float
     init_objective: float
-    status: str  # "converged", "stalled", "not-converged" or "kept-start"
+    status: str  # "converged", "stalled", "not-converged", "kept-start" or "not-optimized" (--objective none)
     message: str
     iterations: int
     evaluations: int
@@ -142,6 +142,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 # --- one table's worth of optimizations --------------------------------------------------------
 
 INITS = GRIDS + ("best",)
+STEP_OBJECTIVES = OBJECTIVES + ("none",)  # none: keep the --init grid as it is (no optimization)
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,10 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
             raise BadInput(f"unknown UniPC variant {c['variant']!r} (choose from {', '.join(UNIPC_VARIANTS)})")
     elif c["variant"] is not None:
         raise BadInput(f"--variant applies only to unipc, not {c['solver']}")
-    if c["objective"] not in OBJECTIVES:
-        raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(OBJECTIVES)})")
+    if c["objective"] not in STEP_OBJECTIVES:
+        raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(STEP_OBJECTIVES)})")
+    if c["objective"] == "none" and c["init"] == "best":
+        raise BadInput("--objective none keeps the --init grid as it is: name one of " + ", ".join(GRIDS))
     if c["objective"] == "reference":
         c["trunc"] = 3 if c["trunc"] is None else c["trunc"]
         if c["trunc"] < 0:
@@ -239,10 +242,18 @@ def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, st
     order pattern the objective assumed.
     """
     orders = order_pattern(config.solver, config.order, nfe)
-    objective = build_objective(schedule, config.objective, config.p, orders, config.trunc,
-                                config.solver, config.order, config.variant)
+    if config.objective == "none":  # the grid itself; bounds are the reference objective's (trunc 3)
+        objective = build_objective(schedule, "reference", config.p, orders, 3)
+    else:
+        objective = build_objective(schedule, config.objective, config.p, orders, config.trunc,
+                                    config.solver, config.order, config.variant)
     grids = {g: grid_lambda(g, schedule, nfe, config.T, config.eps, config.shift) for g in GRIDS}
     baselines = {g: objective.value(lam) for g, lam in grids.items()}
+    if config.objective == "none":
+        lam = grids[config.init]
+        F = baselines[config.init]
+        return (StepResult(lam, F, F, "not-optimized", f"the hand-made grid {config.init} (--objective none)", 0, 0),
+                config.init, baselines, objective.orders)
     starts = GRIDS if config.init == "best" else (config.init,)
     best = None
     for g in starts:

@@ -15,12 +15,13 @@ Schema ``dmsteps.table/1`` (JSON and YAML hold the same content):
         lambda            N + 1 half log-SNRs, increasing
         sigmas            N + 1 sampler sigmas (kappa = sigma/alpha for VP and EDM, t for flow)
         timesteps         N model inputs at t[0] ... t[N-1] (float; see timestep_convention)
-        objective         the objective at these steps
+        objective         the objective at these steps (config.objective none: the steps are the
+                          init grid, and this and the baselines are the reference bound, trunc 3)
         init              the starting grid the steps came from
         init_objective    the objective at that starting grid
         baselines         the objective at each hand-made grid (unif, unif_t, quad, edm)
-        optimizer         {status: converged | not-converged | kept-start, message, iterations,
-                           evaluations}
+        optimizer         {status: converged | stalled | not-converged | kept-start | not-optimized,
+                           message, iterations, evaluations}
 
 No timestamps: the same command gives byte-identical output.
 """

@@ -119,6 +119,8 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     (["--order", "3", "--nfe", "2"], "order 3 needs at least 3 steps"),
     (["--solver", "ddim", "--order", "2"], "orders 1..1"),
     (["--objective", "paper", "--trunc", "2"], "--trunc applies only"),
+    (["--objective", "none", "--init", "best"], "--objective none keeps the --init grid"),
+    (["--objective", "none", "--trunc", "3"], "--trunc applies only"),
     (["--shift", "3"], "--shift applies only to flow"),
     (["--schedule", "missing/scheduler_config.json"], "does not exist"),
     (["--format", "xml"], "unknown format"),
@@ -171,3 +173,23 @@ def test_write_failure_leaves_nothing(tmp_path):
     r = run("optimize", "--nfe", "5", "-o", str(tmp_path / "no" / "such" / "dir.json"))
     assert r.returncode == 2 and "does not exist" in r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_objective_none_writes_the_grid_itself_as_a_checkable_table(tmp_path):
+    """A hand-made grid as a table (for apply_table, sample, exports): its lambdas are the grid's,
+    computed independently here from the definition of the time-quadratic grid (uniform in sqrt t)."""
+    from dmsteps_cli import get_schedule
+
+    out = tmp_path / "quad.json"
+    r = run("optimize", "--schedule", "linear", "--objective", "none", "--init", "quad", "--nfe", "5,8", "-o", str(out))
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    table = load_table(out)
+    s = get_schedule("linear")
+    for e in table["entries"]:
+        n = e["nfe"]
+        t = (np.sqrt(1.0) + np.linspace(0, 1, n + 1) * (np.sqrt(1e-3) - np.sqrt(1.0))) ** 2
+        assert np.allclose(e["t"], t, rtol=1e-9, atol=0)
+        assert e["optimizer"]["status"] == "not-optimized" and e["init"] == "quad"
+        assert e["objective"] == e["baselines"]["quad"] == e["init_objective"]
+    assert table["config"]["objective"] == "none" and table["config"]["trunc"] is None
+    assert run("check", str(out)).returncode == 0
