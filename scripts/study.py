@@ -35,7 +35,8 @@ from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
 from dmsteps_cli.optimize import default_p  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
 
-PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0)]
+PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
+           ("squaredcos_cap_v2", None), ("vp-cosine", None)]
 SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
 OBJECTIVES = [  # (label, StepConfig fields)
     ("reference p=2", dict(objective="reference", p=2.0, trunc=3)),
