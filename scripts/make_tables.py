@@ -192,6 +192,11 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "- FLUX.1-schnell is timestep-distilled for 1-4 steps; these tables start at 5.",
         "- The objective is an upper bound on the error, not the error: see \"What the numbers mean\" in "
         "the top-level README before relying on a table at larger NFE.",
+        "- Measured on the digits ideal denoiser (docs/evaluation.md), the tables beat every hand-made grid "
+        "only for `sd` at NFE 5-7 and `edm` at NFE 5-11; `ddpm-linear`, `score-sde-vp` and the flow families "
+        "lose to the time-quadratic grid, and `ddpm-cosine` loses to the uniform-t grid by 2.5-5.3x "
+        "(UniPC-3). For those, write the recommended grid as a table instead, e.g. "
+        "`dmsteps optimize --schedule squaredcos_cap_v2 --objective none --init unif_t --nfe 5..15`.",
         "",
         "## Regenerating",
         "",
