@@ -158,3 +158,16 @@ def test_evaluate_reports_intervals_and_medians(files):
     for r in rep["rows"]:
         lo, hi = r["ratio_ci95"]
         assert lo <= r["ratio_to_best_baseline"] <= hi and r["median"] > 0
+
+
+def test_measurements_run_without_tf32_and_restore_the_flags():
+    from dmsteps_cli.evaluate import full_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_precision():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
