@@ -63,7 +63,8 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
-    with the lowest training error is where L-BFGS-B starts. Returns (lam, start name, start training error, final training error, iterations).
+    with the lowest training error is where L-BFGS-B starts. Returns (lam, start name, start
+    training error, final training error, iterations); lam is the start when nothing beat it.
     """
     from scipy.optimize import minimize
 
