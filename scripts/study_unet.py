@@ -49,7 +49,7 @@ def log(msg: str, t_start: float):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--model", default=str(ROOT / "build" / "digits-model"))
+    ap.add_argument("--model", default="build/digits-model", help="relative paths are taken from the repository root")
     ap.add_argument("--quick", action="store_true", help="32 samples, unipc only, NFE 5..6, refine at NFE 5 only (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
@@ -59,10 +59,12 @@ def main():
     solvers = SOLVERS[:1] if args.quick else SOLVERS
     nfes = NFES[:2] if args.quick else NFES
     refine_nfes = tuple(n for n in REFINE_NFES if n in nfes)[:1 if args.quick else None]
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
 
     model = Path(args.model)
+    if not model.is_absolute():  # kept relative (reports and table configs do not name the machine)
+        os.chdir(ROOT)
     ckpt = load_checkpoint(str(model), device="cpu")
     den = ckpt.denoiser()
     schedule = ckpt.schedule
