@@ -63,8 +63,9 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
-    with the lowest training error is where L-BFGS-B starts. Returns (lam, start name, start
-    training error, final training error, iterations); lam is the start when nothing beat it.
+    with the lowest training error is where L-BFGS-B starts. Returns (lam, start name, the training
+    error of every start by name, final training error, iterations); lam is the start when nothing
+    beat it.
     """
     from scipy.optimize import minimize
 
@@ -87,10 +88,10 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
     best = min(cache, key=cache.get)
     e1 = cache[best]
     if not e1 < e_start:
-        return lam0, start, e_start, e_start, int(res.nit)
+        return lam0, start, train_err, e_start, int(res.nit)
     lam = _lam_of(np.frombuffer(best, dtype=np.float64), lam_T, lam_eps)
     lam[0], lam[-1] = lam_T, lam_eps
-    return lam, start, e_start, e1, int(res.nit)
+    return lam, start, train_err, e1, int(res.nit)
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
@@ -121,7 +122,8 @@ def refine(req: RefineRequest, progress=None) -> dict:
         entry = dict(entry_for(table, n))
         starts = {"table": entry["lambda"], **{g: grid_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
                                                for g in GRIDS}}
-        lam, start, e0, e1, nit = refine_entry(train, starts, solver, order, variant, req.maxiter)
+        lam, start, start_errors, e1, nit = refine_entry(train, starts, solver, order, variant, req.maxiter)
+        e0 = start_errors[start]
         t = schedule.t_of_lambda(lam)
         t[0], t[-1] = cfg["T"], cfg["eps"]
         objective = build_objective(schedule, cfg["objective"], cfg["p"], order_pattern(solver, order, n),

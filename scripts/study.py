@@ -33,6 +33,7 @@ from dmsteps_cli.evaluate import Evaluator, paired_ratio_ci  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
 from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
 from dmsteps_cli.optimize import default_p  # noqa: E402
+from dmsteps_cli.plots import save_error_plot  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
 
 PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
@@ -122,11 +123,6 @@ def ratios(run, errors):
 
 
 def write_report(results, out: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = [
         "# Evaluation: do optimized tables beat the hand-made grids?",
         "",
@@ -162,35 +158,24 @@ def write_report(results, out: Path):
             if label == run["default"]:
                 ref = None
                 if run["refine"]:
-                    ref = ratios(run, [run["refine"].get(n, run["refine"].get(str(n), np.nan)) for n in NFES])
+                    ref = ratios(run, [run["refine"].get(n, np.nan) for n in NFES])
                 summary.append((title + f" ({label})", r, ref, tab["ratio_ci95"]))
         if run["refine"]:
-            errs = [run["refine"].get(n, run["refine"].get(str(n))) for n in NFES]
+            errs = [run["refine"].get(n) for n in NFES]
             best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
             lines.append("| refine (limit) | " + " | ".join("" if e is None else f"{e / b:.2f}" for e, b in zip(errs, best))
                          + " | |")
             st = run.get("refine_start", {})
-            lines.append("| refine from | " + " | ".join(str(st.get(n, st.get(str(n), ""))) for n in NFES) + " | |")
+            lines.append("| refine from | " + " | ".join(str(st.get(n, "")) for n in NFES) + " | |")
         lines.append("")
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for g in GRIDS:
-            ax.plot(NFES, run["baselines"][g], "--", marker="o", ms=3, label=g)
-        for label, tab in run["tables"].items():
-            if label.startswith(("reference p=2", "reference p=1", "exact")):
-                ax.plot(NFES, tab["errors"], "-", marker="s", ms=3, label=label)
+        series = [(g, NFES, run["baselines"][g], {"ls": "--"}) for g in GRIDS]
+        series += [(label, NFES, tab["errors"], {"ls": "-", "marker": "s"}) for label, tab in run["tables"].items()
+                   if label.startswith(("reference p=2", "reference p=1", "exact"))]
         if run["refine"]:
-            ns = sorted(int(n) for n in run["refine"])
-            ax.plot(ns, [run["refine"][n] for n in ns], "k-", marker="*", label="refine (limit)")
-        ax.set_yscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("mean RMS error")
-        ax.set_title(title, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+            ns = sorted(run["refine"])
+            series.append(("refine (limit)", ns, [run["refine"][n] for n in ns], {"ls": "-", "color": "k", "marker": "*"}))
         png = f"{run['schedule']}-{run['solver']}-o{run['order']}.png"
-        fig.savefig(out / "evaluation" / png, dpi=100)
-        plt.close(fig)
+        save_error_plot(out / "evaluation" / png, series, title, ylabel="mean RMS error", dpi=100)
         lines += [f"![{title}](evaluation/{png})", ""]
     head = ["## Summary: the default tables (reference objective; p = 2, EDM p = 1) against the best hand-made grid",
             "",

@@ -33,6 +33,7 @@ from dmsteps_cli import StepConfig, make_table  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
 from dmsteps_cli.models import load_checkpoint  # noqa: E402
+from dmsteps_cli.plots import save_error_plot  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
 
 SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
@@ -108,9 +109,9 @@ def main():
         log(f"{solver}-{order}: default table made in {secs:.1f} s and measured", t_start)
         for n in refine_nfes:
             cands = {"default table": entries[n]["lambda"], **{g: grid_lams[g][n] for g in GRIDS}}
-            train_err = {k: float(train.errors(lam, solver, order, variant).mean()) for k, lam in cands.items()}
             t0 = time.perf_counter()
-            lam, start, e0, e1, nit = refine_entry(train, cands, solver, order, variant, MAXITER)
+            lam, start, train_err, e1, nit = refine_entry(train, cands, solver, order, variant, MAXITER)
+            e0 = train_err[start]
             run["refine"][n] = {
                 "error": float(held.errors(lam, solver, order, variant).mean()), "start": start,
                 "train_errors": train_err, "train_start": e0, "train_final": e1, "iterations": nit,
@@ -142,11 +143,6 @@ def config_line(config: dict) -> str:
 
 
 def write_report(results, out: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     nfes = results["nfes"]
     ref = results["reference"]
     tr = results["training"]
@@ -200,7 +196,7 @@ def write_report(results, out: Path):
         best_grid = [GRIDS[i] for i in base.argmin(axis=0)]
         tab = np.array(run["table"]["errors"])
         r = tab / best
-        ref_err = [run["refine"].get(n, run["refine"].get(str(n))) for n in nfes]
+        ref_err = [run["refine"].get(n) for n in nfes]
         ref_err = [None if e is None else e["error"] for e in ref_err]
         body += [f"## {title}", ""]
         body.append("| row | " + " | ".join(str(n) for n in nfes) + " | max |")
@@ -218,7 +214,7 @@ def write_report(results, out: Path):
             body.append("| default table / refine (target <= 1.25) | "
                         + " | ".join("" if v is None else f"{v:.2f}" for v in dr)
                         + f" | {max(v for v in dr if v is not None):.2f} |")
-            starts = [run["refine"].get(n, run["refine"].get(str(n))) for n in nfes]
+            starts = [run["refine"].get(n) for n in nfes]
             body.append("| refine started from | " + " | ".join("" if s is None else s["start"] for s in starts)
                         + " | |")
         body.append("")
@@ -227,23 +223,14 @@ def write_report(results, out: Path):
                  ""]
         summary.append((title, r, dr))
 
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for g in GRIDS:
-            ax.plot(nfes, run["baselines"][g], "--", marker="o", ms=3, label=g)
-        ax.plot(nfes, tab, "-", marker="s", ms=4, lw=2, label="default table")
+        series = [(g, nfes, run["baselines"][g], {"ls": "--"}) for g in GRIDS]
+        series.append(("default table", nfes, tab, {"ls": "-", "marker": "s", "ms": 4, "lw": 2}))
         ns = [n for n, e in zip(nfes, ref_err) if e is not None]
         if ns:
-            ax.plot(ns, [e for e in ref_err if e is not None], "k-", marker="*", ms=9, label="refine (limit)")
-        ax.set_yscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("mean RMS error")
-        ax.set_title(f"digits UNet · {title}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+            series.append(("refine (limit)", ns, [e for e in ref_err if e is not None],
+                           {"ls": "-", "color": "k", "marker": "*", "ms": 9}))
         png = f"unet-{run['solver']}-o{run['order']}.png"
-        fig.savefig(out / "evaluation" / png, dpi=100)
-        plt.close(fig)
+        save_error_plot(out / "evaluation" / png, series, f"digits UNet · {title}", ylabel="mean RMS error", dpi=100)
         body += [f"![{title}](evaluation/{png})", ""]
 
     head = ["## Summary: the default table against the best hand-made grid", "",

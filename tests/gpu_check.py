@@ -33,9 +33,15 @@ def emit(results, **row):
     print(json.dumps(row), flush=True)
 
 
+def child_env():
+    """The environment for a child process: this repository first on PYTHONPATH, the caller's after it
+    (carried wheels live there on the GPU machine)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def cli(*args):
     r = subprocess.run([sys.executable, "-m", "dmsteps_cli", *args], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+                       env=child_env())
     if r.returncode != 0:
         raise SystemExit(f"dmsteps {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -100,7 +106,7 @@ def main() -> int:
                  wall_seconds_incl_loading=time.perf_counter() - t0)
     bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sample.py"), "--device", gpu],
                            capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+                           env=child_env())
     emit(results, check="solver-overhead", output=bench.stdout.strip().splitlines(),
          error=bench.stderr.strip().splitlines()[-3:] if bench.returncode else [], ok=bench.returncode == 0)
     return finish(results)

@@ -129,9 +129,11 @@ def test_refine_starts_from_the_candidate_with_the_lowest_training_error(files):
     train = Evaluator(ckpt, ckpt.denoiser(), seeds, s.T, s.eps_default, "cpu")
     starts = {g: grid_lambda(g, s, 5, s.T, s.eps_default) for g in ("unif", "unif_t", "quad", "edm")}
     want = {g: independent_error(lam, seeds) for g, lam in starts.items()}
-    lam, start, e0, e1, _ = refine_entry(train, starts, "unipc", 3, "bh2", 10)
+    lam, start, start_errors, e1, _ = refine_entry(train, starts, "unipc", 3, "bh2", 10)
+    e0 = start_errors[start]
     assert start == min(want, key=want.get)
     assert e0 == pytest.approx(want[start], rel=1e-9)
+    assert all(start_errors[g] == pytest.approx(want[g], rel=1e-9) for g in want)
     assert e1 <= e0 and independent_error(lam, seeds) == pytest.approx(e1, rel=1e-9)
 
 
