@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-wheels study study-unet digits-model tables
+.PHONY: install demo test bench clean gpu-check gpu-wheels study study-data study-unet digits-model tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the built-in default: Stable Diffusion's schedule, UniPC order 3, NFE 5..15.
+# The main job on the built-in default: Stable Diffusion's schedule, UniPC order 3, NFE 5..15: the
+# default steps (chosen from measurements), then the paper's optimized table for comparison.
 demo: install
 	mkdir -p build
 	$(DMSTEPS) optimize --nfe 5..15 --solver unipc -o build/demo.json
-	@echo "--- build/demo.json, NFE 10, model timesteps:"
+	$(DMSTEPS) optimize --nfe 5..15 --solver unipc --objective reference -o build/demo-optimized.json
+	@echo "--- NFE 10, model timesteps: default steps, then the optimized table:"
 	$(DMSTEPS) show build/demo.json --nfe 10 --as timesteps
+	$(DMSTEPS) show build/demo-optimized.json --nfe 10 --as timesteps
 
 test: install
 	$(PY) -m pytest
@@ -33,6 +36,10 @@ tables: install
 # The evaluation study: docs/evaluation.md (measured errors on the digits ideal denoiser).
 study: install
 	$(PY) scripts/study.py
+
+# Do the best steps depend on the data? Three data sets; chooses the default steps: docs/evaluation-data.md.
+study-data: install
+	$(PY) scripts/study_data.py
 
 # The same on the trained digits UNet (build/digits-model, trained first if missing): docs/evaluation-unet.md.
 study-unet: install

@@ -57,13 +57,17 @@ def optimize(
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
     p: Optional[float] = typer.Option(None, "--p", help="Exponent of eps_tilde = sigma^p/alpha (default 2; 1 for "
                                       "EDM, from measurements; the paper: 2 latent, 1 pixel)."),
-    init: str = typer.Option("unif_t", help="Starting grid: unif, unif_t, quad, edm, or best (all, keep the lowest)."),
+    init: Optional[str] = typer.Option(None, help="Starting grid: unif, unif_t, quad, edm, or best (all, keep the "
+                                       "lowest); default unif_t (with neither --init nor --objective: see --objective)."),
     eps: Optional[float] = typer.Option(None, help="Last time (data end); default per schedule (1e-3; EDM 0.002)."),
     T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),
     shift: Optional[float] = typer.Option(None, help="Flow models only: time-grid shift (SD3: 3.0)."),
-    objective: str = typer.Option("reference", help="reference (the published code), paper (Eq. 35 with --solver's "
-                                  "orders), exact (the weights of the real solver, corrector included) or none "
-                                  "(no optimization: the --init grid itself, as a table)."),
+    objective: Optional[str] = typer.Option(None, help="reference (the published code), paper (Eq. 35 with "
+                                            "--solver's orders), exact (the weights of the real solver, corrector "
+                                            "included) or none (no optimization: the --init grid itself, as a table). "
+                                            "Default: the schedule's default steps, chosen from measurements "
+                                            "(`dmsteps schedules`, docs/evaluation-data.md); reference when "
+                                            "--init, --p or --trunc is given."),
     trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here (atomically) instead of stdout."),
@@ -103,6 +107,23 @@ def optimize(
                       markup=False)
     if not quiet:
         _summary(err, table)
+        if objective is None and init is None and p is None and trunc is None:
+            err.print(_default_note(sched, config), markup=False)
+
+
+def _default_note(schedule, config) -> str:
+    """One line on stderr: which default steps the table holds and why."""
+    from .optimize import FALLBACK_STEPS
+    from .schedules import preset_of
+
+    preset = preset_of(schedule)
+    if (config.objective, config.init) == FALLBACK_STEPS and preset is None:
+        return ("default steps: the reference objective from uniform t (no measurements for this schedule; "
+                "`dmsteps evaluate` compares it with the hand-made grids on your model)")
+    what = (f"the hand-made grid {config.init}" if config.objective == "none"
+            else f"the {config.objective} objective's optimized steps")
+    return (f"default steps for {preset}: {what}, the smallest worst-case error over three data sets and two "
+            "solvers (docs/evaluation-data.md); --objective reference gives the optimized table")
 
 
 def _summary(console, table: dict) -> None:
@@ -149,12 +170,19 @@ def _console_stdout():
 
 @app.command()
 def schedules():
-    """List the schedule presets (name, T, default eps, description)."""
+    """List the schedule presets (name, T, default eps, default steps, description; tab-separated)."""
+    from .optimize import DEFAULT_STEPS
     from .schedules import PRESETS
+
+    def label(key):
+        objective, init = DEFAULT_STEPS[key]
+        return f"grid {init}" if objective == "none" else f"{objective} objective"
 
     for name, (make, desc) in PRESETS.items():
         s = make()
-        sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\t{desc}\n")
+        shifted = sorted((k for k in DEFAULT_STEPS if k.startswith(name + " shift ")), reverse=True)
+        steps = ", ".join(f"{label(k)} ({k.split(' ', 1)[1]})" for k in shifted) if shifted else label(name)
+        sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\tdefault={steps}\t{desc}\n")
 
 
 @app.command()

@@ -15,6 +15,7 @@ than the start: if it were, the start is returned and the status says so.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -150,8 +151,9 @@ class StepConfig:
     """What a table is made from; recorded verbatim in the table's ``config``.
 
     ``schedule`` is the name or path the user gave (the table also records the schedule's full
-    spec); ``T``/``eps``/``order``/``shift`` are the resolved values (never None after
-    ``resolve``), ``trunc`` is None for objectives other than ``reference``, ``variant`` (UniPC's
+    spec); ``objective``/``init``/``T``/``eps``/``order``/``shift`` are the resolved values (never
+    None after ``resolve``; objective None: the schedule's ``default_steps`` when init, p and trunc
+    are None too, else ``reference``), ``trunc`` is None for objectives other than ``reference``, ``variant`` (UniPC's
     B(h): bh1 or bh2) is None for other solvers.
     """
 
@@ -159,10 +161,10 @@ class StepConfig:
     solver: str = "unipc"
     order: int | None = None
     variant: str | None = None
-    objective: str = "reference"
+    objective: str | None = None
     p: float | None = None
-    init: str = "unif_t"
-    trunc: int | None = 3
+    init: str | None = None
+    trunc: int | None = None
     T: float | None = None
     eps: float | None = None
     shift: float | None = None
@@ -170,6 +172,44 @@ class StepConfig:
 
     def as_dict(self) -> dict:
         return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}
+
+
+# The steps `optimize` writes when neither --objective nor --init is given, per preset (flow: per
+# measured shift), from docs/evaluation-data.md (scripts/study_data.py): the candidate with the
+# smallest geometric-mean error ratio to the best hand-made grid over three data sets, UniPC-3 and
+# DPM-Solver++-3 and NFE 5..15. ("none", G): the grid G written as a table; ("reference", G): the
+# optimized table from G. tests/test_evaluate.py checks this against the study's results file.
+DEFAULT_STEPS: dict[str, tuple[str, str]] = {
+    "scaled_linear": ("none", "unif"),
+    "linear": ("none", "quad"),
+    "vp-linear": ("none", "quad"),
+    "edm": ("reference", "unif_t"),
+    "flow shift 3": ("none", "quad"),
+    "flow shift 1": ("none", "unif_t"),
+    "squaredcos_cap_v2": ("none", "unif_t"),
+    "vp-cosine": ("reference", "unif_t"),
+}
+FALLBACK_STEPS = ("reference", "unif_t")  # schedules with no measurements: the paper's method
+
+
+def default_key(preset: str | None, shift: float | None) -> str | None:
+    """The DEFAULT_STEPS key of a preset: flow uses the measured shift nearest to ``shift`` (in
+    log scale: below 1.73 that is 1, above it 3)."""
+    if preset is None:
+        return None
+    measured = [k for k in DEFAULT_STEPS if k.startswith(preset + " shift ")]
+    if not measured or shift is None or not shift > 0:  # a bad shift is refused by resolve
+        return preset
+    return min(measured, key=lambda k: abs(math.log(float(k.rsplit(" ", 1)[1]) / shift)))
+
+
+def default_steps(schedule, shift: float | None = None) -> tuple[str, str]:
+    """(objective, init) used when neither is given: per preset (matched by alpha and sigma, so a
+    diffusers scheduler_config.json of Stable Diffusion counts as ``scaled_linear``) and, for flow,
+    the shift; other schedules get FALLBACK_STEPS."""
+    from .schedules import preset_of
+
+    return DEFAULT_STEPS.get(default_key(preset_of(schedule), shift), FALLBACK_STEPS)
 
 
 def default_p(schedule) -> float:
@@ -192,6 +232,13 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
             raise BadInput(f"unknown UniPC variant {c['variant']!r} (choose from {', '.join(UNIPC_VARIANTS)})")
     elif c["variant"] is not None:
         raise BadInput(f"--variant applies only to unipc, not {c['solver']}")
+    if c["objective"] is None:  # an optimizer setting asks for the optimizer; none: the default steps
+        if c["init"] is None and c["p"] is None and c["trunc"] is None:
+            shift = schedule.default_shift if c["shift"] is None else c["shift"]
+            c["objective"], c["init"] = default_steps(schedule, shift)
+        else:
+            c["objective"] = "reference"
+    c["init"] = "unif_t" if c["init"] is None else c["init"]
     if c["objective"] not in STEP_OBJECTIVES:
         raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(STEP_OBJECTIVES)})")
     if c["objective"] == "none" and c["init"] == "best":
@@ -234,6 +281,15 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     return StepConfig(**c)
 
 
+def table_objective(schedule, objective: str, p: float, trunc, solver: str, order: int, variant, nfe: int):
+    """The objective a table's entries report at ``nfe``: the one it was optimized with, or for
+    ``none`` (a grid written as a table) the reference objective with trunc 3."""
+    orders = order_pattern(solver, order, nfe)
+    if objective == "none":
+        return build_objective(schedule, "reference", p, orders, 3)
+    return build_objective(schedule, objective, p, orders, trunc, solver, order, variant)
+
+
 def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, str, dict, list[int]]:
     """Optimize the steps for one NFE of a resolved config.
 
@@ -241,12 +297,8 @@ def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, st
     the lowest optimized objective), the objective of every hand-made grid at this NFE and the
     order pattern the objective assumed.
     """
-    orders = order_pattern(config.solver, config.order, nfe)
-    if config.objective == "none":  # the grid itself; bounds are the reference objective's (trunc 3)
-        objective = build_objective(schedule, "reference", config.p, orders, 3)
-    else:
-        objective = build_objective(schedule, config.objective, config.p, orders, config.trunc,
-                                    config.solver, config.order, config.variant)
+    objective = table_objective(schedule, config.objective, config.p, config.trunc, config.solver, config.order,
+                                config.variant, nfe)
     grids = {g: grid_lambda(g, schedule, nfe, config.T, config.eps, config.shift) for g in GRIDS}
     baselines = {g: objective.value(lam) for g, lam in grids.items()}
     if config.objective == "none":

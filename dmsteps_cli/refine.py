@@ -24,11 +24,9 @@ from .errors import BadInput
 from .evaluate import Evaluator
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
-from .objective import build_objective
-from .optimize import GAP_FRACTION
+from .optimize import GAP_FRACTION, table_objective
 from .sample import network_denoiser, resolve_device, same_schedule
 from .tables import entry_for, load_table
-from .weights import order_pattern
 
 TRAIN_SEED_OFFSET = 1_000_000
 
@@ -126,8 +124,7 @@ def refine(req: RefineRequest, progress=None) -> dict:
         e0 = start_errors[start]
         t = schedule.t_of_lambda(lam)
         t[0], t[-1] = cfg["T"], cfg["eps"]
-        objective = build_objective(schedule, cfg["objective"], cfg["p"], order_pattern(solver, order, n),
-                                    cfg.get("trunc"), solver, order, variant)
+        objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
             "t": [float(v) for v in t], "lambda": [float(v) for v in lam],
             "sigmas": [float(v) for v in schedule.sigmas(t)],

@@ -28,10 +28,10 @@ import torch
 
 from .errors import BadInput
 from .models import load_checkpoint
+from .schedules import same_schedule  # noqa: F401  (refine and evaluate import it from here)
 from .solvers import build_plan, initial_noise_scale, run_plan
 from .tables import entry_for, load_table, write_atomic
 
-IDENTITY_RTOL = 1e-5
 
 
 @dataclass
@@ -52,19 +52,6 @@ class SampleRequest:
     force: bool = False
     dtype: str = "float32"
     schedule: str | None = None
-
-
-def same_schedule(ident_a: dict, ident_b: dict, rtol: float = IDENTITY_RTOL) -> bool:
-    """Two schedule identities describe the same alpha and sigma (family, probe values)."""
-    if ident_a.get("family") != ident_b.get("family"):
-        return False
-    try:
-        for key in ("probe_t", "log_alpha", "log_sigma"):
-            if not np.allclose(ident_a[key], ident_b[key], rtol=rtol, atol=1e-9):
-                return False
-    except (KeyError, ValueError):
-        return False
-    return True
 
 
 def solver_choice(cfg: dict, solver=None, order=None, variant=None):

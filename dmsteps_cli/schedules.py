@@ -386,6 +386,32 @@ def preset_names():
     return list(PRESETS)
 
 
+IDENTITY_RTOL = 1e-5
+
+
+def same_schedule(ident_a: dict, ident_b: dict, rtol: float = IDENTITY_RTOL) -> bool:
+    """Two schedule identities describe the same alpha and sigma (family, probe values)."""
+    if ident_a.get("family") != ident_b.get("family"):
+        return False
+    try:
+        for key in ("probe_t", "log_alpha", "log_sigma"):
+            if not np.allclose(ident_a[key], ident_b[key], rtol=rtol, atol=1e-9):
+                return False
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def preset_of(schedule: "Schedule") -> str | None:
+    """The preset whose alpha and sigma this schedule has (whatever it is called or was loaded
+    from: Stable Diffusion's scheduler_config.json is ``scaled_linear``), or None."""
+    ident = schedule.identity()
+    for name, (make, _) in PRESETS.items():
+        if same_schedule(ident, make().identity()):
+            return name
+    return None
+
+
 def schedule_from_spec(spec: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.spec()`` (as recorded in a table)."""
     try:

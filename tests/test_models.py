@@ -474,3 +474,16 @@ def test_schedules_do_not_import_torch():
     code = ("import sys, dmsteps_cli.schedules, dmsteps_cli.tables; "
             "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_patches_mixture_is_natural_image_data_and_deterministic():
+    from dmsteps_cli.models import patches_mixture
+
+    a, b = patches_mixture(), patches_mixture()
+    mu = a.means.numpy()
+    assert mu.shape == (1797, 64) and a.sample_shape == (1, 8, 8)
+    assert np.array_equal(mu, b.means.numpy())  # same seed, same patches
+    assert mu.min() >= -1.0 and mu.max() <= 1.0
+    contrast = mu.std(axis=1).mean()  # RMS around each patch's mean: low for photos, 0.75 for digits
+    assert 0.05 < contrast < 0.2, contrast
+    assert not np.array_equal(mu, patches_mixture(seed=1).means.numpy())

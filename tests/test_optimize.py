@@ -89,8 +89,8 @@ def test_a_worse_result_falls_back_to_the_start(monkeypatch):
 
 def test_resolve_defaults_and_refusals():
     sd = get_schedule("scaled_linear")
-    c = resolve(StepConfig(), sd)
-    assert (c.order, c.T, c.eps, c.trunc, c.shift) == (3, 1.0, 1e-3, 3, None)
+    c = resolve(StepConfig(objective="reference"), sd)
+    assert (c.order, c.T, c.eps, c.trunc, c.shift, c.init) == (3, 1.0, 1e-3, 3, None, "unif_t")
     assert resolve(StepConfig(solver="ddim"), sd).order == 1
     assert resolve(StepConfig(objective="paper", trunc=None), sd).trunc is None
     fl = resolve(StepConfig(), get_schedule("flow"))
@@ -130,7 +130,7 @@ def test_optimize_path_does_not_import_torch():
     import sys
 
     code = ("import sys; from dmsteps_cli.cli import main\n"
-            "try:\n    main(['optimize', '--nfe', '5,6', '-q'])\nexcept SystemExit:\n    pass\n"
+            "try:\n    main(['optimize', '--nfe', '5,6', '-q', '--objective', 'reference'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "assert 'scipy.optimize' in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

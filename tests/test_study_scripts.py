@@ -47,4 +47,25 @@ def test_study_unet_quick_on_a_tiny_random_unet(tmp_path, monkeypatch):
     study_unet.main()
     res = json.loads((tmp_path / "o" / "evaluation" / "unet-results.json").read_text())
     assert res["runs"][0]["config"]["objective"] == "reference" and "5" in res["runs"][0]["refine"]
-    assert "default table / best grid" in (tmp_path / "o" / "evaluation-unet.md").read_text()
+    assert "optimized table / best grid" in (tmp_path / "o" / "evaluation-unet.md").read_text()
+
+
+def test_study_data_quick_writes_choices_and_transfer(tmp_path, monkeypatch):
+    import study_data
+
+    monkeypatch.setattr(study_data, "PRESETS", [("linear", None)])
+    monkeypatch.setattr(study_data, "TRANSFER", [("linear", "unipc")])
+    monkeypatch.setattr(study_data, "TRANSFER_NFES", (5,))
+    monkeypatch.setattr(study_data, "REFINE_MAXITER", 2)
+    monkeypatch.setattr(study_data, "NFES", (5, 6))
+    monkeypatch.setattr(sys, "argv", ["study_data", "--samples", "8", "--out", str(tmp_path)])
+    study_data.main()
+    res = json.loads((tmp_path / "evaluation" / "data-results.json").read_text())
+    per = res["presets"]["linear"]
+    assert per["choice"] == min(per["score"], key=lambda c: per["score"][c]["geomean"])
+    cases = [c for c in per["ratios"] if "UNet" not in c]
+    assert len(cases) == 6 and all(min(per["ratios"][c][g][i] for g in ("unif", "unif_t", "quad", "edm")) == 1.0
+                                   for c in cases for i in range(2))
+    tr = res["transfer"][0]["errors"]["5"]
+    assert set(tr) == {"digits", "patches"} and "refined on patches" in tr["digits"]
+    assert "Transfer" in (tmp_path / "evaluation-data.md").read_text()

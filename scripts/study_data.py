@@ -1,0 +1,257 @@
+"""Do the best steps depend on the data? (`make study-data`; docs/evaluation-data.md)
+
+The same measurement as scripts/study.py (ideal denoiser, 256 held-out noises, error = mean RMS
+distance to a 1000-step reference solution from the same noise, divided by the best hand-made grid
+at that NFE), on three data sets instead of one:
+
+- ``digits``: scikit-learn's 1797 8x8 digits, component std 0.05 (the main benchmark);
+- ``patches``: 1797 8x8 grey patches of scikit-learn's two bundled photos, std 0.05 (natural
+  images: low contrast inside a patch);
+- ``digits-smooth``: the digits with component std 0.3 (a smooth density, few distinct modes).
+
+For every preset (flow at shifts 3 and 1) and solver (UniPC-3, DPM-Solver++-3) it measures the
+optimized table (reference objective, default p) and the four grids at NFE 5..15, and names the
+*choice*: the candidate with the smallest geometric mean of its ratio to the best grid over data
+sets, solvers and NFE (the trained digits UNet of docs/evaluation-unet.md joins the `linear`
+preset's cases when its results file is there). The tool's default steps per preset
+(``optimize.DEFAULT_STEPS``) are that choice; a test checks them against this script's results file.
+
+It also refines steps on one data set and measures them on the other (``transfer``): steps that
+are optimal for one data set, used on another.
+
+    python scripts/study_data.py [--samples 256] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
+from dmsteps_cli.evaluate import Evaluator  # noqa: E402
+from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
+from dmsteps_cli.models import Checkpoint, digits_mixture, patches_mixture  # noqa: E402
+from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
+from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+
+# (preset, shift): flow at SD3's shift 3 and FLUX.1-schnell's 1, each with its own default
+PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
+           ("flow", 1.0), ("squaredcos_cap_v2", None), ("vp-cosine", None)]
+DATASETS = {
+    "digits": (lambda: digits_mixture(0.05), "scikit-learn's 1797 digits, std 0.05"),
+    "patches": (lambda: patches_mixture(0.05), "1797 grey 8x8 patches of scikit-learn's two sample photos, std 0.05"),
+    "digits-smooth": (lambda: digits_mixture(0.3), "the digits with std 0.3"),
+}
+SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
+CANDIDATES = ("table",) + GRIDS
+NFES = tuple(range(5, 16))
+TRANSFER = [("scaled_linear", "unipc"), ("linear", "unipc"), ("edm", "unipc")]  # refine on one, measure on another
+TRANSFER_NFES = (5, 6, 7, 8)
+REFINE_MAXITER = 40
+UNET_RESULTS = ROOT / "docs" / "evaluation" / "unet-results.json"
+
+
+def checkpoint(schedule, mixture):
+    return Checkpoint(kind="gmm", schedule=schedule, prediction_type="sample", sample_shape=(1, 8, 8),
+                      num_classes=None, source="mixture", model=mixture)
+
+
+def optimized_table(name, schedule, solver, order, shift, nfes):
+    """The reference objective's table (default p and trunc), whatever the tool's default steps are."""
+    return make_table(StepConfig(schedule=name, solver=solver, order=order, shift=shift, nfe=nfes,
+                                 objective="reference", init="unif_t"), schedule)
+
+
+def steps_for(name, schedule, solver, order, shift, nfes):
+    """{candidate: [lambdas per NFE]}: the optimized table and the four grids."""
+    T, eps = schedule.T, schedule.eps_default
+    table = optimized_table(name, schedule, solver, order, shift, nfes)
+    out = {"table": [np.asarray(e["lambda"]) for e in table["entries"]]}
+    for g in GRIDS:
+        out[g] = [grid_lambda(g, schedule, n, T, eps, shift) for n in nfes]
+    return out
+
+
+def ratio_rows(errors: dict) -> dict:
+    """{candidate: [error / best grid's error per NFE]}."""
+    best = np.min(np.array([errors[g] for g in GRIDS]), axis=0)
+    return {c: [float(v) for v in np.array(errors[c]) / best] for c in errors}
+
+
+def unet_ratios():
+    """The trained digits UNet's ratios ({solver: {candidate: [...]}}, linear schedule), if measured."""
+    if not UNET_RESULTS.exists():
+        return None
+    res = json.loads(UNET_RESULTS.read_text())
+    out = {}
+    for run in res["runs"]:
+        errors = {g: run["baselines"][g] for g in GRIDS}
+        errors["table"] = run["table"]["errors"]
+        out[run["solver"]] = ratio_rows(errors)
+    return out
+
+
+def robust_choice(ratios_by_case: dict) -> dict:
+    """Per candidate: the geometric mean of its ratios over all cases (data sets x solvers x NFE:
+    the factor it typically loses or wins by), its worst ratio, and the share of cases where it is
+    more than 1% worse than the best grid. The choice has the smallest geometric mean."""
+    score = {}
+    for c in CANDIDATES:
+        vals = np.concatenate([np.asarray(r[c]) for r in ratios_by_case.values()])
+        score[c] = {"geomean": float(np.exp(np.log(vals).mean())), "worst": float(vals.max()),
+                    "loses": float(np.mean(vals > 1.01))}
+    choice = min(CANDIDATES, key=lambda c: score[c]["geomean"])
+    return {"score": score, "choice": choice}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="two presets, NFE 5-6, no transfer (a smoke run)")
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    (out / "evaluation").mkdir(parents=True, exist_ok=True)
+    presets = PRESETS[:2] if args.quick else PRESETS
+    nfes = NFES[:2] if args.quick else NFES
+    mixtures = {d: make() for d, (make, _) in DATASETS.items()}
+    results = {"samples": args.samples, "nfes": list(nfes), "datasets": {d: text for d, (_, text) in DATASETS.items()},
+               "presets": {}, "transfer": []}
+    t_start = time.perf_counter()
+    unet = unet_ratios()
+    for name, shift in presets:
+        key = default_key(name, shift)
+        schedule = get_schedule(name)
+        T, eps = schedule.T, schedule.eps_default
+        per = {"errors": {}, "ratios": {}}
+        steps = {s: steps_for(name, schedule, s, k, shift, nfes) for s, k, _ in SOLVERS}
+        for d, mixture in mixtures.items():
+            ckpt = checkpoint(schedule, mixture)
+            held = Evaluator(ckpt, ckpt.denoiser(), range(args.samples), T, eps, "cpu")
+            for solver, order, variant in SOLVERS:
+                case = f"{d} · {solver}-{order}"
+                errors = {c: [float(held.errors(lam, solver, order, variant).mean()) for lam in steps[solver][c]]
+                          for c in CANDIDATES}
+                per["errors"][case] = errors
+                per["ratios"][case] = ratio_rows(errors)
+        if key == "linear" and unet is not None and not args.quick:
+            for solver, r in unet.items():
+                per["ratios"][f"digits UNet · {solver}-3 (NFE 5-10)"] = r
+        per.update(robust_choice(per["ratios"]))
+        per["default"] = DEFAULT_STEPS.get(key)
+        results["presets"][key] = per
+        print(f"{key}: choice {per['choice']} (geometric mean {per['score'][per['choice']]['geomean']:.2f}), "
+              f"{time.perf_counter() - t_start:.0f} s", flush=True)
+    if not args.quick:
+        for name, solver in TRANSFER:
+            results["transfer"].append(transfer(name, solver, mixtures, args.samples))
+            print(f"transfer {name} {solver}: {time.perf_counter() - t_start:.0f} s", flush=True)
+    results["seconds"] = time.perf_counter() - t_start
+    (out / "evaluation" / "data-results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results, out)
+
+
+def transfer(name, solver, mixtures, samples):
+    """Refine on 'digits' and on 'patches' (64 training noises each), measure both refined step sets,
+    the optimized table and the grids on both data sets' held-out noises."""
+    schedule = get_schedule(name)
+    shift, T, eps = schedule.default_shift, schedule.T, schedule.eps_default
+    variant = "bh2" if solver == "unipc" else None
+    table = optimized_table(name, schedule, solver, 3, shift, TRANSFER_NFES)
+    ev = {}
+    for d in ("digits", "patches"):
+        ckpt = checkpoint(schedule, mixtures[d])
+        den = ckpt.denoiser()
+        ev[d] = (Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 64), T, eps, "cpu"),
+                 Evaluator(ckpt, den, range(samples), T, eps, "cpu"))
+    rows = {}
+    for e in table["entries"]:
+        n = e["nfe"]
+        steps = {"table": np.asarray(e["lambda"]), **{g: grid_lambda(g, schedule, n, T, eps, shift) for g in GRIDS}}
+        for d in ev:
+            steps[f"refined on {d}"] = refine_entry(ev[d][0], dict(steps), solver, 3, variant, REFINE_MAXITER)[0]
+        rows[n] = {d: {k: float(ev[d][1].errors(lam, solver, 3, variant).mean()) for k, lam in steps.items()}
+                   for d in ev}
+    return {"schedule": name, "solver": solver, "order": 3, "errors": rows}
+
+
+def write_report(results, out: Path):
+    nfes = results["nfes"]
+    lines = [
+        "# Do the best steps depend on the data?",
+        "",
+        f"Reproduce with `make study-data` (scripts/study_data.py; {results['seconds'] / 60:.0f} minutes on the 2-core "
+        "machine for this run). Raw numbers: [evaluation/data-results.json](evaluation/data-results.json).",
+        "",
+        "The measurement of [evaluation.md](evaluation.md) (closed-form ideal denoiser, "
+        f"{results['samples']} held-out noises, error = mean RMS distance to a 1000-step reference solution from the "
+        "same noise, divided by the best of the four hand-made grids at that NFE: below 1.00 beats every grid) on "
+        "three data sets:",
+        "",
+    ]
+    lines += [f"- `{d}`: {text}" for d, text in results["datasets"].items()]
+    lines += [
+        "",
+        "`table` is the optimized table (reference objective, p = 2, EDM p = 1, trunc 3). For each preset the "
+        "**choice** is the candidate with the smallest geometric mean of its ratio to the best grid over all "
+        "data sets, both solvers (UniPC-3, DPM-Solver++-3) and every NFE 5-15 (66 cases; for `linear` also the "
+        "trained digits UNet of [evaluation-unet.md](evaluation-unet.md) at NFE 5-10). "
+        "It is what `dmsteps optimize` uses by default for that preset (column `tool default`; "
+        "`grid G` = the hand-made grid G written as a table).",
+        "",
+        "## Summary: geometric-mean ratio to the best grid [worst ratio; share of cases more than 1% worse]",
+        "",
+        "| preset | " + " | ".join(f"`{c}`" for c in CANDIDATES) + " | choice | tool default |",
+        "|---" * (len(CANDIDATES) + 3) + "|",
+    ]
+    for name, per in results["presets"].items():
+        cells = []
+        for c in CANDIDATES:
+            s = per["score"][c]
+            cell = f"{s['geomean']:.2f} [{s['worst']:.2f}; {100 * s['loses']:.0f}%]"
+            cells.append(f"**{cell}**" if c == per["choice"] else cell)
+        dflt = per.get("default")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per['choice']} | "
+                     + ((f"grid {dflt[1]}" if dflt[0] == "none" else f"{dflt[0]} objective") if dflt else "")
+                     + " |")
+    lines.append("")
+    for name, per in results["presets"].items():
+        lines += [f"## {name}", "", "| case | best grid per NFE | " + " | ".join(f"`{c}` worst" for c in CANDIDATES)
+                  + " | `table` per NFE |", "|---" * (len(CANDIDATES) + 3) + "|"]
+        for case, r in per["ratios"].items():
+            errs = per["errors"].get(case)
+            best = ([min(GRIDS, key=lambda g: errs[g][i]) for i in range(len(errs["unif"]))] if errs else ["see UNet report"])
+            lines.append(f"| {case} | {' '.join(best)} | " + " | ".join(f"{max(r[c]):.2f}" for c in CANDIDATES)
+                         + " | " + " ".join(f"{v:.2f}" for v in r["table"]) + " |")
+        lines.append("")
+    if results["transfer"]:
+        lines += ["## Transfer: steps refined on one data set, used on another", "",
+                  "Refined on 64 training noises of one data set (from the best of the table and the grids), "
+                  "measured on the held-out noises of each. Ratio to the best grid on the data set measured.", ""]
+        for tr in results["transfer"]:
+            lines += [f"### {tr['schedule']} · {tr['solver']}-{tr['order']}", "",
+                      "| NFE | measured on | table | best grid | refined on digits | refined on patches |",
+                      "|---|---|---|---|---|---|"]
+            for n, per_d in tr["errors"].items():
+                for d, e in per_d.items():
+                    bg = min(GRIDS, key=e.get)
+                    lines.append(f"| {n} | {d} | {e['table'] / e[bg]:.2f} | {bg} | "
+                                 f"{e['refined on digits'] / e[bg]:.2f} | {e['refined on patches'] / e[bg]:.2f} |")
+            lines.append("")
+    (out / "evaluation-data.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
