@@ -122,7 +122,7 @@ def _default_note(schedule, config) -> str:
                 "`dmsteps evaluate` compares it with the hand-made grids on your model)")
     what = (f"the hand-made grid {config.init}" if config.objective == "none"
             else f"the {config.objective} objective's optimized steps")
-    return (f"default steps for {preset}: {what}, the smallest worst-case error over three data sets and two "
+    return (f"default steps for {preset}: {what}, measured best on average over three data sets and two "
             "solvers (docs/evaluation-data.md); --objective reference gives the optimized table")
 
 
