@@ -26,7 +26,7 @@ from .errors import BadInput
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
 from .sample import integrate, network_denoiser, noise_for, same_schedule, solver_choice, state_dtype
-from .solvers import build_plan, initial_noise_scale
+from .solvers import build_plan, initial_noise_scale, run_plan
 from .tables import load_table
 
 SCHEMA = "dmsteps.evaluation/1"
@@ -108,6 +108,34 @@ class Evaluator:
     def errors(self, lam, solver, order, variant) -> np.ndarray:
         return rms_per_sample(self.solve(lam, solver, order, variant), self.reference)
 
+    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
+        """errors(lam).mean() and its exact gradient in lam (N + 1 values; the two ends are fixed,
+        their entries are 0), by reverse-mode autograd through the solver and the model: the plan's
+        coefficients and the model's inputs (alpha, sigma, timestep) at each node are functions of
+        lam, with exact Jacobians (``_PlanCoefficients``, ``_NodeInputs``). Noises go through in
+        chunks of ``chunk`` to bound the memory of the graph."""
+        lam = np.asarray(lam, dtype=np.float64)
+        total, grad = 0.0, np.zeros_like(lam)
+        n = self.x_T.shape[0]
+        with full_precision(), torch.enable_grad():
+            for i in range(0, n, chunk):
+                lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+                plan = _differentiable_plan(self.schedule, lam_t, solver, order, variant)
+                t, alpha, sigma, timestep = _NodeInputs.apply(lam_t, self.schedule, self.T, self.eps)
+                t = t.detach().numpy()
+
+                def denoise(x, k):
+                    return self.denoiser(x, float(t[k]), timestep[k], alpha[k], sigma[k]).to(x.dtype)
+
+                x = run_plan(plan, self.x_T[i:i + chunk], denoise)
+                d = (x - self.reference[i:i + chunk]).reshape(x.shape[0], -1).double()
+                loss = d.square().mean(dim=1).sqrt().sum() / n
+                loss.backward()
+                total += float(loss.detach())
+                grad += lam_t.grad.numpy()
+        grad[0] = grad[-1] = 0.0
+        return total, grad
+
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)
 
@@ -125,6 +153,81 @@ class Evaluator:
         check = float(rms_per_sample(coarse, fine).mean())
         return fine, {"method": f"UniPC order 3 (bh2), {2 * steps} steps uniform in lambda",
                       "check": f"RMS difference to {steps} steps", "check_error": check}
+
+
+# --- gradients through the solver (refine) ------------------------------------------------------
+
+_COMPLEX_STEP = 1e-30
+
+
+def _flat_coefficients(plan) -> np.ndarray:
+    """Every coefficient of ``plan`` in ``Plan.map``'s order, as (n_coefficients, *batch)."""
+    values = []
+    plan.map(lambda c: values.append(c) or c)
+    batch = np.shape(plan.lam)[1:]
+    return np.stack([np.broadcast_to(np.asarray(c), batch) for c in values])
+
+
+class _PlanCoefficients(torch.autograd.Function):
+    """lam (N + 1,) -> the plan's coefficients (float64); backward: their exact Jacobian in lam by
+    complex step through the same ``build_plan`` (which is analytic in lam)."""
+
+    @staticmethod
+    def forward(ctx, lam, schedule, solver, order, variant):
+        ctx.args = (lam.detach().cpu().numpy(), schedule, solver, order, variant)
+        lam_np = ctx.args[0]
+        return torch.as_tensor(_flat_coefficients(build_plan(schedule, lam_np, solver, order, variant)),
+                               dtype=torch.float64)
+
+    @staticmethod
+    def backward(ctx, g):
+        lam, schedule, solver, order, variant = ctx.args
+        probe = lam[:, None] + 1j * _COMPLEX_STEP * np.eye(lam.size)  # one column per lambda
+        J = _flat_coefficients(build_plan(schedule, probe, solver, order, variant)).imag / _COMPLEX_STEP
+        return torch.as_tensor(J.T @ g.detach().cpu().numpy()), None, None, None, None
+
+
+def _differentiable_plan(schedule, lam_t, solver, order, variant):
+    """The plan for lam_t whose coefficients are 0-d tensors differentiable in lam_t."""
+    plan = build_plan(schedule, lam_t.detach().numpy(), solver, order, variant).map(float)
+    coef = _PlanCoefficients.apply(lam_t, schedule, solver, order, variant)
+    index = iter(range(coef.shape[0]))
+    return plan.map(lambda _: coef[next(index)])
+
+
+class _NodeInputs(torch.autograd.Function):
+    """lam (N + 1,) -> t, alpha, sigma (N + 1,) and the model timestep (N,) at the nodes, exactly as
+    ``Evaluator.solve`` computes them (t from lam, the ends pinned to T and eps); backward: central
+    differences in lam of the same functions (the ends are fixed: zero)."""
+
+    _H = 1e-6
+
+    @staticmethod
+    def values(schedule, lam, T, eps):
+        t = schedule.t_of_lambda(lam)
+        t[0], t[-1] = T, eps
+        return t, schedule.alpha(t), schedule.sigma(t), schedule.model_timestep(t[:-1])
+
+    @staticmethod
+    def forward(ctx, lam, schedule, T, eps):
+        lam_np = lam.detach().cpu().numpy()
+        h = _NodeInputs._H
+        up = _NodeInputs.values(schedule, lam_np + h, T, eps)
+        down = _NodeInputs.values(schedule, lam_np - h, T, eps)
+        ctx.derivs = [(u - d) / (2 * h) for u, d in zip(up[1:], down[1:])]
+        for d in ctx.derivs:
+            d[0] = 0.0
+            if d.size == lam_np.size:
+                d[-1] = 0.0
+        return tuple(torch.as_tensor(v, dtype=torch.float64) for v in _NodeInputs.values(schedule, lam_np, T, eps))
+
+    @staticmethod
+    def backward(ctx, g_t, g_alpha, g_sigma, g_ts):
+        grad = torch.zeros_like(g_alpha)
+        for g, d in zip((g_alpha, g_sigma, g_ts), ctx.derivs):
+            if g is not None:
+                grad[: d.size] += g * torch.as_tensor(d)
+        return grad, None, None, None
 
 
 def _tables_nfes(tables, nfe):

@@ -83,6 +83,15 @@ def _as_float(value, name: str) -> float:
     return float(value)
 
 
+def _as_scalar(value, name: str, like: torch.Tensor):
+    """A Python float, or for a tensor a 0-d tensor of ``like``'s dtype and device (gradients flow)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise BadInput(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=like.device, dtype=like.dtype)
+    return float(value)
+
+
 class GaussianMixture:
     """The data distribution sum_k w_k N(mu_k, s_k^2 I) in D = prod(sample_shape) dimensions.
 
@@ -190,14 +199,17 @@ class GaussianMixture:
     def denoise(self, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
         """E[x_0 | x_t = x] exactly, for x_t = alpha x_0 + sigma eps; shape and dtype of ``x``.
 
+        ``alpha``, ``sigma``: numbers or one-element tensors; the result is differentiable in ``x``
+        and in tensor ``alpha``/``sigma`` (refine's gradients).
+
         Component k's marginal is N(alpha mu_k, v_k I), v_k = alpha^2 s_k^2 + sigma^2; the
         responsibilities are a softmax of log w_k + log N(x; alpha mu_k, v_k I) and the component's
         posterior mean is mu_k + alpha s_k^2 / v_k (x - alpha mu_k)
         = (sigma^2 / v_k) mu_k + (alpha s_k^2 / v_k) x.
         """
-        a, sg = _as_float(alpha, "alpha"), _as_float(sigma, "sigma")
         xf = self._flat(x)
         mu, s, _, log_w = self._params(x.device)
+        a, sg = _as_scalar(alpha, "alpha", mu), _as_scalar(sigma, "sigma", mu)
         v = a * a * s * s + sg * sg  # (K,)
         if not bool((v > 0).all()):
             raise BadInput("denoise: alpha and sigma are both zero")
@@ -490,7 +502,9 @@ class Checkpoint:
                 xin = torch.cat([xin, xin])
             ts = _timestep_tensor(timestep, xin.shape[0], device)
             kwargs = {} if lab is None else {"class_labels": lab}
-            with torch.no_grad():
+            # no autograd graph unless a caller differentiates through the model (refine's gradients)
+            needs_grad = any(torch.is_tensor(v) and v.requires_grad for v in (xin, timestep, alpha, sigma))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
                 out = model(xin, ts, **kwargs).sample
             if channels is not None and out.shape[1] != channels:
                 out = out[:, :channels]  # learned variance / sigma channels

@@ -173,3 +173,59 @@ def test_measurements_run_without_tf32_and_restore_the_flags():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _mixture_evaluator(name, seeds=range(6)):
+    from dmsteps_cli.evaluate import Evaluator
+    from dmsteps_cli.models import Checkpoint
+
+    s = get_schedule(name)
+    means = torch.tensor(np.random.default_rng(1).uniform(-1, 1, size=(3, 16)))
+    ck = Checkpoint(kind="gmm", schedule=s, prediction_type="sample", sample_shape=(1, 4, 4), num_classes=None,
+                    source="test", model=GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)))
+    return Evaluator(ck, ck.denoiser(), seeds, s.T, s.eps_default, "cpu"), s
+
+
+def _central_differences(ev, lam, solver, variant, h):
+    fd = np.zeros_like(lam)
+    for j in range(1, lam.size - 1):
+        e = np.zeros_like(lam)
+        e[j] = h
+        fd[j] = (ev.errors(lam + e, solver, 3, variant).mean() - ev.errors(lam - e, solver, 3, variant).mean()) / (2 * h)
+    return fd
+
+
+@pytest.mark.parametrize("name,solver,variant", [("scaled_linear", "unipc", "bh2"), ("edm", "dpmpp", None),
+                                                 ("flow", "unipc", "bh1"), ("vp-cosine", "dpmpp", None)])
+def test_error_gradient_matches_finite_differences(name, solver, variant):
+    """refine's gradient (autograd through solver and model, exact Jacobians of the plan and of the
+    model's inputs) against central differences of the measured error, float64 mixture."""
+    ev, s = _mixture_evaluator(name)
+    lam = grid_lambda("unif_t", s, 6, s.T, s.eps_default, s.default_shift)
+    value, grad = ev.mean_error_and_grad(lam, solver, 3, variant, chunk=4)  # two chunks: 4 + 2 noises
+    assert value == pytest.approx(float(ev.errors(lam, solver, 3, variant).mean()), rel=1e-12)
+    fd = _central_differences(ev, lam, solver, variant, 1e-5)
+    assert grad[0] == grad[-1] == 0.0
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_error_gradient_through_a_unet(tmp_path):
+    """The same through a (random-weight) diffusers UNet in float32: the model's timestep input is
+    differentiated too."""
+    import diffusers
+    from tiny import save_pipeline, tiny_unet
+
+    from dmsteps_cli.evaluate import Evaluator
+    from dmsteps_cli.models import load_checkpoint
+    from dmsteps_cli.sample import network_denoiser
+
+    path = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
+    ck = load_checkpoint(path)
+    s = ck.schedule
+    ev = Evaluator(ck, network_denoiser(ck), range(4), s.T, s.eps_default, "cpu", 500)
+    lam = grid_lambda("quad", s, 5, s.T, s.eps_default)
+    value, grad = ev.mean_error_and_grad(lam, "unipc", 3, "bh2")
+    assert value == pytest.approx(float(ev.errors(lam, "unipc", 3, "bh2").mean()), rel=1e-6)
+    fd = _central_differences(ev, lam, "unipc", "bh2", 1e-3)
+    np.testing.assert_allclose(grad, fd, rtol=0.02, atol=0.02 * np.abs(fd).max())
