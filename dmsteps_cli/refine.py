@@ -6,7 +6,8 @@ to the reference solution (``evaluate``) over the *training* noises is minimized
 exact gradients in u: reverse-mode autograd through the solver and the model
 (``Evaluator.mean_error_and_grad``), chained with d lambda / d u. (Finite differences, used before,
 cost N - 1 solves per gradient and drowned in float32 rounding on networks; the exact gradient costs
-about two solves and made refine 2.5-4x faster on the digits benchmark at NFE 5-12.) It starts from whichever of the table's steps and the hand-made
+about two solves: 1.6-3.7x faster per gradient and 1.5-3.7x per refine at NFE 5-12 on the digits
+benchmark, benchmarks/bench_refine.py.) It starts from whichever of the table's steps and the hand-made
 grids has the lowest training error (measured: from the table alone it stayed 0.9-2.5x worse than the
 best grid at NFE 10-15 on the digits benchmark; from the best start it reached 0.24-0.78x). The result
 is reported on *held-out* noises, the same ones ``evaluate`` uses by default (seeds seed ... seed +
