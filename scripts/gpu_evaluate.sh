@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The ideal-denoiser evaluation of the default tables at 4096 noises on a GPU (docs/gpu-check.md):
+# The ideal-denoiser evaluation of the optimized tables (--objective reference) at 4096 noises on a GPU
+# (docs/evaluation-4096.md):
 # SAMPLES, DEVICE (cuda) and OUTDIR ($OUT) may be set; run from the repository root with dmsteps importable.
 set -e
 S=${SAMPLES:-4096}; D=${DEVICE:-cuda}; O=${OUTDIR:-$OUT}
@@ -7,6 +8,6 @@ for spec in "scaled_linear unipc" "scaled_linear dpmpp" "linear unipc" "edm unip
   set -- $spec; name=$1; solver=$2
   extra=""; [ "$name" = flow ] && extra="--shift 3"
   python3 -c "from dmsteps_cli.models import digits_mixture, save_mixture; save_mixture(digits_mixture(0.05), '/tmp/d_$name.npz', schedule='$name')"
-  python3 -m dmsteps_cli optimize --schedule $name --solver $solver $extra --nfe 5..15 -q -o /tmp/t_$name-$solver.json
+  python3 -m dmsteps_cli optimize --schedule $name --solver $solver $extra --objective reference --nfe 5..15 -q -o /tmp/t_$name-$solver.json
   /usr/bin/time -f "$name $solver: %e s" python3 -m dmsteps_cli evaluate -c /tmp/d_$name.npz -t /tmp/t_$name-$solver.json --samples $S --device $D -o $O/big_$name-$solver.json -q
 done

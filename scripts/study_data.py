@@ -120,14 +120,24 @@ def main():
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="two presets, NFE 5-6, no transfer (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check at 4096 noises)")
+    ap.add_argument("--no-transfer", action="store_true", help="skip the transfer part")
+    ap.add_argument("--mixtures", help="a folder with <data set>.npz mixture files (save_mixture) to use "
+                                       "instead of building them (for machines without scikit-learn)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
     presets = PRESETS[:2] if args.quick else PRESETS
     nfes = NFES[:2] if args.quick else NFES
-    mixtures = {d: make() for d, (make, _) in DATASETS.items()}
-    results = {"samples": args.samples, "nfes": list(nfes), "datasets": {d: text for d, (_, text) in DATASETS.items()},
+    if args.mixtures:
+        from dmsteps_cli.models import load_mixture
+
+        mixtures = {d: load_mixture(Path(args.mixtures) / f"{d}.npz")[0] for d in DATASETS}
+    else:
+        mixtures = {d: make() for d, (make, _) in DATASETS.items()}
+    device = torch.device(args.device)
+    results = {"samples": args.samples, "device": args.device, "nfes": list(nfes), "datasets": {d: text for d, (_, text) in DATASETS.items()},
                "presets": {}, "transfer": []}
     t_start = time.perf_counter()
     unet = unet_ratios()
@@ -139,7 +149,7 @@ def main():
         steps = {s: steps_for(name, schedule, s, k, shift, nfes) for s, k, _ in SOLVERS}
         for d, mixture in mixtures.items():
             ckpt = checkpoint(schedule, mixture)
-            held = Evaluator(ckpt, ckpt.denoiser(), range(args.samples), T, eps, "cpu")
+            held = Evaluator(ckpt, ckpt.denoiser(), range(args.samples), T, eps, device)
             for solver, order, variant in SOLVERS:
                 case = f"{d} · {solver}-{order}"
                 errors = {c: [float(held.errors(lam, solver, order, variant).mean()) for lam in steps[solver][c]]
@@ -152,14 +162,16 @@ def main():
         per.update(robust_choice(per["ratios"]))
         per["default"] = DEFAULT_STEPS.get(key)
         results["presets"][key] = per
+        (out / "evaluation" / "data-results.partial.json").write_text(json.dumps(results, indent=1) + "\n")
         print(f"{key}: choice {per['choice']} (geometric mean {per['score'][per['choice']]['geomean']:.2f}), "
               f"{time.perf_counter() - t_start:.0f} s", flush=True)
-    if not args.quick:
+    if not (args.quick or args.no_transfer):
         for name, solver in TRANSFER:
             results["transfer"].append(transfer(name, solver, mixtures, args.samples))
             print(f"transfer {name} {solver}: {time.perf_counter() - t_start:.0f} s", flush=True)
     results["seconds"] = time.perf_counter() - t_start
     (out / "evaluation" / "data-results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "evaluation" / "data-results.partial.json").unlink()
     write_report(results, out)
 
 
@@ -209,7 +221,8 @@ def write_report(results, out: Path):
         "data sets, both solvers (UniPC-3, DPM-Solver++-3) and every NFE 5-15 (66 cases; for `linear` also the "
         "trained digits UNet of [evaluation-unet.md](evaluation-unet.md) at NFE 5-10). "
         "It is what `dmsteps optimize` uses by default for that preset (column `tool default`; "
-        "`grid G` = the hand-made grid G written as a table).",
+        "`grid G` = the hand-made grid G written as a table). A rerun at 4096 noises on a GPU made the same "
+        "choices ([evaluation-4096.md](evaluation-4096.md); tests/test_defaults.py checks both files).",
         "",
         "## Summary: geometric-mean ratio to the best grid [worst ratio; share of cases more than 1% worse]",
         "",

@@ -23,9 +23,12 @@ def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "dmsteps_cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_defaults_are_the_study_choices():
-    """DEFAULT_STEPS is exactly what the committed study chose (smallest geometric-mean ratio)."""
-    res = json.loads(DATA_RESULTS.read_text())
+@pytest.mark.parametrize("results", [DATA_RESULTS, ROOT / "docs" / "evaluation" / "gpu-4096" / "data-results.json"],
+                         ids=["256 noises", "4096 noises"])
+def test_defaults_are_the_study_choices(results):
+    """DEFAULT_STEPS is exactly what the committed study chose (smallest geometric-mean ratio), at
+    256 noises and in the 4096-noise GPU rerun."""
+    res = json.loads(results.read_text())
     chosen = {}
     for key, per in res["presets"].items():
         score = per["score"]
