@@ -26,7 +26,7 @@ from .errors import BadInput
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
 from .sample import integrate, network_denoiser, noise_for, same_schedule, solver_choice, state_dtype
-from .solvers import build_plan, initial_noise_scale, run_plan
+from .solvers import COMPLEX_STEP, build_plan, initial_noise_scale, run_plan
 from .tables import load_table
 
 SCHEMA = "dmsteps.evaluation/1"
@@ -111,9 +111,9 @@ class Evaluator:
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
         """errors(lam).mean() and its exact gradient in lam (N + 1 values; the two ends are fixed,
         their entries are 0), by reverse-mode autograd through the solver and the model: the plan's
-        coefficients and the model's inputs (alpha, sigma, timestep) at each node are functions of
-        lam, with exact Jacobians (``_PlanCoefficients``, ``_NodeInputs``). Noises go through in
-        chunks of ``chunk`` to bound the memory of the graph."""
+        coefficients (exact Jacobian by complex step, ``_PlanCoefficients``) and the model's inputs
+        alpha, sigma and timestep at each node (central differences, ``_NodeInputs``) are functions
+        of lam. Noises go through in chunks of ``chunk`` to bound the memory of the graph."""
         lam = np.asarray(lam, dtype=np.float64)
         total, grad = 0.0, np.zeros_like(lam)
         n = self.x_T.shape[0]
@@ -157,9 +157,6 @@ class Evaluator:
 
 # --- gradients through the solver (refine) ------------------------------------------------------
 
-_COMPLEX_STEP = 1e-30
-
-
 def _flat_coefficients(plan) -> np.ndarray:
     """Every coefficient of ``plan`` in ``Plan.map``'s order, as (n_coefficients, *batch)."""
     values = []
@@ -182,8 +179,8 @@ class _PlanCoefficients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         lam, schedule, solver, order, variant = ctx.args
-        probe = lam[:, None] + 1j * _COMPLEX_STEP * np.eye(lam.size)  # one column per lambda
-        J = _flat_coefficients(build_plan(schedule, probe, solver, order, variant)).imag / _COMPLEX_STEP
+        probe = lam[:, None] + 1j * COMPLEX_STEP * np.eye(lam.size)  # one column per lambda
+        J = _flat_coefficients(build_plan(schedule, probe, solver, order, variant)).imag / COMPLEX_STEP
         return torch.as_tensor(J.T @ g.detach().cpu().numpy()), None, None, None, None
 
 

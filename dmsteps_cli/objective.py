@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadInput
+from .solvers import COMPLEX_STEP
 from .weights import lagrange_step_weights, order_pattern
 
 OBJECTIVES = ("reference", "paper", "exact")
-_COMPLEX_STEP = 1e-30
 
 
 def eps_tilde(schedule, lam, p: float):
@@ -155,10 +155,10 @@ class ExactObjective:
         et, det = eps_tilde(self.schedule, lam[:N], self.p)
         if not jac:
             return et * self._weights(lam), np.zeros(0), None, None
-        perturbed = lam[:, None] + 1j * _COMPLEX_STEP * np.eye(N + 1)  # one column per lambda
+        perturbed = lam[:, None] + 1j * COMPLEX_STEP * np.eye(N + 1)  # one column per lambda
         W = self._weights(perturbed)  # (N, N + 1)
         w = W[:, 0].real
-        dW = W.imag / _COMPLEX_STEP
+        dW = W.imag / COMPLEX_STEP
         Ja = et[:, None] * dW
         Ja[np.arange(N), np.arange(N)] += det * w
         return et * w, np.zeros(0), Ja, np.zeros((0, N + 1))

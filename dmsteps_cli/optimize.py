@@ -153,8 +153,8 @@ class StepConfig:
     ``schedule`` is the name or path the user gave (the table also records the schedule's full
     spec); ``objective``/``init``/``T``/``eps``/``order``/``shift`` are the resolved values (never
     None after ``resolve``; objective None: the schedule's ``default_steps`` when init, p and trunc
-    are None too, else ``reference``), ``trunc`` is None for objectives other than ``reference``, ``variant`` (UniPC's
-    B(h): bh1 or bh2) is None for other solvers.
+    are None too, else ``reference``), ``trunc`` is None for objectives other than ``reference``,
+    ``variant`` (UniPC's B(h): bh1 or bh2) is None for other solvers.
     """
 
     schedule: str = "scaled_linear"
@@ -174,11 +174,12 @@ class StepConfig:
         return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}
 
 
-# The steps `optimize` writes when neither --objective nor --init is given, per preset (flow: per
-# measured shift), from docs/evaluation-data.md (scripts/study_data.py): the candidate with the
-# smallest geometric-mean error ratio to the best hand-made grid over three data sets, UniPC-3 and
-# DPM-Solver++-3 and NFE 5..15. ("none", G): the grid G written as a table; ("reference", G): the
-# optimized table from G. tests/test_evaluate.py checks this against the study's results file.
+# The steps `optimize` writes when none of --objective, --init, --p, --trunc is given, per preset
+# (flow: per measured shift), from docs/evaluation-data.md (scripts/study_data.py): the candidate
+# with the smallest geometric-mean error ratio to the best hand-made grid over three data sets,
+# UniPC-3 and DPM-Solver++-3 and NFE 5..15. ("none", G): the grid G written as a table;
+# ("reference", G): the optimized table from G. tests/test_defaults.py checks this against the
+# study's results files (256 noises, and 4096 on a GPU).
 DEFAULT_STEPS: dict[str, tuple[str, str]] = {
     "scaled_linear": ("none", "unif"),
     "linear": ("none", "quad"),

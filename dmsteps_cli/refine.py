@@ -30,6 +30,7 @@ from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
 from .optimize import GAP_FRACTION, table_objective
 from .sample import network_denoiser, resolve_device, same_schedule
+from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
@@ -63,9 +64,8 @@ def _lam_of(u, lam_T, lam_eps):
 
 def _lam_and_jacobian(u, lam_T, lam_eps):
     """``_lam_of(u)`` and its Jacobian d lam / d u ((N + 1) x N), by complex step (exact)."""
-    h = 1e-30
-    probe = u[:, None] + 1j * h * np.eye(u.size)
-    jac = np.stack([_lam_of(probe[:, j], lam_T, lam_eps).imag / h for j in range(u.size)], axis=1)
+    probe = u[:, None] + 1j * COMPLEX_STEP * np.eye(u.size)
+    jac = np.stack([_lam_of(probe[:, j], lam_T, lam_eps).imag / COMPLEX_STEP for j in range(u.size)], axis=1)
     return _lam_of(u, lam_T, lam_eps), jac
 
 

@@ -32,6 +32,7 @@ from .errors import BadInput
 from .weights import order_pattern
 
 UNIPC_VARIANTS = ("bh1", "bh2")
+COMPLEX_STEP = 1e-30  # f'(x) = Im f(x + ih) / h, exact to rounding for f analytic in x (no cancellation)
 _PHI_TERMS = 26  # |z| < 1: 1/26! < 1e-26
 
 
