@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-wheels study study-data study-unet digits-model tables
+.PHONY: install demo test bench clean gpu-check gpu-wheels study study-data study-unet study-unet-patches digits-model tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ gpu-wheels:
 	mkdir -p .whl
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
+
+# The same on a UNet trained on photo patches with Stable Diffusion's betas: docs/evaluation-unet-patches.md.
+study-unet-patches: install
+	test -d build/patches-model/unet || $(PY) scripts/train_digits.py --out build/patches-model --data patches --betas scaled_linear
+	$(PY) scripts/study_unet.py --model build/patches-model --tag patches
 
 # A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, a few minutes.
 digits-model: install

@@ -9,8 +9,9 @@ solver, order and NFE are given), and divided by the best grid at that NFE: belo
 `refine` (the measured error minimized on 64 training noises, started from the better of the default
 table and the grids on those training noises) gives the limit at NFE 5..8.
 
-Writes docs/evaluation-unet.md, docs/evaluation/unet-results.json and one plot per solver.
-    python scripts/study_unet.py [--samples 256] [--model build/digits-model] [--quick] [--out docs]
+Writes docs/evaluation-unet.md, docs/evaluation/unet-results.json and one plot per solver (with
+--tag T: evaluation-unet-T.md, unet-T-results.json, unet-T-*.png).
+    python scripts/study_unet.py [--samples 256] [--model build/digits-model] [--quick] [--out docs] [--tag T]
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main():
     ap.add_argument("--model", default="build/digits-model", help="relative paths are taken from the repository root")
     ap.add_argument("--quick", action="store_true", help="32 samples, unipc only, NFE 5..6, refine at NFE 5 only (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--tag", default="", help="a second model's name: writes evaluation-unet-TAG.md and "
+                                              "unet-TAG-results.json (make study-unet-patches: patches)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -93,6 +96,7 @@ def main():
         "metric": "mean over samples of RMS(x - x_ref) over the sample's dimensions",
         "reference": held.reference_info, "runs": [],
         "default_steps": list(default_steps(schedule)),  # what `dmsteps optimize` writes for this schedule
+        "tag": args.tag,
     }
     for solver, order, variant in solvers:
         run = {"solver": solver, "order": order, "variant": variant, "baselines": {}, "table": {}, "refine": {}}
@@ -122,9 +126,14 @@ def main():
             log(f"{solver}-{order}: refine NFE {n} from {start} ({nit} it, train {e0:.3e} -> {e1:.3e})", t_start)
         results["runs"].append(run)
     results["seconds"] = time.perf_counter() - t_start
-    (out / "evaluation" / "unet-results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "evaluation" / f"{stem(results)}-results.json").write_text(json.dumps(results, indent=1) + "\n")
     write_report(results, out)
-    log(f"wrote {out / 'evaluation-unet.md'}", t_start)
+    log(f"wrote {out / ('evaluation-' + stem(results) + '.md')}", t_start)
+
+
+def stem(results) -> str:
+    """unet, or unet-TAG for a second model (file names)."""
+    return "unet" + (f"-{results['tag']}" if results.get("tag") else "")
 
 
 def default_label(results) -> str:
@@ -171,11 +180,12 @@ def write_report(results, out: Path):
     lines = [
         "# Evaluation on a trained UNet: do the optimized tables beat the hand-made grids?",
         "",
-        f"Reproduce with `make study-unet` (scripts/study_unet.py; this run took {results['seconds'] / 60:.1f} min "
-        "on the 2-core machine, one thread). Raw numbers: [evaluation/unet-results.json](evaluation/unet-results.json).",
+        f"Reproduce with `make {stem(results).replace('unet', 'study-unet')}` (scripts/study_unet.py; this run took "
+        f"{results['seconds'] / 60:.1f} min on the 2-core machine, one thread). Raw numbers: "
+        f"[evaluation/{stem(results)}-results.json](evaluation/{stem(results)}-results.json).",
         "",
-        f"**Benchmark.** The small pixel-space DDPM of `make digits-model` (`{results['model']}`): scikit-learn's "
-        f"8x8 digits (pixels in [-1, 1], shape {results['sample_shape']}), {trained}. "
+        f"**Benchmark.** A small pixel-space DDPM (`{results['model']}`, scripts/train_digits.py): "
+        f"{(tr or {}).get('data', 'data unknown')} (shape {results['sample_shape']}), {trained}. "
         f"Prediction type {results['prediction_type']}, schedule {sched.get('family')} "
         f"{_fmt(sched.get('params'))}, sampled from T = {_fmt(results['T'])} to eps = {_fmt(results['eps'])}. "
         f"{results['samples']} held-out noises (seeds {results['seeds'][0]}..{results['seeds'][1]}), the same for "
@@ -249,8 +259,9 @@ def write_report(results, out: Path):
         if ns:
             series.append(("refine (limit)", ns, [e for e in ref_err if e is not None],
                            {"ls": "-", "color": "k", "marker": "*", "ms": 9}))
-        png = f"unet-{run['solver']}-o{run['order']}.png"
-        save_error_plot(out / "evaluation" / png, series, f"digits UNet · {title}", ylabel="mean RMS error", dpi=100)
+        png = f"{stem(results)}-{run['solver']}-o{run['order']}.png"
+        save_error_plot(out / "evaluation" / png, series, f"{results.get('tag') or 'digits'} UNet · {title}",
+                        ylabel="mean RMS error", dpi=100)
         body += [f"![{title}](evaluation/{png})", ""]
 
     head = ["## Summary: the optimized table against the best hand-made grid", "",
@@ -264,8 +275,8 @@ def write_report(results, out: Path):
                     + (f"{max(d):.2f}" if d else "n/a") + " |")
     head.append("")
     text = "\n".join(lines + head + body) + "\n"
-    (out / "evaluation-unet.md").write_text(text)
-    print(f"wrote {out / 'evaluation-unet.md'} ({results['seconds']:.0f} s)", file=sys.stderr)
+    (out / f"evaluation-{stem(results)}.md").write_text(text)
+    print(f"wrote {out / ('evaluation-' + stem(results) + '.md')} ({results['seconds']:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
 The model is a diffusers UNet2DModel (sample_size 8, one channel, about 280k parameters) trained
 with epsilon prediction on DDPM's `linear` betas (1e-4 ... 0.02, 1000 steps); pixels are scaled to
-[-1, 1]. It is seeded and deterministic: the same arguments give the same weights.
+[-1, 1]. `--data patches --betas scaled_linear` trains the same network on grey photo patches with
+Stable Diffusion's betas instead. It is seeded and deterministic: the same arguments give the same weights.
 
 Writes a pipeline-style folder (loadable with diffusers' DDPMPipeline and dmsteps' load_checkpoint):
 
@@ -51,6 +52,20 @@ def digits_tensor(torch):
     return torch.tensor(data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0
 
 
+def patches_tensor(torch):
+    """The 1797 grey 8x8 photo patches of dmsteps' patches mixture (its component means)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dmsteps_cli.models import patches_mixture
+
+    return patches_mixture().means.to(torch.float32).reshape(-1, 1, 8, 8)
+
+
+DATA = {"digits": (digits_tensor, "sklearn.datasets.load_digits, 1797 images, pixels / 8 - 1"),
+        "patches": (patches_tensor, "1797 grey 8x8 patches of sklearn's sample photos (dmsteps patches_mixture), "
+                                    "pixels in [-1, 1]")}
+BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}  # DDPM; Stable Diffusion
+
+
 def eps_loss(model, x0, t, noise, alphas_cumprod):
     a = alphas_cumprod[t].sqrt()[:, None, None, None]
     s = (1.0 - alphas_cumprod[t]).sqrt()[:, None, None, None]
@@ -66,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", choices=sorted(DATA), default="digits")
+    ap.add_argument("--betas", choices=sorted(BETAS), default="linear", help="the training schedule's betas")
     args = ap.parse_args(argv)
 
     import torch
@@ -81,9 +98,10 @@ def main(argv=None) -> int:
         return 2
 
     start = time.perf_counter()
-    data = digits_tensor(torch)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                                        beta_end=0.02, prediction_type="epsilon")
+    data = DATA[args.data][0](torch)
+    beta_start, beta_end = BETAS[args.betas]
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.betas, beta_start=beta_start,
+                                        beta_end=beta_end, prediction_type="epsilon")
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
     M = len(alphas_cumprod)
     model = build_unet(diffusers)
@@ -98,7 +116,7 @@ def main(argv=None) -> int:
         return args.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     gen = torch.Generator().manual_seed(args.seed)
-    log(f"digits: {len(data)} images 1x8x8 in [-1, 1]; UNet2DModel {n_params:,} parameters; "
+    log(f"{args.data}: {len(data)} images 1x8x8 in [-1, 1], {args.betas} betas; UNet2DModel {n_params:,} parameters; "
         f"{args.steps} steps of {args.batch_size}, lr {args.lr}, seed {args.seed}")
     model.train()
     running, last_losses = 0.0, []
@@ -148,9 +166,9 @@ def main(argv=None) -> int:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     diffusers.DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp)
     info = {
-        "data": "sklearn.datasets.load_digits, 1797 images, pixels / 8 - 1",
+        "data": DATA[args.data][1],
         "model": "UNet2DModel", "parameters": n_params, "prediction_type": "epsilon",
-        "betas": "linear 1e-4 ... 0.02, 1000 steps",
+        "betas": f"{args.betas} {beta_start:g} ... {beta_end:g}, 1000 steps",
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema, "seed": args.seed,
         "threads": args.threads, "train_loss_last": last_losses[-1] if last_losses else None,
         "eval_loss_ema": eval_loss, "seconds": round(seconds, 1),
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     tmp.rename(out)
     log(f"done in {seconds:.1f}s: train loss (last {every} steps) {info['train_loss_last']:.4f}, "
-        f"EMA model loss on all digits {eval_loss:.4f}; wrote {out}")
+        f"EMA model loss on all {args.data} {eval_loss:.4f}; wrote {out}")
     return 0
 
 

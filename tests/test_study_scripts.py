@@ -69,3 +69,21 @@ def test_study_data_quick_writes_choices_and_transfer(tmp_path, monkeypatch):
     tr = res["transfer"][0]["errors"]["5"]
     assert set(tr) == {"digits", "patches"} and "refined on patches" in tr["digits"]
     assert "Transfer" in (tmp_path / "evaluation-data.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_train_digits_on_patches_with_sd_betas(tmp_path):
+    """scripts/train_digits.py --data patches --betas scaled_linear (a few steps): a checkpoint that
+    dmsteps loads, whose schedule is the scaled_linear preset, with its training record."""
+    import train_digits
+
+    from dmsteps_cli.models import load_checkpoint
+    from dmsteps_cli.schedules import preset_of
+
+    out = tmp_path / "m"
+    assert train_digits.main(["--out", str(out), "--steps", "3", "--batch-size", "8", "--data", "patches",
+                              "--betas", "scaled_linear"]) == 0
+    ck = load_checkpoint(str(out))
+    assert preset_of(ck.schedule) == "scaled_linear" and tuple(ck.sample_shape) == (1, 8, 8)
+    info = json.loads((out / "training.json").read_text())
+    assert info["betas"].startswith("scaled_linear") and "patches" in info["data"] and info["steps"] == 3
