@@ -12,8 +12,8 @@ at that NFE), on three data sets instead of one:
 For every preset (flow at shifts 3 and 1) and solver (UniPC-3, DPM-Solver++-3) it measures the
 optimized table (reference objective, default p) and the four grids at NFE 5..15, and names the
 *choice*: the candidate with the smallest geometric mean of its ratio to the best grid over data
-sets, solvers and NFE (the trained digits UNet of docs/evaluation-unet.md joins the `linear`
-preset's cases when its results file is there). The tool's default steps per preset
+sets, solvers and NFE (trained UNets join their preset's cases when their results files are there:
+the digits UNet for `linear`, the photo-patches UNet for `scaled_linear`). The tool's default steps per preset
 (``optimize.DEFAULT_STEPS``) are that choice; a test checks them against this script's results file.
 
 It also refines steps on one data set and measures them on the other (``transfer``): steps that
@@ -59,7 +59,9 @@ NFES = tuple(range(5, 16))
 TRANSFER = [("scaled_linear", "unipc"), ("linear", "unipc"), ("edm", "unipc")]  # refine on one, measure on another
 TRANSFER_NFES = (5, 6, 7, 8)
 REFINE_MAXITER = 40
-UNET_RESULTS = ROOT / "docs" / "evaluation" / "unet-results.json"
+# trained UNets (scripts/study_unet.py) whose measurements join a preset's cases: preset -> (name, results)
+UNETS = {"linear": ("digits UNet", ROOT / "docs" / "evaluation" / "unet-results.json"),
+         "scaled_linear": ("patches UNet", ROOT / "docs" / "evaluation" / "unet-patches-results.json")}
 
 
 def checkpoint(schedule, mixture):
@@ -89,11 +91,11 @@ def ratio_rows(errors: dict) -> dict:
     return {c: [float(v) for v in np.array(errors[c]) / best] for c in errors}
 
 
-def unet_ratios():
-    """The trained digits UNet's ratios ({solver: {candidate: [...]}}, linear schedule), if measured."""
-    if not UNET_RESULTS.exists():
+def unet_ratios(path: Path):
+    """A trained UNet's ratios ({solver: {candidate: [...]}}), if measured."""
+    if not path.exists():
         return None
-    res = json.loads(UNET_RESULTS.read_text())
+    res = json.loads(path.read_text())
     out = {}
     for run in res["runs"]:
         errors = {g: run["baselines"][g] for g in GRIDS}
@@ -140,7 +142,6 @@ def main():
     results = {"samples": args.samples, "device": args.device, "nfes": list(nfes), "datasets": {d: text for d, (_, text) in DATASETS.items()},
                "presets": {}, "transfer": []}
     t_start = time.perf_counter()
-    unet = unet_ratios()
     for name, shift in presets:
         key = default_key(name, shift)
         schedule = get_schedule(name)
@@ -156,9 +157,9 @@ def main():
                           for c in CANDIDATES}
                 per["errors"][case] = errors
                 per["ratios"][case] = ratio_rows(errors)
-        if key == "linear" and unet is not None and not args.quick:
-            for solver, r in unet.items():
-                per["ratios"][f"digits UNet · {solver}-3 (NFE 5-10)"] = r
+        unet = unet_ratios(UNETS[key][1]) if key in UNETS and not args.quick else None
+        for solver, r in (unet or {}).items():
+            per["ratios"][f"{UNETS[key][0]} · {solver}-3 (NFE 5-10)"] = r
         per.update(robust_choice(per["ratios"]))
         per["default"] = DEFAULT_STEPS.get(key)
         results["presets"][key] = per
@@ -218,8 +219,9 @@ def write_report(results, out: Path):
         "",
         "`table` is the optimized table (reference objective, p = 2, EDM p = 1, trunc 3). For each preset the "
         "**choice** is the candidate with the smallest geometric mean of its ratio to the best grid over all "
-        "data sets, both solvers (UniPC-3, DPM-Solver++-3) and every NFE 5-15 (66 cases; for `linear` also the "
-        "trained digits UNet of [evaluation-unet.md](evaluation-unet.md) at NFE 5-10). "
+        "data sets, both solvers (UniPC-3, DPM-Solver++-3) and every NFE 5-15 (66 cases; at NFE 5-10 also a "
+        "trained UNet: for `linear` the digits UNet of [evaluation-unet.md](evaluation-unet.md), for "
+        "`scaled_linear` the photo-patches UNet of [evaluation-unet-patches.md](evaluation-unet-patches.md)). "
         "It is what `dmsteps optimize` uses by default for that preset (column `tool default`; "
         "`grid G` = the hand-made grid G written as a table). A rerun at 4096 noises on a GPU made the same "
         "choices ([evaluation-4096.md](evaluation-4096.md); tests/test_defaults.py checks both files).",
