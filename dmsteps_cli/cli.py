@@ -318,6 +318,8 @@ def refine(
     holdout: int = typer.Option(256, help="Held-out noises (seeds seed ... seed + holdout - 1)."),
     seed: int = typer.Option(0, help="First held-out seed."),
     maxiter: int = typer.Option(60, help="L-BFGS-B iterations per NFE."),
+    grad_batch: int = typer.Option(64, help="Training noises per backward pass: lower it if the gradient's "
+                                   "memory does not fit (the result changes only by rounding)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
     class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
@@ -334,7 +336,8 @@ def refine(
     out_fmt = format_for(str(output) if output else None, fmt)
     table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                          nfe=parse_nfe(nfe) if nfe else None, train=train, holdout=holdout,
-                                         seed=seed, maxiter=maxiter, device=device, schedule=schedule,
+                                         seed=seed, maxiter=maxiter, grad_batch=grad_batch, device=device,
+                                         schedule=schedule,
                                          class_label=class_label, guidance_scale=guidance_scale))
     text = dumps(table_out, out_fmt)
     if output is not None:

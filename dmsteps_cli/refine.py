@@ -46,6 +46,7 @@ class RefineRequest:
     seed: int = 0
     device: str = "cpu"
     maxiter: int = 60
+    grad_batch: int = 64  # training noises per backward pass (memory), see Evaluator.mean_error_and_grad
     ref_steps: int = 500
     schedule: str | None = None
     class_label: int | None = None
@@ -69,7 +70,7 @@ def _lam_and_jacobian(u, lam_T, lam_eps):
     return _lam_of(u, lam_T, lam_eps), jac
 
 
-def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int):
+def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64):
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
@@ -89,7 +90,7 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
 
     def f(u):
         lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
-        value, dvalue_dlam = train.mean_error_and_grad(lam, solver, order, variant)
+        value, dvalue_dlam = train.mean_error_and_grad(lam, solver, order, variant, chunk=grad_batch)
         cache[u.tobytes()] = value
         return value, dlam_du.T @ dvalue_dlam
 
@@ -106,8 +107,8 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
 
 def refine(req: RefineRequest, progress=None) -> dict:
     """The refined table (dict) for the request."""
-    if req.train < 1 or req.holdout < 1:
-        raise BadInput("--train and --holdout must be >= 1")
+    if req.train < 1 or req.holdout < 1 or req.grad_batch < 1:
+        raise BadInput("--train, --holdout and --grad-batch must be >= 1")
     table = load_table(req.table)
     if "refine" in table:
         raise BadInput(f"table {req.table} is already refined; refine the optimized table it came from")
@@ -132,7 +133,8 @@ def refine(req: RefineRequest, progress=None) -> dict:
         entry = dict(entry_for(table, n))
         starts = {"table": entry["lambda"], **{g: grid_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
                                                for g in GRIDS}}
-        lam, start, start_errors, e1, nit = refine_entry(train, starts, solver, order, variant, req.maxiter)
+        lam, start, start_errors, e1, nit = refine_entry(train, starts, solver, order, variant, req.maxiter,
+                                                         req.grad_batch)
         e0 = start_errors[start]
         t = schedule.t_of_lambda(lam)
         t[0], t[-1] = cfg["T"], cfg["eps"]
