@@ -147,11 +147,19 @@ def show(
     file: Path = typer.Argument(..., help="A table (JSON or YAML)."),
     nfe: Optional[int] = typer.Option(None, help="Which NFE (needed when the table holds several)."),
     as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line: t, lambda, sigmas or timesteps."),
+    plot: Optional[Path] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
+                                        "and in lambda (PNG, SVG or PDF by the suffix; needs matplotlib)."),
 ):
-    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table."""
+    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
     from .tables import entry_for, load_table
 
     table = load_table(file)
+    if plot is not None:
+        from .plots import plot_table_steps
+
+        plot_table_steps(table, plot)
+        if as_ is None and nfe is None:
+            return
     if as_ is None and nfe is None:
         _summary(_console_stdout(), table)
         return

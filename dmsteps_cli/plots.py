@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import numpy as np
 
 from .errors import BadInput
 
@@ -33,8 +36,26 @@ def save_error_plot(path, series, title: str, ylabel: str = "mean RMS error to t
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _save(plt, fig, path, dpi)
+
+
+def _save(plt, fig, path, dpi: int) -> None:
+    """Write the figure atomically (a temporary file beside ``path``, then a rename; the format
+    follows the suffix) and close it; a bad folder or format is a one-line BadInput."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise BadInput(f"cannot write {path}: folder {path.parent} does not exist")
+        try:
+            fig.savefig(tmp, dpi=dpi)
+        except ValueError as exc:  # matplotlib: unknown format
+            raise BadInput(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def plot_evaluation(report: dict, path) -> None:
@@ -47,3 +68,53 @@ def plot_evaluation(report: dict, path) -> None:
                        {"ls": "--" if rows[0]["kind"] == "baseline" else "-"}))
     s = report["solver"]
     save_error_plot(path, series, f"{Path(report['checkpoint']).name}: {s['name']} order {s['order']}")
+
+
+GRID_STYLE = {"unif": ("tab:blue", "v"), "unif_t": ("tab:orange", "^"), "quad": ("tab:green", "s"),
+              "edm": ("tab:purple", "D")}
+
+
+def plot_table_steps(table: dict, path) -> list[tuple]:
+    """A table's steps for each NFE beside the four hand-made grids on the same interval, in t (log
+    scale) and in lambda: one row per NFE, the table's steps on it (black), each grid's just below.
+    Returns what was drawn: (label, nfe, t, lambda) per row, t and lambda from T (first) to eps."""
+    from .grids import GRIDS, grid_lambda
+    from .schedules import schedule_from_spec
+
+    plt = _pyplot()
+    schedule = schedule_from_spec(table["schedule"])
+    cfg = table["config"]
+    entries = sorted(table["entries"], key=lambda e: e["nfe"])
+    drawn = []
+    for e in entries:
+        n = e["nfe"]
+        drawn.append(("table", n, np.asarray(e["t"], dtype=float), np.asarray(e["lambda"], dtype=float)))
+        for g in GRIDS:
+            lam = grid_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
+            t = schedule.t_of_lambda(lam)
+            t[0], t[-1] = cfg["T"], cfg["eps"]
+            drawn.append((g, n, t, lam))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.55 * len(entries)), sharey=True)
+    labelled = set()
+    for label, n, t, lam in drawn:
+        k = 0 if label == "table" else 1 + GRIDS.index(label)
+        color, marker = ("black", "o") if label == "table" else GRID_STYLE.get(label, ("gray", "."))
+        y = np.full(t.size, n - 0.15 * k)
+        style = dict(color=color, marker=marker, ms=5 if k == 0 else 3, lw=0.6, alpha=1.0 if k == 0 else 0.8)
+        name = None if label in labelled else ("this table" if label == "table" else label)
+        labelled.add(label)
+        axes[0].plot(t, y, label=name, **style)
+        axes[1].plot(lam, y, **style)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("t (log scale; T, the noise end, at the right)")
+    axes[1].set_xlabel("lambda = log(alpha / sigma) (eps, the data end, at the right)")
+    axes[0].set_ylabel("NFE")
+    axes[0].set_yticks([e["nfe"] for e in entries])
+    for ax in axes:
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.legend(loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.suptitle(f"{table['schedule'].get('name', schedule.name)} · {cfg['solver']} order {cfg['order']} · "
+                 f"objective {cfg['objective']}, init {cfg['init']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
+    _save(plt, fig, path, 120)
+    return drawn

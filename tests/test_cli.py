@@ -194,3 +194,37 @@ def test_objective_none_writes_the_grid_itself_as_a_checkable_table(tmp_path):
         assert e["objective"] == e["baselines"]["quad"] == e["init_objective"]
     assert table["config"]["objective"] == "none" and table["config"]["trunc"] is None
     assert run("check", str(out)).returncode == 0
+
+
+def test_show_plot_draws_the_table_beside_the_grids(tmp_path):
+    from dmsteps_cli.plots import plot_table_steps
+
+    out = tmp_path / "t.json"
+    assert run("optimize", "--schedule", "edm", "--nfe", "5,7", "--objective", "reference", "-q",
+               "-o", str(out)).returncode == 0
+    png = tmp_path / "steps.png"
+    r = run("show", str(out), "--plot", str(png))
+    assert r.returncode == 0 and r.stdout == "", r.stderr  # a plot, nothing for machines on stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = load_table(out)
+    drawn = {(label, n): (t, lam) for label, n, t, lam in plot_table_steps(table, tmp_path / "again.svg")}
+    assert (tmp_path / "again.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted({n for _, n in drawn}) == [5, 7] and len(drawn) == 10  # the table and four grids per NFE
+    for e in table["entries"]:
+        np.testing.assert_array_equal(drawn[("table", e["nfe"])][0], e["t"])
+        np.testing.assert_array_equal(drawn[("table", e["nfe"])][1], e["lambda"])
+    # EDM's rho = 7 grid in closed form (t = sigma for EDM): (s_max^(1/7) + i/N (s_min^(1/7) - s_max^(1/7)))^7
+    i = np.arange(8) / 7
+    want = (80.0 ** (1 / 7) + i * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(drawn[("edm", 7)][0], want, rtol=1e-9)
+    np.testing.assert_allclose(drawn[("edm", 7)][1], -np.log(want), rtol=1e-9, atol=1e-9)
+
+
+def test_show_plot_refuses_bad_paths_and_leaves_nothing(tmp_path):
+    out = tmp_path / "t.json"
+    assert run("optimize", "--nfe", "5", "-q", "-o", str(out)).returncode == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for target, msg in ((tmp_path / "no" / "x.png", "does not exist"), (tmp_path / "x.xyz", "not supported")):
+        r = run("show", str(out), "--plot", str(target))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
