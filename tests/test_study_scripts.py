@@ -32,6 +32,9 @@ def test_study_runs_and_reports_refine_and_intervals(tmp_path, monkeypatch):
     assert all(lo <= r <= hi for (lo, hi), r in zip(ci, ratio))
     text = (tmp_path / "evaluation.md").read_text()
     assert "refine (limit)" in text and "95% interval" in text
+    assert set(run["inits"]) == {"unif", "unif_t", "quad", "edm", "best"} and "Starting grids" in text
+    assert run["inits"]["unif_t"]["max_lambda_diff"] == 0.0
+    assert run["inits"]["unif_t"]["errors"] == run["tables"][run["default"]]["errors"]
 
 
 @pytest.mark.filterwarnings("ignore")
