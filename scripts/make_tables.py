@@ -154,7 +154,8 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "`scripts/make_tables.py` calls `make_table(StepConfig(schedule=..., solver=..., order=..., shift=...))` "
         f"with every other setting at its default (dmsteps {__version__}) and writes `dumps(table, \"json\")` "
         "atomically. The same table is what `dmsteps optimize --schedule S [--shift X] --solver V --order K "
-        "--nfe 5..15` prints. With neither `--objective` nor `--init` given, the steps are the schedule's "
+        "--nfe 5..15` prints. With none of `--objective`, `--init`, `--p`, `--trunc` given, the steps are the "
+        "schedule's "
         "**default steps**: the candidate (the optimized table, or one of the four hand-made grids written as a "
         "table) with the smallest geometric-mean error ratio to the best grid over three data sets, two "
         "solvers and NFE 5-15 ([docs/evaluation-data.md](../docs/evaluation-data.md)). Here that is:",
