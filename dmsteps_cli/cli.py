@@ -179,7 +179,7 @@ def _console_stdout():
 @app.command()
 def schedules():
     """List the schedule presets (name, T, default eps, default steps, description; tab-separated)."""
-    from .optimize import DEFAULT_STEPS
+    from .optimize import DEFAULT_STEPS, measured_shifts
     from .schedules import PRESETS
 
     def label(key):
@@ -188,8 +188,8 @@ def schedules():
 
     for name, (make, desc) in PRESETS.items():
         s = make()
-        shifted = sorted((k for k in DEFAULT_STEPS if k.startswith(name + " shift ")), reverse=True)
-        steps = ", ".join(f"{label(k)} ({k.split(' ', 1)[1]})" for k in shifted) if shifted else label(name)
+        shifted = sorted(measured_shifts(name).items(), reverse=True)
+        steps = ", ".join(f"{label(k)} (shift {s:g})" for s, k in shifted) if shifted else label(name)
         sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\tdefault={steps}\t{desc}\n")
 
 

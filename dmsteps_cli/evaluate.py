@@ -98,8 +98,7 @@ class Evaluator:
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
         """Samples for the steps ``lam`` (N + 1 increasing lambdas from lambda(T) to lambda(eps))."""
         lam = np.asarray(lam, dtype=np.float64)
-        t = self.schedule.t_of_lambda(lam)
-        t[0], t[-1] = self.T, self.eps
+        t = self.schedule.step_times(lam, self.T, self.eps)
         plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
         timesteps = [float(v) for v in self.schedule.model_timestep(t[:-1])]
         with full_precision():
@@ -166,28 +165,27 @@ def _flat_coefficients(plan) -> np.ndarray:
 
 
 class _PlanCoefficients(torch.autograd.Function):
-    """lam (N + 1,) -> the plan's coefficients (float64); backward: their exact Jacobian in lam by
-    complex step through the same ``build_plan`` (which is analytic in lam)."""
+    """lam (N + 1,) -> the coefficients of ``plan`` (built from lam by the caller, float64);
+    backward: their exact Jacobian in lam by complex step through the same ``build_plan`` (which
+    is analytic in lam)."""
 
     @staticmethod
-    def forward(ctx, lam, schedule, solver, order, variant):
+    def forward(ctx, lam, plan, schedule, solver, order, variant):
         ctx.args = (lam.detach().cpu().numpy(), schedule, solver, order, variant)
-        lam_np = ctx.args[0]
-        return torch.as_tensor(_flat_coefficients(build_plan(schedule, lam_np, solver, order, variant)),
-                               dtype=torch.float64)
+        return torch.as_tensor(_flat_coefficients(plan), dtype=torch.float64)
 
     @staticmethod
     def backward(ctx, g):
         lam, schedule, solver, order, variant = ctx.args
         probe = lam[:, None] + 1j * COMPLEX_STEP * np.eye(lam.size)  # one column per lambda
         J = _flat_coefficients(build_plan(schedule, probe, solver, order, variant)).imag / COMPLEX_STEP
-        return torch.as_tensor(J.T @ g.detach().cpu().numpy()), None, None, None, None
+        return torch.as_tensor(J.T @ g.detach().cpu().numpy()), None, None, None, None, None
 
 
 def _differentiable_plan(schedule, lam_t, solver, order, variant):
     """The plan for lam_t whose coefficients are 0-d tensors differentiable in lam_t."""
-    plan = build_plan(schedule, lam_t.detach().numpy(), solver, order, variant).map(float)
-    coef = _PlanCoefficients.apply(lam_t, schedule, solver, order, variant)
+    plan = build_plan(schedule, lam_t.detach().numpy(), solver, order, variant)
+    coef = _PlanCoefficients.apply(lam_t, plan, schedule, solver, order, variant)
     index = iter(range(coef.shape[0]))
     return plan.map(lambda _: coef[next(index)])
 
@@ -201,8 +199,7 @@ class _NodeInputs(torch.autograd.Function):
 
     @staticmethod
     def values(schedule, lam, T, eps):
-        t = schedule.t_of_lambda(lam)
-        t[0], t[-1] = T, eps
+        t = schedule.step_times(lam, T, eps)
         return t, schedule.alpha(t), schedule.sigma(t), schedule.model_timestep(t[:-1])
 
     @staticmethod

@@ -193,15 +193,21 @@ DEFAULT_STEPS: dict[str, tuple[str, str]] = {
 FALLBACK_STEPS = ("reference", "unif_t")  # schedules with no measurements: the paper's method
 
 
+def measured_shifts(preset: str) -> dict[float, str]:
+    """{shift: DEFAULT_STEPS key} for a preset measured per shift (flow); {} for the others."""
+    prefix = preset + " shift "
+    return {float(k[len(prefix):]): k for k in DEFAULT_STEPS if k.startswith(prefix)}
+
+
 def default_key(preset: str | None, shift: float | None) -> str | None:
     """The DEFAULT_STEPS key of a preset: flow uses the measured shift nearest to ``shift`` (in
     log scale: below 1.73 that is 1, above it 3)."""
     if preset is None:
         return None
-    measured = [k for k in DEFAULT_STEPS if k.startswith(preset + " shift ")]
+    measured = measured_shifts(preset)
     if not measured or shift is None or not shift > 0:  # a bad shift is refused by resolve
         return preset
-    return min(measured, key=lambda k: abs(math.log(float(k.rsplit(" ", 1)[1]) / shift)))
+    return measured[min(measured, key=lambda s: abs(math.log(s / shift)))]
 
 
 def default_steps(schedule, shift: float | None = None) -> tuple[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +40,19 @@ def save_error_plot(path, series, title: str, ylabel: str = "mean RMS error to t
 
 
 def _save(plt, fig, path, dpi: int) -> None:
-    """Write the figure atomically (a temporary file beside ``path``, then a rename; the format
-    follows the suffix) and close it; a bad folder or format is a one-line BadInput."""
+    """Render the figure in the format its suffix names and write it with ``tables.write_atomic``;
+    close it. A bad folder or format is a one-line BadInput."""
+    from .tables import write_atomic
+
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    buf = io.BytesIO()
     try:
-        if not (path.parent if str(path.parent) else Path(".")).is_dir():
-            raise BadInput(f"cannot write {path}: folder {path.parent} does not exist")
-        try:
-            fig.savefig(tmp, dpi=dpi)
-        except ValueError as exc:  # matplotlib: unknown format
-            raise BadInput(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
-        os.replace(tmp, path)
+        fig.savefig(buf, format=path.suffix[1:] or None, dpi=dpi)
+    except ValueError as exc:  # matplotlib: unknown format
+        raise BadInput(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, buf.getvalue())
 
 
 def plot_evaluation(report: dict, path) -> None:
@@ -91,9 +88,7 @@ def plot_table_steps(table: dict, path) -> list[tuple]:
         drawn.append(("table", n, np.asarray(e["t"], dtype=float), np.asarray(e["lambda"], dtype=float)))
         for g in GRIDS:
             lam = grid_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
-            t = schedule.t_of_lambda(lam)
-            t[0], t[-1] = cfg["T"], cfg["eps"]
-            drawn.append((g, n, t, lam))
+            drawn.append((g, n, schedule.step_times(lam, cfg["T"], cfg["eps"]), lam))
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.55 * len(entries)), sharey=True)
     labelled = set()
     for label, n, t, lam in drawn:

@@ -136,8 +136,7 @@ def refine(req: RefineRequest, progress=None) -> dict:
         lam, start, start_errors, e1, nit = refine_entry(train, starts, solver, order, variant, req.maxiter,
                                                          req.grad_batch)
         e0 = start_errors[start]
-        t = schedule.t_of_lambda(lam)
-        t[0], t[-1] = cfg["T"], cfg["eps"]
+        t = schedule.step_times(lam, cfg["T"], cfg["eps"])
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
             "t": [float(v) for v in t], "lambda": [float(v) for v in lam],
@@ -173,8 +172,7 @@ def refined_consistency(table: dict) -> list[str]:
     drift = []
     for i, e in enumerate(table["entries"]):
         lam = np.asarray(e["lambda"])
-        t = schedule.t_of_lambda(lam)
-        t[0], t[-1] = e["t"][0], e["t"][-1]
+        t = schedule.step_times(lam, e["t"][0], e["t"][-1])
         where = f"entries[{i}] (NFE {e['nfe']})"
         for key, want in (("t", t), ("sigmas", schedule.sigmas(t)), ("timesteps", schedule.model_timestep(t[:-1]))):
             if not np.allclose(e[key], want, rtol=1e-8, atol=0):

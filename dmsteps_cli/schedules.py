@@ -63,6 +63,13 @@ class Schedule:
         """Inverse of lambda(t)."""
         raise NotImplementedError
 
+    def step_times(self, lam, T: float, eps: float) -> np.ndarray:
+        """t at step lambdas (lambda(T) first), the two ends pinned to exactly T and eps (the
+        inverse of lambda(T) can differ from T by rounding)."""
+        t = self.t_of_lambda(lam)
+        t[0], t[-1] = T, eps
+        return t
+
     def log_alpha_sigma_of_lambda(self, lam):
         """(log alpha, log sigma, d log alpha/d lambda, d log sigma/d lambda) as functions of lambda.
 

@@ -56,8 +56,7 @@ def _floats(a) -> list[float]:
 def make_entry(config: StepConfig, schedule, nfe: int) -> dict:
     """Optimize one NFE and describe it as a table entry."""
     res, init, baselines, orders = optimize_nfe(config, schedule, nfe)
-    t = schedule.t_of_lambda(res.lam)
-    t[0], t[-1] = config.T, config.eps
+    t = schedule.step_times(res.lam, config.T, config.eps)
     return {
         "nfe": nfe,
         "orders": [int(k) for k in orders],
