@@ -7,14 +7,45 @@ exact gradients in u: reverse-mode autograd through the solver and the model
 (``Evaluator.mean_error_and_grad``), chained with d lambda / d u. (Finite differences, used before,
 cost N - 1 solves per gradient and drowned in float32 rounding on networks; the exact gradient costs
 about two solves: 1.6-3.7x faster per gradient and 1.5-3.7x per refine at NFE 5-12 on the digits
-benchmark, benchmarks/bench_refine.py.) It starts from whichever of the table's steps and the hand-made
-grids has the lowest training error (measured: from the table alone it stayed 0.9-2.5x worse than the
-best grid at NFE 10-15 on the digits benchmark; from the best start it reached 0.24-0.78x). The result
-is reported on *held-out* noises, the same ones ``evaluate`` uses by default (seeds seed ... seed +
-holdout - 1); training seeds are seed + 1_000_000 ... . The new table records the model, the solver,
-the start and both seed sets; ``check`` cannot recompute it without the model and checks its
-consistency instead. A refined step set is never worse on the training noises than its start
-(otherwise the start is kept).
+benchmark, benchmarks/bench_refine.py.) It starts from whichever candidate -- the table's steps
+("table") or a hand-made grid (``grids.GRIDS``) -- has the lowest training error (measured: from the
+table alone it stayed 0.9-2.5x worse than the best grid at NFE 10-15 on the digits benchmark; from the
+best start it reached 0.24-0.78x). Every candidate and the result are then measured on *held-out*
+noises, the same ones ``evaluate`` uses by default (seeds seed ... seed + holdout - 1); training seeds
+are seed + 1_000_000 ... . A refined step set is never worse on the training noises than its start
+(otherwise the start is kept). ``check`` cannot recompute a refined table without the model and checks
+its consistency instead (``refined_consistency``).
+
+Errors are in the units of the samples: the mean over noises of each sample's RMS(x - x_ref) over its
+dimensions, x_ref the reference solution from the same noise.
+
+The refined table is the input table with these changes:
+
+    config.nfe        the NFEs the file holds (the refined ones), ascending
+    entries           only the refined NFEs, ascending; per entry:
+      t, lambda, sigmas, timesteps   the refined steps (the start's when nothing beat it)
+      objective       the input table's objective (its config) at these steps
+      init            "refined from the table" | "refined from grid G", or "kept the table" |
+                      "kept grid G" when nothing beat the start
+      init_objective  that objective at the start used
+      orders, baselines   as in the input table (they depend on the NFE and config only)
+      optimizer       {status, method, message, iterations, evaluations} of the refinement:
+                      status "refined" (the steps beat the start on the training noises) or
+                      "kept-start" (nothing did: the steps are the start's); iterations and
+                      evaluations are L-BFGS-B's (one evaluation = the training error and its
+                      gradient); message is L-BFGS-B's stop reason
+      refine          what was measured:
+        start                 the candidate L-BFGS-B started from: "table" or a grid name
+        train_errors          {candidate: training error}, for "table" and every grid
+        train_error_start     train_errors[start], the lowest of them
+        train_error           the training error of the entry's steps
+        iterations            L-BFGS-B iterations (as optimizer.iterations)
+        holdout_errors        {candidate: held-out error}, for "table" (the input table's own
+                              steps) and every grid
+        holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
+        holdout_error         the held-out error of the entry's steps
+    refine            checkpoint, from_table, solver {name, order, variant}, metric, reference (of
+                      the training noises), train_seeds and holdout_seeds [first, last], optimizer
 """
 
 from __future__ import annotations
@@ -34,6 +65,10 @@ from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
+TABLE = "table"  # the candidate name of the input table's own steps
+STATUSES = ("refined", "kept-start")
+METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
+RECORD_RTOL = 1e-12  # ``check``: recorded copies of one measurement must agree to this (relative)
 
 
 @dataclass
@@ -53,6 +88,24 @@ class RefineRequest:
     guidance_scale: float = 1.0
 
 
+@dataclass
+class Refined:
+    """One NFE refined on the training noises (errors: mean RMS to the reference, sample units)."""
+
+    lam: np.ndarray  # N + 1 increasing lambdas: the refined steps, or the start's when nothing beat it
+    start: str  # the candidate L-BFGS-B started from
+    train_errors: dict  # the training error of every candidate, by name
+    train_error: float  # the training error of lam
+    improved: bool  # lam beat the start on the training noises
+    iterations: int  # L-BFGS-B iterations
+    evaluations: int  # training error-and-gradient evaluations
+    message: str  # L-BFGS-B's stop reason
+
+    @property
+    def status(self) -> str:
+        return "refined" if self.improved else "kept-start"
+
+
 def _lam_of(u, lam_T, lam_eps):
     """Lambdas whose gaps are GAP_FRACTION of the range plus shares of the rest by softmax(u):
     strictly increasing, neighbours never closer than the optimizer's minimum gap."""
@@ -70,13 +123,13 @@ def _lam_and_jacobian(u, lam_T, lam_eps):
     return _lam_of(u, lam_T, lam_eps), jac
 
 
-def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64):
+def refine_steps(train: Evaluator, starts: dict, solver, order, variant, maxiter: int,
+                 grad_batch: int = 64) -> Refined:
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
-    with the lowest training error is where L-BFGS-B starts. Returns (lam, start name, the training
-    error of every start by name, final training error, iterations); lam is the start when nothing
-    beat it.
+    with the lowest training error is where L-BFGS-B starts. The result's lam is the start itself
+    (``improved`` False) when no evaluated point beat it.
     """
     from scipy.optimize import minimize
 
@@ -97,21 +150,68 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
     res = minimize(f, u0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
     e_start = train_err[start]
     best = min(cache, key=cache.get)
-    e1 = cache[best]
-    if not e1 < e_start:
-        return lam0, start, train_err, e_start, int(res.nit)
+    done = dict(start=start, train_errors=train_err, iterations=int(res.nit), evaluations=int(res.nfev),
+                message=str(res.message))
+    if not cache[best] < e_start:
+        return Refined(lam=lam0, train_error=e_start, improved=False, **done)
     lam = _lam_of(np.frombuffer(best, dtype=np.float64), lam_T, lam_eps)
     lam[0], lam[-1] = lam_T, lam_eps
-    return lam, start, train_err, e1, int(res.nit)
+    return Refined(lam=lam, train_error=cache[best], improved=True, **done)
+
+
+def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64):
+    """``refine_steps`` as a tuple: (lam, start name, the training error of every start by name,
+    final training error, iterations)."""
+    r = refine_steps(train, starts, solver, order, variant, maxiter, grad_batch)
+    return r.lam, r.start, r.train_errors, r.train_error, r.iterations
+
+
+def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float | None) -> dict:
+    """The starts refine considers at ``nfe``: {"table": the input table's lambdas, grid: its lambdas
+    for every grid in ``GRIDS``} (N + 1 increasing lambdas each, float64)."""
+    return {TABLE: np.asarray(table_lam, dtype=np.float64),
+            **{g: grid_lambda(g, schedule, nfe, T, eps, shift) for g in GRIDS}}
+
+
+def start_label(start: str, improved: bool) -> str:
+    """The entry's ``init``: where its steps came from."""
+    what = "the table" if start == TABLE else f"grid {start}"
+    return f"refined from {what}" if improved else f"kept {what}"
+
+
+def optimizer_record(r: Refined) -> dict:
+    """The entry's ``optimizer``: the refinement's status and L-BFGS-B's counts."""
+    return {"status": r.status, "method": METHOD, "message": r.message, "iterations": r.iterations,
+            "evaluations": r.evaluations}
+
+
+def refine_record(r: Refined, holdout_errors: dict, holdout_error: float) -> dict:
+    """The entry's ``refine`` record (see the module docstring); ``holdout_errors`` maps every
+    candidate to its held-out error, ``holdout_error`` is that of ``r.lam``."""
+    return {"start": r.start, "train_errors": dict(r.train_errors), "train_error_start": r.train_errors[r.start],
+            "train_error": r.train_error, "iterations": r.iterations,
+            "holdout_errors": dict(holdout_errors), "holdout_error_start": holdout_errors[r.start],
+            "holdout_error": holdout_error}
+
+
+def best_candidate(errors: dict) -> tuple[str, float]:
+    """The name and error of the lowest of ``errors`` ({name: error}); ties go to the first."""
+    name = min(errors, key=errors.get)
+    return name, errors[name]
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
-    """The refined table (dict) for the request."""
+    """The refined table (dict) for the request; ``progress(nfe)`` is called after each NFE."""
     if req.train < 1 or req.holdout < 1 or req.grad_batch < 1:
         raise BadInput("--train, --holdout and --grad-batch must be >= 1")
+    if req.maxiter < 0:
+        raise BadInput(f"--maxiter must be >= 0, got {req.maxiter}")
     table = load_table(req.table)
     if "refine" in table:
         raise BadInput(f"table {req.table} is already refined; refine the optimized table it came from")
+    nfes = sorted(set(req.nfe)) if req.nfe else sorted(e["nfe"] for e in table["entries"])
+    for n in nfes:
+        entry_for(table, n)  # an NFE the table lacks fails before the model loads
     device = resolve_device(req.device)
     ckpt = load_checkpoint(req.checkpoint, device=device, schedule=req.schedule)
     if ckpt.kind == "pipeline":
@@ -127,49 +227,97 @@ def refine(req: RefineRequest, progress=None) -> dict:
     train = Evaluator(ckpt, denoiser, train_seeds, cfg["T"], cfg["eps"], device, req.ref_steps)
     held = Evaluator(ckpt, denoiser, range(req.seed, req.seed + req.holdout), cfg["T"], cfg["eps"], device,
                      req.ref_steps)
-    nfes = req.nfe or tuple(e["nfe"] for e in table["entries"])
+
+    def held_error(lam) -> float:
+        return float(held.errors(lam, solver, order, variant).mean())
+
     entries = []
     for n in nfes:
         entry = dict(entry_for(table, n))
-        starts = {"table": entry["lambda"], **{g: grid_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
-                                               for g in GRIDS}}
-        lam, start, start_errors, e1, nit = refine_entry(train, starts, solver, order, variant, req.maxiter,
-                                                         req.grad_batch)
-        e0 = start_errors[start]
-        t = schedule.step_times(lam, cfg["T"], cfg["eps"])
+        starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
+        r = refine_steps(train, starts, solver, order, variant, req.maxiter, req.grad_batch)
+        holdout_errors = {name: held_error(lam) for name, lam in starts.items()}
+        holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
+        t = schedule.step_times(r.lam, cfg["T"], cfg["eps"])
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
-            "t": [float(v) for v in t], "lambda": [float(v) for v in lam],
+            "t": [float(v) for v in t], "lambda": [float(v) for v in r.lam],
             "sigmas": [float(v) for v in schedule.sigmas(t)],
             "timesteps": [float(v) for v in schedule.model_timestep(t[:-1])],
-            "objective": objective.value(lam), "init": f"refined from {'the table' if start == 'table' else 'grid ' + start}",
-            "init_objective": entry["objective"],
-            "refine": {"start": start, "train_error_start": e0, "train_error": e1, "iterations": nit,
-                       "holdout_error_start": float(held.errors(entry["lambda"], solver, order, variant).mean()),
-                       "holdout_error": float(held.errors(lam, solver, order, variant).mean())},
+            "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
+            "init_objective": objective.value(starts[r.start]),
+            "optimizer": optimizer_record(r),
+            "refine": refine_record(r, holdout_errors, holdout_error),
         })
         entries.append(entry)
         if progress is not None:
             progress(n)
-    return {**table, "entries": entries, "refine": {
+    return {**table, "config": {**cfg, "nfe": list(nfes)}, "entries": entries, "refine": {
         "checkpoint": str(req.checkpoint), "from_table": str(req.table),
         "solver": {"name": solver, "order": order, "variant": variant},
         "metric": "mean over samples of RMS(x - x_ref) over the sample's dimensions",
         "reference": train.reference_info,
         "train_seeds": [train_seeds.start, train_seeds.stop - 1],
         "holdout_seeds": [req.seed, req.seed + req.holdout - 1],
-        "optimizer": f"L-BFGS-B over softmax gap logits, exact gradients (autograd), maxiter {req.maxiter}, "
-                     "from the best of the table and the grids on the training noises",
+        "optimizer": f"{METHOD}, maxiter {req.maxiter}, from the best of the table and the grids on the "
+                     "training noises",
     }}
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _same(a, b) -> bool:
+    return _finite(a) and _finite(b) and math.isclose(a, b, rel_tol=RECORD_RTOL, abs_tol=0.0)
+
+
+def _record_drift(e: dict) -> list[str]:
+    """What does not add up in one refined entry's ``optimizer`` and ``refine`` records (see the
+    module docstring); messages relative to the entry."""
+    status, rec = e["optimizer"].get("status"), e.get("refine")
+    if status not in STATUSES:
+        return [f"optimizer.status: {status!r} is not a refine status ({' or '.join(STATUSES)})"]
+    if not isinstance(rec, dict):
+        return ["refine: missing or not a mapping"]
+    drift = []
+    for key in ("holdout_errors", "train_errors"):
+        errs = rec.get(key)
+        if not isinstance(errs, dict) or not {TABLE, *GRIDS} <= set(errs) or not all(map(_finite, errs.values())):
+            drift.append(f"refine.{key}: expected a finite error for each of {', '.join((TABLE, *GRIDS))}")
+    for key in ("holdout_error", "holdout_error_start", "train_error", "train_error_start"):
+        if not _finite(rec.get(key)):
+            drift.append(f"refine.{key}: missing or not finite")
+    if drift:
+        return drift
+    start = rec.get("start")
+    if start not in rec["train_errors"]:
+        return [f"refine.start: {start!r} is not one of the candidates"]
+    if rec["train_errors"][start] != min(rec["train_errors"].values()):
+        drift.append(f"refine.start: {start} is not the candidate with the lowest training error")
+    for kind in ("holdout", "train"):
+        if not _same(rec[f"{kind}_error_start"], rec[f"{kind}_errors"][start]):
+            drift.append(f"refine.{kind}_error_start: not the recorded {kind} error of the start {start}")
+    if status == "refined" and not rec["train_error"] < rec["train_error_start"]:
+        drift.append("optimizer.status: refined, but the training error is not below the start's")
+    if status == "kept-start" and not (_same(rec["train_error"], rec["train_error_start"])
+                                       and _same(rec["holdout_error"], rec["holdout_error_start"])):
+        drift.append("optimizer.status: kept-start, but the errors differ from the start's")
+    return drift
+
+
 def refined_consistency(table: dict) -> list[str]:
-    """What ``check`` can verify of a refined table without its model: t, sigmas and timesteps
-    follow from lambda through the table's schedule."""
+    """What ``check`` can verify of a refined table without its model: ``config.nfe`` lists the
+    entries' NFEs; t, sigmas and timesteps follow from lambda through the table's schedule; each
+    entry's status is a refine status that agrees with its recorded errors, and the recorded start
+    and its errors agree with the per-candidate errors."""
     from .schedules import schedule_from_spec
 
     schedule = schedule_from_spec(table["schedule"])
     drift = []
+    nfes = [e["nfe"] for e in table["entries"]]
+    if table["config"].get("nfe") != nfes:
+        drift.append(f"config.nfe: {table['config'].get('nfe')!r}, but the entries hold NFE {nfes}")
     for i, e in enumerate(table["entries"]):
         lam = np.asarray(e["lambda"])
         t = schedule.step_times(lam, e["t"][0], e["t"][-1])
@@ -177,6 +325,5 @@ def refined_consistency(table: dict) -> list[str]:
         for key, want in (("t", t), ("sigmas", schedule.sigmas(t)), ("timesteps", schedule.model_timestep(t[:-1]))):
             if not np.allclose(e[key], want, rtol=1e-8, atol=0):
                 drift.append(f"{where}.{key}: does not follow from its lambda")
-        if not math.isfinite(e.get("refine", {}).get("holdout_error", math.nan)):
-            drift.append(f"{where}.refine: missing or not finite")
+        drift.extend(f"{where}.{d}" for d in _record_drift(e))
     return drift
