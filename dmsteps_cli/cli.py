@@ -355,13 +355,22 @@ def refine(
     if not quiet:
         from rich.table import Table
 
-        t = Table(title=f"refined on {checkpoint}: mean RMS error (held-out noises)", title_justify="left")
-        for col in ("NFE", "table", "refined", "ratio", "train: table -> refined"):
-            t.add_column(col, justify="right")
+        from .refine import TABLE, best_candidate
+
+        info = table_out["refine"]
+        first, last = info["holdout_seeds"]
+        grids = [g for g in table_out["entries"][0]["refine"]["holdout_errors"] if g != TABLE]
+        t = Table(title=f"refined on {checkpoint}: mean RMS error on held-out noises (seeds {first}-{last}); "
+                        "ratio = refined / best of the table and the grids",
+                  title_justify="left")
+        for col in ("NFE", "table", *grids, "start", "refined", "ratio", "train: start -> refined"):
+            t.add_column(col, justify="left" if col == "start" else "right")
         for e in table_out["entries"]:
             r = e["refine"]
-            t.add_row(str(e["nfe"]), f"{r['holdout_error_start']:.4g}", f"{r['holdout_error']:.4g}",
-                      f"{r['holdout_error'] / r['holdout_error_start']:.2f}",
+            best, best_error = best_candidate(r["holdout_errors"])
+            start = r["start"] + (" (kept)" if e["optimizer"]["status"] == "kept-start" else "")
+            t.add_row(str(e["nfe"]), *(f"{r['holdout_errors'][g]:.4g}" for g in (TABLE, *grids)), start,
+                      f"{r['holdout_error']:.4g}", f"{r['holdout_error'] / best_error:.2f} ({best})",
                       f"{r['train_error_start']:.4g} -> {r['train_error']:.4g}")
         _stderr().print(t)
 
