@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "reference_steps.json"
+GOLDEN = Path(__file__).resolve().parent / "data" / "reference_steps.json"
 
 
 @pytest.fixture(scope="module")

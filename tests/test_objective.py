@@ -13,7 +13,7 @@ from dmsteps_cli.objective import build_objective, eps_tilde
 from dmsteps_cli.schedules import get_schedule, preset_names
 from dmsteps_cli.weights import order_pattern
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "reference_steps.json"
+GOLDEN = Path(__file__).resolve().parent / "data" / "reference_steps.json"
 
 
 def golden_records():
