@@ -32,18 +32,10 @@ def _stderr():
 
 
 def parse_nfe(text: str) -> tuple[int, ...]:
-    """``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10`` -> sorted unique NFEs."""
-    out: set[int] = set()
-    for part in text.split(","):
-        lo_s, _, hi_s = part.strip().partition("..")
-        try:
-            lo, hi = int(lo_s), int(hi_s or lo_s)
-        except ValueError:
-            raise BadInput(f"--nfe {text!r} is not a step count, a range like 5..15 or a list like 5,7,10") from None
-        if lo > hi:
-            raise BadInput(f"--nfe range {part.strip()} runs backwards (did you mean {hi}..{lo}?)")
-        out.update(range(lo, hi + 1))
-    return tuple(sorted(out))
+    """``--nfe`` text (``5..15``, ``8``, ``5,7,10``, ``5..8,10``) as sorted unique NFEs."""
+    from .optimize import parse_nfe as parse
+
+    return parse(text)
 
 
 @app.command()
@@ -70,20 +62,22 @@ def optimize(
                                             "--init, --p or --trunc is given."),
     trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here (atomically) instead of stdout."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout (- is "
+                                         "stdout; a regular file is replaced atomically, a pipe or device written)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Optimize the time steps for each NFE and write a versioned table."""
-    from .optimize import StepConfig, resolve
+    from .optimize import REPRODUCIBLE, StepConfig, resolve
+    from .files import check_writable, write_output
     from .schedules import get_schedule
-    from .tables import dumps, format_for, make_table, write_atomic
+    from .tables import dumps, format_for, make_table
 
-    out_fmt = format_for(str(output) if output else None, fmt)
+    out_fmt = format_for(output, fmt)
     sched = get_schedule(schedule)
     config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, variant=variant, objective=objective,
                                 p=p, init=init, trunc=trunc, T=T, eps=eps, shift=shift, nfe=parse_nfe(nfe)), sched)
-    if output is not None and not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise BadInput(f"cannot write {output}: folder {output.parent} does not exist")
+    if output is not None:
+        check_writable(output)
     err = _stderr()
     show_progress = not quiet and len(config.nfe) > 1 and err.is_terminal
     if show_progress:
@@ -95,16 +89,11 @@ def optimize(
             table = make_table(config, sched, progress=lambda n: bar.advance(task))
     else:
         table = make_table(config, sched)
-    text = dumps(table, out_fmt)
-    if output is not None:
-        write_atomic(output, text)
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    write_output("-" if output is None else output, dumps(table, out_fmt))
     for e in table["entries"]:
-        if e["optimizer"]["status"] not in ("converged", "not-optimized"):
-            err.print(f"warning: NFE {e['nfe']}: optimizer {e['optimizer']['status']}: {e['optimizer']['message']}",
-                      markup=False)
+        if e["optimizer"]["status"] not in REPRODUCIBLE:
+            print(f"warning: NFE {e['nfe']}: optimizer {e['optimizer']['status']}: {e['optimizer']['message']}",
+                  file=sys.stderr)
     if not quiet:
         _summary(err, table)
         if objective is None and init is None and p is None and trunc is None:
@@ -144,10 +133,10 @@ def _summary(console, table: dict) -> None:
 
 @app.command()
 def show(
-    file: Path = typer.Argument(..., help="A table (JSON or YAML)."),
+    file: str = typer.Argument(..., help="A table (JSON or YAML, told apart by content; - is standard input)."),
     nfe: Optional[int] = typer.Option(None, help="Which NFE (needed when the table holds several)."),
     as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line: t, lambda, sigmas or timesteps."),
-    plot: Optional[Path] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
+    plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
                                         "and in lambda (PNG, SVG or PDF by the suffix; needs matplotlib)."),
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
@@ -198,12 +187,12 @@ def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (pipeline with unet/ or "
                                     "transformer/ and scheduler/, or a bare UNet2DModel) or a Gaussian-mixture "
                                     ".yaml/.npz."),
-    table: Path = typer.Option(..., "--table", "-t", help="A step table (JSON/YAML)."),
+    table: str = typer.Option(..., "--table", "-t", help="A step table (JSON/YAML; - is standard input)."),
     nfe: Optional[int] = typer.Option(None, help="Which NFE of the table (needed when it holds several)."),
     batch: int = typer.Option(16, help="Number of samples."),
     seed: int = typer.Option(0, help="Sample i uses seed + i."),
     device: str = typer.Option("cuda", help="cuda, cuda:K or cpu."),
-    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output folder (samples.npz, grid.png, sample.json)."),
+    out: str = typer.Option("samples", "--out", "-o", help="Output folder (samples.npz, grid.png, sample.json)."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh1 or bh2 (default: the table's)."),
@@ -241,7 +230,8 @@ def sample(
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
                                     "folder or a Gaussian-mixture .yaml/.npz)."),
-    table: List[Path] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option)."),
+    table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
+                                    "standard input)."),
     baselines: str = typer.Option(",".join(("unif_t", "unif", "edm", "quad")), help="Hand-made grids to measure."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
@@ -254,8 +244,8 @@ def evaluate(
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
     class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
     guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
-    plot: Optional[Path] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
+    plot: Optional[str] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
 ):
     """Measure the sampling error of tables and hand-made grids against a high-accuracy solution."""
@@ -263,23 +253,22 @@ def evaluate(
 
     from .evaluate import EvalRequest
     from .evaluate import evaluate as run_evaluation
-    from .tables import write_atomic
+    from .files import check_writable, write_output
 
+    for path in (output, plot):  # fail before the measurement, not after it
+        if path is not None:
+            check_writable(path)
     if plot is not None:
         from .plots import _pyplot
 
-        _pyplot()  # fail before the measurement, not after it
+        _pyplot()
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
                       baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       guidance_scale=guidance_scale)
     report = run_evaluation(req)
-    text = json.dumps(report, indent=1) + "\n"
-    if output is not None:
-        write_atomic(output, text)
-    else:
-        sys.stdout.write(text)
+    write_output("-" if output is None else output, json.dumps(report, indent=1) + "\n")
     if plot is not None:
         from .plots import plot_evaluation
 
@@ -320,7 +309,7 @@ def _evaluation_summary(console, report: dict) -> None:
 def refine(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
                                     "folder or a Gaussian-mixture .yaml/.npz)."),
-    table: Path = typer.Option(..., "--table", "-t", help="The optimized table to start from."),
+    table: str = typer.Option(..., "--table", "-t", help="The optimized table to start from (- is standard input)."),
     nfe: Optional[str] = typer.Option(None, help="NFEs to refine (default: all of the table's)."),
     train: int = typer.Option(64, help="Training noises (seeds seed + 1000000 ...)."),
     holdout: int = typer.Option(256, help="Held-out noises (seeds seed ... seed + holdout - 1)."),
@@ -333,25 +322,24 @@ def refine(
     class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
     guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the refined table here."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
     from .refine import RefineRequest
     from .refine import refine as run_refine
-    from .tables import dumps, format_for, write_atomic
+    from .files import check_writable, write_output
+    from .tables import dumps, format_for
 
-    out_fmt = format_for(str(output) if output else None, fmt)
+    out_fmt = format_for(output, fmt)
+    if output is not None:
+        check_writable(output)
     table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                          nfe=parse_nfe(nfe) if nfe else None, train=train, holdout=holdout,
                                          seed=seed, maxiter=maxiter, grad_batch=grad_batch, device=device,
                                          schedule=schedule,
                                          class_label=class_label, guidance_scale=guidance_scale))
-    text = dumps(table_out, out_fmt)
-    if output is not None:
-        write_atomic(output, text)
-    else:
-        sys.stdout.write(text)
+    write_output("-" if output is None else output, dumps(table_out, out_fmt))
     if not quiet:
         from rich.table import Table
 
@@ -376,21 +364,39 @@ def refine(
 
 
 @app.command()
-def check(files: List[Path] = typer.Argument(..., help="Tables to recompute and compare.")):
-    """Recompute each table from its recorded config; exit 1 naming what drifted."""
-    from .tables import check_table, load_table
+def check(
+    files: List[str] = typer.Argument(..., help="Tables to recompute and compare (- is standard input); a tables "
+                                      "index (index.json) is checked against the files it lists."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
+):
+    """Recompute each table from its recorded config and compare; one line per file on stdout.
 
-    bad = 0
+    Exit 0: every file is current; 1: something drifted (the lines name it); 2: a file could not be
+    read (an error line on stderr). Every file is checked whatever the earlier ones gave.
+    """
+    from pathlib import Path
+
+    from .tables import check_index, check_report, is_index, read_document, validate
+
+    drifted = unreadable = 0
     for f in files:
-        drift = check_table(load_table(f))
-        if drift:
-            bad += 1
-            for d in drift:
-                print(f"{f}: {d}", file=sys.stderr)
-        else:
-            print(f"{f}: ok", file=sys.stderr)
-    if bad:
-        raise typer.Exit(1)
+        try:
+            data = read_document(f, fmt)
+            if is_index(data):
+                drift, notes = check_index(data, Path(f).parent), []
+            else:
+                validate(data)
+                drift, notes = check_report(data)
+        except BadInput as exc:
+            print(f"error: {f}: {exc}" if f not in str(exc) else f"error: {exc}", file=sys.stderr)
+            unreadable += 1
+            continue
+        for line in (drift or ["ok"]) + [f"note: {n}" for n in notes]:
+            print(f"{f}: {line}")
+        drifted += bool(drift)
+    sys.stdout.flush()
+    if unreadable or drifted:
+        raise typer.Exit(2 if unreadable else 1)
 
 
 def main(argv: list[str] | None = None) -> None:

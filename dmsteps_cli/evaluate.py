@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import BadInput
+from .limits import in_bounds
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
 from .sample import integrate, network_denoiser, noise_for, same_schedule, solver_choice, state_dtype
@@ -233,8 +234,10 @@ def _tables_nfes(tables, nfe):
 
 def evaluate(req: EvalRequest, progress=None) -> dict:
     """Measure every (NFE, grid) pair of the request; the evaluation report as a dict."""
-    if req.samples < 1:
-        raise BadInput(f"--samples must be >= 1, got {req.samples}")
+    for name in ("samples", "seed", "ref_steps", "guidance_scale"):
+        in_bounds(name, getattr(req, name))
+    if req.class_label is not None:
+        in_bounds("class_label", req.class_label)
     for g in req.baselines:
         if g not in GRIDS:
             raise BadInput(f"unknown baseline grid {g!r} (choose from {', '.join(GRIDS)})")

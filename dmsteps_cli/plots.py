@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,19 +41,24 @@ def save_error_plot(path, series, title: str, ylabel: str = "mean RMS error to t
 
 
 def _save(plt, fig, path, dpi: int) -> None:
-    """Render the figure in the format its suffix names and write it with ``tables.write_atomic``;
-    close it. A bad folder or format is a one-line BadInput."""
-    from .tables import write_atomic
+    """Render the figure in the format its suffix names (PNG without one) and write it with
+    ``files.write_output``; close it. A bad path or format is a one-line BadInput."""
+    from .files import check_writable, write_output
 
-    path = Path(path)
+    raw = os.fspath(path)
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format=path.suffix[1:] or None, dpi=dpi)
+        check_writable(raw)
+    except BadInput:
+        plt.close(fig)
+        raise
+    try:
+        fig.savefig(buf, format=Path(raw).suffix[1:] or "png", dpi=dpi)
     except ValueError as exc:  # matplotlib: unknown format
-        raise BadInput(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
+        raise BadInput(f"cannot write {raw}: {str(exc).splitlines()[0]}") from None
     finally:
         plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    write_output(raw, buf.getvalue())
 
 
 def plot_evaluation(report: dict, path) -> None:

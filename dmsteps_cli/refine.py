@@ -56,13 +56,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BadInput
+from .limits import in_bounds
 from .evaluate import Evaluator
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
 from .optimize import GAP_FRACTION, table_objective
 from .sample import network_denoiser, resolve_device, same_schedule
 from .solvers import COMPLEX_STEP
-from .tables import entry_for, load_table
+from .tables import entry_consistency, entry_for, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
 TABLE = "table"  # the candidate name of the input table's own steps
@@ -202,10 +203,10 @@ def best_candidate(errors: dict) -> tuple[str, float]:
 
 def refine(req: RefineRequest, progress=None) -> dict:
     """The refined table (dict) for the request; ``progress(nfe)`` is called after each NFE."""
-    if req.train < 1 or req.holdout < 1 or req.grad_batch < 1:
-        raise BadInput("--train, --holdout and --grad-batch must be >= 1")
-    if req.maxiter < 0:
-        raise BadInput(f"--maxiter must be >= 0, got {req.maxiter}")
+    for name in ("train", "holdout", "grad_batch", "maxiter", "seed", "ref_steps", "guidance_scale"):
+        in_bounds(name, getattr(req, name))
+    if req.class_label is not None:
+        in_bounds("class_label", req.class_label)
     table = load_table(req.table)
     if "refine" in table:
         raise BadInput(f"table {req.table} is already refined; refine the optimized table it came from")
@@ -318,12 +319,11 @@ def refined_consistency(table: dict) -> list[str]:
     nfes = [e["nfe"] for e in table["entries"]]
     if table["config"].get("nfe") != nfes:
         drift.append(f"config.nfe: {table['config'].get('nfe')!r}, but the entries hold NFE {nfes}")
+    cfg = table["config"]
     for i, e in enumerate(table["entries"]):
-        lam = np.asarray(e["lambda"])
-        t = schedule.step_times(lam, e["t"][0], e["t"][-1])
         where = f"entries[{i}] (NFE {e['nfe']})"
-        for key, want in (("t", t), ("sigmas", schedule.sigmas(t)), ("timesteps", schedule.model_timestep(t[:-1]))):
-            if not np.allclose(e[key], want, rtol=1e-8, atol=0):
-                drift.append(f"{where}.{key}: does not follow from its lambda")
+        objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), cfg["solver"], cfg["order"],
+                                    cfg.get("variant"), e["nfe"])
+        drift.extend(f"{where}.{d}" for d in entry_consistency(e, schedule, objective))
         drift.extend(f"{where}.{d}" for d in _record_drift(e))
     return drift

@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from .errors import BadInput
+from .files import output_folder
+from .limits import in_bounds
 from .models import load_checkpoint
 from .schedules import same_schedule  # noqa: F401  (refine and evaluate import it from here)
 from .solvers import build_plan, initial_noise_scale, run_plan
-from .tables import entry_for, load_table, write_atomic
+from .tables import entry_for, load_table_text, write_atomic
 
 
 
@@ -115,6 +117,7 @@ class Run:
 
     req: SampleRequest
     table: dict
+    table_sha256: str  # of the table's text as read
     entry: dict
     ckpt: object
     solver: str
@@ -130,14 +133,15 @@ class Run:
 
 def prepare(req: SampleRequest) -> Run:
     """Validate the request, load table and checkpoint, check the schedule, build the plan."""
-    if req.batch < 1:
-        raise BadInput(f"--batch must be >= 1, got {req.batch}")
-    if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
-        raise BadInput(f"--guidance-scale must be a number >= 0, got {req.guidance_scale}")
+    for name in ("batch", "seed", "guidance_scale"):
+        in_bounds(name, getattr(req, name))
+    output_folder(req.out)
+    if req.class_label is not None:
+        in_bounds("class_label", req.class_label)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if req.dtype not in dtypes:
         raise BadInput(f"--dtype {req.dtype!r}: choose from {', '.join(dtypes)}")
-    table = load_table(req.table)
+    table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
     rank, world = _dist()
     device = resolve_device(req.device)
@@ -160,7 +164,8 @@ def prepare(req: SampleRequest) -> Run:
     solver, order, variant = solver_choice(table["config"], req.solver, req.order, req.variant)
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
     seeds = [req.seed + i for i in range(req.batch)][rank::world]
-    return Run(req, table, entry, ckpt, solver, plan, t, timesteps, device, dtypes[req.dtype], rank, world, seeds)
+    return Run(req, table, hashlib.sha256(text.encode()).hexdigest(), entry, ckpt, solver, plan, t, timesteps,
+               device, dtypes[req.dtype], rank, world, seeds)
 
 
 def run_sample(req: SampleRequest, progress=None) -> dict | None:
@@ -326,8 +331,7 @@ def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
     """samples.npz (``samples``: the solver's result, latents for latent models; ``images`` when
     decoded; ``seeds``), grid.png (of the images, else of the samples) and sample.json."""
     req, ckpt, plan = run.req, run.ckpt, run.plan
-    out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(req.out, create=True)
     arrays = {"samples": samples.astype(np.float32), "seeds": np.asarray(seeds, dtype=np.int64)}
     if images is not None:
         arrays["images"] = images.astype(np.float32)
@@ -341,12 +345,11 @@ def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
         pass
     if png is not None:
         write_atomic(out / "grid.png", png)
-    table_bytes = Path(req.table).read_bytes()
     sidecar = {
         "checkpoint": str(req.checkpoint),
         "checkpoint_kind": ckpt.kind,
         "table": str(req.table),
-        "table_sha256": hashlib.sha256(table_bytes).hexdigest(),
+        "table_sha256": run.table_sha256,
         "schedule": ckpt.schedule.name,
         "nfe": plan.nfe,
         "solver": plan.solver,

@@ -28,11 +28,10 @@ No timestamps: the same command gives byte-identical output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +39,18 @@ import numpy as np
 from . import __version__
 from .errors import BadInput, TableError
 from .grids import GRIDS
-from .optimize import GAP_FRACTION, StepConfig, optimize_nfe, resolve
-from .schedules import PRESETS, get_schedule, schedule_from_spec
+from .optimize import DEFAULT_SCHEDULE, GAP_FRACTION, REPRODUCIBLE, StepConfig, optimize_nfe, resolve, table_objective
+from .schedules import PRESETS, get_schedule, same_schedule, schedule_from_spec
 
 SCHEMA = "dmsteps.table/1"
 FORMATS = ("json", "yaml")
-CHECK_LAMBDA_ATOL = 1e-8  # ``check``: lambdas must agree to this (absolute)
-CHECK_RTOL = 1e-8  # ``check``: t, sigmas, timesteps, objectives relative tolerance
+# The reproducibility promise, and ``check``'s tolerances: a table entry whose optimizer status is
+# in REPRODUCIBLE is the same on every machine (CPU, BLAS kernel, numpy SIMD path, thread count) to
+# LAMBDA_ATOL in lambda and VALUE_RTOL in its objectives (measured spread: 3e-13 in lambda, 3e-14
+# relative in the objective, docs/reproducibility.md). t, sigmas and timesteps are functions of lambda.
+LAMBDA_ATOL = 1e-10
+VALUE_RTOL = 1e-10
+DERIVED_RTOL = 1e-12  # t, sigmas, timesteps against the schedule's functions of the stored lambda
 
 
 def _floats(a) -> list[float]:
@@ -76,13 +80,17 @@ def make_entry(config: StepConfig, schedule, nfe: int) -> dict:
 def make_table(config: StepConfig, schedule=None, progress=None) -> dict:
     """The whole table for a config (resolved here); ``progress(nfe)`` is called after each NFE.
 
-    ``schedule`` defaults to ``get_schedule(config.schedule)``; a schedule passed in whose name is
-    not what ``config.schedule`` names is recorded under its own name.
+    ``schedule`` defaults to ``get_schedule(config.schedule)`` (DEFAULT_SCHEDULE when that is None,
+    as it is by default). A schedule passed in must be the one
+    ``config.schedule`` names where that is a preset (compared by alpha and sigma, so Stable
+    Diffusion's scheduler_config.json is ``scaled_linear``); any other name or path in
+    ``config.schedule`` is recorded as given, beside the schedule's own full spec.
     """
     if schedule is None:
-        schedule = get_schedule(config.schedule)
-    elif config.schedule != schedule.name and config.schedule in PRESETS:
-        config = replace(config, schedule=schedule.name)
+        schedule = get_schedule(DEFAULT_SCHEDULE if config.schedule is None else config.schedule)
+    elif config.schedule in PRESETS and not same_schedule(schedule.identity(),
+                                                          get_schedule(config.schedule).identity()):
+        raise BadInput(f"the schedule passed in ({schedule.name}) is not {config.schedule}, which the config names")
     config = resolve(config, schedule)
     entries = []
     for n in config.nfe:
@@ -92,7 +100,8 @@ def make_table(config: StepConfig, schedule=None, progress=None) -> dict:
     return {
         "schema": SCHEMA,
         "generator": {"name": "dmsteps", "version": __version__},
-        "config": {**config.as_dict(), "optimizer": {"method": "SLSQP, slack per |.| term",
+        "config": {**config.as_dict(), "optimizer": {"method": "SLSQP, slack per |.| term; Newton on the "
+                                                                "optimality conditions",
                                                      "min_gap_fraction": GAP_FRACTION}},
         "schedule": {**schedule.spec(), "timestep_convention": schedule.timestep_convention,
                      "sigma_convention": schedule.sigma_convention, "identity": schedule.identity()},
@@ -145,45 +154,60 @@ def format_for(path: str | None, fmt: str | None) -> str:
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write text or bytes to path via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise BadInput(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an output file (``files.write_output``: ``-`` is standard output, devices and pipes
+    are written directly, regular files atomically)."""
+    from .files import write_output
+
+    write_output(path, data)
 
 
-def load_table(path: str | os.PathLike) -> dict:
-    """Read and validate a table file (JSON or YAML); errors name the file and the bad field."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"table {path} does not exist")
+def parse_document(text: str, name: str, fmt: str | None = None):
+    """The data of a JSON or YAML document. ``fmt`` json or yaml, else told by the content: a
+    document whose first character (after white space) is ``{`` or ``[`` is JSON, any other YAML.
+    ``name`` names the document in messages."""
+    if fmt is not None and fmt not in FORMATS:
+        raise BadInput(f"unknown format {fmt!r} (choose from json, yaml)")
+    if not text.strip():
+        raise TableError(f"{name}: empty")
+    if fmt is None:
+        fmt = "json" if text.lstrip()[:1] in ("{", "[") else "yaml"
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TableError(f"table {path}: cannot read it ({exc})") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+        if fmt == "json":
+            return json.loads(text)
+        import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        return yaml.safe_load(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError of deep nesting
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TableError(f"table {path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({first})") from None
+        raise TableError(f"{name}: not valid {fmt.upper()} ({first})") from None
+
+
+def read_document(path: str | os.PathLike, fmt: str | None = None, what: str = "table"):
+    """Read and parse a JSON or YAML file (``-``: standard input), not yet validated."""
+    from .files import read_input
+
+    raw = os.fspath(path)
+    return parse_document(read_input(raw, what), f"{what} {raw}", fmt)
+
+
+def load_table(path: str | os.PathLike, fmt: str | None = None) -> dict:
+    """Read and validate a table (JSON or YAML; ``-``: standard input); errors name the file and
+    the bad field."""
+    return load_table_text(path, fmt)[0]
+
+
+def load_table_text(path: str | os.PathLike, fmt: str | None = None) -> tuple[dict, str]:
+    """``load_table`` and the text it was read from (standard input can be read only once)."""
+    from .files import read_input
+
+    raw = os.fspath(path)
+    text = read_input(raw, "table")
+    data = parse_document(text, f"table {raw}", fmt)
     try:
         validate(data)
     except TableError as exc:
-        raise TableError(f"table {path}: {exc}") from None
-    return data
+        raise TableError(f"table {raw}: {exc}") from None
+    return data, text
 
 
 def _num_list(entry: dict, key: str, where: str, length: int) -> np.ndarray:
@@ -265,26 +289,60 @@ def config_of(table: dict) -> StepConfig:
 
 
 def check_table(table: dict) -> list[str]:
-    """Recompute a table from its recorded config and schedule; the list of what drifted.
+    """What drifted in ``table``: ``check_report``'s first list."""
+    return check_report(table)[0]
 
-    Compared: the schedule's identity exactly; per NFE, lambda to 1e-8 absolute and t, sigmas,
-    timesteps, objective, init_objective and the baselines to 1e-8 relative; the orders, init and
-    optimizer status exactly. The generator's version is not compared. A refined table (made by
-    ``refine`` on a model) cannot be recomputed without that model: for it, t, sigmas and
-    timesteps are checked against its lambdas.
-    """
+
+def _close(a, b, rtol: float) -> bool:
+    """Arrays (or numbers) equal to ``rtol`` relative to the larger magnitude in ``b``."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = np.max(np.abs(b)) if b.size else 0.0
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= rtol * scale))
+
+
+def entry_consistency(entry: dict, schedule, objective=None) -> list[str]:
+    """What does not follow from an entry's own lambdas: t, sigmas and timesteps through the
+    schedule (ends pinned to the entry's t[0] and t[-1]) and, given the entry's ``objective``
+    function, its objective. Messages are relative to the entry."""
+    lam = np.asarray(entry["lambda"], dtype=np.float64)
+    t = schedule.step_times(lam, entry["t"][0], entry["t"][-1])
+    drift = [f"{key}: does not follow from its lambda"
+             for key, want in (("t", t), ("sigmas", schedule.sigmas(t)), ("timesteps", schedule.model_timestep(t[:-1])))
+             if not _close(entry[key], want, DERIVED_RTOL)]
+    if objective is not None and not _close(entry["objective"], objective.value(lam), VALUE_RTOL):
+        drift.append("objective: is not the objective at its lambda")
+    return drift
+
+
+def check_report(table: dict) -> tuple[list[str], list[str]]:
+    """Recompute a table from its recorded config and schedule: (what drifted, notes), as
+    ``compare_tables`` says. A refined table (made by ``refine`` on a model) cannot be
+    recomputed without that model: only its consistency is checked."""
     if "refine" in table:  # made on a model: only its consistency can be checked here
         from .refine import refined_consistency
 
-        return refined_consistency(table)
+        return refined_consistency(table), []
     schedule = schedule_from_spec(table["schedule"])
-    drift = []
-    if schedule.identity() != table["schedule"]["identity"]:
+    return compare_tables(table, make_table(config_of(table), schedule), schedule)
+
+
+def compare_tables(table: dict, fresh: dict, schedule) -> tuple[list[str], list[str]]:
+    """What in ``table`` differs from ``fresh``, the same config computed now: (drift, notes).
+
+    Every entry must be consistent (``entry_consistency``: t, sigmas, timesteps and the objective
+    follow from its lambdas) and have the orders, baselines, init objective and init of the fresh
+    one. Entries whose status is reproducible (``REPRODUCIBLE``: a verified minimum, or a grid)
+    must also match the fresh steps: lambda to LAMBDA_ATOL, the objective to VALUE_RTOL, the
+    same status. An entry with another status (the optimizer stopped without a verified minimum)
+    depends on rounding, so its steps are not compared: a note says so. The schedule's identity
+    is compared with ``same_schedule`` at VALUE_RTOL; the generator's version is not compared.
+    """
+    drift, notes = [], []
+    if not same_schedule(schedule.identity(), table["schedule"]["identity"], rtol=VALUE_RTOL):
         drift.append("schedule.identity differs from the schedule its params describe")
-    config = config_of(table)
-    fresh = make_table(config, schedule)
     if fresh["config"] != table["config"]:
         drift.append("config differs from its resolved form")
+    c = config_of(fresh)
     by_nfe = {e["nfe"]: e for e in fresh["entries"]}
     for i, old in enumerate(table["entries"]):
         new = by_nfe.get(old["nfe"])
@@ -292,24 +350,84 @@ def check_table(table: dict) -> list[str]:
         if new is None:
             drift.append(f"{where}: not in the config's NFE list")
             continue
-        lam_diff = np.max(np.abs(np.subtract(old["lambda"], new["lambda"])))
-        if not lam_diff <= CHECK_LAMBDA_ATOL:
-            drift.append(f"{where}.lambda: differs by up to {lam_diff:.3g} (tolerance {CHECK_LAMBDA_ATOL:g})")
-        for key in ("t", "sigmas", "timesteps", "objective", "init_objective"):
-            if not np.allclose(old[key], new[key], rtol=CHECK_RTOL, atol=0.0):
-                drift.append(f"{where}.{key}: differs beyond {CHECK_RTOL:g} relative")
+        objective = table_objective(schedule, c.objective, c.p, c.trunc, c.solver, c.order, c.variant, old["nfe"])
+        drift += [f"{where}.{d}" for d in entry_consistency(old, schedule, objective)]
+        if not _close(old["init_objective"], new["init_objective"], VALUE_RTOL):
+            drift.append(f"{where}.init_objective: differs beyond {VALUE_RTOL:g} relative")
         old_b, new_b = old.get("baselines", {}), new["baselines"]
-        if set(old_b) != set(new_b) or not all(
-                np.isclose(old_b[g], new_b[g], rtol=CHECK_RTOL, atol=0.0) for g in new_b):
-            drift.append(f"{where}.baselines: differ")
+        if not (isinstance(old_b, dict) and set(old_b) == set(new_b)
+                and all(_close(old_b[g], new_b[g], VALUE_RTOL) for g in new_b)):
+            drift.append(f"{where}.baselines: differ beyond {VALUE_RTOL:g} relative")
         for key in ("orders", "init"):
             if old.get(key) != new[key]:
                 drift.append(f"{where}.{key}: {old.get(key)!r} != {new[key]!r}")
-        if old["optimizer"].get("status") != new["optimizer"]["status"]:
-            drift.append(f"{where}.optimizer.status: {old['optimizer'].get('status')!r} != "
-                         f"{new['optimizer']['status']!r}")
+        status, fresh_status = old["optimizer"].get("status"), new["optimizer"]["status"]
+        lam_diff = np.max(np.abs(np.subtract(old["lambda"], new["lambda"])))
+        if status not in REPRODUCIBLE:
+            notes.append(f"{where}: optimizer status {status}: steps that depend on rounding, checked for "
+                         f"consistency only (computed here: {fresh_status}, lambda differs by up to {lam_diff:.3g})")
+            continue
+        if status != fresh_status:
+            drift.append(f"{where}.optimizer.status: {status!r} != {fresh_status!r}")
+        if not lam_diff <= LAMBDA_ATOL:
+            drift.append(f"{where}.lambda: differs by up to {lam_diff:.3g} (tolerance {LAMBDA_ATOL:g})")
+        if not _close(old["objective"], new["objective"], VALUE_RTOL):
+            drift.append(f"{where}.objective: differs beyond {VALUE_RTOL:g} relative")
+    return drift, notes
+
+
+# --- an index of table files --------------------------------------------------------------------
+
+INDEX_SCHEMA = "dmsteps.tables-index/1"
+INDEX_FIELDS = ("schedule", "shift", "solver", "order", "nfe")  # copied from each file's config
+
+
+def is_index(data) -> bool:
+    return isinstance(data, dict) and data.get("schema") == INDEX_SCHEMA
+
+
+def index_row(name: str, text: str, table: dict) -> dict:
+    """The index row of a table file: its name, what its config records, its sha256."""
+    return {"file": name, **{k: table["config"].get(k) for k in INDEX_FIELDS},
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def check_index(index: dict, folder: str | os.PathLike) -> list[str]:
+    """What does not hold in a tables index (``tables/index.json``) for the files in ``folder``:
+    each listed file exists, has the listed sha256 and records the listed schedule, shift,
+    solver, order and NFEs; every table file in the folder is listed, and none twice."""
+    folder = Path(folder)
+    rows = index.get("files")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("file"), str) for r in rows):
+        return ["files: expected a list of mappings, each with a file name"]
+    drift = []
+    names = [r["file"] for r in rows]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        drift.append(f"{name}: listed twice")
+    for row in rows:
+        path = folder / row["file"]
+        if Path(row["file"]).name != row["file"] or not path.is_file():
+            drift.append(f"{row['file']}: listed, but there is no such file beside the index")
+            continue
+        data = path.read_bytes()
+        text = data.decode("utf-8", errors="replace")
+        if hashlib.sha256(data).hexdigest() != row.get("sha256"):
+            drift.append(f"{row['file']}: its sha256 is not the listed one (edited or regenerated after the index)")
+        try:
+            table = parse_document(text, row["file"])
+            validate(table)
+        except TableError as exc:
+            drift.append(f"{row['file']}: not a valid table ({exc})")
+            continue
+        fresh = index_row(row["file"], text, table)
+        wrong = [k for k in INDEX_FIELDS if row.get(k) != fresh[k]]
+        if wrong:
+            drift.append(f"{row['file']}: the index lists another {', '.join(wrong)} than the file records")
+    for path in sorted(folder.glob("*.json")):
+        if path.name not in names and path.name != "index.json":
+            drift.append(f"{path.name}: a table file the index does not list")
     return drift
 
 
 __all__ = ["SCHEMA", "GRIDS", "make_table", "make_entry", "dumps", "load_table", "validate",
-           "write_atomic", "check_table", "entry_for", "format_for"]
+           "write_atomic", "check_table", "check_report", "check_index", "entry_for", "format_for"]

@@ -101,8 +101,10 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(table))
     r = run("check", str(out), str(edited))
-    assert r.returncode == 1
-    assert "entries[1] (NFE 9).lambda" in r.stderr and f"{out}: ok" in r.stderr
+    assert r.returncode == 1 and r.stderr == ""
+    assert f"{edited}: entries[1] (NFE 9).lambda: differs by up to 1e-06" in r.stdout
+    assert f"{edited}: entries[1] (NFE 9).t: does not follow from its lambda" in r.stdout
+    assert f"{out}: ok\n" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

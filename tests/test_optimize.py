@@ -33,9 +33,15 @@ def test_matches_brute_force_for_three_steps(name, kind, p):
     cells = sorted((f((x1, x2)), x1, x2) for i, x1 in enumerate(xs) for x2 in xs[i + 1:])
     best = min(minimize(f, c[1:], method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12}).fun
                for c in cells[:3])
-    assert res.converged
     assert res.objective == pytest.approx(ob.value(res.lam), rel=1e-14)
     assert res.objective <= best * (1 + 1e-9)
+    if (name, p) == ("edm", 0.0):
+        # eps_tilde = 1, so F = sum_i |c_i| >= |sum_i c_i| = e^lam_N - e^lam_0 (the weights partition
+        # e^lambda), reached wherever every c_i >= 0: a flat minimum, which polish cannot single out
+        assert res.objective == pytest.approx(np.exp(b) - np.exp(a), rel=1e-12)
+        assert res.status == "unverified" and "degenerate" in res.message
+    else:
+        assert res.converged and "verified" in res.message
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -103,7 +109,7 @@ def test_resolve_defaults_and_refusals():
         resolve(StepConfig(T=1.0), get_schedule("vp-cosine"))
     with pytest.raises(BadInput, match="must be below T"):
         resolve(StepConfig(eps=1.0), sd)
-    with pytest.raises(BadInput, match="--shift must be > 0"):
+    with pytest.raises(BadInput, match="--shift must be between 0.001 and 1000.0, got 0.0"):
         resolve(StepConfig(shift=0.0), get_schedule("flow"))
 
 

@@ -208,13 +208,13 @@ def test_cli_summary_shows_every_candidate_and_the_start(files, tmp_path, capsys
 
 
 def _check_exit_code(path, capsys):
-    """``dmsteps check PATH`` in this process: its exit code and stderr."""
+    """``dmsteps check PATH`` in this process: its exit code and report (stdout)."""
     from dmsteps_cli.cli import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as done:
         main(["check", str(path)])
-    return done.value.code, capsys.readouterr().err
+    return done.value.code, capsys.readouterr().out
 
 
 def test_small_helpers_and_bad_input(files):
@@ -223,5 +223,5 @@ def test_small_helpers_and_bad_input(files):
     assert start_label("quad", False) == "kept grid quad"
     with pytest.raises(BadInput, match="no entry for NFE 7"):
         _refine(files, "gauss.yaml", "optimized.json", nfe=(7,))
-    with pytest.raises(BadInput, match="--maxiter must be >= 0"):
+    with pytest.raises(BadInput, match="--maxiter must be between 0 and 10000, got -1"):
         _refine(files, "gauss.yaml", "optimized.json", maxiter=-1)

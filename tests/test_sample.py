@@ -87,7 +87,7 @@ def test_cli_outputs_and_sidecar(gaussian, tmp_path):
     (["--device", "cuda"], "CUDA is not available"),
     (["--nfe", "7"], "no entry for NFE 7"),
     (["--class-label", "3"], "not class-conditional"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch", "0"], "--batch must be between 1 and 65536, got 0"),
     (["--dtype", "int8"], "--dtype 'int8'"),
 ])
 def test_cli_refusals(gaussian, tmp_path, args, message):

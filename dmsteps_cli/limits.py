@@ -1,0 +1,46 @@
+"""Bounds on the numbers a user gives, in one place (docs/reproducibility.md lists them).
+
+Each bound is (smallest, largest), both allowed. Counts are whole numbers; the rest are finite
+numbers. The bounds keep every command within seconds to hours and within memory on the
+machines it targets, and reject values that cannot mean anything (a zero batch, a negative p).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import BadInput
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    # optimize
+    "nfe": (1, 100),  # steps per table entry; beyond 100 the placement hardly matters
+    "p": (0.0, 10.0),  # exponent of eps_tilde = sigma^p / alpha (the paper uses 0, 1, 2)
+    "trunc": (0, 100),
+    "shift": (1e-3, 1e3),
+    # sample, evaluate, refine
+    "batch": (1, 65_536),
+    "samples": (1, 1_048_576),
+    "train": (1, 65_536),
+    "holdout": (1, 1_048_576),
+    "grad_batch": (1, 65_536),
+    "maxiter": (0, 10_000),
+    "ref_steps": (500, 100_000),
+    "seed": (0, 2**62),
+    "class_label": (0, 2**31 - 1),
+    "guidance_scale": (0.0, 100.0),
+}
+
+
+def in_bounds(name: str, value, flag: str | None = None):
+    """``value`` if it lies within ``BOUNDS[name]``, else BadInput naming ``flag`` (default
+    ``--name`` with dashes). Counts must be whole numbers; other values finite numbers."""
+    lo, hi = BOUNDS[name]
+    flag = flag or "--" + name.replace("_", "-")
+    whole = isinstance(lo, int) and isinstance(hi, int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInput(f"{flag} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+    if whole and not float(value).is_integer():
+        raise BadInput(f"{flag} must be a whole number, got {value!r}")
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise BadInput(f"{flag} must be between {lo} and {hi}, got {value!r}")
+    return value
