@@ -33,8 +33,18 @@ def _reason(exc: OSError) -> str:
 
 
 def _target(path: str) -> Path:
-    """The path a write lands on: the symlink's target for a symlink (followed to the end)."""
+    """The file a write replaces: a symlink's target (followed to the end), else the path."""
     return Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+
+
+def _is_special(path: str) -> bool:
+    """``path`` exists (through any symlinks) and is not a regular file or folder: a device, a
+    pipe, a socket, /dev/stdout or a process substitution's /dev/fd/N."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -47,6 +57,8 @@ def check_writable(path: str | os.PathLike) -> None:
         raise BadInput("the output path is empty")
     if raw.endswith(os.sep):
         raise BadInput(f"cannot write {raw}: it names a folder, not a file")
+    if _is_special(raw):
+        return
     target = _target(raw)
     if target.is_dir():
         raise BadInput(f"cannot write {raw}: it is a folder")
@@ -93,22 +105,22 @@ def write_output(path: str | os.PathLike, data: str | bytes) -> None:
             sys.stdout.write(data)
             sys.stdout.flush()
         return
+    if _is_special(raw):
+        _write_directly(raw, data)
+        return
     target = _target(raw)
     try:
-        st = os.stat(target)
+        mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
-        st = None
+        mode = _new_file_mode()
     except OSError as exc:
         raise BadInput(f"cannot write {raw}: {_reason(exc)}") from None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        _write_directly(raw, target, data)
-    else:
-        _write_atomic(raw, target, data, stat.S_IMODE(st.st_mode) if st is not None else _new_file_mode())
+    _write_atomic(raw, target, data, mode)
 
 
-def _write_directly(raw: str, target: Path, data: str | bytes) -> None:
+def _write_directly(raw: str, data: str | bytes) -> None:
     try:
-        with open(target, "wb" if isinstance(data, bytes) else "w") as f:
+        with open(raw, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
     except OSError as exc:
         raise BadInput(f"cannot write {raw}: {_reason(exc)}") from None
@@ -118,7 +130,7 @@ def _write_atomic(raw: str, target: Path, data: str | bytes, mode: int) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:
-        raise BadInput(f"cannot write {raw}: {_reason(exc)}") from None
+        raise BadInput(f"cannot write {raw}: cannot create a file in {target.parent} ({_reason(exc)})") from None
     try:
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)

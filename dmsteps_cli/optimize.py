@@ -464,9 +464,13 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     nfes = tuple(int(n) for n in c["nfe"])
     if not nfes:
         raise BadInput("--nfe names no step counts")
+    steps_held = getattr(schedule, "M", None)  # a discrete schedule's training steps
     for n in nfes:
         if n < 2:
             raise BadInput(f"NFE {n} is too small: a table needs at least 2 steps")
+        if steps_held is not None and n > (c["T"] - c["eps"]) * steps_held + 1e-9:
+            raise BadInput(f"NFE {n} needs more timesteps than the {steps_held} training steps of {schedule.name} "
+                           f"hold between T = {c['T']:g} and eps = {c['eps']:g}")
         order_pattern(c["solver"], c["order"], n)  # raises for an order the NFE cannot hold
     c["nfe"] = nfes
     return StepConfig(**c)

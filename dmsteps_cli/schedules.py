@@ -421,10 +421,9 @@ def preset_of(schedule: "Schedule") -> str | None:
 
 def schedule_from_spec(spec: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.spec()`` (as recorded in a table)."""
-    try:
-        family, params, name = spec["family"], dict(spec["params"]), spec.get("name", spec["family"])
-    except (KeyError, TypeError) as exc:
-        raise BadInput(f"schedule spec lacks {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict) or "family" not in spec:
+        raise BadInput("schedule: expected a mapping with family and params (a mapping)")
+    family, params, name = spec["family"], dict(spec["params"]), str(spec.get("name", spec["family"]))
     try:
         if family == "discrete":
             if "alphas_cumprod" in params:
@@ -440,6 +439,10 @@ def schedule_from_spec(spec: dict) -> Schedule:
             return Flow(name=name, default_shift=params.get("default_shift", 1.0))
     except KeyError as exc:
         raise BadInput(f"schedule spec for family {family!r} lacks parameter {exc}") from None
+    except BadInput:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadInput(f"schedule spec for family {family!r}: a parameter is not a valid number ({exc})") from None
     raise BadInput(f"unknown schedule family {family!r}")
 
 
@@ -461,16 +464,31 @@ def get_schedule(arg: str) -> Schedule:
 
 
 def _load_array(path: Path) -> np.ndarray:
+    """A 1-D array of at least 2 finite numbers from a .npy file or a text file (numbers separated
+    by white space, one row or one column)."""
+    import warnings
+
+    if str(path) in ("", "."):
+        raise BadInput("schedule file: no file name given (betas:FILE or alphas_cumprod:FILE)")
+    if path.is_dir():
+        raise BadInput(f"schedule file {path} is a folder")
     if not path.is_file():
         raise BadInput(f"schedule file {path} does not exist")
     try:
-        if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
-    except (ValueError, OSError) as exc:
-        raise BadInput(f"schedule file {path}: cannot read numbers ({str(exc).splitlines()[0]})") from None
-    arr = np.asarray(arr, dtype=np.float64).ravel()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns of an empty file before failing on it
+            if path.suffix.lower() == ".npy":
+                arr = np.load(path, allow_pickle=False)
+            else:
+                arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+        arr = np.asarray(arr, dtype=np.float64)
+    except (ValueError, OSError, TypeError, UnicodeDecodeError, EOFError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"schedule file {path}: cannot read numbers ({first})") from None
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.ravel()
+    if arr.ndim != 1:
+        raise BadInput(f"schedule file {path}: expected one row or column of numbers, got shape {arr.shape}")
     if arr.size < 2 or not np.all(np.isfinite(arr)):
         raise BadInput(f"schedule file {path}: needs at least 2 finite numbers")
     return arr

@@ -143,8 +143,9 @@ def _json(obj, depth: int) -> str:
 
 
 def format_for(path: str | None, fmt: str | None) -> str:
-    """The output format: explicit, else from the file suffix, else JSON."""
+    """The output format: explicit (any case), else from the file suffix, else JSON."""
     if fmt is not None:
+        fmt = fmt.lower()
         if fmt not in FORMATS:
             raise BadInput(f"unknown format {fmt!r} (choose from json, yaml)")
         return fmt
@@ -165,8 +166,8 @@ def parse_document(text: str, name: str, fmt: str | None = None):
     """The data of a JSON or YAML document. ``fmt`` json or yaml, else told by the content: a
     document whose first character (after white space) is ``{`` or ``[`` is JSON, any other YAML.
     ``name`` names the document in messages."""
-    if fmt is not None and fmt not in FORMATS:
-        raise BadInput(f"unknown format {fmt!r} (choose from json, yaml)")
+    if fmt is not None:
+        fmt = format_for(None, fmt)
     if not text.strip():
         raise TableError(f"{name}: empty")
     if fmt is None:
