@@ -143,20 +143,20 @@ def show(
     from .tables import entry_for, load_table
 
     table = load_table(file)
+    line = None
+    if as_ is not None or nfe is not None:  # every refusal comes before the plot is written
+        field = as_ or "t"
+        if field not in AS_FIELDS:
+            raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
+        line = ",".join(repr(float(v)) for v in entry_for(table, nfe)[field]) + "\n"
     if plot is not None:
         from .plots import plot_table_steps
 
         plot_table_steps(table, plot)
-        if as_ is None and nfe is None:
-            return
-    if as_ is None and nfe is None:
+    if line is not None:
+        sys.stdout.write(line)
+    elif plot is None:
         _summary(_console_stdout(), table)
-        return
-    field = as_ or "t"
-    if field not in AS_FIELDS:
-        raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
-    entry = entry_for(table, nfe)
-    sys.stdout.write(",".join(repr(float(v)) for v in entry[field]) + "\n")
 
 
 def _console_stdout():
