@@ -404,7 +404,7 @@ def same_schedule(ident_a: dict, ident_b: dict, rtol: float = IDENTITY_RTOL) -> 
         for key in ("probe_t", "log_alpha", "log_sigma"):
             if not np.allclose(ident_a[key], ident_b[key], rtol=rtol, atol=1e-9):
                 return False
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return False
     return True
 

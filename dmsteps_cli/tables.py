@@ -232,9 +232,9 @@ def validate(data) -> None:
         if not isinstance(data.get(key), dict):
             raise TableError(f"{key}: missing or not a mapping")
     sched = data["schedule"]
-    for key in ("family", "params", "identity"):
-        if key not in sched:
-            raise TableError(f"schedule.{key}: missing")
+    for key, kind in (("family", str), ("params", dict), ("identity", dict)):
+        if not isinstance(sched.get(key), kind):
+            raise TableError(f"schedule.{key}: missing or not a {'name' if kind is str else 'mapping'}")
     entries = data.get("entries")
     if not isinstance(entries, list) or not entries:
         raise TableError("entries: expected a non-empty list")
@@ -261,8 +261,17 @@ def validate(data) -> None:
             v = e.get(key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise TableError(f"{where}.{key}: expected a finite number")
-        if not isinstance(e.get("optimizer"), dict) or "status" not in e["optimizer"]:
+        if not isinstance(e.get("optimizer"), dict) or not isinstance(e["optimizer"].get("status"), str):
             raise TableError(f"{where}.optimizer: expected a mapping with a status")
+        if "orders" in e and not (isinstance(e["orders"], list) and len(e["orders"]) == n and all(
+                isinstance(k, int) and not isinstance(k, bool) for k in e["orders"])):
+            raise TableError(f"{where}.orders: expected a list of {n} whole numbers")
+        if "init" in e and not isinstance(e["init"], str):
+            raise TableError(f"{where}.init: expected a name")
+        baselines = e.get("baselines", {})
+        if not (isinstance(baselines, dict) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in baselines.values())):
+            raise TableError(f"{where}.baselines: expected a mapping of grid names to finite numbers")
 
 
 def entry_for(table: dict, nfe: int | None) -> dict:
@@ -282,11 +291,12 @@ def entry_for(table: dict, nfe: int | None) -> dict:
 
 def config_of(table: dict) -> StepConfig:
     cfg = {k: v for k, v in table["config"].items() if k in StepConfig.__dataclass_fields__}
+    if not isinstance(cfg.get("nfe"), list):
+        raise TableError("config.nfe: expected a list of step counts")
     try:
-        cfg["nfe"] = tuple(cfg["nfe"])
         return StepConfig(**cfg)
-    except (KeyError, TypeError) as exc:
-        raise TableError(f"config: cannot rebuild the configuration ({exc})") from None
+    except BadInput as exc:
+        raise TableError(f"config: {exc}") from None
 
 
 def check_table(table: dict) -> list[str]:
