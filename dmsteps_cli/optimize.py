@@ -417,6 +417,11 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     """Fill in per-schedule defaults and reject impossible settings (raises BadInput)."""
     c = dict(config.__dict__)
     c["schedule"] = schedule.name if c["schedule"] is None else c["schedule"]
+    if schedule.default_shift is None:
+        if c["shift"] is not None:
+            raise BadInput(f"--shift applies only to flow schedules, not {schedule.name}")
+    else:
+        c["shift"] = float(in_bounds("shift", schedule.default_shift if c["shift"] is None else c["shift"]))
     if c["solver"] not in SOLVERS:
         raise BadInput(f"unknown solver {c['solver']!r} (choose from {', '.join(SOLVERS)})")
     if c["order"] is None:
@@ -429,8 +434,7 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
         raise BadInput(f"--variant applies only to unipc, not {c['solver']}")
     if c["objective"] is None:  # an optimizer setting asks for the optimizer; none: the default steps
         if c["init"] is None and c["p"] is None and c["trunc"] is None:
-            shift = schedule.default_shift if c["shift"] is None else c["shift"]
-            c["objective"], c["init"] = default_steps(schedule, shift)
+            c["objective"], c["init"] = default_steps(schedule, c["shift"])
         else:
             c["objective"] = "reference"
     c["init"] = "unif_t" if c["init"] is None else c["init"]
@@ -456,11 +460,6 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
         raise BadInput(f"--eps {c['eps']} is below the smallest valid eps {schedule.eps_min} of {schedule.name}")
     if not c["eps"] < c["T"]:
         raise BadInput(f"--eps {c['eps']} must be below T = {c['T']}")
-    if schedule.default_shift is None:
-        if c["shift"] is not None:
-            raise BadInput(f"--shift applies only to flow schedules, not {schedule.name}")
-    else:
-        c["shift"] = float(in_bounds("shift", schedule.default_shift if c["shift"] is None else c["shift"]))
     nfes = tuple(int(n) for n in c["nfe"])
     if not nfes:
         raise BadInput("--nfe names no step counts")

@@ -66,13 +66,20 @@ def solver_choice(cfg: dict, solver=None, order=None, variant=None):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                       "use --device cpu")
+    """``cpu``, ``cuda`` or ``cuda:K`` (a GPU this machine has) as a torch device; else BadInput."""
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise BadInput(f"--device {name!r} is not a torch device (cuda, cuda:1, cpu, ...)") from None
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {name!r}: choose cpu, cuda or cuda:K")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                           "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def noise_for(seeds, shape, scale: float) -> torch.Tensor:
