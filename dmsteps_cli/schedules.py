@@ -26,6 +26,7 @@ import numpy as np
 from .errors import BadInput
 
 CONTINUOUS_EPS_MIN = 1e-5
+MAX_TRAIN_STEPS = 1_000_000  # training steps of a discrete schedule (DDPM-style models use 1000)
 
 
 def _f64(x):
@@ -163,6 +164,8 @@ class DiscreteVP(_VP):
 
     def __init__(self, alphas_cumprod, name: str, params: dict):
         ac = _f64(alphas_cumprod).ravel()
+        if ac.size > MAX_TRAIN_STEPS:
+            raise BadInput(f"schedule {name}: more than {MAX_TRAIN_STEPS} training steps")
         if ac.size < 2:
             raise BadInput(f"schedule {name}: needs at least 2 training steps, got {ac.size}")
         if not np.all(np.isfinite(ac)) or np.any(ac < 0) or np.any(ac > 1):
@@ -349,7 +352,10 @@ class Flow(Schedule):
 def betas_for(kind: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> np.ndarray:
     """The beta arrays of DDPM (`linear`), Stable Diffusion (`scaled_linear`) and improved DDPM
     (`squaredcos_cap_v2`, where beta_start/beta_end are unused), in float64."""
-    M = int(num_train_timesteps)
+    M = num_train_timesteps
+    if isinstance(M, bool) or not isinstance(M, (int, np.integer)) or not 2 <= M <= MAX_TRAIN_STEPS:
+        raise BadInput(f"num_train_timesteps must be a whole number from 2 to {MAX_TRAIN_STEPS}, got {M!r}")
+    M = int(M)
     if kind == "linear":
         return np.linspace(beta_start, beta_end, M, dtype=np.float64)
     if kind == "scaled_linear":
@@ -516,28 +522,44 @@ def _schedule_from_diffusers_config(path: Path) -> Schedule:
         raise BadInput(f"schedule config {path} does not exist")
     try:
         cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput(f"schedule config {path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise BadInput(f"schedule config {path}: cannot read it ({exc.strerror})") from None
     if not isinstance(cfg, dict):
         raise BadInput(f"schedule config {path}: expected a JSON object")
     cls = str(cfg.get("_class_name", ""))
     name = path.name if path.parent == Path(".") else str(path)
+
+    def number(key: str, default: float) -> float:
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise BadInput(f"schedule config {path}: {key} must be a finite number, got {value!r}")
+        return float(value)
+
     if cls.startswith("FlowMatch"):
         if cfg.get("use_dynamic_shifting"):
             raise BadInput(f"schedule config {path}: use_dynamic_shifting depends on the image size; "
                            "pass the shift you sample with as --shift and the preset 'flow'")
-        return Flow(name=name, default_shift=float(cfg.get("shift", 1.0)))
+        shift = number("shift", 1.0)
+        if not shift > 0:
+            raise BadInput(f"schedule config {path}: shift must be > 0, got {shift}")
+        return Flow(name=name, default_shift=shift)
     if cls.startswith("EDM"):
-        return EDM(float(cfg.get("sigma_min", 0.002)), float(cfg.get("sigma_max", 80.0)), name=name)
+        return EDM(number("sigma_min", 0.002), number("sigma_max", 80.0), name=name)
     if cfg.get("rescale_betas_zero_snr"):
         raise BadInput(f"schedule config {path}: rescale_betas_zero_snr gives zero terminal SNR "
                        "(lambda(T) = -inf), which is not supported")
     M = cfg.get("num_train_timesteps", 1000)
-    if not isinstance(M, int) or M < 2:
-        raise BadInput(f"schedule config {path}: num_train_timesteps must be an integer >= 2")
+    if isinstance(M, bool) or not isinstance(M, int) or not 2 <= M <= MAX_TRAIN_STEPS:
+        raise BadInput(f"schedule config {path}: num_train_timesteps must be a whole number from 2 to "
+                       f"{MAX_TRAIN_STEPS}, got {M!r}")
     trained = cfg.get("trained_betas")
     if trained is not None:
-        betas = np.asarray(trained, dtype=np.float64).ravel()
+        try:
+            betas = np.asarray(trained, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise BadInput(f"schedule config {path}: trained_betas must be a list of numbers") from None
         if betas.size != M:
             raise BadInput(f"schedule config {path}: trained_betas has {betas.size} values, "
                            f"num_train_timesteps is {M}")
@@ -548,9 +570,6 @@ def _schedule_from_diffusers_config(path: Path) -> Schedule:
         raise BadInput(f"schedule config {path}: unsupported beta_schedule {kind!r}")
     params = {"betas": kind, "num_train_timesteps": M}
     if kind != "squaredcos_cap_v2":
-        try:
-            params["beta_start"] = float(cfg.get("beta_start", 0.0001))
-            params["beta_end"] = float(cfg.get("beta_end", 0.02))
-        except (TypeError, ValueError):
-            raise BadInput(f"schedule config {path}: beta_start/beta_end must be numbers") from None
+        params["beta_start"] = number("beta_start", 0.0001)
+        params["beta_end"] = number("beta_end", 0.02)
     return _discrete_from_betas_params(name, params)

@@ -231,6 +231,16 @@ def validate(data) -> None:
     for key in ("generator", "config", "schedule"):
         if not isinstance(data.get(key), dict):
             raise TableError(f"{key}: missing or not a mapping")
+    # the resolved config every reader relies on (the other fields' types: StepConfig)
+    cfg = data["config"]
+    for key in ("schedule", "solver", "objective", "init"):
+        if not isinstance(cfg.get(key), str):
+            raise TableError(f"config.{key}: missing or not a name")
+    for key, what in (("order", "a whole number"), ("p", "a number"), ("T", "a number"), ("eps", "a number")):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, int if key == "order" else (int, float)):
+            raise TableError(f"config.{key}: missing or not {what}")
+    config_of(data)
     sched = data["schedule"]
     for key, kind in (("family", str), ("params", dict), ("identity", dict)):
         if not isinstance(sched.get(key), kind):

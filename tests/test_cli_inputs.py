@@ -214,7 +214,7 @@ def test_unreadable_tables(tmp_path, table_text):
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps(t))
     r = run("check", bad)
-    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "p must be a number, got 'two'" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "p.json: config.p: missing or not a number" in r.stderr
 
 
 def test_show_plot_into_a_folder_is_refused(tmp_path, table_text):
