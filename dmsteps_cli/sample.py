@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from .errors import BadInput
-from .files import output_folder
+from .files import output_folder, write_output
 from .limits import in_bounds
 from .models import load_checkpoint
 from .schedules import same_schedule  # noqa: F401  (refine and evaluate import it from here)
 from .solvers import build_plan, initial_noise_scale, run_plan
-from .tables import entry_for, load_table_text, write_atomic
+from .tables import entry_for, load_table_text
 
 
 
@@ -344,14 +344,14 @@ def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
         arrays["images"] = images.astype(np.float32)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_atomic(out / "samples.npz", buf.getvalue())
+    write_output(out / "samples.npz", buf.getvalue())
     png = None
     try:
         png = _png_grid(samples if images is None else images)
     except ImportError:
         pass
     if png is not None:
-        write_atomic(out / "grid.png", png)
+        write_output(out / "grid.png", png)
     sidecar = {
         "checkpoint": str(req.checkpoint),
         "checkpoint_kind": ckpt.kind,
@@ -375,5 +375,5 @@ def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
         "images_per_second": len(seeds) / seconds if seconds > 0 else None,
         "files": ["samples.npz"] + (["grid.png"] if png is not None else []),
     }
-    write_atomic(out / "sample.json", json.dumps(sidecar, indent=2) + "\n")
+    write_output(out / "sample.json", json.dumps(sidecar, indent=2) + "\n")
     return sidecar

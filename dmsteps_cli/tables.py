@@ -154,14 +154,6 @@ def format_for(path: str | None, fmt: str | None) -> str:
     return "json"
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write an output file (``files.write_output``: ``-`` is standard output, devices and pipes
-    are written directly, regular files atomically)."""
-    from .files import write_output
-
-    write_output(path, data)
-
-
 def parse_document(text: str, name: str, fmt: str | None = None):
     """The data of a JSON or YAML document. ``fmt`` json or yaml, else told by the content: a
     document whose first character (after white space) is ``{`` or ``[`` is JSON, any other YAML.
@@ -451,4 +443,4 @@ def check_index(index: dict, folder: str | os.PathLike) -> list[str]:
 
 
 __all__ = ["SCHEMA", "GRIDS", "make_table", "make_entry", "dumps", "load_table", "validate",
-           "write_atomic", "check_table", "check_report", "check_index", "entry_for", "format_for"]
+           "check_table", "check_report", "check_index", "entry_for", "format_for"]

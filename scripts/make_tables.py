@@ -42,8 +42,8 @@ from dmsteps_cli import __version__  # noqa: E402
 from dmsteps_cli.optimize import StepConfig  # noqa: E402
 from dmsteps_cli.errors import BadInput  # noqa: E402
 from dmsteps_cli.schedules import schedule_from_spec  # noqa: E402
-from dmsteps_cli.tables import (INDEX_SCHEMA, compare_tables, dumps, make_table, parse_document,  # noqa: E402
-                                validate, write_atomic)
+from dmsteps_cli.files import write_output  # noqa: E402
+from dmsteps_cli.tables import INDEX_SCHEMA, compare_tables, dumps, make_table, parse_document, validate  # noqa: E402
 
 NFE = tuple(range(5, 16))
 SOLVERS = ("unipc", "dpmpp")
@@ -109,7 +109,7 @@ def config_for(row: dict) -> StepConfig:
 def write_if_changed(path: Path, text: str) -> bool:
     if path.is_file() and path.read_bytes() == text.encode():
         return False
-    write_atomic(path, text)
+    write_output(path, text)
     return True
 
 
@@ -129,7 +129,7 @@ def write_table(path: Path, table: dict) -> tuple[bool, str]:
                 return False, old
         except BadInput:
             pass
-    write_atomic(path, text)
+    write_output(path, text)
     return True, text
 
 
