@@ -312,8 +312,11 @@ def run_pipeline(run: Run, progress=None) -> np.ndarray:
     return images.transpose(0, 3, 1, 2) * 2.0 - 1.0
 
 
-def _png_grid(samples: np.ndarray) -> bytes:
-    """A PNG grid of images in [-1, 1] (1 or 3 channels; other channel counts show channel 0)."""
+def _png_grid(samples: np.ndarray) -> bytes | None:
+    """A PNG grid of images in [-1, 1] (1 or 3 channels; other channel counts show channel 0);
+    None for samples that are not images (not of shape (B, C, H, W))."""
+    if samples.ndim != 4:
+        return None
     from PIL import Image
 
     n, c, h, w = samples.shape

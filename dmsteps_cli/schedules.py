@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -533,7 +534,7 @@ def _schedule_from_diffusers_config(path: Path) -> Schedule:
 
     def number(key: str, default: float) -> float:
         value = cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise BadInput(f"schedule config {path}: {key} must be a finite number, got {value!r}")
         return float(value)
 

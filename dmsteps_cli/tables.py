@@ -214,6 +214,18 @@ def _num_list(entry: dict, key: str, where: str, length: int) -> np.ndarray:
     return arr
 
 
+def _non_finite(data, where: str = "") -> str | None:
+    """The path of the first inf or nan anywhere in a parsed document, else None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (where or "the document")
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def validate(data) -> None:
     """Raise TableError naming the first field that does not follow the schema."""
     if not isinstance(data, dict):
@@ -233,8 +245,14 @@ def validate(data) -> None:
         if isinstance(v, bool) or not isinstance(v, int if key == "order" else (int, float)):
             raise TableError(f"config.{key}: missing or not {what}")
     config_of(data)
+    try:
+        bad = _non_finite(data)
+    except RecursionError:
+        raise TableError("nested too deeply") from None
+    if bad is not None:
+        raise TableError(f"{bad}: numbers must be finite (JSON has no inf or nan)")
     sched = data["schedule"]
-    for key, kind in (("family", str), ("params", dict), ("identity", dict)):
+    for key, kind in (("name", str), ("family", str), ("params", dict), ("identity", dict)):
         if not isinstance(sched.get(key), kind):
             raise TableError(f"schedule.{key}: missing or not a {'name' if kind is str else 'mapping'}")
     entries = data.get("entries")
@@ -268,8 +286,8 @@ def validate(data) -> None:
         if "orders" in e and not (isinstance(e["orders"], list) and len(e["orders"]) == n and all(
                 isinstance(k, int) and not isinstance(k, bool) for k in e["orders"])):
             raise TableError(f"{where}.orders: expected a list of {n} whole numbers")
-        if "init" in e and not isinstance(e["init"], str):
-            raise TableError(f"{where}.init: expected a name")
+        if not isinstance(e.get("init"), str):
+            raise TableError(f"{where}.init: missing or not a name")
         baselines = e.get("baselines", {})
         if not (isinstance(baselines, dict) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in baselines.values())):

@@ -755,9 +755,10 @@ def model_files(**table_changes) -> dict:
 
 # The explicit examples are inputs the generated ones reach only rarely: a flow shift of inf, a
 # scheduler config with a null shift, devices torch knows but this machine cannot use, tables
-# whose config lacks a field or holds a string where a number belongs.
+# whose config or schedule lacks a field or holds a string where a number belongs, a mixture
+# whose samples are not images (two dimensions).
 
-@fuzz(200)
+@fuzz(150)
 @given(optimize_case())
 @example(Case(["optimize", "--nfe", "5", "-q", "-o", "out/"], {"out": DIR}, outputs=["out/"]))
 @example(Case(["optimize", "--schedule", "flow", "--shift", "inf", "--nfe", "5"]))
@@ -771,6 +772,7 @@ def test_optimize(case):
 @given(show_case())
 @example(Case(["show", "t.json", "--nfe", "7", "--plot", "p.png"], {"t.json": table_json({})}, outputs=["p.png"]))
 @example(Case(["show", "t.json"], {"t.json": table_json({"config.order": DELETE})}))
+@example(Case(["show", "t.json"], {"t.json": table_json({"schedule.name": DELETE})}))
 def test_show(case):
     check_case_runs(case)
 
@@ -792,11 +794,13 @@ def test_schedules(case):
 @given(sample_case())
 @example(Case(SAMPLE[:-1] + ["meta"], model_files(), outputs=["samples"]))
 @example(Case(SAMPLE, model_files(**{"config.order": "abc"}), outputs=["samples"]))
+@example(Case(SAMPLE, {"t.json": table_json({}), "g.yaml": b"kind: gaussian-mixture\nschedule: scaled_linear\n"
+                       b"sample_shape: [1, 1]\nmeans: [[0.0]]\nstd: 0.4\n"}, outputs=["samples"]))
 def test_sample(case):
     check_case_runs(case)
 
 
-@fuzz(100)
+@fuzz(80)
 @given(evaluate_case())
 @example(Case(EVALUATE + ["--device", "mps"], model_files()))
 @example(Case(EVALUATE + ["-t", "t.json"], model_files(**{"config.T": "abc"})))
@@ -804,7 +808,7 @@ def test_evaluate(case):
     check_case_runs(case)
 
 
-@fuzz(100)
+@fuzz(80)
 @given(refine_case())
 @example(Case(REFINE + ["--device", "meta"], model_files()))
 @example(Case(REFINE, model_files(**{"config.order": DELETE})))
