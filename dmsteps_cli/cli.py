@@ -138,11 +138,12 @@ def show(
     as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line: t, lambda, sigmas or timesteps."),
     plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
                                         "and in lambda (PNG, SVG or PDF by the suffix; needs matplotlib)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
     from .tables import entry_for, load_table
 
-    table = load_table(file)
+    table = load_table(file, fmt)
     line = None
     if as_ is not None or nfe is not None:  # every refusal comes before the plot is written
         field = as_ or "t"
@@ -374,14 +375,12 @@ def check(
     Exit 0: every file is current; 1: something drifted (the lines name it); 2: a file could not be
     read (an error line on stderr). Every file is checked whatever the earlier ones gave.
     """
-    from pathlib import Path
-
     from .tables import check_index, check_report, is_index, read_document, validate
 
     drifted = unreadable = 0
     for f in files:
         try:
-            data = read_document(f, fmt)
+            data = read_document(f, fmt)[0]
             if is_index(data):
                 drift, notes = check_index(data, Path(f).parent), []
             else:

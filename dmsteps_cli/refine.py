@@ -63,7 +63,7 @@ from .models import load_checkpoint
 from .optimize import GAP_FRACTION, table_objective
 from .sample import network_denoiser, resolve_device, same_schedule
 from .solvers import COMPLEX_STEP
-from .tables import entry_consistency, entry_for, load_table
+from .tables import entry_consistency, entry_for, is_number, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
 TABLE = "table"  # the candidate name of the input table's own steps
@@ -265,12 +265,8 @@ def refine(req: RefineRequest, progress=None) -> dict:
     }}
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _same(a, b) -> bool:
-    return _finite(a) and _finite(b) and math.isclose(a, b, rel_tol=RECORD_RTOL, abs_tol=0.0)
+    return is_number(a) and is_number(b) and math.isclose(a, b, rel_tol=RECORD_RTOL, abs_tol=0.0)
 
 
 def _record_drift(e: dict) -> list[str]:
@@ -284,10 +280,10 @@ def _record_drift(e: dict) -> list[str]:
     drift = []
     for key in ("holdout_errors", "train_errors"):
         errs = rec.get(key)
-        if not isinstance(errs, dict) or not {TABLE, *GRIDS} <= set(errs) or not all(map(_finite, errs.values())):
+        if not isinstance(errs, dict) or not {TABLE, *GRIDS} <= set(errs) or not all(map(is_number, errs.values())):
             drift.append(f"refine.{key}: expected a finite error for each of {', '.join((TABLE, *GRIDS))}")
     for key in ("holdout_error", "holdout_error_start", "train_error", "train_error_start"):
-        if not _finite(rec.get(key)):
+        if not is_number(rec.get(key)):
             drift.append(f"refine.{key}: missing or not finite")
     if drift:
         return drift

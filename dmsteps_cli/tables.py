@@ -176,11 +176,13 @@ def parse_document(text: str, name: str, fmt: str | None = None):
 
 
 def read_document(path: str | os.PathLike, fmt: str | None = None, what: str = "table"):
-    """Read and parse a JSON or YAML file (``-``: standard input), not yet validated."""
+    """Read and parse a JSON or YAML file (``-``: standard input), not yet validated: (data, the
+    text it was read from; standard input can be read only once)."""
     from .files import read_input
 
     raw = os.fspath(path)
-    return parse_document(read_input(raw, what), f"{what} {raw}", fmt)
+    text = read_input(raw, what)
+    return parse_document(text, f"{what} {raw}", fmt), text
 
 
 def load_table(path: str | os.PathLike, fmt: str | None = None) -> dict:
@@ -190,17 +192,18 @@ def load_table(path: str | os.PathLike, fmt: str | None = None) -> dict:
 
 
 def load_table_text(path: str | os.PathLike, fmt: str | None = None) -> tuple[dict, str]:
-    """``load_table`` and the text it was read from (standard input can be read only once)."""
-    from .files import read_input
-
-    raw = os.fspath(path)
-    text = read_input(raw, "table")
-    data = parse_document(text, f"table {raw}", fmt)
+    """``load_table`` and the text it was read from."""
+    data, text = read_document(path, fmt)
     try:
         validate(data)
     except TableError as exc:
-        raise TableError(f"table {raw}: {exc}") from None
+        raise TableError(f"table {os.fspath(path)}: {exc}") from None
     return data, text
+
+
+def is_number(v) -> bool:
+    """A finite int or float, not a bool: what a table's numeric fields hold."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _num_list(entry: dict, key: str, where: str, length: int) -> np.ndarray:
@@ -279,7 +282,7 @@ def validate(data) -> None:
             raise TableError(f"{where}.t: must be strictly decreasing (T first, eps last)")
         for key in ("objective", "init_objective"):
             v = e.get(key)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if not is_number(v):
                 raise TableError(f"{where}.{key}: expected a finite number")
         if not isinstance(e.get("optimizer"), dict) or not isinstance(e["optimizer"].get("status"), str):
             raise TableError(f"{where}.optimizer: expected a mapping with a status")
@@ -289,8 +292,7 @@ def validate(data) -> None:
         if not isinstance(e.get("init"), str):
             raise TableError(f"{where}.init: missing or not a name")
         baselines = e.get("baselines", {})
-        if not (isinstance(baselines, dict) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in baselines.values())):
+        if not (isinstance(baselines, dict) and all(is_number(v) for v in baselines.values())):
             raise TableError(f"{where}.baselines: expected a mapping of grid names to finite numbers")
 
 
