@@ -369,6 +369,17 @@ def schedule_arg(draw, bad: float, name: str = "sched"):
 
 # --- outputs and checkpoints ------------------------------------------------------------------
 
+def maybe_output(draw, bad: float, name: str, files: dict, groups: list) -> list:
+    """Half the time an ``-o`` output (``output_path``): its files join ``files``, the option joins
+    ``groups``; the output paths to watch."""
+    if not draw(st.booleans()):
+        return []
+    out, out_files = output_path(draw, bad, name)
+    files.update(out_files)
+    groups.append(["-o", out])
+    return [out]
+
+
 def output_path(draw, bad: float, name: str, suffixes=(".json", ".yaml", ".yml", "")):
     """(path, files) of an output: new, existing or standard output; when bad: a folder (with or
     without a trailing /), under a missing folder or a regular file, empty, /dev/null."""
@@ -480,12 +491,7 @@ def optimize_case(draw):
         opt(draw, bad, "--format", ["json", "yaml"], ["YAML", "xml", "", "Json"], omit=0.7),
         ["-q"] if draw(st.booleans()) else [],
     ]
-    outputs = []
-    if draw(st.booleans()):
-        out, out_files = output_path(draw, bad, "out")
-        files.update(out_files)
-        groups.append(["-o", out])
-        outputs.append(out)
+    outputs = maybe_output(draw, bad, "out", files, groups)
     return Case(["optimize", *shuffled(draw, groups), *extra(draw, bad)], files, outputs=outputs)
 
 
@@ -601,12 +607,7 @@ def refine_case(draw):
     table = document_input(draw, bad, [TABLE, TABLE, TABLE, FLOW_TABLE, REFINED_TABLE], "t", floor=0.2)
     tfiles, stdin = merge(table)
     files.update(tfiles)
-    outputs = []
-    if draw(st.booleans()):
-        out, out_files = output_path(draw, bad, "refined")
-        files.update(out_files)
-        groups.append(["-o", out])
-        outputs.append(out)
+    outputs = maybe_output(draw, bad, "refined", files, groups)
     groups += [["-t", table.arg],
                opt(draw, bad, "--nfe", ["5", "6", "5,6"], NFE_TEXT, omit=0.4),
                opt(draw, bad, "--train", ["1", "2", "4"], omit=0),
