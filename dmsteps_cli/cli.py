@@ -398,6 +398,19 @@ def check(
         raise typer.Exit(2 if unreadable else 1)
 
 
+# library parameter -> the flag that sets it, where the two are not the same name with dashes
+FLAGS: dict[str, str] = {}
+
+
+def message_of(exc: BadInput) -> str:
+    """The error line for ``exc``: a message that starts with a setting's name shows its flag."""
+    text = str(exc)
+    field = getattr(exc, "field", None)
+    if field and text.startswith(field):
+        return FLAGS.get(field, "--" + field.replace("_", "-")) + text[len(field):]
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit 2 with one line on stderr for bad input (ours or the parser's)."""
     import os
@@ -408,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args or ["--help"], prog_name="dmsteps", standalone_mode=False)
     except BadInput as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {message_of(exc)}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)

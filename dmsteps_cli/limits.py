@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import BadInput
+from .errors import bad_setting
 
 BOUNDS: dict[str, tuple[float, float]] = {
     # optimize
@@ -31,16 +31,15 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-def in_bounds(name: str, value, flag: str | None = None):
-    """``value`` if it lies within ``BOUNDS[name]``, else BadInput naming ``flag`` (default
-    ``--name`` with dashes). Counts must be whole numbers; other values finite numbers."""
+def in_bounds(name: str, value):
+    """``value`` if it lies within ``BOUNDS[name]``, else BadInput for the setting ``name``.
+    Counts must be whole numbers; other values finite numbers."""
     lo, hi = BOUNDS[name]
-    flag = flag or "--" + name.replace("_", "-")
     whole = isinstance(lo, int) and isinstance(hi, int)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInput(f"{flag} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+        raise bad_setting(name, f"must be {'a whole number' if whole else 'a number'}, got {value!r}")
     if whole and not float(value).is_integer():
-        raise BadInput(f"{flag} must be a whole number, got {value!r}")
+        raise bad_setting(name, f"must be a whole number, got {value!r}")
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise BadInput(f"{flag} must be between {lo} and {hi}, got {value!r}")
+        raise bad_setting(name, f"must be between {lo} and {hi}, got {value!r}")
     return value

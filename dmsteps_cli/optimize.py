@@ -448,7 +448,7 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
         raise BadInput(f"--trunc applies only to --objective reference, not {c['objective']}")
     if c["init"] not in INITS:
         raise BadInput(f"unknown init {c['init']!r} (choose from {', '.join(INITS)})")
-    c["p"] = float(in_bounds("p", default_p(schedule) if c["p"] is None else c["p"], "--p"))
+    c["p"] = float(in_bounds("p", default_p(schedule) if c["p"] is None else c["p"]))
     c["T"] = float(schedule.T if c["T"] is None else c["T"])
     c["eps"] = float(schedule.eps_default if c["eps"] is None else c["eps"])
     for name in ("T", "eps"):
