@@ -33,7 +33,7 @@ from published import published_minimize  # noqa: E402
 from dmsteps_cli.grids import grid_lambda  # noqa: E402
 from dmsteps_cli.objective import build_objective  # noqa: E402
 from dmsteps_cli.optimize import GAP_FRACTION, minimize_steps, parse_nfe, polish  # noqa: E402
-from dmsteps_cli.schedules import get_schedule  # noqa: E402
+from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
 from dmsteps_cli.weights import order_pattern  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.schedules import get_schedule
+from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.solvers import build_plan, run_plan
 
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

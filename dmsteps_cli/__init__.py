@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "StepConfig": "optimize",
-    "get_schedule": "schedules",
+    "get_schedule": "schedule_sources",
     "make_table": "tables",
     "load_table": "tables",
     "check_table": "tables",

@@ -69,7 +69,7 @@ def optimize(
     """Optimize the time steps for each NFE and write a versioned table."""
     from .optimize import REPRODUCIBLE, StepConfig, resolve
     from .files import check_writable, write_output
-    from .schedules import get_schedule
+    from .schedule_sources import get_schedule
     from .tables import dumps, format_for, make_table
 
     out_fmt = format_for(output, fmt)

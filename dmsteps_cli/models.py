@@ -22,7 +22,6 @@ lazily, inside the functions that need them.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,10 @@ import numpy as np
 import torch
 
 from .errors import BadInput
-from .schedules import PRESETS, Schedule, get_schedule
+from .schedule_sources import (PREDICTION_TYPES, ScheduleSource, check_prediction_type, find_scheduler_config,
+                               read_json, read_schedule, read_scheduler_config)
+from .schedules import PRESETS, Schedule, same_schedule
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 SUPPORTED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 MIXTURE_KIND = "gaussian-mixture"
 
@@ -554,61 +554,15 @@ def _diffusers():
     return diffusers
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{what} {path}: not valid JSON ({_first_line(exc)})") from None
-    except OSError as exc:
-        raise BadInput(f"{what} {path}: cannot read ({_first_line(exc)})") from None
-    if not isinstance(cfg, dict):
-        raise BadInput(f"{what} {path}: expected a JSON object")
-    return cfg
-
-
-def _resolve_schedule_arg(schedule, base: Path | None = None) -> tuple[Schedule, dict | None]:
-    """A Schedule from an object or a string; the scheduler config dict if the string names one."""
+def _schedule_of(schedule, base: Path | None = None) -> ScheduleSource:
+    """What a ``schedule`` argument (a Schedule, or a string for ``read_schedule``) names; a
+    relative path is looked up under ``base`` first (a mixture file names its schedule so)."""
     if isinstance(schedule, Schedule):
-        return schedule, None
+        return ScheduleSource(schedule)
     spec = str(schedule)
     if spec not in PRESETS and base is not None and not Path(spec).is_absolute() and (base / spec).exists():
         spec = str(base / spec)
-    sched = get_schedule(spec)
-    cfg = None
-    p = Path(spec)
-    if spec not in PRESETS and ":" not in spec:
-        cfg_path = _scheduler_config_path(p)
-        if cfg_path is not None:
-            cfg = _read_json(cfg_path, "schedule config")
-    return sched, cfg
-
-
-def _scheduler_config_path(p: Path) -> Path | None:
-    if p.is_file() and p.suffix.lower() == ".json":
-        return p
-    if p.is_dir():
-        for cand in (p / "scheduler_config.json", p / "scheduler" / "scheduler_config.json"):
-            if cand.is_file():
-                return cand
-    return None
-
-
-def _prediction_type_of(cfg: dict | None) -> str:
-    if cfg is None:
-        return "epsilon"
-    if str(cfg.get("_class_name", "")).startswith("FlowMatch"):
-        return "flow_prediction"
-    return str(cfg.get("prediction_type", "epsilon"))
-
-
-def _check_prediction_type(ptype: str, schedule: Schedule, source: str) -> str:
-    if ptype not in PREDICTION_TYPES:
-        raise BadInput(f"{source}: unsupported prediction_type {ptype!r} (known: {', '.join(PREDICTION_TYPES)})")
-    if ptype == "v_prediction" and schedule.family in ("edm", "flow"):
-        raise BadInput(f"{source}: v_prediction needs a variance-preserving schedule, not {schedule.family}")
-    if ptype == "flow_prediction" and schedule.family != "flow":
-        raise BadInput(f"{source}: flow_prediction needs a flow schedule, not {schedule.family}")
-    return ptype
+    return read_schedule(spec)
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
@@ -633,7 +587,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     # --- a folder: a pipeline (unet/ or transformer/ + scheduler/) or a bare model
     index = None
     if (p / "model_index.json").is_file():
-        index = _read_json(p / "model_index.json", "pipeline index")
+        index = read_json(p / "model_index.json", "pipeline index")
     text = (p / "text_encoder").is_dir() or bool(index and isinstance(index.get("text_encoder"), list)
                                                   and index["text_encoder"][0] is not None)
     if (p / "unet").is_dir():
@@ -647,39 +601,39 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     else:
         raise BadInput(f"checkpoint {source}: no unet/, transformer/ or config.json (not a diffusers model folder)")
 
-    cfg_path = _scheduler_config_path(p)
-    sched_cfg = None
+    cfg_path = find_scheduler_config(p)
     if cfg_path is not None:
-        sched_cfg = _read_json(cfg_path, "scheduler config")
-        cls = str(sched_cfg.get("_class_name", ""))
+        cfg = read_json(cfg_path, "scheduler config")
+        cls = str(cfg.get("_class_name", ""))
         if not text and (cls.startswith("EDM") or cls.startswith("ScoreSdeVe")):
             raise BadInput(f"scheduler config {cfg_path}: {cls} models need the scheduler's input/output "
                            "preconditioning, which dmsteps does not apply")
         try:
-            own = get_schedule(str(cfg_path))
+            own = read_scheduler_config(cfg, f"scheduler config {cfg_path}", str(cfg_path))
         except BadInput:
             if not (text and schedule is not None):
                 raise
             own = None
         if schedule is not None:
-            given, _ = _resolve_schedule_arg(schedule)
-            if own is not None and given.identity()["sha256"] != own.identity()["sha256"]:
-                raise BadInput(f"checkpoint {source}: the schedule given ({given.name}) differs from the "
+            given = _schedule_of(schedule)
+            if own is not None and not same_schedule(given.schedule.identity(), own.schedule.identity()):
+                raise BadInput(f"checkpoint {source}: the schedule given ({given.schedule.name}) differs from the "
                                f"checkpoint's scheduler config {cfg_path}")
-            sched = given if own is None else own
+            read = given if own is None else own
         else:
-            sched = own
+            read = own
     elif schedule is not None:
-        sched, sched_cfg = _resolve_schedule_arg(schedule)
+        read = _schedule_of(schedule)
     else:
         raise BadInput(f"checkpoint {source} has no scheduler config: give its noise schedule with --schedule "
                        "(a preset or a scheduler_config.json)")
-    ptype = _check_prediction_type(prediction_type or _prediction_type_of(sched_cfg), sched, source)
+    sched = read.schedule
+    ptype = check_prediction_type(prediction_type or read.prediction_type or "epsilon", sched, source)
 
     if text:
         shape, cls_name = None, ""
         if model_dir is not None and (model_dir / "config.json").is_file():
-            mcfg = _read_json(model_dir / "config.json", "model config")
+            mcfg = read_json(model_dir / "config.json", "model config")
             cls_name = str(mcfg.get("_class_name", ""))
             if isinstance(mcfg.get("in_channels"), int) and isinstance(mcfg.get("sample_size"), int):
                 shape = (mcfg["in_channels"], mcfg["sample_size"], mcfg["sample_size"])
@@ -691,7 +645,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     mcfg_path = model_dir / "config.json"
     if not mcfg_path.is_file():
         raise BadInput(f"checkpoint {source}: {mcfg_path} is missing")
-    mcfg = _read_json(mcfg_path, "model config")
+    mcfg = read_json(mcfg_path, "model config")
     cls_name = str(mcfg.get("_class_name", ""))
     if cls_name == "Transformer2DModel" and mcfg.get("norm_type") == "ada_norm_zero" and mcfg.get("patch_size"):
         cls_name = "DiTTransformer2DModel"  # DiT checkpoints saved before the class existed
@@ -760,10 +714,10 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
 def _load_gmm(p: Path, device, schedule, prediction_type) -> Checkpoint:
     mixture, spec = load_mixture(p)
     if schedule is not None:
-        sched, _ = _resolve_schedule_arg(schedule)
+        sched = _schedule_of(schedule).schedule
     elif spec is not None:
         try:
-            sched, _ = _resolve_schedule_arg(spec, base=p.parent)
+            sched = _schedule_of(spec, base=p.parent).schedule
         except BadInput as exc:
             raise BadInput(f"mixture file {p}: field 'schedule': {exc}") from None
     else:

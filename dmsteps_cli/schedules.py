@@ -18,9 +18,6 @@ schedule can be recognized.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-from pathlib import Path
 
 import numpy as np
 
@@ -400,23 +397,32 @@ def preset_names():
     return list(PRESETS)
 
 
-IDENTITY_RTOL = 1e-5
+IDENTITY_RTOL = 1e-5  # identity probe values agree to this, relative ...
+IDENTITY_ATOL = 1e-9  # ... or absolute (log alpha near 0 at small t)
 
 
-def same_schedule(ident_a: dict, ident_b: dict, rtol: float = IDENTITY_RTOL) -> bool:
-    """Two schedule identities describe the same alpha and sigma (family, probe values)."""
+def same_schedule(ident_a: dict, ident_b: dict) -> bool:
+    """Two ``Schedule.identity()`` fingerprints describe the same alpha_t and sigma_t: the same
+    family and number of training steps, and probe times and log alpha, log sigma there that agree
+    within |a - b| <= IDENTITY_ATOL + IDENTITY_RTOL |b|. The one test of "same schedule" in dmsteps."""
+    if not isinstance(ident_a, dict) or not isinstance(ident_b, dict):
+        return False
     if ident_a.get("family") != ident_b.get("family"):
+        return False
+    if ident_a.get("num_train_timesteps") != ident_b.get("num_train_timesteps"):
         return False
     try:
         for key in ("probe_t", "log_alpha", "log_sigma"):
-            if not np.allclose(ident_a[key], ident_b[key], rtol=rtol, atol=1e-9):
+            a = np.asarray(ident_a[key], dtype=np.float64)
+            b = np.asarray(ident_b[key], dtype=np.float64)
+            if a.shape != b.shape or a.ndim != 1 or not np.allclose(a, b, rtol=IDENTITY_RTOL, atol=IDENTITY_ATOL):
                 return False
     except (KeyError, ValueError, TypeError):
         return False
     return True
 
 
-def preset_of(schedule: "Schedule") -> str | None:
+def preset_of(schedule: Schedule) -> str | None:
     """The preset whose alpha and sigma this schedule has (whatever it is called or was loaded
     from: Stable Diffusion's scheduler_config.json is ``scaled_linear``), or None."""
     ident = schedule.identity()
@@ -451,126 +457,3 @@ def schedule_from_spec(spec: dict) -> Schedule:
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadInput(f"schedule spec for family {family!r}: a parameter is not a valid number ({exc})") from None
     raise BadInput(f"unknown schedule family {family!r}")
-
-
-def get_schedule(arg: str) -> Schedule:
-    """A preset name, ``betas:FILE`` / ``alphas_cumprod:FILE`` (.npy or .txt), or a diffusers
-    ``scheduler_config.json`` path."""
-    if arg in PRESETS:
-        return PRESETS[arg][0]()
-    for kind in ("betas", "alphas_cumprod"):
-        if arg.startswith(kind + ":"):
-            return _schedule_from_array_file(kind, arg[len(kind) + 1:])
-    path = Path(arg)
-    if path.suffix.lower() == ".json" or path.is_dir():
-        return _schedule_from_diffusers_config(path)
-    if path.suffix.lower() in (".npy", ".txt"):
-        raise BadInput(f"schedule file {arg}: say what it holds, as betas:{arg} or alphas_cumprod:{arg}")
-    raise BadInput(f"unknown schedule {arg!r} (presets: {', '.join(PRESETS)}; or a scheduler_config.json, "
-                   "betas:FILE, alphas_cumprod:FILE)")
-
-
-def _load_array(path: Path) -> np.ndarray:
-    """A 1-D array of at least 2 finite numbers from a .npy file or a text file (numbers separated
-    by white space, one row or one column)."""
-    import warnings
-
-    if str(path) in ("", "."):
-        raise BadInput("schedule file: no file name given (betas:FILE or alphas_cumprod:FILE)")
-    if path.is_dir():
-        raise BadInput(f"schedule file {path} is a folder")
-    if not path.is_file():
-        raise BadInput(f"schedule file {path} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy warns of an empty file before failing on it
-            if path.suffix.lower() == ".npy":
-                arr = np.load(path, allow_pickle=False)
-            else:
-                arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
-        arr = np.asarray(arr, dtype=np.float64)
-    except (ValueError, OSError, TypeError, UnicodeDecodeError, EOFError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInput(f"schedule file {path}: cannot read numbers ({first})") from None
-    if arr.ndim == 2 and 1 in arr.shape:
-        arr = arr.ravel()
-    if arr.ndim != 1:
-        raise BadInput(f"schedule file {path}: expected one row or column of numbers, got shape {arr.shape}")
-    if arr.size < 2 or not np.all(np.isfinite(arr)):
-        raise BadInput(f"schedule file {path}: needs at least 2 finite numbers")
-    return arr
-
-
-def _schedule_from_array_file(kind: str, file: str) -> DiscreteVP:
-    path = Path(file)
-    arr = _load_array(path)
-    if kind == "betas":
-        if np.any(arr <= 0) or np.any(arr >= 1):
-            raise BadInput(f"schedule file {path}: betas must lie in (0, 1)")
-        ac = np.cumprod(1.0 - arr)
-    else:
-        ac = arr
-    return DiscreteVP(ac, f"{kind}:{path.name}", {"alphas_cumprod": ac.tolist()})
-
-
-def _schedule_from_diffusers_config(path: Path) -> Schedule:
-    if path.is_dir():
-        for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
-            if cand.is_file():
-                path = cand
-                break
-    if not path.is_file():
-        raise BadInput(f"schedule config {path} does not exist")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadInput(f"schedule config {path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise BadInput(f"schedule config {path}: cannot read it ({exc.strerror})") from None
-    if not isinstance(cfg, dict):
-        raise BadInput(f"schedule config {path}: expected a JSON object")
-    cls = str(cfg.get("_class_name", ""))
-    name = path.name if path.parent == Path(".") else str(path)
-
-    def number(key: str, default: float) -> float:
-        value = cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadInput(f"schedule config {path}: {key} must be a finite number, got {value!r}")
-        return float(value)
-
-    if cls.startswith("FlowMatch"):
-        if cfg.get("use_dynamic_shifting"):
-            raise BadInput(f"schedule config {path}: use_dynamic_shifting depends on the image size; "
-                           "pass the shift you sample with as --shift and the preset 'flow'")
-        shift = number("shift", 1.0)
-        if not shift > 0:
-            raise BadInput(f"schedule config {path}: shift must be > 0, got {shift}")
-        return Flow(name=name, default_shift=shift)
-    if cls.startswith("EDM"):
-        return EDM(number("sigma_min", 0.002), number("sigma_max", 80.0), name=name)
-    if cfg.get("rescale_betas_zero_snr"):
-        raise BadInput(f"schedule config {path}: rescale_betas_zero_snr gives zero terminal SNR "
-                       "(lambda(T) = -inf), which is not supported")
-    M = cfg.get("num_train_timesteps", 1000)
-    if isinstance(M, bool) or not isinstance(M, int) or not 2 <= M <= MAX_TRAIN_STEPS:
-        raise BadInput(f"schedule config {path}: num_train_timesteps must be a whole number from 2 to "
-                       f"{MAX_TRAIN_STEPS}, got {M!r}")
-    trained = cfg.get("trained_betas")
-    if trained is not None:
-        try:
-            betas = np.asarray(trained, dtype=np.float64).ravel()
-        except (TypeError, ValueError):
-            raise BadInput(f"schedule config {path}: trained_betas must be a list of numbers") from None
-        if betas.size != M:
-            raise BadInput(f"schedule config {path}: trained_betas has {betas.size} values, "
-                           f"num_train_timesteps is {M}")
-        ac = np.cumprod(1.0 - betas)
-        return DiscreteVP(ac, name, {"alphas_cumprod": ac.tolist()})
-    kind = cfg.get("beta_schedule", "linear")
-    if kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-        raise BadInput(f"schedule config {path}: unsupported beta_schedule {kind!r}")
-    params = {"betas": kind, "num_train_timesteps": M}
-    if kind != "squaredcos_cap_v2":
-        params["beta_start"] = number("beta_start", 0.0001)
-        params["beta_end"] = number("beta_end", 0.02)
-    return _discrete_from_betas_params(name, params)

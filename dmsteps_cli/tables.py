@@ -40,7 +40,8 @@ from . import __version__
 from .errors import BadInput, TableError
 from .grids import GRIDS
 from .optimize import DEFAULT_SCHEDULE, GAP_FRACTION, REPRODUCIBLE, StepConfig, optimize_nfe, resolve, table_objective
-from .schedules import PRESETS, get_schedule, same_schedule, schedule_from_spec
+from .schedules import PRESETS, same_schedule, schedule_from_spec
+from .schedule_sources import get_schedule
 
 SCHEMA = "dmsteps.table/1"
 FORMATS = ("json", "yaml")
@@ -368,10 +369,10 @@ def compare_tables(table: dict, fresh: dict, schedule) -> tuple[list[str], list[
     must also match the fresh steps: lambda to LAMBDA_ATOL, the objective to VALUE_RTOL, the
     same status. An entry with another status (the optimizer stopped without a verified minimum)
     depends on rounding, so its steps are not compared: a note says so. The schedule's identity
-    is compared with ``same_schedule`` at VALUE_RTOL; the generator's version is not compared.
+    is compared with ``same_schedule``; the generator's version is not compared.
     """
     drift, notes = [], []
-    if not same_schedule(schedule.identity(), table["schedule"]["identity"], rtol=VALUE_RTOL):
+    if not same_schedule(schedule.identity(), table["schedule"]["identity"]):
         drift.append("schedule.identity differs from the schedule its params describe")
     if fresh["config"] != table["config"]:
         drift.append("config differs from its resolved form")

@@ -15,7 +15,7 @@ from dmsteps_cli import models
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.models import (GaussianMixture, load_checkpoint, load_mixture, save_mixture,
                                 to_data_prediction)
-from dmsteps_cli.schedules import get_schedule
+from dmsteps_cli.schedule_sources import get_schedule
 from tiny import TINY_DIT, TINY_UNET
 
 torch.set_num_threads(1)

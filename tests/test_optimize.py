@@ -7,7 +7,7 @@ from dmsteps_cli.errors import BadInput
 from dmsteps_cli.grids import GRIDS, grid_lambda
 from dmsteps_cli.objective import build_objective
 from dmsteps_cli.optimize import GAP_FRACTION, StepConfig, minimize_steps, resolve
-from dmsteps_cli.schedules import get_schedule
+from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.weights import order_pattern
 
 

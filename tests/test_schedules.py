@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dmsteps_cli.errors import BadInput
-from dmsteps_cli.schedules import get_schedule, preset_names, schedule_from_spec
+from dmsteps_cli.schedules import preset_names, schedule_from_spec
+from dmsteps_cli.schedule_sources import get_schedule
 
 
 def grid_of(s, n=2001):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.schedules import get_schedule
+from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.solvers import build_plan, final_weights, phi, run_plan
 
 torch.set_num_threads(1)

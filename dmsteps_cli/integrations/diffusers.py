@@ -34,7 +34,7 @@ is computed from ``config.order``.)
 Checks, each a ``BadInput`` with the reason:
 - the scheduler's training schedule (rebuilt from ``scheduler.config``: betas or
   ``trained_betas``, num_train_timesteps; flow for FlowMatch schedulers and ``use_flow_sigmas``)
-  must be the table's: same family and ``identity()`` probe values to 1e-5 relative;
+  must be the table's (``schedules.same_schedule``);
 - the scheduler's solver order must be the table's ``config.order`` (``solver_order`` of
   DPM-Solver++/UniPC; 1 for the Euler schedulers). A mismatch is refused, not honoured: the
   steps were placed for that order's error pattern; recreate the scheduler with
@@ -86,11 +86,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadInput
-from ..schedules import DiscreteVP, Flow, schedule_from_spec
+from ..schedule_sources import read_scheduler_config
+from ..schedules import same_schedule
 from ..tables import entry_for, load_table, validate
 
 FINAL_SIGMAS = ("table", "zero")
-SCHEDULE_RTOL = 1e-5  # identity probe values must agree to this (relative)
 _STATE = "_dmsteps_steps"
 _PATCHED = "_dmsteps_patched"
 
@@ -143,36 +143,21 @@ def _cfg(scheduler, key, default=None):
     return scheduler.config.get(key, default) if hasattr(scheduler.config, "get") else default
 
 
-def scheduler_schedule(scheduler):
-    """The dmsteps ``Schedule`` that ``scheduler.config`` describes (alpha_t, sigma_t of training).
+def _config_class(scheduler) -> str:
+    """The diffusers scheduler class ``scheduler`` is or derives from (its nearest in the MRO)."""
+    for cls in type(scheduler).__mro__:
+        if cls.__module__.startswith("diffusers."):
+            return cls.__name__
+    return type(scheduler).__name__
 
-    Flow matching (FlowMatch* schedulers, or ``use_flow_sigmas``): ``Flow`` (the shift is a grid
-    spacing, not part of the schedule). Otherwise the discrete VP schedule of its betas
-    (``trained_betas``, or ``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2 with
-    beta_start, beta_end, num_train_timesteps), made continuous as DPM-Solver does.
-    """
+
+def scheduler_schedule(scheduler):
+    """The dmsteps ``Schedule`` that ``scheduler.config`` describes (alpha_t, sigma_t of training),
+    read as ``schedule_sources.read_scheduler_config`` reads every scheduler config."""
     cls = type(scheduler).__name__
-    name = f"{cls} config"
-    if cls.startswith("FlowMatch") or _cfg(scheduler, "use_flow_sigmas", False):
-        shift = _cfg(scheduler, "shift", None)
-        if shift is None:
-            shift = _cfg(scheduler, "flow_shift", 1.0)
-        return Flow(name=name, default_shift=float(shift))
-    if _cfg(scheduler, "rescale_betas_zero_snr", False):
-        raise BadInput(f"{cls}: rescale_betas_zero_snr gives zero terminal SNR (lambda(T) = -inf), which dmsteps "
-                       "tables do not support")
-    M = int(_cfg(scheduler, "num_train_timesteps", 1000))
-    trained = _cfg(scheduler, "trained_betas", None)
-    if trained is not None:
-        betas = np.asarray(trained.tolist() if hasattr(trained, "tolist") else trained, dtype=np.float64).ravel()
-        ac = np.cumprod(1.0 - betas)
-        return DiscreteVP(ac, name, {"alphas_cumprod": ac.tolist()})
-    kind = _cfg(scheduler, "beta_schedule", "linear")
-    params = {"betas": kind, "num_train_timesteps": M}
-    if kind != "squaredcos_cap_v2":
-        params["beta_start"] = float(_cfg(scheduler, "beta_start", 1e-4))
-        params["beta_end"] = float(_cfg(scheduler, "beta_end", 0.02))
-    return schedule_from_spec({"name": name, "family": "discrete", "params": params})
+    cfg = dict(scheduler.config) if hasattr(scheduler.config, "keys") else {}
+    cfg["_class_name"] = _config_class(scheduler)
+    return read_scheduler_config(cfg, cls, name=f"{cls} config").schedule
 
 
 def _spec_text(name, family, params) -> str:
@@ -181,20 +166,10 @@ def _spec_text(name, family, params) -> str:
     return f"{name} ({family}{': ' + inner if inner else ''})"
 
 
-def _same_identity(a: dict, b: dict) -> bool:
-    if a.get("family") != b.get("family") or a.get("num_train_timesteps") != b.get("num_train_timesteps"):
-        return False
-    for key in ("probe_t", "log_alpha", "log_sigma"):
-        x, y = np.asarray(a.get(key, []), dtype=np.float64), np.asarray(b.get(key, []), dtype=np.float64)
-        if x.shape != y.shape or not np.allclose(x, y, rtol=SCHEDULE_RTOL, atol=1e-12):
-            return False
-    return True
-
-
 def _check_schedule(scheduler, table: dict) -> None:
     mine = scheduler_schedule(scheduler)
     sched = table["schedule"]
-    if not _same_identity(sched["identity"], mine.identity()):
+    if not same_schedule(sched["identity"], mine.identity()):
         raise BadInput(
             "schedule mismatch: the table was made for "
             f"{_spec_text(sched.get('name', sched['family']), sched['family'], sched.get('params', {}))}, "
