@@ -81,7 +81,7 @@ def test_train_digits_on_patches_with_sd_betas(tmp_path):
     assert info["betas"].startswith("scaled_linear") and "patches" in info["data"] and info["steps"] == 3
 
 
-def test_study_options_parse_and_refuse():
+def test_study_options_parse_and_refuse(tmp_path):
     """The selection options: NFE text, bare preset names (flow at its study shifts) or NAME:SHIFT,
     known names only; a bad option stops the script before it measures anything."""
     import argparse
@@ -102,8 +102,9 @@ def test_study_options_parse_and_refuse():
                 lambda: options.pairs("edm"), lambda: options.presets(study.PRESETS)("flow:x")):
         with pytest.raises(argparse.ArgumentTypeError):
             bad()
-    for main, args in ((study.main, ["--solvers", "ddpm"]), (study_data.main, ["--nfe", "3..4"]),
-                       (study.main, ["--objectives", "reference p=3"])):
+    for main, args in ((study.main, ["--solvers", "ddpm"]), (study_data.main, ["--nfe", "6..5"]),
+                       (study_data.main, ["--transfer", "edm"]), (study.main, ["--objectives", "reference p=3"])):
         with pytest.raises(SystemExit) as exc:
-            main(args)
+            main([*args, "--samples", "1", "--out", str(tmp_path)])
         assert exc.value.code == 2
+    assert not any(tmp_path.iterdir())
