@@ -33,18 +33,21 @@ test: install
 tables: install
 	$(PY) scripts/make_tables.py
 
-# The evaluation study: docs/evaluation.md (measured errors on the digits ideal denoiser).
+# The research studies (studies/README.md: each doc, its command, its run time). Not part of the product.
+# The evaluation study: docs/evaluation.md (measured errors on the digits ideal denoiser), about 17 minutes.
 study: install
-	$(PY) scripts/study.py
+	$(PY) studies/study.py
 
-# Do the best steps depend on the data? Three data sets; chooses the default steps: docs/evaluation-data.md.
+# Do the best steps depend on the data? Three data sets; chooses the default steps: docs/evaluation-data.md,
+# about 9 minutes.
 study-data: install
-	$(PY) scripts/study_data.py
+	$(PY) studies/study_data.py
 
-# The same on the trained digits UNet (build/digits-model, trained first if missing): docs/evaluation-unet.md.
+# The same on the trained digits UNet (build/digits-model, trained first if missing): docs/evaluation-unet.md,
+# about 5 minutes.
 study-unet: install
 	test -d build/digits-model/unet || $(MAKE) digits-model
-	$(PY) scripts/study_unet.py
+	$(PY) studies/study_unet.py
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py
@@ -54,6 +57,8 @@ bench: install
 # On a machine with CUDA (the GPU image has python3.12 and torch but no diffusers: run
 # `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check)
+# docs/gpu-check.md records its output. The GPU studies run the same way, by hand, from the repository root:
+# studies/gpu_refine.py (docs/gpu-check.md, last part) and studies/gpu_evaluate.sh (docs/evaluation-4096.md).
 GPU_PYTHON ?= python3
 gpu-check:
 	PYTHONPATH=.:$$PYTHONPATH $(GPU_PYTHON) tests/gpu_check.py
@@ -63,14 +68,15 @@ gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
 
-# The same on a UNet trained on photo patches with Stable Diffusion's betas: docs/evaluation-unet-patches.md.
+# The same on a UNet trained on photo patches with Stable Diffusion's betas: docs/evaluation-unet-patches.md,
+# about 4 minutes (and 2-3 to train the model if missing).
 study-unet-patches: install
-	test -d build/patches-model/unet || $(PY) scripts/train_digits.py --out build/patches-model --data patches --betas scaled_linear
-	$(PY) scripts/study_unet.py --model build/patches-model --tag patches
+	test -d build/patches-model/unet || $(PY) studies/train_digits.py --out build/patches-model --data patches --betas scaled_linear
+	$(PY) studies/study_unet.py --model build/patches-model --tag patches
 
-# A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, a few minutes.
+# A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, about 3 minutes.
 digits-model: install
-	$(PY) scripts/train_digits.py --out build/digits-model
+	$(PY) studies/train_digits.py --out build/digits-model
 
 clean:
 	rm -rf build .pytest_cache

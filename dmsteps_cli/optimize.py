@@ -362,7 +362,7 @@ class StepConfig:
 
 
 # The steps `optimize` writes when none of --objective, --init, --p, --trunc is given, per preset
-# (flow: per measured shift), from docs/evaluation-data.md (scripts/study_data.py): the candidate
+# (flow: per measured shift), from docs/evaluation-data.md (studies/study_data.py): the candidate
 # with the smallest geometric-mean error ratio to the best hand-made grid over three data sets,
 # UniPC-3 and DPM-Solver++-3 and NFE 5..15. ("none", G): the grid G written as a table;
 # ("reference", G): the optimized table from G. tests/test_defaults.py checks this against the

@@ -1,5 +1,5 @@
 """The default steps (``optimize --schedule S`` with neither --objective nor --init): per preset, the
-choice that scripts/study_data.py measured best (docs/evaluation-data.md), matched by the schedule
+choice that studies/study_data.py measured best (docs/evaluation-data.md), matched by the schedule
 itself (not its name), per shift for flow, and the paper's method for schedules never measured."""
 
 import json

@@ -1,5 +1,6 @@
-"""Smoke tests of the study scripts (scripts/study.py, scripts/study_unet.py) on cut-down settings:
-they run end to end through the library's current API and write their reports."""
+"""Smoke tests of the study scripts (studies/study.py, study_data.py, study_unet.py, train_digits.py) on
+cut-down settings given as arguments: they run end to end through the library's current API and write
+their reports."""
 
 import json
 import sys
@@ -9,20 +10,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "studies"))
 torch.set_num_threads(1)
 
 
-def test_study_runs_and_reports_refine_and_intervals(tmp_path, monkeypatch):
+def test_study_runs_and_reports_refine_and_intervals(tmp_path):
     import study
 
-    monkeypatch.setattr(study, "PRESETS", study.PRESETS[:1])
-    monkeypatch.setattr(study, "SOLVERS", study.SOLVERS[:1])
-    monkeypatch.setattr(study, "NFES", (5, 6))
-    monkeypatch.setattr(study, "OBJECTIVES", study.OBJECTIVES[:1])
-    monkeypatch.setattr(study, "REFINE_MAXITER", 2)
-    monkeypatch.setattr(sys, "argv", ["study", "--samples", "8", "--out", str(tmp_path)])
-    study.main()
+    study.main(["--presets", "scaled_linear", "--solvers", "unipc", "--nfe", "5..6", "--objectives", "reference p=2",
+                "--refine-maxiter", "2", "--samples", "8", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "evaluation" / "results.json").read_text())
     run = res["runs"][0]
     assert set(run["refine"]) == {"5", "6"} and run["refine_start"]["5"] in ("table", "unif", "unif_t", "quad", "edm")
@@ -38,31 +34,24 @@ def test_study_runs_and_reports_refine_and_intervals(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_study_unet_quick_on_a_tiny_random_unet(tmp_path, monkeypatch):
+def test_study_unet_quick_on_a_tiny_random_unet(tmp_path):
     import diffusers
     import study_unet
     from tiny import save_pipeline, tiny_unet
 
     model = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
-    monkeypatch.setattr(study_unet, "TRAIN_SAMPLES", 4)
-    monkeypatch.setattr(study_unet, "MAXITER", 2)
-    monkeypatch.setattr(sys, "argv", ["study_unet", "--quick", "--model", str(model), "--out", str(tmp_path / "o")])
-    study_unet.main()
+    study_unet.main(["--quick", "--train-samples", "4", "--maxiter", "2", "--model", str(model),
+                     "--out", str(tmp_path / "o")])
     res = json.loads((tmp_path / "o" / "evaluation" / "unet-results.json").read_text())
     assert res["runs"][0]["config"]["objective"] == "reference" and "5" in res["runs"][0]["refine"]
     assert "optimized table / best grid" in (tmp_path / "o" / "evaluation-unet.md").read_text()
 
 
-def test_study_data_quick_writes_choices_and_transfer(tmp_path, monkeypatch):
+def test_study_data_quick_writes_choices_and_transfer(tmp_path):
     import study_data
 
-    monkeypatch.setattr(study_data, "PRESETS", [("linear", None)])
-    monkeypatch.setattr(study_data, "TRANSFER", [("linear", "unipc")])
-    monkeypatch.setattr(study_data, "TRANSFER_NFES", (5,))
-    monkeypatch.setattr(study_data, "REFINE_MAXITER", 2)
-    monkeypatch.setattr(study_data, "NFES", (5, 6))
-    monkeypatch.setattr(sys, "argv", ["study_data", "--samples", "8", "--out", str(tmp_path)])
-    study_data.main()
+    study_data.main(["--presets", "linear", "--nfe", "5,6", "--transfer", "linear:unipc", "--transfer-nfe", "5",
+                     "--refine-maxiter", "2", "--samples", "8", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "evaluation" / "data-results.json").read_text())
     per = res["presets"]["linear"]
     assert per["choice"] == min(per["score"], key=lambda c: per["score"][c]["geomean"])
@@ -76,7 +65,7 @@ def test_study_data_quick_writes_choices_and_transfer(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore")
 def test_train_digits_on_patches_with_sd_betas(tmp_path):
-    """scripts/train_digits.py --data patches --betas scaled_linear (a few steps): a checkpoint that
+    """studies/train_digits.py --data patches --betas scaled_linear (a few steps): a checkpoint that
     dmsteps loads, whose schedule is the scaled_linear preset, with its training record."""
     import train_digits
 
@@ -90,3 +79,32 @@ def test_train_digits_on_patches_with_sd_betas(tmp_path):
     assert preset_of(ck.schedule) == "scaled_linear" and tuple(ck.sample_shape) == (1, 8, 8)
     info = json.loads((out / "training.json").read_text())
     assert info["betas"].startswith("scaled_linear") and "patches" in info["data"] and info["steps"] == 3
+
+
+def test_study_options_parse_and_refuse(tmp_path):
+    """The selection options: NFE text, bare preset names (flow at its study shifts) or NAME:SHIFT,
+    known names only; a bad option stops the script before it measures anything."""
+    import argparse
+
+    import study
+    import study_data
+
+    from studies import options
+
+    assert options.nfe_list("5..7,10") == (5, 6, 7, 10)
+    assert options.presets(study_data.PRESETS)("flow,linear") == [("flow", 3.0), ("flow", 1.0), ("linear", None)]
+    assert options.presets(study.PRESETS)("flow:2") == [("flow", 2.0)]
+    assert options.chosen(study.SOLVERS, "solver")("dpmpp") == [("dpmpp", 3, None)]
+    assert options.pairs("edm:unipc") == [("edm", "unipc")] and options.pairs("") == []
+    assert options.pairs_text(study_data.PRESETS).startswith("scaled_linear,linear,") and "flow:3,flow:1" in \
+        options.pairs_text(study_data.PRESETS)
+    for bad in (lambda: options.nfe_list("6..5"), lambda: options.chosen(study.SOLVERS, "solver")("ddpm"),
+                lambda: options.pairs("edm"), lambda: options.presets(study.PRESETS)("flow:x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bad()
+    for main, args in ((study.main, ["--solvers", "ddpm"]), (study_data.main, ["--nfe", "6..5"]),
+                       (study_data.main, ["--transfer", "edm"]), (study.main, ["--objectives", "reference p=3"])):
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--samples", "1", "--out", str(tmp_path)])
+        assert exc.value.code == 2
+    assert not any(tmp_path.iterdir())

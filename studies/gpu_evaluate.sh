@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The ideal-denoiser evaluation of the optimized tables (--objective reference) at 4096 noises on a GPU
-# (docs/evaluation-4096.md):
-# SAMPLES, DEVICE (cuda) and OUTDIR ($OUT) may be set; run from the repository root with dmsteps importable.
+# (docs/evaluation-4096.md): writes OUTDIR/big_<preset>-<solver>.json (kept in docs/evaluation/gpu-4096/);
+# 2 min of device time on one NVIDIA H200.
+# SAMPLES, DEVICE (cuda) and OUTDIR ($OUT) may be set; run from the repository root with dmsteps importable:
+#   OUTDIR=build/gpu-4096 bash studies/gpu_evaluate.sh
 set -e
 S=${SAMPLES:-4096}; D=${DEVICE:-cuda}; O=${OUTDIR:-$OUT}
 for spec in "scaled_linear unipc" "scaled_linear dpmpp" "linear unipc" "edm unipc" "flow unipc" "squaredcos_cap_v2 unipc"; do

@@ -1,6 +1,6 @@
 """Do the best steps depend on the data? (`make study-data`; docs/evaluation-data.md)
 
-The same measurement as scripts/study.py (ideal denoiser, 256 held-out noises, error = mean RMS
+The same measurement as studies/study.py (ideal denoiser, 256 held-out noises, error = mean RMS
 distance to a 1000-step reference solution from the same noise, divided by the best hand-made grid
 at that NFE), on three data sets instead of one:
 
@@ -19,7 +19,14 @@ the digits UNet for `linear`, the photo-patches UNet for `scaled_linear`). The t
 It also refines steps on one data set and measures them on the other (``transfer``): steps that
 are optimal for one data set, used on another.
 
-    python scripts/study_data.py [--samples 256] [--quick]
+Writes docs/evaluation-data.md and docs/evaluation/data-results.json (into --out; while it runs,
+data-results.partial.json after each preset). The full study takes about 9 minutes on a 2-core CPU
+(one thread). Options cut it down: --presets (names, NAME:SHIFT), --solvers, --nfe (5..15 or 5,6),
+--transfer (PRESET:SOLVER pairs), --transfer-nfe, --refine-maxiter; their defaults are the full study.
+
+    python studies/study_data.py [--samples 256] [--quick] [--presets P,...] [--solvers S,...] [--nfe 5..15]
+                                 [--transfer P:S,...] [--transfer-nfe 5..8] [--refine-maxiter 40]
+                                 [--no-transfer] [--device cpu] [--mixtures DIR] [--out docs]
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
 from dmsteps_cli.models import Checkpoint, digits_mixture, patches_mixture  # noqa: E402
 from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+from studies import options
 
 # (preset, shift): flow at SD3's shift 3 and FLUX.1-schnell's 1, each with its own default
 PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
@@ -59,7 +67,7 @@ NFES = tuple(range(5, 16))
 TRANSFER = [("scaled_linear", "unipc"), ("linear", "unipc"), ("edm", "unipc")]  # refine on one, measure on another
 TRANSFER_NFES = (5, 6, 7, 8)
 REFINE_MAXITER = 40
-# trained UNets (scripts/study_unet.py) whose measurements join a preset's cases: preset -> (name, results)
+# trained UNets (studies/study_unet.py) whose measurements join a preset's cases: preset -> (name, results)
 UNETS = {"linear": ("digits UNet", ROOT / "docs" / "evaluation" / "unet-results.json"),
          "scaled_linear": ("patches UNet", ROOT / "docs" / "evaluation" / "unet-patches-results.json")}
 
@@ -117,21 +125,33 @@ def robust_choice(ratios_by_case: dict) -> dict:
     return {"score": score, "choice": choice}
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="two presets, NFE 5-6, no transfer (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="the first two presets and NFE, no transfer (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check at 4096 noises)")
     ap.add_argument("--no-transfer", action="store_true", help="skip the transfer part")
     ap.add_argument("--mixtures", help="a folder with <data set>.npz mixture files (save_mixture) to use "
                                        "instead of building them (for machines without scikit-learn)")
-    args = ap.parse_args()
+    ap.add_argument("--presets", type=options.presets(PRESETS), default=PRESETS,
+                    help=f"presets, NAME:SHIFT for one shift (default {options.pairs_text(PRESETS)})")
+    ap.add_argument("--solvers", type=options.chosen(SOLVERS, "solver"), default=SOLVERS,
+                    help=f"solvers at order 3 (default {options.names_text(SOLVERS)})")
+    ap.add_argument("--nfe", type=options.nfe_list, default=NFES, help="step counts: 5..15 (default) or 5,6")
+    ap.add_argument("--transfer", type=options.pairs, default=TRANSFER,
+                    help=f"PRESET:SOLVER pairs refined on one data set and measured on another "
+                         f"(default {options.pairs_text(TRANSFER)})")
+    ap.add_argument("--transfer-nfe", type=options.nfe_list, default=TRANSFER_NFES,
+                    help="step counts of the transfer part (default 5..8)")
+    ap.add_argument("--refine-maxiter", type=int, default=REFINE_MAXITER,
+                    help=f"L-BFGS-B iterations of refine in the transfer part (default {REFINE_MAXITER})")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
-    presets = PRESETS[:2] if args.quick else PRESETS
-    nfes = NFES[:2] if args.quick else NFES
+    presets = args.presets[:2] if args.quick else args.presets
+    nfes = args.nfe[:2] if args.quick else args.nfe
     if args.mixtures:
         from dmsteps_cli.models import load_mixture
 
@@ -147,11 +167,11 @@ def main():
         schedule = get_schedule(name)
         T, eps = schedule.T, schedule.eps_default
         per = {"errors": {}, "ratios": {}}
-        steps = {s: steps_for(name, schedule, s, k, shift, nfes) for s, k, _ in SOLVERS}
+        steps = {s: steps_for(name, schedule, s, k, shift, nfes) for s, k, _ in args.solvers}
         for d, mixture in mixtures.items():
             ckpt = checkpoint(schedule, mixture)
             held = Evaluator(ckpt, ckpt.denoiser(), range(args.samples), T, eps, device)
-            for solver, order, variant in SOLVERS:
+            for solver, order, variant in args.solvers:
                 case = f"{d} · {solver}-{order}"
                 errors = {c: [float(held.errors(lam, solver, order, variant).mean()) for lam in steps[solver][c]]
                           for c in CANDIDATES}
@@ -167,8 +187,9 @@ def main():
         print(f"{key}: choice {per['choice']} (geometric mean {per['score'][per['choice']]['geomean']:.2f}), "
               f"{time.perf_counter() - t_start:.0f} s", flush=True)
     if not (args.quick or args.no_transfer):
-        for name, solver in TRANSFER:
-            results["transfer"].append(transfer(name, solver, mixtures, args.samples))
+        for name, solver in args.transfer:
+            results["transfer"].append(transfer(name, solver, mixtures, args.samples, args.transfer_nfe,
+                                                args.refine_maxiter))
             print(f"transfer {name} {solver}: {time.perf_counter() - t_start:.0f} s", flush=True)
     results["seconds"] = time.perf_counter() - t_start
     (out / "evaluation" / "data-results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -176,13 +197,13 @@ def main():
     write_report(results, out)
 
 
-def transfer(name, solver, mixtures, samples):
+def transfer(name, solver, mixtures, samples, nfes=TRANSFER_NFES, maxiter=REFINE_MAXITER):
     """Refine on 'digits' and on 'patches' (64 training noises each), measure both refined step sets,
     the optimized table and the grids on both data sets' held-out noises."""
     schedule = get_schedule(name)
     shift, T, eps = schedule.default_shift, schedule.T, schedule.eps_default
     variant = "bh2" if solver == "unipc" else None
-    table = optimized_table(name, schedule, solver, 3, shift, TRANSFER_NFES)
+    table = optimized_table(name, schedule, solver, 3, shift, nfes)
     ev = {}
     for d in ("digits", "patches"):
         ckpt = checkpoint(schedule, mixtures[d])
@@ -194,18 +215,17 @@ def transfer(name, solver, mixtures, samples):
         n = e["nfe"]
         steps = {"table": np.asarray(e["lambda"]), **{g: grid_lambda(g, schedule, n, T, eps, shift) for g in GRIDS}}
         for d in ev:
-            steps[f"refined on {d}"] = refine_entry(ev[d][0], dict(steps), solver, 3, variant, REFINE_MAXITER)[0]
+            steps[f"refined on {d}"] = refine_entry(ev[d][0], dict(steps), solver, 3, variant, maxiter)[0]
         rows[n] = {d: {k: float(ev[d][1].errors(lam, solver, 3, variant).mean()) for k, lam in steps.items()}
                    for d in ev}
     return {"schedule": name, "solver": solver, "order": 3, "errors": rows}
 
 
 def write_report(results, out: Path):
-    nfes = results["nfes"]
     lines = [
         "# Do the best steps depend on the data?",
         "",
-        f"Reproduce with `make study-data` (scripts/study_data.py; {results['seconds'] / 60:.0f} minutes on the 2-core "
+        f"Reproduce with `make study-data` (studies/study_data.py; {results['seconds'] / 60:.0f} minutes on the 2-core "
         "machine for this run). Raw numbers: [evaluation/data-results.json](evaluation/data-results.json).",
         "",
         "The measurement of [evaluation.md](evaluation.md) (closed-form ideal denoiser, "

@@ -13,7 +13,11 @@ Writes a pipeline-style folder (loadable with diffusers' DDPMPipeline and dmstep
     OUT/scheduler/scheduler_config.json
     OUT/training.json                                               (settings, loss, wall time)
 
-Progress and the loss go to stderr.
+Progress and the loss go to stderr. 2000 steps take about 3 minutes on a 2-core CPU with one thread
+(167 s for the digits model, 140 s for the patches model; training.json records each run's time).
+
+    python studies/train_digits.py --out build/digits-model                       (make digits-model)
+    python studies/train_digits.py --out build/patches-model --data patches --betas scaled_linear
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ hand-made grid (unif, unif_t, quad, edm) at that NFE: below 1 the table wins. `r
 error minimized on 64 training noises, from the best of the table and the grids) gives the limit at
 every NFE for UniPC-3 on every preset and for DPM-Solver++-3 on scaled_linear.
 
-Writes docs/evaluation.md, docs/evaluation/results.json and one plot per preset/solver.
-    python scripts/study.py [--samples 256] [--quick]
+Writes docs/evaluation.md, docs/evaluation/results.json and one plot per preset/solver (into --out).
+The full study takes about 17 minutes on a 2-core CPU (one thread). Options cut it down: --presets
+(names, NAME:SHIFT), --solvers, --nfe (5..15 or 5,6), --objectives (labels, comma-separated),
+--refine-maxiter; their defaults are the full study.
+    python studies/study.py [--samples 256] [--quick] [--presets P,...] [--solvers S,...] [--nfe 5..15]
+                            [--objectives "reference p=2,..."] [--refine-maxiter 40] [--out docs]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
 from dmsteps_cli.optimize import INITS, default_p  # noqa: E402
 from dmsteps_cli.plots import save_error_plot  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+from studies import options
 
 PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
            ("squaredcos_cap_v2", None), ("vp-cosine", None)]
@@ -51,19 +56,30 @@ NFES = tuple(range(5, 16))
 REFINE_MAXITER = 40
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="two presets, unipc only, no refine (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="the first two presets, the first solver, no refine "
+                                                         "(a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
-    args = ap.parse_args()
+    ap.add_argument("--presets", type=options.presets(PRESETS), default=PRESETS,
+                    help=f"presets, NAME:SHIFT for a shift (default {options.pairs_text(PRESETS)})")
+    ap.add_argument("--solvers", type=options.chosen(SOLVERS, "solver"), default=SOLVERS,
+                    help=f"solvers, each at order 3 and 2 (default {options.names_text(SOLVERS)})")
+    ap.add_argument("--nfe", type=options.nfe_list, default=NFES, help="step counts: 5..15 (default) or 5,6")
+    ap.add_argument("--objectives", type=options.chosen(OBJECTIVES, "objective"), default=OBJECTIVES,
+                    help=f"objective settings by label (default all: {options.names_text(OBJECTIVES)})")
+    ap.add_argument("--refine-maxiter", type=int, default=REFINE_MAXITER,
+                    help=f"L-BFGS-B iterations of refine (default {REFINE_MAXITER})")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
-    presets = PRESETS[:2] if args.quick else PRESETS
-    solvers = SOLVERS[:1] if args.quick else SOLVERS
+    presets = args.presets[:2] if args.quick else args.presets
+    solvers = args.solvers[:1] if args.quick else args.solvers
+    nfes = args.nfe
     mixture = digits_mixture(0.05)
-    results = {"samples": args.samples, "model": "digits Gaussian mixture, std 0.05", "runs": []}
+    results = {"samples": args.samples, "model": "digits Gaussian mixture, std 0.05", "nfes": list(nfes), "runs": []}
     t_start = time.perf_counter()
     for name, shift in presets:
         schedule = get_schedule(name)
@@ -80,15 +96,15 @@ def main():
                 run = {"schedule": name, "shift": shift, "solver": solver, "order": k,
                        "reference": held.reference_info, "baselines": {}, "tables": {}, "refine": {}}
                 per_sample = {g: [held.errors(grid_lambda(g, schedule, n, T, eps, shift), solver, k, var)
-                                  for n in NFES] for g in GRIDS}
+                                  for n in nfes] for g in GRIDS}
                 for g in GRIDS:
                     run["baselines"][g] = [float(e.mean()) for e in per_sample[g]]
                 default = f"reference p={default_p(schedule):g}"
                 run["default"] = default
-                configs = OBJECTIVES if k == order else [c for c in OBJECTIVES if c[0] == default]
+                configs = args.objectives if k == order else [c for c in args.objectives if c[0] == default]
                 for label, fields in configs:
                     t0 = time.perf_counter()
-                    table = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=NFES,
+                    table = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=nfes,
                                                   **fields), schedule)
                     secs = time.perf_counter() - t0
                     errs = [held.errors(e["lambda"], solver, k, var) for e in table["entries"]]
@@ -98,18 +114,18 @@ def main():
                     if label == default:
                         run["tables"][label]["ratio_ci95"] = [
                             paired_ratio_ci(errs[i], min((per_sample[g][i] for g in GRIDS), key=np.mean))
-                            for i in range(len(NFES))]
+                            for i in range(len(nfes))]
                 if k == order and solver == "unipc":
-                    run["inits"] = starting_grids(name, schedule, solver, k, var, shift, held)
+                    run["inits"] = starting_grids(name, schedule, solver, k, var, shift, held, nfes)
                 if not args.quick and k == order and (solver == "unipc" or name == "scaled_linear"):
                     if train is None:
                         train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 64), T, eps, "cpu")
-                    base = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=NFES,
+                    base = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=nfes,
                                                  objective="reference", init="unif_t"), schedule)
                     for e in base["entries"]:
                         n = e["nfe"]
                         starts = {"table": e["lambda"], **{g: grid_lambda(g, schedule, n, T, eps, shift) for g in GRIDS}}
-                        lam, start, _, _, _ = refine_entry(train, starts, solver, k, var, REFINE_MAXITER)
+                        lam, start, _, _, _ = refine_entry(train, starts, solver, k, var, args.refine_maxiter)
                         run["refine"][n] = float(held.errors(lam, solver, k, var).mean())
                         run.setdefault("refine_start", {})[n] = start
                 results["runs"].append(run)
@@ -119,10 +135,10 @@ def main():
     write_report(results, out)
 
 
-def starting_grids(name, schedule, solver, order, variant, shift, held) -> dict:
+def starting_grids(name, schedule, solver, order, variant, shift, held, nfes=NFES) -> dict:
     """The default objective (reference, default p) from each starting grid and from `best`: per init,
     the measured errors, the objective and the largest lambda difference to the unif_t-start table."""
-    tables = {init: make_table(StepConfig(schedule=name, solver=solver, order=order, shift=shift, nfe=NFES,
+    tables = {init: make_table(StepConfig(schedule=name, solver=solver, order=order, shift=shift, nfe=nfes,
                                           objective="reference", init=init), schedule) for init in INITS}
     ref = tables["unif_t"]["entries"]
     out = {}
@@ -143,10 +159,11 @@ def ratios(run, errors):
 
 
 def write_report(results, out: Path):
+    nfes = results.get("nfes", NFES)
     lines = [
         "# Evaluation: do optimized tables beat the hand-made grids?",
         "",
-        f"Reproduce with `make study` (scripts/study.py; {results['seconds'] / 60:.0f} minutes on the 2-core machine for this run). Raw numbers:",
+        f"Reproduce with `make study` (studies/study.py; {results['seconds'] / 60:.0f} minutes on the 2-core machine for this run). Raw numbers:",
         "[evaluation/results.json](evaluation/results.json).",
         "",
         "**Benchmark.** The ideal denoiser (closed form) of scikit-learn's 1797 digits: a Gaussian mixture",
@@ -165,9 +182,9 @@ def write_report(results, out: Path):
     for run in results["runs"]:
         title = f"{run['schedule']}{' shift ' + str(run['shift']) if run['shift'] else ''} · {run['solver']} order {run['order']}"
         lines += [f"## {title}", ""]
-        best_grid = [min(GRIDS, key=lambda g: run["baselines"][g][i]) for i in range(len(NFES))]
-        lines.append("| setting | " + " | ".join(str(n) for n in NFES) + " | max |")
-        lines.append("|---" * (len(NFES) + 2) + "|")
+        best_grid = [min(GRIDS, key=lambda g: run["baselines"][g][i]) for i in range(len(nfes))]
+        lines.append("| setting | " + " | ".join(str(n) for n in nfes) + " | max |")
+        lines.append("|---" * (len(nfes) + 2) + "|")
         lines.append("| best grid | " + " | ".join(best_grid) + " | |")
         for label, tab in run["tables"].items():
             r = ratios(run, tab["errors"])
@@ -178,18 +195,18 @@ def write_report(results, out: Path):
             if label == run["default"]:
                 ref = None
                 if run["refine"]:
-                    ref = ratios(run, [run["refine"].get(n, np.nan) for n in NFES])
+                    ref = ratios(run, [run["refine"].get(n, np.nan) for n in nfes])
                 summary.append((title + f" ({label})", r, ref, tab["ratio_ci95"]))
         if run["refine"]:
-            errs = [run["refine"].get(n) for n in NFES]
+            errs = [run["refine"].get(n) for n in nfes]
             best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
             lines.append("| refine (limit) | " + " | ".join("" if e is None else f"{e / b:.2f}" for e, b in zip(errs, best))
                          + " | |")
             st = run.get("refine_start", {})
-            lines.append("| refine from | " + " | ".join(str(st.get(n, "")) for n in NFES) + " | |")
+            lines.append("| refine from | " + " | ".join(str(st.get(n, "")) for n in nfes) + " | |")
         lines.append("")
-        series = [(g, NFES, run["baselines"][g], {"ls": "--"}) for g in GRIDS]
-        series += [(label, NFES, tab["errors"], {"ls": "-", "marker": "s"}) for label, tab in run["tables"].items()
+        series = [(g, nfes, run["baselines"][g], {"ls": "--"}) for g in GRIDS]
+        series += [(label, nfes, tab["errors"], {"ls": "-", "marker": "s"}) for label, tab in run["tables"].items()
                    if label.startswith(("reference p=2", "reference p=1", "exact"))]
         if run["refine"]:
             ns = sorted(run["refine"])
@@ -225,15 +242,15 @@ def write_report(results, out: Path):
             "| worst ratio | NFE where refine wins | refine's worst ratio | table / refine at NFE 5-8 (max) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for title, r, ref, ci in summary:
-        wins = [str(n) for n, v in zip(NFES, r) if v < 1.0]
-        close = [str(n) for n, v in zip(NFES, r) if 1.0 <= v <= 1.01]
+        wins = [str(n) for n, v in zip(nfes, r) if v < 1.0]
+        close = [str(n) for n, v in zip(nfes, r) if 1.0 <= v <= 1.01]
         cells = ["", "", ""]
         if ref is not None:
             have = ~np.isnan(ref)
-            cells = [", ".join(str(n) for n, v in zip(NFES, ref) if v < 1.0) or "none", f"{np.nanmax(ref):.2f}",
+            cells = [", ".join(str(n) for n, v in zip(nfes, ref) if v < 1.0) or "none", f"{np.nanmax(ref):.2f}",
                      f"{np.nanmax((r / ref)[:4]):.2f}" if have[:4].all() else ""]
-        clear_win = [str(n) for n, c in zip(NFES, ci) if c[1] < 1.0]
-        clear_loss = [str(n) for n, c in zip(NFES, ci) if c[0] > 1.01]
+        clear_win = [str(n) for n, c in zip(nfes, ci) if c[1] < 1.0]
+        clear_loss = [str(n) for n, c in zip(nfes, ci) if c[0] > 1.01]
         head.append(f"| {title} | {', '.join(wins) or 'none'} | {', '.join(clear_win) or 'none'} | "
                     f"{', '.join(close) or 'none'} | {', '.join(clear_loss) or 'none'} | {r.max():.2f} | "
                     + " | ".join(cells) + " |")

@@ -2,11 +2,13 @@
 
 1. the mean error and its gradient in lambda on CUDA against the CPU (64 noises, NFE 6, quad grid);
 2. `refine --device cuda` of the optimized table at NFE 5..8 (64 training noises, 40 iterations),
-   then `evaluate --device cuda` of the refined table against the grids on 256 held-out noises.
+   then `evaluate --device cuda` of the refined table against the grids on 256 held-out noises
+   (--nfe, --maxiter and --samples change these).
 
-Writes gpu-refine.json to --out and prints a summary. Run from the repository root with dmsteps
-(and diffusers) importable:
-    python3 scripts/gpu_refine.py --model build/digits-model --out $OUT
+Writes optimized.json, refined.json and gpu-refine.json to --out and prints a summary; 120 s wall on
+one NVIDIA H200 (no run time on a CPU is recorded). Run from the repository root with dmsteps (and
+diffusers) importable:
+    python3 studies/gpu_refine.py --model build/digits-model --out $OUT [--nfe 5..8] [--maxiter 40] [--samples 256]
 """
 
 from __future__ import annotations
@@ -29,14 +31,18 @@ from dmsteps_cli.grids import grid_lambda  # noqa: E402
 from dmsteps_cli.models import load_checkpoint  # noqa: E402
 from dmsteps_cli.refine import RefineRequest, refine  # noqa: E402
 from dmsteps_cli.sample import network_denoiser  # noqa: E402
+from studies import options
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "build" / "digits-model"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
+    ap.add_argument("--nfe", type=options.nfe_list, default=(5, 6, 7, 8), help="step counts refined (default 5..8)")
+    ap.add_argument("--maxiter", type=int, default=40, help="L-BFGS-B iterations of refine (default 40)")
+    ap.add_argument("--samples", type=int, default=256, help="held-out noises of evaluate (default 256)")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -63,24 +69,24 @@ def main():
     # 2. refine on the device, then evaluate the refined table against the grids
     ck = load_checkpoint(args.model)
     table = make_table(StepConfig(schedule=str(Path(args.model) / "scheduler" / "scheduler_config.json"),
-                                  objective="reference", nfe=(5, 6, 7, 8)), ck.schedule)
+                                  objective="reference", nfe=args.nfe), ck.schedule)
     tpath = out / "optimized.json"
     tpath.write_text(dumps(table, "json"))
     t0 = time.perf_counter()
-    refined = refine(RefineRequest(checkpoint=args.model, table=str(tpath), device=args.device, maxiter=40))
+    refined = refine(RefineRequest(checkpoint=args.model, table=str(tpath), device=args.device, maxiter=args.maxiter))
     report["refine_s"] = time.perf_counter() - t0
     rpath = out / "refined.json"
     rpath.write_text(dumps(refined, "json"))
     report["refine"] = {e["nfe"]: e["refine"] for e in refined["entries"]}
     t0 = time.perf_counter()
     ev = evaluate(EvalRequest(checkpoint=args.model, tables=[str(tpath), str(rpath)], device=args.device,
-                              samples=256))
+                              samples=args.samples))
     report["evaluate_s"] = time.perf_counter() - t0
     report["ratios"] = {f"{r['nfe']} {Path(r['grid']).name if r['kind'] == 'table' else r['grid']}":
                         r["ratio_to_best_baseline"] for r in ev["rows"]}
     (out / "gpu-refine.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"refine NFE 5..8: {report['refine_s']:.1f} s; evaluate: {report['evaluate_s']:.1f} s")
-    for n in (5, 6, 7, 8):
+    print(f"refine NFE {','.join(map(str, args.nfe))}: {report['refine_s']:.1f} s; evaluate: {report['evaluate_s']:.1f} s")
+    for n in args.nfe:
         print(f"NFE {n}: optimized {report['ratios'][f'{n} optimized.json']:.3f}, "
               f"refined {report['ratios'][f'{n} refined.json']:.3f} (x best grid)")
 

@@ -9,9 +9,14 @@ solver, order and NFE are given), and divided by the best grid at that NFE: belo
 `refine` (the measured error minimized on 64 training noises, started from the better of the default
 table and the grids on those training noises) gives the limit at NFE 5..8.
 
-Writes docs/evaluation-unet.md, docs/evaluation/unet-results.json and one plot per solver (with
---tag T: evaluation-unet-T.md, unet-T-results.json, unet-T-*.png).
-    python scripts/study_unet.py [--samples 256] [--model build/digits-model] [--quick] [--out docs] [--tag T]
+Writes docs/evaluation-unet.md, docs/evaluation/unet-results.json and one plot per solver (into --out;
+with --tag T: evaluation-unet-T.md, unet-T-results.json, unet-T-*.png). The full study takes about
+5 minutes on a 2-core CPU (one thread) for the digits model, 4 for the patches model (each trained
+first by studies/train_digits.py: 2-3 minutes). Options cut it down: --solvers, --nfe (5..10 or
+5,6), --refine-nfe, --train-samples, --refine-maxiter (or --maxiter); their defaults are the full study.
+    python studies/study_unet.py [--samples 256] [--model build/digits-model] [--quick] [--out docs] [--tag T]
+                                 [--solvers S,...] [--nfe 5..10] [--refine-nfe 5..8] [--train-samples 64]
+                                 [--refine-maxiter 40]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dmsteps_cli.models import load_checkpoint  # noqa: E402
 from dmsteps_cli.optimize import default_steps  # noqa: E402
 from dmsteps_cli.plots import save_error_plot  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+from studies import options
 
 SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
 NFES = tuple(range(5, 11))
@@ -49,21 +55,32 @@ def log(msg: str, t_start: float):
     print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--model", default="build/digits-model", help="relative paths are taken from the repository root")
-    ap.add_argument("--quick", action="store_true", help="32 samples, unipc only, NFE 5..6, refine at NFE 5 only (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="32 samples, the first solver, the first two NFE, refine "
+                                                         "at the first only (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--tag", default="", help="a second model's name: writes evaluation-unet-TAG.md and "
                                               "unet-TAG-results.json (make study-unet-patches: patches)")
-    args = ap.parse_args()
+    ap.add_argument("--solvers", type=options.chosen(SOLVERS, "solver"), default=SOLVERS,
+                    help=f"solvers at order 3 (default {options.names_text(SOLVERS)})")
+    ap.add_argument("--nfe", type=options.nfe_list, default=NFES, help="step counts: 5..10 (default) or 5,6")
+    ap.add_argument("--refine-nfe", type=options.nfe_list, default=REFINE_NFES,
+                    help="step counts refined, among --nfe (default 5..8)")
+    ap.add_argument("--train-samples", type=int, default=TRAIN_SAMPLES,
+                    help=f"training noises of refine (default {TRAIN_SAMPLES})")
+    ap.add_argument("--refine-maxiter", "--maxiter", dest="maxiter", type=int, default=MAXITER,
+                    help=f"L-BFGS-B iterations of refine (default {MAXITER})")
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     samples = 32 if args.quick else args.samples
-    solvers = SOLVERS[:1] if args.quick else SOLVERS
-    nfes = NFES[:2] if args.quick else NFES
-    refine_nfes = tuple(n for n in REFINE_NFES if n in nfes)[:1 if args.quick else None]
+    solvers = args.solvers[:1] if args.quick else args.solvers
+    nfes = args.nfe[:2] if args.quick else args.nfe
+    refine_nfes = tuple(n for n in args.refine_nfe if n in nfes)[:1 if args.quick else None]
+    train_samples = args.train_samples
     out = Path(args.out).resolve()
     (out / "evaluation").mkdir(parents=True, exist_ok=True)
 
@@ -83,16 +100,16 @@ def main():
     log(f"reference: {held.reference_info}", t_start)
     train = None
     if refine_nfes:
-        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + TRAIN_SAMPLES), T, eps, "cpu")
-        log(f"training reference ({TRAIN_SAMPLES} noises): {train.reference_info}", t_start)
+        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + train_samples), T, eps, "cpu")
+        log(f"training reference ({train_samples} noises): {train.reference_info}", t_start)
 
     results = {
         "model": _display(model), "model_class": ckpt.model_class, "prediction_type": ckpt.prediction_type,
         "sample_shape": list(ckpt.sample_shape), "training": training,
         "schedule": schedule.spec(), "T": T, "eps": eps,
         "samples": samples, "seeds": [0, samples - 1], "quick": bool(args.quick),
-        "train_seeds": [TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + TRAIN_SAMPLES - 1] if train else None,
-        "refine_maxiter": MAXITER, "nfes": list(nfes),
+        "train_seeds": [TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + train_samples - 1] if train else None,
+        "refine_maxiter": args.maxiter, "nfes": list(nfes),
         "metric": "mean over samples of RMS(x - x_ref) over the sample's dimensions",
         "reference": held.reference_info, "runs": [],
         "default_steps": list(default_steps(schedule)),  # what `dmsteps optimize` writes for this schedule
@@ -117,7 +134,7 @@ def main():
         for n in refine_nfes:
             cands = {"optimized table": entries[n]["lambda"], **{g: grid_lams[g][n] for g in GRIDS}}
             t0 = time.perf_counter()
-            lam, start, train_err, e1, nit = refine_entry(train, cands, solver, order, variant, MAXITER)
+            lam, start, train_err, e1, nit = refine_entry(train, cands, solver, order, variant, args.maxiter)
             e0 = train_err[start]
             run["refine"][n] = {
                 "error": float(held.errors(lam, solver, order, variant).mean()), "start": start,
@@ -180,11 +197,11 @@ def write_report(results, out: Path):
     lines = [
         "# Evaluation on a trained UNet: do the optimized tables beat the hand-made grids?",
         "",
-        f"Reproduce with `make {stem(results).replace('unet', 'study-unet')}` (scripts/study_unet.py; this run took "
+        f"Reproduce with `make {stem(results).replace('unet', 'study-unet')}` (studies/study_unet.py; this run took "
         f"{results['seconds'] / 60:.1f} min on the 2-core machine, one thread). Raw numbers: "
         f"[evaluation/{stem(results)}-results.json](evaluation/{stem(results)}-results.json).",
         "",
-        f"**Benchmark.** A small pixel-space DDPM (`{results['model']}`, scripts/train_digits.py): "
+        f"**Benchmark.** A small pixel-space DDPM (`{results['model']}`, studies/train_digits.py): "
         f"{(tr or {}).get('data', 'data unknown')} (shape {results['sample_shape']}), {trained}. "
         f"Prediction type {results['prediction_type']}, schedule {sched.get('family')} "
         f"{_fmt(sched.get('params'))}, sampled from T = {_fmt(results['T'])} to eps = {_fmt(results['eps'])}. "
@@ -196,8 +213,9 @@ def write_report(results, out: Path):
         "Each ratio is an error divided by the best of the four hand-made grids (uniform lambda `unif`, uniform t "
         "`unif_t`, time-quadratic `quad`, EDM rho = 7 `edm`) at that NFE: **below 1.00 the table wins**. "
         f"`refine` is the measured error minimized over the steps (L-BFGS-B, at most {results['refine_maxiter']} "
-        "iterations) on 64 other noises "
-        + (f"(seeds {results['train_seeds'][0]}..{results['train_seeds'][1]}) " if results["train_seeds"] else "")
+        "iterations) on "
+        + (f"{results['train_seeds'][1] - results['train_seeds'][0] + 1} other noises (seeds "
+           f"{results['train_seeds'][0]}..{results['train_seeds'][1]}) " if results["train_seeds"] else "other noises ")
         + "and then measured on the held-out noises: the limit of what a step table can do here. It starts from "
         "whichever of the optimized table and the four grids has the lowest error on those training noises.",
         "",
@@ -241,7 +259,7 @@ def write_report(results, out: Path):
             dflt = default_errors(results, run)
             body.append(f"| tool default ({default_label(results)}) / best grid | "
                         + " | ".join(f"{v:.2f}" for v in dflt / best) + f" | {(dflt / best).max():.2f} |")
-            body.append(f"| tool default / refine (target <= 1.25) | "
+            body.append("| tool default / refine (target <= 1.25) | "
                         + " | ".join("" if e is None else f"{d / e:.2f}" for d, e in zip(dflt, ref_err))
                         + f" | {max(d / e for d, e in zip(dflt, ref_err) if e is not None):.2f} |")
             starts = [run["refine"].get(n) for n in nfes]
