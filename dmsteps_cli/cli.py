@@ -3,6 +3,10 @@
 Machine output (tables, comma-separated lines) goes to stdout or ``-o FILE``; progress, summaries
 and warnings go to stderr. Bad input exits with code 2 and one line ``error: ...`` on stderr;
 ``check`` exits with 1 when a table drifted.
+
+Imports typer, ``errors`` and ``grids`` (the grid names) at load, so ``dmsteps --help`` loads
+neither numpy nor torch; each command imports what it runs (only sample, evaluate and refine load
+torch).
 """
 
 from __future__ import annotations

@@ -223,5 +223,5 @@ def test_small_helpers_and_bad_input(files):
     assert start_label("quad", False) == "kept grid quad"
     with pytest.raises(BadInput, match="no entry for NFE 7"):
         _refine(files, "gauss.yaml", "optimized.json", nfe=(7,))
-    with pytest.raises(BadInput, match="--maxiter must be between 0 and 10000, got -1"):
+    with pytest.raises(BadInput, match="^maxiter must be between 0 and 10000, got -1"):
         _refine(files, "gauss.yaml", "optimized.json", maxiter=-1)
