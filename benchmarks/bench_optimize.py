@@ -2,7 +2,8 @@
 
 Setting: scaled_linear, unipc order 3, p = 2, start unif_t, reference objective, NFE 5..15.
 Published procedure: the same objective (same code) minimized by scipy trust-constr with
-finite-difference gradients and the reference's linear constraints (method note §3).
+finite-difference gradients and the reference's linear constraints (neighbouring lambdas
+non-decreasing, no minimum gap; see published.py).
 For each NFE: median seconds of `repeats` runs and the objective reached, for both, and the
 seconds of dmsteps' Newton polish alone (included in its total); then the sweep totals and their
 ratio. Targets: sweep >= 50x faster, objective no higher (1e-6 relative) at every NFE. Also times
@@ -30,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from published import published_minimize  # noqa: E402
 
+from dmsteps_cli.config import parse_nfe  # noqa: E402
 from dmsteps_cli.grids import grid_lambda  # noqa: E402
 from dmsteps_cli.objective import build_objective  # noqa: E402
-from dmsteps_cli.optimize import GAP_FRACTION, minimize_steps, parse_nfe, polish  # noqa: E402
+from dmsteps_cli.optimize import GAP_FRACTION, minimize_steps, polish  # noqa: E402
 from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
 from dmsteps_cli.weights import order_pattern  # noqa: E402
 

@@ -3,7 +3,7 @@
 For each solver the plan is applied with a stand-in denoiser that returns a precomputed tensor, so
 the time per step is the solver's arithmetic alone (the linear combinations of states and model
 outputs); it is reported as a percentage of one UNet evaluation measured in the same run.
-Target (issue #3, GPU): under 2% per step for a CIFAR-10-sized UNet2DModel (35.7M parameters,
+Target (GPU): under 2% per step for a CIFAR-10-sized UNet2DModel (35.7M parameters,
 fp16, batch 256). On the CPU a small UNet (fp32, small batch) gives the figure.
 
     python benchmarks/bench_sample.py [--device cpu|cuda] [--repeats 5]

@@ -1,5 +1,6 @@
 """The published procedure, as a baseline: the same objective minimized by scipy's trust-constr
-with finite-difference gradients and the reference's non-strict linear constraints (method note §3).
+with finite-difference gradients and the reference's non-strict linear constraints
+lambda(T) <= lam_1 <= ... <= lam_{N-1} <= lambda(eps) (no minimum gap between neighbours).
 Used by the benchmark and by comparison scripts; not part of the product."""
 
 from __future__ import annotations

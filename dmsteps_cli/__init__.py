@@ -6,17 +6,21 @@ Library entry points (none of them imports torch):
     schedule = get_schedule("scaled_linear")
     table = make_table(StepConfig(nfe=(5, 6, 7)), schedule)
 
+Where things live: ``config`` (StepConfig), ``tables`` (the table schema: read, write, validate),
+``build`` (make a table; ``optimize`` places the steps), ``check`` (recompute and compare a table);
+``sample``, ``evaluate`` and ``refine`` run a model and import torch.
+
 Names are imported on first use so that `dmsteps --help` starts without numpy.
 """
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "StepConfig": "optimize",
+    "StepConfig": "config",
     "get_schedule": "schedule_sources",
-    "make_table": "tables",
+    "make_table": "build",
     "load_table": "tables",
-    "check_table": "tables",
+    "check_table": "check",
     "dumps": "tables",
 }
 

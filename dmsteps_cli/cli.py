@@ -3,6 +3,10 @@
 Machine output (tables, comma-separated lines) goes to stdout or ``-o FILE``; progress, summaries
 and warnings go to stderr. Bad input exits with code 2 and one line ``error: ...`` on stderr;
 ``check`` exits with 1 when a table drifted.
+
+Imports typer, ``errors`` and ``grids`` (the grid names) at load, so ``dmsteps --help`` loads
+neither numpy nor torch; each command imports what it runs (only sample, evaluate and refine load
+torch).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import List, Optional
 import typer
 
 from .errors import BadInput
+from .grids import GRIDS
 
 app = typer.Typer(
     add_completion=False,
@@ -33,7 +38,7 @@ def _stderr():
 
 def parse_nfe(text: str) -> tuple[int, ...]:
     """``--nfe`` text (``5..15``, ``8``, ``5,7,10``, ``5..8,10``) as sorted unique NFEs."""
-    from .optimize import parse_nfe as parse
+    from .config import parse_nfe as parse
 
     return parse(text)
 
@@ -49,7 +54,7 @@ def optimize(
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
     p: Optional[float] = typer.Option(None, "--p", help="Exponent of eps_tilde = sigma^p/alpha (default 2; 1 for "
                                       "EDM, from measurements; the paper: 2 latent, 1 pixel)."),
-    init: Optional[str] = typer.Option(None, help="Starting grid: unif, unif_t, quad, edm, or best (all, keep the "
+    init: Optional[str] = typer.Option(None, help=f"Starting grid: {', '.join(GRIDS)}, or best (all, keep the "
                                        "lowest); default unif_t (with neither --init nor --objective: see --objective)."),
     eps: Optional[float] = typer.Option(None, help="Last time (data end); default per schedule (1e-3; EDM 0.002)."),
     T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),
@@ -67,10 +72,12 @@ def optimize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Optimize the time steps for each NFE and write a versioned table."""
-    from .optimize import REPRODUCIBLE, StepConfig, resolve
+    from .build import make_table
+    from .config import StepConfig
     from .files import check_writable, write_output
+    from .optimize import REPRODUCIBLE, resolve
     from .schedule_sources import get_schedule
-    from .tables import dumps, format_for, make_table
+    from .tables import dumps, format_for
 
     out_fmt = format_for(output, fmt)
     sched = get_schedule(schedule)
@@ -233,7 +240,7 @@ def evaluate(
                                     "folder or a Gaussian-mixture .yaml/.npz)."),
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
-    baselines: str = typer.Option(",".join(("unif_t", "unif", "edm", "quad")), help="Hand-made grids to measure."),
+    baselines: str = typer.Option(",".join(GRIDS), help="Hand-made grids to measure."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
@@ -289,7 +296,7 @@ def _evaluation_summary(console, report: dict) -> None:
               title_justify="left")
     t.add_column("NFE", justify="right")
     for g in grids:
-        t.add_column(Path(g).name if g not in ("unif", "unif_t", "quad", "edm") else g, justify="right")
+        t.add_column(g if g in GRIDS else Path(g).name, justify="right")
     for n in sorted({r["nfe"] for r in report["rows"]}):
         cells = []
         for g in grids:
@@ -344,7 +351,8 @@ def refine(
     if not quiet:
         from rich.table import Table
 
-        from .refine import TABLE, best_candidate
+        from .refine import best_candidate
+        from .refined import TABLE
 
         info = table_out["refine"]
         first, last = info["holdout_seeds"]
@@ -375,7 +383,8 @@ def check(
     Exit 0: every file is current; 1: something drifted (the lines name it); 2: a file could not be
     read (an error line on stderr). Every file is checked whatever the earlier ones gave.
     """
-    from .tables import check_index, check_report, is_index, read_document, validate
+    from .check import check_index, check_report
+    from .tables import is_index, read_document, validate
 
     drifted = unreadable = 0
     for f in files:

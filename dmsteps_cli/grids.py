@@ -10,11 +10,13 @@ Each grid has N + 1 points from t = T (first) to t = eps (last) and is returned 
 For flow models a ``shift`` s spaces the time grids: the grid is built in unshifted time u and
 mapped through t = s u / (1 + (s - 1) u) (SD3 uses s = 3); ``unif`` and ``edm`` are defined in
 lambda and kappa and do not depend on it.
+
+Times t run from T (the noise end) to eps (the data end); lambda = log(alpha/sigma) increases along
+the grid. Imports ``errors`` at load and numpy on use, so that the command line can name the grids
+(``GRIDS``) in its help without loading numpy.
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from .errors import BadInput
 
@@ -24,17 +26,24 @@ EDM_RHO = 7.0
 
 def shift_time(u, shift: float):
     """Map unshifted time u in [0, 1] to t = s u / (1 + (s - 1) u)."""
+    import numpy as np
+
     u = np.asarray(u, dtype=np.float64)
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def unshift_time(t, shift: float):
     """Inverse of ``shift_time``."""
+    import numpy as np
+
     t = np.asarray(t, dtype=np.float64)
     return t / (shift - (shift - 1.0) * t)
 
 
-def _time_grid(kind: str, T: float, eps: float, n: int, shift: float | None) -> np.ndarray:
+def _time_grid(kind: str, T: float, eps: float, n: int, shift: float | None):
+    """The n + 1 times of grid ``kind`` (unif_t or quad) from T to eps."""
+    import numpy as np
+
     s = 1.0 if shift is None else shift
     a, b = unshift_time(T, s), unshift_time(eps, s)
     if kind == "unif_t":
@@ -45,7 +54,10 @@ def _time_grid(kind: str, T: float, eps: float, n: int, shift: float | None) -> 
 
 
 def grid_lambda(kind: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None):
-    """The grid ``kind`` with ``nfe`` steps as N + 1 increasing lambdas, endpoints exact."""
+    """The grid ``kind`` with ``nfe`` steps as N + 1 increasing lambdas (float64 array), lambda(T)
+    first and lambda(eps) last, both exact."""
+    import numpy as np
+
     if kind not in GRIDS:
         raise BadInput(f"unknown grid {kind!r} (choose from {', '.join(GRIDS)})")
     lam_T, lam_eps = float(schedule.lam(T)), float(schedule.lam(eps))

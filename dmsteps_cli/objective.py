@@ -3,7 +3,8 @@
 Everything is a function of the N + 1 lambdas lam[0] = lambda(T) < ... < lam[N] = lambda(eps)
 (increasing; the first is the noise end). Step s goes from lam[s] to lam[s + 1] and has order
 k_s; its contributions are e = eps_tilde(lam_i) * w_{s,j} for each of its nodes i = s - k_s + 1 + j,
-with eps_tilde = sigma^p / alpha computed from the schedule's own alpha and sigma (method note §3).
+with eps_tilde = sigma^p / alpha computed from the schedule's own alpha and sigma (the paper's
+scaled model error, Xue et al., CVPR 2024; p = 2 for latent and 1 for pixel models there).
 
 The objective is a sum of *groups* of contributions:
     F(lam) = sum_g |sum_{c in g} e_c|            (abs groups)
@@ -19,6 +20,8 @@ Modes:
   of the other modes, whose weights omit that factor). W comes from running the solver's own plan
   on basis vectors; its gradient from the same plan at complex lambdas (complex step, exact to
   rounding).
+
+Imports numpy, ``errors``, ``solvers`` and ``weights``; never torch.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BadInput
+from .errors import BadInput, bad_setting
 from .solvers import COMPLEX_STEP
-from .weights import lagrange_step_weights, order_pattern
+from .weights import lagrange_step_weights, order_pattern, step_orders
 
 OBJECTIVES = ("reference", "paper", "exact")
 
@@ -43,7 +46,7 @@ def eps_tilde(schedule, lam, p: float):
 
 def reference_orders(nfe: int) -> list[int]:
     """The reference implementation's fixed pattern 1,2,3,...,3,2,1 (N=4: 1,2,2,1; N=3: 1,2,1)."""
-    return [min(3, s + 1, nfe - s) for s in range(nfe)]
+    return step_orders(3, nfe)
 
 
 @dataclass
@@ -174,11 +177,11 @@ def build_objective(schedule, kind: str, p: float, orders: list[int], trunc: int
     if kind not in OBJECTIVES:
         raise BadInput(f"unknown objective {kind!r} (choose from {', '.join(OBJECTIVES)})")
     if not p >= 0:
-        raise BadInput(f"--p must be >= 0, got {p}")
+        raise bad_setting("p", f"must be >= 0, got {p}")
     if kind == "exact":
         return ExactObjective(schedule, p, len(orders), solver, order, variant)
     if kind == "reference":
         if trunc is None or trunc < 0:
-            raise BadInput(f"--trunc must be >= 0, got {trunc}")
+            raise bad_setting("trunc", f"must be >= 0, got {trunc}")
         return Objective(schedule, float(p), reference_orders(len(orders)), kind, int(trunc))
     return Objective(schedule, float(p), list(orders), kind, None)

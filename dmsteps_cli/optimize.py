@@ -18,6 +18,13 @@ then solves the minimum's optimality conditions with Newton's method, which fixe
 rounding (measured: 2e-13 in lambda across kernels) and verifies that they are a strict local
 minimum. Only such a verified result has status ``converged``: that is what makes a table the
 same on every machine.
+
+Also here: ``resolve`` (a ``config.StepConfig`` with the per-schedule defaults filled in), the
+default steps per schedule (``DEFAULT_STEPS``) and the per-NFE driver ``optimize_nfe``. Lambdas
+are half log-SNRs log(alpha/sigma), increasing from lambda(T) (the noise end, first) to
+lambda(eps) (the data end, last). Imports numpy, scipy (on use) and the numerics modules
+(``objective``, ``solvers``, ``weights``, ``grids``, ``schedules``, ``config``, ``limits``); never
+torch.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadInput
+from .config import StepConfig
+from .errors import BadInput, bad_setting
 from .grids import GRIDS, grid_lambda
-from .limits import BOUNDS, in_bounds
+from .limits import in_bounds
 from .objective import OBJECTIVES, build_objective
 from .solvers import UNIPC_VARIANTS
 from .weights import SOLVERS, order_pattern
@@ -95,8 +103,8 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
         min_gap = GAP_FRACTION * (lam_eps - lam_T)
     F0 = objective.value(lam_init)
     if not (np.isfinite(F0) and F0 > 0):
-        raise BadInput(f"the objective at the starting grid is {F0:g}, not a positive finite number "
-                       "(eps_tilde = sigma^p / alpha over- or underflows there): use a smaller --p")
+        raise bad_setting("p", f"makes the objective at the starting grid {F0:g}, not a positive finite number "
+                               "(eps_tilde = sigma^p / alpha over- or underflows there): use a smaller p")
     scale = 1.0 / F0
     cache = {}
     best = {"F": F0, "x": lam_init[1:-1].copy()}
@@ -272,94 +280,9 @@ def _polish(objective, lam, min_gap):
 # --- one table's worth of optimizations --------------------------------------------------------
 
 INITS = GRIDS + ("best",)
-STEP_OBJECTIVES = OBJECTIVES + ("none",)  # none: keep the --init grid as it is (no optimization)
+STEP_OBJECTIVES = OBJECTIVES + ("none",)  # none: keep the starting grid (init) as it is (no optimization)
 
-
-DEFAULT_SCHEDULE = "scaled_linear"
-MIN_NFE, MAX_NFE = BOUNDS["nfe"]
-
-
-def parse_nfe(value) -> tuple[int, ...]:
-    """Step counts as sorted unique ints, each MIN_NFE .. MAX_NFE, from an int, an iterable of ints
-    (``range(5, 16)``) or text: ``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10``."""
-    if isinstance(value, str):
-        out: set[int] = set()
-        for part in value.split(","):
-            lo_s, dots, hi_s = part.strip().partition("..")
-            try:
-                lo, hi = int(lo_s), int(hi_s if dots else lo_s)
-            except ValueError:
-                raise BadInput(f"NFE {value!r} is not a step count, a range like 5..15 or a list like 5,7,10") from None
-            if lo > hi:
-                raise BadInput(f"NFE range {part.strip()} runs backwards (did you mean {hi}..{lo}?)")
-            if lo < MIN_NFE or hi > MAX_NFE:
-                raise BadInput(f"NFE {part.strip()}: step counts run from {MIN_NFE} to {MAX_NFE}")
-            out.update(range(lo, hi + 1))
-        return tuple(sorted(out))
-    items = [value] if isinstance(value, int) else value
-    try:
-        items = list(items)
-    except TypeError:
-        raise BadInput(f"NFE {value!r} is not a step count, a list of them or text like 5..15") from None
-    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in items):
-        raise BadInput(f"NFE {value!r}: step counts must be whole numbers")
-    nfes = tuple(sorted({int(n) for n in items}))
-    if nfes and (nfes[0] < MIN_NFE or nfes[-1] > MAX_NFE):
-        raise BadInput(f"NFE {value!r}: step counts run from {MIN_NFE} to {MAX_NFE}")
-    return nfes
-
-
-def _typed(name: str, value, kinds: tuple, what: str):
-    """``value`` if it is None or one of ``kinds`` (bool never counts as a number), else BadInput."""
-    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
-        return value
-    raise BadInput(f"{name} must be {what}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """What a table is made from; recorded verbatim in the table's ``config``.
-
-    ``schedule`` is the name or path the user gave (the table also records the schedule's full
-    spec); None: the schedule the table is made for (``make_table``'s, else DEFAULT_SCHEDULE);
-    ``objective``/``init``/``T``/``eps``/``order``/``shift`` are the resolved values (never
-    None after ``resolve``; objective None: the schedule's ``default_steps`` when init, p and trunc
-    are None too, else ``reference``), ``trunc`` is None for objectives other than ``reference``,
-    ``variant`` (UniPC's B(h): bh1 or bh2) is None for other solvers.
-    """
-
-    schedule: str | None = None
-    solver: str = "unipc"
-    order: int | None = None
-    variant: str | None = None
-    objective: str | None = None
-    p: float | None = None
-    init: str | None = None
-    trunc: int | None = None
-    T: float | None = None
-    eps: float | None = None
-    shift: float | None = None
-    nfe: tuple[int, ...] = tuple(range(5, 16))
-
-    def __post_init__(self):
-        """Check each field's type; ``nfe`` may be anything ``parse_nfe`` takes and becomes a tuple."""
-        text, number, whole = (str,), (int, float, np.integer, np.floating), (int, np.integer)
-        for name, kinds, what in (("schedule", text, "a name or a path"), ("solver", text, "a name"),
-                                  ("variant", text, "a name"), ("objective", text, "a name"),
-                                  ("init", text, "a name"), ("order", whole, "a whole number"),
-                                  ("trunc", whole, "a whole number"), ("p", number, "a number"),
-                                  ("T", number, "a number"), ("eps", number, "a number"),
-                                  ("shift", number, "a number")):
-            value = _typed(name, getattr(self, name), kinds, what)
-            if isinstance(value, (np.integer, np.floating)):
-                object.__setattr__(self, name, value.item())
-        if self.solver is None:
-            raise BadInput("solver must be given")
-        object.__setattr__(self, "nfe", parse_nfe(self.nfe))
-
-    def as_dict(self) -> dict:
-        return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}
-
+DEFAULT_SCHEDULE = "scaled_linear"  # the schedule of a config that names none
 
 # The steps `optimize` writes when none of --objective, --init, --p, --trunc is given, per preset
 # (flow: per measured shift), from docs/evaluation-data.md (studies/study_data.py): the candidate
@@ -419,7 +342,7 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     c["schedule"] = schedule.name if c["schedule"] is None else c["schedule"]
     if schedule.default_shift is None:
         if c["shift"] is not None:
-            raise BadInput(f"--shift applies only to flow schedules, not {schedule.name}")
+            raise bad_setting("shift", f"applies only to flow schedules, not {schedule.name}")
     else:
         c["shift"] = float(in_bounds("shift", schedule.default_shift if c["shift"] is None else c["shift"]))
     if c["solver"] not in SOLVERS:
@@ -431,7 +354,7 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
         if c["variant"] not in UNIPC_VARIANTS:
             raise BadInput(f"unknown UniPC variant {c['variant']!r} (choose from {', '.join(UNIPC_VARIANTS)})")
     elif c["variant"] is not None:
-        raise BadInput(f"--variant applies only to unipc, not {c['solver']}")
+        raise bad_setting("variant", f"applies only to unipc, not {c['solver']}")
     if c["objective"] is None:  # an optimizer setting asks for the optimizer; none: the default steps
         if c["init"] is None and c["p"] is None and c["trunc"] is None:
             c["objective"], c["init"] = default_steps(schedule, c["shift"])
@@ -441,11 +364,12 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     if c["objective"] not in STEP_OBJECTIVES:
         raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(STEP_OBJECTIVES)})")
     if c["objective"] == "none" and c["init"] == "best":
-        raise BadInput("--objective none keeps the --init grid as it is: name one of " + ", ".join(GRIDS))
+        raise bad_setting("objective", "none keeps the starting grid (init) as it is: name one of "
+                          + ", ".join(GRIDS) + " as init, not best")
     if c["objective"] == "reference":
         c["trunc"] = in_bounds("trunc", 3 if c["trunc"] is None else c["trunc"])
     elif c["trunc"] is not None:
-        raise BadInput(f"--trunc applies only to --objective reference, not {c['objective']}")
+        raise bad_setting("trunc", f"applies only to the reference objective, not {c['objective']}")
     if c["init"] not in INITS:
         raise BadInput(f"unknown init {c['init']!r} (choose from {', '.join(INITS)})")
     c["p"] = float(in_bounds("p", default_p(schedule) if c["p"] is None else c["p"]))
@@ -453,16 +377,16 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     c["eps"] = float(schedule.eps_default if c["eps"] is None else c["eps"])
     for name in ("T", "eps"):
         if not np.isfinite(c[name]):
-            raise BadInput(f"--{name} must be a finite number, got {c[name]}")
+            raise bad_setting(name, f"must be a finite number, got {c[name]}")
     if not c["T"] <= schedule.t_max:
-        raise BadInput(f"--T {c['T']} is outside the schedule {schedule.name} (largest valid T: {schedule.t_max})")
+        raise bad_setting("T", f"{c['T']} is outside the schedule {schedule.name} (largest valid T: {schedule.t_max})")
     if not (c["eps"] >= schedule.eps_min):
-        raise BadInput(f"--eps {c['eps']} is below the smallest valid eps {schedule.eps_min} of {schedule.name}")
+        raise bad_setting("eps", f"{c['eps']} is below the smallest valid eps {schedule.eps_min} of {schedule.name}")
     if not c["eps"] < c["T"]:
-        raise BadInput(f"--eps {c['eps']} must be below T = {c['T']}")
+        raise bad_setting("eps", f"{c['eps']} must be below T = {c['T']}")
     nfes = tuple(int(n) for n in c["nfe"])
     if not nfes:
-        raise BadInput("--nfe names no step counts")
+        raise bad_setting("nfe", "names no step counts")
     steps_held = getattr(schedule, "M", None)  # a discrete schedule's training steps
     for n in nfes:
         if n < 2:

@@ -1,4 +1,7 @@
-"""Plots (matplotlib, an optional extra): evaluation reports and a table's steps."""
+"""Plots (matplotlib, an optional extra): evaluation reports and a table's steps.
+
+Imports numpy, ``errors`` and ``grids`` at load; matplotlib, ``files`` and ``schedules`` on use.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .grids import GRIDS, grid_lambda
 
 
 def _pyplot():
@@ -66,22 +70,22 @@ def plot_evaluation(report: dict, path) -> None:
     series = []
     for g in dict.fromkeys(r["grid"] for r in report["rows"]):
         rows = sorted((r for r in report["rows"] if r["grid"] == g), key=lambda r: r["nfe"])
-        label = g if g in ("unif", "unif_t", "quad", "edm") else Path(g).name
+        label = g if g in GRIDS else Path(g).name
         series.append((label, [r["nfe"] for r in rows], [r["error"] for r in rows],
                        {"ls": "--" if rows[0]["kind"] == "baseline" else "-"}))
     s = report["solver"]
     save_error_plot(path, series, f"{Path(report['checkpoint']).name}: {s['name']} order {s['order']}")
 
 
-GRID_STYLE = {"unif": ("tab:blue", "v"), "unif_t": ("tab:orange", "^"), "quad": ("tab:green", "s"),
-              "edm": ("tab:purple", "D")}
+TABLE_STYLE = ("black", "o")  # (color, marker)
+GRID_STYLES = (("tab:blue", "v"), ("tab:orange", "^"), ("tab:green", "s"), ("tab:purple", "D"))  # GRIDS[k]: [k]
 
 
 def plot_table_steps(table: dict, path) -> list[tuple]:
-    """A table's steps for each NFE beside the four hand-made grids on the same interval, in t (log
-    scale) and in lambda: one row per NFE, the table's steps on it (black), each grid's just below.
-    Returns what was drawn: (label, nfe, t, lambda) per row, t and lambda from T (first) to eps."""
-    from .grids import GRIDS, grid_lambda
+    """A table's steps for each NFE beside the hand-made grids (``GRIDS``) on the same interval, in t
+    (log scale) and in lambda: one row per NFE, the table's steps on it (black), each grid's just
+    below. Returns what was drawn: (label, nfe, t, lambda) per row, t and lambda from T (first) to
+    eps."""
     from .schedules import schedule_from_spec
 
     plt = _pyplot()
@@ -99,7 +103,7 @@ def plot_table_steps(table: dict, path) -> list[tuple]:
     labelled = set()
     for label, n, t, lam in drawn:
         k = 0 if label == "table" else 1 + GRIDS.index(label)
-        color, marker = ("black", "o") if label == "table" else GRID_STYLE.get(label, ("gray", "."))
+        color, marker = TABLE_STYLE if k == 0 else GRID_STYLES[(k - 1) % len(GRID_STYLES)]
         y = np.full(t.size, n - 0.15 * k)
         style = dict(color=color, marker=marker, ms=5 if k == 0 else 3, lw=0.6, alpha=1.0 if k == 0 else 0.8)
         name = None if label in labelled else ("this table" if label == "table" else label)

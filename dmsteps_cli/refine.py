@@ -14,7 +14,7 @@ best start it reached 0.24-0.78x). Every candidate and the result are then measu
 noises, the same ones ``evaluate`` uses by default (seeds seed ... seed + holdout - 1); training seeds
 are seed + 1_000_000 ... . A refined step set is never worse on the training noises than its start
 (otherwise the start is kept). ``check`` cannot recompute a refined table without the model and checks
-its consistency instead (``refined_consistency``).
+its consistency instead (``check.refined_consistency``).
 
 Errors are in the units of the samples: the mean over noises of each sample's RMS(x - x_ref) over its
 dimensions, x_ref the reference solution from the same noise.
@@ -50,7 +50,6 @@ The refined table is the input table with these changes:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,15 +60,14 @@ from .evaluate import Evaluator
 from .grids import GRIDS, grid_lambda
 from .models import load_checkpoint
 from .optimize import GAP_FRACTION, table_objective
+from .refined import TABLE
 from .sample import network_denoiser, resolve_device, same_schedule
+from .schedules import step_arrays
 from .solvers import COMPLEX_STEP
-from .tables import entry_consistency, entry_for, is_number, load_table
+from .tables import entry_for, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
-TABLE = "table"  # the candidate name of the input table's own steps
-STATUSES = ("refined", "kept-start")
 METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
-RECORD_RTOL = 1e-12  # ``check``: recorded copies of one measurement must agree to this (relative)
 
 
 @dataclass
@@ -239,12 +237,9 @@ def refine(req: RefineRequest, progress=None) -> dict:
         r = refine_steps(train, starts, solver, order, variant, req.maxiter, req.grad_batch)
         holdout_errors = {name: held_error(lam) for name, lam in starts.items()}
         holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
-        t = schedule.step_times(r.lam, cfg["T"], cfg["eps"])
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
-            "t": [float(v) for v in t], "lambda": [float(v) for v in r.lam],
-            "sigmas": [float(v) for v in schedule.sigmas(t)],
-            "timesteps": [float(v) for v in schedule.model_timestep(t[:-1])],
+            **step_arrays(schedule, r.lam, cfg["T"], cfg["eps"]),
             "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
             "init_objective": objective.value(starts[r.start]),
             "optimizer": optimizer_record(r),
@@ -263,63 +258,3 @@ def refine(req: RefineRequest, progress=None) -> dict:
         "optimizer": f"{METHOD}, maxiter {req.maxiter}, from the best of the table and the grids on the "
                      "training noises",
     }}
-
-
-def _same(a, b) -> bool:
-    return is_number(a) and is_number(b) and math.isclose(a, b, rel_tol=RECORD_RTOL, abs_tol=0.0)
-
-
-def _record_drift(e: dict) -> list[str]:
-    """What does not add up in one refined entry's ``optimizer`` and ``refine`` records (see the
-    module docstring); messages relative to the entry."""
-    status, rec = e["optimizer"].get("status"), e.get("refine")
-    if status not in STATUSES:
-        return [f"optimizer.status: {status!r} is not a refine status ({' or '.join(STATUSES)})"]
-    if not isinstance(rec, dict):
-        return ["refine: missing or not a mapping"]
-    drift = []
-    for key in ("holdout_errors", "train_errors"):
-        errs = rec.get(key)
-        if not isinstance(errs, dict) or not {TABLE, *GRIDS} <= set(errs) or not all(map(is_number, errs.values())):
-            drift.append(f"refine.{key}: expected a finite error for each of {', '.join((TABLE, *GRIDS))}")
-    for key in ("holdout_error", "holdout_error_start", "train_error", "train_error_start"):
-        if not is_number(rec.get(key)):
-            drift.append(f"refine.{key}: missing or not finite")
-    if drift:
-        return drift
-    start = rec.get("start")
-    if start not in rec["train_errors"]:
-        return [f"refine.start: {start!r} is not one of the candidates"]
-    if rec["train_errors"][start] != min(rec["train_errors"].values()):
-        drift.append(f"refine.start: {start} is not the candidate with the lowest training error")
-    for kind in ("holdout", "train"):
-        if not _same(rec[f"{kind}_error_start"], rec[f"{kind}_errors"][start]):
-            drift.append(f"refine.{kind}_error_start: not the recorded {kind} error of the start {start}")
-    if status == "refined" and not rec["train_error"] < rec["train_error_start"]:
-        drift.append("optimizer.status: refined, but the training error is not below the start's")
-    if status == "kept-start" and not (_same(rec["train_error"], rec["train_error_start"])
-                                       and _same(rec["holdout_error"], rec["holdout_error_start"])):
-        drift.append("optimizer.status: kept-start, but the errors differ from the start's")
-    return drift
-
-
-def refined_consistency(table: dict) -> list[str]:
-    """What ``check`` can verify of a refined table without its model: ``config.nfe`` lists the
-    entries' NFEs; t, sigmas and timesteps follow from lambda through the table's schedule; each
-    entry's status is a refine status that agrees with its recorded errors, and the recorded start
-    and its errors agree with the per-candidate errors."""
-    from .schedules import schedule_from_spec
-
-    schedule = schedule_from_spec(table["schedule"])
-    drift = []
-    nfes = [e["nfe"] for e in table["entries"]]
-    if table["config"].get("nfe") != nfes:
-        drift.append(f"config.nfe: {table['config'].get('nfe')!r}, but the entries hold NFE {nfes}")
-    cfg = table["config"]
-    for i, e in enumerate(table["entries"]):
-        where = f"entries[{i}] (NFE {e['nfe']})"
-        objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), cfg["solver"], cfg["order"],
-                                    cfg.get("variant"), e["nfe"])
-        drift.extend(f"{where}.{d}" for d in entry_consistency(e, schedule, objective))
-        drift.extend(f"{where}.{d}" for d in _record_drift(e))
-    return drift

@@ -1,10 +1,11 @@
 """Noise schedules: alpha(t), sigma(t), the half log-SNR lambda(t) and its exact inverse.
 
-Conventions (the DPM-Solver / UniPC ones, see the method note §5):
+Conventions (those of DPM-Solver, Lu et al. 2022, and UniPC, Zhao et al. 2023):
 - the forward process is q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I);
 - lambda_t = log(alpha_t / sigma_t) is strictly decreasing in t, so sampling from t = T (noise)
   to t = eps (data) runs towards increasing lambda;
-- every function takes and returns float64 numpy arrays (scalars are accepted) and is vectorized;
+- every function takes and returns float64 numpy arrays (scalars are accepted) and is vectorized
+  (``step_arrays`` returns lists of floats, the form a table entry holds);
 - ``sigmas(t)`` is what the model family's samplers call sigma: kappa = sigma/alpha = e^-lambda
   for VP and EDM models, t itself for flow models;
 - ``model_timestep(t)`` is the timestep input of the network: (t - 1/M) * M for discrete
@@ -12,7 +13,7 @@ Conventions (the DPM-Solver / UniPC ones, see the method note §5):
 
 A schedule is rebuilt from ``family`` and ``params`` alone (``schedule_from_spec``), which is how a
 table records it; ``identity()`` fingerprints alpha and sigma so that a table made for another
-schedule can be recognized.
+schedule can be recognized. Imports numpy and ``errors`` only.
 """
 
 from __future__ import annotations
@@ -124,6 +125,22 @@ class Schedule:
 
     def describe(self) -> str:
         return self.name
+
+
+def step_arrays(schedule: Schedule, lam, T: float, eps: float) -> dict[str, list[float]]:
+    """What a table entry records of its steps, from N + 1 increasing lambdas (lambda(T) first):
+    ``t``, the N + 1 times from T down to eps (the ends exactly T and eps, ``step_times``);
+    ``lambda``, the lambdas themselves; ``sigmas``, the N + 1 sampler sigmas at those times
+    (``Schedule.sigmas``); ``timesteps``, the N model inputs at t[0] ... t[N-1]
+    (``Schedule.model_timestep``). Each a list of Python floats (float64), noise end first."""
+    lam = np.asarray(lam, dtype=np.float64)
+    t = schedule.step_times(lam, T, eps)
+    return {"t": _floats(t), "lambda": _floats(lam), "sigmas": _floats(schedule.sigmas(t)),
+            "timesteps": _floats(schedule.model_timestep(t[:-1]))}
+
+
+def _floats(a) -> list[float]:
+    return [float(v) for v in np.asarray(a, dtype=np.float64)]
 
 
 def _round_sig(x: float, digits: int = 10) -> float:
@@ -389,7 +406,7 @@ PRESETS = {
     "vp-linear": (lambda: VPLinear(name="vp-linear"), "Score-SDE VP, beta 0.1 ... 20 (continuous)"),
     "vp-cosine": (lambda: VPCosine(name="vp-cosine"), "improved-DDPM cosine, continuous, T = 0.9946"),
     "edm": (lambda: EDM(name="edm"), "EDM / VE, sigma 0.002 ... 80, t = sigma"),
-    "flow": (lambda: Flow(name="flow"), "rectified flow (SD3, FLUX): alpha = 1 - t, sigma = t; use --shift"),
+    "flow": (lambda: Flow(name="flow"), "rectified flow (SD3, FLUX): alpha = 1 - t, sigma = t, grid spaced by a shift"),
 }
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BadInput
+from .errors import BadInput, bad_setting
 from .weights import order_pattern
 
 UNIPC_VARIANTS = ("bh1", "bh2")
@@ -215,7 +215,7 @@ def build_plan(schedule, lam, solver: str, order: int | None = None, variant: st
         if variant not in UNIPC_VARIANTS:
             raise BadInput(f"unknown UniPC variant {variant!r} (choose from {', '.join(UNIPC_VARIANTS)})")
     elif variant is not None:
-        raise BadInput(f"--variant applies only to unipc, not {solver}")
+        raise bad_setting("variant", f"applies only to unipc, not {solver}")
     log_alpha, log_sigma, _, _ = schedule.log_alpha_sigma_of_lambda(lam)
     ratio = np.exp(log_sigma[1:] - log_sigma[:-1])  # sigma_{n+1}/sigma_n
     pred, corr = {}, {}

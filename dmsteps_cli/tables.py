@@ -1,4 +1,4 @@
-"""Versioned step tables: schema, generation, JSON/YAML, validation and ``check``.
+"""Versioned step tables: the schema, reading and writing them (JSON, YAML), validation, entry lookup.
 
 Schema ``dmsteps.table/1`` (JSON and YAML hold the same content):
 
@@ -24,6 +24,10 @@ Schema ``dmsteps.table/1`` (JSON and YAML hold the same content):
                            message, iterations, evaluations}
 
 No timestamps: the same command gives byte-identical output.
+
+Making a table is ``build``'s job, recomputing and comparing one ``check``'s. This module imports
+numpy, pyyaml (on use), ``errors``, ``config`` and ``files`` only: reading a table never loads the
+optimizer or torch.
 """
 
 from __future__ import annotations
@@ -36,83 +40,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import BadInput, TableError
-from .grids import GRIDS
-from .optimize import DEFAULT_SCHEDULE, GAP_FRACTION, REPRODUCIBLE, StepConfig, optimize_nfe, resolve, table_objective
-from .schedules import PRESETS, same_schedule, schedule_from_spec
-from .schedule_sources import get_schedule
+from .config import StepConfig
+from .errors import BadInput, TableError, bad_setting
 
 SCHEMA = "dmsteps.table/1"
 FORMATS = ("json", "yaml")
-# The reproducibility promise, and ``check``'s tolerances: a table entry whose optimizer status is
-# in REPRODUCIBLE is the same on every machine (CPU, BLAS kernel, numpy SIMD path, thread count) to
-# LAMBDA_ATOL in lambda and VALUE_RTOL in its objectives (measured spread: 3e-13 in lambda, 3e-14
-# relative in the objective, docs/reproducibility.md). t, sigmas and timesteps are functions of lambda.
-LAMBDA_ATOL = 1e-10
-VALUE_RTOL = 1e-10
-DERIVED_RTOL = 1e-12  # t, sigmas, timesteps against the schedule's functions of the stored lambda
-
-
-def _floats(a) -> list[float]:
-    return [float(v) for v in np.asarray(a, dtype=np.float64)]
-
-
-def make_entry(config: StepConfig, schedule, nfe: int) -> dict:
-    """Optimize one NFE and describe it as a table entry."""
-    res, init, baselines, orders = optimize_nfe(config, schedule, nfe)
-    t = schedule.step_times(res.lam, config.T, config.eps)
-    return {
-        "nfe": nfe,
-        "orders": [int(k) for k in orders],
-        "t": _floats(t),
-        "lambda": _floats(res.lam),
-        "sigmas": _floats(schedule.sigmas(t)),
-        "timesteps": _floats(schedule.model_timestep(t[:-1])),
-        "objective": res.objective,
-        "init": init,
-        "init_objective": res.init_objective,
-        "baselines": {g: float(v) for g, v in baselines.items()},
-        "optimizer": {"status": res.status, "message": res.message,
-                      "iterations": res.iterations, "evaluations": res.evaluations},
-    }
-
-
-def make_table(config: StepConfig, schedule=None, progress=None) -> dict:
-    """The whole table for a config (resolved here); ``progress(nfe)`` is called after each NFE.
-
-    ``schedule`` defaults to ``get_schedule(config.schedule)`` (DEFAULT_SCHEDULE when that is None,
-    as it is by default). A schedule passed in must be the one
-    ``config.schedule`` names where that is a preset (compared by alpha and sigma, so Stable
-    Diffusion's scheduler_config.json is ``scaled_linear``); any other name or path in
-    ``config.schedule`` is recorded as given, beside the schedule's own full spec.
-    """
-    if schedule is None:
-        schedule = get_schedule(DEFAULT_SCHEDULE if config.schedule is None else config.schedule)
-    elif config.schedule in PRESETS and not same_schedule(schedule.identity(),
-                                                          get_schedule(config.schedule).identity()):
-        raise BadInput(f"the schedule passed in ({schedule.name}) is not {config.schedule}, which the config names")
-    config = resolve(config, schedule)
-    entries = []
-    for n in config.nfe:
-        entries.append(make_entry(config, schedule, n))
-        if progress is not None:
-            progress(n)
-    return {
-        "schema": SCHEMA,
-        "generator": {"name": "dmsteps", "version": __version__},
-        "config": {**config.as_dict(), "optimizer": {"method": "SLSQP, slack per |.| term; Newton on the "
-                                                                "optimality conditions",
-                                                     "min_gap_fraction": GAP_FRACTION}},
-        "schedule": {**schedule.spec(), "timestep_convention": schedule.timestep_convention,
-                     "sigma_convention": schedule.sigma_convention, "identity": schedule.identity()},
-        "entries": sorted(entries, key=lambda e: e["nfe"]),
-    }
 
 
 # --- text formats --------------------------------------------------------------------------------
 
 def dumps(table: dict, fmt: str) -> str:
+    """The table as text in ``fmt`` (json or yaml), keys in the table's order: the same table gives
+    the same bytes."""
     if fmt == "json":
         return _json(table, 0) + "\n"
     if fmt == "yaml":
@@ -201,6 +140,8 @@ def load_table_text(path: str | os.PathLike, fmt: str | None = None) -> tuple[di
         raise TableError(f"table {os.fspath(path)}: {exc}") from None
     return data, text
 
+
+# --- validation and lookup ------------------------------------------------------------------------
 
 def is_number(v) -> bool:
     """A finite int or float, not a bool: what a table's numeric fields hold."""
@@ -298,11 +239,12 @@ def validate(data) -> None:
 
 
 def entry_for(table: dict, nfe: int | None) -> dict:
-    """The entry of ``nfe``; without one, the table's only entry."""
+    """The entry of ``nfe`` (a step count); without one, the table's only entry."""
     entries = table["entries"]
     if nfe is None:
         if len(entries) != 1:
-            raise BadInput(f"the table holds NFE {', '.join(str(e['nfe']) for e in entries)}: choose one with --nfe")
+            raise bad_setting("nfe", f"is needed: the table holds NFE {', '.join(str(e['nfe']) for e in entries)}; "
+                                     "choose one")
         return entries[0]
     for e in entries:
         if e["nfe"] == nfe:
@@ -310,9 +252,9 @@ def entry_for(table: dict, nfe: int | None) -> dict:
     raise BadInput(f"the table has no entry for NFE {nfe} (it holds {', '.join(str(e['nfe']) for e in entries)})")
 
 
-# --- check ----------------------------------------------------------------------------------------
-
 def config_of(table: dict) -> StepConfig:
+    """The ``StepConfig`` a table's ``config`` records (its other keys, such as ``optimizer``, left
+    out); TableError when the recorded settings are not a config."""
     cfg = {k: v for k, v in table["config"].items() if k in StepConfig.__dataclass_fields__}
     if not isinstance(cfg.get("nfe"), list):
         raise TableError("config.nfe: expected a list of step counts")
@@ -320,94 +262,6 @@ def config_of(table: dict) -> StepConfig:
         return StepConfig(**cfg)
     except BadInput as exc:
         raise TableError(f"config: {exc}") from None
-
-
-def check_table(table: dict) -> list[str]:
-    """What drifted in ``table``: ``check_report``'s first list."""
-    return check_report(table)[0]
-
-
-def _close(a, b, rtol: float) -> bool:
-    """Arrays (or numbers) equal to ``rtol`` relative to the larger magnitude in ``b``."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.max(np.abs(b)) if b.size else 0.0
-    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= rtol * scale))
-
-
-def entry_consistency(entry: dict, schedule, objective=None) -> list[str]:
-    """What does not follow from an entry's own lambdas: t, sigmas and timesteps through the
-    schedule (ends pinned to the entry's t[0] and t[-1]) and, given the entry's ``objective``
-    function, its objective. Messages are relative to the entry."""
-    lam = np.asarray(entry["lambda"], dtype=np.float64)
-    t = schedule.step_times(lam, entry["t"][0], entry["t"][-1])
-    drift = [f"{key}: does not follow from its lambda"
-             for key, want in (("t", t), ("sigmas", schedule.sigmas(t)), ("timesteps", schedule.model_timestep(t[:-1])))
-             if not _close(entry[key], want, DERIVED_RTOL)]
-    if objective is not None and not _close(entry["objective"], objective.value(lam), VALUE_RTOL):
-        drift.append("objective: is not the objective at its lambda")
-    return drift
-
-
-def check_report(table: dict) -> tuple[list[str], list[str]]:
-    """Recompute a table from its recorded config and schedule: (what drifted, notes), as
-    ``compare_tables`` says. A refined table (made by ``refine`` on a model) cannot be
-    recomputed without that model: only its consistency is checked."""
-    if "refine" in table:  # made on a model: only its consistency can be checked here
-        from .refine import refined_consistency
-
-        return refined_consistency(table), []
-    schedule = schedule_from_spec(table["schedule"])
-    return compare_tables(table, make_table(config_of(table), schedule), schedule)
-
-
-def compare_tables(table: dict, fresh: dict, schedule) -> tuple[list[str], list[str]]:
-    """What in ``table`` differs from ``fresh``, the same config computed now: (drift, notes).
-
-    Every entry must be consistent (``entry_consistency``: t, sigmas, timesteps and the objective
-    follow from its lambdas) and have the orders, baselines, init objective and init of the fresh
-    one. Entries whose status is reproducible (``REPRODUCIBLE``: a verified minimum, or a grid)
-    must also match the fresh steps: lambda to LAMBDA_ATOL, the objective to VALUE_RTOL, the
-    same status. An entry with another status (the optimizer stopped without a verified minimum)
-    depends on rounding, so its steps are not compared: a note says so. The schedule's identity
-    is compared with ``same_schedule``; the generator's version is not compared.
-    """
-    drift, notes = [], []
-    if not same_schedule(schedule.identity(), table["schedule"]["identity"]):
-        drift.append("schedule.identity differs from the schedule its params describe")
-    if fresh["config"] != table["config"]:
-        drift.append("config differs from its resolved form")
-    c = config_of(fresh)
-    by_nfe = {e["nfe"]: e for e in fresh["entries"]}
-    for i, old in enumerate(table["entries"]):
-        new = by_nfe.get(old["nfe"])
-        where = f"entries[{i}] (NFE {old['nfe']})"
-        if new is None:
-            drift.append(f"{where}: not in the config's NFE list")
-            continue
-        objective = table_objective(schedule, c.objective, c.p, c.trunc, c.solver, c.order, c.variant, old["nfe"])
-        drift += [f"{where}.{d}" for d in entry_consistency(old, schedule, objective)]
-        if not _close(old["init_objective"], new["init_objective"], VALUE_RTOL):
-            drift.append(f"{where}.init_objective: differs beyond {VALUE_RTOL:g} relative")
-        old_b, new_b = old.get("baselines", {}), new["baselines"]
-        if not (isinstance(old_b, dict) and set(old_b) == set(new_b)
-                and all(_close(old_b[g], new_b[g], VALUE_RTOL) for g in new_b)):
-            drift.append(f"{where}.baselines: differ beyond {VALUE_RTOL:g} relative")
-        for key in ("orders", "init"):
-            if old.get(key) != new[key]:
-                drift.append(f"{where}.{key}: {old.get(key)!r} != {new[key]!r}")
-        status, fresh_status = old["optimizer"].get("status"), new["optimizer"]["status"]
-        lam_diff = np.max(np.abs(np.subtract(old["lambda"], new["lambda"])))
-        if status not in REPRODUCIBLE:
-            notes.append(f"{where}: optimizer status {status}: steps that depend on rounding, checked for "
-                         f"consistency only (computed here: {fresh_status}, lambda differs by up to {lam_diff:.3g})")
-            continue
-        if status != fresh_status:
-            drift.append(f"{where}.optimizer.status: {status!r} != {fresh_status!r}")
-        if not lam_diff <= LAMBDA_ATOL:
-            drift.append(f"{where}.lambda: differs by up to {lam_diff:.3g} (tolerance {LAMBDA_ATOL:g})")
-        if not _close(old["objective"], new["objective"], VALUE_RTOL):
-            drift.append(f"{where}.objective: differs beyond {VALUE_RTOL:g} relative")
-    return drift, notes
 
 
 # --- an index of table files --------------------------------------------------------------------
@@ -426,42 +280,5 @@ def index_row(name: str, text: str, table: dict) -> dict:
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def check_index(index: dict, folder: str | os.PathLike) -> list[str]:
-    """What does not hold in a tables index (``tables/index.json``) for the files in ``folder``:
-    each listed file exists, has the listed sha256 and records the listed schedule, shift,
-    solver, order and NFEs; every table file in the folder is listed, and none twice."""
-    folder = Path(folder)
-    rows = index.get("files")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("file"), str) for r in rows):
-        return ["files: expected a list of mappings, each with a file name"]
-    drift = []
-    names = [r["file"] for r in rows]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        drift.append(f"{name}: listed twice")
-    for row in rows:
-        path = folder / row["file"]
-        if Path(row["file"]).name != row["file"] or not path.is_file():
-            drift.append(f"{row['file']}: listed, but there is no such file beside the index")
-            continue
-        data = path.read_bytes()
-        text = data.decode("utf-8", errors="replace")
-        if hashlib.sha256(data).hexdigest() != row.get("sha256"):
-            drift.append(f"{row['file']}: its sha256 is not the listed one (edited or regenerated after the index)")
-        try:
-            table = parse_document(text, row["file"])
-            validate(table)
-        except TableError as exc:
-            drift.append(f"{row['file']}: not a valid table ({exc})")
-            continue
-        fresh = index_row(row["file"], text, table)
-        wrong = [k for k in INDEX_FIELDS if row.get(k) != fresh[k]]
-        if wrong:
-            drift.append(f"{row['file']}: the index lists another {', '.join(wrong)} than the file records")
-    for path in sorted(folder.glob("*.json")):
-        if path.name not in names and path.name != "index.json":
-            drift.append(f"{path.name}: a table file the index does not list")
-    return drift
-
-
-__all__ = ["SCHEMA", "GRIDS", "make_table", "make_entry", "dumps", "load_table", "validate",
-           "check_table", "check_report", "check_index", "entry_for", "format_for"]
+__all__ = ["FORMATS", "INDEX_SCHEMA", "SCHEMA", "config_of", "dumps", "entry_for", "format_for", "index_row",
+           "is_index", "is_number", "load_table", "load_table_text", "parse_document", "read_document", "validate"]

@@ -1,8 +1,10 @@
 """Weights of one multistep step and the order pattern of each solver.
 
-A step goes from lambda_c (the newest evaluated node) to lambda_e = lambda_c + h and replaces the
-data prediction x_theta by the Lagrange polynomial through its k newest evaluated nodes
-lambda_{c-k+1} < ... < lambda_c; the weight of node j is (method note §2)
+Lambdas are half log-SNRs log(alpha/sigma); sampling runs towards increasing lambda. A step goes
+from lambda_c (the newest evaluated node) to lambda_e = lambda_c + h and replaces the data
+prediction x_theta by the Lagrange polynomial through its k newest evaluated nodes
+lambda_{c-k+1} < ... < lambda_c; the weight of node j in the exact solution of the data-prediction
+ODE (Xue et al., CVPR 2024, "Accelerating Diffusion Sampling with Optimized Time Steps") is
 
     w_j = int_{lambda_c}^{lambda_e} e^lambda l_j(lambda) dlambda
         = e^{lambda_c} sum_m a_{jm} H_m(h),    H_m(h) = int_0^h u^m e^u du,
@@ -14,6 +16,8 @@ order k. The derivatives are exact and just as general:
     d w_j / d lambda_i = -l_j'(lambda_i) w_i - [i = j = c] e^{lambda_c}     (i a node)
 
 (moving node i with the nodal values fixed changes the interpolant by -p'(lambda_i) l_i).
+
+Imports numpy and ``errors`` only (the diffusers integration takes its order pattern from here).
 """
 
 from __future__ import annotations
@@ -101,12 +105,20 @@ def lagrange_step_weights(nodes, end):
     return w, dw_dnodes, dw_dend
 
 
+def step_orders(order: int, nfe: int) -> list[int]:
+    """Order of each of the ``nfe`` steps of a multistep solver of order ``order`` that warms up and
+    lowers its order on the last steps: step s (0-based, from lambda_s to lambda_{s+1}) has order
+    min(order, s + 1, nfe - s), e.g. 1,2,3,3,2,1 for order 3 at nfe 6. No checks (see
+    ``order_pattern``)."""
+    return [min(order, s + 1, nfe - s) for s in range(nfe)]
+
+
 def order_pattern(solver: str, order: int, nfe: int) -> list[int]:
     """Order of each of the N = nfe steps of a multistep solver, step s from lambda_s to lambda_{s+1}.
 
     The solver warms up (orders 1, 2, ...) and lowers its order on the last steps, as diffusers'
     DPM-Solver++ and UniPC do with ``lower_order_final`` (below 15 steps; the tables assume it at
-    every N): step s has order min(order, s + 1, N - s), e.g. 1,2,3,3,2,1 for order 3 at N = 6.
+    every N): ``step_orders(order, nfe)``.
     For ``unipc`` this is the order of the predictor; its corrector is not part of this pattern.
     ``ddim`` is DPM-Solver++ of order 1.
     """
@@ -116,4 +128,4 @@ def order_pattern(solver: str, order: int, nfe: int) -> list[int]:
         raise BadInput(f"solver {solver} supports orders 1..{MAX_ORDER[solver]}, got {order}")
     if nfe < order:
         raise BadInput(f"order {order} needs at least {order} steps, got NFE {nfe}")
-    return [min(order, s + 1, nfe - s) for s in range(nfe)]
+    return step_orders(order, nfe)

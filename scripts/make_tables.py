@@ -39,11 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import __version__  # noqa: E402
-from dmsteps_cli.optimize import StepConfig  # noqa: E402
+from dmsteps_cli.build import make_table  # noqa: E402
+from dmsteps_cli.check import compare_tables  # noqa: E402
+from dmsteps_cli.config import StepConfig  # noqa: E402
 from dmsteps_cli.errors import BadInput  # noqa: E402
-from dmsteps_cli.schedules import schedule_from_spec  # noqa: E402
 from dmsteps_cli.files import write_output  # noqa: E402
-from dmsteps_cli.tables import INDEX_SCHEMA, compare_tables, dumps, make_table, parse_document, validate  # noqa: E402
+from dmsteps_cli.schedules import schedule_from_spec  # noqa: E402
+from dmsteps_cli.tables import INDEX_SCHEMA, dumps, parse_document, validate  # noqa: E402
 
 NFE = tuple(range(5, 16))
 SOLVERS = ("unipc", "dpmpp")

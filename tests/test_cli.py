@@ -85,7 +85,7 @@ def test_show_and_schedules(tmp_path):
     assert [float(v) for v in r.stdout.strip().split(",")] == table["entries"][0]["t"]
     assert "NFE" in run("show", str(out)).stdout
     r = run("show", str(out), "--as", "t")
-    assert r.returncode == 2 and "choose one with --nfe" in r.stderr
+    assert r.returncode == 2 and "error: --nfe is needed: the table holds NFE 5, 6" in r.stderr
     names = [line.split("\t")[0] for line in run("schedules").stdout.splitlines()]
     assert names == ["scaled_linear", "linear", "squaredcos_cap_v2", "vp-linear", "vp-cosine", "edm", "flow"]
 
@@ -122,7 +122,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     (["--order", "3", "--nfe", "2"], "order 3 needs at least 3 steps"),
     (["--solver", "ddim", "--order", "2"], "orders 1..1"),
     (["--objective", "paper", "--trunc", "2"], "--trunc applies only"),
-    (["--objective", "none", "--init", "best"], "--objective none keeps the --init grid"),
+    (["--objective", "none", "--init", "best"], "--objective none keeps the starting grid (init) as it is"),
     (["--objective", "none", "--trunc", "3"], "--trunc applies only"),
     (["--shift", "3"], "--shift applies only to flow"),
     (["--schedule", "missing/scheduler_config.json"], "does not exist"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
+from dmsteps_cli.check import check_table
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import EvalRequest, evaluate
 from dmsteps_cli.grids import grid_lambda
@@ -17,7 +18,6 @@ from dmsteps_cli.models import GaussianMixture, save_mixture
 from dmsteps_cli.refine import RefineRequest, refine
 from dmsteps_cli.sample import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
-from dmsteps_cli.tables import check_table
 
 torch.set_num_threads(1)
 MU, S = 0.2, 0.4

@@ -40,7 +40,8 @@ def test_reference_objective_at_reference_steps():
 
 
 def closed_form_weights(lam, s, k):
-    """Weights of step s (lam[s] -> lam[s+1]) of order k <= 3 from the method note's formulas."""
+    """Weights of step s (lam[s] -> lam[s+1]) of order k <= 3 in closed form: the integrals
+    int e^lambda l_j(lambda) dlambda of the weights module's docstring worked out by hand for k <= 3."""
     c = s
     h = lam[s + 1] - lam[c]
     H0 = math.expm1(h)
@@ -114,7 +115,7 @@ def test_bad_objective_settings():
     s = get_schedule("scaled_linear")
     with pytest.raises(BadInput, match="unknown objective"):
         build_objective(s, "magic", 2, [1, 2, 1], 3)
-    with pytest.raises(BadInput, match="--p must be >= 0"):
+    with pytest.raises(BadInput, match="^p must be >= 0"):
         build_objective(s, "paper", -1, [1, 2, 1], 3)
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmsteps_cli.tables import dumps, entry_for, load_table, make_table
+from dmsteps_cli.build import make_table
+from dmsteps_cli.tables import dumps, entry_for, load_table
 
 torch.set_num_threads(1)
 import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])

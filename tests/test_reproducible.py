@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmsteps_cli.check import LAMBDA_ATOL, VALUE_RTOL
 from dmsteps_cli.schedules import PRESETS
-from dmsteps_cli.tables import LAMBDA_ATOL, VALUE_RTOL
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NPY_DISABLE_CPU_FEATURES")

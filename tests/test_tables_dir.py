@@ -77,7 +77,7 @@ EDITED = ["sd-unipc-o3.json", "edm-unipc-o3.json"]
 
 @pytest.mark.parametrize("name", EDITED)
 def test_check_catches_a_lambda_moved_by_ten_times_the_tolerance(tmp_path, name):
-    from dmsteps_cli.tables import LAMBDA_ATOL
+    from dmsteps_cli.check import LAMBDA_ATOL
 
     def edit(data):
         e = data["entries"][5]
@@ -94,7 +94,7 @@ def test_check_catches_a_lambda_moved_by_ten_times_the_tolerance(tmp_path, name)
 
 @pytest.mark.parametrize("name", EDITED)
 def test_check_catches_an_objective_moved_by_ten_times_the_tolerance(tmp_path, name):
-    from dmsteps_cli.tables import VALUE_RTOL
+    from dmsteps_cli.check import VALUE_RTOL
 
     def edit(data):
         e = data["entries"][2]

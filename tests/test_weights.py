@@ -1,4 +1,4 @@
-"""Step weights against quadrature, the closed forms of the method note and finite differences."""
+"""Step weights against quadrature, their closed forms for orders 1-3 and finite differences."""
 
 import math
 
@@ -7,7 +7,12 @@ import pytest
 from scipy.integrate import quad
 
 from dmsteps_cli.errors import BadInput
-from dmsteps_cli.weights import exp_moments, lagrange_step_weights, order_pattern
+from dmsteps_cli.weights import (
+    exp_moments,
+    lagrange_step_weights,
+    order_pattern,
+    step_orders,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -47,7 +52,7 @@ def test_partition_of_unity(k):
     assert w.sum() == pytest.approx(np.exp(end) - np.exp(nodes[-1]), rel=1e-12)
 
 
-def test_closed_forms_of_method_note():
+def test_closed_forms_for_orders_1_to_3():
     a, b, c = -1.3, -0.4, 0.2
     e = 0.9
     h, h1, h0 = e - c, c - b, b - a
@@ -102,6 +107,8 @@ def test_order_patterns():
     assert order_pattern("dpmpp", 2, 5) == [1, 2, 2, 2, 1]
     assert order_pattern("unipc", 3, 3) == [1, 2, 1]
     assert order_pattern("ddim", 1, 4) == [1, 1, 1, 1]
+    assert step_orders(3, 6) == [1, 2, 3, 3, 2, 1] == order_pattern("dpmpp", 3, 6)
+    assert step_orders(3, 4) == [1, 2, 2, 1] and step_orders(3, 3) == [1, 2, 1]
     with pytest.raises(BadInput, match="at least 3 steps"):
         order_pattern("unipc", 3, 2)
     with pytest.raises(BadInput, match="orders 1..1"):

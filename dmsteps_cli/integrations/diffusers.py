@@ -21,8 +21,8 @@ is refused (``BadInput``); custom ``timesteps=``/``sigmas=`` a pipeline passes (
 sigmas) only set that count and are then replaced. The signature of ``set_timesteps`` is kept, so
 ``retrieve_timesteps`` still sees which custom arguments the scheduler accepts.
 
-Order. A table assumes step n (0-based) of N has order min(k, n + 1, N - n), k = the table's
-``config.order``: warm-up and lower-order final steps. diffusers' DPM-Solver++ lowers its last two
+Order. A table assumes step n (0-based) of N has order min(k, n + 1, N - n)
+(``weights.step_orders``), k = the table's ``config.order``: warm-up and lower-order final steps. diffusers' DPM-Solver++ lowers its last two
 steps only when N < 15 (``lower_order_final``), and neither it nor UniPC lowers them with
 ``lower_order_final=False``. For these two multistep schedulers ``step`` is patched too: before
 each step it caps the scheduler's warm-up counter ``lower_order_nums`` at (that step's order − 1),
@@ -43,7 +43,7 @@ Checks, each a ``BadInput`` with the reason:
   FlowMatchEulerDiscreteScheduler (and their subclasses). DDIMScheduler computes each previous
   timestep arithmetically (t − num_train_timesteps // N), so it cannot follow a table: DDIM is
   DPM-Solver++ of order 1, i.e. DPMSolverMultistepScheduler with ``solver_order=1`` and a table
-  made with ``--solver ddim``. Also refused: UniPC with ``solver_p``, Euler with
+  made for solver ``ddim``. Also refused: UniPC with ``solver_p``, Euler with
   ``timestep_type="continuous"`` and v-prediction (its model input is 0.25 log sigma), FlowMatch
   with ``invert_sigmas``.
 A table made for another solver family (e.g. a ``unipc`` table on DPM-Solver++) or UniPC variant
@@ -62,7 +62,7 @@ The scheduler's own ``final_sigmas_type`` is ignored once a table is applied.
 
 Euler (``EulerDiscreteScheduler``) integrates the scaled state X = x / alpha_t = x sqrt(1 +
 kappa^2) in kappa; one Euler step in kappa is exactly DDIM (= first-order DPM-Solver++) in
-x, so a table made with ``--solver ddim`` runs unchanged. Its pipelines start from noise *
+x, so a table made for solver ``ddim`` runs unchanged. Its pipelines start from noise *
 ``init_noise_sigma`` (= kappa at t_0, an approximation of sqrt(1 + kappa_0^2) that diffusers
 makes with its own steps too) and feed the model ``scale_model_input(X) = X alpha = x``.
 
@@ -70,8 +70,9 @@ Parity with our own solver holds for DPM-Solver++ (``algorithm_type="dpmsolver++
 ``solver_type="midpoint"``), UniPC (``predict_x0=True``, bh1/bh2, no ``disable_corrector``) and the
 two Euler schedulers; other variants run the table's steps with their own update rules.
 
-diffusers and torch are imported inside the functions; without diffusers a ``BadInput`` says
-``pip install dmsteps[diffusers]``.
+Imports numpy, ``errors``, ``schedules``, ``tables`` and ``weights`` at load, never the optimizer;
+diffusers and torch inside the functions (without diffusers a ``BadInput`` says
+``pip install dmsteps[diffusers]``).
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BadInput
+from ..errors import BadInput, bad_setting
 from ..schedule_sources import read_scheduler_config
 from ..schedules import same_schedule
 from ..tables import entry_for, load_table, validate
+from ..weights import step_orders
 
 FINAL_SIGMAS = ("table", "zero")
 _STATE = "_dmsteps_steps"
@@ -111,7 +113,7 @@ class TableSteps:
     nfe: int
     timesteps: np.ndarray  # (N,) model inputs, float64
     sigmas: np.ndarray  # (N + 1,) sampler sigmas, float64
-    orders: list  # order of each step: min(k, n + 1, N - n)
+    orders: list  # order of each step: weights.step_orders(k, N)
     label: str  # for messages
 
 
@@ -134,7 +136,7 @@ def _kind(scheduler, diffusers) -> str:
         raise BadInput(f"{name} cannot follow a step table: it computes each previous timestep arithmetically "
                        "(t - num_train_timesteps // N). DDIM is DPM-Solver++ of order 1: use "
                        "DPMSolverMultistepScheduler.from_config(scheduler.config, solver_order=1) with a table made "
-                       "with --solver ddim")
+                       "for solver ddim")
     raise BadInput(f"{name} is not supported by apply_table (supported: {supported}; a DDIM-like sampler is "
                    "DPMSolverMultistepScheduler with solver_order=1)")
 
@@ -190,11 +192,11 @@ def _check_solver(kind: str, scheduler, table: dict, k: int) -> None:
         order = int(_cfg(scheduler, "solver_order", 2))
         if order != k:
             raise BadInput(f"order mismatch: the table was made for order {k}, {cls} has solver_order={order}; "
-                           f"use {cls}.from_config(scheduler.config, solver_order={k}) or a table made with "
-                           f"--order {order}")
+                           f"use {cls}.from_config(scheduler.config, solver_order={k}) or a table made for "
+                           f"order {order}")
     elif k != 1:
         raise BadInput(f"order mismatch: {cls} is a first-order sampler, the table was made for order {k}; "
-                       "make the table with --solver ddim (or --order 1), or use DPMSolverMultistepScheduler / "
+                       "make the table for solver ddim (or order 1), or use DPMSolverMultistepScheduler / "
                        f"UniPCMultistepScheduler with solver_order={k}")
     if kind == "unipc" and _cfg(scheduler, "solver_p", None) is not None:
         raise BadInput(f"{cls} with solver_p: its predictor is another scheduler with its own steps; "
@@ -224,7 +226,7 @@ def _steps_for(kind: str, scheduler, table: dict, entry: dict, k: int, final_sig
         timesteps = np.asarray(entry["t"][:-1], dtype=np.float64) * float(_cfg(scheduler, "num_train_timesteps", 1000))
     else:
         timesteps = np.asarray(entry["timesteps"], dtype=np.float64)
-    orders = [min(k, s + 1, n - s) for s in range(n)]
+    orders = step_orders(k, n)
     label = f"NFE {n} table ({table['config'].get('solver')} order {k})"
     return TableSteps(n, timesteps, sigmas, orders, label)
 
@@ -313,13 +315,13 @@ def apply_table(scheduler, table, nfe: int | None = None, final_sigma: str = "ta
     """
     diffusers = _diffusers()
     if final_sigma not in FINAL_SIGMAS:
-        raise BadInput(f"final_sigma must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
+        raise bad_setting("final_sigma", f"must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
     if isinstance(table, (str, os.PathLike)):
         table = load_table(table)
     elif isinstance(table, dict):
         validate(table)
     else:
-        raise BadInput(f"table must be a table dict or a path, got {type(table).__name__}")
+        raise bad_setting("table", f"must be a table dict or a path, got {type(table).__name__}")
     entry = entry_for(table, nfe)
     kind = _kind(scheduler, diffusers)
     _check_schedule(scheduler, table)

@@ -1,0 +1,102 @@
+"""What a table is made from: ``StepConfig`` and the step counts it takes (``parse_nfe``).
+
+A config is checked for types here (each field a name, a number or a whole number; ``nfe`` within
+the bounds of ``limits``); ``optimize.resolve`` fills in the per-schedule defaults and refuses
+settings that cannot go together. Imports numpy, ``errors`` and ``limits`` only, so a table can be
+read and validated without the optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BadInput, bad_setting
+from .limits import BOUNDS
+
+MIN_NFE, MAX_NFE = BOUNDS["nfe"]
+
+
+def parse_nfe(value) -> tuple[int, ...]:
+    """Step counts as sorted unique ints, each MIN_NFE .. MAX_NFE, from an int, an iterable of ints
+    (``range(5, 16)``) or text: ``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10``."""
+    if isinstance(value, str):
+        out: set[int] = set()
+        for part in value.split(","):
+            lo_s, dots, hi_s = part.strip().partition("..")
+            try:
+                lo, hi = int(lo_s), int(hi_s if dots else lo_s)
+            except ValueError:
+                raise BadInput(f"NFE {value!r} is not a step count, a range like 5..15 or a list like 5,7,10") from None
+            if lo > hi:
+                raise BadInput(f"NFE range {part.strip()} runs backwards (did you mean {hi}..{lo}?)")
+            if lo < MIN_NFE or hi > MAX_NFE:
+                raise BadInput(f"NFE {part.strip()}: step counts run from {MIN_NFE} to {MAX_NFE}")
+            out.update(range(lo, hi + 1))
+        return tuple(sorted(out))
+    items = [value] if isinstance(value, int) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise BadInput(f"NFE {value!r} is not a step count, a list of them or text like 5..15") from None
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in items):
+        raise BadInput(f"NFE {value!r}: step counts must be whole numbers")
+    nfes = tuple(sorted({int(n) for n in items}))
+    if nfes and (nfes[0] < MIN_NFE or nfes[-1] > MAX_NFE):
+        raise BadInput(f"NFE {value!r}: step counts run from {MIN_NFE} to {MAX_NFE}")
+    return nfes
+
+
+def _typed(name: str, value, kinds: tuple, what: str):
+    """``value`` if it is None or one of ``kinds`` (bool never counts as a number), else BadInput."""
+    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value
+    raise bad_setting(name, f"must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a table is made from; recorded verbatim in the table's ``config``.
+
+    ``schedule`` is the name or path the user gave (the table also records the schedule's full
+    spec); None: the schedule the table is made for (``build.make_table``'s, else
+    ``optimize.DEFAULT_SCHEDULE``). ``objective``/``init``/``T``/``eps``/``order``/``shift`` are
+    the resolved values (never None after ``optimize.resolve``; objective None: the schedule's
+    ``default_steps`` when init, p and trunc are None too, else ``reference``); ``trunc`` is None
+    for objectives other than ``reference``, ``variant`` (UniPC's B(h): bh1 or bh2) is None for
+    other solvers. ``T`` and ``eps`` are times (the noise end and the data end, T > eps), not
+    lambdas or sigmas; ``nfe`` the step counts, one table entry each.
+    """
+
+    schedule: str | None = None
+    solver: str = "unipc"
+    order: int | None = None
+    variant: str | None = None
+    objective: str | None = None
+    p: float | None = None
+    init: str | None = None
+    trunc: int | None = None
+    T: float | None = None
+    eps: float | None = None
+    shift: float | None = None
+    nfe: tuple[int, ...] = tuple(range(5, 16))
+
+    def __post_init__(self):
+        """Check each field's type; ``nfe`` may be anything ``parse_nfe`` takes and becomes a tuple."""
+        text, number, whole = (str,), (int, float, np.integer, np.floating), (int, np.integer)
+        for name, kinds, what in (("schedule", text, "a name or a path"), ("solver", text, "a name"),
+                                  ("variant", text, "a name"), ("objective", text, "a name"),
+                                  ("init", text, "a name"), ("order", whole, "a whole number"),
+                                  ("trunc", whole, "a whole number"), ("p", number, "a number"),
+                                  ("T", number, "a number"), ("eps", number, "a number"),
+                                  ("shift", number, "a number")):
+            value = _typed(name, getattr(self, name), kinds, what)
+            if isinstance(value, (np.integer, np.floating)):
+                object.__setattr__(self, name, value.item())
+        if self.solver is None:
+            raise bad_setting("solver", "must be given")
+        object.__setattr__(self, "nfe", parse_nfe(self.nfe))
+
+    def as_dict(self) -> dict:
+        return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}

@@ -1,0 +1,64 @@
+"""The records of a refined table (made by ``refine``) and what can be checked of them without the model.
+
+A refined entry carries ``optimizer.status`` (one of ``STATUSES``: "refined", its steps beat the
+start on the training noises, or "kept-start") and a ``refine`` record of measured errors (mean
+RMS to the reference solution, in the units of the samples): per candidate start (``TABLE``, the
+input table's own steps, and every hand-made grid) the training and held-out error, the start
+that was used and the errors of the entry's steps (``refine``'s module docstring lays the record
+out). ``record_drift`` says where those numbers contradict each other.
+
+Imports ``grids`` (names only) and ``tables`` (``is_number``); never torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .grids import GRIDS
+from .tables import is_number
+
+TABLE = "table"  # the candidate name of the input table's own steps
+STATUSES = ("refined", "kept-start")
+RECORD_RTOL = 1e-12  # recorded copies of one measurement must agree to this (relative)
+
+
+def same_record(a, b) -> bool:
+    """Two recorded copies of one measurement: finite numbers equal to RECORD_RTOL relative."""
+    return is_number(a) and is_number(b) and math.isclose(a, b, rel_tol=RECORD_RTOL, abs_tol=0.0)
+
+
+def record_drift(entry: dict) -> list[str]:
+    """What does not add up in one refined entry's ``optimizer`` and ``refine`` records; messages
+    relative to the entry."""
+    status, rec = entry["optimizer"].get("status"), entry.get("refine")
+    if status not in STATUSES:
+        return [f"optimizer.status: {status!r} is not a refine status ({' or '.join(STATUSES)})"]
+    if not isinstance(rec, dict):
+        return ["refine: missing or not a mapping"]
+    drift = []
+    for key in ("holdout_errors", "train_errors"):
+        errs = rec.get(key)
+        if not isinstance(errs, dict) or not {TABLE, *GRIDS} <= set(errs) or not all(map(is_number, errs.values())):
+            drift.append(f"refine.{key}: expected a finite error for each of {', '.join((TABLE, *GRIDS))}")
+    for key in ("holdout_error", "holdout_error_start", "train_error", "train_error_start"):
+        if not is_number(rec.get(key)):
+            drift.append(f"refine.{key}: missing or not finite")
+    if drift:
+        return drift
+    start = rec.get("start")
+    if start not in rec["train_errors"]:
+        return [f"refine.start: {start!r} is not one of the candidates"]
+    if rec["train_errors"][start] != min(rec["train_errors"].values()):
+        drift.append(f"refine.start: {start} is not the candidate with the lowest training error")
+    for kind in ("holdout", "train"):
+        if not same_record(rec[f"{kind}_error_start"], rec[f"{kind}_errors"][start]):
+            drift.append(f"refine.{kind}_error_start: not the recorded {kind} error of the start {start}")
+    if status == "refined" and not rec["train_error"] < rec["train_error_start"]:
+        drift.append("optimizer.status: refined, but the training error is not below the start's")
+    if status == "kept-start" and not (same_record(rec["train_error"], rec["train_error_start"])
+                                       and same_record(rec["holdout_error"], rec["holdout_error_start"])):
+        drift.append("optimizer.status: kept-start, but the errors differ from the start's")
+    return drift
+
+
+__all__ = ["RECORD_RTOL", "STATUSES", "TABLE", "record_drift", "same_record"]
