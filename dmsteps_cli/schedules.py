@@ -6,14 +6,15 @@ Conventions (those of DPM-Solver, Lu et al. 2022, and UniPC, Zhao et al. 2023):
   to t = eps (data) runs towards increasing lambda;
 - every function takes and returns float64 numpy arrays (scalars are accepted) and is vectorized
   (``step_arrays`` returns lists of floats, the form a table entry holds);
-- ``sigmas(t)`` is what the model family's samplers call sigma: kappa = sigma/alpha = e^-lambda
+- ``sampler_sigma(t)`` is what the model family's samplers call sigma: kappa = sigma/alpha = e^-lambda
   for VP and EDM models, t itself for flow models;
 - ``model_timestep(t)`` is the timestep input of the network: (t - 1/M) * M for discrete
   schedules, t for continuous VP, sigma for EDM and 1000 t for flow models.
 
 A schedule is rebuilt from ``family`` and ``params`` alone (``schedule_from_spec``), which is how a
 table records it; ``identity()`` fingerprints alpha and sigma so that a table made for another
-schedule can be recognized. Imports numpy and ``errors`` only.
+schedule can be recognized (``same_schedule``). Where a schedule comes from (presets by name,
+beta files, diffusers scheduler configs) is ``schedule_sources``. Imports numpy and ``errors`` only.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Schedule:
         """Half log-SNR lambda(t) = log alpha_t - log sigma_t."""
         return self.log_alpha(t) - self.log_sigma(t)
 
-    def sigmas(self, t):
+    def sampler_sigma(self, t):
         """The sigma that samplers of this model family use: kappa = sigma/alpha (VP, EDM)."""
         return np.exp(self.log_sigma(t) - self.log_alpha(t))
 
@@ -131,11 +132,11 @@ def step_arrays(schedule: Schedule, lam, T: float, eps: float) -> dict[str, list
     """What a table entry records of its steps, from N + 1 increasing lambdas (lambda(T) first):
     ``t``, the N + 1 times from T down to eps (the ends exactly T and eps, ``step_times``);
     ``lambda``, the lambdas themselves; ``sigmas``, the N + 1 sampler sigmas at those times
-    (``Schedule.sigmas``); ``timesteps``, the N model inputs at t[0] ... t[N-1]
+    (``Schedule.sampler_sigma``); ``timesteps``, the N model inputs at t[0] ... t[N-1]
     (``Schedule.model_timestep``). Each a list of Python floats (float64), noise end first."""
     lam = np.asarray(lam, dtype=np.float64)
     t = schedule.step_times(lam, T, eps)
-    return {"t": _floats(t), "lambda": _floats(lam), "sigmas": _floats(schedule.sigmas(t)),
+    return {"t": _floats(t), "lambda": _floats(lam), "sigmas": _floats(schedule.sampler_sigma(t)),
             "timesteps": _floats(schedule.model_timestep(t[:-1]))}
 
 
@@ -355,7 +356,7 @@ class Flow(Schedule):
         # d log alpha / d lambda = sigma, d log sigma / d lambda = -alpha
         return log_alpha, log_sigma, np.exp(log_sigma), -np.exp(log_alpha)
 
-    def sigmas(self, t):
+    def sampler_sigma(self, t):
         return _f64(t).copy()
 
     def model_timestep(self, t):

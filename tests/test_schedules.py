@@ -61,7 +61,7 @@ def test_discrete_matches_alphas_cumprod_on_its_grid():
     expected = 0.5 * (0.5 * np.log(abar[10]) + 0.5 * np.log(abar[11]))
     assert s.log_alpha(mid) == pytest.approx(expected, rel=1e-13)
     # diffusers' sigma_min for SD: kappa at t = 1e-3 is 0.0292
-    assert s.sigmas(1e-3) == pytest.approx(0.0292, abs=1e-4)
+    assert s.sampler_sigma(1e-3) == pytest.approx(0.0292, abs=1e-4)
 
 
 def test_continuous_closed_forms():
@@ -74,7 +74,7 @@ def test_continuous_closed_forms():
     np.testing.assert_allclose(cos.log_alpha(tc), naive, rtol=1e-10)
     edm = get_schedule("edm")
     np.testing.assert_allclose(edm.lam(t), -np.log(t), rtol=1e-15)
-    np.testing.assert_allclose(edm.sigmas(t), t, rtol=1e-15)
+    np.testing.assert_allclose(edm.sampler_sigma(t), t, rtol=1e-15)
     flow = get_schedule("flow")
     np.testing.assert_allclose(flow.lam(t[:-1]), np.log((1 - t[:-1]) / t[:-1]), rtol=1e-13)
     np.testing.assert_allclose(flow.model_timestep(t), 1000 * t)
