@@ -2,7 +2,7 @@
 
 Setting: scaled_linear, unipc order 3, p = 2, start unif_t, reference objective, NFE 5..15.
 Published procedure: the same objective (same code) minimized by scipy trust-constr with
-finite-difference gradients and the reference's linear constraints (method note §3).
+finite-difference gradients and the reference's linear constraints.
 For each NFE: median seconds of `repeats` runs and the objective reached, for both, and the
 seconds of dmsteps' Newton polish alone (included in its total); then the sweep totals and their
 ratio. Targets: sweep >= 50x faster, objective no higher (1e-6 relative) at every NFE. Also times

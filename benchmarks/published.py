@@ -1,5 +1,5 @@
 """The published procedure, as a baseline: the same objective minimized by scipy's trust-constr
-with finite-difference gradients and the reference's non-strict linear constraints (method note §3).
+with finite-difference gradients and the reference's non-strict linear constraints.
 Used by the benchmark and by comparison scripts; not part of the product."""
 
 from __future__ import annotations

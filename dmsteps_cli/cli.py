@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import BadInput
+from .errors import SETTING, BadInput
 
 app = typer.Typer(
     add_completion=False,
@@ -403,11 +403,17 @@ FLAGS: dict[str, str] = {}
 
 
 def message_of(exc: BadInput) -> str:
-    """The error line for ``exc``: a message that starts with a setting's name shows its flag."""
+    """The error line for ``exc``: where the message names a setting, its flag stands instead."""
     text = str(exc)
     field = getattr(exc, "field", None)
-    if field and text.startswith(field):
-        return FLAGS.get(field, "--" + field.replace("_", "-")) + text[len(field):]
+    if not field:
+        return text
+    flag = FLAGS.get(field, "--" + field.replace("_", "-"))
+    template = getattr(exc, "template", None)
+    if template is not None:
+        return template.replace(SETTING, flag)
+    if text.startswith(field):
+        return flag + text[len(field):]
     return text
 
 

@@ -3,7 +3,7 @@
 Everything is a function of the N + 1 lambdas lam[0] = lambda(T) < ... < lam[N] = lambda(eps)
 (increasing; the first is the noise end). Step s goes from lam[s] to lam[s + 1] and has order
 k_s; its contributions are e = eps_tilde(lam_i) * w_{s,j} for each of its nodes i = s - k_s + 1 + j,
-with eps_tilde = sigma^p / alpha computed from the schedule's own alpha and sigma (method note §3).
+with eps_tilde = sigma^p / alpha computed from the schedule's own alpha and sigma.
 
 The objective is a sum of *groups* of contributions:
     F(lam) = sum_g |sum_{c in g} e_c|            (abs groups)

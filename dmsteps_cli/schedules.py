@@ -1,6 +1,6 @@
 """Noise schedules: alpha(t), sigma(t), the half log-SNR lambda(t) and its exact inverse.
 
-Conventions (the DPM-Solver / UniPC ones, see the method note §5):
+Conventions (the DPM-Solver / UniPC ones):
 - the forward process is q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I);
 - lambda_t = log(alpha_t / sigma_t) is strictly decreasing in t, so sampling from t = T (noise)
   to t = eps (data) runs towards increasing lambda;

@@ -2,7 +2,7 @@
 
 A step goes from lambda_c (the newest evaluated node) to lambda_e = lambda_c + h and replaces the
 data prediction x_theta by the Lagrange polynomial through its k newest evaluated nodes
-lambda_{c-k+1} < ... < lambda_c; the weight of node j is (method note §2)
+lambda_{c-k+1} < ... < lambda_c; the weight of node j is
 
     w_j = int_{lambda_c}^{lambda_e} e^lambda l_j(lambda) dlambda
         = e^{lambda_c} sum_m a_{jm} H_m(h),    H_m(h) = int_0^h u^m e^u du,

@@ -39,7 +39,8 @@ def test_reference_objective_at_reference_steps():
 
 
 def closed_form_weights(lam, s, k):
-    """Weights of step s (lam[s] -> lam[s+1]) of order k <= 3 from the method note's formulas."""
+    """Weights of step s (lam[s] -> lam[s+1]) of order k <= 3 in closed form (the integrals of
+    e^lambda times the Lagrange basis polynomials, worked out by hand)."""
     c = s
     h = lam[s + 1] - lam[c]
     H0 = math.expm1(h)

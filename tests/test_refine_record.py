@@ -17,9 +17,9 @@ from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import EvalRequest, Evaluator, evaluate
 from dmsteps_cli.grids import GRIDS, grid_lambda
-from dmsteps_cli.models import GaussianMixture, save_mixture
+from dmsteps_cli.mixtures import GaussianMixture, save_mixture
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, RefineRequest, best_candidate, refine, start_label
-from dmsteps_cli.sample import noise_for
+from dmsteps_cli.runtime import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
 from dmsteps_cli.tables import check_table
 
@@ -223,5 +223,5 @@ def test_small_helpers_and_bad_input(files):
     assert start_label("quad", False) == "kept grid quad"
     with pytest.raises(BadInput, match="no entry for NFE 7"):
         _refine(files, "gauss.yaml", "optimized.json", nfe=(7,))
-    with pytest.raises(BadInput, match="--maxiter must be between 0 and 10000, got -1"):
+    with pytest.raises(BadInput, match="^maxiter must be between 0 and 10000, got -1"):
         _refine(files, "gauss.yaml", "optimized.json", maxiter=-1)

@@ -1,4 +1,4 @@
-"""Step weights against quadrature, the closed forms of the method note and finite differences."""
+"""Step weights against quadrature, their closed forms for orders 1-3 and finite differences."""
 
 import math
 

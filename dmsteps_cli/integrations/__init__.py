@@ -1,4 +1,4 @@
-"""Hand step tables to the samplers that consume them (the method note §6).
+"""Hand step tables to the samplers that consume them.
 
 - ``dmsteps_cli.integrations.diffusers``: ``apply_table(scheduler, table, nfe)`` makes a diffusers
   scheduler (UniPC, DPM-Solver++ multistep, Euler, flow-matching Euler) run a table's steps, also

@@ -1,4 +1,4 @@
-"""A table entry in the forms other samplers take (the method note §6). No torch, no numpy.
+"""A table entry in the forms other samplers take. No torch, no numpy.
 
 Every function takes one table entry (``tables.entry_for(table, nfe)``) for N steps and returns
 plain Python floats or a string:
