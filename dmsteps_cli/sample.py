@@ -6,7 +6,7 @@ solver plan once from the table's lambdas -> draw one noise tensor per seed (on 
 CUDA runs start from the same noise) -> apply the plan -> write ``samples.npz`` (float32 array
 ``samples`` (B, C, H, W) and ``seeds``), ``grid.png`` and ``sample.json``.
 
-Seeds: sample i of a run with ``--seed S`` uses its own generator seeded S + i, so a sample does
+Seeds: sample i of a run with seed S uses its own generator seeded S + i, so a sample does
 not depend on the batch it was drawn in, and ``torchrun`` ranks can split the seeds (rank r takes
 every world-th one) and gather one output that equals the single-process output.
 """

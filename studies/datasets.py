@@ -2,9 +2,9 @@
 
 Each is an equal-weight mixture in 64 dimensions (1797 components by default), sample shape
 (1, 8, 8), pixels in [-1, 1], component std ``std``; its closed-form denoiser is the ideal denoiser
-of that data (``dmsteps_cli.mixtures.GaussianMixture``). The studies measure sampling errors on them; they
-are not part of the dmsteps package. scikit-learn (and Pillow for the photos) is imported inside
-the functions.
+of that data (``dmsteps_cli.mixtures.GaussianMixture``). The studies measure sampling errors on
+them; they are not part of the dmsteps package. scikit-learn (and Pillow for the photos) is
+imported inside the functions.
 
     import sys; sys.path.insert(0, "studies")
     from datasets import digits_mixture
