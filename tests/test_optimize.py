@@ -109,7 +109,7 @@ def test_resolve_defaults_and_refusals():
         resolve(StepConfig(T=1.0), get_schedule("vp-cosine"))
     with pytest.raises(BadInput, match="must be below T"):
         resolve(StepConfig(eps=1.0), sd)
-    with pytest.raises(BadInput, match="--shift must be between 0.001 and 1000.0, got 0.0"):
+    with pytest.raises(BadInput, match="^shift must be between 0.001 and 1000.0, got 0.0"):
         resolve(StepConfig(shift=0.0), get_schedule("flow"))
 
 
