@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+
+from datasets import digits_mixture  # noqa: E402
 from dmsteps_cli import get_schedule  # noqa: E402
+from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
-from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
 from dmsteps_cli.optimize import GAP_FRACTION  # noqa: E402
-from dmsteps_cli.refine import TRAIN_SEED_OFFSET, _lam_and_jacobian, _lam_of, refine_entry  # noqa: E402
+from dmsteps_cli.refine import _lam_and_jacobian, _lam_of, refine_entry, train_seeds  # noqa: E402
 
 SOLVER = ("unipc", 3, "bh2")
 
@@ -53,10 +58,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = get_schedule("scaled_linear")
-    ck = Checkpoint(kind="gmm", schedule=s, prediction_type="sample", sample_shape=(1, 8, 8), num_classes=None,
-                    source="digits", model=digits_mixture(0.05))
-    train = Evaluator(ck, ck.denoiser(), range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + args.train), s.T,
-                      s.eps_default, "cpu")
+    ck = mixture_checkpoint(digits_mixture(0.05), s, "digits")
+    train = Evaluator(ck, ck.denoiser(), train_seeds(args.train), s.T, s.eps_default, "cpu")
     print(f"digits ideal denoiser, scaled_linear, UniPC-3, {args.train} training noises, one thread")
     print("NFE | gradient: FD s / autograd s = ratio | refine (40 it): FD s / exact s = ratio | train error FD / exact")
     for n in (int(v) for v in args.nfe.split(",")):

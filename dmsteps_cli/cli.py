@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import BadInput
+from .errors import SETTING, BadInput
 from .grids import GRIDS
 
 app = typer.Typer(
@@ -412,12 +412,11 @@ FLAGS: dict[str, str] = {}
 
 
 def message_of(exc: BadInput) -> str:
-    """The error line for ``exc``: a message that starts with a setting's name shows its flag."""
-    text = str(exc)
-    field = getattr(exc, "field", None)
-    if field and text.startswith(field):
-        return FLAGS.get(field, "--" + field.replace("_", "-")) + text[len(field):]
-    return text
+    """The error line for ``exc``: where the message names a setting, its flag stands instead."""
+    field, template = getattr(exc, "field", None), getattr(exc, "template", None)
+    if not field or template is None:
+        return str(exc)
+    return template.replace(SETTING, FLAGS.get(field, "--" + field.replace("_", "-")))
 
 
 def main(argv: list[str] | None = None) -> None:

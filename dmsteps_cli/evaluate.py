@@ -1,4 +1,4 @@
-"""`dmsteps evaluate`: the measured sampling error of tables and of the hand-made grids.
+"""`dmsteps evaluate`: the measured sampling error of step sets (tables, hand-made grids) on a model.
 
 For every NFE, every table that has it and every baseline grid, the checkpoint is sampled from the
 same noises with the same solver, and each sample is compared with a high-accuracy solution of the
@@ -11,27 +11,51 @@ order 3 (bh2) on ``ref_steps`` steps uniform in lambda, checked against ``2 ref_
 finer one is the reference and the RMS difference of the two is reported (``check_error``), so a
 reader sees that it is far below the errors measured. The ratio of each error to the best baseline
 grid at that NFE is reported too (below 1: better than every hand-made grid).
+
+Steps are N + 1 increasing log-SNRs lambda, noise end first (lambda(T) ... lambda(eps)); errors are
+in the units of the samples.
+
+- ``Evaluator``: a checkpoint's fixed noises and their reference solutions; the errors of any steps;
+- ``compare_at``: at one NFE, the errors of every hand-made grid and of named steps, the best grid
+  and each one's ratio to it; ``best_grids``, ``lowest_grid_error`` and ``ratio_to_best_grid`` do
+  the same over mean errors per NFE;
+- ``evaluate_checkpoint``: the report for a loaded checkpoint and tables or steps in memory;
+  ``evaluate`` loads the files of an ``EvalRequest`` and calls it.
+
+May import torch, numpy, the torch-free package modules, runtime, checkpoints and gradients;
+refine imports it.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .errors import BadInput
-from .limits import in_bounds
+from .checkpoints import Checkpoint, load_checkpoint, network_denoiser
+from .errors import BadInput, bad_setting
+from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
-from .models import load_checkpoint
-from .sample import integrate, network_denoiser, noise_for, same_schedule, solver_choice, state_dtype
-from .solvers import COMPLEX_STEP, build_plan, initial_noise_scale, run_plan
+from .limits import in_bounds
+from .runtime import (
+    full_precision,
+    integrate,
+    noise_for,
+    resolve_device,
+    rms_error,
+    state_dtype,
+)
+from .schedules import same_schedule
+from .solvers import build_plan, initial_noise_scale, solver_choice
 from .tables import load_table
 
 SCHEMA = "dmsteps.evaluation/1"
 REF_SOLVER = ("unipc", 3, "bh2")
+MIN_REF_STEPS = 500
+METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
 
 
 @dataclass
@@ -55,19 +79,6 @@ class EvalRequest:
     shift: float | None = None
 
 
-@contextmanager
-def full_precision():
-    """CUDA matrix products and convolutions in true float32 (TF32 off) while measuring: TF32's
-    ~1e-3 relative rounding would swamp the small error differences that refine's finite
-    differences rely on (seen on an H200: L-BFGS-B stopped after 4 iterations). Restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000) -> list[float]:
     """95% interval of mean(a) / mean(b), where a[i] and b[i] are errors from the same noise i:
     a paired bootstrap over the noises with a fixed seed (so the same inputs give the same report).
@@ -81,14 +92,14 @@ def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000) -> list
 
 
 def rms_per_sample(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-    d = (x - ref).reshape(x.shape[0], -1).double()
-    return d.square().mean(dim=1).sqrt().cpu().numpy()
+    """RMS(x - ref) over each sample's dimensions: (B,) float64."""
+    return rms_error(x, ref).cpu().numpy()
 
 
 class Evaluator:
-    """A checkpoint, its denoiser, fixed noises and their reference solutions on [eps, T]."""
+    """A checkpoint, its denoiser, fixed noises (one per seed) and their reference solutions on [eps, T]."""
 
-    def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = 500):
+    def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = MIN_REF_STEPS):
         self.ckpt, self.denoiser, self.schedule = ckpt, denoiser, ckpt.schedule
         self.T, self.eps, self.device = float(T), float(eps), device
         self.seeds = list(seeds)
@@ -106,35 +117,13 @@ class Evaluator:
             return integrate(self.denoiser, self.schedule, plan, t, timesteps, self.x_T)
 
     def errors(self, lam, solver, order, variant) -> np.ndarray:
+        """Each noise's error RMS(x - x_ref) for the steps ``lam``: (samples,) float64."""
         return rms_per_sample(self.solve(lam, solver, order, variant), self.reference)
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
-        """errors(lam).mean() and its exact gradient in lam (N + 1 values; the two ends are fixed,
-        their entries are 0), by reverse-mode autograd through the solver and the model: the plan's
-        coefficients (exact Jacobian by complex step, ``_PlanCoefficients``) and the model's inputs
-        alpha, sigma and timestep at each node (central differences, ``_NodeInputs``) are functions
-        of lam. Noises go through in chunks of ``chunk`` to bound the memory of the graph."""
-        lam = np.asarray(lam, dtype=np.float64)
-        total, grad = 0.0, np.zeros_like(lam)
-        n = self.x_T.shape[0]
-        with full_precision(), torch.enable_grad():
-            for i in range(0, n, chunk):
-                lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
-                plan = _differentiable_plan(self.schedule, lam_t, solver, order, variant)
-                t, alpha, sigma, timestep = _NodeInputs.apply(lam_t, self.schedule, self.T, self.eps)
-                t = t.detach().numpy()
-
-                def denoise(x, k):
-                    return self.denoiser(x, float(t[k]), timestep[k], alpha[k], sigma[k]).to(x.dtype)
-
-                x = run_plan(plan, self.x_T[i:i + chunk], denoise)
-                d = (x - self.reference[i:i + chunk]).reshape(x.shape[0], -1).double()
-                loss = d.square().mean(dim=1).sqrt().sum() / n
-                loss.backward()
-                total += float(loss.detach())
-                grad += lam_t.grad.numpy()
-        grad[0] = grad[-1] = 0.0
-        return total, grad
+        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``)."""
+        return mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T, self.eps,
+                                   lam, solver, order, variant, chunk)
 
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)
@@ -146,8 +135,8 @@ class Evaluator:
             ref = mixture.ode_solution(self.x_T, float(s.alpha(self.T)), float(s.sigma(self.T)),
                                        float(s.alpha(self.eps)), float(s.sigma(self.eps)))
             return ref.to(self.x_T.dtype), {"method": "closed form (single Gaussian)"}
-        if steps < 500:
-            raise BadInput(f"--ref-steps must be at least 500, got {steps}")
+        if steps < MIN_REF_STEPS:
+            raise bad_setting("ref_steps", f"must be at least {MIN_REF_STEPS}, got {steps}")
         coarse = self.solve(self._uniform(steps), *REF_SOLVER)
         fine = self.solve(self._uniform(2 * steps), *REF_SOLVER)
         check = float(rms_per_sample(coarse, fine).mean())
@@ -155,149 +144,163 @@ class Evaluator:
                       "check": f"RMS difference to {steps} steps", "check_error": check}
 
 
-# --- gradients through the solver (refine) ------------------------------------------------------
+# --- comparing with the hand-made grids ----------------------------------------------------------
 
-def _flat_coefficients(plan) -> np.ndarray:
-    """Every coefficient of ``plan`` in ``Plan.map``'s order, as (n_coefficients, *batch)."""
-    values = []
-    plan.map(lambda c: values.append(c) or c)
-    batch = np.shape(plan.lam)[1:]
-    return np.stack([np.broadcast_to(np.asarray(c), batch) for c in values])
-
-
-class _PlanCoefficients(torch.autograd.Function):
-    """lam (N + 1,) -> the coefficients of ``plan`` (built from lam by the caller, float64);
-    backward: their exact Jacobian in lam by complex step through the same ``build_plan`` (which
-    is analytic in lam)."""
-
-    @staticmethod
-    def forward(ctx, lam, plan, schedule, solver, order, variant):
-        ctx.args = (lam.detach().cpu().numpy(), schedule, solver, order, variant)
-        return torch.as_tensor(_flat_coefficients(plan), dtype=torch.float64)
-
-    @staticmethod
-    def backward(ctx, g):
-        lam, schedule, solver, order, variant = ctx.args
-        probe = lam[:, None] + 1j * COMPLEX_STEP * np.eye(lam.size)  # one column per lambda
-        J = _flat_coefficients(build_plan(schedule, probe, solver, order, variant)).imag / COMPLEX_STEP
-        return torch.as_tensor(J.T @ g.detach().cpu().numpy()), None, None, None, None, None
+def best_grids(errors: Mapping, grids: Sequence[str] = GRIDS) -> list[str]:
+    """Per NFE, the grid with the lowest error (the first of equal ones). ``errors[g]``: grid g's
+    mean errors, one per NFE (or one number)."""
+    table = np.array([np.atleast_1d(np.asarray(errors[g], dtype=np.float64)) for g in grids])
+    return [grids[i] for i in table.argmin(axis=0)]
 
 
-def _differentiable_plan(schedule, lam_t, solver, order, variant):
-    """The plan for lam_t whose coefficients are 0-d tensors differentiable in lam_t."""
-    plan = build_plan(schedule, lam_t.detach().numpy(), solver, order, variant)
-    coef = _PlanCoefficients.apply(lam_t, plan, schedule, solver, order, variant)
-    index = iter(range(coef.shape[0]))
-    return plan.map(lambda _: coef[next(index)])
+def lowest_grid_error(errors: Mapping, grids: Sequence[str] = GRIDS) -> np.ndarray:
+    """Per NFE, the lowest error of ``grids``. ``errors[g]``: grid g's mean errors, one per NFE (or
+    one number)."""
+    return np.min(np.array([errors[g] for g in grids], dtype=np.float64), axis=0)
 
 
-class _NodeInputs(torch.autograd.Function):
-    """lam (N + 1,) -> t, alpha, sigma (N + 1,) and the model timestep (N,) at the nodes, exactly as
-    ``Evaluator.solve`` computes them (t from lam, the ends pinned to T and eps); backward: central
-    differences in lam of the same functions (the ends are fixed: zero)."""
-
-    _H = 1e-6
-
-    @staticmethod
-    def values(schedule, lam, T, eps):
-        t = schedule.step_times(lam, T, eps)
-        return t, schedule.alpha(t), schedule.sigma(t), schedule.model_timestep(t[:-1])
-
-    @staticmethod
-    def forward(ctx, lam, schedule, T, eps):
-        lam_np = lam.detach().cpu().numpy()
-        h = _NodeInputs._H
-        up = _NodeInputs.values(schedule, lam_np + h, T, eps)
-        down = _NodeInputs.values(schedule, lam_np - h, T, eps)
-        ctx.derivs = [(u - d) / (2 * h) for u, d in zip(up[1:], down[1:])]
-        for d in ctx.derivs:
-            d[0] = 0.0
-            if d.size == lam_np.size:
-                d[-1] = 0.0
-        return tuple(torch.as_tensor(v, dtype=torch.float64) for v in _NodeInputs.values(schedule, lam_np, T, eps))
-
-    @staticmethod
-    def backward(ctx, g_t, g_alpha, g_sigma, g_ts):
-        grad = torch.zeros_like(g_alpha)
-        for g, d in zip((g_alpha, g_sigma, g_ts), ctx.derivs):
-            if g is not None:
-                grad[: d.size] += g * torch.as_tensor(d)
-        return grad, None, None, None
+def ratio_to_best_grid(errors: Mapping, grids: Sequence[str] = GRIDS) -> dict[str, np.ndarray]:
+    """Every entry of ``errors`` over the lowest error of ``grids`` at the same NFE: below 1, better
+    than every grid. ``errors[name]``: mean errors, one per NFE (or one number), the grids among them."""
+    best = lowest_grid_error(errors, grids)
+    return {name: np.asarray(e, dtype=np.float64) / best for name, e in errors.items()}
 
 
-def _tables_nfes(tables, nfe):
-    present = sorted({e["nfe"] for _, t in tables for e in t["entries"]})
-    if nfe is not None:
-        return list(nfe)
-    return present or list(range(5, 16))
+@dataclass
+class Comparison:
+    """The errors at one NFE from the same noises: each noise's error for every hand-made grid and
+    for every named step set, (samples,) float64 each."""
+
+    nfe: int
+    grids: dict  # grid name -> errors, in the order measured
+    steps: dict  # step-set name -> errors
+
+    @property
+    def best(self) -> str | None:
+        """The grid with the lowest mean error; None when no grid was measured."""
+        return best_grids({g: e.mean() for g, e in self.grids.items()}, list(self.grids))[0] if self.grids else None
+
+    def ratio(self, errors: np.ndarray) -> float | None:
+        """The mean of ``errors`` over the best grid's mean error; None without grids."""
+        if not self.grids:
+            return None
+        return float(errors.mean()) / float(self.grids[self.best].mean())
+
+    def ratio_ci95(self, errors: np.ndarray) -> list[float] | None:
+        """The 95% interval of ``ratio(errors)`` over the noises (``paired_ratio_ci``); None without
+        grids or with one noise."""
+        if not self.grids or len(errors) < 2:
+            return None
+        return paired_ratio_ci(errors, self.grids[self.best])
 
 
-def evaluate(req: EvalRequest, progress=None) -> dict:
-    """Measure every (NFE, grid) pair of the request; the evaluation report as a dict."""
-    for name in ("samples", "seed", "ref_steps", "guidance_scale"):
-        in_bounds(name, getattr(req, name))
-    if req.class_label is not None:
-        in_bounds("class_label", req.class_label)
-    for g in req.baselines:
+def compare_at(ev: Evaluator, nfe: int, steps: Mapping | None = None, *, solver: str, order: int | None,
+               variant: str | None, shift: float | None = None, grids: Sequence[str] = GRIDS) -> Comparison:
+    """The errors at ``nfe`` of every grid in ``grids`` (``grids.grid_lambda`` on the evaluator's
+    interval, ``shift`` for flow schedules) and of ``steps`` ({name: N + 1 lambdas}), same noises."""
+    grid_errors = {g: ev.errors(grid_lambda(g, ev.schedule, nfe, ev.T, ev.eps, shift), solver, order, variant)
+                   for g in grids}
+    step_errors = {name: ev.errors(lam, solver, order, variant) for name, lam in (steps or {}).items()}
+    return Comparison(nfe, grid_errors, step_errors)
+
+
+def _row(cmp: Comparison, name: str, kind: str, e: np.ndarray) -> dict:
+    return {"nfe": cmp.nfe, "grid": name, "kind": kind, "error": float(e.mean()),
+            "stderr": float(e.std(ddof=1) / math.sqrt(len(e))) if len(e) > 1 else 0.0,
+            "median": float(np.median(e)), "ratio_to_best_baseline": cmp.ratio(e), "ratio_ci95": cmp.ratio_ci95(e)}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines) -> None:
+    for name, value in (("samples", samples), ("seed", seed), ("ref_steps", ref_steps),
+                        ("guidance_scale", guidance_scale)):
+        in_bounds(name, value)
+    if class_label is not None:
+        in_bounds("class_label", class_label)
+    for g in baselines:
         if g not in GRIDS:
             raise BadInput(f"unknown baseline grid {g!r} (choose from {', '.join(GRIDS)})")
-    from .sample import resolve_device
 
-    device = resolve_device(req.device)
-    ckpt = load_checkpoint(req.checkpoint, device=device, schedule=req.schedule)
+
+def _needs_denoiser(ckpt: Checkpoint, source: str) -> None:
     if ckpt.kind == "pipeline":
-        raise BadInput(f"{req.checkpoint} is a text-to-image pipeline: evaluate needs a denoiser checkpoint "
+        raise BadInput(f"{source} is a text-to-image pipeline: evaluate needs a denoiser checkpoint "
                        "(UNet, DiT or Gaussian mixture)")
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = None, *,
+                        baselines: Sequence[str] = GRIDS, nfe=None, solver: str | None = None,
+                        order: int | None = None, variant: str | None = None, samples: int = 256, seed: int = 0,
+                        ref_steps: int = MIN_REF_STEPS, T: float | None = None, eps: float | None = None,
+                        shift: float | None = None, class_label=None, guidance_scale: float = 1.0,
+                        source: str | None = None, progress=None) -> dict:
+    """The evaluation report (a dict, schema ``SCHEMA``) of a loaded checkpoint.
+
+    ``tables``: {name: table dict} or (name, table) pairs, made for the checkpoint's schedule and
+    one interval; ``steps``: {name: {nfe: N + 1 lambdas}}, step sets on the same interval (rows of
+    kind "table" too). Each NFE in ``nfe`` (default: the NFEs the tables and steps hold, else
+    5..15) is measured for every grid in ``baselines`` and every table or step set that has it, on
+    the noises of seeds seed ... seed + samples - 1. The interval (T, eps, shift) and the solver
+    default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
+    in the report (default ``ckpt.source``); ``progress(nfe)`` is called after each NFE.
+    """
+    _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines)
+    source = ckpt.source if source is None else source
+    _needs_denoiser(ckpt, source)
     schedule = ckpt.schedule
-    tables = [(str(p), load_table(p)) for p in req.tables]
-    for path, table in tables:
+    tables = list(tables.items()) if isinstance(tables, Mapping) else list(tables)
+    for name, table in tables:
         if not same_schedule(table["schedule"]["identity"], schedule.identity()):
-            raise BadInput(f"table {path} was made for schedule {table['schedule']['name']}, "
+            raise BadInput(f"table {name} was made for schedule {table['schedule']['name']}, "
                            f"not the checkpoint's {schedule.name}")
     first = tables[0][1]["config"] if tables else {}
-    T = req.T if req.T is not None else first.get("T", schedule.T)
-    eps = req.eps if req.eps is not None else first.get("eps", schedule.eps_default)
-    shift = req.shift if req.shift is not None else first.get("shift", schedule.default_shift)
-    for path, table in tables:
+    T = T if T is not None else first.get("T", schedule.T)
+    eps = eps if eps is not None else first.get("eps", schedule.eps_default)
+    shift = shift if shift is not None else first.get("shift", schedule.default_shift)
+    for name, table in tables:
         c = table["config"]
         if not (math.isclose(c["T"], T, rel_tol=1e-12) and math.isclose(c["eps"], eps, rel_tol=1e-12)):
-            raise BadInput(f"table {path} runs from T = {c['T']} to eps = {c['eps']}, the others from "
+            raise BadInput(f"table {name} runs from T = {c['T']} to eps = {c['eps']}, the others from "
                            f"{T} to {eps}: evaluate tables of one interval together")
-    solver, order, variant = solver_choice(first, req.solver, req.order, req.variant)
-    denoiser = network_denoiser(ckpt, req.class_label, req.guidance_scale)
-    ev = Evaluator(ckpt, denoiser, range(req.seed, req.seed + req.samples), T, eps, device, req.ref_steps)
+    solver, order, variant = solver_choice(first, solver, order, variant)
+    step_sets = [(name, {e["nfe"]: e["lambda"] for e in table["entries"]}) for name, table in tables]
+    step_sets += [(name, dict(lams)) for name, lams in (steps or {}).items()]
+    present = sorted({n for _, lams in step_sets for n in lams})
+    nfes = list(nfe) if nfe is not None else present or list(range(5, 16))
+    denoiser = network_denoiser(ckpt, class_label, guidance_scale)
+    ev = Evaluator(ckpt, denoiser, range(seed, seed + samples), T, eps, ckpt.device, ref_steps)
     rows = []
-    for n in _tables_nfes(tables, req.nfe):
-        at_n = []
-        for g in req.baselines:
-            lam = grid_lambda(g, schedule, n, T, eps, shift)
-            at_n.append({"nfe": n, "grid": g, "kind": "baseline", "errors": ev.errors(lam, solver, order, variant)})
-        for path, table in tables:
-            entry = next((e for e in table["entries"] if e["nfe"] == n), None)
-            if entry is not None:
-                at_n.append({"nfe": n, "grid": path, "kind": "table",
-                             "errors": ev.errors(entry["lambda"], solver, order, variant)})
-        base = [r["errors"] for r in at_n if r["kind"] == "baseline"]
-        best = min(base, key=np.mean) if base else None
-        for r in at_n:
-            e = r.pop("errors")
-            r["error"] = float(e.mean())
-            r["stderr"] = float(e.std(ddof=1) / math.sqrt(len(e))) if len(e) > 1 else 0.0
-            r["median"] = float(np.median(e))
-            r["ratio_to_best_baseline"] = float(r["error"] / best.mean()) if best is not None else None
-            r["ratio_ci95"] = paired_ratio_ci(e, best) if best is not None and len(e) > 1 else None
-        rows.extend(at_n)
+    for n in nfes:
+        at_n = [(name, lams[n]) for name, lams in step_sets if n in lams]
+        cmp = compare_at(ev, n, dict(at_n), solver=solver, order=order, variant=variant, shift=shift,
+                         grids=list(dict.fromkeys(baselines)))
+        rows += [_row(cmp, g, "baseline", cmp.grids[g]) for g in baselines]
+        rows += [_row(cmp, name, "table", cmp.steps[name]) for name, _ in at_n]
         if progress is not None:
             progress(n)
     return {
         "schema": SCHEMA,
-        "checkpoint": str(req.checkpoint),
+        "checkpoint": source,
         "schedule": schedule.name,
         "interval": {"T": T, "eps": eps, "shift": shift},
         "solver": {"name": solver, "order": order, "variant": variant},
-        "samples": req.samples,
-        "seeds": [req.seed, req.seed + req.samples - 1],
-        "metric": "mean over samples of RMS(x - x_ref) over the sample's dimensions",
+        "samples": samples,
+        "seeds": [seed, seed + samples - 1],
+        "metric": METRIC,
         "reference": ev.reference_info,
         "rows": rows,
     }
+
+
+def evaluate(req: EvalRequest, progress=None) -> dict:
+    """Load the request's checkpoint (on ``req.device``) and tables, then ``evaluate_checkpoint``."""
+    _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines)
+    ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
+    _needs_denoiser(ckpt, str(req.checkpoint))
+    tables = [(str(p), load_table(p)) for p in req.tables]
+    return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,
+                               order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,
+                               ref_steps=req.ref_steps, T=req.T, eps=req.eps, shift=req.shift,
+                               class_label=req.class_label, guidance_scale=req.guidance_scale,
+                               source=str(req.checkpoint), progress=progress)

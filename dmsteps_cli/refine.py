@@ -1,20 +1,21 @@
 """`dmsteps refine`: move a table's steps to minimize the *measured* error on a given model.
 
-For each entry, the interior lambdas are parametrized by the gaps, gap_i = the optimizer's minimum
-gap + a share softmax(u)_i of the rest (strictly increasing between the fixed ends), and the mean RMS error
-to the reference solution (``evaluate``) over the *training* noises is minimized with L-BFGS-B and
-exact gradients in u: reverse-mode autograd through the solver and the model
-(``Evaluator.mean_error_and_grad``), chained with d lambda / d u. (Finite differences, used before,
-cost N - 1 solves per gradient and drowned in float32 rounding on networks; the exact gradient costs
-about two solves: 1.6-3.7x faster per gradient and 1.5-3.7x per refine at NFE 5-12 on the digits
-benchmark, benchmarks/bench_refine.py.) It starts from whichever candidate -- the table's steps
-("table") or a hand-made grid (``grids.GRIDS``) -- has the lowest training error (measured: from the
-table alone it stayed 0.9-2.5x worse than the best grid at NFE 10-15 on the digits benchmark; from the
-best start it reached 0.24-0.78x). Every candidate and the result are then measured on *held-out*
-noises, the same ones ``evaluate`` uses by default (seeds seed ... seed + holdout - 1); training seeds
-are seed + 1_000_000 ... . A refined step set is never worse on the training noises than its start
-(otherwise the start is kept). ``check`` cannot recompute a refined table without the model and checks
-its consistency instead (``check.refined_consistency``).
+Steps are N + 1 increasing log-SNRs lambda = log(alpha / sigma), noise end (t = T) first; the two
+ends stay fixed. For each entry, the interior lambdas are parametrized by the gaps, gap_i = the
+optimizer's minimum gap + a share softmax(u)_i of the rest (strictly increasing between the fixed
+ends), and the mean RMS error to the reference solution (``evaluate``) over the *training* noises
+is minimized with L-BFGS-B and exact gradients in u: reverse-mode autograd through the solver and
+the model (``gradients.mean_error_and_grad``), chained with d lambda / d u. It starts from
+whichever candidate (``candidates``) -- the table's steps ("table") or a hand-made grid
+(``grids.GRIDS``) -- has the lowest training error. Every candidate and the result are then
+measured on *held-out* noises, the same ones ``evaluate`` uses by default (seeds seed ... seed +
+holdout - 1); training seeds are seed + 1_000_000 ... (``train_seeds``). A refined step set is
+never worse on the training noises than its start (otherwise the start is kept). ``check`` cannot
+recompute a refined table without the model and checks its consistency instead
+(``check.refined_consistency``).
+
+``refine_table`` refines a table (a dict) on a loaded checkpoint and returns the refined table;
+``refine`` loads the checkpoint and table files of a ``RefineRequest`` and calls it.
 
 Errors are in the units of the samples: the mean over noises of each sample's RMS(x - x_ref) over its
 dimensions, x_ref the reference solution from the same noise.
@@ -46,6 +47,9 @@ The refined table is the input table with these changes:
         holdout_error         the held-out error of the entry's steps
     refine            checkpoint, from_table, solver {name, order, variant}, metric, reference (of
                       the training noises), train_seeds and holdout_seeds [first, last], optimizer
+
+May import numpy, scipy, the torch-free package modules, checkpoints, runtime and evaluate (torch
+through them).
 """
 
 from __future__ import annotations
@@ -56,13 +60,13 @@ import numpy as np
 
 from .errors import BadInput
 from .limits import in_bounds
-from .evaluate import Evaluator
+from .checkpoints import load_checkpoint, network_denoiser
+from .evaluate import METRIC, Evaluator
 from .grids import GRIDS, grid_lambda
-from .models import load_checkpoint
 from .optimize import GAP_FRACTION, table_objective
 from .refined import TABLE
-from .sample import network_denoiser, resolve_device, same_schedule
-from .schedules import step_arrays
+from .runtime import resolve_device
+from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
 
@@ -80,7 +84,7 @@ class RefineRequest:
     seed: int = 0
     device: str = "cpu"
     maxiter: int = 60
-    grad_batch: int = 64  # training noises per backward pass (memory), see Evaluator.mean_error_and_grad
+    grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
     ref_steps: int = 500
     schedule: str | None = None
     class_label: int | None = None
@@ -165,11 +169,18 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
     return r.lam, r.start, r.train_errors, r.train_error, r.iterations
 
 
-def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float | None) -> dict:
-    """The starts refine considers at ``nfe``: {"table": the input table's lambdas, grid: its lambdas
-    for every grid in ``GRIDS``} (N + 1 increasing lambdas each, float64)."""
-    return {TABLE: np.asarray(table_lam, dtype=np.float64),
+def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float | None,
+               table_name: str = TABLE) -> dict:
+    """The starts refine considers at ``nfe``: {table_name: the input table's lambdas, grid: its
+    lambdas for every grid in ``GRIDS`` on [eps, T]} (N + 1 increasing lambdas each, float64)."""
+    return {table_name: np.asarray(table_lam, dtype=np.float64),
             **{g: grid_lambda(g, schedule, nfe, T, eps, shift) for g in GRIDS}}
+
+
+def train_seeds(train: int, seed: int = 0) -> range:
+    """The seeds of the ``train`` training noises: seed + TRAIN_SEED_OFFSET ..., apart from the
+    held-out seeds seed, seed + 1, ..."""
+    return range(seed + TRAIN_SEED_OFFSET, seed + TRAIN_SEED_OFFSET + train)
 
 
 def start_label(start: str, improved: bool) -> str:
@@ -199,33 +210,56 @@ def best_candidate(errors: dict) -> tuple[str, float]:
     return name, errors[name]
 
 
-def refine(req: RefineRequest, progress=None) -> dict:
-    """The refined table (dict) for the request; ``progress(nfe)`` is called after each NFE."""
-    for name in ("train", "holdout", "grad_batch", "maxiter", "seed", "ref_steps", "guidance_scale"):
-        in_bounds(name, getattr(req, name))
-    if req.class_label is not None:
-        in_bounds("class_label", req.class_label)
-    table = load_table(req.table)
+def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label) -> None:
+    for name, value in (("train", train), ("holdout", holdout), ("grad_batch", grad_batch), ("maxiter", maxiter),
+                        ("seed", seed), ("ref_steps", ref_steps), ("guidance_scale", guidance_scale)):
+        in_bounds(name, value)
+    if class_label is not None:
+        in_bounds("class_label", class_label)
+
+
+def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
+    """The NFEs to refine (``nfe``, default all of the table's), checked against the table."""
     if "refine" in table:
-        raise BadInput(f"table {req.table} is already refined; refine the optimized table it came from")
-    nfes = sorted(set(req.nfe)) if req.nfe else sorted(e["nfe"] for e in table["entries"])
+        raise BadInput(f"table {table_name} is already refined; refine the optimized table it came from")
+    nfes = sorted(set(nfe)) if nfe else sorted(e["nfe"] for e in table["entries"])
     for n in nfes:
-        entry_for(table, n)  # an NFE the table lacks fails before the model loads
-    device = resolve_device(req.device)
-    ckpt = load_checkpoint(req.checkpoint, device=device, schedule=req.schedule)
+        entry_for(table, n)
+    return nfes
+
+
+def _needs_denoiser(ckpt, source: str) -> None:
     if ckpt.kind == "pipeline":
-        raise BadInput(f"{req.checkpoint} is a text-to-image pipeline: refine needs a denoiser checkpoint")
+        raise BadInput(f"{source} is a text-to-image pipeline: refine needs a denoiser checkpoint")
+
+
+def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int = 256, seed: int = 0,
+                 maxiter: int = 60, grad_batch: int = 64, ref_steps: int = 500, class_label=None,
+                 guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
+                 progress=None) -> dict:
+    """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
+    on the loaded checkpoint ``ckpt``.
+
+    ``nfe``: the NFEs to refine (default all of the table's); ``train``, ``holdout``: the numbers of
+    training and held-out noises (``train_seeds(train, seed)``; seeds seed ... seed + holdout - 1);
+    ``maxiter``: L-BFGS-B iterations per NFE; ``grad_batch``: training noises per backward pass.
+    ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
+    the record and in messages; ``progress(nfe)`` is called after each NFE.
+    """
+    _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label)
+    nfes = _nfes_to_refine(table, nfe, table_name)
+    source = ckpt.source if source is None else source
+    _needs_denoiser(ckpt, source)
     schedule = ckpt.schedule
     if not same_schedule(table["schedule"]["identity"], schedule.identity()):
-        raise BadInput(f"table {req.table} was made for schedule {table['schedule']['name']}, "
+        raise BadInput(f"table {table_name} was made for schedule {table['schedule']['name']}, "
                        f"not the checkpoint's {schedule.name}")
     cfg = table["config"]
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
-    denoiser = network_denoiser(ckpt, req.class_label, req.guidance_scale)
-    train_seeds = range(req.seed + TRAIN_SEED_OFFSET, req.seed + TRAIN_SEED_OFFSET + req.train)
-    train = Evaluator(ckpt, denoiser, train_seeds, cfg["T"], cfg["eps"], device, req.ref_steps)
-    held = Evaluator(ckpt, denoiser, range(req.seed, req.seed + req.holdout), cfg["T"], cfg["eps"], device,
-                     req.ref_steps)
+    denoiser = network_denoiser(ckpt, class_label, guidance_scale)
+    seeds = train_seeds(train, seed)
+    training = Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps)
+    held = Evaluator(ckpt, denoiser, range(seed, seed + holdout), cfg["T"], cfg["eps"], ckpt.device, ref_steps)
 
     def held_error(lam) -> float:
         return float(held.errors(lam, solver, order, variant).mean())
@@ -234,7 +268,7 @@ def refine(req: RefineRequest, progress=None) -> dict:
     for n in nfes:
         entry = dict(entry_for(table, n))
         starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
-        r = refine_steps(train, starts, solver, order, variant, req.maxiter, req.grad_batch)
+        r = refine_steps(training, starts, solver, order, variant, maxiter, grad_batch)
         holdout_errors = {name: held_error(lam) for name, lam in starts.items()}
         holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
@@ -249,12 +283,27 @@ def refine(req: RefineRequest, progress=None) -> dict:
         if progress is not None:
             progress(n)
     return {**table, "config": {**cfg, "nfe": list(nfes)}, "entries": entries, "refine": {
-        "checkpoint": str(req.checkpoint), "from_table": str(req.table),
+        "checkpoint": source, "from_table": table_name,
         "solver": {"name": solver, "order": order, "variant": variant},
-        "metric": "mean over samples of RMS(x - x_ref) over the sample's dimensions",
-        "reference": train.reference_info,
-        "train_seeds": [train_seeds.start, train_seeds.stop - 1],
-        "holdout_seeds": [req.seed, req.seed + req.holdout - 1],
-        "optimizer": f"{METHOD}, maxiter {req.maxiter}, from the best of the table and the grids on the "
+        "metric": METRIC,
+        "reference": training.reference_info,
+        "train_seeds": [seeds.start, seeds.stop - 1],
+        "holdout_seeds": [seed, seed + holdout - 1],
+        "optimizer": f"{METHOD}, maxiter {maxiter}, from the best of the table and the grids on the "
                      "training noises",
     }}
+
+
+def refine(req: RefineRequest, progress=None) -> dict:
+    """Load the request's table and checkpoint (on ``req.device``), then ``refine_table``."""
+    _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
+                    req.guidance_scale, req.class_label)
+    table = load_table(req.table)
+    _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
+    ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
+    _needs_denoiser(ckpt, str(req.checkpoint))
+    return refine_table(ckpt, table, nfe=req.nfe, train=req.train, holdout=req.holdout, seed=req.seed,
+                        maxiter=req.maxiter, grad_batch=req.grad_batch, ref_steps=req.ref_steps,
+                        class_label=req.class_label, guidance_scale=req.guidance_scale,
+                        source=str(req.checkpoint), table_name=str(req.table), progress=progress)
+

@@ -6,7 +6,7 @@ solver plan once from the table's lambdas -> draw one noise tensor per seed (on 
 CUDA runs start from the same noise) -> apply the plan -> write ``samples.npz`` (float32 array
 ``samples`` (B, C, H, W) and ``seeds``), ``grid.png`` and ``sample.json``.
 
-Seeds: sample i of a run with ``--seed S`` uses its own generator seeded S + i, so a sample does
+Seeds: sample i of a run with seed S uses its own generator seeded S + i, so a sample does
 not depend on the batch it was drawn in, and ``torchrun`` ranks can split the seeds (rank r takes
 every world-th one) and gather one output that equals the single-process output.
 """
@@ -26,14 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInput
+from .checkpoints import import_diffusers, load_checkpoint, network_denoiser
+from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import output_folder, write_output
 from .limits import in_bounds
-from .models import load_checkpoint
-from .schedules import same_schedule  # noqa: F401  (refine and evaluate import it from here)
-from .solvers import build_plan, initial_noise_scale, run_plan
+from .runtime import (
+    distributed,
+    gather_by_seed,
+    integrate,
+    noise_for,
+    resolve_device,
+    state_dtype,
+)
+from .schedules import same_schedule
+from .solvers import build_plan, initial_noise_scale, solver_choice
 from .tables import entry_for, load_table_text
-
 
 
 @dataclass
@@ -54,68 +61,6 @@ class SampleRequest:
     force: bool = False
     dtype: str = "float32"
     schedule: str | None = None
-
-
-def solver_choice(cfg: dict, solver=None, order=None, variant=None):
-    """(solver, order, variant): the ones asked for, else the table config's; the config's order and
-    variant only apply when the solver is the config's."""
-    solver = solver or cfg.get("solver", "unipc")
-    order = order or (cfg.get("order") if solver == cfg.get("solver") else None)
-    variant = variant or (cfg.get("variant") if solver == "unipc" == cfg.get("solver") else None)
-    return solver, order, variant
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:K`` (a GPU this machine has) as a torch device; else BadInput."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {name!r}: choose cpu, cuda or cuda:K")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                           "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def noise_for(seeds, shape, scale: float) -> torch.Tensor:
-    """One standard normal tensor of ``shape`` per seed, drawn on the CPU in float32, times scale."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * scale
-
-
-def _dist():
-    """(rank, world) of a torchrun launch, initializing the process group; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DMSTEPS_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _gather(rank: int, world: int, seeds: list[int], samples: np.ndarray):
-    """All ranks' (seeds, samples) on rank 0, ordered by seed; None on the other ranks."""
-    if world == 1:
-        return seeds, samples
-    import torch.distributed as dist
-
-    parts = [None] * world
-    dist.all_gather_object(parts, (seeds, samples))
-    if rank != 0:
-        dist.destroy_process_group()
-        return None
-    dist.destroy_process_group()
-    all_seeds = [s for p in parts for s in p[0]]
-    all_samples = np.concatenate([p[1] for p in parts if len(p[0])], axis=0)
-    order = np.argsort(all_seeds, kind="stable")
-    return [all_seeds[i] for i in order], all_samples[order]
 
 
 @dataclass
@@ -147,10 +92,10 @@ def prepare(req: SampleRequest) -> Run:
         in_bounds("class_label", req.class_label)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if req.dtype not in dtypes:
-        raise BadInput(f"--dtype {req.dtype!r}: choose from {', '.join(dtypes)}")
+        raise bad_setting("dtype", f"{req.dtype!r}: choose from {', '.join(dtypes)}")
     table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
-    rank, world = _dist()
+    rank, world = distributed()
     device = resolve_device(req.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -165,9 +110,9 @@ def prepare(req: SampleRequest) -> Run:
         lam = schedule.lam(t)
         timesteps = [float(v) for v in schedule.model_timestep(t[:-1])]
     else:
-        raise BadInput(f"table {req.table} was made for schedule {table['schedule']['name']} "
-                       f"({table['schedule']['family']}) but checkpoint {req.checkpoint} uses "
-                       f"{schedule.name} ({schedule.family}); --force uses it anyway")
+        raise mentioning("force", f"table {req.table} was made for schedule {table['schedule']['name']} "
+                                  f"({table['schedule']['family']}) but checkpoint {req.checkpoint} uses "
+                                  f"{schedule.name} ({schedule.family}); {{setting}} uses it anyway")
     solver, order, variant = solver_choice(table["config"], req.solver, req.order, req.variant)
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
     seeds = [req.seed + i for i in range(req.batch)][rank::world]
@@ -189,7 +134,7 @@ def run_sample(req: SampleRequest, progress=None) -> dict | None:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - start
-    gathered = _gather(run.rank, run.world, run.seeds, samples)
+    gathered = gather_by_seed(run.rank, run.world, run.seeds, samples)
     if gathered is None:
         return None
     seeds, samples = gathered
@@ -203,13 +148,11 @@ def decode_latents(run: Run, latents: np.ndarray) -> np.ndarray | None:
     vae_dir = Path(run.req.checkpoint) / "vae"
     if not vae_dir.is_dir():
         return None
-    from .models import _diffusers
-
-    diffusers = _diffusers()
+    diffusers = import_diffusers()
     try:
         vae = diffusers.AutoencoderKL.from_pretrained(vae_dir).to(run.device).eval()
     except (OSError, ValueError) as exc:
-        raise BadInput(f"checkpoint {run.req.checkpoint}: cannot load vae/ ({str(exc).splitlines()[0]})") from None
+        raise BadInput(f"checkpoint {run.req.checkpoint}: cannot load vae/ ({first_line(exc)})") from None
     scale = float(getattr(vae.config, "scaling_factor", 1.0))
     out = []
     with torch.no_grad():
@@ -217,37 +160,6 @@ def decode_latents(run: Run, latents: np.ndarray) -> np.ndarray | None:
             z = torch.from_numpy(chunk).to(run.device, vae.dtype) / scale
             out.append(vae.decode(z).sample.clamp(-1, 1).float().cpu().numpy())
     return np.concatenate(out) if out else None
-
-
-def network_denoiser(ckpt, class_label=None, guidance_scale: float = 1.0):
-    """The checkpoint's data-prediction denoiser, after checking the class label fits it."""
-    if ckpt.sample_shape is None:
-        raise BadInput(f"checkpoint {ckpt.source}: unknown sample shape")
-    if ckpt.num_classes is not None and class_label is None:
-        raise BadInput(f"checkpoint {ckpt.source} is class-conditional: give --class-label "
-                       f"in 0..{ckpt.num_classes - 1}")
-    if ckpt.num_classes is None and class_label is not None:
-        raise BadInput(f"checkpoint {ckpt.source} is not class-conditional: drop --class-label")
-    return ckpt.denoiser(class_labels=class_label, guidance_scale=guidance_scale)
-
-
-def state_dtype(ckpt) -> torch.dtype:
-    """The solver's state: float64 for the closed-form mixtures (exact tests), float32 otherwise."""
-    return torch.float64 if ckpt.kind == "gmm" else torch.float32
-
-
-def integrate(denoiser, schedule, plan, t, timesteps, x, progress=None):
-    """Apply the plan to the state x (at t[0]) with the denoiser; the state at t[N]."""
-    alpha, sigma = [float(v) for v in schedule.alpha(t)], [float(v) for v in schedule.sigma(t)]
-
-    def denoise(state, k):
-        out = denoiser(state, float(t[k]), timesteps[k], alpha[k], sigma[k]).to(state.dtype)
-        if progress is not None:
-            progress(k + 1, plan.nfe)
-        return out
-
-    with torch.no_grad():
-        return run_plan(plan, x, denoise)
 
 
 def run_network(run: Run, progress=None) -> np.ndarray:
@@ -270,23 +182,22 @@ def run_pipeline(run: Run, progress=None) -> np.ndarray:
     checkpoints, so the latents do not depend on the device.
     """
     from .integrations.diffusers import apply_table
-    from .models import _diffusers
 
     req, entry, plan, seeds = run.req, run.entry, run.plan, run.seeds
     if run.ckpt.kind != "pipeline":
-        raise BadInput(f"--prompt needs a text-to-image pipeline; {req.checkpoint} is a {run.ckpt.kind} checkpoint")
+        raise bad_setting("prompt", f"needs a text-to-image pipeline; {req.checkpoint} is a {run.ckpt.kind} checkpoint")
     if req.prompt is None:
-        raise BadInput(f"{req.checkpoint} is a text-to-image pipeline: give --prompt")
-    diffusers = _diffusers()
+        raise mentioning("prompt", f"{req.checkpoint} is a text-to-image pipeline: give {{setting}}")
+    diffusers = import_diffusers()
     diffusers.utils.logging.set_verbosity_error()
     if req.force:
-        raise BadInput("--force is not available for text-to-image pipelines: their scheduler must match the table")
+        raise bad_setting("force", "is not available for text-to-image pipelines: their scheduler must match the table")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype is renamed dtype in new diffusers
             pipe = diffusers.DiffusionPipeline.from_pretrained(req.checkpoint, torch_dtype=run.dtype)
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise BadInput(f"checkpoint {req.checkpoint}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
+        raise BadInput(f"checkpoint {req.checkpoint}: cannot load the pipeline ({first_line(exc)})") from None
     pipe.to(run.device)
     pipe.set_progress_bar_config(disable=True)
     if plan.solver == "unipc":

@@ -235,6 +235,15 @@ def build_plan(schedule, lam, solver: str, order: int | None = None, variant: st
                 corr=[corr.get(n, []) for n in range(nfe)])
 
 
+def solver_choice(config: dict, solver=None, order=None, variant=None) -> tuple:
+    """(solver, order, variant): the ones asked for, else a table config's (``config``; UniPC when
+    it names none). The config's order and variant apply only when the solver is the config's."""
+    solver = solver or config.get("solver", "unipc")
+    order = order or (config.get("order") if solver == config.get("solver") else None)
+    variant = variant or (config.get("variant") if solver == "unipc" == config.get("solver") else None)
+    return solver, order, variant
+
+
 def final_weights(plan: Plan) -> np.ndarray:
     """The final sample as a combination of its inputs: (N + 1, *batch) array W with
     x_N = W[0] x_T + sum_k W[k + 1] D_k, found by running the plan on basis vectors."""

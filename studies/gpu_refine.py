@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import StepConfig, dumps, make_table  # noqa: E402
-from dmsteps_cli.evaluate import EvalRequest, Evaluator, evaluate  # noqa: E402
+from dmsteps_cli.checkpoints import load_checkpoint, network_denoiser  # noqa: E402
+from dmsteps_cli.evaluate import Evaluator, evaluate_checkpoint  # noqa: E402
 from dmsteps_cli.grids import grid_lambda  # noqa: E402
-from dmsteps_cli.models import load_checkpoint  # noqa: E402
-from dmsteps_cli.refine import RefineRequest, refine  # noqa: E402
-from dmsteps_cli.sample import network_denoiser  # noqa: E402
+from dmsteps_cli.refine import refine_table  # noqa: E402
+from dmsteps_cli.runtime import resolve_device  # noqa: E402
 from studies import options
 
 
@@ -67,23 +67,21 @@ def main(argv=None):
           f"grad max rel diff {report['gradient']['grad_max_rel_diff']:.2e}", flush=True)
 
     # 2. refine on the device, then evaluate the refined table against the grids
-    ck = load_checkpoint(args.model)
+    ck = load_checkpoint(args.model, device=resolve_device(args.device))
     table = make_table(StepConfig(schedule=str(Path(args.model) / "scheduler" / "scheduler_config.json"),
                                   objective="reference", nfe=args.nfe), ck.schedule)
     tpath = out / "optimized.json"
     tpath.write_text(dumps(table, "json"))
     t0 = time.perf_counter()
-    refined = refine(RefineRequest(checkpoint=args.model, table=str(tpath), device=args.device, maxiter=args.maxiter))
+    refined = refine_table(ck, table, maxiter=args.maxiter, source=args.model, table_name=str(tpath))
     report["refine_s"] = time.perf_counter() - t0
     rpath = out / "refined.json"
     rpath.write_text(dumps(refined, "json"))
     report["refine"] = {e["nfe"]: e["refine"] for e in refined["entries"]}
     t0 = time.perf_counter()
-    ev = evaluate(EvalRequest(checkpoint=args.model, tables=[str(tpath), str(rpath)], device=args.device,
-                              samples=args.samples))
+    ev = evaluate_checkpoint(ck, {tpath.name: table, rpath.name: refined}, samples=args.samples, source=args.model)
     report["evaluate_s"] = time.perf_counter() - t0
-    report["ratios"] = {f"{r['nfe']} {Path(r['grid']).name if r['kind'] == 'table' else r['grid']}":
-                        r["ratio_to_best_baseline"] for r in ev["rows"]}
+    report["ratios"] = {f"{r['nfe']} {r['grid']}": r["ratio_to_best_baseline"] for r in ev["rows"]}
     (out / "gpu-refine.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"refine NFE {','.join(map(str, args.nfe))}: {report['refine_s']:.1f} s; evaluate: {report['evaluate_s']:.1f} s")
     for n in args.nfe:

@@ -31,14 +31,17 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "studies"))
 
+from datasets import digits_mixture  # noqa: E402
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator, paired_ratio_ci  # noqa: E402
-from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
-from dmsteps_cli.models import Checkpoint, digits_mixture  # noqa: E402
+from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
+from dmsteps_cli.evaluate import (Evaluator, best_grids, compare_at, lowest_grid_error, paired_ratio_ci,  # noqa: E402
+                                  ratio_to_best_grid)
+from dmsteps_cli.grids import GRIDS  # noqa: E402
 from dmsteps_cli.optimize import INITS, default_p  # noqa: E402
 from dmsteps_cli.plots import save_error_plot  # noqa: E402
-from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+from dmsteps_cli.refine import candidates, refine_entry, train_seeds  # noqa: E402
 from studies import options
 
 PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
@@ -83,8 +86,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     for name, shift in presets:
         schedule = get_schedule(name)
-        ckpt = Checkpoint(kind="gmm", schedule=schedule, prediction_type="sample", sample_shape=(1, 8, 8),
-                          num_classes=None, source="digits", model=mixture)
+        ckpt = mixture_checkpoint(mixture, schedule, "digits")
         den = ckpt.denoiser()
         T, eps = schedule.T, schedule.eps_default
         held = Evaluator(ckpt, den, range(args.samples), T, eps, "cpu")
@@ -95,10 +97,9 @@ def main(argv=None):
                 var = variant
                 run = {"schedule": name, "shift": shift, "solver": solver, "order": k,
                        "reference": held.reference_info, "baselines": {}, "tables": {}, "refine": {}}
-                per_sample = {g: [held.errors(grid_lambda(g, schedule, n, T, eps, shift), solver, k, var)
-                                  for n in nfes] for g in GRIDS}
+                grids_at = [compare_at(held, n, solver=solver, order=k, variant=var, shift=shift) for n in nfes]
                 for g in GRIDS:
-                    run["baselines"][g] = [float(e.mean()) for e in per_sample[g]]
+                    run["baselines"][g] = [float(c.grids[g].mean()) for c in grids_at]
                 default = f"reference p={default_p(schedule):g}"
                 run["default"] = default
                 configs = args.objectives if k == order else [c for c in args.objectives if c[0] == default]
@@ -112,19 +113,18 @@ def main(argv=None):
                         "errors": [float(e.mean()) for e in errs],
                         "status": [e["optimizer"]["status"] for e in table["entries"]], "seconds": secs}
                     if label == default:
-                        run["tables"][label]["ratio_ci95"] = [
-                            paired_ratio_ci(errs[i], min((per_sample[g][i] for g in GRIDS), key=np.mean))
-                            for i in range(len(nfes))]
+                        run["tables"][label]["ratio_ci95"] = [paired_ratio_ci(e, c.grids[c.best])
+                                                              for c, e in zip(grids_at, errs)]
                 if k == order and solver == "unipc":
                     run["inits"] = starting_grids(name, schedule, solver, k, var, shift, held, nfes)
                 if not args.quick and k == order and (solver == "unipc" or name == "scaled_linear"):
                     if train is None:
-                        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 64), T, eps, "cpu")
+                        train = Evaluator(ckpt, den, train_seeds(64), T, eps, "cpu")
                     base = make_table(StepConfig(schedule=name, solver=solver, order=k, shift=shift, nfe=nfes,
                                                  objective="reference", init="unif_t"), schedule)
                     for e in base["entries"]:
                         n = e["nfe"]
-                        starts = {"table": e["lambda"], **{g: grid_lambda(g, schedule, n, T, eps, shift) for g in GRIDS}}
+                        starts = candidates(e["lambda"], schedule, n, T, eps, shift)
                         lam, start, _, _, _ = refine_entry(train, starts, solver, k, var, args.refine_maxiter)
                         run["refine"][n] = float(held.errors(lam, solver, k, var).mean())
                         run.setdefault("refine_start", {})[n] = start
@@ -154,8 +154,7 @@ def starting_grids(name, schedule, solver, order, variant, shift, held, nfes=NFE
 
 
 def ratios(run, errors):
-    best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
-    return np.array(errors) / best
+    return ratio_to_best_grid({**run["baselines"], "errors": errors})["errors"]
 
 
 def write_report(results, out: Path):
@@ -182,7 +181,7 @@ def write_report(results, out: Path):
     for run in results["runs"]:
         title = f"{run['schedule']}{' shift ' + str(run['shift']) if run['shift'] else ''} · {run['solver']} order {run['order']}"
         lines += [f"## {title}", ""]
-        best_grid = [min(GRIDS, key=lambda g: run["baselines"][g][i]) for i in range(len(nfes))]
+        best_grid = best_grids(run["baselines"])
         lines.append("| setting | " + " | ".join(str(n) for n in nfes) + " | max |")
         lines.append("|---" * (len(nfes) + 2) + "|")
         lines.append("| best grid | " + " | ".join(best_grid) + " | |")
@@ -199,7 +198,7 @@ def write_report(results, out: Path):
                 summary.append((title + f" ({label})", r, ref, tab["ratio_ci95"]))
         if run["refine"]:
             errs = [run["refine"].get(n) for n in nfes]
-            best = np.min(np.array([run["baselines"][g] for g in GRIDS]), axis=0)
+            best = lowest_grid_error(run["baselines"])
             lines.append("| refine (limit) | " + " | ".join("" if e is None else f"{e / b:.2f}" for e, b in zip(errs, best))
                          + " | |")
             st = run.get("refine_start", {})

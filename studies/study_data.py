@@ -44,13 +44,15 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "studies"))
 
+from datasets import digits_mixture, patches_mixture  # noqa: E402
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator  # noqa: E402
-from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
-from dmsteps_cli.models import Checkpoint, digits_mixture, patches_mixture  # noqa: E402
+from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
+from dmsteps_cli.evaluate import Evaluator, best_grids, compare_at, ratio_to_best_grid  # noqa: E402
+from dmsteps_cli.grids import GRIDS  # noqa: E402
 from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
-from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+from dmsteps_cli.refine import candidates, refine_entry, train_seeds  # noqa: E402
 from studies import options
 
 # (preset, shift): flow at SD3's shift 3 and FLUX.1-schnell's 1, each with its own default
@@ -72,31 +74,15 @@ UNETS = {"linear": ("digits UNet", ROOT / "docs" / "evaluation" / "unet-results.
          "scaled_linear": ("patches UNet", ROOT / "docs" / "evaluation" / "unet-patches-results.json")}
 
 
-def checkpoint(schedule, mixture):
-    return Checkpoint(kind="gmm", schedule=schedule, prediction_type="sample", sample_shape=(1, 8, 8),
-                      num_classes=None, source="mixture", model=mixture)
-
-
 def optimized_table(name, schedule, solver, order, shift, nfes):
     """The reference objective's table (default p and trunc), whatever the tool's default steps are."""
     return make_table(StepConfig(schedule=name, solver=solver, order=order, shift=shift, nfe=nfes,
                                  objective="reference", init="unif_t"), schedule)
 
 
-def steps_for(name, schedule, solver, order, shift, nfes):
-    """{candidate: [lambdas per NFE]}: the optimized table and the four grids."""
-    T, eps = schedule.T, schedule.eps_default
-    table = optimized_table(name, schedule, solver, order, shift, nfes)
-    out = {"table": [np.asarray(e["lambda"]) for e in table["entries"]]}
-    for g in GRIDS:
-        out[g] = [grid_lambda(g, schedule, n, T, eps, shift) for n in nfes]
-    return out
-
-
 def ratio_rows(errors: dict) -> dict:
     """{candidate: [error / best grid's error per NFE]}."""
-    best = np.min(np.array([errors[g] for g in GRIDS]), axis=0)
-    return {c: [float(v) for v in np.array(errors[c]) / best] for c in errors}
+    return {c: [float(v) for v in r] for c, r in ratio_to_best_grid(errors).items()}
 
 
 def unet_ratios(path: Path):
@@ -153,7 +139,7 @@ def main(argv=None):
     presets = args.presets[:2] if args.quick else args.presets
     nfes = args.nfe[:2] if args.quick else args.nfe
     if args.mixtures:
-        from dmsteps_cli.models import load_mixture
+        from dmsteps_cli.mixtures import load_mixture
 
         mixtures = {d: load_mixture(Path(args.mixtures) / f"{d}.npz")[0] for d in DATASETS}
     else:
@@ -167,14 +153,15 @@ def main(argv=None):
         schedule = get_schedule(name)
         T, eps = schedule.T, schedule.eps_default
         per = {"errors": {}, "ratios": {}}
-        steps = {s: steps_for(name, schedule, s, k, shift, nfes) for s, k, _ in args.solvers}
+        tables = {s: optimized_table(name, schedule, s, k, shift, nfes) for s, k, _ in args.solvers}
         for d, mixture in mixtures.items():
-            ckpt = checkpoint(schedule, mixture)
+            ckpt = mixture_checkpoint(mixture, schedule)
             held = Evaluator(ckpt, ckpt.denoiser(), range(args.samples), T, eps, device)
             for solver, order, variant in args.solvers:
                 case = f"{d} · {solver}-{order}"
-                errors = {c: [float(held.errors(lam, solver, order, variant).mean()) for lam in steps[solver][c]]
-                          for c in CANDIDATES}
+                at = [compare_at(held, e["nfe"], {"table": e["lambda"]}, solver=solver, order=order, variant=variant,
+                                 shift=shift) for e in tables[solver]["entries"]]
+                errors = {c: [float({**a.steps, **a.grids}[c].mean()) for a in at] for c in CANDIDATES}
                 per["errors"][case] = errors
                 per["ratios"][case] = ratio_rows(errors)
         unet = unet_ratios(UNETS[key][1]) if key in UNETS and not args.quick else None
@@ -206,14 +193,14 @@ def transfer(name, solver, mixtures, samples, nfes=TRANSFER_NFES, maxiter=REFINE
     table = optimized_table(name, schedule, solver, 3, shift, nfes)
     ev = {}
     for d in ("digits", "patches"):
-        ckpt = checkpoint(schedule, mixtures[d])
+        ckpt = mixture_checkpoint(mixtures[d], schedule)
         den = ckpt.denoiser()
-        ev[d] = (Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + 64), T, eps, "cpu"),
+        ev[d] = (Evaluator(ckpt, den, train_seeds(64), T, eps, "cpu"),
                  Evaluator(ckpt, den, range(samples), T, eps, "cpu"))
     rows = {}
     for e in table["entries"]:
         n = e["nfe"]
-        steps = {"table": np.asarray(e["lambda"]), **{g: grid_lambda(g, schedule, n, T, eps, shift) for g in GRIDS}}
+        steps = candidates(e["lambda"], schedule, n, T, eps, shift)
         for d in ev:
             steps[f"refined on {d}"] = refine_entry(ev[d][0], dict(steps), solver, 3, variant, maxiter)[0]
         rows[n] = {d: {k: float(ev[d][1].errors(lam, solver, 3, variant).mean()) for k, lam in steps.items()}
@@ -267,7 +254,7 @@ def write_report(results, out: Path):
                   + " | `table` per NFE |", "|---" * (len(CANDIDATES) + 3) + "|"]
         for case, r in per["ratios"].items():
             errs = per["errors"].get(case)
-            best = ([min(GRIDS, key=lambda g: errs[g][i]) for i in range(len(errs["unif"]))] if errs else ["see UNet report"])
+            best = best_grids(errs) if errs else ["see UNet report"]
             lines.append(f"| {case} | {' '.join(best)} | " + " | ".join(f"{max(r[c]):.2f}" for c in CANDIDATES)
                          + " | " + " ".join(f"{v:.2f}" for v in r["table"]) + " |")
         lines.append("")
@@ -281,7 +268,7 @@ def write_report(results, out: Path):
                       "|---|---|---|---|---|---|"]
             for n, per_d in tr["errors"].items():
                 for d, e in per_d.items():
-                    bg = min(GRIDS, key=e.get)
+                    bg = best_grids(e)[0]
                     lines.append(f"| {n} | {d} | {e['table'] / e[bg]:.2f} | {bg} | "
                                  f"{e['refined on digits'] / e[bg]:.2f} | {e['refined on patches'] / e[bg]:.2f} |")
             lines.append("")

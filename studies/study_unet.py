@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import StepConfig, make_table  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator  # noqa: E402
-from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
-from dmsteps_cli.models import load_checkpoint  # noqa: E402
+from dmsteps_cli.checkpoints import load_checkpoint  # noqa: E402
+from dmsteps_cli.evaluate import Evaluator, best_grids, compare_at, lowest_grid_error  # noqa: E402
+from dmsteps_cli.grids import GRIDS  # noqa: E402
 from dmsteps_cli.optimize import default_steps  # noqa: E402
 from dmsteps_cli.plots import save_error_plot  # noqa: E402
-from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry  # noqa: E402
+from dmsteps_cli.refine import TRAIN_SEED_OFFSET, candidates, refine_entry, train_seeds  # noqa: E402
 from studies import options
 
 SOLVERS = [("unipc", 3, "bh2"), ("dpmpp", 3, None)]
@@ -100,7 +100,7 @@ def main(argv=None):
     log(f"reference: {held.reference_info}", t_start)
     train = None
     if refine_nfes:
-        train = Evaluator(ckpt, den, range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + train_samples), T, eps, "cpu")
+        train = Evaluator(ckpt, den, train_seeds(train_samples), T, eps, "cpu")
         log(f"training reference ({train_samples} noises): {train.reference_info}", t_start)
 
     results = {
@@ -117,9 +117,9 @@ def main(argv=None):
     }
     for solver, order, variant in solvers:
         run = {"solver": solver, "order": order, "variant": variant, "baselines": {}, "table": {}, "refine": {}}
-        grid_lams = {g: {n: grid_lambda(g, schedule, n, T, eps, None) for n in nfes} for g in GRIDS}
+        grids_at = [compare_at(held, n, solver=solver, order=order, variant=variant) for n in nfes]
         for g in GRIDS:
-            run["baselines"][g] = [float(held.errors(grid_lams[g][n], solver, order, variant).mean()) for n in nfes]
+            run["baselines"][g] = [float(c.grids[g].mean()) for c in grids_at]
         log(f"{solver}-{order}: grids measured", t_start)
         t0 = time.perf_counter()
         table = make_table(StepConfig(schedule=schedule.name, solver=solver, order=order, nfe=nfes,
@@ -132,7 +132,7 @@ def main(argv=None):
             "status": [entries[n]["optimizer"]["status"] for n in nfes], "seconds": secs}
         log(f"{solver}-{order}: optimized table made in {secs:.1f} s and measured", t_start)
         for n in refine_nfes:
-            cands = {"optimized table": entries[n]["lambda"], **{g: grid_lams[g][n] for g in GRIDS}}
+            cands = candidates(entries[n]["lambda"], schedule, n, T, eps, None, table_name="optimized table")
             t0 = time.perf_counter()
             lam, start, train_err, e1, nit = refine_entry(train, cands, solver, order, variant, args.maxiter)
             e0 = train_err[start]
@@ -233,9 +233,8 @@ def write_report(results, out: Path):
     body = []
     for run in results["runs"]:
         title = f"{run['solver']} order {run['order']}" + (f" ({run['variant']})" if run["variant"] else "")
-        base = np.array([run["baselines"][g] for g in GRIDS])
-        best = base.min(axis=0)
-        best_grid = [GRIDS[i] for i in base.argmin(axis=0)]
+        best = lowest_grid_error(run["baselines"])
+        best_grid = best_grids(run["baselines"])
         tab = np.array(run["table"]["errors"])
         r = tab / best
         ref_err = [run["refine"].get(n) for n in nfes]

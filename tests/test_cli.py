@@ -181,13 +181,11 @@ def test_write_failure_leaves_nothing(tmp_path):
 def test_objective_none_writes_the_grid_itself_as_a_checkable_table(tmp_path):
     """A hand-made grid as a table (for apply_table, sample, exports): its lambdas are the grid's,
     computed independently here from the definition of the time-quadratic grid (uniform in sqrt t)."""
-    from dmsteps_cli import get_schedule
 
     out = tmp_path / "quad.json"
     r = run("optimize", "--schedule", "linear", "--objective", "none", "--init", "quad", "--nfe", "5,8", "-o", str(out))
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     table = load_table(out)
-    s = get_schedule("linear")
     for e in table["entries"]:
         n = e["nfe"]
         t = (np.sqrt(1.0) + np.linspace(0, 1, n + 1) * (np.sqrt(1e-3) - np.sqrt(1.0))) ** 2

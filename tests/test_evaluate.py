@@ -14,9 +14,9 @@ from dmsteps_cli.check import check_table
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import EvalRequest, evaluate
 from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.models import GaussianMixture, save_mixture
+from dmsteps_cli.mixtures import GaussianMixture, save_mixture
 from dmsteps_cli.refine import RefineRequest, refine
-from dmsteps_cli.sample import noise_for
+from dmsteps_cli.runtime import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)
@@ -119,7 +119,7 @@ def test_refine_starts_from_the_candidate_with_the_lowest_training_error(files):
     """refine_entry measures every start on the training noises (checked here against the
     independent numpy error) and begins at the lowest; the result is never worse than it."""
     from dmsteps_cli.evaluate import Evaluator
-    from dmsteps_cli.models import load_checkpoint
+    from dmsteps_cli.checkpoints import load_checkpoint
     from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_entry
 
     root, _ = files
@@ -163,7 +163,7 @@ def test_evaluate_reports_intervals_and_medians(files):
 
 
 def test_measurements_run_without_tf32_and_restore_the_flags():
-    from dmsteps_cli.evaluate import full_precision
+    from dmsteps_cli.runtime import full_precision
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -177,7 +177,7 @@ def test_measurements_run_without_tf32_and_restore_the_flags():
 
 def _mixture_evaluator(name, seeds=range(6)):
     from dmsteps_cli.evaluate import Evaluator
-    from dmsteps_cli.models import Checkpoint
+    from dmsteps_cli.checkpoints import Checkpoint
 
     s = get_schedule(name)
     means = torch.tensor(np.random.default_rng(1).uniform(-1, 1, size=(3, 16)))
@@ -217,8 +217,8 @@ def test_error_gradient_through_a_unet(tmp_path):
     from tiny import save_pipeline, tiny_unet
 
     from dmsteps_cli.evaluate import Evaluator
-    from dmsteps_cli.models import load_checkpoint
-    from dmsteps_cli.sample import network_denoiser
+    from dmsteps_cli.checkpoints import load_checkpoint
+    from dmsteps_cli.checkpoints import network_denoiser
 
     path = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
     ck = load_checkpoint(path)

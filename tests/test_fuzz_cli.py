@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from dmsteps_cli import StepConfig, dumps, make_table
 from dmsteps_cli.cli import main
-from dmsteps_cli.models import GaussianMixture, save_mixture
+from dmsteps_cli.mixtures import GaussianMixture, save_mixture
 from dmsteps_cli.refine import RefineRequest, refine
 from dmsteps_cli.schedules import PRESETS
 from dmsteps_cli.tables import INDEX_SCHEMA, index_row

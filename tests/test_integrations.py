@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])
 
 from dmsteps_cli.integrations.diffusers import apply_table, applied_steps, remove_table  # noqa: E402
-from dmsteps_cli.models import to_data_prediction  # noqa: E402
+from dmsteps_cli.runtime import to_data_prediction  # noqa: E402
 from tiny import record_orders, tiny_unet  # noqa: E402
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)

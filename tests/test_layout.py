@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
-from dmsteps_cli.models import GaussianMixture, save_mixture
+from dmsteps_cli.mixtures import GaussianMixture, save_mixture
 from dmsteps_cli.refine import RefineRequest, refine
 
 torch.set_num_threads(1)

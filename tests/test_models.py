@@ -11,10 +11,12 @@ import torch
 import yaml
 from scipy import integrate, stats
 
-from dmsteps_cli import models
+from datasets import digits_mixture, patches_mixture
+from dmsteps_cli import mixtures
+from dmsteps_cli.checkpoints import load_checkpoint
 from dmsteps_cli.errors import BadInput
-from dmsteps_cli.models import (GaussianMixture, load_checkpoint, load_mixture, save_mixture,
-                                to_data_prediction)
+from dmsteps_cli.mixtures import GaussianMixture, load_mixture, save_mixture
+from dmsteps_cli.runtime import to_data_prediction
 from dmsteps_cli.schedule_sources import get_schedule
 from tiny import TINY_DIT, TINY_UNET
 
@@ -106,7 +108,7 @@ def test_mixture_matches_naive_and_chunking(monkeypatch):
     want = naive_posterior_mean(mu, s, w, x.reshape(9, -1), 0.7, 0.5).reshape(x.shape)
     got = gm.denoise(torch.tensor(x), 0.7, 0.5)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(models, "_MIXTURE_CHUNK_ELEMENTS", 2 * K * 6)  # two samples per chunk
+    monkeypatch.setattr(mixtures, "_MIXTURE_CHUNK_ELEMENTS", 2 * K * 6)  # two samples per chunk
     torch.testing.assert_close(gm.denoise(torch.tensor(x), 0.7, 0.5), got, rtol=0, atol=0)
     # float32 input: computed in float64, returned in float32; 0-d tensors for alpha/sigma
     got32 = gm.denoise(torch.tensor(x, dtype=torch.float32), torch.tensor(0.7), torch.tensor(0.5))
@@ -138,7 +140,7 @@ def test_mixture_validation():
 
 def test_digits_mixture_is_fast_and_sane():
     import sklearn  # noqa: F401  (a test dependency)
-    gm = models.digits_mixture()
+    gm = digits_mixture()
     assert (gm.K, gm.D, gm.sample_shape) == (1797, 64, (1, 8, 8))
     assert float(gm.means.min()) == -1.0 and float(gm.means.max()) == 1.0
     x0 = gm.means[:256].reshape(256, 1, 8, 8)
@@ -231,8 +233,10 @@ def test_mixture_yaml_by_hand_and_as_checkpoint(tmp_path):
     (tmp_path / "sched.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
     (tmp_path / "h.yaml").write_text((tmp_path / "g.yaml").read_text().replace("vp-linear", "sched.json"))
     assert load_checkpoint(tmp_path / "h.yaml").schedule.family == "flow"
-    with pytest.raises(BadInput, match="class labels"):
+    with pytest.raises(BadInput, match="not class-conditional: drop class_label"):
         ck.denoiser(class_labels=[1])
+    with pytest.raises(BadInput, match="no guidance"):
+        ck.denoiser(guidance_scale=2.0)
 
 
 BAD_MIXTURES = [
@@ -270,7 +274,7 @@ def test_malformed_mixture_npz_and_schedule(tmp_path):
     with pytest.raises(BadInput, match="npz"):
         load_mixture(tmp_path / "b.npz")
     np.savez(tmp_path / "c.npz", means=np.zeros((2, 3)), std=np.array(0.1), sample_shape=np.array([3]))
-    with pytest.raises(BadInput, match="'schedule'.*--schedule"):
+    with pytest.raises(BadInput, match="'schedule' is missing; give the noise schedule with schedule"):
         load_checkpoint(tmp_path / "c.npz")
     assert load_checkpoint(tmp_path / "c.npz", schedule="linear").kind == "gmm"
     (tmp_path / "d.yaml").write_text("schedule: no-such\nsample_shape: [1]\nmeans: [[0.0]]\nstd: 1\n")
@@ -477,8 +481,6 @@ def test_schedules_do_not_import_torch():
 
 
 def test_patches_mixture_is_natural_image_data_and_deterministic():
-    from dmsteps_cli.models import patches_mixture
-
     a, b = patches_mixture(), patches_mixture()
     mu = a.means.numpy()
     assert mu.shape == (1797, 64) and a.sample_shape == (1, 8, 8)

@@ -35,8 +35,8 @@ torch.set_num_threads(1)
 import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])
 
 from dmsteps_cli.integrations.diffusers import applied_steps  # noqa: E402
-from dmsteps_cli.models import to_data_prediction  # noqa: E402
-from dmsteps_cli.sample import SampleRequest, noise_for, run_sample  # noqa: E402
+from dmsteps_cli.runtime import noise_for, to_data_prediction  # noqa: E402
+from dmsteps_cli.sample import SampleRequest, run_sample  # noqa: E402
 from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
 from dmsteps_cli.solvers import build_plan, run_plan  # noqa: E402
 from tiny import record_orders, save_pipeline, save_tiny_text_to_image, tiny_unet  # noqa: E402

@@ -18,9 +18,9 @@ from dmsteps_cli.check import check_table
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import EvalRequest, Evaluator, evaluate
 from dmsteps_cli.grids import GRIDS, grid_lambda
-from dmsteps_cli.models import GaussianMixture, save_mixture
+from dmsteps_cli.mixtures import GaussianMixture, save_mixture
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, RefineRequest, best_candidate, refine, start_label
-from dmsteps_cli.sample import noise_for
+from dmsteps_cli.runtime import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)

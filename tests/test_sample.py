@@ -11,8 +11,9 @@ import torch
 
 from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
 from dmsteps_cli.errors import BadInput
-from dmsteps_cli.models import GaussianMixture, save_mixture
-from dmsteps_cli.sample import SampleRequest, noise_for, run_sample
+from dmsteps_cli.mixtures import GaussianMixture, save_mixture
+from dmsteps_cli.runtime import noise_for
+from dmsteps_cli.sample import SampleRequest, run_sample
 from tiny import save_pipeline, tiny_dit, tiny_unet
 
 torch.set_num_threads(1)

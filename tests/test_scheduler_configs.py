@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 diffusers = pytest.importorskip("diffusers")
 
 from dmsteps_cli.integrations.diffusers import apply_table, scheduler_schedule  # noqa: E402
-from dmsteps_cli.models import load_checkpoint  # noqa: E402
+from dmsteps_cli.checkpoints import load_checkpoint  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "data" / "scheduler_configs"
 FLUX_DEV_SHIFT = math.exp(1.15)  # mu = max_shift at 4096 tokens (1024 x 1024), s = e^mu

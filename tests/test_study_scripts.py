@@ -69,7 +69,7 @@ def test_train_digits_on_patches_with_sd_betas(tmp_path):
     dmsteps loads, whose schedule is the scaled_linear preset, with its training record."""
     import train_digits
 
-    from dmsteps_cli.models import load_checkpoint
+    from dmsteps_cli.checkpoints import load_checkpoint
     from dmsteps_cli.schedules import preset_of
 
     out = tmp_path / "m"

@@ -1,0 +1,341 @@
+"""Checkpoints: loading a diffusers folder or a Gaussian-mixture file, and the denoiser it gives.
+
+``load_checkpoint`` reads a diffusers pipeline folder (``unet/`` or ``transformer/`` beside
+``scheduler/``), a bare ``UNet2DModel`` folder, a text-to-image pipeline (detected only: it runs
+through the pipeline's own call) or a Gaussian-mixture ``.yaml``/``.npz`` file, together with its
+noise schedule (from its scheduler config, or given) and prediction type. ``Checkpoint.denoiser``
+wraps the model as a data-prediction denoiser ``d(x, t, timestep, alpha, sigma) -> x0_hat`` (see
+``runtime``): states (B, C, H, W) in any dtype and device; the network runs in the checkpoint's
+dtype on its device.
+
+May import torch, numpy, the torch-free package modules (errors, schedules), runtime and
+mixtures; sample, evaluate and refine import it. diffusers is imported inside the functions that
+need it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BadInput, first_line, mentioning
+from .mixtures import GaussianMixture, load_mixture
+from .runtime import Denoiser, timestep_tensor, to_data_prediction
+from .schedule_sources import (ScheduleSource, check_prediction_type, find_scheduler_config, read_json,
+                               read_schedule, read_scheduler_config)
+from .schedules import PRESETS, Schedule, same_schedule
+
+SUPPORTED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+
+
+def check_class_labels(source: str, num_classes: int | None, class_labels) -> torch.Tensor | None:
+    """The class labels for checkpoint ``source`` as a (n,) int64 CPU tensor, or None for a model
+    that is not class-conditional (``num_classes`` None). ``class_labels``: None, an int or n ints;
+    they are needed exactly when the model is class-conditional and lie in 0..num_classes - 1."""
+    if num_classes is None:
+        if class_labels is not None:
+            raise mentioning("class_label", f"checkpoint {source} is not class-conditional: drop {{setting}}")
+        return None
+    if class_labels is None:
+        raise mentioning("class_label", f"checkpoint {source} is class-conditional: give {{setting}} "
+                                        f"in 0..{num_classes - 1}")
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise BadInput("class labels must be integers")
+    if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= num_classes).any()):
+        raise BadInput(f"class labels must lie in 0..{num_classes - 1}")
+    return labels.to(torch.long)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with what a sampler needs to drive it.
+
+    ``kind``: "unet", "transformer", "gmm" or "pipeline" (a text-to-image pipeline, which runs
+    through the pipeline's own call and has no ``denoiser`` here); ``sample_shape``: (C, H, W) of
+    the space the sampler works in (latents for latent models; None where unknown); ``source``:
+    where it was loaded from, for messages.
+    """
+
+    kind: str
+    schedule: Schedule
+    prediction_type: str
+    sample_shape: tuple | None
+    num_classes: int | None
+    source: str
+    model: Any = field(default=None, repr=False)
+    device: Any = "cpu"
+    dtype: Any = torch.float32
+    note: str = ""
+    model_class: str = ""
+    null_class: int | None = None  # DiT's unconditional class id (= num_classes)
+
+    def denoiser(self, class_labels=None, guidance_scale: float = 1.0) -> Denoiser:
+        """``d(x, t, timestep, alpha, sigma) -> x0_hat`` for this checkpoint.
+
+        ``class_labels``: an int or B ints for class-conditional models; ``guidance_scale`` != 1
+        applies classifier-free guidance uncond + g (cond - uncond) with the null class (DiT only),
+        evaluating conditional and unconditional halves in one doubled batch.
+        """
+        if self.kind == "pipeline":
+            raise BadInput(f"{self.source} is a text-to-image pipeline: it runs through the pipeline's own "
+                           "call, not through a bare denoiser")
+        labels = check_class_labels(self.source, self.num_classes, class_labels)
+        g = float(guidance_scale)
+        if self.kind == "gmm":
+            if g != 1.0:
+                raise BadInput("a Gaussian mixture takes no class labels and no guidance")
+            mixture = self.model
+
+            def gmm_denoiser(x, t, timestep, alpha, sigma):
+                return mixture.denoise(x, alpha, sigma)
+
+            return gmm_denoiser
+        return self._network_denoiser(labels, g)
+
+    def _network_denoiser(self, labels: torch.Tensor | None, g: float) -> Denoiser:
+        guided = g != 1.0
+        if guided and self.null_class is None:
+            raise BadInput(f"{self.source}: classifier-free guidance needs a class-conditional model with a "
+                           "null class (DiT); use guidance_scale 1")
+        model, device, dtype = self.model, torch.device(self.device), self.dtype
+        if labels is not None:
+            labels = labels.to(device)
+        channels = self.sample_shape[0] if self.sample_shape else None
+        ptype, null = self.prediction_type, self.null_class
+
+        def model_denoiser(x, t, timestep, alpha, sigma):
+            B = x.shape[0]
+            xin = x.to(device=device, dtype=dtype)
+            lab = None
+            if labels is not None:
+                if labels.numel() == 1:
+                    lab = labels.expand(B)
+                elif labels.numel() == B:
+                    lab = labels
+                else:
+                    raise BadInput(f"got {labels.numel()} class labels for a batch of {B}")
+                if guided:
+                    lab = torch.cat([lab, torch.full_like(lab, null)])
+            if guided:
+                xin = torch.cat([xin, xin])
+            ts = timestep_tensor(timestep, xin.shape[0], device)
+            kwargs = {} if lab is None else {"class_labels": lab}
+            # no autograd graph unless a caller differentiates through the model (refine's gradients)
+            needs_grad = any(torch.is_tensor(v) and v.requires_grad for v in (xin, timestep, alpha, sigma))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+                out = model(xin, ts, **kwargs).sample
+            if channels is not None and out.shape[1] != channels:
+                out = out[:, :channels]  # learned variance / sigma channels
+            out = out.to(device=x.device, dtype=x.dtype)
+            if guided:
+                cond, uncond = out[:B], out[B:]
+                out = uncond + g * (cond - uncond)
+            return to_data_prediction(out, x, alpha, sigma, ptype)
+
+        return model_denoiser
+
+
+def network_denoiser(ckpt: Checkpoint, class_label=None, guidance_scale: float = 1.0) -> Denoiser:
+    """The denoiser a sampler drives: ``ckpt.denoiser(class_label, guidance_scale)`` after checking
+    that the checkpoint's sample shape is known."""
+    if ckpt.sample_shape is None:
+        raise BadInput(f"checkpoint {ckpt.source}: unknown sample shape")
+    return ckpt.denoiser(class_labels=class_label, guidance_scale=guidance_scale)
+
+
+def mixture_checkpoint(mixture: GaussianMixture, schedule: Schedule, source: str = "mixture") -> Checkpoint:
+    """A Gaussian mixture as a checkpoint on the mixture's device: its exact denoiser (data
+    prediction) under ``schedule``."""
+    return Checkpoint("gmm", schedule, "sample", mixture.sample_shape, None, source, model=mixture,
+                      device=mixture.device, dtype=mixture.dtype, model_class="GaussianMixture",
+                      note="closed-form ideal denoiser E[x_0 | x_t]")
+
+
+def import_diffusers():
+    """The diffusers module; BadInput saying how to install it where it is missing."""
+    try:
+        import diffusers
+    except ImportError:
+        raise BadInput("loading a diffusers checkpoint needs diffusers: pip install dmsteps[diffusers] "
+                       "(or pip install diffusers)") from None
+    return diffusers
+
+
+def _schedule_of(schedule, base: Path | None = None) -> ScheduleSource:
+    """What a ``schedule`` argument (a Schedule, or a string for ``read_schedule``) names; a
+    relative path is looked up under ``base`` first (a mixture file names its schedule so)."""
+    if isinstance(schedule, Schedule):
+        return ScheduleSource(schedule)
+    spec = str(schedule)
+    if spec not in PRESETS and base is not None and not Path(spec).is_absolute() and (base / spec).exists():
+        spec = str(base / spec)
+    return read_schedule(spec)
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
+                    prediction_type: str | None = None) -> Checkpoint:
+    """Load a diffusers pipeline folder, a bare UNet2DModel folder or a Gaussian-mixture file.
+
+    ``schedule`` (a Schedule, a preset name or a scheduler config path) is needed where the
+    checkpoint names none (a bare UNet folder); where it names one, ``schedule`` must be the same
+    schedule (same identity). For a mixture file it replaces the file's schedule (the ideal
+    denoiser is exact for any schedule). ``prediction_type`` overrides the scheduler config's.
+    Every problem is a ``BadInput`` with one line.
+    """
+    p = Path(path)
+    source = str(p)
+    if not p.exists():
+        raise BadInput(f"checkpoint {source} does not exist")
+    if p.is_file():
+        if p.suffix.lower() in (".yaml", ".yml", ".npz"):
+            return _load_gmm(p, device, schedule, prediction_type)
+        raise BadInput(f"checkpoint {source}: expected a diffusers folder or a Gaussian-mixture .yaml/.npz file")
+
+    # --- a folder: a pipeline (unet/ or transformer/ + scheduler/) or a bare model
+    index = None
+    if (p / "model_index.json").is_file():
+        index = read_json(p / "model_index.json", "pipeline index")
+    text = (p / "text_encoder").is_dir() or bool(index and isinstance(index.get("text_encoder"), list)
+                                                  and index["text_encoder"][0] is not None)
+    if (p / "unet").is_dir():
+        model_dir = p / "unet"
+    elif (p / "transformer").is_dir():
+        model_dir = p / "transformer"
+    elif (p / "config.json").is_file() and not text:
+        model_dir = p
+    elif text:
+        model_dir = None
+    else:
+        raise BadInput(f"checkpoint {source}: no unet/, transformer/ or config.json (not a diffusers model folder)")
+
+    cfg_path = find_scheduler_config(p)
+    if cfg_path is not None:
+        cfg = read_json(cfg_path, "scheduler config")
+        cls = str(cfg.get("_class_name", ""))
+        if not text and cls.startswith(("EDM", "ScoreSdeVe")):
+            raise BadInput(f"scheduler config {cfg_path}: {cls} models need the scheduler's input/output "
+                           "preconditioning, which dmsteps does not apply")
+        try:
+            own = read_scheduler_config(cfg, f"scheduler config {cfg_path}", str(cfg_path))
+        except BadInput:
+            if not (text and schedule is not None):
+                raise
+            own = None
+        if schedule is not None:
+            given = _schedule_of(schedule)
+            if own is not None and not same_schedule(given.schedule.identity(), own.schedule.identity()):
+                raise BadInput(f"checkpoint {source}: the schedule given ({given.schedule.name}) differs from the "
+                               f"checkpoint's scheduler config {cfg_path}")
+            read = given if own is None else own
+        else:
+            read = own
+    elif schedule is not None:
+        read = _schedule_of(schedule)
+    else:
+        raise mentioning("schedule", f"checkpoint {source} has no scheduler config: give its noise schedule as "
+                                     "{setting} (a preset or a scheduler_config.json)")
+    sched = read.schedule
+    ptype = check_prediction_type(prediction_type or read.prediction_type or "epsilon", sched, source)
+
+    if text:
+        shape, cls_name = None, ""
+        if model_dir is not None and (model_dir / "config.json").is_file():
+            mcfg = read_json(model_dir / "config.json", "model config")
+            cls_name = str(mcfg.get("_class_name", ""))
+            if isinstance(mcfg.get("in_channels"), int) and isinstance(mcfg.get("sample_size"), int):
+                shape = (mcfg["in_channels"], mcfg["sample_size"], mcfg["sample_size"])
+        return Checkpoint("pipeline", sched, ptype, shape, None, source, device=device, dtype=dtype,
+                          model_class=cls_name,
+                          note="text-to-image pipeline: sample it through the pipeline's own call "
+                               "(dmsteps sample), not through a bare denoiser")
+
+    mcfg_path = model_dir / "config.json"
+    if not mcfg_path.is_file():
+        raise BadInput(f"checkpoint {source}: {mcfg_path} is missing")
+    mcfg = read_json(mcfg_path, "model config")
+    cls_name = str(mcfg.get("_class_name", ""))
+    if cls_name == "Transformer2DModel" and mcfg.get("norm_type") == "ada_norm_zero" and mcfg.get("patch_size"):
+        cls_name = "DiTTransformer2DModel"  # DiT checkpoints saved before the class existed
+    if cls_name not in SUPPORTED_MODEL_CLASSES:
+        raise BadInput(f"model config {mcfg_path}: unsupported model class {cls_name or '(no _class_name)'!r} "
+                       f"(supported: {', '.join(SUPPORTED_MODEL_CLASSES)})")
+    if not any(model_dir.glob("diffusion_pytorch_model*")):
+        raise BadInput(f"checkpoint {source}: no weights (diffusion_pytorch_model.safetensors or .bin) in {model_dir}")
+
+    def _int(key, default=None):
+        value = mcfg.get(key, default)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BadInput(f"model config {mcfg_path}: field '{key}' must be a positive integer")
+        return value
+
+    num_classes = null_class = None
+    if cls_name == "UNet2DModel":
+        if mcfg.get("time_embedding_type", "positional") != "positional":
+            raise BadInput(f"model config {mcfg_path}: time_embedding_type "
+                           f"{mcfg.get('time_embedding_type')!r} (score-SDE VE models) is not supported")
+        if mcfg.get("class_embed_type") is not None:
+            raise BadInput(f"model config {mcfg_path}: class_embed_type {mcfg['class_embed_type']!r} "
+                           "is not supported")
+        num_classes = _int("num_class_embeds")
+        size = mcfg.get("sample_size")
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            hw = (int(size[0]), int(size[1]))
+        elif size is None:
+            hw = None
+        else:
+            s = _int("sample_size")
+            hw = (s, s)
+        shape = (_int("in_channels", 3), *hw) if hw else None
+        kind = "unet"
+    else:
+        num_classes = _int("num_embeds_ada_norm", 1000)
+        null_class = num_classes
+        size = _int("sample_size", 32)
+        shape = (_int("in_channels", 4), size, size)
+        kind = "transformer"
+
+    out_channels = (mcfg.get("out_channels") or shape[0]) if shape else None
+    if shape and out_channels not in (shape[0], 2 * shape[0]):
+        raise BadInput(f"model config {mcfg_path}: out_channels {out_channels} is neither in_channels "
+                       f"({shape[0]}) nor twice that (learned variance)")
+
+    diffusers = import_diffusers()
+    model_cls = getattr(diffusers, cls_name)
+    try:
+        model = model_cls.from_pretrained(str(model_dir), torch_dtype=dtype,
+                                          low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+    except Exception as exc:  # corrupt or mismatched weights raise many kinds of errors
+        raise BadInput(f"checkpoint {source}: cannot load {cls_name} from {model_dir} ({first_line(exc)})") from None
+    try:
+        model = model.to(device)
+    except Exception as exc:
+        raise BadInput(f"checkpoint {source}: cannot move the model to {device} ({first_line(exc)})") from None
+    model.eval().requires_grad_(False)
+    note = ""
+    if kind == "transformer" and ((p / "vae").is_dir() or (index and "vae" in index)):
+        note = "latent model: the denoiser works on latents; decode them with the pipeline's vae"
+    return Checkpoint(kind, sched, ptype, shape, num_classes, source, model=model, device=device,
+                      dtype=dtype, note=note, model_class=cls_name, null_class=null_class)
+
+
+
+def _load_gmm(p: Path, device, schedule, prediction_type) -> Checkpoint:
+    mixture, spec = load_mixture(p)
+    if schedule is not None:
+        sched = _schedule_of(schedule).schedule
+    elif spec is not None:
+        try:
+            sched = _schedule_of(spec, base=p.parent).schedule
+        except BadInput as exc:
+            raise BadInput(f"mixture file {p}: field 'schedule': {exc}") from None
+    else:
+        raise mentioning("schedule", f"mixture file {p}: field 'schedule' is missing; give the noise schedule "
+                                     "with {setting}")
+    if prediction_type not in (None, "sample"):
+        raise BadInput("a Gaussian mixture is its own exact data prediction: prediction_type must be 'sample'")
+    return mixture_checkpoint(mixture.to(device=device), sched, str(p))

@@ -1,0 +1,124 @@
+"""The measured sampling error as a differentiable function of the steps (what refine minimizes).
+
+The steps are N + 1 increasing log-SNRs lam = log(alpha / sigma), noise end first (lam[0] at
+t = T, lam[N] at t = eps). A sample is the solver's result from a fixed noise x_T (B, *shape) at T;
+its error is RMS(x - x_ref) over its dimensions, x_ref the reference solution from the same noise.
+``mean_error_and_grad`` returns the mean error over the noises and its exact gradient in lam by
+reverse-mode autograd through the solver and the model, where the solver plan's coefficients
+(``_PlanCoefficients``: exact Jacobian by complex step through ``solvers.build_plan``) and the
+model's inputs at each node, t, alpha, sigma and timestep (``_NodeInputs``: central differences),
+are functions of lam.
+
+May import torch, numpy, the torch-free package modules (solvers) and runtime; evaluate and refine
+import it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .runtime import full_precision, rms_error
+from .solvers import COMPLEX_STEP, build_plan, run_plan
+
+
+def mean_error_and_grad(denoiser, schedule, x_T: torch.Tensor, reference: torch.Tensor, T: float, eps: float,
+                        lam, solver: str, order: int | None, variant: str | None,
+                        chunk: int = 64) -> tuple[float, np.ndarray]:
+    """The mean over noises of RMS(x - reference) for the steps ``lam`` from the noises ``x_T``
+    (B, *shape) at T, and its gradient in lam (N + 1 values; the two ends are fixed, their
+    entries are 0). ``reference``: the reference solutions (B, *shape) at eps. Noises go through
+    in chunks of ``chunk`` to bound the memory of the autograd graph."""
+    lam = np.asarray(lam, dtype=np.float64)
+    total, grad = 0.0, np.zeros_like(lam)
+    n = x_T.shape[0]
+    with full_precision(), torch.enable_grad():
+        for i in range(0, n, chunk):
+            lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+            x = _differentiable_solve(denoiser, schedule, lam_t, x_T[i:i + chunk], T, eps, solver, order, variant)
+            loss = rms_error(x, reference[i:i + chunk]).sum() / n
+            loss.backward()
+            total += float(loss.detach())
+            grad += lam_t.grad.numpy()
+    grad[0] = grad[-1] = 0.0
+    return total, grad
+
+
+def _differentiable_solve(denoiser, schedule, lam_t, x_T, T, eps, solver, order, variant) -> torch.Tensor:
+    """The samples from ``x_T`` for the steps ``lam_t`` (a float64 tensor), differentiable in lam_t."""
+    plan = _differentiable_plan(schedule, lam_t, solver, order, variant)
+    t, alpha, sigma, timestep = _NodeInputs.apply(lam_t, schedule, T, eps)
+    t = t.detach().numpy()
+
+    def denoise(x, k):
+        return denoiser(x, float(t[k]), timestep[k], alpha[k], sigma[k]).to(x.dtype)
+
+    return run_plan(plan, x_T, denoise)
+
+
+def _flat_coefficients(plan) -> np.ndarray:
+    """Every coefficient of ``plan`` in ``Plan.map``'s order, as (n_coefficients, *batch)."""
+    values = []
+    plan.map(lambda c: values.append(c) or c)
+    batch = np.shape(plan.lam)[1:]
+    return np.stack([np.broadcast_to(np.asarray(c), batch) for c in values])
+
+
+class _PlanCoefficients(torch.autograd.Function):
+    """lam (N + 1,) -> the coefficients of ``plan`` (built from lam by the caller, float64);
+    backward: their exact Jacobian in lam by complex step through the same ``build_plan`` (which
+    is analytic in lam)."""
+
+    @staticmethod
+    def forward(ctx, lam, plan, schedule, solver, order, variant):
+        ctx.args = (lam.detach().cpu().numpy(), schedule, solver, order, variant)
+        return torch.as_tensor(_flat_coefficients(plan), dtype=torch.float64)
+
+    @staticmethod
+    def backward(ctx, g):
+        lam, schedule, solver, order, variant = ctx.args
+        probe = lam[:, None] + 1j * COMPLEX_STEP * np.eye(lam.size)  # one column per lambda
+        J = _flat_coefficients(build_plan(schedule, probe, solver, order, variant)).imag / COMPLEX_STEP
+        return torch.as_tensor(J.T @ g.detach().cpu().numpy()), None, None, None, None, None
+
+
+def _differentiable_plan(schedule, lam_t, solver, order, variant):
+    """The plan for lam_t whose coefficients are 0-d tensors differentiable in lam_t."""
+    plan = build_plan(schedule, lam_t.detach().numpy(), solver, order, variant)
+    coef = _PlanCoefficients.apply(lam_t, plan, schedule, solver, order, variant)
+    index = iter(range(coef.shape[0]))
+    return plan.map(lambda _: coef[next(index)])
+
+
+class _NodeInputs(torch.autograd.Function):
+    """lam (N + 1,) -> t, alpha, sigma (N + 1,) and the model timestep (N,) at the nodes, as
+    ``evaluate.Evaluator.solve`` computes them (t from lam, the ends pinned to T and eps);
+    backward: central differences in lam of the same functions (the ends are fixed: zero)."""
+
+    _H = 1e-6
+
+    @staticmethod
+    def values(schedule, lam, T, eps):
+        t = schedule.step_times(lam, T, eps)
+        return t, schedule.alpha(t), schedule.sigma(t), schedule.model_timestep(t[:-1])
+
+    @staticmethod
+    def forward(ctx, lam, schedule, T, eps):
+        lam_np = lam.detach().cpu().numpy()
+        h = _NodeInputs._H
+        up = _NodeInputs.values(schedule, lam_np + h, T, eps)
+        down = _NodeInputs.values(schedule, lam_np - h, T, eps)
+        ctx.derivs = [(u - d) / (2 * h) for u, d in zip(up[1:], down[1:])]
+        for d in ctx.derivs:
+            d[0] = 0.0
+            if d.size == lam_np.size:
+                d[-1] = 0.0
+        return tuple(torch.as_tensor(v, dtype=torch.float64) for v in _NodeInputs.values(schedule, lam_np, T, eps))
+
+    @staticmethod
+    def backward(ctx, g_t, g_alpha, g_sigma, g_ts):
+        grad = torch.zeros_like(g_alpha)
+        for g, d in zip((g_alpha, g_sigma, g_ts), ctx.derivs):
+            if g is not None:
+                grad[: d.size] += g * torch.as_tensor(d)
+        return grad, None, None, None
