@@ -25,7 +25,7 @@ from scipy.optimize import minimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 
-from datasets import digits_mixture  # noqa: E402
+from proxy_data import digits_mixture  # noqa: E402
 from dmsteps_cli import get_schedule  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 
-from datasets import digits_mixture  # noqa: E402
+from proxy_data import digits_mixture  # noqa: E402
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import (Evaluator, best_grids, compare_at, lowest_grid_error, paired_ratio_ci,  # noqa: E402

@@ -60,7 +60,7 @@ def patches_tensor(torch):
     """The 1797 grey 8x8 photo patches of dmsteps' patches mixture (its component means)."""
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root), str(root / "studies")]
-    from datasets import patches_mixture
+    from proxy_data import patches_mixture
 
     return patches_mixture().means.to(torch.float32).reshape(-1, 1, 8, 8)
 

@@ -1,9 +1,6 @@
 """The in-memory cores of evaluate and refine (a loaded checkpoint, tables as dicts) against the
-path-taking commands on the same files; the comparison helpers; the module layering."""
+path-taking commands on the same files; the comparison helpers."""
 
-import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,35 +151,3 @@ def test_library_messages_name_settings_and_the_cli_shows_flags():
     with pytest.raises(BadInput, match="^ref_steps must be at least 500, got 10$"):
         Evaluator(two, two.denoiser(), range(2), s.T, s.eps_default, "cpu", ref_steps=10)
 
-
-# --- layering: what may import what --------------------------------------------------------------
-
-TORCH_FREE = ("errors", "limits", "files", "schedules", "grids", "weights", "objective", "optimize", "tables",
-              "solvers", "plots", "integrations.diffusers", "integrations.exports", "cli")
-# the modules that run models, lowest first: each imports only modules before it (and torch-free ones)
-RUNTIME_SIDE = ("runtime", "mixtures", "checkpoints", "gradients", "evaluate", "refine", "sample")
-
-
-def _package_imports(module: str) -> set[str]:
-    """The package modules that ``module``'s source imports, at any level of nesting."""
-    tree = ast.parse((PACKAGE / f"{module.replace('.', '/')}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            found.add(node.module)
-    return found
-
-
-def test_runtime_modules_import_only_lower_ones():
-    for i, module in enumerate(RUNTIME_SIDE):
-        allowed = set(TORCH_FREE) | set(RUNTIME_SIDE[:i])
-        if module == "sample":
-            allowed -= {"gradients", "evaluate", "refine"}  # sampling needs no measurement
-        assert _package_imports(module) <= allowed, (module, _package_imports(module) - allowed)
-
-
-def test_torch_free_modules_do_not_import_torch():
-    code = ("import sys\n" + "".join(f"import dmsteps_cli.{m}\n" for m in TORCH_FREE)
-            + "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr

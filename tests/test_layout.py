@@ -126,6 +126,37 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def documented_layers() -> list[str]:
+    """The module column of docs/layout.md's table, top to bottom."""
+    rows = [line for line in (ROOT / "docs" / "layout.md").read_text().splitlines() if line.startswith("| `")]
+    return [row.split("`")[1] for row in rows]
+
+
+def full_name(layer: str) -> str:
+    return "dmsteps_cli" if layer == "dmsteps_cli" else f"dmsteps_cli.{layer}"
+
+
+def test_docs_list_every_module_once():
+    layers = documented_layers()
+    assert len(layers) == len(set(layers))
+    assert sorted(map(full_name, layers)) == sorted(import_graph())
+
+
+def test_each_module_imports_only_modules_above_it():
+    graph = import_graph()
+    order = [full_name(m) for m in documented_layers()]
+    for i, name in enumerate(order):
+        below = graph[name] - set(order[:i])
+        assert not below, f"{name} imports {sorted(below)}, which docs/layout.md places below it"
+
+
+def test_layering_is_checked_against_a_real_violation():
+    graph = import_graph()
+    order = [full_name(m) for m in documented_layers()]
+    assert order.index("dmsteps_cli.cli") > order.index("dmsteps_cli.check")
+    assert "dmsteps_cli.check" in graph["dmsteps_cli.cli"]  # so cli placed above check would fail
+
+
 def test_table_modules_import_no_model_code():
     graph = import_graph()
     model_code = {f"dmsteps_cli.{m}" for m in ("refine", "evaluate", "sample", "models")}
@@ -138,8 +169,17 @@ def test_table_modules_import_no_model_code():
 
 # --- torch stays out -------------------------------------------------------------------------------
 
+def torch_free_modules() -> list[str]:
+    """Every module docs/layout.md places above ``runtime``, and the CLI (which imports the rest
+    inside the commands that need it)."""
+    layers = documented_layers()
+    return [full_name(m) for m in layers[:layers.index("runtime")]] + ["dmsteps_cli.cli"]
+
+
 def test_importing_the_table_path_does_not_import_torch():
-    code = f"import sys, {', '.join(TORCH_FREE)}; assert 'torch' not in sys.modules, 'torch was imported'"
+    modules = torch_free_modules()
+    assert set(TORCH_FREE) <= set(modules)
+    code = f"import sys, {', '.join(modules)}; assert 'torch' not in sys.modules, 'torch was imported'"
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
 

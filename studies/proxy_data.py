@@ -7,7 +7,7 @@ them; they are not part of the dmsteps package. scikit-learn (and Pillow for the
 imported inside the functions.
 
     import sys; sys.path.insert(0, "studies")
-    from datasets import digits_mixture
+    from proxy_data import digits_mixture
 """
 
 from __future__ import annotations
