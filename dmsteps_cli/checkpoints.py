@@ -237,8 +237,8 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     elif schedule is not None:
         read = _schedule_of(schedule)
     else:
-        raise mentioning("schedule", f"checkpoint {source} has no scheduler config: give its noise schedule as "
-                                     "{setting} (a preset or a scheduler_config.json)")
+        raise mentioning("schedule", f"checkpoint {source} has no scheduler config: give its noise schedule "
+                                     "({setting}: a preset or a scheduler_config.json)")
     sched = read.schedule
     ptype = check_prediction_type(prediction_type or read.prediction_type or "epsilon", sched, source)
 

@@ -48,7 +48,7 @@ from .runtime import (
     rms_error,
     state_dtype,
 )
-from .schedules import same_schedule
+from .schedules import same_schedule, step_arrays
 from .solvers import build_plan, initial_noise_scale, solver_choice
 from .tables import load_table
 
@@ -110,9 +110,9 @@ class Evaluator:
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
         """Samples for the steps ``lam`` (N + 1 increasing lambdas from lambda(T) to lambda(eps))."""
         lam = np.asarray(lam, dtype=np.float64)
-        t = self.schedule.step_times(lam, self.T, self.eps)
+        steps = step_arrays(self.schedule, lam, self.T, self.eps)
         plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
-        timesteps = [float(v) for v in self.schedule.model_timestep(t[:-1])]
+        t, timesteps = np.asarray(steps["t"]), steps["timesteps"]
         with full_precision():
             return integrate(self.denoiser, self.schedule, plan, t, timesteps, self.x_T)
 

@@ -7,8 +7,9 @@ reports bad text as a usage error.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from dmsteps_cli.optimize import parse_nfe
+from dmsteps_cli.config import parse_nfe
 
 
 def nfe_list(text: str) -> tuple[int, ...]:
@@ -82,3 +83,24 @@ def names_text(entries) -> str:
 def pairs_text(entries) -> str:
     """A selection of pairs as typed: ``A:B``, ``NAME:SHIFT``, or ``NAME`` where the second is None."""
     return ",".join(a if b is None else f"{a}:{b:g}" if isinstance(b, float) else f"{a}:{b}" for a, b in entries)
+
+
+def add_sweep(ap: argparse.ArgumentParser, presets_default, solvers_default, nfe_default, maxiter_default: int,
+              solvers_help: str, nfe_help: str, maxiter_help: str) -> None:
+    """The options every sweep takes: ``--presets``, ``--solvers``, ``--nfe`` and ``--refine-maxiter``,
+    with the script's defaults (the helps say what the script does with them)."""
+    ap.add_argument("--presets", type=presets(presets_default), default=presets_default,
+                    help=f"presets, NAME:SHIFT for a shift (default {pairs_text(presets_default)})")
+    ap.add_argument("--solvers", type=chosen(solvers_default, "solver"), default=solvers_default,
+                    help=f"{solvers_help} (default {names_text(solvers_default)})")
+    ap.add_argument("--nfe", type=nfe_list, default=nfe_default, help=nfe_help)
+    ap.add_argument("--refine-maxiter", type=int, default=maxiter_default,
+                    help=f"{maxiter_help} (default {maxiter_default})")
+
+
+def parse_into_folder(ap: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, Path]:
+    """Parse ``argv``; make ``--out``'s ``evaluation/`` folder, where the results files go."""
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    (out / "evaluation").mkdir(parents=True, exist_ok=True)
+    return args, out

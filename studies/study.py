@@ -65,19 +65,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the first two presets, the first solver, no refine "
                                                          "(a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
-    ap.add_argument("--presets", type=options.presets(PRESETS), default=PRESETS,
-                    help=f"presets, NAME:SHIFT for a shift (default {options.pairs_text(PRESETS)})")
-    ap.add_argument("--solvers", type=options.chosen(SOLVERS, "solver"), default=SOLVERS,
-                    help=f"solvers, each at order 3 and 2 (default {options.names_text(SOLVERS)})")
-    ap.add_argument("--nfe", type=options.nfe_list, default=NFES, help="step counts: 5..15 (default) or 5,6")
+    options.add_sweep(ap, PRESETS, SOLVERS, NFES, REFINE_MAXITER, "solvers, each at order 3 and 2",
+                      "step counts: 5..15 (default) or 5,6", "L-BFGS-B iterations of refine")
     ap.add_argument("--objectives", type=options.chosen(OBJECTIVES, "objective"), default=OBJECTIVES,
                     help=f"objective settings by label (default all: {options.names_text(OBJECTIVES)})")
-    ap.add_argument("--refine-maxiter", type=int, default=REFINE_MAXITER,
-                    help=f"L-BFGS-B iterations of refine (default {REFINE_MAXITER})")
-    args = ap.parse_args(argv)
+    args, out = options.parse_into_folder(ap, argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    (out / "evaluation").mkdir(parents=True, exist_ok=True)
     presets = args.presets[:2] if args.quick else args.presets
     solvers = args.solvers[:1] if args.quick else args.solvers
     nfes = args.nfe

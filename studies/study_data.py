@@ -120,22 +120,15 @@ def main(argv=None):
     ap.add_argument("--no-transfer", action="store_true", help="skip the transfer part")
     ap.add_argument("--mixtures", help="a folder with <data set>.npz mixture files (save_mixture) to use "
                                        "instead of building them (for machines without scikit-learn)")
-    ap.add_argument("--presets", type=options.presets(PRESETS), default=PRESETS,
-                    help=f"presets, NAME:SHIFT for one shift (default {options.pairs_text(PRESETS)})")
-    ap.add_argument("--solvers", type=options.chosen(SOLVERS, "solver"), default=SOLVERS,
-                    help=f"solvers at order 3 (default {options.names_text(SOLVERS)})")
-    ap.add_argument("--nfe", type=options.nfe_list, default=NFES, help="step counts: 5..15 (default) or 5,6")
+    options.add_sweep(ap, PRESETS, SOLVERS, NFES, REFINE_MAXITER, "solvers at order 3",
+                      "step counts: 5..15 (default) or 5,6", "L-BFGS-B iterations of refine in the transfer part")
     ap.add_argument("--transfer", type=options.pairs, default=TRANSFER,
                     help=f"PRESET:SOLVER pairs refined on one data set and measured on another "
                          f"(default {options.pairs_text(TRANSFER)})")
     ap.add_argument("--transfer-nfe", type=options.nfe_list, default=TRANSFER_NFES,
                     help="step counts of the transfer part (default 5..8)")
-    ap.add_argument("--refine-maxiter", type=int, default=REFINE_MAXITER,
-                    help=f"L-BFGS-B iterations of refine in the transfer part (default {REFINE_MAXITER})")
-    args = ap.parse_args(argv)
+    args, out = options.parse_into_folder(ap, argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    (out / "evaluation").mkdir(parents=True, exist_ok=True)
     presets = args.presets[:2] if args.quick else args.presets
     nfes = args.nfe[:2] if args.quick else args.nfe
     if args.mixtures:

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmsteps_cli.config import StepConfig
 from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.optimize import DEFAULT_STEPS, FALLBACK_STEPS, StepConfig, default_key, resolve
-from dmsteps_cli.schedules import preset_of, preset_names
+from dmsteps_cli.optimize import DEFAULT_STEPS, FALLBACK_STEPS, default_key, resolve
 from dmsteps_cli.schedule_sources import get_schedule
+from dmsteps_cli.schedules import preset_names, preset_of
 from dmsteps_cli.tables import load_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -337,7 +337,7 @@ def test_unet_pipeline_denoiser_matches_a_manual_call(unet_dirs, folder, preset,
 
 def test_bare_unet_needs_a_schedule(unet_dirs):
     root, unet = unet_dirs
-    with pytest.raises(BadInput, match="--schedule"):
+    with pytest.raises(BadInput, match=r"no scheduler config: give its noise schedule \(schedule: a preset"):
         load_checkpoint(root / "bare")
     ck = load_checkpoint(root / "bare", schedule="linear")
     assert (ck.kind, ck.prediction_type, ck.schedule.name) == ("unet", "epsilon", "linear")

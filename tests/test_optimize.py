@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
+from dmsteps_cli.config import StepConfig
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.grids import GRIDS, grid_lambda
 from dmsteps_cli.objective import build_objective
-from dmsteps_cli.optimize import GAP_FRACTION, StepConfig, minimize_steps, resolve
+from dmsteps_cli.optimize import GAP_FRACTION, minimize_steps, resolve
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.weights import order_pattern
 
