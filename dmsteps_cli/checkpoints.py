@@ -161,8 +161,7 @@ def import_diffusers():
     try:
         import diffusers
     except ImportError:
-        raise BadInput("loading a diffusers checkpoint needs diffusers: pip install dmsteps[diffusers] "
-                       "(or pip install diffusers)") from None
+        raise BadInput("loading a diffusers checkpoint needs diffusers: pip install 'dmsteps[sample]'") from None
     return diffusers
 
 

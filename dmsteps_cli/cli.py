@@ -36,6 +36,19 @@ def _stderr():
     return Console(stderr=True, highlight=False)
 
 
+def needs_torch(command: str) -> None:
+    """A one-line BadInput when ``command`` cannot run for want of torch (a plain ``pip install
+    dmsteps`` brings none)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise BadInput(f"{command} runs models and needs torch and diffusers: pip install 'dmsteps[sample]'")
+
+
 def parse_nfe(text: str) -> tuple[int, ...]:
     """``--nfe`` text (``5..15``, ``8``, ``5,7,10``, ``5..8,10``) as sorted unique NFEs."""
     from .config import parse_nfe as parse
@@ -140,7 +153,8 @@ def _summary(console, table: dict) -> None:
 
 @app.command()
 def show(
-    file: str = typer.Argument(..., help="A table (JSON or YAML, told apart by content; - is standard input)."),
+    file: str = typer.Argument(..., help="A table (JSON or YAML, told apart by content; - is standard input), "
+                                          "or a ready-made table's name (dmsteps tables)."),
     nfe: Optional[int] = typer.Option(None, help="Which NFE (needed when the table holds several)."),
     as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line: t, lambda, sigmas or timesteps."),
     plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
@@ -190,6 +204,19 @@ def schedules():
         sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\tdefault={steps}\t{desc}\n")
 
 
+@app.command("tables")
+def tables_command():
+    """List the ready-made tables by name (usable wherever a table is taken: show NAME, --table NAME):
+    name, schedule, solver, order, NFEs and the models each fits; tab-separated."""
+    from .tables import bundled_index
+
+    for row in bundled_index()["files"]:
+        schedule = row["schedule"] + ("" if row["shift"] is None else f" shift {row['shift']:g}")
+        nfe = row["nfe"]
+        sys.stdout.write(f"{row['file'].removesuffix('.json')}\t{schedule}\t{row['solver']}\torder {row['order']}\t"
+                         f"NFE {nfe[0]}..{nfe[-1]}\t{'; '.join(row['models'])}\n")
+
+
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (pipeline with unet/ or "
@@ -213,6 +240,7 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ):
     """Sample a checkpoint with a table's steps (loads torch; diffusers for diffusers checkpoints)."""
+    needs_torch("sample")
     from .sample import SampleRequest, run_sample
 
     req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=nfe, batch=batch, seed=seed,
@@ -259,6 +287,7 @@ def evaluate(
     """Measure the sampling error of tables and hand-made grids against a high-accuracy solution."""
     import json
 
+    needs_torch("evaluate")
     from .evaluate import EvalRequest
     from .evaluate import evaluate as run_evaluation
     from .files import check_writable, write_output
@@ -334,6 +363,7 @@ def refine(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
+    needs_torch("refine")
     from .refine import RefineRequest
     from .refine import refine as run_refine
     from .files import check_writable, write_output

@@ -115,13 +115,47 @@ def parse_document(text: str, name: str, fmt: str | None = None):
         raise TableError(f"{name}: not valid {fmt.upper()} ({first})") from None
 
 
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # the ready-made tables shipped in the package
+BUNDLED_INDEX = "index.json"
+
+
+def bundled_tables() -> dict[str, Path]:
+    """The ready-made tables shipped in the package: {name: file}, the name being the file name
+    without ``.json`` (``sd-unipc-o3``), in name order."""
+    if not BUNDLED.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(BUNDLED.glob("*.json")) if p.name != BUNDLED_INDEX}
+
+
+def bundled_index() -> dict:
+    """The bundled tables' index (``INDEX_SCHEMA``: per file its schedule, shift, solver, order,
+    NFEs, models and sha256)."""
+    return json.loads((BUNDLED / BUNDLED_INDEX).read_text(encoding="utf-8"))
+
+
+def table_source(arg: str | os.PathLike) -> str:
+    """What a table argument reads: ``-`` (standard input) as is; an existing path as is;
+    otherwise the bundled table of that name (``sd-unipc-o3``, with or without ``.json``); otherwise
+    BadInput naming the bundled tables."""
+    raw = os.fspath(arg)
+    if raw == "-" or raw == "" or Path(raw).exists():
+        return raw
+    bundled = bundled_tables()
+    name = raw[:-5] if raw.endswith(".json") else raw
+    if "/" not in raw and os.sep not in raw and name in bundled:
+        return str(bundled[name])
+    raise BadInput(f"table {raw} does not exist, and no bundled table has that name "
+                   f"(bundled: {', '.join(bundled) or 'none'})")
+
+
 def read_document(path: str | os.PathLike, fmt: str | None = None, what: str = "table"):
     """Read and parse a JSON or YAML file (``-``: standard input), not yet validated: (data, the
-    text it was read from; standard input can be read only once)."""
+    text it was read from; standard input can be read only once). A table (``what`` "table") may
+    also be named as a bundled table (``table_source``)."""
     from .files import read_input
 
     raw = os.fspath(path)
-    text = read_input(raw, what)
+    text = read_input(table_source(raw) if what == "table" else raw, what)
     return parse_document(text, f"{what} {raw}", fmt), text
 
 

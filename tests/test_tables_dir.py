@@ -7,7 +7,8 @@
 - ``tables/index.json`` lists every table file with its sha256 and nothing else, with the family,
   schedule, shift, solver, order and NFE list the file itself records;
 - ``scripts/make_tables.py`` is deterministic: two runs give byte-identical folders, and its index
-  and README agree with the committed ones.
+  and README agree with the committed ones;
+- the package's copies (``dmsteps_cli/bundled/``) are byte for byte ``tables/*.json``.
 
 Subprocesses run with one BLAS thread (OPENBLAS/OMP_NUM_THREADS=1): on a busy 2-core machine a
 multi-threaded BLAS makes the optimizer 10-20x slower.
@@ -178,6 +179,28 @@ def test_make_tables_is_deterministic_and_drops_what_it_no_longer_makes(tmp_path
         for row in rows:
             row.pop("sha256")
     assert fresh == committed, stale.format("index.json")
+
+
+def test_the_package_ships_the_tables_byte_for_byte():
+    """dmsteps_cli/bundled/ (what `pip install` ships, found by name) holds exactly tables/*.json."""
+    bundled = {p.name: p.read_bytes() for p in (ROOT / "dmsteps_cli" / "bundled").glob("*.json")}
+    source = {p.name: p.read_bytes() for p in TABLES.glob("*.json")}
+    assert bundled == source, "dmsteps_cli/bundled/ differs from tables/: run `make tables` and commit both"
+
+
+def test_the_package_copies_mirror_the_json_files(tmp_path):
+    script = ROOT / "scripts" / "make_tables.py"
+    sys.path.insert(0, str(script.parent))
+    import make_tables
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.json").write_text("{}\n")
+    (tmp_path / "t" / "README.md").write_text("not copied\n")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "stale.json").write_text("{}\n")
+    assert make_tables.copy_json_files(tmp_path / "t", tmp_path / "p") == 2
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["a.json"]
+    assert make_tables.copy_json_files(tmp_path / "t", tmp_path / "p") == 0
 
 
 if __name__ == "__main__":

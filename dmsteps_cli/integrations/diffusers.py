@@ -72,7 +72,7 @@ two Euler schedulers; other variants run the table's steps with their own update
 
 Imports numpy, ``errors``, ``schedules``, ``tables`` and ``weights`` at load, never the optimizer;
 diffusers and torch inside the functions (without diffusers a ``BadInput`` says
-``pip install dmsteps[diffusers]``).
+``pip install 'dmsteps[diffusers]'``).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise BadInput("the diffusers integration needs diffusers: pip install dmsteps[diffusers]") from None
+        raise BadInput("the diffusers integration needs diffusers: pip install 'dmsteps[diffusers]'") from None
     return diffusers
 
 
