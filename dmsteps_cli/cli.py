@@ -115,24 +115,34 @@ def optimize(
             print(f"warning: NFE {e['nfe']}: optimizer {e['optimizer']['status']}: {e['optimizer']['message']}",
                   file=sys.stderr)
     if not quiet:
-        _summary(err, table)
-        if objective is None and init is None and p is None and trunc is None:
-            err.print(_default_note(sched, config), markup=False)
+        if config.objective != "none":
+            _summary(err, table)
+        defaults = objective is None and init is None and p is None and trunc is None
+        err.print(_written_note(sched, config, output, defaults), markup=False)
 
 
-def _default_note(schedule, config) -> str:
-    """One line on stderr: which default steps the table holds and why."""
+def _written_note(schedule, config, output: str | None, defaults: bool) -> str:
+    """One line on stderr: what the table holds and why, in words."""
+    from .grids import GRID_WORDS
     from .optimize import FALLBACK_STEPS
     from .schedules import preset_of
 
-    preset = preset_of(schedule)
-    if (config.objective, config.init) == FALLBACK_STEPS and preset is None:
-        return ("default steps: the reference objective from uniform t (no measurements for this schedule; "
-                "`dmsteps evaluate` compares it with the hand-made grids on your model)")
-    what = (f"the hand-made grid {config.init}" if config.objective == "none"
-            else f"the {config.objective} objective's optimized steps")
-    return (f"default steps for {preset}: {what}, measured best on average over three data sets and two "
-            "solvers (docs/evaluation-data.md); --objective reference gives the optimized table")
+    nfe = config.nfe
+    where = "stdout" if output in (None, "-") else output
+    head = f"wrote {where}: NFE {nfe[0]}..{nfe[-1]}" if len(nfe) > 1 else f"wrote {where}: NFE {nfe[0]}"
+    grid = f"the {GRID_WORDS[config.init]} ({config.init})"
+    if config.objective == "none":
+        steps = f"{grid}, as asked" if not defaults else (
+            f"{grid}: the steps measured best for {preset_of(schedule)} over three data sets and two solvers "
+            "(docs/evaluation-data.md); the paper's optimized steps: --objective reference")
+        return f"{head}, {steps}"
+    steps = f"the paper's optimized steps ({config.objective} objective, p = {config.p:g}, from {grid})"
+    if defaults and (config.objective, config.init) == FALLBACK_STEPS and preset_of(schedule) is None:
+        steps += ("; no measurements for this schedule, so the paper's method is the default "
+                  "(dmsteps evaluate compares it with the hand-made grids on your model)")
+    elif defaults:
+        steps += f": the steps measured best for {preset_of(schedule)} (docs/evaluation-data.md)"
+    return f"{head}, {steps}"
 
 
 def _summary(console, table: dict) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from .errors import BadInput
 
 GRIDS = ("unif", "unif_t", "quad", "edm")
+GRID_WORDS = {"unif": "uniform-λ grid", "unif_t": "uniform-t grid", "quad": "time-quadratic grid (uniform √t)",
+              "edm": "EDM grid (uniform σ^(1/7))"}
 EDM_RHO = 7.0
 
 

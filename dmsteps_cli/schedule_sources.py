@@ -244,8 +244,10 @@ def _load_array(path: Path) -> np.ndarray:
         raise BadInput("schedule file: no file name given (betas:FILE or alphas_cumprod:FILE)")
     if path.is_dir():
         raise BadInput(f"schedule file {path} is a folder")
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"schedule file {path} does not exist")
+    if not path.is_file():
+        raise BadInput(f"schedule file {path} is not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns of an empty file before failing on it

@@ -324,3 +324,14 @@ def test_exports_import_neither_torch_nor_numpy():
 def test_zz_report_measured_differences():
     for case, diff in sorted(MEASURED.items()):
         print(f"max |diffusers - run_plan| {case}: {diff:.3g}")
+
+
+def test_apply_table_takes_a_bundled_table_by_name():
+    """apply_table(scheduler, "sd-unipc-o3", nfe=10): the ready-made table shipped in the package."""
+    from dmsteps_cli.tables import bundled_tables, load_table
+
+    sched = diffusers.UniPCMultistepScheduler(**SD, solver_order=3)
+    apply_table(sched, "sd-unipc-o3", nfe=10)
+    sched.set_timesteps(10)
+    want = entry_for(load_table(bundled_tables()["sd-unipc-o3"]), 10)["sigmas"]
+    np.testing.assert_allclose(sched.sigmas.double().numpy(), want, rtol=1e-6)
