@@ -246,7 +246,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "grid by 1.5-2.1x on average (geometric mean over NFE 5-15, both solvers) for every family here but "
         "`edm`, where they won (0.89x). Which grid wins depends on the family, and for `sd` also on the data; "
         "steps refined on one data set lost up to 2.7x on another. The way to beat the grids on *your* model "
-        "is `dmsteps refine` (README: \"What the numbers mean\").",
+        "is `dmsteps refine` ([docs/results.md](../docs/results.md)).",
         "- FLUX.1-schnell is timestep-distilled for 1-4 steps; these tables start at 5.",
         "",
         "## Regenerating",
@@ -277,9 +277,11 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "",
         "## Using them",
         "",
-        "Recipes for diffusers, k-diffusion / ComfyUI, stable-diffusion.cpp and the official DPM-Solver / "
-        "UniPC code: [\"Using a table in your sampler\"](../README.md#using-a-table-in-your-sampler) in the "
-        "top-level README (tested by `tests/test_recipes.py`).",
+        "Each table is named by its file name without `.json` (`sd-unipc-o3`) wherever dmsteps reads a table; "
+        "the package ships copies of these files. The shortest recipes are in the top-level README's "
+        "[30-second start](../README.md#30-second-start); recipes for diffusers, k-diffusion / ComfyUI, "
+        "stable-diffusion.cpp and the official DPM-Solver / UniPC code are in "
+        "[docs/recipes.md](../docs/recipes.md) (all tested by `tests/test_recipes.py`).",
         "",
     ]
     return "\n".join(lines)

@@ -1,12 +1,14 @@
-"""The recipes of README.md's "Using a table in your sampler", executed.
+"""The recipes of README.md's "30-second start" and docs/recipes.md, executed.
 
-Every fenced block preceded by a line ``<!-- recipe: NAME -->`` is extracted from README.md and run:
-Python blocks with ``exec`` in a namespace prepared here (a tiny random pipeline or UNet), shell
-blocks through ``bash`` with ``dmsteps`` (and a stub ``sd`` that records its arguments) on PATH. The
-working directory holds ``tables/<file>`` made fresh in a temporary folder with the settings
-``scripts/make_tables.py`` uses, so the recipes' relative paths ``tables/...`` resolve to them. The
-only substitution is the NFE (``nfe=10``, ``set_timesteps(10)``, ``num_inference_steps=10``) where a
-test runs a recipe at several NFE.
+Every fenced block preceded by a line ``<!-- recipe: NAME -->`` is extracted from the two files (each
+name exactly once across them) and run: Python blocks with ``exec`` in a namespace prepared here (a
+tiny random pipeline or UNet), shell blocks through ``bash`` with ``dmsteps`` (and a stub ``sd`` that
+records its arguments) on PATH. A recipe names a table either as a ready-made table (``"sd-unipc-o3"``:
+the package's bundled copy, byte-identical to tables/, which tests/test_tables_dir.py checks) or as a
+path ``tables/<file>``: the working directory holds such files made fresh in a temporary folder with
+the settings ``scripts/make_tables.py`` uses. Each test compares against the table the recipe reads.
+The only substitution is the NFE (``nfe=10``, ``set_timesteps(10)``, ``num_inference_steps=10``) where
+a test runs a recipe at several NFE.
 
 The diffusers recipes are checked against dmsteps' own solver: the scheduler set-up followed by the
 sampling-loop recipe gives ``dmsteps sample``'s output (``run_sample`` on a pipeline folder with a
@@ -29,7 +31,7 @@ import pytest
 import torch
 
 from dmsteps_cli.build import make_table
-from dmsteps_cli.tables import dumps, entry_for, load_table
+from dmsteps_cli.tables import bundled_tables, dumps, entry_for, load_table, table_source
 
 torch.set_num_threads(1)
 import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])
@@ -42,18 +44,18 @@ from dmsteps_cli.solvers import build_plan, run_plan  # noqa: E402
 from tiny import record_orders, save_pipeline, save_tiny_text_to_image, tiny_unet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Using a table in your sampler"
+SECTION = "## 30-second start"  # the README's recipes are in this section; docs/recipes.md holds the rest
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 TOL = 1e-5
 MEASURED = {}  # case -> max abs difference, printed by the last test (pytest -s)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
-# every recipe in the README must be one of these (and each is used by a test below)
+# every recipe of README.md and docs/recipes.md must be one of these (and each is used by a test below)
 RECIPES = {"diffusers", "diffusers-dpmpp", "diffusers-call", "diffusers-loop", "diffusers-flow", "sigmas-cli",
            "k-diffusion", "sdcpp-cli", "sdcpp", "dpm-solver"}
 
 
-# --- reading the README ------------------------------------------------------------------------------
+# --- reading README.md and docs/recipes.md -----------------------------------------------------------
 
 def read_recipes(text: str) -> dict:
     """NAME -> (language, code) for each ``<!-- recipe: NAME -->`` + fenced block."""
@@ -76,7 +78,10 @@ def read_recipes(text: str) -> dict:
 
 
 README = (ROOT / "README.md").read_text()
-ALL = read_recipes(README)
+RECIPES_DOC = (ROOT / "docs" / "recipes.md").read_text()
+IN_README = read_recipes(README)
+IN_DOC = read_recipes(RECIPES_DOC)
+ALL = {**IN_DOC, **IN_README}
 
 
 def recipe(name: str, lang: str | None = None) -> str:
@@ -94,17 +99,52 @@ def at_nfe(code: str, n: int) -> str:
     return out
 
 
+# a table as a recipe names it: a path tables/<file>.json, or a ready-made table's name (with or
+# without .json), e.g. "sd-unipc-o3"
+TABLE_REF = re.compile(r"(?<![\w./-])((?:tables/)?[a-z0-9]+(?:-[a-z0-9]+)*-(?:unipc|dpmpp)-o\d(?:\.json)?)(?![\w.-])")
+
+
+def table_refs(code: str) -> list[str]:
+    """The tables a recipe reads, as written in it."""
+    return TABLE_REF.findall(code)
+
+
 def table_names(code: str) -> list[str]:
-    return re.findall(r"tables/([\w.-]+\.json)", code)
+    """The files of tables/ a recipe reads by path (the workdir fixture makes them fresh)."""
+    return [ref[len("tables/"):] for ref in table_refs(code) if ref.startswith("tables/")]
 
 
-def test_recipes_are_all_known_and_inside_the_section():
+def table_path(code: str) -> Path:
+    """The file the recipe's first table reference reads, resolved as dmsteps resolves it (a path
+    first, then a ready-made table's name); run from the recipes' working directory."""
+    refs = table_refs(code)
+    assert refs, "the recipe names no table"
+    return Path(table_source(refs[0])).resolve()
+
+
+def test_recipes_are_all_known_and_in_place():
     assert set(ALL) == RECIPES, f"new or missing recipes: {set(ALL) ^ RECIPES}"
-    section = README.index(SECTION)
-    assert README.rindex("\n## ") == section - 1, "the recipes' section must be the README's last one"
-    assert len(re.findall(r"^\s*<!-- recipe:", README, flags=re.M)) == len(ALL)
-    assert all(README.index(f"<!-- recipe: {n} -->") > section for n in ALL)
+    assert not set(IN_README) & set(IN_DOC), f"recipes in both files: {set(IN_README) & set(IN_DOC)}"
+    assert IN_README and IN_DOC
+    # the README's recipes are inside its "30-second start" section
+    start = README.index(f"\n{SECTION}\n")
+    end = README.find("\n## ", start + 1)
+    end = len(README) if end < 0 else end
+    assert all(start < README.index(f"<!-- recipe: {n} -->") < end for n in IN_README)
+    # every marker is followed by a block that was read
+    for text, found in ((README, IN_README), (RECIPES_DOC, IN_DOC)):
+        assert len(re.findall(r"^\s*<!-- recipe:", text, flags=re.M)) == len(found)
     assert {lang for lang, _ in ALL.values()} == {"python", "sh"}
+    # every table a recipe names exists: a ready-made table or a file scripts/make_tables.py makes
+    made = {row["file"] for row in _make_tables_module().plan()}
+    for name, (_, code) in ALL.items():
+        refs = table_refs(code)
+        assert refs or name in ("diffusers-loop", "diffusers-call"), f"recipe {name} names no table"
+        for ref in refs:
+            if ref.startswith("tables/"):
+                assert ref[len("tables/"):] in made, (name, ref)
+            else:
+                assert ref.removesuffix(".json") in bundled_tables(), (name, ref)
 
 
 # --- fresh tables in a temporary folder ---------------------------------------------------------------
@@ -124,7 +164,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
     (root / "tables").mkdir()
     needed = sorted({n for _, code in ALL.values() for n in table_names(code)})
-    assert needed and all(n in rows for n in needed), needed
+    assert all(n in rows for n in needed), needed
     for name in needed:
         (root / "tables" / name).write_text(dumps(make_table(mt.config_for(rows[name])), "json"))
     return root
@@ -137,14 +177,14 @@ def in_workdir(workdir, monkeypatch):
 
 
 def imports(namespace: dict) -> dict:
-    """The namespace after the import lines of the first diffusers recipe, which the later
-    diffusers recipes of the section build on (as a reader running them in order has)."""
+    """The namespace after the import lines of the README's diffusers recipe, which the stock
+    pipeline call builds on (as a reader running them in order has)."""
     lines = [line for line in recipe("diffusers", "python").splitlines(True) if line.startswith(("import ", "from "))]
     return run_python("".join(lines), namespace)
 
 
 def run_python(code: str, namespace: dict) -> dict:
-    exec(compile(code, "<README recipe>", "exec"), namespace)
+    exec(compile(code, "<recipe>", "exec"), namespace)
     return namespace
 
 
@@ -181,7 +221,7 @@ def ddpm_pipeline(folder: Path):
 @pytest.mark.parametrize("setup", ["diffusers", "diffusers-dpmpp"])
 def test_diffusers_loop_equals_dmsteps_sample(in_workdir, unet_folder, tmp_path, setup, nfe):
     code = recipe(setup, "python")
-    table = in_workdir / "tables" / table_names(code)[0]
+    table = table_path(code)
     pipe = ddpm_pipeline(unet_folder)
     ns = run_python(at_nfe(code, nfe), imports({"pipe": pipe}))
     want_cls = diffusers.UniPCMultistepScheduler if setup == "diffusers" else diffusers.DPMSolverMultistepScheduler
@@ -222,7 +262,7 @@ def test_stock_pipeline_call_runs_the_table(in_workdir, sd_folder, setup):
     its UNet sees the table's timesteps as floats, the scheduler runs the table's orders, and the
     final latents equal run_plan's on the same model, prompt embeddings, guidance and noise."""
     code = recipe(setup, "python")
-    table = load_table(in_workdir / "tables" / table_names(code)[0])
+    table = load_table(table_path(code))
     nfe = 10
     e = entry_for(table, nfe)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder)
@@ -278,7 +318,7 @@ def test_flow_setup_runs_the_flow_table(in_workdir, tmp_path):
     the table's t are the sigmas (not shifted again), 1000 t the timesteps, and a sampling loop with
     a tiny flow-velocity UNet ends where run_plan does."""
     code = recipe("diffusers-flow", "python")
-    table = load_table(in_workdir / "tables" / table_names(code)[0])
+    table = load_table(table_path(code))
     nfe = 10
     e = entry_for(table, nfe)
     unet = tiny_unet(1)
@@ -316,7 +356,7 @@ def test_sigmas_cli(in_workdir, tmp_path):
     code = recipe("sigmas-cli", "sh")
     r = run_shell(code, in_workdir, tmp_path)
     assert r.returncode == 0, r.stderr
-    entry = entry_for(load_table(in_workdir / "tables" / table_names(code)[0]), 10)
+    entry = entry_for(load_table(table_path(code)), 10)
     assert r.stdout.count("\n") == 1
     values = [float(v) for v in r.stdout.strip().split(",")]
     assert values == entry["sigmas"] and len(values) == 11
@@ -326,7 +366,7 @@ def test_sigmas_cli(in_workdir, tmp_path):
 def test_k_diffusion_and_comfyui(in_workdir):
     code = recipe("k-diffusion", "python")
     ns = run_python(code, {})
-    entry = entry_for(load_table(in_workdir / "tables" / table_names(code)[0]), 10)
+    entry = entry_for(load_table(table_path(code)), 10)
     sigmas = ns["sigmas"]
     assert torch.is_tensor(sigmas) and sigmas.dtype == torch.float32 and len(sigmas) == 11
     assert sigmas[-1].item() == 0.0
@@ -350,7 +390,7 @@ def test_sdcpp_cli(in_workdir, tmp_path):
     r = run_shell(code, in_workdir, tmp_path)
     assert r.returncode == 0, r.stderr
     argv = json.loads((tmp_path / "sd_args.json").read_text())
-    entry = entry_for(load_table(in_workdir / "tables" / table_names(code)[0]), 10)
+    entry = entry_for(load_table(table_path(code)), 10)
     assert _sd_sigmas(argv) == entry["sigmas"]
     assert argv[argv.index("--steps") + 1] == "10"
 
@@ -358,7 +398,7 @@ def test_sdcpp_cli(in_workdir, tmp_path):
 def test_sdcpp_python(in_workdir, tmp_path, capsys):
     code = recipe("sdcpp", "python")
     ns = run_python(code, {})
-    entry = entry_for(load_table(in_workdir / "tables" / table_names(code)[0]), 10)
+    entry = entry_for(load_table(table_path(code)), 10)
     line = capsys.readouterr().out.strip()
     assert f'--sigmas "{ns["arg"]}"' in line
     assert [float(v) for v in ns["arg"].split(",")] == entry["sigmas"][:-1] + [0.0]
@@ -395,7 +435,7 @@ def test_dpm_solver(in_workdir):
     code = recipe("dpm-solver", "python")
     solver = OfficialSolverStandIn()
     ns = run_python(code, {"dpm_solver": solver, "x_T": torch.zeros(1, 3, 8, 8)})
-    entry = entry_for(load_table(in_workdir / "tables" / table_names(code)[0]), 10)
+    entry = entry_for(load_table(table_path(code)), 10)
     timesteps, t_T, t_0, order = solver.used
     assert timesteps.dtype == torch.float32 and len(timesteps) == 11
     np.testing.assert_allclose(timesteps.numpy(), entry["t"], rtol=1e-7)
