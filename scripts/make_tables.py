@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                 (out / name).unlink()
                 print(f"removed {out / name} (no longer made)")
     index = {"schema": INDEX_SCHEMA, "generator": {"name": "dmsteps", "version": __version__},
-             "recipes": "../README.md#using-a-table-in-your-sampler", "files": rows}
+             "recipes": "../docs/recipes.md", "files": rows}
     changed += write_if_changed(out / "index.json", dumps(index, "json"))
     changed += write_if_changed(out / "README.md", readme(rows, tables))
     package = args.package
