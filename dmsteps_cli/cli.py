@@ -130,7 +130,8 @@ def _written_note(schedule, config, output: str | None, defaults: bool) -> str:
     nfe = config.nfe
     where = "stdout" if output in (None, "-") else output
     head = f"wrote {where}: NFE {nfe[0]}..{nfe[-1]}" if len(nfe) > 1 else f"wrote {where}: NFE {nfe[0]}"
-    grid = f"the {GRID_WORDS[config.init]} ({config.init})"
+    grid = (f"the {GRID_WORDS[config.init]} ({config.init})" if config.init in GRID_WORDS
+            else "whichever hand-made grid gave the lowest objective (best)")
     if config.objective == "none":
         steps = f"{grid}, as asked" if not defaults else (
             f"{grid}: the steps measured best for {preset_of(schedule)} over three data sets and two solvers "

@@ -285,7 +285,7 @@ def test_other_solver_family_warns():
 
 def test_without_diffusers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    with pytest.raises(BadInput, match=r"pip install dmsteps\[diffusers\]"):
+    with pytest.raises(BadInput, match=r"pip install 'dmsteps\[diffusers\]'"):
         apply_table(object(), table("unipc", 3), 5)
 
 

@@ -469,7 +469,7 @@ def test_checkpoint_errors(unet_dirs, tmp_path):
 def test_missing_diffusers_is_one_clear_line(unet_dirs, monkeypatch):
     root, _ = unet_dirs
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    with pytest.raises(BadInput, match=r"pip install dmsteps\[diffusers\]"):
+    with pytest.raises(BadInput, match=r"pip install 'dmsteps\[sample\]'"):
         load_checkpoint(root / "ddpm")
 
 
