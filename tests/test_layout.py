@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from no_torch import CLI_WITHOUT_TORCH
 
 from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
 from dmsteps_cli.mixtures import GaussianMixture, save_mixture
@@ -30,26 +31,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_
 TORCH_FREE = ("dmsteps_cli.optimize", "dmsteps_cli.build", "dmsteps_cli.tables", "dmsteps_cli.check",
               "dmsteps_cli.integrations.diffusers", "dmsteps_cli.cli")
 
-# Runs the CLI (``python -c BLOCKED_CLI args...``) with every import of torch refused, then fails
-# if torch got into sys.modules anyway; exits with the CLI's own status.
-BLOCKED_CLI = """
-import importlib.abc, runpy, sys
-
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
-try:
-    runpy.run_module("dmsteps_cli", run_name="__main__")
-    code = 0
-except SystemExit as exc:
-    code = exc.code
-assert "torch" not in sys.modules, "torch was imported"
-sys.exit(code)
-"""
+BLOCKED_CLI = CLI_WITHOUT_TORCH  # python -c BLOCKED_CLI args...: the CLI with torch refused
 
 
 # --- the import graph ------------------------------------------------------------------------------

@@ -16,23 +16,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from no_torch import CLI_WITHOUT_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_PACKAGES = {"torch", "diffusers", "transformers", "safetensors", "pillow"}
 
-# Runs ``dmsteps`` (``python -c NO_TORCH args...``) with torch refused, as on a machine without it.
-NO_TORCH = """
-import importlib.abc, runpy, sys
-
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("no torch on this machine")
-        return None
-
-sys.meta_path.insert(0, NoTorch())
-runpy.run_module("dmsteps_cli", run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +77,7 @@ def test_the_wheel_ships_every_ready_made_table_byte_for_byte(wheel):
 def run_installed(site: Path, cwd: Path, *args, stdin: str | None = None):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], cwd=cwd, env=env, input=stdin,
+    return subprocess.run([sys.executable, "-c", CLI_WITHOUT_TORCH, *map(str, args)], cwd=cwd, env=env, input=stdin,
                           capture_output=True, text=True, timeout=600)
 
 
