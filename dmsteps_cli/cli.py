@@ -137,7 +137,8 @@ def _written_note(schedule, config, output: str | None, defaults: bool) -> str:
             f"{grid}: the steps measured best for {preset_of(schedule)} over three data sets and two solvers "
             "(docs/evaluation-data.md); the paper's optimized steps: --objective reference")
         return f"{head}, {steps}"
-    steps = f"the paper's optimized steps ({config.objective} objective, p = {config.p:g}, from {grid})"
+    whose = "the paper's" if config.objective in ("reference", "paper") else "the"
+    steps = f"{whose} optimized steps ({config.objective} objective, p = {config.p:g}, from {grid})"
     if defaults and (config.objective, config.init) == FALLBACK_STEPS and preset_of(schedule) is None:
         steps += ("; no measurements for this schedule, so the paper's method is the default "
                   "(dmsteps evaluate compares it with the hand-made grids on your model)")
