@@ -179,6 +179,7 @@ class Evaluator:
         e = rms_per_sample(x, self.reference)
         while self._require(float(e.mean())):
             e = rms_per_sample(x, self.reference)
+        self._measured(float(e.mean()))
         return e
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
@@ -187,6 +188,7 @@ class Evaluator:
             value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T,
                                               self.eps, lam, solver, order, variant, chunk)
             if not self._require(value):
+                self._measured(value)
                 return value, grad
 
     def settle(self, step_sets, solver, order, variant, margin: float = 1.0) -> None:
@@ -195,6 +197,7 @@ class Evaluator:
         afterwards then share one reference unless one of them is smaller still."""
         smallest = min(float(self.errors(lam, solver, order, variant).mean()) for lam in step_sets)
         self._require(margin * smallest)
+        self._record()
 
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)
@@ -232,12 +235,13 @@ class Evaluator:
         self._record()
 
     def _require(self, error: float) -> bool:
-        """Apply the rule for a newly measured mean error; True when the reference changed."""
+        """Double S until the rule holds for a mean error ``error`` too (or the doubling stops);
+        True when the reference changed (the error must then be measured again)."""
         if self.reference_steps is None or not math.isfinite(error):
             return False
-        self._smallest = error if self._smallest is None else min(self._smallest, error)
+        smallest = error if self._smallest is None else min(self._smallest, error)
         changed = False
-        while self.check_error > REF_TOLERANCE * self._smallest and not self._exhausted:
+        while self.check_error > REF_TOLERANCE * smallest and not self._exhausted:
             if 2 * self.check_steps > BOUNDS["ref_steps"][1]:
                 self._exhausted = True
                 break
@@ -246,8 +250,13 @@ class Evaluator:
             changed = True
             if not self.check_error < before:
                 self._exhausted = True
-        self._record()
         return changed
+
+    def _measured(self, error: float) -> None:
+        """Note a mean error returned to the caller (measured against the current reference)."""
+        if self.reference_steps is not None and math.isfinite(error):
+            self._smallest = error if self._smallest is None else min(self._smallest, error)
+            self._record()
 
     def _record(self) -> None:
         met = self._smallest is None or self.check_error <= REF_TOLERANCE * self._smallest
