@@ -197,7 +197,6 @@ class Evaluator:
         afterwards then share one reference unless one of them is smaller still."""
         smallest = min(float(self.errors(lam, solver, order, variant).mean()) for lam in step_sets)
         self._require(margin * smallest)
-        self._record()
 
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)

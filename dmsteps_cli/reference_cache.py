@@ -70,9 +70,9 @@ def open_cache(folder=None, enabled: bool = True) -> ReferenceCache | None:
         return None
     if isinstance(folder, ReferenceCache):
         return folder
-    root = default_folder() if folder is None else Path(os.fspath(folder)).expanduser()
-    if str(root) == "":
+    if folder is not None and os.fspath(folder) == "":
         raise bad_setting("cache", "is empty: give a folder")
+    root = default_folder() if folder is None else Path(os.fspath(folder)).expanduser()
     if root.exists() and not root.is_dir():
         raise bad_setting("cache", f"{root}: exists and is not a folder")
     return ReferenceCache(root)

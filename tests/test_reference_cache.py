@@ -169,6 +169,8 @@ def test_where_the_cache_lives(tmp_path, monkeypatch):
     with pytest.raises(BadInput) as exc:
         open_cache(tmp_path / "f")
     assert exc.value.field == "cache" and "exists and is not a folder" in str(exc.value)
+    with pytest.raises(BadInput, match="^cache is empty: give a folder$"):
+        open_cache("")
 
 
 # --- the convergence rule -------------------------------------------------------------------------
