@@ -226,11 +226,11 @@ class Evaluator:
     def _use(self, steps: int) -> None:
         """Take x_2S as the reference for S = ``steps``; check(S) and the record."""
         coarse, fine = self._solution(steps), self._solution(2 * steps)
-        for s in [s for s in self._solutions if s < steps]:
-            del self._solutions[s]
         self.check_steps, self.reference_steps = steps, 2 * steps
         self.reference = fine
         self.check_error = float(rms_per_sample(coarse, fine).mean())
+        for s in [s for s in self._solutions if s < 2 * steps]:
+            del self._solutions[s]  # x_2S is the next doubling's x_S
         self._record()
 
     def _require(self, error: float) -> bool:

@@ -265,10 +265,10 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
     denoiser = network_denoiser(ckpt, class_label, guidance_scale)
     seeds = train_seeds(train, seed)
-    conditioning = dict(cache=cache, class_label=class_label, guidance_scale=guidance_scale)
-    training = Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, **conditioning)
+    shared = dict(cache=cache, class_label=class_label, guidance_scale=guidance_scale)
+    training = Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, **shared)
     held = Evaluator(ckpt, denoiser, range(seed, seed + holdout), cfg["T"], cfg["eps"], ckpt.device, ref_steps,
-                     **conditioning)
+                     **shared)
     top = max(nfes)
     top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
     for ev in (training, held):
