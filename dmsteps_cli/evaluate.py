@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .checkpoints import Checkpoint, load_checkpoint, network_denoiser
-from .errors import BadInput, bad_setting
+from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
 from .reference_cache import open_cache

@@ -284,3 +284,22 @@ def test_evaluate_reports_the_cache_and_reuses_it(tmp_path):
     assert f"reference cache {tmp_path / 'default'}: 0 solutions read" in by_default.stderr
     bad = run(*args, "--cache", str(tmp_path / "mix.yaml"))
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: --cache {tmp_path / 'mix.yaml'}: exists and is not a folder"
+
+
+def test_refine_reuses_the_references_of_both_sets_of_noises(tmp_path):
+    from dmsteps_cli import StepConfig, dumps, make_table
+    from dmsteps_cli.refine import RefineRequest, refine
+
+    means = torch.tensor(np.random.default_rng(3).uniform(-1, 1, size=(3, 16)))
+    save_mixture(GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)), tmp_path / "mix.yaml", schedule="vp-linear")
+    table = tmp_path / "t.json"
+    table.write_text(dumps(make_table(StepConfig(schedule="vp-linear", nfe=(6,)), get_schedule("vp-linear")), "json"))
+    tables, caches = [], []
+    for _ in range(2):
+        caches.append(ReferenceCache(tmp_path / "cache"))
+        tables.append(refine(RefineRequest(checkpoint=str(tmp_path / "mix.yaml"), table=str(table), train=3, holdout=4,
+                                           maxiter=2, cache=caches[-1])))
+    assert caches[0].hits == 0 and caches[0].misses > 0 and caches[1].misses == 0
+    assert caches[1].hits == caches[0].misses  # training and held-out noises, every S
+    assert dumps(tables[1], "json") == dumps(tables[0], "json")
+    assert tables[0]["refine"]["reference"]["rule_met"]
