@@ -100,9 +100,10 @@ def model_fingerprint(ckpt) -> str:
 
     A Gaussian mixture (``kind`` "gmm"): its float64 means, standard deviations and weights and its
     sample shape. A network: every tensor of its ``state_dict`` (parameters and buffers, by name in
-    sorted order: name, dtype, shape, bytes), its class and config, and the checkpoint's prediction
-    type and dtype. Hashing reads every weight once (about 1.3 s per GB on one core of the 2-core
-    development machine).
+    sorted order: name, dtype, shape, bytes), its class and config (less diffusers' bookkeeping
+    fields ``_name_or_path``, ``_diffusers_version``, ...: a copied or moved folder keeps its key),
+    and the checkpoint's prediction type and dtype. Hashing reads every weight once (about 1.3 s per
+    GB on one core of the 2-core development machine).
     """
     if ckpt.kind == "gmm":
         m = ckpt.model
@@ -110,7 +111,7 @@ def model_fingerprint(ckpt) -> str:
         return hashlib.sha256(f"gaussian-mixture|{list(m.sample_shape)}|{weights}".encode()).hexdigest()
     model = ckpt.model
     weights = tensors_sha256(model.state_dict().items())
-    config = dict(getattr(model, "config", {}) or {})
+    config = {k: v for k, v in dict(getattr(model, "config", {}) or {}).items() if not str(k).startswith("_")}
     head = json.dumps({"class": type(model).__name__, "config": config, "prediction_type": ckpt.prediction_type,
                        "dtype": str(ckpt.dtype)}, sort_keys=True, default=str)
     return hashlib.sha256(f"{head}|{weights}".encode()).hexdigest()

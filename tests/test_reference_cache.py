@@ -239,7 +239,10 @@ def test_a_unet_reference_is_read_back_and_changed_weights_are_not(unet_folder, 
     ckpt = load_checkpoint(unet_folder)
     first, counted = evaluator(ckpt, range(2), ReferenceCache(tmp_path), ref_steps=32)
     assert sum(counted.batches) == 2 * (32 + 64)
-    again = load_checkpoint(unet_folder)  # loaded anew: the same weights, the same key
+    import shutil
+
+    moved = shutil.copytree(unet_folder, tmp_path / "elsewhere")
+    again = load_checkpoint(moved)  # loaded anew from another folder: the same weights, the same key
     cache = ReferenceCache(tmp_path)
     second, counted = evaluator(again, range(2), cache, ref_steps=32)
     assert counted.batches == [] and cache.hits == 4 and torch.equal(second.reference, first.reference)
