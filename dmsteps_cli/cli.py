@@ -274,6 +274,33 @@ def sample(
                   f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {out}/", markup=False)
 
 
+CACHE_HELP = ("Folder of the reference-solution cache (default $DMSTEPS_CACHE, else $XDG_CACHE_HOME/dmsteps, "
+              "else ~/.cache/dmsteps).")
+NO_CACHE_HELP = "Compute the reference solutions without reading or writing the cache."
+
+
+def _open_cache(folder, no_cache: bool):
+    """The reference cache of ``--cache``, ``--no-cache`` (None for none), opened here so that its
+    counts can be told after the run."""
+    from .reference_cache import open_cache
+
+    return open_cache(folder, enabled=not no_cache)
+
+
+def _cache_note(cache) -> None:
+    """One line on stderr: how the run used the reference cache, and its size on disk."""
+    if cache is None:
+        return
+    files, size = cache.disk_usage()
+    line = f"reference cache {cache.root}: {cache.hits} solutions read, {cache.misses} computed"
+    if cache.unreadable:
+        line += f" ({cache.unreadable} unreadable files computed again)"
+    line += f"; {files} files, {size / 1e6:.3g} MB on disk"
+    if cache.write_errors:
+        line += f"; not kept: {cache.write_errors[0]}"
+    print(line, file=sys.stderr)
+
+
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
@@ -288,7 +315,11 @@ def evaluate(
     samples: int = typer.Option(256, help="Number of noises (seeds seed ... seed + samples - 1)."),
     seed: int = typer.Option(0, help="First seed."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
-    ref_steps: int = typer.Option(500, help="Reference solution: 2x this many uniform-lambda steps (>= 500)."),
+    ref_steps: int = typer.Option(64, help="Reference solution: the first S of its convergence rule (UniPC-3 on "
+                                  "2S uniform-lambda steps, S doubled until S and 2S steps agree to 1% of the "
+                                  "smallest error measured; docs/cli.md)."),
+    cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
     class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
     guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
@@ -315,7 +346,7 @@ def evaluate(
                       baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
-                      guidance_scale=guidance_scale)
+                      guidance_scale=guidance_scale, cache=_open_cache(cache, no_cache), no_cache=no_cache)
     report = run_evaluation(req)
     write_output("-" if output is None else output, json.dumps(report, indent=1) + "\n")
     if plot is not None:
@@ -324,6 +355,7 @@ def evaluate(
         plot_evaluation(report, plot)
     if not quiet:
         _evaluation_summary(_stderr(), report)
+        _cache_note(req.cache)
 
 
 def _evaluation_summary(console, report: dict) -> None:
@@ -368,6 +400,8 @@ def refine(
                                    "memory does not fit (the result changes only by rounding)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
+    cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
     class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
     guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
@@ -384,10 +418,12 @@ def refine(
     out_fmt = format_for(output, fmt)
     if output is not None:
         check_writable(output)
+    reference_cache = _open_cache(cache, no_cache)
     table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                          nfe=parse_nfe(nfe) if nfe else None, train=train, holdout=holdout,
                                          seed=seed, maxiter=maxiter, grad_batch=grad_batch, device=device,
                                          schedule=schedule,
+                                         cache=reference_cache, no_cache=no_cache,
                                          class_label=class_label, guidance_scale=guidance_scale))
     write_output("-" if output is None else output, dumps(table_out, out_fmt))
     if not quiet:
@@ -412,6 +448,7 @@ def refine(
                       f"{r['holdout_error']:.4g}", f"{r['holdout_error'] / best_error:.2f} ({best})",
                       f"{r['train_error_start']:.4g} -> {r['train_error']:.4g}")
         _stderr().print(t)
+        _cache_note(reference_cache)
 
 
 @app.command()

@@ -6,11 +6,15 @@ same probability-flow ODE from the same noise, over the same interval [eps, T]:
 
     error = mean over samples of RMS(x - x_ref)   (root mean square over the sample's dimensions)
 
-The reference solution is the closed form for a single-Gaussian checkpoint, and otherwise UniPC
-order 3 (bh2) on ``ref_steps`` steps uniform in lambda, checked against ``2 ref_steps`` steps: the
-finer one is the reference and the RMS difference of the two is reported (``check_error``), so a
-reader sees that it is far below the errors measured. The ratio of each error to the best baseline
-grid at that NFE is reported too (below 1: better than every hand-made grid).
+The reference solution is the closed form for a single-Gaussian checkpoint, and otherwise x_2S,
+UniPC order 3 (bh2) on 2S steps uniform in lambda, for the first S of ``ref_steps`` (default 64),
+twice that, ... at which the convergence rule holds: check(S) = mean over the noises of
+RMS(x_S - x_2S) is at most 1% of the smallest mean error measured against it (``Evaluator`` states
+the rule in full). The report gives S, check(S) (``check_error``) and that smallest error, so a
+reader sees that the reference is two orders of magnitude closer than anything measured. Reference
+solutions are kept on disk per model, setting and seed (``reference_cache``) and read back by later
+runs. The ratio of each error to the best baseline grid at that NFE is reported too (below 1:
+better than every hand-made grid).
 
 Steps are N + 1 increasing log-SNRs lambda, noise end first (lambda(T) ... lambda(eps)); errors are
 in the units of the samples.
@@ -22,8 +26,8 @@ in the units of the samples.
 - ``evaluate_checkpoint``: the report for a loaded checkpoint and tables or steps in memory;
   ``evaluate`` loads the files of an ``EvalRequest`` and calls it.
 
-May import torch, numpy, the torch-free package modules, runtime, checkpoints and gradients;
-refine imports it.
+May import torch, numpy, the torch-free package modules, runtime, checkpoints, gradients and
+reference_cache; refine imports it.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ import numpy as np
 import torch
 
 from .checkpoints import Checkpoint, load_checkpoint, network_denoiser
-from .errors import BadInput, bad_setting
+from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
-from .limits import in_bounds
+from .reference_cache import open_cache
+from .reference_cache import settings as reference_settings
+from .limits import BOUNDS, in_bounds
 from .runtime import (
     full_precision,
     integrate,
@@ -54,7 +60,9 @@ from .tables import load_table
 
 SCHEMA = "dmsteps.evaluation/1"
 REF_SOLVER = ("unipc", 3, "bh2")
-MIN_REF_STEPS = 500
+REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
+REF_STEPS = 64  # the first S of the convergence rule (Evaluator)
+REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
 
 
@@ -70,7 +78,9 @@ class EvalRequest:
     samples: int = 256
     seed: int = 0
     device: str = "cpu"
-    ref_steps: int = 500
+    ref_steps: int = REF_STEPS
+    cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
+    no_cache: bool = False  # True: no reference cache
     schedule: str | None = None
     class_label: int | None = None
     guidance_scale: float = 1.0
@@ -97,51 +107,165 @@ def rms_per_sample(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
 
 
 class Evaluator:
-    """A checkpoint, its denoiser, fixed noises (one per seed) and their reference solutions on [eps, T]."""
+    """A checkpoint, its denoiser, fixed noises (one per seed) and their reference solutions on [eps, T].
 
-    def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = MIN_REF_STEPS):
+    ``denoiser`` is ``ckpt``'s denoiser for the conditioning ``class_label``, ``guidance_scale``
+    (``checkpoints.network_denoiser``); the conditioning is part of the cache key. Errors are in
+    the units of the samples: RMS(x - x_ref) over each sample's dimensions.
+
+    The reference (a single Gaussian: the closed form, exact; otherwise numerical) follows the
+    convergence rule. Let x_S be the solution with UniPC order 3 (bh2) on S steps uniform in lambda
+    from each noise, and check(S) = mean over the noises of RMS(x_S - x_2S). The reference is x_2S
+    for the first S of ``ref_steps``, 2 ``ref_steps``, 4 ``ref_steps``, ... with
+
+        check(S) <= REF_TOLERANCE (1%) x the smallest mean error measured against it so far.
+
+    Before any error is measured the reference is that of S = ``ref_steps``; every measurement
+    (``errors``, ``mean_error_and_grad``, ``settle``) whose mean error m gives
+    check(S) > REF_TOLERANCE m doubles S until the rule holds, then measures again against the new
+    reference, so every number returned satisfies the rule. The doubling stops short of the rule
+    when S would exceed the largest ``ref_steps`` (``limits.BOUNDS``) or when a doubling does not
+    lower check(S) (rounding, not the steps, limits the reference); ``reference_info["rule_met"]``
+    then says False. ``reference_steps`` is the reference's 2S (None for the closed form) and grows
+    only; a caller that compares numbers measured at different times compares their
+    ``reference_steps``.
+
+    ``cache``: a ``reference_cache.ReferenceCache`` or None; with one, each x_S is read per seed
+    where it was stored and computed (then stored) for the other seeds only.
+    """
+
+    def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = REF_STEPS,
+                 cache=None, class_label=None, guidance_scale: float = 1.0):
         self.ckpt, self.denoiser, self.schedule = ckpt, denoiser, ckpt.schedule
         self.T, self.eps, self.device = float(T), float(eps), device
         self.seeds = list(seeds)
         scale = initial_noise_scale(self.schedule, self.T)
         self.x_T = noise_for(self.seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
-        self.reference, self.reference_info = self._reference(ref_steps)
-
-    def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
-        """Samples for the steps ``lam`` (N + 1 increasing lambdas from lambda(T) to lambda(eps))."""
-        lam = np.asarray(lam, dtype=np.float64)
-        steps = step_arrays(self.schedule, lam, self.T, self.eps)
-        plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
-        t, timesteps = np.asarray(steps["t"]), steps["timesteps"]
-        with full_precision():
-            return integrate(self.denoiser, self.schedule, plan, t, timesteps, self.x_T)
-
-    def errors(self, lam, solver, order, variant) -> np.ndarray:
-        """Each noise's error RMS(x - x_ref) for the steps ``lam``: (samples,) float64."""
-        return rms_per_sample(self.solve(lam, solver, order, variant), self.reference)
-
-    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
-        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``)."""
-        return mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T, self.eps,
-                                   lam, solver, order, variant, chunk)
-
-    def _uniform(self, n: int) -> np.ndarray:
-        return grid_lambda("unif", self.schedule, n, self.T, self.eps)
-
-    def _reference(self, steps: int):
+        self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
+        self._smallest: float | None = None  # the smallest mean error measured
+        self._exhausted = False  # the doubling stopped short of the rule
+        self._entry = None
+        self.reference_steps: int | None = None
         mixture = self.ckpt.model if self.ckpt.kind == "gmm" else None
         if mixture is not None and mixture.K == 1:
             s = self.schedule
             ref = mixture.ode_solution(self.x_T, float(s.alpha(self.T)), float(s.sigma(self.T)),
                                        float(s.alpha(self.eps)), float(s.sigma(self.eps)))
-            return ref.to(self.x_T.dtype), {"method": "closed form (single Gaussian)"}
-        if steps < MIN_REF_STEPS:
-            raise bad_setting("ref_steps", f"must be at least {MIN_REF_STEPS}, got {steps}")
-        coarse = self.solve(self._uniform(steps), *REF_SOLVER)
-        fine = self.solve(self._uniform(2 * steps), *REF_SOLVER)
-        check = float(rms_per_sample(coarse, fine).mean())
-        return fine, {"method": f"UniPC order 3 (bh2), {2 * steps} steps uniform in lambda",
-                      "check": f"RMS difference to {steps} steps", "check_error": check}
+            self.reference, self.check_error = ref.to(self.x_T.dtype), 0.0
+            self.reference_info = {"method": "closed form (single Gaussian)"}
+            return
+        in_bounds("ref_steps", ref_steps)
+        if cache is not None:
+            self._entry = cache.entry(reference_settings(
+                ckpt, T=self.T, eps=self.eps, noise_scale=scale, state_dtype=self.x_T.dtype,
+                class_label=class_label, guidance_scale=guidance_scale))
+        self._use(int(ref_steps))
+
+    def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
+        """Samples for the steps ``lam`` (N + 1 increasing lambdas from lambda(T) to lambda(eps))."""
+        return self._solve(self.x_T, lam, solver, order, variant)
+
+    def _solve(self, x_T, lam, solver, order, variant) -> torch.Tensor:
+        lam = np.asarray(lam, dtype=np.float64)
+        steps = step_arrays(self.schedule, lam, self.T, self.eps)
+        plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
+        t, timesteps = np.asarray(steps["t"]), steps["timesteps"]
+        with full_precision():
+            return integrate(self.denoiser, self.schedule, plan, t, timesteps, x_T)
+
+    def errors(self, lam, solver, order, variant) -> np.ndarray:
+        """Each noise's error RMS(x - x_ref) for the steps ``lam``: (samples,) float64."""
+        x = self.solve(lam, solver, order, variant)
+        e = rms_per_sample(x, self.reference)
+        while self._require(float(e.mean())):
+            e = rms_per_sample(x, self.reference)
+        self._measured(float(e.mean()))
+        return e
+
+    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
+        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``)."""
+        while True:
+            value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T,
+                                              self.eps, lam, solver, order, variant, chunk)
+            if not self._require(value):
+                self._measured(value)
+                return value, grad
+
+    def settle(self, step_sets, solver, order, variant, margin: float = 1.0) -> None:
+        """Make the reference hold the rule for errors down to ``margin`` x the smallest mean error of
+        ``step_sets`` (lambda arrays), before measuring what is to be compared: numbers measured
+        afterwards then share one reference unless one of them is smaller still."""
+        smallest = min(float(self.errors(lam, solver, order, variant).mean()) for lam in step_sets)
+        self._require(margin * smallest)
+
+    def _uniform(self, n: int) -> np.ndarray:
+        return grid_lambda("unif", self.schedule, n, self.T, self.eps)
+
+    def _solution(self, steps: int) -> torch.Tensor:
+        """x_S for S = ``steps``: read from the cache where stored, else computed (and stored)."""
+        if steps in self._solutions:
+            return self._solutions[steps]
+        lam = self._uniform(steps)
+        if self._entry is None:
+            x = self.solve(lam, *REF_SOLVER)
+        else:
+            found = self._entry.load(REF_NAME, steps, self.seeds)
+            missing = [i for i, seed in enumerate(self.seeds) if int(seed) not in found]
+            x = torch.empty_like(self.x_T)
+            for i, seed in enumerate(self.seeds):
+                if int(seed) in found:
+                    x[i] = torch.from_numpy(found[int(seed)]).to(device=x.device, dtype=x.dtype)
+            if missing:
+                rows = torch.tensor(missing, device=self.x_T.device)
+                solved = self._solve(self.x_T[rows], lam, *REF_SOLVER)
+                x[rows] = solved
+                self._entry.save(REF_NAME, steps, {int(self.seeds[i]): solved[j] for j, i in enumerate(missing)})
+        self._solutions[steps] = x
+        return x
+
+    def _use(self, steps: int) -> None:
+        """Take x_2S as the reference for S = ``steps``; check(S) and the record."""
+        coarse, fine = self._solution(steps), self._solution(2 * steps)
+        self.check_steps, self.reference_steps = steps, 2 * steps
+        self.reference = fine
+        self.check_error = float(rms_per_sample(coarse, fine).mean())
+        for s in [s for s in self._solutions if s < 2 * steps]:
+            del self._solutions[s]  # x_2S is the next doubling's x_S
+        self._record()
+
+    def _require(self, error: float) -> bool:
+        """Double S until the rule holds for a mean error ``error`` too (or the doubling stops);
+        True when the reference changed (the error must then be measured again)."""
+        if self.reference_steps is None or not math.isfinite(error):
+            return False
+        smallest = error if self._smallest is None else min(self._smallest, error)
+        changed = False
+        while self.check_error > REF_TOLERANCE * smallest and not self._exhausted:
+            if 2 * self.check_steps > BOUNDS["ref_steps"][1]:
+                self._exhausted = True
+                break
+            before = self.check_error
+            self._use(2 * self.check_steps)
+            changed = True
+            if not self.check_error < before:
+                self._exhausted = True
+        return changed
+
+    def _measured(self, error: float) -> None:
+        """Note a mean error returned to the caller (measured against the current reference)."""
+        if self.reference_steps is not None and math.isfinite(error):
+            self._smallest = error if self._smallest is None else min(self._smallest, error)
+            self._record()
+
+    def _record(self) -> None:
+        met = self._smallest is None or self.check_error <= REF_TOLERANCE * self._smallest
+        self.reference_info = {
+            "method": f"UniPC order 3 (bh2), {self.reference_steps} steps uniform in lambda",
+            "steps": self.reference_steps,
+            "check": f"RMS difference to {self.check_steps} steps", "check_error": self.check_error,
+            "rule": f"check_error <= {REF_TOLERANCE:g} x smallest_error (the smallest mean error measured)",
+            "smallest_error": self._smallest, "rule_met": bool(met),
+        }
 
 
 # --- comparing with the hand-made grids ----------------------------------------------------------
@@ -232,9 +356,9 @@ def _needs_denoiser(ckpt: Checkpoint, source: str) -> None:
 def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = None, *,
                         baselines: Sequence[str] = GRIDS, nfe=None, solver: str | None = None,
                         order: int | None = None, variant: str | None = None, samples: int = 256, seed: int = 0,
-                        ref_steps: int = MIN_REF_STEPS, T: float | None = None, eps: float | None = None,
+                        ref_steps: int = REF_STEPS, T: float | None = None, eps: float | None = None,
                         shift: float | None = None, class_label=None, guidance_scale: float = 1.0,
-                        source: str | None = None, progress=None) -> dict:
+                        source: str | None = None, progress=None, cache=None) -> dict:
     """The evaluation report (a dict, schema ``SCHEMA``) of a loaded checkpoint.
 
     ``tables``: {name: table dict} or (name, table) pairs, made for the checkpoint's schedule and
@@ -243,7 +367,12 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     5..15) is measured for every grid in ``baselines`` and every table or step set that has it, on
     the noises of seeds seed ... seed + samples - 1. The interval (T, eps, shift) and the solver
     default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
-    in the report (default ``ckpt.source``); ``progress(nfe)`` is called after each NFE.
+    in the report (default ``ckpt.source``); ``progress(nfe)`` is called after each NFE measured;
+    ``cache``: a ``reference_cache.ReferenceCache`` for the reference solutions, or None.
+
+    The NFEs are measured largest first (the smallest errors, which set the reference's step count
+    by ``Evaluator``'s rule); an NFE measured before the reference last changed is measured again,
+    so every row of the report is measured against the one reference the report describes.
     """
     _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines)
     source = ckpt.source if source is None else source
@@ -269,16 +398,27 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     present = sorted({n for _, lams in step_sets for n in lams})
     nfes = list(nfe) if nfe is not None else present or list(range(5, 16))
     denoiser = network_denoiser(ckpt, class_label, guidance_scale)
-    ev = Evaluator(ckpt, denoiser, range(seed, seed + samples), T, eps, ckpt.device, ref_steps)
+    ev = Evaluator(ckpt, denoiser, range(seed, seed + samples), T, eps, ckpt.device, ref_steps, cache=cache,
+                   class_label=class_label, guidance_scale=guidance_scale)
+    measured: dict[int, tuple] = {}  # nfe -> (the reference's steps when measured, Comparison)
+    while True:
+        stale = [n for n in sorted(set(nfes), reverse=True)
+                 if n not in measured or measured[n][0] != ev.reference_steps]
+        if not stale:
+            break
+        for n in stale:
+            at_n = {name: lams[n] for name, lams in step_sets if n in lams}
+            before = ev.reference_steps
+            cmp = compare_at(ev, n, at_n, solver=solver, order=order, variant=variant, shift=shift,
+                             grids=list(dict.fromkeys(baselines)))
+            measured[n] = (before if ev.reference_steps == before else None, cmp)
+            if progress is not None:
+                progress(n)
     rows = []
     for n in nfes:
-        at_n = [(name, lams[n]) for name, lams in step_sets if n in lams]
-        cmp = compare_at(ev, n, dict(at_n), solver=solver, order=order, variant=variant, shift=shift,
-                         grids=list(dict.fromkeys(baselines)))
+        cmp = measured[n][1]
         rows += [_row(cmp, g, "baseline", cmp.grids[g]) for g in baselines]
-        rows += [_row(cmp, name, "table", cmp.steps[name]) for name, _ in at_n]
-        if progress is not None:
-            progress(n)
+        rows += [_row(cmp, name, "table", cmp.steps[name]) for name, lams in step_sets if n in lams]
     return {
         "schema": SCHEMA,
         "checkpoint": source,
@@ -294,8 +434,10 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
 
 
 def evaluate(req: EvalRequest, progress=None) -> dict:
-    """Load the request's checkpoint (on ``req.device``) and tables, then ``evaluate_checkpoint``."""
+    """Load the request's checkpoint (on ``req.device``) and tables, then ``evaluate_checkpoint``
+    with the request's reference cache (``reference_cache.open_cache(req.cache, not req.no_cache)``)."""
     _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines)
+    cache = open_cache(req.cache, enabled=not req.no_cache)
     ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
     tables = [(str(p), load_table(p)) for p in req.tables]
@@ -303,4 +445,4 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
                                order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,
                                ref_steps=req.ref_steps, T=req.T, eps=req.eps, shift=req.shift,
                                class_label=req.class_label, guidance_scale=req.guidance_scale,
-                               source=str(req.checkpoint), progress=progress)
+                               source=str(req.checkpoint), progress=progress, cache=cache)

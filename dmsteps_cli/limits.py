@@ -24,7 +24,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "holdout": (1, 1_048_576),
     "grad_batch": (1, 65_536),
     "maxiter": (0, 10_000),
-    "ref_steps": (500, 100_000),
+    "ref_steps": (32, 100_000),  # the reference's first S (evaluate.Evaluator doubles it as needed)
     "seed": (0, 2**62),
     "class_label": (0, 2**31 - 1),
     "guidance_scale": (0.0, 100.0),

@@ -48,8 +48,8 @@ The refined table is the input table with these changes:
     refine            checkpoint, from_table, solver {name, order, variant}, metric, reference (of
                       the training noises), train_seeds and holdout_seeds [first, last], optimizer
 
-May import numpy, scipy, the torch-free package modules, checkpoints, runtime and evaluate (torch
-through them).
+May import numpy, scipy, the torch-free package modules, checkpoints, runtime, reference_cache and
+evaluate (torch through them).
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ import numpy as np
 from .errors import BadInput
 from .limits import in_bounds
 from .checkpoints import load_checkpoint, network_denoiser
-from .evaluate import METRIC, Evaluator
+from .evaluate import METRIC, REF_STEPS, Evaluator
 from .grids import GRIDS, grid_lambda
 from .optimize import GAP_FRACTION, table_objective
+from .reference_cache import open_cache
 from .refined import TABLE
 from .runtime import resolve_device
 from .schedules import same_schedule, step_arrays
@@ -72,6 +73,7 @@ from .tables import entry_for, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
 METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
+REFINE_MARGIN = 0.5  # references are settled for errors down to half the best start's
 
 
 @dataclass
@@ -85,7 +87,9 @@ class RefineRequest:
     device: str = "cpu"
     maxiter: int = 60
     grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
-    ref_steps: int = 500
+    ref_steps: int = REF_STEPS
+    cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
+    no_cache: bool = False  # True: no reference cache
     schedule: str | None = None
     class_label: int | None = None
     guidance_scale: float = 1.0
@@ -234,7 +238,7 @@ def _needs_denoiser(ckpt, source: str) -> None:
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int = 256, seed: int = 0,
-                 maxiter: int = 60, grad_batch: int = 64, ref_steps: int = 500, class_label=None,
+                 maxiter: int = 60, grad_batch: int = 64, ref_steps: int = REF_STEPS, cache=None, class_label=None,
                  guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
                  progress=None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
@@ -245,6 +249,9 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
     ``maxiter``: L-BFGS-B iterations per NFE; ``grad_batch``: training noises per backward pass.
     ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
     the record and in messages; ``progress(nfe)`` is called after each NFE.
+    ``ref_steps``, ``cache``: the references' first S and the ``reference_cache.ReferenceCache`` (or
+    None) of both sets of noises; before the first NFE both references are settled on the starts at
+    the largest NFE with ``REFINE_MARGIN`` (``Evaluator.settle``).
     """
     _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label)
     nfes = _nfes_to_refine(table, nfe, table_name)
@@ -258,8 +265,14 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
     denoiser = network_denoiser(ckpt, class_label, guidance_scale)
     seeds = train_seeds(train, seed)
-    training = Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps)
-    held = Evaluator(ckpt, denoiser, range(seed, seed + holdout), cfg["T"], cfg["eps"], ckpt.device, ref_steps)
+    shared = dict(cache=cache, class_label=class_label, guidance_scale=guidance_scale)
+    training = Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, **shared)
+    held = Evaluator(ckpt, denoiser, range(seed, seed + holdout), cfg["T"], cfg["eps"], ckpt.device, ref_steps,
+                     **shared)
+    top = max(nfes)
+    top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
+    for ev in (training, held):
+        ev.settle(top_starts.values(), solver, order, variant, margin=REFINE_MARGIN)
 
     def held_error(lam) -> float:
         return float(held.errors(lam, solver, order, variant).mean())
@@ -298,12 +311,13 @@ def refine(req: RefineRequest, progress=None) -> dict:
     """Load the request's table and checkpoint (on ``req.device``), then ``refine_table``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
                     req.guidance_scale, req.class_label)
+    cache = open_cache(req.cache, enabled=not req.no_cache)
     table = load_table(req.table)
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
     ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, nfe=req.nfe, train=req.train, holdout=req.holdout, seed=req.seed,
-                        maxiter=req.maxiter, grad_batch=req.grad_batch, ref_steps=req.ref_steps,
+                        maxiter=req.maxiter, grad_batch=req.grad_batch, ref_steps=req.ref_steps, cache=cache,
                         class_label=req.class_label, guidance_scale=req.guidance_scale,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)
 

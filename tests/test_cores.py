@@ -148,6 +148,6 @@ def test_library_messages_name_settings_and_the_cli_shows_flags():
         assert message_of(exc.value).endswith("; use --device cpu") and message_of(exc.value).startswith("--device cuda")
     s = get_schedule("linear")
     two = mixture_checkpoint(GaussianMixture(np.eye(2), 0.3), s)
-    with pytest.raises(BadInput, match="^ref_steps must be at least 500, got 10$"):
+    with pytest.raises(BadInput, match="^ref_steps must be between 32 and 100000, got 10$"):
         Evaluator(two, two.denoiser(), range(2), s.T, s.eps_default, "cpu", ref_steps=10)
 

@@ -550,6 +550,20 @@ def model_groups(draw, bad: float):
     return groups, files, closed_form
 
 
+def cache_groups(draw, bad: float):
+    """The reference cache's options (evaluate, refine): (groups, files). Valid: none, a new or an
+    existing folder, --no-cache; bad: a regular file, an empty path, a folder under a regular file
+    (nothing can be written there: the run goes on without keeping the solutions)."""
+    kind = draw(st.sampled_from(["none", "none", "new", "existing", "off"]))
+    if is_bad(draw, bad):
+        kind = draw(st.sampled_from(["file", "empty", "under-file"]))
+    groups = {"none": [], "new": [["--cache", "cache"]], "existing": [["--cache", "cache"]], "off": [["--no-cache"]],
+              "file": [["--cache", "file.json"]], "empty": [["--cache", ""]],
+              "under-file": [["--cache", "file.json/cache"]]}[kind]
+    files = {"existing": {"cache": DIR}, "file": {"file.json": b"{}"}, "under-file": {"file.json": b"{}"}}.get(kind, {})
+    return groups, files
+
+
 @st.composite
 def sample_case(draw):
     bad = draw(BADNESS)
@@ -586,9 +600,12 @@ def evaluate_case(draw):
             files.update(path_files)
             groups.append([flag, path])
             outputs.append(path)
-    # the mixture of two Gaussians has a numerical reference (2 x ref-steps steps per noise):
+    # the mixture of two Gaussians has a numerical reference (3 x ref-steps steps per noise at least):
     # a valid large --ref-steps only where the reference is the closed form
-    ref_valid = ["500", "501"] + (["100000"] if closed_form else [])
+    ref_valid = ["32", "64", "501"] + (["100000"] if closed_form else [])
+    cache, cache_files = cache_groups(draw, bad)
+    files.update(cache_files)
+    groups += cache
     groups += [["-t", t.arg] for t in tables]
     groups += [opt(draw, bad, "--samples", ["1", "2", "4"], omit=0),
                opt(draw, bad, "--ref-steps", ref_valid, omit=0.7),
@@ -608,6 +625,9 @@ def refine_case(draw):
     tfiles, stdin = merge(table)
     files.update(tfiles)
     outputs = maybe_output(draw, bad, "refined", files, groups)
+    cache, cache_files = cache_groups(draw, bad)
+    files.update(cache_files)
+    groups += cache
     groups += [["-t", table.arg],
                opt(draw, bad, "--nfe", ["5", "6", "5,6"], NFE_TEXT, omit=0.4),
                opt(draw, bad, "--train", ["1", "2", "4"], omit=0),
