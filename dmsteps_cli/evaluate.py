@@ -120,10 +120,19 @@ class Evaluator:
         """Each noise's error RMS(x - x_ref) for the steps ``lam``: (samples,) float64."""
         return rms_per_sample(self.solve(lam, solver, order, variant), self.reference)
 
-    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
-        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``)."""
+    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing: bool | None = None,
+                            network_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``).
+
+        ``chunk``: noises per backward pass; ``checkpointing``: recompute each model evaluation's
+        activations in the backward pass (None: on for networks, off for the closed-form
+        mixtures, whose evaluations keep little); ``network_dtype``: None, or the dtype the model
+        calls run in under autocast (the error is then that of the low-precision model against
+        the reference)."""
+        if checkpointing is None:
+            checkpointing = self.ckpt.kind != "gmm"
         return mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T, self.eps,
-                                   lam, solver, order, variant, chunk)
+                                   lam, solver, order, variant, chunk, checkpointing, network_dtype)
 
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)
