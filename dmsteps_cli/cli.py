@@ -367,9 +367,9 @@ def refine(
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
                                                  help="Recompute each model evaluation's activations in the "
                                                       "backward pass: the gradient keeps one evaluation's "
-                                                      "activations instead of NFE of them, for about a third more "
-                                                      "time; same result to rounding. Default: on for networks, "
-                                                      "off for Gaussian mixtures."),
+                                                      "activations instead of NFE of them, for one more forward "
+                                                      "pass (about 1.5x the time); same result to rounding. "
+                                                      "Default: on for networks, off for Gaussian mixtures."),
     network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "
                                                 "bfloat16 (autocast; for large models on CUDA); references and "
                                                 "every reported error stay in float32. Default: float32 (as loaded)."),

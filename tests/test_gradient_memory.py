@@ -127,7 +127,7 @@ def test_checkpointing_keeps_latents_not_activations(unet):
         for n in (5, 10):
             lam = grid_lambda("quad", s, n, s.T, s.eps_default)
             saved[checkpointing, n] = _saved_bytes(
-                lambda: ev.mean_error_and_grad(lam, "unipc", 3, "bh2", checkpointing=checkpointing))
+                lambda lam=lam, c=checkpointing: ev.mean_error_and_grad(lam, "unipc", 3, "bh2", checkpointing=c))
     per_step_plain = (saved[False, 10] - saved[False, 5]) / 5
     per_step_ckpt = (saved[True, 10] - saved[True, 5]) / 5
     assert activations > 100 * latent
