@@ -1,19 +1,35 @@
-"""Benchmark: refine's exact gradient against the finite differences it replaced, in the same run.
+"""Benchmark: refine's exact gradient against the finite differences it replaced, and its memory.
 
-On the digits ideal denoiser (scaled_linear, UniPC-3, 64 training noises) it times, per NFE:
+Speed (``--only speed``). On the digits ideal denoiser (scaled_linear, UniPC-3, 64 training
+noises) it times, per NFE:
 - one gradient: ``Evaluator.mean_error_and_grad`` (autograd) against forward differences in the
   softmax-gap logits (N - 1 extra solves, what L-BFGS-B did with ``eps=1e-5``);
 - a whole ``refine_entry`` (at most 40 iterations) against the same L-BFGS-B run on finite
   differences (the baseline, written out here), with both results' training errors.
 Prints the ratios (baseline time / new time: above 1, the exact gradient is faster).
 
-    python benchmarks/bench_refine.py [--nfe 5,8,12] [--train 64]
+Memory (``--only memory``). One gradient (``gradients.mean_error_and_grad``, UniPC-3, all noises
+in one chunk) through a random-weight UNet2DModel (``MEMORY_UNET``: 3x32x32 samples, 0.65M
+parameters, float32, one thread) per NFE (5, 10, 15), batch (4, 16) and checkpointing off/on,
+each in a fresh subprocess that reports its peak resident set size (``ru_maxrss``), its RSS just
+before the gradient (model loaded, one evaluation run) and the seconds per gradient (the less of
+two more, in CPU time of the process: on a shared machine other processes inflate wall time).
+The measured gradient runs with glibc's mmap threshold fixed at 128 KiB (``mallopt``), so that
+tensors freed between the recomputations go back to the system instead of raising the heap's
+high-water mark; the timed ones with a high threshold, so that they reuse the heap. Prints, per
+batch, the gradient's memory (peak - RSS before) and its time as ratios to NFE 5 without
+checkpointing, measured in the same run.
+
+    python benchmarks/bench_refine.py [--nfe 5,8,12] [--train 64] [--only speed|memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +50,11 @@ from dmsteps_cli.optimize import GAP_FRACTION  # noqa: E402
 from dmsteps_cli.refine import _lam_and_jacobian, _lam_of, refine_entry, train_seeds  # noqa: E402
 
 SOLVER = ("unipc", 3, "bh2")
+MEMORY_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                   norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D"))
+MEMORY_NFE = (5, 10, 15)
+MEMORY_BATCH = (4, 16)
 
 
 def fd_refine(train, lam0, maxiter):
@@ -51,11 +72,107 @@ def fd_refine(train, lam0, maxiter):
     return min(seen.values())
 
 
+def _rss_kib() -> int:
+    """This process's resident set size now, KiB (Linux /proc; else its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> None:
+    """glibc's thresholds (bytes): allocations from ``mmap_threshold`` up are mmapped (and
+    unmapped when freed); the heap's free top beyond ``trim_threshold`` goes back to the system.
+    Does nothing without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_child(nfe: int, batch: int, checkpointing: bool) -> None:
+    """One setting of the memory benchmark, in this (fresh) process: prints a JSON line with the
+    peak RSS (KiB), the RSS just before the first gradient (KiB) and the CPU seconds per gradient."""
+    import diffusers
+
+    _mallopt(128 << 10, 128 << 10)
+
+    from dmsteps_cli.checkpoints import Checkpoint, network_denoiser
+    from dmsteps_cli.gradients import mean_error_and_grad
+    from dmsteps_cli.runtime import noise_for
+
+    torch.set_num_threads(1)
+    s = get_schedule("vp-linear")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(**MEMORY_UNET).eval().requires_grad_(False)
+    shape = (3, 32, 32)
+    ck = Checkpoint("unet", s, "epsilon", shape, None, "bench", model=model, model_class="UNet2DModel")
+    denoiser = network_denoiser(ck)
+    x_T = noise_for(range(batch), shape, 1.0)
+    reference = 0.5 * noise_for(range(10_000, 10_000 + batch), shape, 1.0)
+    lam = grid_lambda("quad", s, nfe, s.T, s.eps_default)
+    with torch.no_grad():
+        denoiser(x_T, 0.5, 500.0, 0.7, 0.7)
+    before = _rss_kib()
+
+    def gradient():
+        return mean_error_and_grad(denoiser, s, x_T, reference, s.T, s.eps_default, lam, *SOLVER,
+                                   chunk=batch, checkpointing=checkpointing)
+
+    gradient()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _mallopt(32 << 20, 1 << 30)  # timing: tensors reuse the heap, as with glibc's adaptive default
+    gradient()
+    seconds = []
+    for _ in range(2):
+        t0 = time.process_time()
+        gradient()
+        seconds.append(time.process_time() - t0)
+    print(json.dumps({"peak_kib": peak, "before_kib": before, "seconds": min(seconds)}))
+
+
+def memory_bench() -> None:
+    """Every memory setting in a fresh subprocess; the table of ratios."""
+    print(f"one gradient through a UNet2DModel (3x32x32, 0.65M parameters, float32), UniPC-3, one thread, "
+          f"a fresh process per setting (mmap threshold 128 KiB); memory = peak RSS - RSS before the "
+          f"gradient; ratios to NFE {MEMORY_NFE[0]} without checkpointing at the same batch")
+    print("batch | NFE | checkpointing | peak RSS MiB | memory MiB (ratio) | CPU s per gradient (ratio)")
+    for batch in MEMORY_BATCH:
+        base = None
+        for checkpointing in (False, True):
+            for nfe in MEMORY_NFE:
+                out = subprocess.run([sys.executable, __file__, "--memory-child", str(nfe), str(batch),
+                                      str(int(checkpointing))], capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                mem = (r["peak_kib"] - r["before_kib"]) / 1024
+                if base is None:
+                    base = (mem, r["seconds"])
+                print(f"{batch:5d} | {nfe:3d} | {'on' if checkpointing else 'off':>13} | {r['peak_kib'] / 1024:12.0f} "
+                      f"| {mem:8.1f} ({mem / base[0]:5.2f}x) | {r['seconds']:8.3f} ({r['seconds'] / base[1]:4.2f}x)",
+                      flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nfe", default="5,8,12")
     ap.add_argument("--train", type=int, default=64)
+    ap.add_argument("--only", choices=("speed", "memory"), default=None)
+    ap.add_argument("--memory-child", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child is not None:
+        nfe, batch, checkpointing = args.memory_child
+        memory_child(nfe, batch, bool(checkpointing))
+        return
+    if args.only != "speed":
+        memory_bench()
+    if args.only == "memory":
+        return
     torch.set_num_threads(1)
     s = get_schedule("scaled_linear")
     ck = mixture_checkpoint(digits_mixture(0.05), s, "digits")

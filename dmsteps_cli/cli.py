@@ -398,6 +398,15 @@ def refine(
     maxiter: int = typer.Option(60, help="L-BFGS-B iterations per NFE."),
     grad_batch: int = typer.Option(64, help="Training noises per backward pass: lower it if the gradient's "
                                    "memory does not fit (the result changes only by rounding)."),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
+                                                 help="Recompute each model evaluation's activations in the "
+                                                      "backward pass: the gradient keeps one evaluation's "
+                                                      "activations instead of NFE of them, for one more forward "
+                                                      "pass (about 1.5x the time); same result to rounding. "
+                                                      "Default: on for networks, off for Gaussian mixtures."),
+    network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "
+                                                "bfloat16 (autocast; for large models on CUDA); references and "
+                                                "every reported error stay in float32. Default: float32 (as loaded)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
     cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
@@ -421,7 +430,8 @@ def refine(
     reference_cache = _open_cache(cache, no_cache)
     table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                          nfe=parse_nfe(nfe) if nfe else None, train=train, holdout=holdout,
-                                         seed=seed, maxiter=maxiter, grad_batch=grad_batch, device=device,
+                                         seed=seed, maxiter=maxiter, grad_batch=grad_batch,
+                                         checkpointing=checkpointing, network_dtype=network_dtype, device=device,
                                          schedule=schedule,
                                          cache=reference_cache, no_cache=no_cache,
                                          class_label=class_label, guidance_scale=guidance_scale))

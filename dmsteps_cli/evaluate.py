@@ -182,11 +182,21 @@ class Evaluator:
         self._measured(float(e.mean()))
         return e
 
-    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64) -> tuple[float, np.ndarray]:
-        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``)."""
+    def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing: bool | None = None,
+                            network_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``).
+
+        ``chunk``: noises per backward pass; ``checkpointing``: recompute each model evaluation's
+        activations in the backward pass (None: on for networks, off for the closed-form
+        mixtures, whose evaluations keep little); ``network_dtype``: None, or the dtype the model
+        calls run in under autocast (the error is then that of the low-precision model against
+        the reference)."""
+        if checkpointing is None:
+            checkpointing = self.ckpt.kind != "gmm"
         while True:
             value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T,
-                                              self.eps, lam, solver, order, variant, chunk)
+                                              self.eps, lam, solver, order, variant, chunk, checkpointing,
+                                              network_dtype)
             if not self._require(value):
                 self._measured(value)
                 return value, grad

@@ -9,6 +9,17 @@ reverse-mode autograd through the solver and the model, where the solver plan's 
 model's inputs at each node, t, alpha, sigma and timestep (``_NodeInputs``: central differences),
 are functions of lam.
 
+Memory: by default the backward pass needs every model evaluation's intermediate tensors at once
+(N evaluations' activations per chunk of noises). With ``checkpointing`` each model call runs
+under activation checkpointing (``torch.utils.checkpoint``, non-reentrant): the forward pass keeps
+only the call's inputs (the state, one latent per call, and the 0-d model inputs) and its output,
+and the backward pass recomputes one evaluation's activations at a time. The peak is then
+O(N) latents plus one evaluation's activations, for about one more forward pass of compute; the
+result is the same to rounding. With ``network_dtype`` (float16, bfloat16) the model calls run
+under ``torch.autocast`` in that dtype: the network's matrix products and convolutions (and the
+activations they save) in low precision, while the solver's state stays in its own dtype and the
+steps and the solver's coefficients in float64.
+
 May import torch, numpy, the torch-free package modules (solvers) and runtime; evaluate and refine
 import it.
 """
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .runtime import full_precision, rms_error
 from .solvers import COMPLEX_STEP, build_plan, run_plan
@@ -24,18 +36,26 @@ from .solvers import COMPLEX_STEP, build_plan, run_plan
 
 def mean_error_and_grad(denoiser, schedule, x_T: torch.Tensor, reference: torch.Tensor, T: float, eps: float,
                         lam, solver: str, order: int | None, variant: str | None,
-                        chunk: int = 64) -> tuple[float, np.ndarray]:
+                        chunk: int = 64, checkpointing: bool = False,
+                        network_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
     """The mean over noises of RMS(x - reference) for the steps ``lam`` from the noises ``x_T``
     (B, *shape) at T, and its gradient in lam (N + 1 values; the two ends are fixed, their
-    entries are 0). ``reference``: the reference solutions (B, *shape) at eps. Noises go through
-    in chunks of ``chunk`` to bound the memory of the autograd graph."""
+    entries are 0). ``reference``: the reference solutions (B, *shape) at eps; errors are in the
+    units of the samples, the mean and the gradient float64.
+
+    Memory: noises go through in chunks of ``chunk`` (the autograd graph holds one chunk);
+    ``checkpointing`` recomputes each model evaluation's activations in the backward pass instead
+    of keeping all N of them (same result to rounding, about one more forward pass of compute).
+    ``network_dtype``: None (the model's own dtype) or a torch floating dtype the model calls run
+    in under ``torch.autocast`` (float16, bfloat16; the state stays in ``x_T``'s dtype)."""
     lam = np.asarray(lam, dtype=np.float64)
     total, grad = 0.0, np.zeros_like(lam)
     n = x_T.shape[0]
     with full_precision(), torch.enable_grad():
         for i in range(0, n, chunk):
             lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
-            x = _differentiable_solve(denoiser, schedule, lam_t, x_T[i:i + chunk], T, eps, solver, order, variant)
+            x = _differentiable_solve(denoiser, schedule, lam_t, x_T[i:i + chunk], T, eps, solver, order, variant,
+                                      checkpointing, network_dtype)
             loss = rms_error(x, reference[i:i + chunk]).sum() / n
             loss.backward()
             total += float(loss.detach())
@@ -44,16 +64,38 @@ def mean_error_and_grad(denoiser, schedule, x_T: torch.Tensor, reference: torch.
     return total, grad
 
 
-def _differentiable_solve(denoiser, schedule, lam_t, x_T, T, eps, solver, order, variant) -> torch.Tensor:
-    """The samples from ``x_T`` for the steps ``lam_t`` (a float64 tensor), differentiable in lam_t."""
+def _differentiable_solve(denoiser, schedule, lam_t, x_T, T, eps, solver, order, variant,
+                          checkpointing: bool = False, network_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The samples from ``x_T`` for the steps ``lam_t`` (a float64 tensor), differentiable in lam_t.
+
+    The model's inputs timestep, alpha and sigma at node k are 0-d float64 tensors differentiable
+    in lam_t (t, a Python float, only selects the node); with ``checkpointing`` they are passed
+    to the checkpointed call as inputs, so their gradients flow through the recomputation."""
     plan = _differentiable_plan(schedule, lam_t, solver, order, variant)
     t, alpha, sigma, timestep = _NodeInputs.apply(lam_t, schedule, T, eps)
     t = t.detach().numpy()
+    call = _model_call(denoiser, network_dtype)
 
     def denoise(x, k):
-        return denoiser(x, float(t[k]), timestep[k], alpha[k], sigma[k]).to(x.dtype)
+        if checkpointing:
+            return checkpoint(call, x, float(t[k]), timestep[k], alpha[k], sigma[k], use_reentrant=False)
+        return call(x, float(t[k]), timestep[k], alpha[k], sigma[k])
 
     return run_plan(plan, x_T, denoise)
+
+
+def _model_call(denoiser, network_dtype: torch.dtype | None):
+    """``denoiser`` returning the state's dtype, under ``torch.autocast`` in ``network_dtype``
+    (on the state's device type) unless that is None."""
+    if network_dtype is None:
+        def call(x, t, timestep, alpha, sigma):
+            return denoiser(x, t, timestep, alpha, sigma).to(x.dtype)
+    else:
+        def call(x, t, timestep, alpha, sigma):
+            with torch.autocast(x.device.type, dtype=network_dtype):
+                out = denoiser(x, t, timestep, alpha, sigma)
+            return out.to(x.dtype)
+    return call
 
 
 def _flat_coefficients(plan) -> np.ndarray:

@@ -48,8 +48,8 @@ The refined table is the input table with these changes:
     refine            checkpoint, from_table, solver {name, order, variant}, metric, reference (of
                       the training noises), train_seeds and holdout_seeds [first, last], optimizer
 
-May import numpy, scipy, the torch-free package modules, checkpoints, runtime, reference_cache and
-evaluate (torch through them).
+May import numpy, scipy, torch, the torch-free package modules, checkpoints, runtime, reference_cache
+and evaluate.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .errors import BadInput
+from .errors import BadInput, bad_setting, mentioning
 from .limits import in_bounds
 from .checkpoints import load_checkpoint, network_denoiser
 from .evaluate import METRIC, REF_STEPS, Evaluator
@@ -66,7 +67,7 @@ from .grids import GRIDS, grid_lambda
 from .optimize import GAP_FRACTION, table_objective
 from .reference_cache import open_cache
 from .refined import TABLE
-from .runtime import resolve_device
+from .runtime import network_dtype_named, resolve_device
 from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
@@ -87,6 +88,8 @@ class RefineRequest:
     device: str = "cpu"
     maxiter: int = 60
     grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
+    checkpointing: bool | None = None  # recompute activations in the backward pass; None: on for networks
+    network_dtype: str | None = None  # the gradient's model calls under autocast: float16, bfloat16
     ref_steps: int = REF_STEPS
     cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
     no_cache: bool = False  # True: no reference cache
@@ -131,12 +134,16 @@ def _lam_and_jacobian(u, lam_T, lam_eps):
 
 
 def refine_steps(train: Evaluator, starts: dict, solver, order, variant, maxiter: int,
-                 grad_batch: int = 64) -> Refined:
+                 grad_batch: int = 64, checkpointing: bool | None = None,
+                 network_dtype: torch.dtype | None = None) -> Refined:
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
     with the lowest training error is where L-BFGS-B starts. The result's lam is the start itself
-    (``improved`` False) when no evaluated point beat it.
+    (``improved`` False) when no evaluated point beat it. ``grad_batch``, ``checkpointing`` and
+    ``network_dtype`` go to ``Evaluator.mean_error_and_grad``; with ``network_dtype`` L-BFGS-B
+    minimizes the low-precision model's error, and the lowest point it evaluated is measured
+    again at the checkpoint's own precision, like every error recorded.
     """
     from scipy.optimize import minimize
 
@@ -150,7 +157,8 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, maxiter
 
     def f(u):
         lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
-        value, dvalue_dlam = train.mean_error_and_grad(lam, solver, order, variant, chunk=grad_batch)
+        value, dvalue_dlam = train.mean_error_and_grad(lam, solver, order, variant, chunk=grad_batch,
+                                                       checkpointing=checkpointing, network_dtype=network_dtype)
         cache[u.tobytes()] = value
         return value, dlam_du.T @ dvalue_dlam
 
@@ -159,17 +167,19 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, maxiter
     best = min(cache, key=cache.get)
     done = dict(start=start, train_errors=train_err, iterations=int(res.nit), evaluations=int(res.nfev),
                 message=str(res.message))
-    if not cache[best] < e_start:
-        return Refined(lam=lam0, train_error=e_start, improved=False, **done)
     lam = _lam_of(np.frombuffer(best, dtype=np.float64), lam_T, lam_eps)
     lam[0], lam[-1] = lam_T, lam_eps
-    return Refined(lam=lam, train_error=cache[best], improved=True, **done)
+    e_best = cache[best] if network_dtype is None else float(train.errors(lam, solver, order, variant).mean())
+    if not e_best < e_start:
+        return Refined(lam=lam0, train_error=e_start, improved=False, **done)
+    return Refined(lam=lam, train_error=e_best, improved=True, **done)
 
 
-def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64):
+def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64,
+                 checkpointing: bool | None = None, network_dtype: torch.dtype | None = None):
     """``refine_steps`` as a tuple: (lam, start name, the training error of every start by name,
     final training error, iterations)."""
-    r = refine_steps(train, starts, solver, order, variant, maxiter, grad_batch)
+    r = refine_steps(train, starts, solver, order, variant, maxiter, grad_batch, checkpointing, network_dtype)
     return r.lam, r.start, r.train_errors, r.train_error, r.iterations
 
 
@@ -222,6 +232,24 @@ def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidan
         in_bounds("class_label", class_label)
 
 
+def gradient_dtype(ckpt, network_dtype: str | None) -> torch.dtype | None:
+    """The dtype the gradient's model calls run in under autocast for ``network_dtype`` (a name in
+    ``runtime.NETWORK_DTYPES``): None for None or the checkpoint's own dtype. Only a network's
+    precision can be lowered, not raised, and a Gaussian mixture's not at all."""
+    if network_dtype is None:
+        return None
+    dtype = network_dtype_named(network_dtype)
+    if ckpt.kind == "gmm":
+        raise mentioning("network_dtype", "{setting} applies to network checkpoints (UNet, DiT); a Gaussian "
+                                          "mixture's denoiser runs in its own precision: drop {setting}")
+    if dtype == ckpt.dtype:
+        return None
+    if dtype == torch.float32:
+        raise bad_setting("network_dtype", f"float32: the checkpoint was loaded in {str(ckpt.dtype).split('.')[-1]}, "
+                                           "which autocast cannot raise")
+    return dtype
+
+
 def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
     """The NFEs to refine (``nfe``, default all of the table's), checked against the table."""
     if "refine" in table:
@@ -238,7 +266,8 @@ def _needs_denoiser(ckpt, source: str) -> None:
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int = 256, seed: int = 0,
-                 maxiter: int = 60, grad_batch: int = 64, ref_steps: int = REF_STEPS, cache=None, class_label=None,
+                 maxiter: int = 60, grad_batch: int = 64, checkpointing: bool | None = None,
+                 network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
                  guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
                  progress=None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
@@ -246,7 +275,12 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
 
     ``nfe``: the NFEs to refine (default all of the table's); ``train``, ``holdout``: the numbers of
     training and held-out noises (``train_seeds(train, seed)``; seeds seed ... seed + holdout - 1);
-    ``maxiter``: L-BFGS-B iterations per NFE; ``grad_batch``: training noises per backward pass.
+    ``maxiter``: L-BFGS-B iterations per NFE. The gradient's memory: ``grad_batch`` training noises
+    per backward pass; ``checkpointing`` recomputes each model evaluation's activations in the
+    backward pass (None: on for networks, off for mixtures; the result is the same to rounding);
+    ``network_dtype`` ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's
+    model calls under autocast in that dtype, while the references and every recorded error stay
+    at the checkpoint's precision.
     ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
     the record and in messages; ``progress(nfe)`` is called after each NFE.
     ``ref_steps``, ``cache``: the references' first S and the ``reference_cache.ReferenceCache`` (or
@@ -257,6 +291,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
     _needs_denoiser(ckpt, source)
+    low = gradient_dtype(ckpt, network_dtype)
     schedule = ckpt.schedule
     if not same_schedule(table["schedule"]["identity"], schedule.identity()):
         raise BadInput(f"table {table_name} was made for schedule {table['schedule']['name']}, "
@@ -281,7 +316,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
     for n in nfes:
         entry = dict(entry_for(table, n))
         starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
-        r = refine_steps(training, starts, solver, order, variant, maxiter, grad_batch)
+        r = refine_steps(training, starts, solver, order, variant, maxiter, grad_batch, checkpointing, low)
         holdout_errors = {name: held_error(lam) for name, lam in starts.items()}
         holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
@@ -303,7 +338,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
         "train_seeds": [seeds.start, seeds.stop - 1],
         "holdout_seeds": [seed, seed + holdout - 1],
         "optimizer": f"{METHOD}, maxiter {maxiter}, from the best of the table and the grids on the "
-                     "training noises",
+                     "training noises" + ("" if low is None else f"; gradients with the model calls in "
+                                          f"{network_dtype} (autocast), errors at the checkpoint's precision"),
     }}
 
 
@@ -311,13 +347,16 @@ def refine(req: RefineRequest, progress=None) -> dict:
     """Load the request's table and checkpoint (on ``req.device``), then ``refine_table``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
                     req.guidance_scale, req.class_label)
+    if req.network_dtype is not None:
+        network_dtype_named(req.network_dtype)
     cache = open_cache(req.cache, enabled=not req.no_cache)
     table = load_table(req.table)
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
     ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, nfe=req.nfe, train=req.train, holdout=req.holdout, seed=req.seed,
-                        maxiter=req.maxiter, grad_batch=req.grad_batch, ref_steps=req.ref_steps, cache=cache,
+                        maxiter=req.maxiter, grad_batch=req.grad_batch, checkpointing=req.checkpointing,
+                        network_dtype=req.network_dtype, ref_steps=req.ref_steps, cache=cache,
                         class_label=req.class_label, guidance_scale=req.guidance_scale,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)
 

@@ -163,6 +163,17 @@ def timestep_tensor(timestep, n: int, device: torch.device) -> torch.Tensor:
     raise BadInput(f"got {ts.numel()} timesteps for a batch of {n}")
 
 
+NETWORK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def network_dtype_named(name: str, setting: str = "network_dtype") -> torch.dtype:
+    """The torch dtype a network may run in, by name (``NETWORK_DTYPES``); else BadInput for the
+    setting ``setting``."""
+    if name not in NETWORK_DTYPES:
+        raise bad_setting(setting, f"{name!r}: choose from {', '.join(NETWORK_DTYPES)}")
+    return NETWORK_DTYPES[name]
+
+
 def state_dtype(ckpt) -> torch.dtype:
     """The solver's state for a checkpoint: float64 for the closed-form mixtures (kind "gmm", whose
     errors are checked exactly), float32 otherwise."""
