@@ -20,6 +20,7 @@ from dmsteps_cli.runtime import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)
+from tiny import mixture_evaluator  # noqa: E402
 MU, S = 0.2, 0.4
 
 
@@ -176,15 +177,6 @@ def test_measurements_run_without_tf32_and_restore_the_flags():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def _mixture_evaluator(name, seeds=range(6)):
-    from dmsteps_cli.evaluate import Evaluator
-    from dmsteps_cli.checkpoints import Checkpoint
-
-    s = get_schedule(name)
-    means = torch.tensor(np.random.default_rng(1).uniform(-1, 1, size=(3, 16)))
-    ck = Checkpoint(kind="gmm", schedule=s, prediction_type="sample", sample_shape=(1, 4, 4), num_classes=None,
-                    source="test", model=GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)))
-    return Evaluator(ck, ck.denoiser(), seeds, s.T, s.eps_default, "cpu"), s
 
 
 def _central_differences(ev, lam, solver, variant, h):
@@ -201,7 +193,7 @@ def _central_differences(ev, lam, solver, variant, h):
 def test_error_gradient_matches_finite_differences(name, solver, variant):
     """refine's gradient (autograd through solver and model, exact Jacobians of the plan and of the
     model's inputs) against central differences of the measured error, float64 mixture."""
-    ev, s = _mixture_evaluator(name)
+    ev, s = mixture_evaluator(name)
     lam = grid_lambda("unif_t", s, 6, s.T, s.eps_default, s.default_shift)
     value, grad = ev.mean_error_and_grad(lam, solver, 3, variant, chunk=4)  # two chunks: 4 + 2 noises
     assert value == pytest.approx(float(ev.errors(lam, solver, 3, variant).mean()), rel=1e-12)
@@ -236,7 +228,7 @@ def test_refine_grad_batch_changes_memory_not_the_result(files):
     """The gradient summed over chunks equals the whole batch's to rounding; L-BFGS-B amplifies that
     rounding a little over its iterations, so the refined steps agree to about 1e-6."""
     root, table = files
-    ev, s = _mixture_evaluator("vp-linear", seeds=range(8))
+    ev, s = mixture_evaluator("vp-linear", seeds=range(8))
     lam = grid_lambda("quad", s, 6, s.T, s.eps_default)
     v8, g8 = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", chunk=8)
     v3, g3 = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", chunk=3)  # chunks of 3, 3 and 2 noises

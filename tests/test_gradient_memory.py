@@ -13,19 +13,13 @@ from dmsteps_cli.cli import message_of
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import Evaluator
 from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.mixtures import GaussianMixture
 from dmsteps_cli.refine import candidates, gradient_dtype, refine_steps
 
 torch.set_num_threads(1)
+from tiny import mixture_evaluator  # noqa: E402
 SOLVERS = [("scaled_linear", "unipc", "bh2"), ("edm", "dpmpp", None), ("flow", "unipc", "bh1")]
 
 
-def _mixture_evaluator(name, seeds=range(6)):
-    s = get_schedule(name)
-    means = torch.tensor(np.random.default_rng(1).uniform(-1, 1, size=(3, 16)))
-    ck = Checkpoint(kind="gmm", schedule=s, prediction_type="sample", sample_shape=(1, 4, 4), num_classes=None,
-                    source="test", model=GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)))
-    return Evaluator(ck, ck.denoiser(), seeds, s.T, s.eps_default, "cpu"), s
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def test_checkpointed_gradient_is_the_plain_one_on_a_mixture(name, solver, varia
     """float64 mixture: checkpointed and plain gradients agree to 1e-10 relative, and both match
     central differences of the mean error (step 1e-5 in lambda: truncation ~1e-10 and rounding
     ~1e-11 / 1e-5, far below the 1e-5 relative tolerance)."""
-    ev, s = _mixture_evaluator(name)
+    ev, s = mixture_evaluator(name)
     lam = grid_lambda("unif_t", s, 6, s.T, s.eps_default, s.default_shift)
     v0, g0 = ev.mean_error_and_grad(lam, solver, 3, variant, chunk=4, checkpointing=False)
     v1, g1 = ev.mean_error_and_grad(lam, solver, 3, variant, chunk=4, checkpointing=True)
@@ -175,7 +169,7 @@ def test_network_dtype_settings(unet):
     with pytest.raises(BadInput) as bad:
         gradient_dtype(ck, "float64")
     assert message_of(bad.value).startswith("--network-dtype 'float64': choose from float32, float16, bfloat16")
-    mixture, _ = _mixture_evaluator("vp-linear", seeds=range(1))
+    mixture, _ = mixture_evaluator("vp-linear", seeds=range(1))
     with pytest.raises(BadInput) as bad:
         gradient_dtype(mixture.ckpt, "float16")
     assert message_of(bad.value).startswith("--network-dtype applies to network checkpoints")

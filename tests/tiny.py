@@ -96,3 +96,20 @@ def record_orders(sched):
 
             setattr(sched, name, logged)
     return orders
+
+
+def mixture_evaluator(name: str, seeds=range(6)):
+    """An Evaluator of a 3-component Gaussian mixture in 16 dimensions (sample shape (1, 4, 4), std
+    0.1, means uniform in [-1, 1], seed 1) under the preset ``name``, and that schedule."""
+    import numpy as np
+
+    from dmsteps_cli.checkpoints import Checkpoint
+    from dmsteps_cli.evaluate import Evaluator
+    from dmsteps_cli.mixtures import GaussianMixture
+    from dmsteps_cli.schedule_sources import get_schedule
+
+    s = get_schedule(name)
+    means = torch.tensor(np.random.default_rng(1).uniform(-1, 1, size=(3, 16)))
+    ck = Checkpoint(kind="gmm", schedule=s, prediction_type="sample", sample_shape=(1, 4, 4), num_classes=None,
+                    source="test", model=GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)))
+    return Evaluator(ck, ck.denoiser(), seeds, s.T, s.eps_default, "cpu"), s
