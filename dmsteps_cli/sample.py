@@ -34,6 +34,7 @@ from .runtime import (
     distributed,
     gather_by_seed,
     integrate,
+    network_dtype_named,
     noise_for,
     resolve_device,
     state_dtype,
@@ -90,16 +91,14 @@ def prepare(req: SampleRequest) -> Run:
     output_folder(req.out)
     if req.class_label is not None:
         in_bounds("class_label", req.class_label)
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if req.dtype not in dtypes:
-        raise bad_setting("dtype", f"{req.dtype!r}: choose from {', '.join(dtypes)}")
+    dtype = network_dtype_named(req.dtype, "dtype")
     table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
     rank, world = distributed()
     device = resolve_device(req.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    ckpt = load_checkpoint(req.checkpoint, device=device, dtype=dtypes[req.dtype], schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=device, dtype=dtype, schedule=req.schedule)
     schedule = ckpt.schedule
     lam = np.asarray(entry["lambda"], dtype=np.float64)
     if same_schedule(table["schedule"]["identity"], schedule.identity()):
@@ -117,7 +116,7 @@ def prepare(req: SampleRequest) -> Run:
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
     seeds = [req.seed + i for i in range(req.batch)][rank::world]
     return Run(req, table, hashlib.sha256(text.encode()).hexdigest(), entry, ckpt, solver, plan, t, timesteps,
-               device, dtypes[req.dtype], rank, world, seeds)
+               device, dtype, rank, world, seeds)
 
 
 def run_sample(req: SampleRequest, progress=None) -> dict | None:
