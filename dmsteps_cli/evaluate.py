@@ -183,8 +183,9 @@ class Evaluator:
         return e
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing: bool | None = None,
-                            network_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
-        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``).
+                            network_dtype: torch.dtype | None = None, rows=None) -> tuple[float, np.ndarray]:
+        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``);
+        with ``rows`` (indices into the noises, in seed order) the mean over those noises only.
 
         ``chunk``: noises per backward pass; ``checkpointing``: recompute each model evaluation's
         activations in the backward pass (None: on for networks, off for the closed-form
@@ -193,9 +194,11 @@ class Evaluator:
         the reference)."""
         if checkpointing is None:
             checkpointing = self.ckpt.kind != "gmm"
+        pick = slice(None) if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64),
+                                                                 device=self.x_T.device)
         while True:
-            value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T,
-                                              self.eps, lam, solver, order, variant, chunk, checkpointing,
+            value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T[pick], self.reference[pick],
+                                              self.T, self.eps, lam, solver, order, variant, chunk, checkpointing,
                                               network_dtype)
             if not self._require(value):
                 self._measured(value)
