@@ -154,3 +154,27 @@ def test_adam_on_mini_batches_lowers_the_validation_error_reproducibly(files):
 def test_bad_settings_fail_before_the_model_loads(files, setting, value, message):
     with pytest.raises(BadInput, match=message):
         _refine(files, **{setting: value}, checkpoint="/nonexistent")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_validation_study_runs_on_a_tiny_unet(tmp_path):
+    """studies/refine_validation.py end to end on a random-weight UNet (cut-down settings)."""
+    import sys
+    from pathlib import Path
+
+    import diffusers
+    from tiny import save_pipeline, tiny_unet
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
+    import refine_validation
+
+    model = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
+    refine_validation.main(["--model", str(model), "--nfe", "5", "--train", "4", "--validation", "4",
+                            "--holdout", "4", "--maxiter", "2", "--out", str(tmp_path / "o")])
+    report = json.loads((tmp_path / "o" / "refine-validation.json").read_text())
+    runs = report["runs"]
+    assert list(runs) == ["without validation", "validation 4"]
+    for run in runs.values():
+        row = run["nfe"]["5"]
+        assert row["ratio"] == pytest.approx(row["holdout_error"] / row["best_grid_error"])
+        assert 0 <= row["best_iteration"] <= row["iterations"] <= 2
