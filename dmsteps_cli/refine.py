@@ -67,7 +67,7 @@ from .grids import GRIDS, grid_lambda
 from .optimize import GAP_FRACTION, table_objective
 from .reference_cache import open_cache
 from .refined import TABLE
-from .runtime import network_dtype_named, resolve_device
+from .runtime import network_dtype_named, rank_device
 from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
@@ -344,7 +344,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
-    """Load the request's table and checkpoint (on ``req.device``), then ``refine_table``."""
+    """Load the request's table and checkpoint (on ``req.device``; under torchrun a CUDA device is
+    the rank's own, ``runtime.rank_device``), then ``refine_table``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
                     req.guidance_scale, req.class_label)
     if req.network_dtype is not None:
@@ -352,7 +353,7 @@ def refine(req: RefineRequest, progress=None) -> dict:
     cache = open_cache(req.cache, enabled=not req.no_cache)
     table = load_table(req.table)
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
-    ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, nfe=req.nfe, train=req.train, holdout=req.holdout, seed=req.seed,
                         maxiter=req.maxiter, grad_batch=req.grad_batch, checkpointing=req.checkpointing,
