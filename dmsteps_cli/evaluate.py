@@ -153,8 +153,8 @@ class Evaluator:
         self.samples = len(seeds)
         self.seeds = self.ranks.share(seeds)
         if not self.seeds:
-            raise BadInput(f"{len(seeds)} noises cannot be shared by {self.ranks.world} processes: "
-                           f"measure at least {self.ranks.world} noises or run fewer processes")
+            raise BadInput(f"{self.ranks.world} processes need at least {self.ranks.world} noises, got "
+                           f"{len(seeds)}: measure more noises or run fewer processes")
         scale = initial_noise_scale(self.schedule, self.T)
         self.x_T = noise_for(self.seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
