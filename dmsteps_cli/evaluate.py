@@ -135,8 +135,8 @@ class Evaluator:
     where it was stored and computed (then stored) for the other seeds only.
 
     ``ranks``: the processes that share the noises (``runtime.Ranks``; None: the initialized
-    torchrun process group's, else one process). Each rank holds only its share of the seeds
-    (``seeds``, the rows of ``x_T`` and ``reference``; ``samples`` counts them all), solves,
+    torchrun process group's, else one process). Each rank holds only its share of ``seeds``
+    (``own_seeds``: the rows of ``x_T`` and ``reference``), solves,
     reads and stores the references of those only, and every number returned is over all the
     noises: ``errors`` all-gathers the per-noise errors in the order of the seeds given,
     ``mean_error_and_grad`` all-reduces its mean and gradient, and check(S) is the mean over all
@@ -149,14 +149,13 @@ class Evaluator:
         self.ckpt, self.denoiser, self.schedule = ckpt, denoiser, ckpt.schedule
         self.T, self.eps, self.device = float(T), float(eps), device
         self.ranks = Ranks.current() if ranks is None else ranks
-        seeds = list(seeds)
-        self.samples = len(seeds)
-        self.seeds = self.ranks.share(seeds)
-        if not self.seeds:
+        self.seeds = list(seeds)
+        self.own_seeds = self.ranks.share(self.seeds)
+        if not self.own_seeds:
             raise BadInput(f"{self.ranks.world} processes need at least {self.ranks.world} noises, got "
-                           f"{len(seeds)}: measure more noises or run fewer processes")
+                           f"{len(self.seeds)}: measure more noises or run fewer processes")
         scale = initial_noise_scale(self.schedule, self.T)
-        self.x_T = noise_for(self.seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
+        self.x_T = noise_for(self.own_seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
         self._smallest: float | None = None  # the smallest mean error measured
         self._exhausted = False  # the doubling stopped short of the rule
@@ -178,7 +177,7 @@ class Evaluator:
         self._use(int(ref_steps))
 
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
-        """This rank's samples (one per seed of ``seeds``) for the steps ``lam`` (N + 1 increasing
+        """This rank's samples (one per seed of ``own_seeds``) for the steps ``lam`` (N + 1 increasing
         lambdas from lambda(T) to lambda(eps))."""
         return self._solve(self.x_T, lam, solver, order, variant)
 
@@ -244,17 +243,17 @@ class Evaluator:
         if self._entry is None:
             x = self.solve(lam, *REF_SOLVER)
         else:
-            found = self._entry.load(REF_NAME, steps, self.seeds)
-            missing = [i for i, seed in enumerate(self.seeds) if int(seed) not in found]
+            found = self._entry.load(REF_NAME, steps, self.own_seeds)
+            missing = [i for i, seed in enumerate(self.own_seeds) if int(seed) not in found]
             x = torch.empty_like(self.x_T)
-            for i, seed in enumerate(self.seeds):
+            for i, seed in enumerate(self.own_seeds):
                 if int(seed) in found:
                     x[i] = torch.from_numpy(found[int(seed)]).to(device=x.device, dtype=x.dtype)
             if missing:
                 rows = torch.tensor(missing, device=self.x_T.device)
                 solved = self._solve(self.x_T[rows], lam, *REF_SOLVER)
                 x[rows] = solved
-                self._entry.save(REF_NAME, steps, {int(self.seeds[i]): solved[j] for j, i in enumerate(missing)})
+                self._entry.save(REF_NAME, steps, {int(self.own_seeds[i]): solved[j] for j, i in enumerate(missing)})
         self._solutions[steps] = x
         return x
 

@@ -139,6 +139,11 @@ class Ranks:
         """This rank's items of ``items``: every world-th one from the rank-th."""
         return list(items)[self.rank::self.world]
 
+    def own(self, indices) -> list[int]:
+        """Of ``indices`` (positions in a list), those of items this rank holds, as positions in its
+        ``share`` of the list."""
+        return [int(i) // self.world for i in indices if int(i) % self.world == self.rank]
+
     def total(self, value) -> np.ndarray:
         """The sum over the ranks of ``value`` (a number or an array of one shape on every rank), in
         float64, added in rank order."""
