@@ -417,9 +417,20 @@ def refine(
     table: str = typer.Option(..., "--table", "-t", help="The optimized table to start from (- is standard input)."),
     nfe: Optional[str] = typer.Option(None, help="NFEs to refine (default: all of the table's)."),
     train: int = typer.Option(64, help="Training noises (seeds seed + 1000000 ...)."),
+    validation: int = typer.Option(64, help="Validation noises (seeds seed + 2000000 ...): the fit keeps the "
+                                   "steps with the lowest validation error, never worse than the start's, and stops "
+                                   "after --patience validations without a lower one. 0: none (the steps with the "
+                                   "lowest training error are kept)."),
     holdout: int = typer.Option(256, help="Held-out noises (seeds seed ... seed + holdout - 1)."),
     seed: int = typer.Option(0, help="First held-out seed."),
-    maxiter: int = typer.Option(60, help="L-BFGS-B iterations per NFE."),
+    optimizer: str = typer.Option("lbfgs", help="lbfgs: L-BFGS-B on every training noise; adam: Adam on "
+                                  "mini-batches of --minibatch noises, for models where a full-batch step costs "
+                                  "too much."),
+    maxiter: int = typer.Option(60, help="L-BFGS-B iterations (or Adam updates) per NFE."),
+    patience: int = typer.Option(10, help="Validations without a lower validation error before the fit stops "
+                                 "(0: never early)."),
+    minibatch: int = typer.Option(16, help="adam: training noises per update."),
+    lr: float = typer.Option(0.05, help="adam: step size in the gap logits."),
     grad_batch: int = typer.Option(64, help="Training noises per backward pass: lower it if the gradient's "
                                    "memory does not fit (the result changes only by rounding)."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
@@ -454,8 +465,10 @@ def refine(
     reference_cache = _open_cache(cache, no_cache)
     with _torchrun(reference_cache) as writes:
         table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
-                                             nfe=parse_nfe(nfe) if nfe else None, train=train, holdout=holdout,
-                                             seed=seed, maxiter=maxiter, grad_batch=grad_batch,
+                                             nfe=parse_nfe(nfe) if nfe else None, train=train,
+                                             validation=validation, holdout=holdout, seed=seed,
+                                             optimizer=optimizer, maxiter=maxiter, patience=patience,
+                                             minibatch=minibatch, lr=lr, grad_batch=grad_batch,
                                              checkpointing=checkpointing, network_dtype=network_dtype,
                                              device=device, schedule=schedule,
                                              cache=reference_cache, no_cache=no_cache,
@@ -475,7 +488,9 @@ def refine(
         t = Table(title=f"refined on {checkpoint}: mean RMS error on held-out noises (seeds {first}-{last}); "
                         "ratio = refined / best of the table and the grids",
                   title_justify="left")
-        for col in ("NFE", "table", *grids, "start", "refined", "ratio", "train: start -> refined"):
+        validated = info.get("validation_seeds") is not None
+        for col in ("NFE", "table", *grids, "start", "refined", "ratio", "train: start -> refined",
+                    *(["validation: start -> refined", "stopped at"] if validated else [])):
             t.add_column(col, justify="left" if col == "start" else "right")
         for e in table_out["entries"]:
             r = e["refine"]
@@ -483,7 +498,10 @@ def refine(
             start = r["start"] + (" (kept)" if e["optimizer"]["status"] == "kept-start" else "")
             t.add_row(str(e["nfe"]), *(f"{r['holdout_errors'][g]:.4g}" for g in (TABLE, *grids)), start,
                       f"{r['holdout_error']:.4g}", f"{r['holdout_error'] / best_error:.2f} ({best})",
-                      f"{r['train_error_start']:.4g} -> {r['train_error']:.4g}")
+                      f"{r['train_error_start']:.4g} -> {r['train_error']:.4g}",
+                      *([f"{r['validation_error_start']:.4g} -> {r['validation_error']:.4g}",
+                         f"{e['optimizer']['iterations']} (kept {e['optimizer']['best_iteration']})"]
+                        if validated else []))
         _stderr().print(t)
         _cache_note(reference_cache)
 

@@ -200,21 +200,26 @@ class Evaluator:
         return e
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing: bool | None = None,
-                            network_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
-        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``).
+                            network_dtype: torch.dtype | None = None, rows=None) -> tuple[float, np.ndarray]:
+        """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``);
+        with ``rows`` (indices into the noises, in seed order) the mean over those noises only
+        (each rank computes the rows it holds, ``Ranks.own``).
 
-        ``chunk``: this rank's noises per backward pass; ``checkpointing``: recompute each model evaluation's
-        activations in the backward pass (None: on for networks, off for the closed-form
-        mixtures, whose evaluations keep little); ``network_dtype``: None, or the dtype the model
-        calls run in under autocast (the error is then that of the low-precision model against
-        the reference)."""
+        ``chunk``: this rank's noises per backward pass; ``checkpointing``: recompute each model
+        evaluation's activations in the backward pass (None: on for networks, off for the
+        closed-form mixtures, whose evaluations keep little); ``network_dtype``: None, or the
+        dtype the model calls run in under autocast (the error is then that of the low-precision
+        model against the reference)."""
         if checkpointing is None:
             checkpointing = self.ckpt.kind != "gmm"
+        own = list(range(self.x_T.shape[0])) if rows is None else self.ranks.own(rows)
+        pick = slice(None) if rows is None else torch.as_tensor(np.asarray(own, dtype=np.int64),
+                                                                 device=self.x_T.device)
         while True:
-            value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T, self.reference, self.T,
-                                              self.eps, lam, solver, order, variant, chunk, checkpointing,
+            value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T[pick], self.reference[pick],
+                                              self.T, self.eps, lam, solver, order, variant, chunk, checkpointing,
                                               network_dtype)
-            both = self.ranks.mean(np.append(grad, value), self.x_T.shape[0])
+            both = self.ranks.mean(np.append(grad, value), len(own))
             value, grad = float(both[-1]), both[:-1]
             if not self._require(value):
                 self._measured(value)

@@ -21,7 +21,11 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "batch": (1, 65_536),
     "samples": (1, 1_048_576),
     "train": (1, 65_536),
-    "holdout": (1, 1_048_576),
+    "holdout": (1, 1_000_000),  # held-out seeds stay below refine's training seeds (seed + 1,000,000)
+    "validation": (0, 65_536),  # 0: no validation noises
+    "patience": (0, 10_000),  # 0: never stop early
+    "minibatch": (1, 65_536),
+    "lr": (1e-6, 10.0),  # Adam's step size in refine's gap logits
     "grad_batch": (1, 65_536),
     "maxiter": (0, 10_000),
     "ref_steps": (32, 100_000),  # the reference's first S (evaluate.Evaluator doubles it as needed)

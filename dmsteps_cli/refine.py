@@ -4,14 +4,21 @@ Steps are N + 1 increasing log-SNRs lambda = log(alpha / sigma), noise end (t = 
 ends stay fixed. For each entry, the interior lambdas are parametrized by the gaps, gap_i = the
 optimizer's minimum gap + a share softmax(u)_i of the rest (strictly increasing between the fixed
 ends), and the mean RMS error to the reference solution (``evaluate``) over the *training* noises
-is minimized with L-BFGS-B and exact gradients in u: reverse-mode autograd through the solver and
-the model (``gradients.mean_error_and_grad``), chained with d lambda / d u. It starts from
-whichever candidate (``candidates``) -- the table's steps ("table") or a hand-made grid
-(``grids.GRIDS``) -- has the lowest training error. Every candidate and the result are then
-measured on *held-out* noises, the same ones ``evaluate`` uses by default (seeds seed ... seed +
-holdout - 1); training seeds are seed + 1_000_000 ... (``train_seeds``). A refined step set is
-never worse on the training noises than its start (otherwise the start is kept). ``check`` cannot
-recompute a refined table without the model and checks its consistency instead
+is minimized with exact gradients in u: reverse-mode autograd through the solver and the model
+(``gradients.mean_error_and_grad``), chained with d lambda / d u. The fit (``Fit``) is L-BFGS-B on
+all training noises, or Adam on mini-batches of them for models where a full-batch step costs too
+much. It starts from whichever candidate (``candidates``) -- the table's steps ("table") or a
+hand-made grid (``grids.GRIDS``) -- has the lowest training error.
+
+Three sets of noises, by seed: *training* (seed + 1_000_000 ..., ``train_seeds``), *validation*
+(seed + 2_000_000 ..., ``validation_seeds``) and *held-out* (seed ... seed + holdout - 1, the
+ones ``evaluate`` uses by default). After every L-BFGS-B iteration (every pass over the training
+noises for Adam) the validation error is measured; the fit stops after ``patience`` of them
+without a new lowest, and the steps kept are the start's or the iterate's with the lowest
+validation error: never worse than the start on the validation noises (the start is kept, and
+said, when no iterate beat it). Without validation noises the steps kept are those with the
+lowest training error. Every candidate and the result are then measured on the held-out noises.
+``check`` cannot recompute a refined table without the model and checks its consistency instead
 (``check.refined_consistency``).
 
 ``refine_table`` refines a table (a dict) on a loaded checkpoint and returns the refined table;
@@ -30,23 +37,30 @@ The refined table is the input table with these changes:
                       "kept grid G" when nothing beat the start
       init_objective  that objective at the start used
       orders, baselines   as in the input table (they depend on the NFE and config only)
-      optimizer       {status, method, message, iterations, evaluations} of the refinement:
-                      status "refined" (the steps beat the start on the training noises) or
-                      "kept-start" (nothing did: the steps are the start's); iterations and
-                      evaluations are L-BFGS-B's (one evaluation = the training error and its
-                      gradient); message is L-BFGS-B's stop reason
+      optimizer       {status, method, message, iterations, evaluations, validations,
+                      best_iteration} of the fit: status "refined" (the steps beat the start on
+                      the validation noises, or without them on the training noises) or
+                      "kept-start" (nothing did: the steps are the start's); iterations are
+                      L-BFGS-B's iterations or Adam's updates, evaluations the training
+                      error-and-gradient evaluations, validations the validation measurements
+                      after the start's, best_iteration the iteration whose steps were kept (0:
+                      the start); message says why the fit stopped
       refine          what was measured:
-        start                 the candidate L-BFGS-B started from: "table" or a grid name
+        start                 the candidate the fit started from: "table" or a grid name
         train_errors          {candidate: training error}, for "table" and every grid
         train_error_start     train_errors[start], the lowest of them
         train_error           the training error of the entry's steps
-        iterations            L-BFGS-B iterations (as optimizer.iterations)
+        iterations            as optimizer.iterations
+        validation_error_start, validation_error   the validation error of the start and of the
+                              entry's steps (null without validation noises)
         holdout_errors        {candidate: held-out error}, for "table" (the input table's own
                               steps) and every grid
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
     refine            checkpoint, from_table, solver {name, order, variant}, metric, reference (of
-                      the training noises), train_seeds and holdout_seeds [first, last], optimizer
+                      the training noises), train_seeds, validation_seeds (null without) and
+                      holdout_seeds [first, last], optimizer (the method, its budget and the rule
+                      for the steps kept, in words)
 
 May import numpy, scipy, torch, the torch-free package modules, checkpoints, runtime, reference_cache
 and evaluate.
@@ -73,6 +87,7 @@ from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
 
 TRAIN_SEED_OFFSET = 1_000_000
+VALIDATION_SEED_OFFSET = 2_000_000
 METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
 REFINE_MARGIN = 0.5  # references are settled for errors down to half the best start's
 
@@ -83,10 +98,15 @@ class RefineRequest:
     table: str
     nfe: tuple | None = None
     train: int = 64
+    validation: int = 64  # validation noises (0: none): early stopping and the choice of the steps kept
     holdout: int = 256
     seed: int = 0
     device: str = "cpu"
-    maxiter: int = 60
+    optimizer: str = "lbfgs"  # "lbfgs" or "adam" (mini-batches of ``minibatch`` noises, step size ``lr``)
+    maxiter: int = 60  # L-BFGS-B iterations or Adam updates per NFE
+    patience: int = 10  # validations without a lower validation error before the fit stops (0: never)
+    minibatch: int = 16
+    lr: float = 0.05
     grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
     checkpointing: bool | None = None  # recompute activations in the backward pass; None: on for networks
     network_dtype: str | None = None  # the gradient's model calls under autocast: float16, bfloat16
@@ -98,18 +118,64 @@ class RefineRequest:
     guidance_scale: float = 1.0
 
 
+OPTIMIZERS = ("lbfgs", "adam")
+ADAM_BETAS = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How ``refine_steps`` fits one NFE's steps.
+
+    ``method``: "lbfgs" (L-BFGS-B on every training noise, ``maxiter`` iterations) or "adam" (Adam
+    on mini-batches of ``minibatch`` training noises drawn without replacement, ``maxiter``
+    updates of step size ``lr`` in the gap logits; the draws follow ``seed``). With validation
+    noises, their mean error is measured after every L-BFGS-B iteration, or every
+    ``validate_every`` Adam updates (None: one pass over the training noises), and the fit stops
+    after ``patience`` measurements in a row without a new lowest one (0: never early).
+    ``grad_batch``, ``checkpointing``, ``network_dtype``: the gradient's memory and precision
+    (``Evaluator.mean_error_and_grad``)."""
+
+    method: str = "lbfgs"
+    maxiter: int = 60
+    patience: int = 10
+    minibatch: int = 16
+    lr: float = 0.05
+    validate_every: int | None = None
+    seed: int = 0
+    grad_batch: int = 64
+    checkpointing: bool | None = None
+    network_dtype: torch.dtype | None = None
+
+    def describe(self) -> str:
+        """The method and its budget, in words (the table's ``refine.optimizer``)."""
+        if self.method == "lbfgs":
+            return f"{METHOD}, maxiter {self.maxiter}"
+        every = "every pass over the training noises" if self.validate_every is None \
+            else f"every {self.validate_every} updates"
+        return (f"Adam over softmax gap logits on mini-batches of {self.minibatch} training noises, exact "
+                f"gradients (autograd), {self.maxiter} updates of step size {self.lr:g}, validated {every}")
+
+
 @dataclass
 class Refined:
-    """One NFE refined on the training noises (errors: mean RMS to the reference, sample units)."""
+    """One NFE refined (errors: mean RMS to the reference, sample units).
 
-    lam: np.ndarray  # N + 1 increasing lambdas: the refined steps, or the start's when nothing beat it
-    start: str  # the candidate L-BFGS-B started from
+    With validation noises the steps kept are the point with the lowest validation error among the
+    start and the iterates (the start when no iterate beat it); without, the point with the lowest
+    training error."""
+
+    lam: np.ndarray  # N + 1 increasing lambdas: the steps kept
+    start: str  # the candidate the fit started from
     train_errors: dict  # the training error of every candidate, by name
     train_error: float  # the training error of lam
-    improved: bool  # lam beat the start on the training noises
-    iterations: int  # L-BFGS-B iterations
+    improved: bool  # lam beat the start (on the validation noises, or without them on the training ones)
+    iterations: int  # L-BFGS-B iterations or Adam updates run
     evaluations: int  # training error-and-gradient evaluations
-    message: str  # L-BFGS-B's stop reason
+    message: str  # why the fit stopped
+    validation_error_start: float | None = None  # the start's validation error (None: no validation)
+    validation_error: float | None = None  # that of lam
+    validations: int = 0  # validation measurements after the start's
+    best_iteration: int = 0  # the iteration whose steps were kept (0: the start)
 
     @property
     def status(self) -> str:
@@ -133,53 +199,172 @@ def _lam_and_jacobian(u, lam_T, lam_eps):
     return _lam_of(u, lam_T, lam_eps), jac
 
 
-def refine_steps(train: Evaluator, starts: dict, solver, order, variant, maxiter: int,
-                 grad_batch: int = 64, checkpointing: bool | None = None,
-                 network_dtype: torch.dtype | None = None) -> Refined:
-    """Minimize the mean training error over the steps, from the best of ``starts``.
+def _logits_of(lam0) -> np.ndarray:
+    """Gap logits u with ``_lam_of(u)`` = lam0 (to rounding; gaps at the minimum get a tiny share)."""
+    span = lam0[-1] - lam0[0]
+    return np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
 
-    ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
-    with the lowest training error is where L-BFGS-B starts. The result's lam is the start itself
-    (``improved`` False) when no evaluated point beat it. ``grad_batch``, ``checkpointing`` and
-    ``network_dtype`` go to ``Evaluator.mean_error_and_grad``; with ``network_dtype`` L-BFGS-B
-    minimizes the low-precision model's error, and the lowest point it evaluated is measured
-    again at the checkpoint's own precision, like every error recorded.
-    """
+
+class _EarlyStop(Exception):
+    """Raised by ``_Keeper.see`` to end the fit: ``patience`` judgements without a new best."""
+
+
+class _Keeper:
+    """Which point the fit keeps: the lowest ``judge(lam)`` seen, the start's first.
+
+    ``judge``: lam -> a mean error (the validation error, or without validation noises the
+    training error); ``patience``: judgements in a row without a new lowest before the fit stops
+    (0: never early); ``reference()``: the judge's reference steps -- when they change
+    (``Evaluator`` doubles them), the start and the best point are judged again, so that every
+    comparison is on one reference."""
+
+    def __init__(self, judge, lam0, patience: int = 0, reference=lambda: None):
+        self.judge, self.patience, self.reference_of = judge, patience, reference
+        self.start_lam = self.best_lam = lam0
+        self.best_iteration = self.count = self.since_best = 0
+        self.reference = reference()
+        self.start_error = self.best_error = judge(lam0)
+
+    def see(self, lam, iteration: int) -> None:
+        """Judge the point ``lam`` reached at ``iteration``; raises _EarlyStop when patience runs out."""
+        error = self.judge(lam)
+        self.count += 1
+        if self.reference_of() != self.reference:
+            self.reference = self.reference_of()
+            self.start_error, self.best_error = self.judge(self.start_lam), self.judge(self.best_lam)
+            error = self.judge(lam)
+        if error < self.best_error:
+            self.best_lam, self.best_error, self.best_iteration, self.since_best = lam, error, iteration, 0
+            return
+        self.since_best += 1
+        if self.patience and self.since_best >= self.patience:
+            raise _EarlyStop(f"stopped early: no lower validation error in {self.patience} validations")
+
+    @property
+    def improved(self) -> bool:
+        return self.best_iteration > 0 and self.best_error < self.start_error
+
+
+def _pinned(lam, lam_T, lam_eps):
+    """``lam`` with its ends set to exactly lam_T and lam_eps."""
+    lam[0], lam[-1] = lam_T, lam_eps
+    return lam
+
+
+def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple[int, int, str]:
+    """L-BFGS-B on the full training error from lam0; each iterate goes to ``keeper``, and every
+    point evaluated to ``seen`` ({lam bytes: training error}). Returns (iterations, evaluations,
+    stop reason)."""
     from scipy.optimize import minimize
 
-    train_err = {name: float(train.errors(lam, solver, order, variant).mean()) for name, lam in starts.items()}
-    start = min(train_err, key=train_err.get)
-    lam0 = np.asarray(starts[start], dtype=np.float64)
     lam_T, lam_eps = lam0[0], lam0[-1]
-    span = lam_eps - lam_T
-    u0 = np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
-    cache = {}
+    count = {"iterations": 0, "evaluations": 0}
 
     def f(u):
         lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
-        value, dvalue_dlam = train.mean_error_and_grad(lam, solver, order, variant, chunk=grad_batch,
-                                                       checkpointing=checkpointing, network_dtype=network_dtype)
-        cache[u.tobytes()] = value
+        value, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
+                                                       checkpointing=fit.checkpointing,
+                                                       network_dtype=fit.network_dtype)
+        count["evaluations"] += 1
+        seen[_pinned(lam, lam_T, lam_eps).tobytes()] = value
         return value, dlam_du.T @ dvalue_dlam
 
-    res = minimize(f, u0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter})
-    e_start = train_err[start]
-    best = min(cache, key=cache.get)
-    done = dict(start=start, train_errors=train_err, iterations=int(res.nit), evaluations=int(res.nfev),
-                message=str(res.message))
-    lam = _lam_of(np.frombuffer(best, dtype=np.float64), lam_T, lam_eps)
-    lam[0], lam[-1] = lam_T, lam_eps
-    e_best = cache[best] if network_dtype is None else float(train.errors(lam, solver, order, variant).mean())
-    if not e_best < e_start:
-        return Refined(lam=lam0, train_error=e_start, improved=False, **done)
-    return Refined(lam=lam, train_error=e_best, improved=True, **done)
+    def each_iteration(intermediate_result):
+        count["iterations"] += 1
+        lam = _pinned(_lam_of(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
+        keeper.see(lam, count["iterations"])
+
+    try:
+        res = minimize(f, _logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
+                       callback=each_iteration)
+        message = str(res.message)
+    except _EarlyStop as stop:
+        message = str(stop)
+    return count["iterations"], count["evaluations"], message
+
+
+def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple[int, int, str]:
+    """Adam on mini-batch training errors from lam0; every ``fit.validate_every`` updates (None:
+    one pass over the training noises) and after the last, the point goes to ``keeper``. Returns
+    (updates, evaluations, stop reason)."""
+    lam_T, lam_eps = lam0[0], lam0[-1]
+    n = len(train.seeds)
+    size = min(fit.minibatch, n)
+    every = fit.validate_every or -(-n // size)
+    rng = np.random.default_rng(fit.seed)
+    u = _logits_of(lam0)
+    m, v = np.zeros_like(u), np.zeros_like(u)
+    (b1, b2), done = ADAM_BETAS, 0
+    try:
+        for k in range(1, fit.maxiter + 1):
+            rows = np.sort(rng.choice(n, size=size, replace=False))
+            lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
+            _, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
+                                                       checkpointing=fit.checkpointing,
+                                                       network_dtype=fit.network_dtype, rows=rows)
+            g = dlam_du.T @ dvalue_dlam
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            u = u - fit.lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + 1e-12)
+            done = k
+            if k % every == 0 or k == fit.maxiter:
+                keeper.see(_pinned(_lam_of(u, lam_T, lam_eps), lam_T, lam_eps), k)
+    except _EarlyStop as stop:
+        return done, done, str(stop)
+    return done, done, f"ran its {fit.maxiter} updates"
+
+
+def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fit = Fit(),
+                 validation: Evaluator | None = None) -> Refined:
+    """Minimize the mean training error over the steps, from the best of ``starts``.
+
+    ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
+    with the lowest training error is where the fit (``fit``) starts. With ``validation`` (an
+    Evaluator of other noises) the steps kept are those of the start or an iterate with the lowest
+    validation error, and the fit stops early after ``fit.patience`` validations without a new
+    lowest; without, those of the start or an iterate with the lowest training error. Either way
+    the result is the start itself (``improved`` False) when nothing beat it. With
+    ``fit.network_dtype`` the fit minimizes the low-precision model's error, and the training error
+    of the steps kept is measured again at the checkpoint's own precision, like every error recorded.
+    """
+    args = (solver, order, variant)
+    train_err = {name: float(train.errors(lam, *args).mean()) for name, lam in starts.items()}
+    start = min(train_err, key=train_err.get)
+    lam0 = np.asarray(starts[start], dtype=np.float64)
+    seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
+
+    def training_error(lam) -> float:
+        if lam.tobytes() not in seen:
+            seen[lam.tobytes()] = float(train.errors(lam, *args).mean())
+        return seen[lam.tobytes()]
+
+    if validation is None:
+        keeper = _Keeper(training_error, lam0)
+    else:
+        keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
+                         lambda: validation.reference_steps)
+    run = _fit_lbfgs if fit.method == "lbfgs" else _fit_adam
+    iterations, evaluations, message = run(train, lam0, args, fit, keeper, seen if fit.network_dtype is None else {})
+    done = {"start": start, "train_errors": train_err, "iterations": iterations, "evaluations": evaluations,
+            "message": message}
+    if validation is not None:
+        done.update(validations=keeper.count, validation_error_start=keeper.start_error)
+    if not keeper.improved:
+        kept = {} if validation is None else {"validation_error": keeper.start_error}
+        return Refined(lam=lam0, train_error=train_err[start], improved=False, **done, **kept)
+    lam = keeper.best_lam
+    kept = {} if validation is None else {"validation_error": keeper.best_error}
+    return Refined(lam=lam, train_error=training_error(lam), improved=True, best_iteration=keeper.best_iteration,
+                   **done, **kept)
 
 
 def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64,
                  checkpointing: bool | None = None, network_dtype: torch.dtype | None = None):
-    """``refine_steps`` as a tuple: (lam, start name, the training error of every start by name,
-    final training error, iterations)."""
-    r = refine_steps(train, starts, solver, order, variant, maxiter, grad_batch, checkpointing, network_dtype)
+    """``refine_steps`` with L-BFGS-B and no validation noises, as a tuple: (lam, start name, the
+    training error of every start by name, final training error, iterations)."""
+    r = refine_steps(train, starts, solver, order, variant, Fit(maxiter=maxiter, grad_batch=grad_batch,
+                                                               checkpointing=checkpointing,
+                                                               network_dtype=network_dtype))
     return r.lam, r.start, r.train_errors, r.train_error, r.iterations
 
 
@@ -197,16 +382,23 @@ def train_seeds(train: int, seed: int = 0) -> range:
     return range(seed + TRAIN_SEED_OFFSET, seed + TRAIN_SEED_OFFSET + train)
 
 
+def validation_seeds(validation: int, seed: int = 0) -> range:
+    """The seeds of the ``validation`` validation noises: seed + VALIDATION_SEED_OFFSET ..., apart
+    from the training and the held-out seeds."""
+    return range(seed + VALIDATION_SEED_OFFSET, seed + VALIDATION_SEED_OFFSET + validation)
+
+
 def start_label(start: str, improved: bool) -> str:
     """The entry's ``init``: where its steps came from."""
     what = "the table" if start == TABLE else f"grid {start}"
     return f"refined from {what}" if improved else f"kept {what}"
 
 
-def optimizer_record(r: Refined) -> dict:
-    """The entry's ``optimizer``: the refinement's status and L-BFGS-B's counts."""
-    return {"status": r.status, "method": METHOD, "message": r.message, "iterations": r.iterations,
-            "evaluations": r.evaluations}
+def optimizer_record(r: Refined, fit: Fit = Fit()) -> dict:
+    """The entry's ``optimizer``: the refinement's status, the method and its counts."""
+    return {"status": r.status, "method": METHOD if fit.method == "lbfgs" else fit.describe(),
+            "message": r.message, "iterations": r.iterations, "evaluations": r.evaluations,
+            "validations": r.validations, "best_iteration": r.best_iteration}
 
 
 def refine_record(r: Refined, holdout_errors: dict, holdout_error: float) -> dict:
@@ -214,6 +406,7 @@ def refine_record(r: Refined, holdout_errors: dict, holdout_error: float) -> dic
     candidate to its held-out error, ``holdout_error`` is that of ``r.lam``."""
     return {"start": r.start, "train_errors": dict(r.train_errors), "train_error_start": r.train_errors[r.start],
             "train_error": r.train_error, "iterations": r.iterations,
+            "validation_error_start": r.validation_error_start, "validation_error": r.validation_error,
             "holdout_errors": dict(holdout_errors), "holdout_error_start": holdout_errors[r.start],
             "holdout_error": holdout_error}
 
@@ -224,12 +417,16 @@ def best_candidate(errors: dict) -> tuple[str, float]:
     return name, errors[name]
 
 
-def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label) -> None:
+def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
+                    validation=0, patience=0, optimizer="lbfgs", minibatch=1, lr=0.05) -> None:
     for name, value in (("train", train), ("holdout", holdout), ("grad_batch", grad_batch), ("maxiter", maxiter),
-                        ("seed", seed), ("ref_steps", ref_steps), ("guidance_scale", guidance_scale)):
+                        ("seed", seed), ("ref_steps", ref_steps), ("guidance_scale", guidance_scale),
+                        ("validation", validation), ("patience", patience), ("minibatch", minibatch), ("lr", lr)):
         in_bounds(name, value)
     if class_label is not None:
         in_bounds("class_label", class_label)
+    if optimizer not in OPTIMIZERS:
+        raise bad_setting("optimizer", f"{optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
 
 
 def gradient_dtype(ckpt, network_dtype: str | None) -> torch.dtype | None:
@@ -265,29 +462,36 @@ def _needs_denoiser(ckpt, source: str) -> None:
         raise BadInput(f"{source} is a text-to-image pipeline: refine needs a denoiser checkpoint")
 
 
-def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int = 256, seed: int = 0,
-                 maxiter: int = 60, grad_batch: int = 64, checkpointing: bool | None = None,
+def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
+                 seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = 10,
+                 minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
                  network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
                  guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
                  progress=None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
     on the loaded checkpoint ``ckpt``.
 
-    ``nfe``: the NFEs to refine (default all of the table's); ``train``, ``holdout``: the numbers of
-    training and held-out noises (``train_seeds(train, seed)``; seeds seed ... seed + holdout - 1);
-    ``maxiter``: L-BFGS-B iterations per NFE. The gradient's memory: ``grad_batch`` training noises
-    per backward pass; ``checkpointing`` recomputes each model evaluation's activations in the
-    backward pass (None: on for networks, off for mixtures; the result is the same to rounding);
-    ``network_dtype`` ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's
-    model calls under autocast in that dtype, while the references and every recorded error stay
-    at the checkpoint's precision.
+    Noises: ``train`` training noises (``train_seeds(train, seed)``), ``validation`` validation
+    noises (``validation_seeds``; 0: none) and ``holdout`` held-out ones (seeds seed ... seed +
+    holdout - 1). ``nfe``: the NFEs to refine (default all of the table's). The fit per NFE
+    (``Fit``): ``optimizer`` "lbfgs" (``maxiter`` L-BFGS-B iterations on all training noises) or
+    "adam" (``maxiter`` Adam updates of step size ``lr`` on mini-batches of ``minibatch`` training
+    noises, validated once per pass over them); with validation noises it stops after
+    ``patience`` validations without a lower validation error and keeps the start or iterate with
+    the lowest one. The gradient's memory: ``grad_batch`` training noises per backward pass;
+    ``checkpointing`` recomputes each model evaluation's activations in the backward pass (None:
+    on for networks, off for mixtures; the result is the same to rounding); ``network_dtype``
+    ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's model calls under
+    autocast in that dtype, while the references and every recorded error stay at the checkpoint's
+    precision.
     ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
     the record and in messages; ``progress(nfe)`` is called after each NFE.
     ``ref_steps``, ``cache``: the references' first S and the ``reference_cache.ReferenceCache`` (or
-    None) of both sets of noises; before the first NFE both references are settled on the starts at
+    None) of every set of noises; before the first NFE the references are settled on the starts at
     the largest NFE with ``REFINE_MARGIN`` (``Evaluator.settle``).
     """
-    _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label)
+    _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
+                    validation, patience, optimizer, minibatch, lr)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
     _needs_denoiser(ckpt, source)
@@ -298,16 +502,22 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
                        f"not the checkpoint's {schedule.name}")
     cfg = table["config"]
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
+    fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
+              grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
     denoiser = network_denoiser(ckpt, class_label, guidance_scale)
-    seeds = train_seeds(train, seed)
-    shared = dict(cache=cache, class_label=class_label, guidance_scale=guidance_scale)
-    training = Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, **shared)
-    held = Evaluator(ckpt, denoiser, range(seed, seed + holdout), cfg["T"], cfg["eps"], ckpt.device, ref_steps,
-                     **shared)
+
+    def evaluator(seeds) -> Evaluator:
+        return Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, cache=cache,
+                         class_label=class_label, guidance_scale=guidance_scale)
+
+    seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
+    training, held = evaluator(seeds), evaluator(range(seed, seed + holdout))
+    validating = evaluator(checked) if validation else None
     top = max(nfes)
     top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
-    for ev in (training, held):
-        ev.settle(top_starts.values(), solver, order, variant, margin=REFINE_MARGIN)
+    for ev in (training, validating, held):
+        if ev is not None:
+            ev.settle(top_starts.values(), solver, order, variant, margin=REFINE_MARGIN)
 
     def held_error(lam) -> float:
         return float(held.errors(lam, solver, order, variant).mean())
@@ -316,7 +526,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
     for n in nfes:
         entry = dict(entry_for(table, n))
         starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
-        r = refine_steps(training, starts, solver, order, variant, maxiter, grad_batch, checkpointing, low)
+        r = refine_steps(training, starts, solver, order, variant, fit, validating)
         holdout_errors = {name: held_error(lam) for name, lam in starts.items()}
         holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
@@ -324,30 +534,39 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, holdout: int =
             **step_arrays(schedule, r.lam, cfg["T"], cfg["eps"]),
             "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
             "init_objective": objective.value(starts[r.start]),
-            "optimizer": optimizer_record(r),
+            "optimizer": optimizer_record(r, fit),
             "refine": refine_record(r, holdout_errors, holdout_error),
         })
         entries.append(entry)
         if progress is not None:
             progress(n)
+    kept = (f"; kept the start or iterate with the lowest error on the validation noises, stopping after "
+            f"{patience} validations without a lower one" if validation else
+            "; kept the start or iterate with the lowest training error (no validation noises)")
     return {**table, "config": {**cfg, "nfe": list(nfes)}, "entries": entries, "refine": {
         "checkpoint": source, "from_table": table_name,
         "solver": {"name": solver, "order": order, "variant": variant},
         "metric": METRIC,
         "reference": training.reference_info,
         "train_seeds": [seeds.start, seeds.stop - 1],
+        "validation_seeds": [checked.start, checked.stop - 1] if validation else None,
         "holdout_seeds": [seed, seed + holdout - 1],
-        "optimizer": f"{METHOD}, maxiter {maxiter}, from the best of the table and the grids on the "
-                     "training noises" + ("" if low is None else f"; gradients with the model calls in "
-                                          f"{network_dtype} (autocast), errors at the checkpoint's precision"),
+        "optimizer": f"{fit.describe()}, from the best of the table and the grids on the training noises" + kept
+                     + ("" if low is None else f"; gradients with the model calls in {network_dtype} (autocast), "
+                                               "errors at the checkpoint's precision"),
     }}
+
+
+TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "maxiter", "patience", "minibatch",
+                  "lr", "grad_batch", "checkpointing", "network_dtype", "ref_steps", "class_label", "guidance_scale")
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
     """Load the request's table and checkpoint (on ``req.device``; under torchrun a CUDA device is
     the rank's own, ``runtime.rank_device``), then ``refine_table``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
-                    req.guidance_scale, req.class_label)
+                    req.guidance_scale, req.class_label, req.validation, req.patience, req.optimizer,
+                    req.minibatch, req.lr)
     if req.network_dtype is not None:
         network_dtype_named(req.network_dtype)
     cache = open_cache(req.cache, enabled=not req.no_cache)
@@ -355,9 +574,5 @@ def refine(req: RefineRequest, progress=None) -> dict:
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
     ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
-    return refine_table(ckpt, table, nfe=req.nfe, train=req.train, holdout=req.holdout, seed=req.seed,
-                        maxiter=req.maxiter, grad_batch=req.grad_batch, checkpointing=req.checkpointing,
-                        network_dtype=req.network_dtype, ref_steps=req.ref_steps, cache=cache,
-                        class_label=req.class_label, guidance_scale=req.guidance_scale,
+    return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)
-

@@ -1,11 +1,12 @@
 """The records of a refined table (made by ``refine``) and what can be checked of them without the model.
 
 A refined entry carries ``optimizer.status`` (one of ``STATUSES``: "refined", its steps beat the
-start on the training noises, or "kept-start") and a ``refine`` record of measured errors (mean
-RMS to the reference solution, in the units of the samples): per candidate start (``TABLE``, the
-input table's own steps, and every hand-made grid) the training and held-out error, the start
-that was used and the errors of the entry's steps (``refine``'s module docstring lays the record
-out). ``record_drift`` says where those numbers contradict each other.
+start on the validation noises, or on the training noises when there were none, or "kept-start")
+and a ``refine`` record of measured errors (mean RMS to the reference solution, in the units of
+the samples): per candidate start (``TABLE``, the input table's own steps, and every hand-made
+grid) the training and held-out error, the start that was used, the validation errors of the
+start and of the entry's steps (null without validation noises) and the errors of the entry's
+steps (``refine``'s module docstring lays the record out). ``record_drift`` says where those numbers contradict each other.
 
 Imports ``grids`` (names only) and ``tables`` (``is_number``); never torch.
 """
@@ -53,10 +54,14 @@ def record_drift(entry: dict) -> list[str]:
     for kind in ("holdout", "train"):
         if not same_record(rec[f"{kind}_error_start"], rec[f"{kind}_errors"][start]):
             drift.append(f"refine.{kind}_error_start: not the recorded {kind} error of the start {start}")
-    if status == "refined" and not rec["train_error"] < rec["train_error_start"]:
-        drift.append("optimizer.status: refined, but the training error is not below the start's")
-    if status == "kept-start" and not (same_record(rec["train_error"], rec["train_error_start"])
-                                       and same_record(rec["holdout_error"], rec["holdout_error_start"])):
+    validated = rec.get("validation_error") is not None or rec.get("validation_error_start") is not None
+    if validated and not (is_number(rec.get("validation_error")) and is_number(rec.get("validation_error_start"))):
+        return [*drift, "refine.validation_error, validation_error_start: both finite or both null"]
+    judged = "validation" if validated else "train"
+    if status == "refined" and not rec[f"{judged}_error"] < rec[f"{judged}_error_start"]:
+        drift.append(f"optimizer.status: refined, but the {judged} error is not below the start's")
+    kinds = ("train", "holdout", "validation") if validated else ("train", "holdout")
+    if status == "kept-start" and not all(same_record(rec[f"{k}_error"], rec[f"{k}_error_start"]) for k in kinds):
         drift.append("optimizer.status: kept-start, but the errors differ from the start's")
     return drift
 

@@ -78,6 +78,8 @@ def measure(folder: Path) -> None:
     lam = grid_lambda("quad", s, 20, s.T, s.eps_default)
     got["mix_errors"] = ev.errors(lam, "unipc", 3, "bh2")
     got["mix_mean"], got["mix_grad"] = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", chunk=2)
+    for name, rows in (("mix_rows_both", [0, 2, 5]), ("mix_rows_one", [1, 3, 5])):  # [1, 3, 5]: none on rank 0
+        got[f"{name}_mean"], got[f"{name}_grad"] = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", rows=rows)
     got["mix_reference"] = [ev.reference_steps, ev.check_error]
     got["mix_rows"] = ev.x_T.shape[0]
     ck = Checkpoint(kind="unet", schedule=s, prediction_type="sample", sample_shape=(1, 8, 8), num_classes=None,
@@ -129,8 +131,9 @@ def files(tmp_path_factory):
 
 
 def test_two_processes_measure_what_one_does(tmp_path):
-    """Per-noise errors in the seeds' order, the mean, the gradient and the reference's doubling
-    of two processes equal one process's to rounding; both ranks hold the same bits."""
+    """Per-noise errors in the seeds' order, the mean, the gradient (over all noises and over
+    chosen rows, as Adam's mini-batches take them) and the reference's doubling of two processes
+    equal one process's to rounding; both ranks hold the same bits."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     r = torchrun(__file__, str(tmp_path / "two"))
@@ -144,13 +147,16 @@ def test_two_processes_measure_what_one_does(tmp_path):
         if name != "mix_rows":
             np.testing.assert_array_equal(ranks[1][name], ranks[0][name], err_msg=name)
     two = ranks[0]
-    assert one["mix_reference"][0] == two["mix_reference"][0] == 256  # S doubled from 64 to 128
+    assert one["mix_reference"][0] == two["mix_reference"][0] >= 256  # S doubled from 64 at least once
     assert two["mix_reference"][1] == pytest.approx(one["mix_reference"][1], rel=1e-12, abs=1e-15)
     np.testing.assert_allclose(two["mix_errors"], one["mix_errors"], rtol=1e-12, atol=1e-15)
     assert two["mix_mean"] == pytest.approx(one["mix_mean"], rel=1e-12)
     assert two["mix_mean"] == pytest.approx(one["mix_errors"].mean(), rel=1e-12)
-    np.testing.assert_allclose(two["mix_grad"], one["mix_grad"], rtol=1e-12,
-                               atol=1e-12 * np.abs(one["mix_grad"]).max())
+    for name in ("mix", "mix_rows_both", "mix_rows_one"):
+        np.testing.assert_allclose(two[f"{name}_grad"], one[f"{name}_grad"], rtol=1e-12,
+                                   atol=1e-12 * np.abs(one[f"{name}_grad"]).max(), err_msg=name)
+    for name in ("mix_rows_both", "mix_rows_one"):
+        assert two[f"{name}_mean"] == pytest.approx(one[f"{name}_mean"], rel=1e-12)
     assert one["net_reference"] == two["net_reference"]
     np.testing.assert_allclose(two["net_errors"], one["net_errors"], rtol=1e-6, atol=0)
     assert two["net_mean"] == pytest.approx(one["net_mean"], rel=1e-6)
@@ -193,9 +199,10 @@ def test_refine_on_two_processes_fits_what_one_does(files, tmp_path):
     from dmsteps_cli.refine import RefineRequest, refine
 
     mix, table = files
-    one = refine(RefineRequest(checkpoint=str(mix), table=str(table), nfe=(5,), train=7, holdout=5, maxiter=15))
+    one = refine(RefineRequest(checkpoint=str(mix), table=str(table), nfe=(5,), train=7, validation=5, holdout=5,
+                               maxiter=15))
     r = torchrun("-m", "dmsteps_cli", "refine", "-c", str(mix), "-t", str(table), "--nfe", "5", "--train", "7",
-                 "--holdout", "5", "--maxiter", "15", "-q", "-o", str(tmp_path / "two.json"))
+                 "--validation", "5", "--holdout", "5", "--maxiter", "15", "-q", "-o", str(tmp_path / "two.json"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and r.stderr == ""
     assert [p.name for p in tmp_path.iterdir()] == ["two.json"]
@@ -204,7 +211,7 @@ def test_refine_on_two_processes_fits_what_one_does(files, tmp_path):
     a, b = two["entries"][0], one["entries"][0]
     np.testing.assert_allclose(a["lambda"], b["lambda"], rtol=0, atol=1e-5)
     assert a["refine"]["start"] == b["refine"]["start"] and a["optimizer"]["status"] == b["optimizer"]["status"]
-    for key in ("train_error", "holdout_error"):
+    for key in ("train_error", "validation_error", "holdout_error"):
         assert a["refine"][key] == pytest.approx(b["refine"][key], rel=1e-6)
     for name, error in b["refine"]["holdout_errors"].items():
         assert a["refine"]["holdout_errors"][name] == pytest.approx(error, rel=1e-12)

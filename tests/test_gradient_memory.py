@@ -13,7 +13,7 @@ from dmsteps_cli.cli import message_of
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import Evaluator
 from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.refine import candidates, gradient_dtype, refine_steps
+from dmsteps_cli.refine import Fit, candidates, gradient_dtype, refine_steps
 
 torch.set_num_threads(1)
 from tiny import mixture_evaluator  # noqa: E402
@@ -155,7 +155,7 @@ def test_low_precision_refine_records_full_precision_errors(unet):
     training error is measured again at the checkpoint's float32, as the starts' are."""
     ev, s = unet
     starts = candidates(grid_lambda("quad", s, 5, s.T, s.eps_default), s, 5, s.T, s.eps_default, None)
-    r = refine_steps(ev, starts, "unipc", 3, "bh2", maxiter=3, network_dtype=torch.bfloat16)
+    r = refine_steps(ev, starts, "unipc", 3, "bh2", Fit(maxiter=3, network_dtype=torch.bfloat16))
     assert r.train_errors == {name: float(ev.errors(lam, "unipc", 3, "bh2").mean()) for name, lam in starts.items()}
     assert r.train_error == float(ev.errors(r.lam, "unipc", 3, "bh2").mean())
     assert r.improved == (r.train_error < r.train_errors[r.start])

@@ -168,7 +168,8 @@ def test_kept_start_records_the_start_itself(files, monkeypatch):
         holdout_error_start=t["entries"][0]["refine"]["holdout_errors"]["table"]), "refine.holdout_error_start"),
     (lambda t: t["entries"][0]["refine"].update(start="table"), "refine.start"),
     (lambda t: t["entries"][0]["refine"]["holdout_errors"].pop("edm"), "refine.holdout_errors"),
-    (lambda t: t["entries"][0]["refine"].update(train_error=1.0), "optimizer.status: refined"),
+    (lambda t: t["entries"][0]["refine"].update(validation_error=1.0), "optimizer.status: refined"),
+    (lambda t: t["entries"][0]["refine"].update(validation_error=None), "refine.validation_error"),
 ])
 def test_check_names_a_hand_edited_record(mix_refined, edit, message):
     table = json.loads(dumps(mix_refined[0], "json"))

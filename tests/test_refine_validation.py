@@ -1,0 +1,156 @@
+"""refine's validation noises and its fits: the steps kept are never worse than the start on the
+validation noises, early stopping, Adam on mini-batches, and bad settings.
+
+Numbers are checked against the numpy closed form of a single Gaussian (``independent_error``)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmsteps_cli import dumps
+from dmsteps_cli.check import check_table
+from dmsteps_cli.errors import BadInput
+from dmsteps_cli.evaluate import Evaluator
+from dmsteps_cli.grids import GRIDS, grid_lambda
+from dmsteps_cli.refine import VALIDATION_SEED_OFFSET, Fit, RefineRequest, refine, refine_steps
+
+torch.set_num_threads(1)
+from test_evaluate import files, independent_error  # noqa: E402, F401  (the fixture and the numpy error)
+
+TRAIN, VALID, HOLDOUT = 8, 8, 8
+
+
+def _refine(files, **kw):
+    root, table = files
+    req = dict(checkpoint=str(root / "gauss.yaml"), table=str(table), nfe=(5,), train=TRAIN, validation=VALID,
+               holdout=HOLDOUT, maxiter=15)
+    return refine(RefineRequest(**{**req, **kw}))
+
+
+def _gaussian(files, seeds):
+    from dmsteps_cli.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(str(files[0] / "gauss.yaml"), device="cpu")
+    s = ckpt.schedule
+    return Evaluator(ckpt, ckpt.denoiser(), seeds, s.T, s.eps_default, "cpu"), s
+
+
+class _WorseAwayFromTheStarts:
+    """A validation Evaluator on which every point but the candidate starts measures 1.0 worse."""
+
+    def __init__(self, ev, starts):
+        self.ev, self.starts = ev, [np.asarray(v) for v in starts.values()]
+        self.reference_steps = ev.reference_steps
+
+    def errors(self, lam, *args):
+        away = not any(np.array_equal(np.asarray(lam), s) for s in self.starts)
+        return self.ev.errors(lam, *args) + (1.0 if away else 0.0)
+
+
+def test_validation_error_is_the_closed_form_one_and_not_above_the_start(files):
+    out = _refine(files)
+    e = out["entries"][0]
+    r = e["refine"]
+    valid = list(range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + VALID))
+    assert out["refine"]["validation_seeds"] == [valid[0], valid[-1]]
+    assert e["optimizer"]["status"] == "refined" and r["validation_error"] < r["validation_error_start"]
+    assert r["validation_error"] == pytest.approx(independent_error(e["lambda"], valid), rel=1e-9)
+    assert r["holdout_error"] == pytest.approx(independent_error(e["lambda"], list(range(HOLDOUT))), rel=1e-9)
+    assert 1 <= e["optimizer"]["best_iteration"] <= e["optimizer"]["iterations"] == e["optimizer"]["validations"]
+    assert "validation noises" in out["refine"]["optimizer"]
+    assert check_table(json.loads(dumps(out, "json"))) == []
+
+
+def test_keeps_the_start_and_stops_when_every_iterate_is_worse_on_validation(files):
+    train, s = _gaussian(files, range(1_000_000, 1_000_000 + TRAIN))
+    valid, _ = _gaussian(files, range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + VALID))
+    starts = {g: grid_lambda(g, s, 5, s.T, s.eps_default) for g in GRIDS}
+    worse = _WorseAwayFromTheStarts(valid, starts)
+    r = refine_steps(train, starts, "unipc", 3, "bh2", Fit(maxiter=30, patience=3), worse)
+    assert not r.improved and r.status == "kept-start" and r.best_iteration == 0
+    assert np.array_equal(r.lam, starts[r.start])
+    assert r.iterations == r.validations == 3 and r.message.startswith("stopped early")
+    assert r.validation_error == r.validation_error_start == pytest.approx(
+        independent_error(starts[r.start], valid.seeds), rel=1e-9)
+    assert r.train_error == r.train_errors[r.start]
+    # without validation the same fit moves the steps: the training error falls
+    free = refine_steps(train, starts, "unipc", 3, "bh2", Fit(maxiter=30))
+    assert free.improved and free.train_error < r.train_error and free.validation_error is None
+
+
+def test_kept_start_on_validation_is_recorded_and_checked(files, monkeypatch):
+    """End to end: a refined table whose fit beat nothing on validation keeps the start's steps and
+    numbers, and check accepts it; edited to claim otherwise, check names the record."""
+    original = Evaluator.errors
+
+    def errors(self, lam, *args):
+        e = original(self, lam, *args)
+        starts = [grid_lambda(g, self.schedule, 5, self.T, self.eps) for g in GRIDS]
+        moved = not any(np.allclose(lam, s, rtol=0, atol=1e-12) for s in starts) and len(lam) == 6
+        return e + 1.0 if self.seeds[0] >= VALIDATION_SEED_OFFSET and moved else e
+
+    monkeypatch.setattr(Evaluator, "errors", errors)
+    out = _refine(files, patience=2)
+    e, r = out["entries"][0], out["entries"][0]["refine"]
+    assert e["optimizer"]["status"] == "kept-start" and e["init"] == f"kept grid {r['start']}"
+    assert e["optimizer"]["iterations"] == 2 and e["optimizer"]["message"].startswith("stopped early")
+    assert r["validation_error"] == r["validation_error_start"] and r["holdout_error"] == r["holdout_error_start"]
+    assert check_table(json.loads(dumps(out, "json"))) == []
+    edited = json.loads(dumps(out, "json"))
+    edited["entries"][0]["optimizer"]["status"] = "refined"
+    assert any("validation error is not below" in d for d in check_table(edited))
+
+
+def test_without_validation_the_training_rule_holds(files):
+    out = _refine(files, validation=0)
+    e, r = out["entries"][0], out["entries"][0]["refine"]
+    assert out["refine"]["validation_seeds"] is None and r["validation_error"] is None
+    assert e["optimizer"]["status"] == "refined" and r["train_error"] < r["train_error_start"]
+    assert r["train_error"] == pytest.approx(independent_error(e["lambda"], list(range(1_000_000, 1_000_008))),
+                                             rel=1e-9)
+    assert check_table(json.loads(dumps(out, "json"))) == []
+
+
+def test_a_mini_batch_gradient_is_that_of_its_noises_alone(files):
+    seeds = list(range(100, 106))
+    ev, s = _gaussian(files, seeds)
+    alone, _ = _gaussian(files, [seeds[1], seeds[4]])
+    lam = grid_lambda("quad", s, 6, s.T, s.eps_default)
+    value, grad = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", rows=[1, 4])
+    want_value, want_grad = alone.mean_error_and_grad(lam, "unipc", 3, "bh2")
+    assert value == pytest.approx(independent_error(lam, [seeds[1], seeds[4]]), rel=1e-9)
+    assert value == pytest.approx(want_value, rel=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-10, atol=1e-15)
+
+
+def test_adam_on_mini_batches_lowers_the_validation_error_reproducibly(files):
+    kw = dict(optimizer="adam", minibatch=4, maxiter=12, lr=0.1)
+    out = _refine(files, **kw)
+    again = _refine(files, **kw)
+    e, r = out["entries"][0], out["entries"][0]["refine"]
+    assert e["optimizer"]["status"] == "refined" and r["validation_error"] < r["validation_error_start"]
+    assert e["lambda"] == again["entries"][0]["lambda"]
+    # one validation per pass over the training noises: every 2 updates
+    assert e["optimizer"]["evaluations"] == e["optimizer"]["iterations"] <= 12
+    assert e["optimizer"]["validations"] == -(-e["optimizer"]["iterations"] // 2)
+    assert e["optimizer"]["best_iteration"] % 2 == 0 or e["optimizer"]["best_iteration"] == 12
+    assert "Adam" in e["optimizer"]["method"] and "mini-batches of 4" in out["refine"]["optimizer"]
+    assert r["validation_error"] == pytest.approx(
+        independent_error(e["lambda"], list(range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + VALID))),
+        rel=1e-9)
+    assert check_table(json.loads(dumps(out, "json"))) == []
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("optimizer", "sgd", "optimizer 'sgd': choose from lbfgs, adam"),
+    ("validation", -1, "validation must be between 0 and 65536"),
+    ("patience", 1.5, "patience must be a whole number"),
+    ("minibatch", 0, "minibatch must be between 1 and 65536"),
+    ("lr", 0.0, "lr must be between"),
+    ("holdout", 1_000_001, "holdout must be between 1 and 1000000"),
+])
+def test_bad_settings_fail_before_the_model_loads(files, setting, value, message):
+    with pytest.raises(BadInput, match=message):
+        _refine(files, **{setting: value}, checkpoint="/nonexistent")
