@@ -12,6 +12,7 @@ torch).
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -301,6 +302,26 @@ def _cache_note(cache) -> None:
     print(line, file=sys.stderr)
 
 
+@contextmanager
+def _torchrun(cache):
+    """The block runs as one rank of a torchrun launch (WORLD_SIZE > 1: the process group is
+    initialized on entering, before any model loads, and ended on leaving) or as the only process.
+    Yields whether this process writes the results: rank 0, or the only process. On leaving
+    without an error, the reference cache ``cache``'s counts (or None) become the sums over the
+    ranks, so rank 0's note tells the whole run."""
+    from .runtime import Ranks, distributed, end_distributed
+
+    distributed()
+    try:
+        ranks = Ranks.current()
+        yield ranks.rank == 0
+        if cache is not None and ranks.world > 1:
+            counts = ranks.total([cache.hits, cache.misses, cache.unreadable, cache.written])
+            cache.hits, cache.misses, cache.unreadable, cache.written = (int(c) for c in counts)
+    finally:
+        end_distributed()
+
+
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
@@ -347,7 +368,10 @@ def evaluate(
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       guidance_scale=guidance_scale, cache=_open_cache(cache, no_cache), no_cache=no_cache)
-    report = run_evaluation(req)
+    with _torchrun(req.cache) as writes:
+        report = run_evaluation(req)
+    if not writes:
+        return
     write_output("-" if output is None else output, json.dumps(report, indent=1) + "\n")
     if plot is not None:
         from .plots import plot_evaluation
@@ -439,15 +463,18 @@ def refine(
     if output is not None:
         check_writable(output)
     reference_cache = _open_cache(cache, no_cache)
-    table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
-                                         nfe=parse_nfe(nfe) if nfe else None, train=train,
-                                         validation=validation, holdout=holdout, seed=seed, optimizer=optimizer,
-                                         maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr,
-                                         grad_batch=grad_batch,
-                                         checkpointing=checkpointing, network_dtype=network_dtype, device=device,
-                                         schedule=schedule,
-                                         cache=reference_cache, no_cache=no_cache,
-                                         class_label=class_label, guidance_scale=guidance_scale))
+    with _torchrun(reference_cache) as writes:
+        table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
+                                             nfe=parse_nfe(nfe) if nfe else None, train=train,
+                                             validation=validation, holdout=holdout, seed=seed,
+                                             optimizer=optimizer, maxiter=maxiter, patience=patience,
+                                             minibatch=minibatch, lr=lr, grad_batch=grad_batch,
+                                             checkpointing=checkpointing, network_dtype=network_dtype,
+                                             device=device, schedule=schedule,
+                                             cache=reference_cache, no_cache=no_cache,
+                                             class_label=class_label, guidance_scale=guidance_scale))
+    if not writes:
+        return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))
     if not quiet:
         from rich.table import Table

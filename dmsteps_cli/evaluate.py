@@ -47,10 +47,11 @@ from .reference_cache import open_cache
 from .reference_cache import settings as reference_settings
 from .limits import BOUNDS, in_bounds
 from .runtime import (
+    Ranks,
     full_precision,
     integrate,
     noise_for,
-    resolve_device,
+    rank_device,
     rms_error,
     state_dtype,
 )
@@ -132,15 +133,29 @@ class Evaluator:
 
     ``cache``: a ``reference_cache.ReferenceCache`` or None; with one, each x_S is read per seed
     where it was stored and computed (then stored) for the other seeds only.
+
+    ``ranks``: the processes that share the noises (``runtime.Ranks``; None: the initialized
+    torchrun process group's, else one process). Each rank holds only its share of ``seeds``
+    (``own_seeds``: the rows of ``x_T`` and ``reference``), solves,
+    reads and stores the references of those only, and every number returned is over all the
+    noises: ``errors`` all-gathers the per-noise errors in the order of the seeds given,
+    ``mean_error_and_grad`` all-reduces its mean and gradient, and check(S) is the mean over all
+    noises, so every rank holds the same numbers and doubles S at the same time. The results
+    equal one process's to rounding.
     """
 
     def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = REF_STEPS,
-                 cache=None, class_label=None, guidance_scale: float = 1.0):
+                 cache=None, class_label=None, guidance_scale: float = 1.0, ranks: Ranks | None = None):
         self.ckpt, self.denoiser, self.schedule = ckpt, denoiser, ckpt.schedule
         self.T, self.eps, self.device = float(T), float(eps), device
+        self.ranks = Ranks.current() if ranks is None else ranks
         self.seeds = list(seeds)
+        self.own_seeds = self.ranks.share(self.seeds)
+        if not self.own_seeds:
+            raise BadInput(f"{self.ranks.world} processes need at least {self.ranks.world} noises, got "
+                           f"{len(self.seeds)}: measure more noises or run fewer processes")
         scale = initial_noise_scale(self.schedule, self.T)
-        self.x_T = noise_for(self.seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
+        self.x_T = noise_for(self.own_seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
         self._smallest: float | None = None  # the smallest mean error measured
         self._exhausted = False  # the doubling stopped short of the rule
@@ -162,7 +177,8 @@ class Evaluator:
         self._use(int(ref_steps))
 
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
-        """Samples for the steps ``lam`` (N + 1 increasing lambdas from lambda(T) to lambda(eps))."""
+        """This rank's samples (one per seed of ``own_seeds``) for the steps ``lam`` (N + 1 increasing
+        lambdas from lambda(T) to lambda(eps))."""
         return self._solve(self.x_T, lam, solver, order, variant)
 
     def _solve(self, x_T, lam, solver, order, variant) -> torch.Tensor:
@@ -174,32 +190,37 @@ class Evaluator:
             return integrate(self.denoiser, self.schedule, plan, t, timesteps, x_T)
 
     def errors(self, lam, solver, order, variant) -> np.ndarray:
-        """Each noise's error RMS(x - x_ref) for the steps ``lam``: (samples,) float64."""
+        """Each noise's error RMS(x - x_ref) for the steps ``lam``, every rank's noises in the
+        order of the seeds given: (samples,) float64."""
         x = self.solve(lam, solver, order, variant)
-        e = rms_per_sample(x, self.reference)
+        e = self._rms(x, self.reference)
         while self._require(float(e.mean())):
-            e = rms_per_sample(x, self.reference)
+            e = self._rms(x, self.reference)
         self._measured(float(e.mean()))
         return e
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing: bool | None = None,
                             network_dtype: torch.dtype | None = None, rows=None) -> tuple[float, np.ndarray]:
         """errors(lam).mean() and its exact gradient in lam (``gradients.mean_error_and_grad``);
-        with ``rows`` (indices into the noises, in seed order) the mean over those noises only.
+        with ``rows`` (indices into the noises, in seed order) the mean over those noises only
+        (each rank computes the rows it holds, ``Ranks.own``).
 
-        ``chunk``: noises per backward pass; ``checkpointing``: recompute each model evaluation's
-        activations in the backward pass (None: on for networks, off for the closed-form
-        mixtures, whose evaluations keep little); ``network_dtype``: None, or the dtype the model
-        calls run in under autocast (the error is then that of the low-precision model against
-        the reference)."""
+        ``chunk``: this rank's noises per backward pass; ``checkpointing``: recompute each model
+        evaluation's activations in the backward pass (None: on for networks, off for the
+        closed-form mixtures, whose evaluations keep little); ``network_dtype``: None, or the
+        dtype the model calls run in under autocast (the error is then that of the low-precision
+        model against the reference)."""
         if checkpointing is None:
             checkpointing = self.ckpt.kind != "gmm"
-        pick = slice(None) if rows is None else torch.as_tensor(np.asarray(rows, dtype=np.int64),
+        own = list(range(self.x_T.shape[0])) if rows is None else self.ranks.own(rows)
+        pick = slice(None) if rows is None else torch.as_tensor(np.asarray(own, dtype=np.int64),
                                                                  device=self.x_T.device)
         while True:
             value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T[pick], self.reference[pick],
                                               self.T, self.eps, lam, solver, order, variant, chunk, checkpointing,
                                               network_dtype)
+            both = self.ranks.mean(np.append(grad, value), len(own))
+            value, grad = float(both[-1]), both[:-1]
             if not self._require(value):
                 self._measured(value)
                 return value, grad
@@ -210,6 +231,11 @@ class Evaluator:
         afterwards then share one reference unless one of them is smaller still."""
         smallest = min(float(self.errors(lam, solver, order, variant).mean()) for lam in step_sets)
         self._require(margin * smallest)
+
+    def _rms(self, x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
+        """RMS(x - ref) of every rank's noises (this rank's rows ``x`` and ``ref``), in the order of
+        the seeds given: (samples,) float64."""
+        return self.ranks.gather(rms_per_sample(x, ref))
 
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)
@@ -222,17 +248,17 @@ class Evaluator:
         if self._entry is None:
             x = self.solve(lam, *REF_SOLVER)
         else:
-            found = self._entry.load(REF_NAME, steps, self.seeds)
-            missing = [i for i, seed in enumerate(self.seeds) if int(seed) not in found]
+            found = self._entry.load(REF_NAME, steps, self.own_seeds)
+            missing = [i for i, seed in enumerate(self.own_seeds) if int(seed) not in found]
             x = torch.empty_like(self.x_T)
-            for i, seed in enumerate(self.seeds):
+            for i, seed in enumerate(self.own_seeds):
                 if int(seed) in found:
                     x[i] = torch.from_numpy(found[int(seed)]).to(device=x.device, dtype=x.dtype)
             if missing:
                 rows = torch.tensor(missing, device=self.x_T.device)
                 solved = self._solve(self.x_T[rows], lam, *REF_SOLVER)
                 x[rows] = solved
-                self._entry.save(REF_NAME, steps, {int(self.seeds[i]): solved[j] for j, i in enumerate(missing)})
+                self._entry.save(REF_NAME, steps, {int(self.own_seeds[i]): solved[j] for j, i in enumerate(missing)})
         self._solutions[steps] = x
         return x
 
@@ -241,7 +267,7 @@ class Evaluator:
         coarse, fine = self._solution(steps), self._solution(2 * steps)
         self.check_steps, self.reference_steps = steps, 2 * steps
         self.reference = fine
-        self.check_error = float(rms_per_sample(coarse, fine).mean())
+        self.check_error = float(self._rms(coarse, fine).mean())
         for s in [s for s in self._solutions if s < 2 * steps]:
             del self._solutions[s]  # x_2S is the next doubling's x_S
         self._record()
@@ -451,7 +477,7 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     with the request's reference cache (``reference_cache.open_cache(req.cache, not req.no_cache)``)."""
     _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines)
     cache = open_cache(req.cache, enabled=not req.no_cache)
-    ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,

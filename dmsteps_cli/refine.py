@@ -81,7 +81,7 @@ from .grids import GRIDS, grid_lambda
 from .optimize import GAP_FRACTION, table_objective
 from .reference_cache import open_cache
 from .refined import TABLE
-from .runtime import network_dtype_named, resolve_device
+from .runtime import network_dtype_named, rank_device
 from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
@@ -562,7 +562,8 @@ TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", 
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
-    """Load the request's table and checkpoint (on ``req.device``), then ``refine_table``."""
+    """Load the request's table and checkpoint (on ``req.device``; under torchrun a CUDA device is
+    the rank's own, ``runtime.rank_device``), then ``refine_table``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
                     req.guidance_scale, req.class_label, req.validation, req.patience, req.optimizer,
                     req.minibatch, req.lr)
@@ -571,7 +572,7 @@ def refine(req: RefineRequest, progress=None) -> dict:
     cache = open_cache(req.cache, enabled=not req.no_cache)
     table = load_table(req.table)
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
-    ckpt = load_checkpoint(req.checkpoint, device=resolve_device(req.device), schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule)
     _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)

@@ -15,7 +15,9 @@ Units and conventions:
   ``epsilon``, ``sample``, ``v_prediction`` (VP only) or ``flow_prediction`` (the velocity
   eps - x_0 of x_t = (1 - t) x_0 + t eps, so sigma = t);
 - noises are drawn on the CPU in float32, one generator per seed, so a sample does not depend on
-  the device or on the batch it was drawn in.
+  the device or on the batch it was drawn in;
+- under torchrun the processes (ranks) split a list of seeds, rank r taking every world-th one
+  from the r-th (``Ranks``), and put per-seed results back in the list's order.
 
 May import torch, numpy and the torch-free package modules (errors, schedules, solvers); the
 modules that run models (mixtures, checkpoints, sample, gradients, evaluate, refine) import it.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,16 +82,116 @@ def full_precision():
 # --- several processes (torchrun) ----------------------------------------------------------------
 
 def distributed() -> tuple[int, int]:
-    """(rank, world) of a torchrun launch, initializing the process group; (0, 1) otherwise."""
+    """(rank, world) of a torchrun launch, initializing the process group; (0, 1) otherwise.
+
+    The backend is nccl where CUDA is available (each rank's current CUDA device then being
+    cuda:LOCAL_RANK), else gloo; ``DMSTEPS_BACKEND=gloo`` chooses gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DMSTEPS_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
+        nccl = torch.cuda.is_available() and os.environ.get("DMSTEPS_BACKEND") != "gloo"
+        if nccl:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl" if nccl else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def end_distributed() -> None:
+    """End the process group of a torchrun launch, if one is initialized."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_rank() -> int:
+    """This process's index on its machine in a torchrun launch (``LOCAL_RANK``); 0 otherwise."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among ``world`` processes that share one measurement's noises: a
+    torchrun launch's rank and world (``current``), 0 of 1 for a single process.
+
+    Rank r holds the items r, r + world, r + 2 world, ... of a list (``share``). ``total``,
+    ``mean`` and ``gather`` are collective: every rank calls them in the same order, and every
+    rank gets the same bits back (each rank's part is gathered and combined in rank order, not
+    reduced in an order the backend chooses), so ranks that decide by these numbers decide alike.
+    With world 1 they return their argument."""
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def current() -> Ranks:
+        """The initialized process group's rank and world (``distributed``); 0 of 1 without one."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return Ranks(dist.get_rank(), dist.get_world_size())
+        return Ranks()
+
+    def share(self, items) -> list:
+        """This rank's items of ``items``: every world-th one from the rank-th."""
+        return list(items)[self.rank::self.world]
+
+    def own(self, indices) -> list[int]:
+        """Of ``indices`` (positions in a list), those of items this rank holds, as positions in its
+        ``share`` of the list."""
+        return [int(i) // self.world for i in indices if int(i) % self.world == self.rank]
+
+    def total(self, value) -> np.ndarray:
+        """The sum over the ranks of ``value`` (a number or an array of one shape on every rank), in
+        float64, added in rank order."""
+        value = np.asarray(value, dtype=np.float64)
+        if self.world == 1:
+            return value
+        total = np.zeros_like(value)
+        for part in self._parts(value):
+            total += part
+        return total
+
+    def mean(self, local_mean, count: int) -> np.ndarray:
+        """The mean over every rank's items, from this rank's mean ``local_mean`` (a number or an
+        array of one shape on every rank) over its ``count`` items; float64."""
+        local_mean = np.asarray(local_mean, dtype=np.float64)
+        if self.world == 1:
+            return local_mean
+        sums = self.total(np.append(local_mean.ravel() * count, count))
+        return (sums[:-1] / sums[-1]).reshape(local_mean.shape)
+
+    def gather(self, values) -> np.ndarray:
+        """The rows of every rank's ``values`` (one row per item of its ``share`` of a list) in the
+        list's order: (len(list), *row shape)."""
+        values = np.asarray(values)
+        if self.world == 1:
+            return values
+        parts = self._parts(values)
+        out = np.empty((sum(len(p) for p in parts), *values.shape[1:]), dtype=values.dtype)
+        for rank, part in enumerate(parts):
+            out[rank::self.world] = part
+        return out
+
+    def _parts(self, value) -> list:
+        """Every rank's ``value``, in rank order (all-gathered)."""
+        import torch.distributed as dist
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, value)
+        return parts
+
+
+def rank_device(name: str) -> torch.device:
+    """The device ``name`` (``resolve_device``) for this process: under a process group of several
+    ranks a CUDA device is this rank's own, cuda:LOCAL_RANK."""
+    device = resolve_device(name)
+    if device.type == "cuda" and Ranks.current().world > 1:
+        return torch.device("cuda", local_rank())
+    return device
 
 
 def gather_by_seed(rank: int, world: int, seeds: list[int], samples: np.ndarray):
@@ -100,7 +203,7 @@ def gather_by_seed(rank: int, world: int, seeds: list[int], samples: np.ndarray)
 
     parts = [None] * world
     dist.all_gather_object(parts, (seeds, samples))
-    dist.destroy_process_group()
+    end_distributed()
     if rank != 0:
         return None
     all_seeds = [s for p in parts for s in p[0]]

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,12 +30,13 @@ from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import output_folder, write_output
 from .limits import in_bounds
 from .runtime import (
+    Ranks,
     distributed,
     gather_by_seed,
     integrate,
     network_dtype_named,
     noise_for,
-    resolve_device,
+    rank_device,
     state_dtype,
 )
 from .schedules import same_schedule
@@ -95,9 +95,7 @@ def prepare(req: SampleRequest) -> Run:
     table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
     rank, world = distributed()
-    device = resolve_device(req.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(req.device)
     ckpt = load_checkpoint(req.checkpoint, device=device, dtype=dtype, schedule=req.schedule)
     schedule = ckpt.schedule
     lam = np.asarray(entry["lambda"], dtype=np.float64)
@@ -114,7 +112,7 @@ def prepare(req: SampleRequest) -> Run:
                                   f"{schedule.name} ({schedule.family}); {{setting}} uses it anyway")
     solver, order, variant = solver_choice(table["config"], req.solver, req.order, req.variant)
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
-    seeds = [req.seed + i for i in range(req.batch)][rank::world]
+    seeds = Ranks(rank, world).share(req.seed + i for i in range(req.batch))
     return Run(req, table, hashlib.sha256(text.encode()).hexdigest(), entry, ckpt, solver, plan, t, timesteps,
                device, dtype, rank, world, seeds)
 
