@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,13 @@ from dmsteps_cli import StepConfig, dumps, make_table
 from dmsteps_cli.cli import app
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.integrations import comfyui
-from dmsteps_cli.integrations.comfyui import (NODE_CLASS_MAPPINGS, DmstepsOptimize, DmstepsTable,
-                                              DmstepsTableFile, model_schedule)
+from dmsteps_cli.integrations.comfyui import (
+    NODE_CLASS_MAPPINGS,
+    DmstepsOptimize,
+    DmstepsTable,
+    DmstepsTableFile,
+    model_schedule,
+)
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.tables import bundled_tables, entry_for, load_table
@@ -150,7 +155,7 @@ FLUX = Patcher(sampling(ModelSamplingFlux, CONST, shift=1.15))
 EDM_MODEL = Patcher(sampling(ModelSamplingContinuousEDM, EPS))
 
 
-@lru_cache(maxsize=None)
+@cache
 def shown(table: str, nfe: int, end: str) -> list[float]:
     """What ``dmsteps show TABLE --nfe NFE --as sigmas --end END`` prints, read back."""
     r = CliRunner().invoke(app, ["show", table, "--nfe", str(nfe), "--as", "sigmas", "--end", end])
@@ -186,8 +191,8 @@ def test_the_repository_loads_as_a_comfyui_custom_node_folder(tmp_path):
     folder.parent.mkdir()
     folder.symlink_to(ROOT, target_is_directory=True)
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # not installed: found through the folder only
-    r = subprocess.run([sys.executable, "-c", LOAD_AS_COMFYUI, str(folder)], capture_output=True, text=True,
-                       cwd=tmp_path, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", LOAD_AS_COMFYUI, str(folder)], check=False, capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["names"] == {"DmstepsTable": "dmsteps table", "DmstepsTableFile": "dmsteps table file",
@@ -281,7 +286,8 @@ def test_a_table_for_another_schedule_is_refused_in_one_line():
     cases = [(SD15, "edm-unipc-o3", "edm"), (SD3, "sd-unipc-o3", "scaled_linear"),
              (EDM_MODEL, "ddpm-linear-unipc-o3", "linear")]
     for model, table, made_for in cases:
-        with pytest.raises(BadInput, match=f"table {table} was made for the schedule {made_for}, but the model") as info:
+        message = f"table {table} was made for the schedule {made_for}, but the model"
+        with pytest.raises(BadInput, match=message) as info:
             DmstepsTable().get_sigmas(model, table, 10, 1.0)
         assert "\n" not in str(info.value)
     with pytest.raises(BadInput, match="no entry for NFE 20"):

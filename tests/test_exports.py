@@ -38,8 +38,7 @@ def manual_sigmas(text: str) -> list[float]:
 
 def sdcpp(text: str) -> list[float]:
     """What stable-diffusion.cpp's ``--sigmas`` reads of ``text``: float32 values."""
-    text = text[1:] if text.startswith("[") else text
-    text = text[:-1] if text.endswith("]") else text
+    text = text.removeprefix("[").removesuffix("]")
     return [float(np.float32(item.strip())) for item in text.split(",") if item.strip()]
 
 

@@ -69,7 +69,8 @@ def _sigma_key(schedule) -> str:
     return "t" if schedule["family"] in SIGMA_IS_T else "sigmas"
 
 
-def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False, schedule: dict | None = None) -> list[float]:
+def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
+               schedule: dict | None = None) -> list[float]:
     """N + 1 descending sampler sigmas (kappa = sigma/alpha for VP and EDM models, t for flow),
     the noise end first.
 
