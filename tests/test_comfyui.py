@@ -238,13 +238,21 @@ def test_a_discrete_schedule_other_than_a_preset_is_read_from_its_sigmas():
     assert schedule.family == "discrete" and schedule.M == 1000
     kappa = ModelSamplingDiscrete(0.001, 0.015).sigmas.double().numpy()
     np.testing.assert_allclose(schedule.sampler_sigma(np.arange(1, 1001) / 1000), kappa, rtol=1e-12)
+    other = Patcher(sampling(ModelSamplingDiscrete, EPS, linear_start=0.001, linear_end=0.015))
+    (sigmas,) = DmstepsOptimize().get_sigmas(other, "unipc", 3, 5, "default", -1.0, 1.0)  # the paper's steps
+    assert sigmas.shape == (6,) and sigmas[-1].item() == 0.0
+    assert sigmas[0].item() == pytest.approx(other.model_sampling.sigma_max.item(), rel=1e-6)
 
 
 def test_model_samplings_dmsteps_does_not_read_are_refused_in_one_line():
-    for ms in (sampling(ModelSamplingContinuousV, V_PREDICTION), sampling(StableCascadeSampling, EPS), object()):
-        with pytest.raises(BadInput, match="which dmsteps does not read") as info:
+    for ms, name in ((sampling(ModelSamplingContinuousV, V_PREDICTION), "ModelSamplingContinuousV"),
+                     (sampling(StableCascadeSampling, EPS), "StableCascadeSampling"), (object(), "object")):
+        with pytest.raises(BadInput, match=f"the model samples with {name}, which dmsteps does not read") as info:
             model_schedule(ms)
         assert "\n" not in str(info.value)
+    other = Patcher(sampling(ModelSamplingDiscrete, EPS, linear_start=0.001, linear_end=0.015))
+    with pytest.raises(BadInput, match="the model samples with a discrete schedule of 1000 steps that is no preset"):
+        DmstepsTable().get_sigmas(other, "sd-unipc-o3", 10, 1.0)
     with pytest.raises(BadInput, match="expected a ComfyUI MODEL"):
         DmstepsTable().get_sigmas(object(), "sd-unipc-o3", 10, 1.0)
 

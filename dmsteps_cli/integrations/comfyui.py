@@ -90,12 +90,19 @@ def model_schedule(model_sampling) -> tuple[Schedule, float | None]:
         return EDM(_setting(model_sampling.sigma_min), _setting(model_sampling.sigma_max)), None
     if not unread and "ModelSamplingDiscrete" in names:
         kappa = _numbers(model_sampling.sigmas)
-        found = DiscreteVP(1.0 / (1.0 + kappa * kappa), "the model's discrete schedule",
-                           {"alphas_cumprod": (1.0 / (1.0 + kappa * kappa)).tolist()})
+        alphas_cumprod = 1.0 / (1.0 + kappa * kappa)
+        found = DiscreteVP(alphas_cumprod, "discrete", {"alphas_cumprod": alphas_cumprod.tolist()})
         preset = preset_of(found)
         return (found if preset is None else get_schedule(preset)), None
-    raise BadInput(f"the model samples with {type(model_sampling).__name__}, which dmsteps does not read (it reads "
+    raise BadInput(f"the model samples with {_sampling_class(model_sampling)}, which dmsteps does not read (it reads "
                    "discrete VP models such as SD 1.x/2.x/XL, discrete flow such as SD3, FLUX and EDM)")
+
+
+def _sampling_class(model_sampling) -> str:
+    """The name of the sampling class a ComfyUI ``model_sampling`` derives from (its own class is
+    ComfyUI's ``ModelSampling``, made of a sampling class and a prediction class)."""
+    mro = type(model_sampling).__mro__
+    return next((c.__name__ for c in mro[1:] if "Sampling" in c.__name__), mro[0].__name__)
 
 
 def describe(schedule: Schedule, shift: float | None) -> str:
@@ -105,7 +112,7 @@ def describe(schedule: Schedule, shift: float | None) -> str:
     if schedule.family == "edm":
         return f"edm (sigma {schedule.sigma_min:g} to {schedule.sigma_max:g})"
     name = preset_of(schedule)
-    return name if name is not None else f"a {schedule.family} schedule ({schedule.name})"
+    return name if name is not None else f"a discrete schedule of {schedule.M} steps that is no preset"
 
 
 # --- sigmas --------------------------------------------------------------------------------------
