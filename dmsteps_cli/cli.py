@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 
 AS_FIELDS = ("t", "lambda", "sigmas", "timesteps")
+SIGMA_ENDS = ("min", "zero")  # show --as sigmas --end: the table's end point, or 0
 
 
 def _stderr():
@@ -169,21 +170,32 @@ def show(
     file: str = typer.Argument(..., help="A table (JSON or YAML, told apart by content; - is standard input), "
                                           "or a ready-made table's name (dmsteps tables)."),
     nfe: Optional[int] = typer.Option(None, help="Which NFE (needed when the table holds several)."),
-    as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line: t, lambda, sigmas or timesteps."),
+    as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line of plain decimals: t, "
+                                      "lambda, sigmas or timesteps."),
+    end: Optional[str] = typer.Option(None, help="With --as sigmas: min (the table's end point, the default) or "
+                                      "zero (a final 0, as ComfyUI and stable-diffusion.cpp expect)."),
     plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
                                         "and in lambda (PNG, SVG or PDF by the suffix; needs matplotlib)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
+    from .integrations.exports import decimals, sigmas_for
     from .tables import entry_for, load_table
 
     table = load_table(file, fmt)
     line = None
+    if end is not None and as_ != "sigmas":
+        raise BadInput("--end applies only to --as sigmas")
+    if end not in (None, *SIGMA_ENDS):
+        raise BadInput(f"--end {end!r}: choose from {', '.join(SIGMA_ENDS)}")
     if as_ is not None or nfe is not None:  # every refusal comes before the plot is written
         field = as_ or "t"
         if field not in AS_FIELDS:
             raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
-        line = ",".join(repr(float(v)) for v in entry_for(table, nfe)[field]) + "\n"
+        entry = entry_for(table, nfe)
+        values = (sigmas_for(entry, zero_end=end == "zero", schedule=table["schedule"]) if field == "sigmas"
+                  else entry[field])
+        line = decimals(values) + "\n"
     if plot is not None:
         from .plots import plot_table_steps
 

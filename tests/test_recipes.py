@@ -391,8 +391,8 @@ def test_sdcpp_cli(in_workdir, tmp_path):
     assert r.returncode == 0, r.stderr
     argv = json.loads((tmp_path / "sd_args.json").read_text())
     entry = entry_for(load_table(table_path(code)), 10)
-    assert _sd_sigmas(argv) == entry["sigmas"]
-    assert argv[argv.index("--steps") + 1] == "10"
+    assert _sd_sigmas(argv) == entry["sigmas"][:-1] + [0.0]  # ending in 0: stable-diffusion.cpp runs len - 1 steps
+    assert argv[argv.index("--steps") + 1] == "10" == str(len(_sd_sigmas(argv)) - 1)
 
 
 def test_sdcpp_python(in_workdir, tmp_path, capsys):

@@ -3,15 +3,20 @@
 Every function takes one table entry (``tables.entry_for(table, nfe)``) for N steps and returns
 plain Python floats or a string:
 
-- ``sigmas_for``: N + 1 descending sigmas for k-diffusion samplers and ComfyUI (``ManualSigmas``
-  -> ``SamplerCustom``);
-- ``sdcpp_sigmas``: the same, comma-separated, for stable-diffusion.cpp's ``--sigmas``;
-- ``dpm_solver_t``: N + 1 continuous times for the official DPM-Solver / UniPC code.
+- ``sigmas_for``: N + 1 descending sigmas for k-diffusion samplers and ComfyUI (the dmsteps nodes,
+  or ``ManualSigmas`` -> ``SamplerCustom``);
+- ``sdcpp_sigmas``: the same, comma-separated and ending in 0, for stable-diffusion.cpp's
+  ``--sigmas`` (which runs len - 1 steps, overriding ``--steps``);
+- ``dpm_solver_t``: N + 1 continuous times for the official DPM-Solver / UniPC code;
+- ``decimal`` and ``decimals``: numbers as text that every reader of plain decimals reads back.
 
 Units. For VP models (discrete DDPM-style and continuous) and EDM the sigmas are
 kappa = sigma_t / alpha_t = e^-lambda (what k-diffusion, ComfyUI and stable-diffusion.cpp call
 sigma for these models: x = x0 + kappa * noise in their scaled state); for flow-matching models
-they are t itself (x = (1 - t) x0 + t noise), as ComfyUI's flow models use them.
+they are t itself (x = (1 - t) x0 + t noise), as ComfyUI's flow models use them. Where the sampler
+sigma is t itself (EDM: kappa = sigma = t; flow), ``schedule=table["schedule"]`` makes the sigmas
+the entry's times, so the ends are exactly T and eps (80 and 0.002 for EDM, not 79.99999999999997
+and 0.0020000000000000005 as exp(log t) rounds).
 
 End point. A table ends at t = eps, i.e. at the smallest trained sigma (for a 1000-step discrete
 model kappa(eps) = the model's sigma_min, 0.0292 for Stable Diffusion). Those tools conventionally
@@ -27,10 +32,12 @@ replaces a final 0 with 0.001 (a kappa far below sigma_min): ``comfy_unipc=True`
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 from ..errors import BadInput
 
 COMFY_UNIPC_FINAL = 0.001  # what ComfyUI's UniPC uses in place of a final sigma of 0
+SIGMA_IS_T = ("edm", "flow")  # schedule families whose sampler sigma is the time t itself
 
 
 def _floats(entry, key: str, length_of_nfe_plus: int) -> list[float]:
@@ -51,15 +58,29 @@ def _floats(entry, key: str, length_of_nfe_plus: int) -> list[float]:
     return out
 
 
-def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False) -> list[float]:
-    """N + 1 descending sampler sigmas (kappa = sigma/alpha for VP and EDM models, t for flow).
+def _sigma_key(schedule) -> str:
+    """The entry field that holds the sampler sigmas exactly: ``t`` for the families whose sampler
+    sigma is t (``SIGMA_IS_T``), else ``sigmas``. ``schedule``: a table's ``schedule`` record, or
+    None (the recorded ``sigmas``)."""
+    if schedule is None:
+        return "sigmas"
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("family"), str):
+        raise BadInput("schedule must be a table's schedule record (a mapping with its family): table['schedule']")
+    return "t" if schedule["family"] in SIGMA_IS_T else "sigmas"
+
+
+def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
+               schedule: dict | None = None) -> list[float]:
+    """N + 1 descending sampler sigmas (kappa = sigma/alpha for VP and EDM models, t for flow),
+    the noise end first.
 
     ``zero_end``: the last sigma becomes 0 (k-diffusion / ComfyUI convention; the final step then
     returns the denoised prediction instead of stepping to sigma_min). ``comfy_unipc``: a final 0
     becomes 0.001, the value ComfyUI's UniPC sampler substitutes for it (no effect without a final
-    0, i.e. without ``zero_end``).
+    0, i.e. without ``zero_end``). ``schedule``: the table's schedule record (``table["schedule"]``);
+    for EDM and flow tables the sigmas are then the entry's times t, exact to the last digit.
     """
-    sigmas = _floats(entry, "sigmas", 1)
+    sigmas = _floats(entry, _sigma_key(schedule), 1)
     if zero_end:
         sigmas[-1] = 0.0
     if comfy_unipc and sigmas[-1] == 0.0:
@@ -67,10 +88,29 @@ def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False) -
     return sigmas
 
 
-def sdcpp_sigmas(entry: dict, zero_end: bool = False) -> str:
-    """stable-diffusion.cpp ``--sigmas``: the N + 1 sigmas of ``sigmas_for`` comma-separated, no
-    spaces, each printed as the shortest decimal that reads back as the same float64."""
-    return ",".join(repr(v) for v in sigmas_for(entry, zero_end=zero_end))
+def decimal(x: float) -> str:
+    """``x`` as a plain decimal: the digits of the shortest text that reads back as the same
+    float64 (``repr``), written without an exponent (1e-05 becomes 0.00001, 1e+16 becomes
+    10000000000000000). Every reader of plain decimals gets ``x`` back, including ComfyUI's
+    ManualSigmas, whose pattern ``[-+]?(?:\\d*\\.*\\d+)`` reads ``1e-05`` as the two numbers 1 and -5."""
+    x = float(x)
+    if not math.isfinite(x):
+        raise BadInput(f"{x} has no decimal form")
+    text = repr(x)
+    return format(Decimal(text), "f") if "e" in text else text
+
+
+def decimals(values) -> str:
+    """``values`` as one comma-separated line of ``decimal``s, no spaces."""
+    return ",".join(decimal(v) for v in values)
+
+
+def sdcpp_sigmas(entry: dict, zero_end: bool = True, schedule: dict | None = None) -> str:
+    """stable-diffusion.cpp ``--sigmas``: the N + 1 sigmas of ``sigmas_for`` as ``decimals``
+    (comma-separated, no spaces), by default ending in 0. stable-diffusion.cpp splits the text at
+    commas, reads each number as float32, uses the list as given (a final 0 included) and runs
+    len - 1 = N steps whatever ``--steps`` says."""
+    return decimals(sigmas_for(entry, zero_end=zero_end, schedule=schedule))
 
 
 def dpm_solver_t(entry: dict) -> list[float]:
@@ -83,4 +123,4 @@ def dpm_solver_t(entry: dict) -> list[float]:
     return _floats(entry, "t", 1)
 
 
-__all__ = ["sigmas_for", "sdcpp_sigmas", "dpm_solver_t", "COMFY_UNIPC_FINAL"]
+__all__ = ["COMFY_UNIPC_FINAL", "SIGMA_IS_T", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
