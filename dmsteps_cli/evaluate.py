@@ -132,7 +132,9 @@ class Evaluator:
     ``reference_steps``.
 
     ``cache``: a ``reference_cache.ReferenceCache`` or None; with one, each x_S is read per seed
-    where it was stored and computed (then stored) for the other seeds only.
+    where it was stored and computed (then stored) for the other seeds only. ``fingerprint``: the
+    checkpoint's ``reference_cache.model_fingerprint`` where the caller has it (several
+    Evaluators of one model hash its weights once); None: computed when a cache is given.
 
     ``ranks``: the processes that share the noises (``runtime.Ranks``; None: the initialized
     torchrun process group's, else one process). Each rank holds only its share of ``seeds``
@@ -145,7 +147,8 @@ class Evaluator:
     """
 
     def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = REF_STEPS,
-                 cache=None, class_label=None, guidance_scale: float = 1.0, ranks: Ranks | None = None):
+                 cache=None, class_label=None, guidance_scale: float = 1.0, ranks: Ranks | None = None,
+                 fingerprint: str | None = None):
         self.ckpt, self.denoiser, self.schedule = ckpt, denoiser, ckpt.schedule
         self.T, self.eps, self.device = float(T), float(eps), device
         self.ranks = Ranks.current() if ranks is None else ranks
@@ -173,7 +176,7 @@ class Evaluator:
         if cache is not None:
             self._entry = cache.entry(reference_settings(
                 ckpt, T=self.T, eps=self.eps, noise_scale=scale, state_dtype=self.x_T.dtype,
-                class_label=class_label, guidance_scale=guidance_scale))
+                class_label=class_label, guidance_scale=guidance_scale, fingerprint=fingerprint))
         self._use(int(ref_steps))
 
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:

@@ -118,13 +118,14 @@ def model_fingerprint(ckpt) -> str:
 
 
 def settings(ckpt, *, T: float, eps: float, noise_scale: float, state_dtype, class_label=None,
-             guidance_scale: float = 1.0) -> dict:
+             guidance_scale: float = 1.0, fingerprint: str | None = None) -> dict:
     """What a reference solution depends on apart from its seed, solver and step count (the
-    module docstring lists it); JSON-ready."""
+    module docstring lists it); JSON-ready. ``fingerprint``: ``model_fingerprint(ckpt)`` when the
+    caller has it already (None: computed here)."""
     schedule = ckpt.schedule
     return {
         "format": FORMAT,
-        "model": model_fingerprint(ckpt),
+        "model": model_fingerprint(ckpt) if fingerprint is None else fingerprint,
         "model_source": str(ckpt.source),  # for a reader only: not part of the key
         "class_label": None if class_label is None else int(class_label),
         "guidance_scale": float(guidance_scale),

@@ -79,7 +79,7 @@ from .checkpoints import load_checkpoint, network_denoiser
 from .evaluate import METRIC, REF_STEPS, Evaluator
 from .grids import GRIDS, grid_lambda
 from .optimize import GAP_FRACTION, table_objective
-from .reference_cache import open_cache
+from .reference_cache import model_fingerprint, open_cache
 from .refined import TABLE
 from .runtime import network_dtype_named, rank_device
 from .schedules import same_schedule, step_arrays
@@ -506,9 +506,11 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
               grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
     denoiser = network_denoiser(ckpt, class_label, guidance_scale)
 
+    fingerprint = None if cache is None else model_fingerprint(ckpt)  # one hash of the weights for every set
+
     def evaluator(seeds) -> Evaluator:
         return Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, cache=cache,
-                         class_label=class_label, guidance_scale=guidance_scale)
+                         class_label=class_label, guidance_scale=guidance_scale, fingerprint=fingerprint)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
     training, held = evaluator(seeds), evaluator(range(seed, seed + holdout))

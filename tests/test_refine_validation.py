@@ -178,3 +178,21 @@ def test_the_validation_study_runs_on_a_tiny_unet(tmp_path):
         row = run["nfe"]["5"]
         assert row["ratio"] == pytest.approx(row["holdout_error"] / row["best_grid_error"])
         assert 0 <= row["best_iteration"] <= row["iterations"] <= 2
+
+
+def test_the_model_is_hashed_once_for_every_set_of_noises(files, monkeypatch, tmp_path):
+    """Training, validation and held-out references share one fingerprint of the weights."""
+    import dmsteps_cli.reference_cache as rc
+    import dmsteps_cli.refine as refine_module
+
+    calls, original = [], rc.model_fingerprint
+
+    def counted(ckpt):
+        calls.append(ckpt)
+        return original(ckpt)
+
+    monkeypatch.setattr(rc, "model_fingerprint", counted)
+    monkeypatch.setattr(refine_module, "model_fingerprint", counted)
+    out = _refine(files, maxiter=1, cache=str(tmp_path / "cache"), checkpoint=str(files[0] / "mix.yaml"))
+    assert len(calls) == 1 and out["refine"]["validation_seeds"] is not None
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) > 0
