@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -199,7 +200,8 @@ def one_refine(model_dir: Path, table: dict, cache_dir: Path, device: torch.devi
     t1 = time.perf_counter()
     with timed_parts(device) as timer:
         refined = refine_table(ckpt, table, train=s.train, holdout=s.holdout, maxiter=s.maxiter,
-                               ref_steps=s.ref_steps, cache=open_cache(cache_dir), network_dtype=network_dtype, source=str(model_dir))
+                               ref_steps=s.ref_steps, cache=open_cache(cache_dir), network_dtype=network_dtype,
+                               source=str(model_dir))
     sync(device)
     total = time.perf_counter() - t1
     parts = None
@@ -212,7 +214,8 @@ def one_refine(model_dir: Path, table: dict, cache_dir: Path, device: torch.devi
 
 
 def bench_refine(out: Path, device: torch.device, s: Settings, network_dtype: str | None) -> dict:
-    """Part (a): save the model, make the table, refine it with a fresh cache, then again with it warm."""
+    """Part (a): save the model, make the table, refine it with a fresh cache (a new folder under
+    ``out``), then again with it warm."""
     model_dir = out / "cifar-unet"
     params = save_cifar_model(model_dir, s.cifar_unet)
     print(f"(a) UNet2DModel, {params:,} parameters, sample {s.cifar_unet['in_channels']}x"
@@ -221,16 +224,14 @@ def bench_refine(out: Path, device: torch.device, s: Settings, network_dtype: st
     solver, order, variant = SOLVER
     table = make_table(StepConfig(schedule=schedule, solver=solver, order=order, variant=variant,
                                   objective="reference", nfe=s.nfe), get_schedule(schedule))
-    cache_dir = out / "reference-cache"
-    if cache_dir.exists():
-        raise SystemExit(f"{cache_dir} exists: give a fresh --out (the first run needs an empty reference cache)")
+    cache_dir = Path(tempfile.mkdtemp(prefix="reference-cache-", dir=out))
     cold = one_refine(model_dir, table, cache_dir, device, s, network_dtype)
     print(f"    cold cache: refine {cold['refine_s']:.1f} s {_parts_text(cold)}", flush=True)
     warm = one_refine(model_dir, table, cache_dir, device, s, network_dtype)
     print(f"    warm cache: refine {warm['refine_s']:.1f} s {_parts_text(warm)}", flush=True)
     return {"model": "UNet2DModel", "config": s.cifar_unet, "parameters": params, "scheduler": DDPM_SCHEDULER,
             "solver": list(SOLVER), "nfe": list(s.nfe), "train": s.train, "holdout": s.holdout,
-            "maxiter": s.maxiter, "network_dtype": network_dtype, "cold": cold, "warm": warm,
+            "maxiter": s.maxiter, "network_dtype": network_dtype, "cache": str(cache_dir), "cold": cold, "warm": warm,
             "goal_s": REFINE_GOAL_S}
 
 
@@ -350,7 +351,7 @@ def summary(report: dict) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for gpu-bench.json, the model and the reference cache")
+    ap.add_argument("--out", required=True, help="folder for gpu-bench.json, the model and a new reference cache")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models and settings (a CPU smoke run)")
     ap.add_argument("--only", choices=("a", "b"), default=None, help="a: the whole refine; b: one gradient's memory")
