@@ -263,11 +263,10 @@ def _peak_bytes(device: torch.device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def gradient_cost(denoiser, x_T, reference, lam, device, checkpointing: bool, network_dtype) -> dict:
-    """One gradient's peak memory (bytes, from the first call; None off CUDA) and its seconds (the
-    less of two more calls); ``fits`` False when CUDA ran out of memory."""
-    s = get_schedule("scaled_linear")
-
+def gradient_cost(denoiser, s, x_T, reference, lam, device, checkpointing: bool, network_dtype) -> dict:
+    """One gradient for the schedule ``s`` and steps ``lam``: its peak memory (bytes, from the first
+    call; None off CUDA) and its seconds (the less of two more calls); ``fits`` False when CUDA ran
+    out of memory."""
     def gradient():
         mean_error_and_grad(denoiser, s, x_T, reference, s.T, s.eps_default, lam, *SOLVER, chunk=x_T.shape[0],
                             checkpointing=checkpointing, network_dtype=network_dtype)
@@ -286,6 +285,8 @@ def gradient_cost(denoiser, x_T, reference, lam, device, checkpointing: bool, ne
             gradient()
             seconds.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:
+        seconds = None
+    if seconds is None:
         torch.cuda.empty_cache()
         return {"checkpointing": checkpointing, "fits": False, "peak_bytes": None, "before_bytes": before,
                 "seconds": None}
@@ -311,7 +312,7 @@ def bench_memory(device: torch.device, s: Settings) -> dict:
     lam = grid_lambda("quad", schedule, s.memory_nfe, schedule.T, schedule.eps_default)
     runs = []
     for checkpointing in (True, False):
-        r = gradient_cost(denoiser, x_T, reference, lam, device, checkpointing, torch.float16)
+        r = gradient_cost(denoiser, schedule, x_T, reference, lam, device, checkpointing, torch.float16)
         runs.append(r)
         print(f"    checkpointing {'on ' if checkpointing else 'off'}: {_memory_text(r)}", flush=True)
     return {"model": "UNet2DConditionModel", "config": s.sd_unet, "parameters": params,
@@ -338,7 +339,8 @@ def summary(report: dict) -> list[str]:
         a = report["refine"]
         lines.append(f"(a) refine NFE {a['nfe'][0]}..{a['nfe'][-1]} of a {a['parameters'] / 1e6:.1f}M-parameter "
                      f"UNet ({a['train']} training, {a['holdout']} held-out noises, maxiter {a['maxiter']}): "
-                     f"{a['cold']['refine_s']:.1f} s cold, {a['warm']['refine_s']:.1f} s warm cache; "
+                     f"{a['cold']['refine_s']:.1f} s cold, {a['warm']['refine_s']:.1f} s warm cache (reference "
+                     f"{a['cold']['reference_steps']} steps); "
                      f"goal under {a['goal_s']:.0f} s on one H200 (LD3: 5-10 minutes)")
     if "memory" in report:
         b = report["memory"]
