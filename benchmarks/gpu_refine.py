@@ -5,8 +5,9 @@
     architecture (3x32x32, 35.7M parameters), saved as a diffusers folder (unet/ + scheduler/) and
     read back with ``load_checkpoint``: 64 training noises, 20 L-BFGS-B iterations per NFE, 256
     held-out noises, a fresh reference cache. Wall seconds, split into the reference solutions,
-    the fitting (training errors and gradients) and the held-out measurements; then the same
-    refine again with the cache warm. Goal: under 3 minutes on one H200 (LD3: 5-10 minutes).
+    the fitting (training errors and gradients), the validation noises' errors (where refine has
+    them) and the held-out measurements; then the same refine again with the cache warm. Goal:
+    under 3 minutes on one H200 (LD3: 5-10 minutes).
 (b) ``memory``: the peak GPU memory (``torch.cuda.max_memory_allocated``, bytes, weights included)
     and the seconds of one gradient (``gradients.mean_error_and_grad``, UniPC order 3, NFE 10) for
     a UNet2DConditionModel with Stable Diffusion 1.5's architecture (4x64x64 latents, 860M
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
+from dmsteps_cli import refine as refine_module  # noqa: E402
 from dmsteps_cli.checkpoints import load_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import REF_STEPS, Evaluator  # noqa: E402
 from dmsteps_cli.gradients import mean_error_and_grad  # noqa: E402
@@ -158,8 +160,14 @@ class PartTimer:
 
 
 def _fit_or_holdout(ev) -> str:
-    """Which of refine's two evaluators ``ev`` is, by its seeds (training seeds start at TRAIN_SEED_OFFSET)."""
-    return "fit" if min(ev.seeds) >= TRAIN_SEED_OFFSET else "holdout"
+    """Which of refine's evaluators ``ev`` is, by its first seed: "fit" (training seeds start at
+    TRAIN_SEED_OFFSET), "validation" (at refine's VALIDATION_SEED_OFFSET, where refine has
+    validation noises) or "holdout"."""
+    first = min(ev.seeds)
+    validation = getattr(refine_module, "VALIDATION_SEED_OFFSET", None)
+    if validation is not None and first >= validation:
+        return "validation"
+    return "fit" if first >= TRAIN_SEED_OFFSET else "holdout"
 
 
 @contextlib.contextmanager
@@ -206,7 +214,7 @@ def one_refine(model_dir: Path, table: dict, cache_dir: Path, device: torch.devi
     total = time.perf_counter() - t1
     parts = None
     if timer is not None:
-        parts = {k: timer.seconds.get(k, 0.0) for k in ("reference", "fit", "holdout")}
+        parts = {k: timer.seconds.get(k, 0.0) for k in ("reference", "fit", "validation", "holdout")}
         parts["other"] = total - sum(parts.values())
     return {"load_s": t1 - t0, "refine_s": total, "parts_s": parts,
             "reference_steps": refined["refine"]["reference"].get("steps"),
@@ -239,8 +247,8 @@ def _parts_text(run: dict) -> str:
     p = run["parts_s"]
     if p is None:
         return "(no split: Evaluator's methods changed)"
-    return (f"(reference {p['reference']:.1f} s, fitting {p['fit']:.1f} s, held-out {p['holdout']:.1f} s, "
-            f"other {p['other']:.1f} s; load {run['load_s']:.1f} s)")
+    return (f"(reference {p['reference']:.1f} s, fitting {p['fit']:.1f} s, validation {p['validation']:.1f} s, "
+            f"held-out {p['holdout']:.1f} s, other {p['other']:.1f} s; load {run['load_s']:.1f} s)")
 
 
 # --- (b) one gradient's memory --------------------------------------------------------------------

@@ -26,7 +26,7 @@ def test_gpu_bench_tiny_on_cpu_reports_refine_and_memory(tmp_path):
     assert a["parameters"] > 0 and a["nfe"] == [5, 6] and a["goal_s"] == 180
     for run_ in (a["cold"], a["warm"]):
         assert run_["refine_s"] > 0 and run_["load_s"] >= 0 and run_["reference_steps"] >= 64
-        assert set(run_["parts_s"]) == {"reference", "fit", "holdout", "other"}
+        assert set(run_["parts_s"]) == {"reference", "fit", "validation", "holdout", "other"}
         assert run_["parts_s"]["fit"] > 0 and run_["parts_s"]["holdout"] > 0
         assert [e["nfe"] for e in run_["entries"]] == [5, 6]
         for e in run_["entries"]:
