@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-wheels study study-data study-unet study-unet-patches digits-model tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ bench: install
 GPU_PYTHON ?= python3
 gpu-check:
 	PYTHONPATH=.:$$PYTHONPATH $(GPU_PYTHON) tests/gpu_check.py
+
+# refine on a GPU at published model sizes, random weights (docs/benchmarks.md, "refine on a GPU"): the whole
+# refine of a CIFAR-10-size UNet and one gradient's memory for a Stable-Diffusion-1.5-size UNet. Run like gpu-check;
+# writes GPU_BENCH_OUT/gpu-bench.json, the random model and a new reference cache there. Not yet run on a GPU.
+GPU_BENCH_OUT ?= build/gpu-bench
+gpu-bench:
+	PYTHONPATH=.:$$PYTHONPATH $(GPU_PYTHON) benchmarks/gpu_refine.py --out $(GPU_BENCH_OUT)
 
 gpu-wheels:
 	mkdir -p .whl

@@ -20,7 +20,12 @@ high-water mark; the timed ones with a high threshold, so that they reuse the he
 batch, the gradient's memory (peak - RSS before) and its time as ratios to NFE 5 without
 checkpointing, measured in the same run.
 
-    python benchmarks/bench_refine.py [--nfe 5,8,12] [--train 64] [--only speed|memory]
+Model size (``--only size``). The same measurement at NFE 10, batch 4, checkpointing off and on,
+through UNet2DModels of ``MEMORY_UNET``'s layout at the widths ``SIZE_WIDTHS`` (block_out_channels),
+each in a fresh subprocess; prints each model's parameter count and its memory and CPU time as
+ratios to the smallest model with the same checkpointing setting, measured in the same run.
+
+    python benchmarks/bench_refine.py [--nfe 5,8,12] [--train 64] [--only speed|memory|size]
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ MEMORY_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_chan
                    up_block_types=("UpBlock2D", "UpBlock2D"))
 MEMORY_NFE = (5, 10, 15)
 MEMORY_BATCH = (4, 16)
+SIZE_WIDTHS = ((16, 32), (32, 64), (64, 128))
+SIZE_NFE, SIZE_BATCH = 10, 4
 
 
 def fd_refine(train, lam0, maxiter):
@@ -96,9 +103,10 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> None:
         pass
 
 
-def memory_child(nfe: int, batch: int, checkpointing: bool) -> None:
+def memory_child(nfe: int, batch: int, checkpointing: bool, widths: tuple | None = None) -> None:
     """One setting of the memory benchmark, in this (fresh) process: prints a JSON line with the
-    peak RSS (KiB), the RSS just before the first gradient (KiB) and the CPU seconds per gradient."""
+    peak RSS (KiB), the RSS just before the first gradient (KiB), the CPU seconds per gradient and
+    the model's parameter count. ``widths``: the UNet's block_out_channels (default MEMORY_UNET's)."""
     import diffusers
 
     _mallopt(128 << 10, 128 << 10)
@@ -110,7 +118,8 @@ def memory_child(nfe: int, batch: int, checkpointing: bool) -> None:
     torch.set_num_threads(1)
     s = get_schedule("vp-linear")
     torch.manual_seed(0)
-    model = diffusers.UNet2DModel(**MEMORY_UNET).eval().requires_grad_(False)
+    config = MEMORY_UNET if widths is None else {**MEMORY_UNET, "block_out_channels": tuple(widths)}
+    model = diffusers.UNet2DModel(**config).eval().requires_grad_(False)
     shape = (3, 32, 32)
     ck = Checkpoint("unet", s, "epsilon", shape, None, "bench", model=model, model_class="UNet2DModel")
     denoiser = network_denoiser(ck)
@@ -134,7 +143,19 @@ def memory_child(nfe: int, batch: int, checkpointing: bool) -> None:
         t0 = time.process_time()
         gradient()
         seconds.append(time.process_time() - t0)
-    print(json.dumps({"peak_kib": peak, "before_kib": before, "seconds": min(seconds)}))
+    print(json.dumps({"peak_kib": peak, "before_kib": before, "seconds": min(seconds),
+                      "parameters": sum(p.numel() for p in model.parameters())}))
+
+
+def run_child(nfe: int, batch: int, checkpointing: bool, widths: tuple | None = None) -> dict:
+    """``memory_child`` in a fresh subprocess: its JSON record, plus ``memory_mib`` (peak RSS - RSS
+    before the gradient, MiB)."""
+    cmd = [sys.executable, __file__, "--memory-child", str(nfe), str(batch), str(int(checkpointing))]
+    if widths is not None:
+        cmd += ["--widths", ",".join(map(str, widths))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**r, "memory_mib": (r["peak_kib"] - r["before_kib"]) / 1024}
 
 
 def memory_bench() -> None:
@@ -147,10 +168,8 @@ def memory_bench() -> None:
         base = None
         for checkpointing in (False, True):
             for nfe in MEMORY_NFE:
-                out = subprocess.run([sys.executable, __file__, "--memory-child", str(nfe), str(batch),
-                                      str(int(checkpointing))], capture_output=True, text=True, check=True)
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                mem = (r["peak_kib"] - r["before_kib"]) / 1024
+                r = run_child(nfe, batch, checkpointing)
+                mem = r["memory_mib"]
                 if base is None:
                     base = (mem, r["seconds"])
                 print(f"{batch:5d} | {nfe:3d} | {'on' if checkpointing else 'off':>13} | {r['peak_kib'] / 1024:12.0f} "
@@ -158,20 +177,44 @@ def memory_bench() -> None:
                       flush=True)
 
 
+def size_bench() -> None:
+    """One gradient per model width (``SIZE_WIDTHS``), checkpointing off and on, each in a fresh
+    subprocess; the table of ratios to the smallest model with the same checkpointing setting."""
+    print(f"one gradient (NFE {SIZE_NFE}, batch {SIZE_BATCH}, UniPC-3, 3x32x32, float32, one thread) through "
+          f"UNet2DModels of growing width, a fresh process per setting (mmap threshold 128 KiB); memory = peak "
+          f"RSS - RSS before the gradient; ratios to the smallest model with the same checkpointing")
+    print("block_out_channels | parameters | checkpointing | peak RSS MiB | memory MiB (ratio) | "
+          "CPU s per gradient (ratio)")
+    for checkpointing in (False, True):
+        base = None
+        for widths in SIZE_WIDTHS:
+            r = run_child(SIZE_NFE, SIZE_BATCH, checkpointing, widths)
+            if base is None:
+                base = r
+            mem, sec = r["memory_mib"], r["seconds"]
+            print(f"{str(widths):>18} | {r['parameters'] / 1e6:8.2f}M | {'on' if checkpointing else 'off':>13} "
+                  f"| {r['peak_kib'] / 1024:12.0f} | {mem:8.1f} ({mem / base['memory_mib']:5.2f}x) "
+                  f"| {sec:8.3f} ({sec / base['seconds']:5.2f}x)", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nfe", default="5,8,12")
     ap.add_argument("--train", type=int, default=64)
-    ap.add_argument("--only", choices=("speed", "memory"), default=None)
+    ap.add_argument("--only", choices=("speed", "memory", "size"), default=None)
     ap.add_argument("--memory-child", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--widths", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child is not None:
         nfe, batch, checkpointing = args.memory_child
-        memory_child(nfe, batch, bool(checkpointing))
+        widths = None if args.widths is None else tuple(int(w) for w in args.widths.split(","))
+        memory_child(nfe, batch, bool(checkpointing), widths)
         return
-    if args.only != "speed":
+    if args.only in (None, "memory"):
         memory_bench()
-    if args.only == "memory":
+    if args.only in (None, "size"):
+        size_bench()
+    if args.only in ("memory", "size"):
         return
     torch.set_num_threads(1)
     s = get_schedule("scaled_linear")
