@@ -194,6 +194,7 @@ def _entry_summary(entry: dict) -> dict:
     return {"nfe": entry["nfe"], "lambda": list(entry["lambda"]), "t": list(entry["t"]), "start": r["start"],
             "status": entry["optimizer"]["status"], "iterations": r["iterations"],
             "train_error_start": r["train_error_start"], "train_error": r["train_error"],
+            "validation_error_start": r.get("validation_error_start"), "validation_error": r.get("validation_error"),
             "holdout_error_start": r["holdout_error_start"], "holdout_error": r["holdout_error"]}
 
 

@@ -32,7 +32,7 @@ def test_gpu_bench_tiny_on_cpu_reports_refine_and_memory(tmp_path):
         for e in run_["entries"]:
             lam = np.array(e["lambda"])
             assert lam.size == e["nfe"] + 1 and np.all(np.diff(lam) > 0) and np.all(np.diff(e["t"]) < 0)
-            assert e["train_error"] <= e["train_error_start"] and e["holdout_error"] > 0
+            assert e["validation_error"] <= e["validation_error_start"] and e["holdout_error"] > 0
     cold, warm = a["cold"]["parts_s"], a["warm"]["parts_s"]
     assert cold["reference"] > 0 and warm["reference"] < cold["reference"]
     assert [e["lambda"] for e in a["warm"]["entries"]] == [e["lambda"] for e in a["cold"]["entries"]]
