@@ -11,6 +11,7 @@ torch).
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,10 +33,16 @@ AS_FIELDS = ("t", "lambda", "sigmas", "timesteps")
 SIGMA_ENDS = ("min", "zero")  # show --as sigmas --end: the table's end point, or 0
 
 
+LOG_WIDTH = 200  # summaries written to a file or a pipe: wide enough for refine's table
+
+
 def _stderr():
+    """The console for summaries on stderr: the terminal's width, or ``LOG_WIDTH`` when stderr
+    is a file or a pipe and COLUMNS is unset (rich would cut the tables to 80 columns)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    wide = not sys.stderr.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=True, highlight=False, width=LOG_WIDTH if wide else None)
 
 
 def needs_torch(command: str) -> None:
