@@ -446,7 +446,7 @@ def refine(
                                   "mini-batches of --minibatch noises, for models where a full-batch step costs "
                                   "too much."),
     maxiter: int = typer.Option(60, help="L-BFGS-B iterations (or Adam updates) per NFE."),
-    patience: int = typer.Option(10, help="Validations without a lower validation error before the fit stops "
+    patience: int = typer.Option(30, help="Validations without a lower validation error before the fit stops "
                                  "(0: never early)."),
     minibatch: int = typer.Option(16, help="adam: training noises per update."),
     lr: float = typer.Option(0.05, help="adam: step size in the gap logits."),

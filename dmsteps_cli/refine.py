@@ -90,6 +90,7 @@ TRAIN_SEED_OFFSET = 1_000_000
 VALIDATION_SEED_OFFSET = 2_000_000
 METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
 REFINE_MARGIN = 0.5  # references are settled for errors down to half the best start's
+PATIENCE = 30  # validations without a lower validation error before the fit stops (docs/cli.md: why 30)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class RefineRequest:
     device: str = "cpu"
     optimizer: str = "lbfgs"  # "lbfgs" or "adam" (mini-batches of ``minibatch`` noises, step size ``lr``)
     maxiter: int = 60  # L-BFGS-B iterations or Adam updates per NFE
-    patience: int = 10  # validations without a lower validation error before the fit stops (0: never)
+    patience: int = PATIENCE  # validations without a lower validation error before the fit stops (0: never)
     minibatch: int = 16
     lr: float = 0.05
     grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
@@ -137,7 +138,7 @@ class Fit:
 
     method: str = "lbfgs"
     maxiter: int = 60
-    patience: int = 10
+    patience: int = PATIENCE
     minibatch: int = 16
     lr: float = 0.05
     validate_every: int | None = None
@@ -463,7 +464,7 @@ def _needs_denoiser(ckpt, source: str) -> None:
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
-                 seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = 10,
+                 seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = PATIENCE,
                  minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
                  network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
                  guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
