@@ -65,40 +65,36 @@ class CONST:
     pass
 
 
-class ModelSamplingDiscrete(torch.nn.Module):
+class _SigmaBuffer(torch.nn.Module):
+    """What every ComfyUI model sampling has: ascending ``sigmas``, sigma_min first, sigma_max last."""
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+
+class ModelSamplingDiscrete(_SigmaBuffer):
     def __init__(self, linear_start=0.00085, linear_end=0.012, timesteps=1000):
         super().__init__()
         betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.register_buffer("sigmas", (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float())
 
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
-
 
 class StableCascadeSampling(ModelSamplingDiscrete):
     pass
 
 
-class ModelSamplingDiscreteFlow(torch.nn.Module):
+class ModelSamplingDiscreteFlow(_SigmaBuffer):
     def __init__(self, shift=1.0, multiplier=1000, timesteps=1000):
         super().__init__()
         self.shift, self.multiplier = shift, multiplier
         u = torch.arange(1, timesteps + 1, 1) / timesteps
         self.register_buffer("sigmas", shift * u / (1 + (shift - 1) * u))
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
 
 class ModelSamplingFlux(torch.nn.Module):
@@ -111,18 +107,10 @@ class ModelSamplingFlux(torch.nn.Module):
         return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1))
 
 
-class ModelSamplingContinuousEDM(torch.nn.Module):
+class ModelSamplingContinuousEDM(_SigmaBuffer):
     def __init__(self, sigma_min=0.002, sigma_max=80.0):
         super().__init__()
         self.register_buffer("sigmas", torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000).exp())
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
 
 class ModelSamplingContinuousV(ModelSamplingContinuousEDM):
