@@ -154,7 +154,7 @@ class Fit:
         every = "every pass over the training noises" if self.validate_every is None \
             else f"every {self.validate_every} updates"
         return (f"Adam over softmax gap logits on mini-batches of {self.minibatch} training noises, exact "
-                f"gradients (autograd), {self.maxiter} updates of step size {self.lr:g}, validated {every}")
+                f"gradients (autograd), {self.maxiter} updates of step size {self.lr:g}, the point judged {every}")
 
 
 @dataclass
