@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dmsteps_cli import StepConfig, dumps, make_table
-from dmsteps_cli.checkpoints import load_checkpoint, pair_labels, with_null_class
+from dmsteps_cli.checkpoints import load_checkpoint, pair_labels
 from dmsteps_cli.cli import main
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import REF_SOLVER, EvalRequest, conditioned_evaluator, evaluate
@@ -198,7 +198,8 @@ def test_the_cache_keeps_each_seeds_label_guidance_and_null_class(models, tmp_pa
     assert (cache.hits, cache.misses) == (0, 8)
     base = dict(T=s.T, eps=s.eps_default, noise_scale=1.0, state_dtype=torch.float32, class_label=0)
     assert key_of(settings(ckpt, **base)) == key_of(settings(other_null, **base))  # no guidance: no null class
-    assert key_of(settings(ckpt, **base, guidance_scale=2.0)) != key_of(settings(other_null, **base, guidance_scale=2.0))
+    guided = dict(base, guidance_scale=2.0)
+    assert key_of(settings(ckpt, **guided)) != key_of(settings(other_null, **guided))
     stored = json.loads((first._entries[1].folder / "settings.json").read_text())
     assert (stored["class_label"], stored["guidance_scale"], stored["null_class"]) == (1, 2.0, NULL)
 
