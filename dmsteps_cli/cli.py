@@ -249,8 +249,8 @@ def tables_command():
                          f"NFE {nfe[0]}..{nfe[-1]}\t{'; '.join(row['models'])}\n")
 
 
-LABELS_HELP = ("Classes for class-conditional models, paired with the noises round robin (noise i has label "
-               "i mod their count): a range 0..9, a list 3,5,7 or both (0..4,7); instead of --class-label.")
+LABELS_HELP = ("Classes for class-conditional models, paired with the noises round robin (noise i takes label "
+               "number i mod n of the n given): a range 0..9, a list 3,5,7 or both (0..4,7); instead of --class-label.")
 NULL_CLASS_HELP = ("The class a class-conditional UNet was trained to drop labels to (its unconditional input), "
                    "for --guidance-scale; a DiT's, or one its class_conditioning.json records, is read from the model.")
 GUIDANCE_HELP = "Classifier-free guidance scale (class-conditional models with a null class; 1: none)."
