@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model digits-cond-model tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ study-unet-patches: install
 # A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, about 3 minutes.
 digits-model: install
 	$(PY) studies/train_digits.py --out build/digits-model
+
+# The same network class-conditional, for classifier-free guidance: num_class_embeds 11, the digits 0-9 and a null
+# class 10 that replaces 15% of the training labels (build/digits-cond-model/unet/class_conditioning.json names it).
+digits-cond-model: install
+	$(PY) studies/train_digits.py --out build/digits-cond-model --class-conditional
 
 clean:
 	rm -rf build .pytest_cache

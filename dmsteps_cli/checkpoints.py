@@ -8,6 +8,14 @@ wraps the model as a data-prediction denoiser ``d(x, t, timestep, alpha, sigma) 
 ``runtime``): states (B, C, H, W) in any dtype and device; the network runs in the checkpoint's
 dtype on its device.
 
+Class-conditional models (a UNet2DModel with ``num_class_embeds``, a DiT) take one class label per
+sample. Classifier-free guidance with scale g evaluates each sample with its label (cond) and with
+the model's *null class* (uncond) and uses uncond + g (cond - uncond). The null class is the DiT's
+``num_embeds_ada_norm`` (its family defines one); a UNet's is the ``null_class`` of
+``class_conditioning.json`` beside its ``config.json`` (``CONDITIONING_FILE``: written by
+``studies/train_digits.py --class-conditional``, ``{"null_class": 10, ...}``), else the one given
+(``null_class``: the class its labels were dropped to in training), else guidance is refused.
+
 May import torch, numpy, the torch-free package modules (errors, schedules), runtime and
 mixtures; sample, evaluate and refine import it. diffusers is imported inside the functions that
 need it.
@@ -16,13 +24,14 @@ need it.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import BadInput, first_line, mentioning
+from .errors import BadInput, bad_setting, first_line, mentioning
+from .limits import in_bounds
 from .mixtures import GaussianMixture, load_mixture
 from .runtime import Denoiser, timestep_tensor, to_data_prediction
 from .schedule_sources import (ScheduleSource, check_prediction_type, find_scheduler_config, read_json,
@@ -30,15 +39,17 @@ from .schedule_sources import (ScheduleSource, check_prediction_type, find_sched
 from .schedules import PRESETS, Schedule, same_schedule
 
 SUPPORTED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
+CONDITIONING_FILE = "class_conditioning.json"  # beside a UNet's config.json: {"null_class": K, ...}
 
 
 def check_class_labels(source: str, num_classes: int | None, class_labels) -> torch.Tensor | None:
     """The class labels for checkpoint ``source`` as a (n,) int64 CPU tensor, or None for a model
     that is not class-conditional (``num_classes`` None). ``class_labels``: None, an int or n ints;
-    they are needed exactly when the model is class-conditional and lie in 0..num_classes - 1."""
+    they are needed exactly when the model is class-conditional and lie in 0..num_classes - 1 (the
+    rows of its class embedding; a UNet's null class is one of them, a DiT's is not)."""
     if num_classes is None:
         if class_labels is not None:
-            raise mentioning("class_label", f"checkpoint {source} is not class-conditional: drop {{setting}}")
+            raise BadInput(f"checkpoint {source} is not class-conditional: it takes no class labels")
         return None
     if class_labels is None:
         raise mentioning("class_label", f"checkpoint {source} is class-conditional: give {{setting}} "
@@ -46,9 +57,29 @@ def check_class_labels(source: str, num_classes: int | None, class_labels) -> to
     labels = torch.as_tensor(class_labels).reshape(-1)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise BadInput("class labels must be integers")
-    if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= num_classes).any()):
-        raise BadInput(f"class labels must lie in 0..{num_classes - 1}")
+    if labels.numel() == 0:
+        raise BadInput("class labels: give at least one")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        raise BadInput(f"class label {int(outside[0])} is out of range: checkpoint {source} has classes "
+                       f"0..{num_classes - 1}")
     return labels.to(torch.long)
+
+
+def pair_labels(class_labels, n: int) -> list[int] | None:
+    """The class label of each of ``n`` noises, paired round robin: noise i (the i-th seed of its
+    set) has class_labels[i % len(class_labels)]. None for None (an unconditional model)."""
+    if class_labels is None:
+        return None
+    labels = [int(k) for k in class_labels]
+    return [labels[i % len(labels)] for i in range(n)]
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + scale (cond - uncond): the guided output from the conditional and the unconditional
+    (null-class) outputs of one network, in the network's output space (epsilon, v, x0 or velocity:
+    the conversion to x0 is affine, so guiding either gives the same x0)."""
+    return uncond + scale * (cond - uncond)
 
 
 @dataclass
@@ -72,14 +103,15 @@ class Checkpoint:
     dtype: Any = torch.float32
     note: str = ""
     model_class: str = ""
-    null_class: int | None = None  # DiT's unconditional class id (= num_classes)
+    null_class: int | None = None  # guidance's unconditional class: DiT's num_classes; a UNet's recorded or given
 
     def denoiser(self, class_labels=None, guidance_scale: float = 1.0) -> Denoiser:
         """``d(x, t, timestep, alpha, sigma) -> x0_hat`` for this checkpoint.
 
-        ``class_labels``: an int or B ints for class-conditional models; ``guidance_scale`` != 1
-        applies classifier-free guidance uncond + g (cond - uncond) with the null class (DiT only),
-        evaluating conditional and unconditional halves in one doubled batch.
+        ``class_labels``: an int or B ints for class-conditional models (one for the whole batch,
+        or one per row of the batch of B states it is called on); ``guidance_scale`` != 1 applies
+        classifier-free guidance (``classifier_free_guidance``) with ``null_class``, evaluating the
+        conditional and unconditional halves in one doubled batch.
         """
         if self.kind == "pipeline":
             raise BadInput(f"{self.source} is a text-to-image pipeline: it runs through the pipeline's own "
@@ -99,9 +131,13 @@ class Checkpoint:
 
     def _network_denoiser(self, labels: torch.Tensor | None, g: float) -> Denoiser:
         guided = g != 1.0
+        if guided and self.num_classes is None:
+            raise BadInput(f"{self.source}: classifier-free guidance needs a class-conditional model; "
+                           "use guidance_scale 1")
         if guided and self.null_class is None:
-            raise BadInput(f"{self.source}: classifier-free guidance needs a class-conditional model with a "
-                           "null class (DiT); use guidance_scale 1")
+            raise mentioning("null_class", f"checkpoint {self.source} names no null class for classifier-free "
+                                           "guidance: give {setting} (the class its labels were dropped to in "
+                                           "training), or leave the guidance scale at 1")
         model, device, dtype = self.model, torch.device(self.device), self.dtype
         if labels is not None:
             labels = labels.to(device)
@@ -133,8 +169,7 @@ class Checkpoint:
                 out = out[:, :channels]  # learned variance / sigma channels
             out = out.to(device=x.device, dtype=x.dtype)
             if guided:
-                cond, uncond = out[:B], out[B:]
-                out = uncond + g * (cond - uncond)
+                out = classifier_free_guidance(out[:B], out[B:], g)
             return to_data_prediction(out, x, alpha, sigma, ptype)
 
         return model_denoiser
@@ -146,6 +181,56 @@ def network_denoiser(ckpt: Checkpoint, class_label=None, guidance_scale: float =
     if ckpt.sample_shape is None:
         raise BadInput(f"checkpoint {ckpt.source}: unknown sample shape")
     return ckpt.denoiser(class_labels=class_label, guidance_scale=guidance_scale)
+
+
+def labelled_denoiser(ckpt: Checkpoint, class_labels, guidance_scale: float = 1.0):
+    """``labels -> Denoiser``: the denoiser of a batch whose row i has class ``labels[i]`` (a (B,)
+    int tensor or B ints), with classifier-free guidance ``guidance_scale``, for a
+    class-conditional checkpoint measured on many classes at once. Every label of
+    ``class_labels`` (the ones it will be given) and the guidance are checked here, once."""
+    network_denoiser(ckpt, class_labels, guidance_scale)
+
+    def of_labels(labels) -> Denoiser:
+        return ckpt.denoiser(class_labels=labels, guidance_scale=guidance_scale)
+
+    return of_labels
+
+
+def with_null_class(ckpt: Checkpoint, null_class: int | None) -> Checkpoint:
+    """``ckpt`` with the null class ``null_class`` for classifier-free guidance (None: as loaded).
+    A class-conditional UNet takes any of its classes 0..num_classes - 1; where the checkpoint
+    names its null class already (a DiT, a UNet with ``CONDITIONING_FILE``) the one given must be
+    the same; a model without classes takes none."""
+    if null_class is None:
+        return ckpt
+    if isinstance(null_class, bool) or not isinstance(null_class, int):
+        raise bad_setting("null_class", f"must be a whole number, got {null_class!r}")
+    in_bounds("null_class", null_class)
+    if ckpt.num_classes is None:
+        raise mentioning("null_class", f"checkpoint {ckpt.source} is not class-conditional: drop {{setting}}")
+    if ckpt.null_class is not None:
+        if null_class != ckpt.null_class:
+            where = "num_embeds_ada_norm" if ckpt.kind == "transformer" else CONDITIONING_FILE
+            raise mentioning("null_class", f"checkpoint {ckpt.source} names its null class, {ckpt.null_class} "
+                                           f"({where}), not {null_class}: drop {{setting}}")
+        return ckpt
+    if null_class >= ckpt.num_classes:
+        raise bad_setting("null_class", f"{null_class} is out of range: checkpoint {ckpt.source} has classes "
+                                        f"0..{ckpt.num_classes - 1}")
+    return replace(ckpt, null_class=null_class)
+
+
+def _recorded_null_class(model_dir: Path, num_classes: int | None) -> int | None:
+    """The null class that ``model_dir/CONDITIONING_FILE`` records (None without the file)."""
+    path = model_dir / CONDITIONING_FILE
+    if not path.is_file():
+        return None
+    value = read_json(path, "class conditioning").get("null_class")
+    if num_classes is None:
+        raise BadInput(f"{path}: the model is not class-conditional (no num_class_embeds)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_classes:
+        raise BadInput(f"{path}: field 'null_class' must be a class of the model, 0..{num_classes - 1}")
+    return value
 
 
 def mixture_checkpoint(mixture: GaussianMixture, schedule: Schedule, source: str = "mixture") -> Checkpoint:
@@ -177,22 +262,26 @@ def _schedule_of(schedule, base: Path | None = None) -> ScheduleSource:
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
-                    prediction_type: str | None = None) -> Checkpoint:
+                    prediction_type: str | None = None, null_class: int | None = None) -> Checkpoint:
     """Load a diffusers pipeline folder, a bare UNet2DModel folder or a Gaussian-mixture file.
 
     ``schedule`` (a Schedule, a preset name or a scheduler config path) is needed where the
     checkpoint names none (a bare UNet folder); where it names one, ``schedule`` must be the same
     schedule (same identity). For a mixture file it replaces the file's schedule (the ideal
     denoiser is exact for any schedule). ``prediction_type`` overrides the scheduler config's.
+    ``null_class``: the null class of a class-conditional UNet for guidance (``with_null_class``;
+    a DiT's is its ``num_embeds_ada_norm``, a UNet's may be recorded in ``CONDITIONING_FILE``).
     Every problem is a ``BadInput`` with one line.
     """
+    if null_class is not None:
+        in_bounds("null_class", null_class)
     p = Path(path)
     source = str(p)
     if not p.exists():
         raise BadInput(f"checkpoint {source} does not exist")
     if p.is_file():
         if p.suffix.lower() in (".yaml", ".yml", ".npz"):
-            return _load_gmm(p, device, schedule, prediction_type)
+            return with_null_class(_load_gmm(p, device, schedule, prediction_type), null_class)
         raise BadInput(f"checkpoint {source}: expected a diffusers folder or a Gaussian-mixture .yaml/.npz file")
 
     # --- a folder: a pipeline (unet/ or transformer/ + scheduler/) or a bare model
@@ -248,10 +337,10 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
             cls_name = str(mcfg.get("_class_name", ""))
             if isinstance(mcfg.get("in_channels"), int) and isinstance(mcfg.get("sample_size"), int):
                 shape = (mcfg["in_channels"], mcfg["sample_size"], mcfg["sample_size"])
-        return Checkpoint("pipeline", sched, ptype, shape, None, source, device=device, dtype=dtype,
-                          model_class=cls_name,
-                          note="text-to-image pipeline: sample it through the pipeline's own call "
-                               "(dmsteps sample), not through a bare denoiser")
+        return with_null_class(Checkpoint("pipeline", sched, ptype, shape, None, source, device=device, dtype=dtype,
+                                          model_class=cls_name,
+                                          note="text-to-image pipeline: sample it through the pipeline's own call "
+                                               "(dmsteps sample), not through a bare denoiser"), null_class)
 
     mcfg_path = model_dir / "config.json"
     if not mcfg_path.is_file():
@@ -272,7 +361,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
             raise BadInput(f"model config {mcfg_path}: field '{key}' must be a positive integer")
         return value
 
-    num_classes = null_class = None
+    num_classes = own_null = None
     if cls_name == "UNet2DModel":
         if mcfg.get("time_embedding_type", "positional") != "positional":
             raise BadInput(f"model config {mcfg_path}: time_embedding_type "
@@ -281,6 +370,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
             raise BadInput(f"model config {mcfg_path}: class_embed_type {mcfg['class_embed_type']!r} "
                            "is not supported")
         num_classes = _int("num_class_embeds")
+        own_null = _recorded_null_class(model_dir, num_classes)
         size = mcfg.get("sample_size")
         if isinstance(size, (list, tuple)) and len(size) == 2:
             hw = (int(size[0]), int(size[1]))
@@ -293,7 +383,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
         kind = "unet"
     else:
         num_classes = _int("num_embeds_ada_norm", 1000)
-        null_class = num_classes
+        own_null = num_classes
         size = _int("sample_size", 32)
         shape = (_int("in_channels", 4), size, size)
         kind = "transformer"
@@ -318,8 +408,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     note = ""
     if kind == "transformer" and ((p / "vae").is_dir() or (index and "vae" in index)):
         note = "latent model: the denoiser works on latents; decode them with the pipeline's vae"
-    return Checkpoint(kind, sched, ptype, shape, num_classes, source, model=model, device=device,
-                      dtype=dtype, note=note, model_class=cls_name, null_class=null_class)
+    return with_null_class(Checkpoint(kind, sched, ptype, shape, num_classes, source, model=model, device=device,
+                                      dtype=dtype, note=note, model_class=cls_name, null_class=own_null),
+                           null_class)
 
 
 

@@ -249,6 +249,20 @@ def tables_command():
                          f"NFE {nfe[0]}..{nfe[-1]}\t{'; '.join(row['models'])}\n")
 
 
+LABELS_HELP = ("Classes for class-conditional models, paired with the noises round robin (noise i takes label "
+               "number i mod n of the n given): a range 0..9, a list 3,5,7 or both (0..4,7); instead of --class-label.")
+NULL_CLASS_HELP = ("The class a class-conditional UNet was trained to drop labels to (its unconditional input), "
+                   "for --guidance-scale; a DiT's, or one its class_conditioning.json records, is read from the model.")
+GUIDANCE_HELP = "Classifier-free guidance scale (class-conditional models with a null class; 1: none)."
+
+
+def _labels(class_label, class_labels):
+    """``--class-labels`` as given, after refusing it beside ``--class-label``."""
+    if class_label is not None and class_labels is not None:
+        raise BadInput("give --class-label (one class) or --class-labels, not both")
+    return class_labels
+
+
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (pipeline with unet/ or "
@@ -263,8 +277,10 @@ def sample(
     solver: Optional[str] = typer.Option(None, help="Solver (default: the table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh1 or bh2 (default: the table's)."),
-    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (DiT)."),
-    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale (DiT)."),
+    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (every sample)."),
+    class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP.replace("noises", "samples")),
+    null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
+    guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
     prompt: Optional[str] = typer.Option(None, help="Prompt for text-to-image pipelines."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, float16 or bfloat16."),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none (a bare UNet)."),
@@ -277,7 +293,8 @@ def sample(
 
     req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=nfe, batch=batch, seed=seed,
                         device=device, out=str(out), solver=solver, order=order, variant=variant,
-                        class_label=class_label, guidance_scale=guidance_scale, prompt=prompt, force=force,
+                        class_label=class_label, class_labels=_labels(class_label, class_labels),
+                        null_class=null_class, guidance_scale=guidance_scale, prompt=prompt, force=force,
                         dtype=dtype, schedule=schedule)
     err = _stderr()
     if not quiet and err.is_terminal:
@@ -361,8 +378,10 @@ def evaluate(
     cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
-    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
-    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
+    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (every noise)."),
+    class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP),
+    null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
+    guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
     plot: Optional[str] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
@@ -386,6 +405,7 @@ def evaluate(
                       baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
+                      class_labels=_labels(class_label, class_labels), null_class=null_class,
                       guidance_scale=guidance_scale, cache=_open_cache(cache, no_cache), no_cache=no_cache)
     with _torchrun(req.cache) as writes:
         report = run_evaluation(req)
@@ -401,12 +421,24 @@ def evaluate(
         _cache_note(req.cache)
 
 
+def _conditioning_note(conditioning: dict | None) -> str:
+    """`` · classes 0,1,2 (round robin), guidance 3 (null class 10)`` for a summary's title; "" without classes."""
+    if not conditioning:
+        return ""
+    labels = conditioning["class_labels"]
+    shown = ",".join(map(str, labels)) if len(labels) <= 12 else f"{len(labels)} labels"
+    g = conditioning["guidance_scale"]
+    guided = f", guidance {g:g} (null class {conditioning['null_class']})" if g != 1.0 else ""
+    return f" · class{'es' if len(labels) > 1 else ''} {shown}{' (round robin)' if len(labels) > 1 else ''}{guided}"
+
+
 def _evaluation_summary(console, report: dict) -> None:
     from rich.table import Table
 
     grids = list(dict.fromkeys(r["grid"] for r in report["rows"]))
     s = report["solver"]
-    t = Table(title=f"{report['checkpoint']} · {s['name']} order {s['order']} · error = mean RMS to the "
+    t = Table(title=f"{report['checkpoint']}{_conditioning_note(report.get('conditioning'))} · "
+                    f"{s['name']} order {s['order']} · error = mean RMS to the "
                     f"reference ({report['reference']['method']}); (ratio to the best hand-made grid, and for "
                     "tables its 95% interval over the noises)",
               title_justify="left")
@@ -465,8 +497,10 @@ def refine(
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
     cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
-    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models."),
-    guidance_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
+    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (every noise)."),
+    class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP),
+    null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
+    guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
@@ -491,7 +525,9 @@ def refine(
                                              checkpointing=checkpointing, network_dtype=network_dtype,
                                              device=device, schedule=schedule,
                                              cache=reference_cache, no_cache=no_cache,
-                                             class_label=class_label, guidance_scale=guidance_scale))
+                                             class_label=class_label,
+                                             class_labels=_labels(class_label, class_labels),
+                                             null_class=null_class, guidance_scale=guidance_scale))
     if not writes:
         return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))
@@ -504,7 +540,8 @@ def refine(
         info = table_out["refine"]
         first, last = info["holdout_seeds"]
         grids = [g for g in table_out["entries"][0]["refine"]["holdout_errors"] if g != TABLE]
-        t = Table(title=f"refined on {checkpoint}: mean RMS error on held-out noises (seeds {first}-{last}); "
+        t = Table(title=f"refined on {checkpoint}{_conditioning_note(info.get('conditioning'))}: mean RMS error on "
+                        f"held-out noises (seeds {first}-{last}); "
                         "ratio = refined / best of the table and the grids",
                   title_justify="left")
         validated = info.get("validation_seeds") is not None

@@ -1,4 +1,5 @@
-"""What a table is made from: ``StepConfig`` and the step counts it takes (``parse_nfe``).
+"""What a table is made from: ``StepConfig`` and the step counts it takes (``parse_nfe``); the class
+labels a class-conditional model is measured on (``parse_class_labels``, ``class_label_list``).
 
 A config is checked for types here (each field a name, a number or a whole number; ``nfe`` within
 the bounds of ``limits``); ``optimize.resolve`` fills in the per-schedule defaults and refuses
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BadInput, bad_setting
-from .limits import BOUNDS
+from .limits import BOUNDS, in_bounds
 
 MIN_NFE, MAX_NFE = BOUNDS["nfe"]
+MIN_LABEL, MAX_LABEL = BOUNDS["class_label"]
+MAX_LABELS = BOUNDS["class_labels"][1]
 
 
 def parse_nfe(value) -> tuple[int, ...]:
@@ -46,6 +49,56 @@ def parse_nfe(value) -> tuple[int, ...]:
     if nfes and (nfes[0] < MIN_NFE or nfes[-1] > MAX_NFE):
         raise BadInput(f"NFE {value!r}: step counts run from {MIN_NFE} to {MAX_NFE}")
     return nfes
+
+
+def parse_class_labels(value) -> tuple[int, ...]:
+    """Class labels in the order given (repeats kept: they weight a class), from an int, an iterable
+    of ints or text: ``0..9`` (both ends included), ``3,5,7`` or a mix such as ``0..4,7``. Each
+    label lies in ``limits.BOUNDS["class_label"]``, and there are at most
+    ``BOUNDS["class_labels"][1]`` of them; BadInput for the setting ``class_labels`` otherwise."""
+    if isinstance(value, str):
+        spans = []
+        for part in value.split(","):
+            lo_s, dots, hi_s = part.strip().partition("..")
+            try:
+                lo, hi = int(lo_s), int(hi_s if dots else lo_s)
+            except ValueError:
+                raise bad_setting("class_labels", f"{value!r}: give a label, a range like 0..9 or a list like "
+                                                  "3,5,7") from None
+            if lo > hi:
+                raise bad_setting("class_labels", f"{part.strip()}: the range runs backwards "
+                                                  f"(did you mean {hi}..{lo}?)")
+            spans.append((lo, hi))
+    else:
+        items = [value] if isinstance(value, (int, np.integer)) else value
+        try:
+            items = list(items)
+        except TypeError:
+            raise bad_setting("class_labels", f"{value!r}: give a label, a list of them or text like 0..9") from None
+        if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in items):
+            raise bad_setting("class_labels", f"{value!r}: labels must be whole numbers")
+        spans = [(int(k), int(k)) for k in items]
+    if not spans:
+        raise bad_setting("class_labels", "is empty: give at least one label")
+    for lo, hi in spans:
+        if lo < MIN_LABEL or hi > MAX_LABEL:
+            raise bad_setting("class_labels", f"{lo if lo < MIN_LABEL else hi}: labels run from {MIN_LABEL} to "
+                                              f"{MAX_LABEL}")
+    if sum(hi - lo + 1 for lo, hi in spans) > MAX_LABELS:
+        raise bad_setting("class_labels", f"holds more than {MAX_LABELS} labels")
+    return tuple(k for lo, hi in spans for k in range(lo, hi + 1))
+
+
+def class_label_list(class_label=None, class_labels=None) -> tuple[int, ...] | None:
+    """The labels of ``class_label`` (one label) or ``class_labels`` (anything ``parse_class_labels``
+    takes), whichever is given; None when neither is; BadInput when both are."""
+    if class_label is not None and class_labels is not None:
+        raise BadInput("give class_label (one label) or class_labels, not both")
+    if class_label is not None:
+        if isinstance(class_label, bool) or not isinstance(class_label, (int, np.integer)):
+            raise bad_setting("class_label", f"must be a whole number, got {class_label!r}")
+        return (in_bounds("class_label", int(class_label)),)
+    return None if class_labels is None else parse_class_labels(class_labels)
 
 
 def _typed(name: str, value, kinds: tuple, what: str):

@@ -39,15 +39,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checkpoints import Checkpoint, load_checkpoint, network_denoiser
+from .checkpoints import Checkpoint, labelled_denoiser, load_checkpoint, network_denoiser, pair_labels
+from .config import class_label_list
 from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
-from .reference_cache import open_cache
+from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
 from .limits import BOUNDS, in_bounds
 from .runtime import (
     Ranks,
+    denoiser_for,
     full_precision,
     integrate,
     noise_for,
@@ -83,7 +85,9 @@ class EvalRequest:
     cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
     no_cache: bool = False  # True: no reference cache
     schedule: str | None = None
-    class_label: int | None = None
+    class_label: int | None = None  # one class for every noise (or class_labels)
+    class_labels: object = None  # classes paired with the noises round robin: "0..9", "3,5,7" or ints
+    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
     guidance_scale: float = 1.0
     T: float | None = None
     eps: float | None = None
@@ -110,9 +114,15 @@ def rms_per_sample(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
 class Evaluator:
     """A checkpoint, its denoiser, fixed noises (one per seed) and their reference solutions on [eps, T].
 
-    ``denoiser`` is ``ckpt``'s denoiser for the conditioning ``class_label``, ``guidance_scale``
-    (``checkpoints.network_denoiser``); the conditioning is part of the cache key. Errors are in
-    the units of the samples: RMS(x - x_ref) over each sample's dimensions.
+    Conditioning: ``class_labels`` is None (a model without classes) or the class label of each
+    seed's noise (one per seed, in the order of ``seeds``: ``checkpoints.pair_labels`` pairs a list
+    of labels with the noises round robin); ``guidance_scale`` is the classifier-free guidance
+    scale, with ``ckpt.null_class``. ``denoiser`` is ``ckpt``'s denoiser for that conditioning:
+    without labels a ``Denoiser`` (``checkpoints.network_denoiser``), with them a function of the
+    labels of a batch's rows (``checkpoints.labelled_denoiser``); None builds it from ``ckpt``.
+    Each seed's label, the guidance scale and (with guidance) the null class are part of the cache
+    key of its reference. Errors are in the units of the samples: RMS(x - x_ref) over each
+    sample's dimensions.
 
     The reference (a single Gaussian: the closed form, exact; otherwise numerical) follows the
     convergence rule. Let x_S be the solution with UniPC order 3 (bh2) on S steps uniform in lambda
@@ -138,7 +148,8 @@ class Evaluator:
 
     ``ranks``: the processes that share the noises (``runtime.Ranks``; None: the initialized
     torchrun process group's, else one process). Each rank holds only its share of ``seeds``
-    (``own_seeds``: the rows of ``x_T`` and ``reference``), solves,
+    (``own_seeds``: the rows of ``x_T`` and ``reference``; ``labels``: their class labels, the
+    same share of ``class_labels``), solves,
     reads and stores the references of those only, and every number returned is over all the
     noises: ``errors`` all-gathers the per-noise errors in the order of the seeds given,
     ``mean_error_and_grad`` all-reduces its mean and gradient, and check(S) is the mean over all
@@ -147,9 +158,9 @@ class Evaluator:
     """
 
     def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = REF_STEPS,
-                 cache=None, class_label=None, guidance_scale: float = 1.0, ranks: Ranks | None = None,
+                 cache=None, class_labels=None, guidance_scale: float = 1.0, ranks: Ranks | None = None,
                  fingerprint: str | None = None):
-        self.ckpt, self.denoiser, self.schedule = ckpt, denoiser, ckpt.schedule
+        self.ckpt, self.schedule = ckpt, ckpt.schedule
         self.T, self.eps, self.device = float(T), float(eps), device
         self.ranks = Ranks.current() if ranks is None else ranks
         self.seeds = list(seeds)
@@ -157,12 +168,20 @@ class Evaluator:
         if not self.own_seeds:
             raise BadInput(f"{self.ranks.world} processes need at least {self.ranks.world} noises, got "
                            f"{len(self.seeds)}: measure more noises or run fewer processes")
+        if class_labels is not None and len(class_labels) != len(self.seeds):
+            raise BadInput(f"got {len(class_labels)} class labels for {len(self.seeds)} noises: give one per seed")
+        own_labels = None if class_labels is None else [int(k) for k in self.ranks.share(class_labels)]
+        self.labels = None if own_labels is None else torch.tensor(own_labels, dtype=torch.long)
+        if denoiser is None:
+            denoiser = (network_denoiser(ckpt, None, guidance_scale) if class_labels is None
+                        else labelled_denoiser(ckpt, own_labels, guidance_scale))
+        self.denoiser = denoiser
         scale = initial_noise_scale(self.schedule, self.T)
         self.x_T = noise_for(self.own_seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
         self._smallest: float | None = None  # the smallest mean error measured
         self._exhausted = False  # the doubling stopped short of the rule
-        self._entry = None
+        self._entries = None  # class label (None: no labels) -> reference_cache.CacheEntry
         self.reference_steps: int | None = None
         mixture = self.ckpt.model if self.ckpt.kind == "gmm" else None
         if mixture is not None and mixture.K == 1:
@@ -174,9 +193,11 @@ class Evaluator:
             return
         in_bounds("ref_steps", ref_steps)
         if cache is not None:
-            self._entry = cache.entry(reference_settings(
-                ckpt, T=self.T, eps=self.eps, noise_scale=scale, state_dtype=self.x_T.dtype,
-                class_label=class_label, guidance_scale=guidance_scale, fingerprint=fingerprint))
+            fingerprint = model_fingerprint(ckpt) if fingerprint is None else fingerprint
+            self._entries = {label: cache.entry(reference_settings(
+                ckpt, T=self.T, eps=self.eps, noise_scale=scale, state_dtype=self.x_T.dtype, class_label=label,
+                guidance_scale=guidance_scale, fingerprint=fingerprint)) for label in set(own_labels or [None])}
+        self._row_labels = own_labels or [None] * len(self.own_seeds)
         self._use(int(ref_steps))
 
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
@@ -184,13 +205,20 @@ class Evaluator:
         lambdas from lambda(T) to lambda(eps))."""
         return self._solve(self.x_T, lam, solver, order, variant)
 
-    def _solve(self, x_T, lam, solver, order, variant) -> torch.Tensor:
+    def _solve(self, x_T, lam, solver, order, variant, rows=None) -> torch.Tensor:
+        """The samples from ``x_T``, this rank's noises ``rows`` (indices into ``own_seeds``; None: all)."""
         lam = np.asarray(lam, dtype=np.float64)
         steps = step_arrays(self.schedule, lam, self.T, self.eps)
         plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
         t, timesteps = np.asarray(steps["t"]), steps["timesteps"]
         with full_precision():
-            return integrate(self.denoiser, self.schedule, plan, t, timesteps, x_T)
+            return integrate(self._denoiser(rows), self.schedule, plan, t, timesteps, x_T)
+
+    def _denoiser(self, rows=None):
+        """The denoiser of this rank's noises ``rows`` (a list of indices into ``own_seeds``; None: all)."""
+        if self.labels is None:
+            return self.denoiser
+        return denoiser_for(self.denoiser, self.labels if rows is None else self.labels[list(rows)])
 
     def errors(self, lam, solver, order, variant) -> np.ndarray:
         """Each noise's error RMS(x - x_ref) for the steps ``lam``, every rank's noises in the
@@ -219,9 +247,10 @@ class Evaluator:
         pick = slice(None) if rows is None else torch.as_tensor(np.asarray(own, dtype=np.int64),
                                                                  device=self.x_T.device)
         while True:
+            labels = None if self.labels is None else self.labels[own]
             value, grad = mean_error_and_grad(self.denoiser, self.schedule, self.x_T[pick], self.reference[pick],
                                               self.T, self.eps, lam, solver, order, variant, chunk, checkpointing,
-                                              network_dtype)
+                                              network_dtype, labels)
             both = self.ranks.mean(np.append(grad, value), len(own))
             value, grad = float(both[-1]), both[:-1]
             if not self._require(value):
@@ -248,20 +277,25 @@ class Evaluator:
         if steps in self._solutions:
             return self._solutions[steps]
         lam = self._uniform(steps)
-        if self._entry is None:
+        if self._entries is None:
             x = self.solve(lam, *REF_SOLVER)
         else:
-            found = self._entry.load(REF_NAME, steps, self.own_seeds)
-            missing = [i for i, seed in enumerate(self.own_seeds) if int(seed) not in found]
+            found = {}  # row -> solution
+            for label, entry in self._entries.items():
+                rows = [i for i, k in enumerate(self._row_labels) if k == label]
+                stored = entry.load(REF_NAME, steps, [self.own_seeds[i] for i in rows])
+                found.update({i: stored[int(self.own_seeds[i])] for i in rows if int(self.own_seeds[i]) in stored})
+            missing = [i for i in range(len(self.own_seeds)) if i not in found]
             x = torch.empty_like(self.x_T)
-            for i, seed in enumerate(self.own_seeds):
-                if int(seed) in found:
-                    x[i] = torch.from_numpy(found[int(seed)]).to(device=x.device, dtype=x.dtype)
+            for i, a in found.items():
+                x[i] = torch.from_numpy(a).to(device=x.device, dtype=x.dtype)
             if missing:
                 rows = torch.tensor(missing, device=self.x_T.device)
-                solved = self._solve(self.x_T[rows], lam, *REF_SOLVER)
+                solved = self._solve(self.x_T[rows], lam, *REF_SOLVER, rows=missing)
                 x[rows] = solved
-                self._entry.save(REF_NAME, steps, {int(self.own_seeds[i]): solved[j] for j, i in enumerate(missing)})
+                for label, entry in self._entries.items():
+                    entry.save(REF_NAME, steps, {int(self.own_seeds[i]): solved[j] for j, i in enumerate(missing)
+                                                 if self._row_labels[i] == label})
         self._solutions[steps] = x
         return x
 
@@ -378,15 +412,43 @@ def _row(cmp: Comparison, name: str, kind: str, e: np.ndarray) -> dict:
 
 # --- the report ----------------------------------------------------------------------------------
 
-def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines) -> None:
+PAIRING = "round robin: noise i of a set of noises (seed first + i) has class_labels[i % len(class_labels)]"
+
+
+def conditioning_record(ckpt: Checkpoint, class_labels, guidance_scale: float) -> dict | None:
+    """What the samples were conditioned on, for a report or a refined table: the class labels
+    given (in order), how they pair with the noises (``PAIRING``), the guidance scale and the null
+    class it used (null at guidance 1); None for a model without classes."""
+    if class_labels is None:
+        return None
+    guided = float(guidance_scale) != 1.0
+    return {"class_labels": [int(k) for k in class_labels], "pairing": PAIRING,
+            "guidance_scale": float(guidance_scale), "null_class": ckpt.null_class if guided else None}
+
+
+def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale: float, T: float, eps: float,
+                          ref_steps: int = REF_STEPS, cache=None, fingerprint: str | None = None) -> Evaluator:
+    """The Evaluator of ``ckpt`` on the noises of ``seeds``, each with its class label from
+    ``class_labels`` (None, or labels paired with the seeds round robin, ``checkpoints.pair_labels``;
+    every one of them is checked against the model, used or not), guided with ``guidance_scale``."""
+    seeds = list(seeds)
+    denoiser = None if class_labels is None else labelled_denoiser(ckpt, class_labels, guidance_scale)
+    return Evaluator(ckpt, denoiser, seeds, T, eps, ckpt.device, ref_steps, cache=cache,
+                     class_labels=pair_labels(class_labels, len(seeds)), guidance_scale=guidance_scale,
+                     fingerprint=fingerprint)
+
+
+def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines,
+                    class_labels=None) -> tuple | None:
+    """The class labels given (``config.class_label_list``) once every setting is within its bounds."""
     for name, value in (("samples", samples), ("seed", seed), ("ref_steps", ref_steps),
                         ("guidance_scale", guidance_scale)):
         in_bounds(name, value)
-    if class_label is not None:
-        in_bounds("class_label", class_label)
+    labels = class_label_list(class_label, class_labels)
     for g in baselines:
         if g not in GRIDS:
             raise BadInput(f"unknown baseline grid {g!r} (choose from {', '.join(GRIDS)})")
+    return labels
 
 
 def _needs_denoiser(ckpt: Checkpoint, source: str) -> None:
@@ -400,7 +462,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
                         order: int | None = None, variant: str | None = None, samples: int = 256, seed: int = 0,
                         ref_steps: int = REF_STEPS, T: float | None = None, eps: float | None = None,
                         shift: float | None = None, class_label=None, guidance_scale: float = 1.0,
-                        source: str | None = None, progress=None, cache=None) -> dict:
+                        source: str | None = None, progress=None, cache=None, class_labels=None) -> dict:
     """The evaluation report (a dict, schema ``SCHEMA``) of a loaded checkpoint.
 
     ``tables``: {name: table dict} or (name, table) pairs, made for the checkpoint's schedule and
@@ -411,12 +473,16 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
     in the report (default ``ckpt.source``); ``progress(nfe)`` is called after each NFE measured;
     ``cache``: a ``reference_cache.ReferenceCache`` for the reference solutions, or None.
+    Conditioning: ``class_labels`` (anything ``config.parse_class_labels`` takes) or one
+    ``class_label``, paired with the noises round robin (noise i, seed seed + i, has
+    class_labels[i % len(class_labels)]), and the guidance scale ``guidance_scale`` with the
+    checkpoint's null class; the report's ``conditioning`` records them (``conditioning_record``).
 
     The NFEs are measured largest first (the smallest errors, which set the reference's step count
     by ``Evaluator``'s rule); an NFE measured before the reference last changed is measured again,
     so every row of the report is measured against the one reference the report describes.
     """
-    _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines)
+    labels = _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines, class_labels)
     source = ckpt.source if source is None else source
     _needs_denoiser(ckpt, source)
     schedule = ckpt.schedule
@@ -439,9 +505,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     step_sets += [(name, dict(lams)) for name, lams in (steps or {}).items()]
     present = sorted({n for _, lams in step_sets for n in lams})
     nfes = list(nfe) if nfe is not None else present or list(range(5, 16))
-    denoiser = network_denoiser(ckpt, class_label, guidance_scale)
-    ev = Evaluator(ckpt, denoiser, range(seed, seed + samples), T, eps, ckpt.device, ref_steps, cache=cache,
-                   class_label=class_label, guidance_scale=guidance_scale)
+    ev = conditioned_evaluator(ckpt, range(seed, seed + samples), labels, guidance_scale, T, eps, ref_steps, cache)
     measured: dict[int, tuple] = {}  # nfe -> (the reference's steps when measured, Comparison)
     while True:
         stale = [n for n in sorted(set(nfes), reverse=True)
@@ -470,6 +534,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
         "samples": samples,
         "seeds": [seed, seed + samples - 1],
         "metric": METRIC,
+        "conditioning": conditioning_record(ckpt, labels, guidance_scale),
         "reference": ev.reference_info,
         "rows": rows,
     }
@@ -478,13 +543,16 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
 def evaluate(req: EvalRequest, progress=None) -> dict:
     """Load the request's checkpoint (on ``req.device``) and tables, then ``evaluate_checkpoint``
     with the request's reference cache (``reference_cache.open_cache(req.cache, not req.no_cache)``)."""
-    _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines)
+    _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines,
+                    req.class_labels)
     cache = open_cache(req.cache, enabled=not req.no_cache)
-    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
+                           null_class=req.null_class)
     _needs_denoiser(ckpt, str(req.checkpoint))
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,
                                order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,
                                ref_steps=req.ref_steps, T=req.T, eps=req.eps, shift=req.shift,
-                               class_label=req.class_label, guidance_scale=req.guidance_scale,
-                               source=str(req.checkpoint), progress=progress, cache=cache)
+                               class_label=req.class_label, class_labels=req.class_labels,
+                               guidance_scale=req.guidance_scale, source=str(req.checkpoint), progress=progress,
+                               cache=cache)

@@ -30,14 +30,15 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .runtime import full_precision, rms_error
+from .runtime import denoiser_for, full_precision, rms_error
 from .solvers import COMPLEX_STEP, build_plan, run_plan
 
 
 def mean_error_and_grad(denoiser, schedule, x_T: torch.Tensor, reference: torch.Tensor, T: float, eps: float,
                         lam, solver: str, order: int | None, variant: str | None,
                         chunk: int = 64, checkpointing: bool = False,
-                        network_dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+                        network_dtype: torch.dtype | None = None,
+                        labels: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
     """The mean over noises of RMS(x - reference) for the steps ``lam`` from the noises ``x_T``
     (B, *shape) at T, and its gradient in lam (N + 1 values; the two ends are fixed, their
     entries are 0). ``reference``: the reference solutions (B, *shape) at eps; errors are in the
@@ -47,14 +48,17 @@ def mean_error_and_grad(denoiser, schedule, x_T: torch.Tensor, reference: torch.
     ``checkpointing`` recomputes each model evaluation's activations in the backward pass instead
     of keeping all N of them (same result to rounding, about one more forward pass of compute).
     ``network_dtype``: None (the model's own dtype) or a torch floating dtype the model calls run
-    in under ``torch.autocast`` (float16, bfloat16; the state stays in ``x_T``'s dtype)."""
+    in under ``torch.autocast`` (float16, bfloat16; the state stays in ``x_T``'s dtype).
+    ``labels``: None, or the class label of each noise ((B,) int tensor, chunked with the noises);
+    ``denoiser`` is then a function of a chunk's labels (``runtime.denoiser_for``)."""
     lam = np.asarray(lam, dtype=np.float64)
     total, grad = 0.0, np.zeros_like(lam)
     n = x_T.shape[0]
     with full_precision(), torch.enable_grad():
         for i in range(0, n, chunk):
             lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
-            x = _differentiable_solve(denoiser, schedule, lam_t, x_T[i:i + chunk], T, eps, solver, order, variant,
+            rows = denoiser_for(denoiser, None if labels is None else labels[i:i + chunk])
+            x = _differentiable_solve(rows, schedule, lam_t, x_T[i:i + chunk], T, eps, solver, order, variant,
                                       checkpointing, network_dtype)
             loss = rms_error(x, reference[i:i + chunk]).sum() / n
             loss.backward()

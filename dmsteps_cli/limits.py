@@ -30,7 +30,9 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "maxiter": (0, 10_000),
     "ref_steps": (32, 100_000),  # the reference's first S (evaluate.Evaluator doubles it as needed)
     "seed": (0, 2**62),
-    "class_label": (0, 2**31 - 1),
+    "class_label": (0, 2**31 - 1),  # each of --class-label and --class-labels
+    "class_labels": (1, 65_536),  # how many --class-labels (paired round robin with the noises)
+    "null_class": (0, 2**31 - 1),
     "guidance_scale": (0.0, 100.0),
 }
 

@@ -13,12 +13,16 @@ Where: ``folder`` when given (``--cache DIR``), else ``$DMSTEPS_CACHE``, else
 
 KEY is the sha256 (hex) of the canonical JSON of ``settings``: the cache format; the model's
 fingerprint (``model_fingerprint``: the sha256 of its weights, config, class, prediction type and
-dtype; for a Gaussian mixture of its means, standard deviations and weights); the conditioning
-(class label and guidance scale); the schedule's identity (``Schedule.identity``) and timestep
+dtype; for a Gaussian mixture of its means, standard deviations and weights); the conditioning of
+the seed's noise (its class label, the guidance scale and, where the guidance scale is not 1, the
+null class the guidance uses); the schedule's identity (``Schedule.identity``) and timestep
 convention; the interval T and eps (floats, exactly); the noise (sample shape, the scale of the
 standard normal noise, which generator) and the solver state's dtype. SOLVER names the reference
 solver and its step placement (``unipc3-bh2-unif``, UniPC order 3 bh2 on steps uniform in lambda);
 S is its number of steps. Each ``.npy`` holds one array of the sample shape in the state's dtype.
+Where the noises of one run have different class labels (``evaluate --class-labels``, paired with
+the seeds round robin), each seed's solution is kept under the KEY of its own label: a later run
+reads it wherever the same seed has the same label, however the labels were paired.
 The device is not part of the key: a solution computed on a GPU differs from the CPU's by rounding
 only.
 
@@ -120,15 +124,19 @@ def model_fingerprint(ckpt) -> str:
 def settings(ckpt, *, T: float, eps: float, noise_scale: float, state_dtype, class_label=None,
              guidance_scale: float = 1.0, fingerprint: str | None = None) -> dict:
     """What a reference solution depends on apart from its seed, solver and step count (the
-    module docstring lists it); JSON-ready. ``fingerprint``: ``model_fingerprint(ckpt)`` when the
-    caller has it already (None: computed here)."""
+    module docstring lists it); JSON-ready. ``class_label``: the class of the seed's noise (None
+    for a model without classes); ``null_class`` (``ckpt.null_class``) is recorded where
+    ``guidance_scale`` is not 1, the only case where it changes the solution. ``fingerprint``:
+    ``model_fingerprint(ckpt)`` when the caller has it already (None: computed here)."""
     schedule = ckpt.schedule
+    guided = float(guidance_scale) != 1.0
     return {
         "format": FORMAT,
         "model": model_fingerprint(ckpt) if fingerprint is None else fingerprint,
         "model_source": str(ckpt.source),  # for a reader only: not part of the key
         "class_label": None if class_label is None else int(class_label),
         "guidance_scale": float(guidance_scale),
+        **({"null_class": None if ckpt.null_class is None else int(ckpt.null_class)} if guided else {}),
         "schedule": schedule.identity(),
         "timestep_convention": getattr(schedule, "timestep_convention", None),
         "T": float(T).hex(),

@@ -57,7 +57,9 @@ The refined table is the input table with these changes:
                               steps) and every grid
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
-    refine            checkpoint, from_table, solver {name, order, variant}, metric, reference (of
+    refine            checkpoint, from_table, solver {name, order, variant}, metric, conditioning
+                      (null for a model without classes, else the class labels given, their pairing
+                      with each set's noises, the guidance scale and null class), reference (of
                       the training noises), train_seeds, validation_seeds (null without) and
                       holdout_seeds [first, last], optimizer (the method, its budget and the rule
                       for the steps kept, in words)
@@ -76,7 +78,8 @@ import torch
 from .errors import BadInput, bad_setting, mentioning
 from .limits import in_bounds
 from .checkpoints import load_checkpoint, network_denoiser
-from .evaluate import METRIC, REF_STEPS, Evaluator
+from .config import class_label_list
+from .evaluate import METRIC, REF_STEPS, Evaluator, conditioned_evaluator, conditioning_record
 from .grids import GRIDS, grid_lambda
 from .optimize import GAP_FRACTION, table_objective
 from .reference_cache import model_fingerprint, open_cache
@@ -115,7 +118,9 @@ class RefineRequest:
     cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
     no_cache: bool = False  # True: no reference cache
     schedule: str | None = None
-    class_label: int | None = None
+    class_label: int | None = None  # one class for every noise (or class_labels)
+    class_labels: object = None  # classes paired with each set's noises round robin: "0..9", "3,5,7" or ints
+    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
     guidance_scale: float = 1.0
 
 
@@ -419,15 +424,17 @@ def best_candidate(errors: dict) -> tuple[str, float]:
 
 
 def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
-                    validation=0, patience=0, optimizer="lbfgs", minibatch=1, lr=0.05) -> None:
+                    validation=0, patience=0, optimizer="lbfgs", minibatch=1, lr=0.05,
+                    class_labels=None) -> tuple | None:
+    """The class labels given (``config.class_label_list``) once every setting is within its bounds."""
     for name, value in (("train", train), ("holdout", holdout), ("grad_batch", grad_batch), ("maxiter", maxiter),
                         ("seed", seed), ("ref_steps", ref_steps), ("guidance_scale", guidance_scale),
                         ("validation", validation), ("patience", patience), ("minibatch", minibatch), ("lr", lr)):
         in_bounds(name, value)
-    if class_label is not None:
-        in_bounds("class_label", class_label)
+    labels = class_label_list(class_label, class_labels)
     if optimizer not in OPTIMIZERS:
         raise bad_setting("optimizer", f"{optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+    return labels
 
 
 def gradient_dtype(ckpt, network_dtype: str | None) -> torch.dtype | None:
@@ -468,7 +475,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                  minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
                  network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
                  guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
-                 progress=None) -> dict:
+                 progress=None, class_labels=None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
     on the loaded checkpoint ``ckpt``.
 
@@ -490,9 +497,13 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     ``ref_steps``, ``cache``: the references' first S and the ``reference_cache.ReferenceCache`` (or
     None) of every set of noises; before the first NFE the references are settled on the starts at
     the largest NFE with ``REFINE_MARGIN`` (``Evaluator.settle``).
+    Conditioning: ``class_labels`` (anything ``config.parse_class_labels`` takes) or one
+    ``class_label``, paired round robin with each set of noises (its i-th noise has
+    class_labels[i % len(class_labels)]), so the steps are fitted and measured over every class at
+    once; ``guidance_scale`` with the checkpoint's null class. ``refine.conditioning`` records them.
     """
-    _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
-                    validation, patience, optimizer, minibatch, lr)
+    labels = _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
+                             validation, patience, optimizer, minibatch, lr, class_labels)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
     _needs_denoiser(ckpt, source)
@@ -505,13 +516,13 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
     fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
               grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
-    denoiser = network_denoiser(ckpt, class_label, guidance_scale)
+    network_denoiser(ckpt, labels, guidance_scale)  # the labels and the guidance, checked before any hashing
 
     fingerprint = None if cache is None else model_fingerprint(ckpt)  # one hash of the weights for every set
 
     def evaluator(seeds) -> Evaluator:
-        return Evaluator(ckpt, denoiser, seeds, cfg["T"], cfg["eps"], ckpt.device, ref_steps, cache=cache,
-                         class_label=class_label, guidance_scale=guidance_scale, fingerprint=fingerprint)
+        return conditioned_evaluator(ckpt, seeds, labels, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
+                                     fingerprint)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
     training, held = evaluator(seeds), evaluator(range(seed, seed + holdout))
@@ -550,6 +561,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
         "checkpoint": source, "from_table": table_name,
         "solver": {"name": solver, "order": order, "variant": variant},
         "metric": METRIC,
+        "conditioning": conditioning_record(ckpt, labels, guidance_scale),
         "reference": training.reference_info,
         "train_seeds": [seeds.start, seeds.stop - 1],
         "validation_seeds": [checked.start, checked.stop - 1] if validation else None,
@@ -561,7 +573,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
 
 TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "maxiter", "patience", "minibatch",
-                  "lr", "grad_batch", "checkpointing", "network_dtype", "ref_steps", "class_label", "guidance_scale")
+                  "lr", "grad_batch", "checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
+                  "guidance_scale")
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
@@ -569,13 +582,14 @@ def refine(req: RefineRequest, progress=None) -> dict:
     the rank's own, ``runtime.rank_device``), then ``refine_table``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
                     req.guidance_scale, req.class_label, req.validation, req.patience, req.optimizer,
-                    req.minibatch, req.lr)
+                    req.minibatch, req.lr, req.class_labels)
     if req.network_dtype is not None:
         network_dtype_named(req.network_dtype)
     cache = open_cache(req.cache, enabled=not req.no_cache)
     table = load_table(req.table)
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
-    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
+                           null_class=req.null_class)
     _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)

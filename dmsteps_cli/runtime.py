@@ -41,6 +41,13 @@ from .solvers import run_plan
 Denoiser = Callable[..., torch.Tensor]
 
 
+def denoiser_for(denoiser, labels: torch.Tensor | None = None) -> Denoiser:
+    """The denoiser of one batch of states: ``denoiser`` itself without ``labels``; with them (one
+    class label per row of the batch, a (B,) int tensor) ``denoiser(labels)``, ``denoiser`` then
+    being a function of the labels (``checkpoints.labelled_denoiser``)."""
+    return denoiser if labels is None else denoiser(labels)
+
+
 # --- devices and noise ---------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:

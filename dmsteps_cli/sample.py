@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import import_diffusers, load_checkpoint, network_denoiser
+from .checkpoints import import_diffusers, load_checkpoint, network_denoiser, pair_labels
+from .config import class_label_list
 from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import output_folder, write_output
 from .limits import in_bounds
@@ -56,7 +57,9 @@ class SampleRequest:
     solver: str | None = None
     order: int | None = None
     variant: str | None = None
-    class_label: int | None = None
+    class_label: int | None = None  # one class for every sample (or class_labels)
+    class_labels: object = None  # classes paired with the samples round robin: "0..9", "3,5,7" or ints
+    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
     guidance_scale: float = 1.0
     prompt: str | None = None
     force: bool = False
@@ -82,6 +85,7 @@ class Run:
     rank: int
     world: int
     seeds: list  # this rank's seeds
+    labels: list | None = None  # the class labels given (None: none), paired with the seeds round robin
 
 
 def prepare(req: SampleRequest) -> Run:
@@ -89,14 +93,13 @@ def prepare(req: SampleRequest) -> Run:
     for name in ("batch", "seed", "guidance_scale"):
         in_bounds(name, getattr(req, name))
     output_folder(req.out)
-    if req.class_label is not None:
-        in_bounds("class_label", req.class_label)
+    labels = class_label_list(req.class_label, req.class_labels)
     dtype = network_dtype_named(req.dtype, "dtype")
     table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
     rank, world = distributed()
     device = rank_device(req.device)
-    ckpt = load_checkpoint(req.checkpoint, device=device, dtype=dtype, schedule=req.schedule)
+    ckpt = load_checkpoint(req.checkpoint, device=device, dtype=dtype, schedule=req.schedule, null_class=req.null_class)
     schedule = ckpt.schedule
     lam = np.asarray(entry["lambda"], dtype=np.float64)
     if same_schedule(table["schedule"]["identity"], schedule.identity()):
@@ -114,7 +117,7 @@ def prepare(req: SampleRequest) -> Run:
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
     seeds = Ranks(rank, world).share(req.seed + i for i in range(req.batch))
     return Run(req, table, hashlib.sha256(text.encode()).hexdigest(), entry, ckpt, solver, plan, t, timesteps,
-               device, dtype, rank, world, seeds)
+               device, dtype, rank, world, seeds, labels)
 
 
 def run_sample(req: SampleRequest, progress=None) -> dict | None:
@@ -160,15 +163,26 @@ def decode_latents(run: Run, latents: np.ndarray) -> np.ndarray | None:
 
 
 def run_network(run: Run, progress=None) -> np.ndarray:
-    """A denoiser checkpoint (UNet, DiT, Gaussian mixture) driven by the plan: (B, C, H, W) float32."""
+    """A denoiser checkpoint (UNet, DiT, Gaussian mixture) driven by the plan: (B, C, H, W) float32.
+    Sample i (seed seed + i) has class label labels[i % len(labels)] (``checkpoints.pair_labels``)."""
     ckpt = run.ckpt
-    denoiser = network_denoiser(ckpt, run.req.class_label, run.req.guidance_scale)
+    labels = sample_labels(run.req, run.seeds, run.labels)
+    network_denoiser(ckpt, run.labels, run.req.guidance_scale)  # every label given, checked on every rank
+    denoiser = network_denoiser(ckpt, labels, run.req.guidance_scale) if run.seeds else None
     if not run.seeds:
         return np.zeros((0, *ckpt.sample_shape), dtype=np.float32)
     x = noise_for(run.seeds, tuple(ckpt.sample_shape), initial_noise_scale(ckpt.schedule, float(run.t[0])))
     x = x.to(device=run.device, dtype=state_dtype(ckpt))
     out = integrate(denoiser, ckpt.schedule, run.plan, run.t, run.timesteps, x, progress)
     return out.float().cpu().numpy()
+
+
+def sample_labels(req: SampleRequest, seeds, labels) -> list[int] | None:
+    """The class label of the sample of each seed of ``seeds`` (some of the request's seeds
+    req.seed ... req.seed + req.batch - 1): seed req.seed + i has labels[i % len(labels)]; None
+    without labels."""
+    paired = pair_labels(labels, req.batch)
+    return None if paired is None else [paired[int(s) - req.seed] for s in seeds]
 
 
 def run_pipeline(run: Run, progress=None) -> np.ndarray:
@@ -277,7 +291,9 @@ def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
         "t": [float(v) for v in run.t],
         "seeds": [int(s) for s in seeds],
         "class_label": req.class_label,
+        "class_labels": sample_labels(req, seeds, run.labels),  # one per sample, in the order of seeds
         "guidance_scale": req.guidance_scale,
+        "null_class": ckpt.null_class if req.guidance_scale != 1.0 and run.labels is not None else None,
         "device": str(run.device),
         "world_size": run.world,
         "dtype": req.dtype,

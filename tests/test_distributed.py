@@ -60,6 +60,20 @@ class TinyNet(torch.nn.Module):
         return SimpleNamespace(sample=self.outer(torch.tanh(self.inner(torch.cat([x, t], dim=1)))))
 
 
+class TinyCondNet(TinyNet):
+    """``TinyNet`` conditioned on a class label: label / 10 as a third input channel."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.inner = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, timestep, class_labels=None):
+        t = (timestep.to(x.dtype) / 1000).reshape(-1, 1, 1, 1).expand_as(x)
+        c = (class_labels.to(x.dtype) / 10).reshape(-1, 1, 1, 1).expand_as(x)
+        return SimpleNamespace(sample=self.outer(torch.tanh(self.inner(torch.cat([x, t, c], dim=1)))))
+
+
 def measure(folder: Path) -> None:
     """Measure a float64 mixture (numerical reference; NFE 20 makes it double S) and a float32
     network (``TinyNet``) on SEEDS as this process's rank, and write the numbers to
@@ -67,7 +81,7 @@ def measure(folder: Path) -> None:
     from tiny import mixture_evaluator
 
     from dmsteps_cli.checkpoints import Checkpoint, network_denoiser
-    from dmsteps_cli.evaluate import Evaluator
+    from dmsteps_cli.evaluate import Evaluator, conditioned_evaluator
     from dmsteps_cli.grids import grid_lambda
     from dmsteps_cli.runtime import Ranks, distributed, end_distributed
 
@@ -89,6 +103,13 @@ def measure(folder: Path) -> None:
     got["net_errors"] = net.errors(lam, "unipc", 3, "bh2")
     got["net_mean"], got["net_grad"] = net.mean_error_and_grad(lam, "unipc", 3, "bh2")
     got["net_reference"] = net.reference_steps
+    # class-conditional with guidance: labels 0, 1, 2 round robin over the seven noises, null class 3
+    ck = Checkpoint(kind="unet", schedule=s, prediction_type="sample", sample_shape=(1, 8, 8), num_classes=4,
+                    source="tiny", model=TinyCondNet().requires_grad_(False), null_class=3)
+    cond = conditioned_evaluator(ck, SEEDS, (0, 1, 2), 2.0, s.T, s.eps_default, ref_steps=32)
+    got["cond_labels"] = cond.labels.numpy()
+    got["cond_errors"] = cond.errors(lam, "unipc", 3, "bh2")
+    got["cond_mean"], got["cond_grad"] = cond.mean_error_and_grad(lam, "unipc", 3, "bh2", chunk=2)
     np.savez(folder / f"rank{ranks.rank}.npz", **got)
     end_distributed()
 
@@ -143,8 +164,11 @@ def test_two_processes_measure_what_one_does(tmp_path):
     ranks = [dict(np.load(tmp_path / "two" / f"rank{k}.npz")) for k in (0, 1)]
     assert one["world"] == 1 and ranks[0]["world"] == 2
     assert (one["mix_rows"], ranks[0]["mix_rows"], ranks[1]["mix_rows"]) == (7, 4, 3)
+    paired = [(0, 1, 2)[i % 3] for i in range(len(SEEDS))]
+    assert list(one["cond_labels"]) == paired
+    assert list(ranks[0]["cond_labels"]) == paired[0::2] and list(ranks[1]["cond_labels"]) == paired[1::2]
     for name in ranks[0]:
-        if name != "mix_rows":
+        if name not in ("mix_rows", "cond_labels"):
             np.testing.assert_array_equal(ranks[1][name], ranks[0][name], err_msg=name)
     two = ranks[0]
     assert one["mix_reference"][0] == two["mix_reference"][0] >= 256  # S doubled from 64 at least once
@@ -161,6 +185,9 @@ def test_two_processes_measure_what_one_does(tmp_path):
     np.testing.assert_allclose(two["net_errors"], one["net_errors"], rtol=1e-6, atol=0)
     assert two["net_mean"] == pytest.approx(one["net_mean"], rel=1e-6)
     np.testing.assert_allclose(two["net_grad"], one["net_grad"], rtol=0, atol=1e-5 * np.abs(one["net_grad"]).max())
+    np.testing.assert_allclose(two["cond_errors"], one["cond_errors"], rtol=1e-6, atol=0)
+    assert two["cond_mean"] == pytest.approx(one["cond_mean"], rel=1e-6)
+    np.testing.assert_allclose(two["cond_grad"], one["cond_grad"], rtol=0, atol=1e-5 * np.abs(one["cond_grad"]).max())
 
 
 def _same_rows(two: list, one: list) -> None:

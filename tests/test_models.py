@@ -233,7 +233,7 @@ def test_mixture_yaml_by_hand_and_as_checkpoint(tmp_path):
     (tmp_path / "sched.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
     (tmp_path / "h.yaml").write_text((tmp_path / "g.yaml").read_text().replace("vp-linear", "sched.json"))
     assert load_checkpoint(tmp_path / "h.yaml").schedule.family == "flow"
-    with pytest.raises(BadInput, match="not class-conditional: drop class_label"):
+    with pytest.raises(BadInput, match="not class-conditional: it takes no class labels"):
         ck.denoiser(class_labels=[1])
     with pytest.raises(BadInput, match="no guidance"):
         ck.denoiser(guidance_scale=2.0)

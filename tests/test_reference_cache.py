@@ -68,7 +68,7 @@ def test_a_second_evaluator_reads_every_reference_solution(tmp_path):
     assert cache.misses == 0 and cache.written == 0 and cache.hits == 6 * (len(first_steps(first)))
     assert torch.equal(second.reference, first.reference) and np.array_equal(e1, e2)
     assert second.reference_info == first.reference_info
-    assert (tmp_path / "references" / second._entry.key / "settings.json").is_file()
+    assert (tmp_path / "references" / second._entries[None].key / "settings.json").is_file()
 
 
 def first_steps(ev) -> list[int]:
@@ -88,7 +88,7 @@ def test_more_noises_compute_only_the_new_ones(tmp_path):
     assert counted.batches == [4] * (64 + 128)  # seeds 4..7 only, at S = 64 and 2S = 128
     assert cache.hits == cache.misses == cache.written == 4 * 2
     assert torch.equal(second.reference[:4], first.reference)
-    files = sorted(p.name for p in (tmp_path / "references" / second._entry.key / f"{REF_NAME}-128").iterdir())
+    files = sorted(p.name for p in (tmp_path / "references" / second._entries[None].key / f"{REF_NAME}-128").iterdir())
     assert files == [f"{s}.npy" for s in sorted(range(8), key=str)]
 
 
@@ -118,7 +118,7 @@ def test_the_conditioning_and_the_interval_are_part_of_the_key():
 def test_unreadable_files_are_computed_again(tmp_path):
     ckpt = mixture()
     first, _ = evaluator(ckpt, range(5), ReferenceCache(tmp_path))
-    folder = tmp_path / "references" / first._entry.key / f"{REF_NAME}-128"
+    folder = tmp_path / "references" / first._entries[None].key / f"{REF_NAME}-128"
     (folder / "0.npy").write_bytes(b"not numpy")
     (folder / "1.npy").write_bytes((folder / "1.npy").read_bytes()[:60])  # truncated
     np.save(folder / "2.npy", np.zeros((4, 4)))  # the wrong shape
@@ -251,7 +251,7 @@ def test_a_unet_reference_is_read_back_and_changed_weights_are_not(unet_folder, 
     cache = ReferenceCache(tmp_path)
     third, counted = evaluator(again, range(2), cache, ref_steps=32)
     assert cache.hits == 0 and sum(counted.batches) == 2 * (32 + 64)
-    assert third._entry.key != second._entry.key
+    assert third._entries[None].key != second._entries[None].key
     assert not torch.equal(third.reference, second.reference)
 
 

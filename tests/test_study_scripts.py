@@ -81,6 +81,26 @@ def test_train_digits_on_patches_with_sd_betas(tmp_path):
     assert info["betas"].startswith("scaled_linear") and "patches" in info["data"] and info["steps"] == 3
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_train_digits_class_conditional(tmp_path):
+    """studies/train_digits.py --class-conditional (a few steps): 11 class embeddings, and the null
+    class 10 that load_checkpoint reads from unet/class_conditioning.json, so guidance needs no
+    --null-class."""
+    import torch
+    import train_digits
+
+    from dmsteps_cli.checkpoints import load_checkpoint
+
+    out = tmp_path / "m"
+    assert train_digits.main(["--out", str(out), "--steps", "3", "--batch-size", "8", "--class-conditional"]) == 0
+    ck = load_checkpoint(str(out))
+    assert (ck.num_classes, ck.null_class) == (11, 10)
+    x = torch.zeros(2, 1, 8, 8)
+    assert ck.denoiser([3, 7], guidance_scale=3.0)(x, 0.5, 500.0, 0.6, 0.8).shape == (2, 1, 8, 8)
+    info = json.loads((out / "training.json").read_text())
+    assert info["null_class"] == 10 and info["label_dropout"] == 0.15 and info["eval_loss_ema_null_class"] > 0
+
+
 def test_study_options_parse_and_refuse(tmp_path):
     """The selection options: NFE text, bare preset names (flow at its study shifts) or NAME:SHIFT,
     known names only; a bad option stops the script before it measures anything."""

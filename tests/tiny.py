@@ -18,6 +18,14 @@ def tiny_unet(seed: int = 0):
     return diffusers.UNet2DModel(**TINY_UNET).eval()
 
 
+def tiny_cond_unet(seed: int = 0, num_class_embeds: int = 4):
+    """``tiny_unet`` with a class embedding of ``num_class_embeds`` rows (classes 0 ... n - 1)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(**TINY_UNET, num_class_embeds=num_class_embeds).eval()
+
+
 def tiny_dit(seed: int = 0):
     import diffusers
 
