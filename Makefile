@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model digits-cond-model tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model digits-cond-model digits-sd tables
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# A demo checkpoint: the digits Gaussian mixture (exact denoiser) on Stable Diffusion's schedule, to try
+# `dmsteps evaluate -c build/digits-sd.npz -t sd-unipc-o3 --baselines karras,beta,kl_optimal,ays-sd15`.
+digits-sd: install
+	mkdir -p build
+	PYTHONPATH=studies:. $(PY) -c "from proxy_data import digits_mixture; from dmsteps_cli.mixtures import save_mixture; \
+	save_mixture(digits_mixture(), 'build/digits-sd.npz', schedule='scaled_linear')"
 
 # Ready-made tables (tables/*.json, index.json, README.md): deterministic, checked in CI by tests/test_tables_dir.py.
 tables: install

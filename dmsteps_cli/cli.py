@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import typer
 
+from .baselines import SCHEDULES
 from .errors import SETTING, BadInput
 from .grids import GRIDS
 
@@ -181,8 +182,10 @@ def show(
                                       "lambda, sigmas or timesteps."),
     end: Optional[str] = typer.Option(None, help="With --as sigmas: min (the table's end point, the default) or "
                                       "zero (a final 0, as ComfyUI and stable-diffusion.cpp expect)."),
-    plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the hand-made grids, in t "
+    plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the baselines, in t "
                                         "and in lambda (PNG, SVG or PDF by the suffix; needs matplotlib)."),
+    baselines: str = typer.Option(",".join(GRIDS), help="With --plot: the baselines drawn (grids or named "
+                                  "schedules, as evaluate --baselines)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
@@ -195,6 +198,7 @@ def show(
         raise BadInput("--end applies only to --as sigmas")
     if end not in (None, *SIGMA_ENDS):
         raise BadInput(f"--end {end!r}: choose from {', '.join(SIGMA_ENDS)}")
+    drawn = _baseline_names(baselines)
     if as_ is not None or nfe is not None:  # every refusal comes before the plot is written
         field = as_ or "t"
         if field not in AS_FIELDS:
@@ -206,7 +210,7 @@ def show(
     if plot is not None:
         from .plots import plot_table_steps
 
-        plot_table_steps(table, plot)
+        plot_table_steps(table, plot, drawn)
     if line is not None:
         sys.stdout.write(line)
     elif plot is None:
@@ -358,13 +362,23 @@ def _torchrun(cache):
         end_distributed()
 
 
+def _baseline_names(text: str) -> tuple:
+    from .baselines import check_names
+
+    names = tuple(b.strip() for b in text.split(",") if b.strip())
+    check_names(names)
+    return names
+
+
 @app.command()
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
                                     "folder or a Gaussian-mixture .yaml/.npz)."),
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
-    baselines: str = typer.Option(",".join(GRIDS), help="Hand-made grids to measure."),
+    baselines: str = typer.Option(",".join(GRIDS), help="Baselines to measure, comma-separated: the hand-made "
+                                  f"grids ({', '.join(GRIDS)}) or named schedules ({', '.join(SCHEDULES)}); "
+                                  "ratios are to the best of them (docs/cli.md)."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
@@ -402,7 +416,7 @@ def evaluate(
 
         _pyplot()
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
-                      baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()), solver=solver,
+                      baselines=_baseline_names(baselines), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
@@ -439,7 +453,7 @@ def _evaluation_summary(console, report: dict) -> None:
     s = report["solver"]
     t = Table(title=f"{report['checkpoint']}{_conditioning_note(report.get('conditioning'))} · "
                     f"{s['name']} order {s['order']} · error = mean RMS to the "
-                    f"reference ({report['reference']['method']}); (ratio to the best hand-made grid, and for "
+                    f"reference ({report['reference']['method']}); (ratio to the best baseline, and for "
                     "tables its 95% interval over the noises)",
               title_justify="left")
     t.add_column("NFE", justify="right")
@@ -507,9 +521,9 @@ def refine(
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
     needs_torch("refine")
+    from .files import check_writable, write_output
     from .refine import RefineRequest
     from .refine import refine as run_refine
-    from .files import check_writable, write_output
     from .tables import dumps, format_for
 
     out_fmt = format_for(output, fmt)

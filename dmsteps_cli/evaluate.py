@@ -13,8 +13,9 @@ RMS(x_S - x_2S) is at most 1% of the smallest mean error measured against it (``
 the rule in full). The report gives S, check(S) (``check_error``) and that smallest error, so a
 reader sees that the reference is two orders of magnitude closer than anything measured. Reference
 solutions are kept on disk per model, setting and seed (``reference_cache``) and read back by later
-runs. The ratio of each error to the best baseline grid at that NFE is reported too (below 1:
-better than every hand-made grid).
+runs. The ratio of each error to the best baseline at that NFE is reported too: the best of the
+baselines measured, by default the four hand-made grids (below 1: better than every one of them);
+``baselines`` may name the schedules users pick instead or as well (``baselines.BASELINES``).
 
 Steps are N + 1 increasing log-SNRs lambda, noise end first (lambda(T) ... lambda(eps)); errors are
 in the units of the samples.
@@ -39,14 +40,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .baselines import baseline_lambda, check_baselines, check_names
 from .checkpoints import Checkpoint, labelled_denoiser, load_checkpoint, network_denoiser, pair_labels
 from .config import class_label_list
 from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
+from .limits import BOUNDS, in_bounds
 from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
-from .limits import BOUNDS, in_bounds
 from .runtime import (
     Ranks,
     denoiser_for,
@@ -396,9 +398,11 @@ class Comparison:
 
 def compare_at(ev: Evaluator, nfe: int, steps: Mapping | None = None, *, solver: str, order: int | None,
                variant: str | None, shift: float | None = None, grids: Sequence[str] = GRIDS) -> Comparison:
-    """The errors at ``nfe`` of every grid in ``grids`` (``grids.grid_lambda`` on the evaluator's
-    interval, ``shift`` for flow schedules) and of ``steps`` ({name: N + 1 lambdas}), same noises."""
-    grid_errors = {g: ev.errors(grid_lambda(g, ev.schedule, nfe, ev.T, ev.eps, shift), solver, order, variant)
+    """The errors at ``nfe`` of every baseline in ``grids`` (hand-made grids or named schedules,
+    ``baselines.baseline_lambda`` on the evaluator's interval, ``shift`` for flow schedules) and of
+    ``steps`` ({name: N + 1 lambdas}), same noises. The best grid (``Comparison.best``) is the best of
+    ``grids``: the four hand-made grids unless the caller names others."""
+    grid_errors = {g: ev.errors(baseline_lambda(g, ev.schedule, nfe, ev.T, ev.eps, shift), solver, order, variant)
                    for g in grids}
     step_errors = {name: ev.errors(lam, solver, order, variant) for name, lam in (steps or {}).items()}
     return Comparison(nfe, grid_errors, step_errors)
@@ -445,9 +449,7 @@ def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, basel
                         ("guidance_scale", guidance_scale)):
         in_bounds(name, value)
     labels = class_label_list(class_label, class_labels)
-    for g in baselines:
-        if g not in GRIDS:
-            raise BadInput(f"unknown baseline grid {g!r} (choose from {', '.join(GRIDS)})")
+    check_names(baselines)
     return labels
 
 
@@ -505,6 +507,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     step_sets += [(name, dict(lams)) for name, lams in (steps or {}).items()]
     present = sorted({n for _, lams in step_sets for n in lams})
     nfes = list(nfe) if nfe is not None else present or list(range(5, 16))
+    check_baselines(dict.fromkeys(baselines), schedule, nfes, T, eps, shift)
     ev = conditioned_evaluator(ckpt, range(seed, seed + samples), labels, guidance_scale, T, eps, ref_steps, cache)
     measured: dict[int, tuple] = {}  # nfe -> (the reference's steps when measured, Comparison)
     while True:

@@ -1,6 +1,6 @@
 """Plots (matplotlib, an optional extra): evaluation reports and a table's steps.
 
-Imports numpy, ``errors`` and ``grids`` at load; matplotlib, ``files`` and ``schedules`` on use.
+Imports numpy, ``errors``, ``grids`` and ``baselines`` at load; matplotlib, ``files`` and ``schedules`` on use.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .baselines import baseline_lambda
 from .errors import BadInput
-from .grids import GRIDS, grid_lambda
+from .grids import GRIDS
 
 
 def _pyplot():
@@ -81,8 +82,9 @@ TABLE_STYLE = ("black", "o")  # (color, marker)
 GRID_STYLES = (("tab:blue", "v"), ("tab:orange", "^"), ("tab:green", "s"), ("tab:purple", "D"))  # GRIDS[k]: [k]
 
 
-def plot_table_steps(table: dict, path) -> list[tuple]:
-    """A table's steps for each NFE beside the hand-made grids (``GRIDS``) on the same interval, in t
+def plot_table_steps(table: dict, path, baselines=GRIDS) -> list[tuple]:
+    """A table's steps for each NFE beside ``baselines`` (hand-made grids or named schedules,
+    ``baselines.baseline_lambda``; default the grids) on the same interval, in t
     (log scale) and in lambda: one row per NFE, the table's steps on it (black), each grid's just
     below. Returns what was drawn: (label, nfe, t, lambda) per row, t and lambda from T (first) to
     eps."""
@@ -96,13 +98,13 @@ def plot_table_steps(table: dict, path) -> list[tuple]:
     for e in entries:
         n = e["nfe"]
         drawn.append(("table", n, np.asarray(e["t"], dtype=float), np.asarray(e["lambda"], dtype=float)))
-        for g in GRIDS:
-            lam = grid_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
+        for g in baselines:
+            lam = baseline_lambda(g, schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
             drawn.append((g, n, schedule.step_times(lam, cfg["T"], cfg["eps"]), lam))
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.55 * len(entries)), sharey=True)
     labelled = set()
     for label, n, t, lam in drawn:
-        k = 0 if label == "table" else 1 + GRIDS.index(label)
+        k = 0 if label == "table" else 1 + list(baselines).index(label)
         color, marker = TABLE_STYLE if k == 0 else GRID_STYLES[(k - 1) % len(GRID_STYLES)]
         y = np.full(t.size, n - 0.15 * k)
         style = dict(color=color, marker=marker, ms=5 if k == 0 else 3, lw=0.6, alpha=1.0 if k == 0 else 0.8)

@@ -99,6 +99,10 @@ class Schedule:
         """The sigma that samplers of this model family use: kappa = sigma/alpha (VP, EDM)."""
         return np.exp(self.log_sigma(t) - self.log_alpha(t))
 
+    def lam_of_sampler_sigma(self, s):
+        """lambda at sampler sigma ``s`` (the inverse of ``sampler_sigma`` in lambda): -log kappa."""
+        return -np.log(_f64(s))
+
     def spec(self) -> dict:
         """Everything needed to rebuild this schedule with ``schedule_from_spec``."""
         return {"name": self.name, "family": self.family, "params": self.params()}
@@ -358,6 +362,10 @@ class Flow(Schedule):
 
     def sampler_sigma(self, t):
         return _f64(t).copy()
+
+    def lam_of_sampler_sigma(self, s):
+        s = _f64(s)
+        return np.log1p(-s) - np.log(s)
 
     def model_timestep(self, t):
         return 1000.0 * _f64(t)
