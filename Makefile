@@ -8,13 +8,36 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model digits-cond-model digits-sd tables
 
+# Independent checks (tests/test_kdiffusion.py, tests/test_diffusers_oldest.py): k-diffusion's samplers, installed
+# without its dependencies (its metadata pulls torchvision, wandb, kornia, ... and can replace torch) plus what its
+# sampling module imports, all pinned; torch must be the same release afterwards. And the oldest diffusers that
+# pyproject.toml allows (the floor of its diffusers extras), in a folder of its own that the test puts first on
+# PYTHONPATH.
+KDIFFUSION_SPECS := k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5
+KDIFFUSION_STAMP := $(VENV)/.kdiffusion-stamp
+DIFFUSERS_OLDEST := 0.30.0
+OLDEST_DIR := .deps/diffusers-oldest
+OLDEST_STAMP := $(OLDEST_DIR)/.installed-stamp
+TORCH_RELEASE := $(PY) -c "from importlib.metadata import version; print(version('torch'))"
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(KDIFFUSION_STAMP): $(STAMP) Makefile
+	$(TORCH_RELEASE) > $(VENV)/.torch-release
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(KDIFFUSION_SPECS)
+	$(TORCH_RELEASE) | cmp -s - $(VENV)/.torch-release || { echo "torch changed: was $$(cat $(VENV)/.torch-release)"; exit 1; }
+	touch $(KDIFFUSION_STAMP)
+
+$(OLDEST_STAMP): $(STAMP) Makefile
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(OLDEST_DIR) \
+	  diffusers==$(DIFFUSERS_OLDEST)
+	touch $(OLDEST_STAMP)
+
+install: $(STAMP) $(KDIFFUSION_STAMP) $(OLDEST_STAMP)
 
 # The main job on the built-in default: Stable Diffusion's schedule, UniPC order 3, NFE 5..15: the
 # default steps (chosen from measurements), then the paper's optimized table for comparison.
@@ -98,4 +121,4 @@ digits-cond-model: install
 	$(PY) studies/train_digits.py --out build/digits-cond-model --class-conditional
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache .deps
