@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-stamp
 # PYTHONPATH.
 KDIFFUSION_SPECS := k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2 torchdiffeq==0.2.5
 KDIFFUSION_STAMP := $(VENV)/.kdiffusion-stamp
-DIFFUSERS_OLDEST := 0.30.0
+DIFFUSERS_OLDEST := 0.32.0
 OLDEST_DIR := .deps/diffusers-oldest
 OLDEST_STAMP := $(OLDEST_DIR)/.installed-stamp
 TORCH_RELEASE := $(PY) -c "from importlib.metadata import version; print(version('torch'))"
