@@ -228,3 +228,28 @@ def test_show_plot_refuses_bad_paths_and_leaves_nothing(tmp_path):
         r = run("show", str(out), "--plot", str(target))
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_show_plot_draws_named_schedules_and_refuses_misfits(tmp_path):
+    """show --plot --baselines draws a named schedule (karras on EDM: the rho = 7 grid, from sigma_max
+    down to sigma_min) and refuses, in one line and before writing, one that does not fit."""
+    from dmsteps_cli.plots import plot_table_steps
+
+    out = tmp_path / "t.json"
+    assert run("optimize", "--schedule", "edm", "--nfe", "7", "-q", "-o", str(out)).returncode == 0
+    png = tmp_path / "named.png"
+    r = run("show", str(out), "--plot", str(png), "--baselines", "karras,kl_optimal")
+    assert r.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG", r.stderr
+    drawn = {label: t for label, _, t, _ in plot_table_steps(load_table(out), tmp_path / "a.svg",
+                                                              baselines=("karras", "kl_optimal"))}
+    i = np.arange(8) / 7
+    want = (80.0 ** (1 / 7) + i * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(drawn["karras"], want, rtol=1e-9)
+    # kl_optimal: sigma = tan of points uniform in arctan sigma, sigma_max to sigma_min
+    kl = np.tan(np.arctan(80.0) + i * (np.arctan(0.002) - np.arctan(80.0)))
+    np.testing.assert_allclose(drawn["kl_optimal"], kl, rtol=1e-9)
+    bad = tmp_path / "bad.png"
+    for names, msg in (("ays-sd15", "ays-sd15"), ("nonesuch", "nonesuch")):
+        r = run("show", str(out), "--plot", str(bad), "--baselines", names)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not bad.exists()
