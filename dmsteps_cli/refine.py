@@ -135,9 +135,9 @@ class Fit:
     ``method``: "lbfgs" (L-BFGS-B on every training noise, ``maxiter`` iterations) or "adam" (Adam
     on mini-batches of ``minibatch`` training noises drawn without replacement, ``maxiter``
     updates of step size ``lr`` in the gap logits; the draws follow ``seed``). With validation
-    noises, their mean error is measured after every L-BFGS-B iteration, or every
-    ``validate_every`` Adam updates (None: one pass over the training noises), and the fit stops
-    after ``patience`` measurements in a row without a new lowest one (0: never early).
+    noises, their mean error is measured after every L-BFGS-B iteration, or after every pass of
+    Adam over the training noises, and the fit stops after ``patience`` measurements in a row
+    without a new lowest one (0: never early).
     ``grad_batch``, ``checkpointing``, ``network_dtype``: the gradient's memory and precision
     (``Evaluator.mean_error_and_grad``)."""
 
@@ -146,7 +146,6 @@ class Fit:
     patience: int = PATIENCE
     minibatch: int = 16
     lr: float = 0.05
-    validate_every: int | None = None
     seed: int = 0
     grad_batch: int = 64
     checkpointing: bool | None = None
@@ -156,10 +155,9 @@ class Fit:
         """The method and its budget, in words (the table's ``refine.optimizer``)."""
         if self.method == "lbfgs":
             return f"{METHOD}, maxiter {self.maxiter}"
-        every = "every pass over the training noises" if self.validate_every is None \
-            else f"every {self.validate_every} updates"
         return (f"Adam over softmax gap logits on mini-batches of {self.minibatch} training noises, exact "
-                f"gradients (autograd), {self.maxiter} updates of step size {self.lr:g}, the point judged {every}")
+                f"gradients (autograd), {self.maxiter} updates of step size {self.lr:g}, the point judged "
+                "every pass over the training noises")
 
 
 @dataclass
@@ -290,13 +288,13 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tupl
 
 
 def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple[int, int, str]:
-    """Adam on mini-batch training errors from lam0; every ``fit.validate_every`` updates (None:
-    one pass over the training noises) and after the last, the point goes to ``keeper``. Returns
-    (updates, evaluations, stop reason)."""
+    """Adam on mini-batch training errors from lam0; after every pass over the training noises
+    and after the last update, the point goes to ``keeper``. Returns (updates, evaluations, stop
+    reason)."""
     lam_T, lam_eps = lam0[0], lam0[-1]
     n = len(train.seeds)
     size = min(fit.minibatch, n)
-    every = fit.validate_every or -(-n // size)
+    every = -(-n // size)  # updates per pass over the training noises
     rng = np.random.default_rng(fit.seed)
     u = _logits_of(lam0)
     m, v = np.zeros_like(u), np.zeros_like(u)
