@@ -167,7 +167,7 @@ class Evaluator:
         self.ranks = Ranks.current() if ranks is None else ranks
         self.seeds = list(seeds)
         self.own_seeds = self.ranks.share(self.seeds)
-        if not self.own_seeds:
+        if len(self.seeds) < self.ranks.world:  # every rank refuses, not only the one left without noises
             raise BadInput(f"{self.ranks.world} processes need at least {self.ranks.world} noises, got "
                            f"{len(self.seeds)}: measure more noises or run fewer processes")
         if class_labels is not None and len(class_labels) != len(self.seeds):
