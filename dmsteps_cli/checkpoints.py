@@ -15,6 +15,9 @@ the model's *null class* (uncond) and uses uncond + g (cond - uncond). The null 
 ``class_conditioning.json`` beside its ``config.json`` (``CONDITIONING_FILE``: written by
 ``studies/train_digits.py --class-conditional``, ``{"null_class": 10, ...}``), else the one given
 (``null_class``: the class its labels were dropped to in training), else guidance is refused.
+A text-to-image network (``text_to_image.load_text_to_image``) carries ``prompts``: its labels are
+indices of prompts whose embeddings it is called with, and guidance's unconditional half is the
+negative prompt's.
 
 May import torch, numpy, the torch-free package modules (errors, schedules), runtime and
 mixtures; sample, evaluate and refine import it. diffusers is imported inside the functions that
@@ -34,8 +37,14 @@ from .errors import BadInput, bad_setting, first_line, mentioning
 from .limits import in_bounds
 from .mixtures import GaussianMixture, load_mixture
 from .runtime import Denoiser, timestep_tensor, to_data_prediction
-from .schedule_sources import (ScheduleSource, check_prediction_type, find_scheduler_config, read_json,
-                               read_schedule, read_scheduler_config)
+from .schedule_sources import (
+    ScheduleSource,
+    check_prediction_type,
+    find_scheduler_config,
+    read_json,
+    read_schedule,
+    read_scheduler_config,
+)
 from .schedules import PRESETS, Schedule, same_schedule
 
 SUPPORTED_MODEL_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
@@ -104,19 +113,24 @@ class Checkpoint:
     note: str = ""
     model_class: str = ""
     null_class: int | None = None  # guidance's unconditional class: DiT's num_classes; a UNet's recorded or given
+    prompts: Any = field(default=None, repr=False)  # a text_to_image.PromptSet: labels index its prompts
 
     def denoiser(self, class_labels=None, guidance_scale: float = 1.0) -> Denoiser:
         """``d(x, t, timestep, alpha, sigma) -> x0_hat`` for this checkpoint.
 
         ``class_labels``: an int or B ints for class-conditional models (one for the whole batch,
-        or one per row of the batch of B states it is called on); ``guidance_scale`` != 1 applies
-        classifier-free guidance (``classifier_free_guidance``) with ``null_class``, evaluating the
+        or one per row of the batch of B states it is called on), or prompt indices for a
+        text-to-image network; ``guidance_scale`` != 1 applies classifier-free guidance
+        (``classifier_free_guidance``) with ``null_class`` (or the negative prompt), evaluating the
         conditional and unconditional halves in one doubled batch.
         """
         if self.kind == "pipeline":
             raise BadInput(f"{self.source} is a text-to-image pipeline: it runs through the pipeline's own "
                            "call, not through a bare denoiser")
-        labels = check_class_labels(self.source, self.num_classes, class_labels)
+        if self.prompts is not None:
+            labels = self.prompts.check(class_labels)
+        else:
+            labels = check_class_labels(self.source, self.num_classes, class_labels)
         g = float(guidance_scale)
         if self.kind == "gmm":
             if g != 1.0:
@@ -131,10 +145,11 @@ class Checkpoint:
 
     def _network_denoiser(self, labels: torch.Tensor | None, g: float) -> Denoiser:
         guided = g != 1.0
-        if guided and self.num_classes is None:
+        text = self.prompts
+        if guided and text is None and self.num_classes is None:
             raise BadInput(f"{self.source}: classifier-free guidance needs a class-conditional model; "
                            "use guidance_scale 1")
-        if guided and self.null_class is None:
+        if guided and text is None and self.null_class is None:
             raise mentioning("null_class", f"checkpoint {self.source} names no null class for classifier-free "
                                            "guidance: give {setting} (the class its labels were dropped to in "
                                            "training), or leave the guidance scale at 1")
@@ -143,6 +158,7 @@ class Checkpoint:
             labels = labels.to(device)
         channels = self.sample_shape[0] if self.sample_shape else None
         ptype, null = self.prediction_type, self.null_class
+        keywords = self.model_class == "SD3Transformer2DModel"  # its second positional input is not the timestep
 
         def model_denoiser(x, t, timestep, alpha, sigma):
             B = x.shape[0]
@@ -155,16 +171,22 @@ class Checkpoint:
                     lab = labels
                 else:
                     raise BadInput(f"got {labels.numel()} class labels for a batch of {B}")
-                if guided:
-                    lab = torch.cat([lab, torch.full_like(lab, null)])
+            if text is not None:
+                kwargs = text.inputs(lab, guided)
+            elif lab is not None:
+                kwargs = {"class_labels": torch.cat([lab, torch.full_like(lab, null)]) if guided else lab}
+            else:
+                kwargs = {}
             if guided:
                 xin = torch.cat([xin, xin])
             ts = timestep_tensor(timestep, xin.shape[0], device)
-            kwargs = {} if lab is None else {"class_labels": lab}
             # no autograd graph unless a caller differentiates through the model (refine's gradients)
             needs_grad = any(torch.is_tensor(v) and v.requires_grad for v in (xin, timestep, alpha, sigma))
             with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-                out = model(xin, ts, **kwargs).sample
+                if keywords:
+                    out = model(hidden_states=xin, timestep=ts, **kwargs).sample
+                else:
+                    out = model(xin, ts, **kwargs).sample
             if channels is not None and out.shape[1] != channels:
                 out = out[:, :channels]  # learned variance / sigma channels
             out = out.to(device=x.device, dtype=x.dtype)

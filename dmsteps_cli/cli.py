@@ -257,7 +257,11 @@ LABELS_HELP = ("Classes for class-conditional models, paired with the noises rou
                "number i mod n of the n given): a range 0..9, a list 3,5,7 or both (0..4,7); instead of --class-label.")
 NULL_CLASS_HELP = ("The class a class-conditional UNet was trained to drop labels to (its unconditional input), "
                    "for --guidance-scale; a DiT's, or one its class_conditioning.json records, is read from the model.")
-GUIDANCE_HELP = "Classifier-free guidance scale (class-conditional models with a null class; 1: none)."
+GUIDANCE_HELP = ("Classifier-free guidance scale (class-conditional models with a null class, text-to-image "
+                 "pipelines; 1: none).")
+PROMPTS_HELP = ("Text-to-image pipelines (SD 1.x/2.x, SDXL, SD3): a file of prompts, one per line, paired with "
+                "the noises round robin; each is encoded once. Errors are measured on the latents.")
+NEGATIVE_HELP = "Text-to-image pipelines: the negative prompt of --guidance-scale (default: the empty prompt)."
 
 
 def _labels(class_label, class_labels):
@@ -372,8 +376,8 @@ def _baseline_names(text: str) -> tuple:
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
-                                    "folder or a Gaussian-mixture .yaml/.npz)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (UNet or DiT, or a "
+                                    "text-to-image pipeline with --prompts) or a Gaussian-mixture .yaml/.npz."),
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
     baselines: str = typer.Option(",".join(GRIDS), help="Baselines to measure, comma-separated: the hand-made "
@@ -396,6 +400,8 @@ def evaluate(
     class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP),
     null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
     guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
+    prompts: Optional[str] = typer.Option(None, help=PROMPTS_HELP),
+    negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
     plot: Optional[str] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
@@ -420,7 +426,8 @@ def evaluate(
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
-                      guidance_scale=guidance_scale, cache=_open_cache(cache, no_cache), no_cache=no_cache)
+                      guidance_scale=guidance_scale, prompts=prompts, negative_prompt=negative_prompt,
+                      cache=_open_cache(cache, no_cache), no_cache=no_cache)
     with _torchrun(req.cache) as writes:
         report = run_evaluation(req)
     if not writes:
@@ -439,9 +446,15 @@ def _conditioning_note(conditioning: dict | None) -> str:
     """`` · classes 0,1,2 (round robin), guidance 3 (null class 10)`` for a summary's title; "" without classes."""
     if not conditioning:
         return ""
+    g = conditioning["guidance_scale"]
+    if "prompts" in conditioning:
+        held = conditioning["holdout_prompts"]
+        held = f", {len(held)} held-out prompts" if held else ""
+        negative = f" (negative {conditioning['negative_prompt']!r})" if conditioning["negative_prompt"] else ""
+        guided = f", guidance {g:g}{negative}" if g != 1.0 else ""
+        return f" · {len(conditioning['prompts'])} prompts (round robin){held}{guided} · latent space"
     labels = conditioning["class_labels"]
     shown = ",".join(map(str, labels)) if len(labels) <= 12 else f"{len(labels)} labels"
-    g = conditioning["guidance_scale"]
     guided = f", guidance {g:g} (null class {conditioning['null_class']})" if g != 1.0 else ""
     return f" · class{'es' if len(labels) > 1 else ''} {shown}{' (round robin)' if len(labels) > 1 else ''}{guided}"
 
@@ -477,8 +490,8 @@ def _evaluation_summary(console, report: dict) -> None:
 
 @app.command()
 def refine(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A denoiser checkpoint (diffusers UNet/DiT "
-                                    "folder or a Gaussian-mixture .yaml/.npz)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (UNet or DiT, or a "
+                                    "text-to-image pipeline with --prompts) or a Gaussian-mixture .yaml/.npz."),
     table: str = typer.Option(..., "--table", "-t", help="The optimized table to start from (- is standard input)."),
     nfe: Optional[str] = typer.Option(None, help="NFEs to refine (default: all of the table's)."),
     train: int = typer.Option(64, help="Training noises (seeds seed + 1000000 ...)."),
@@ -515,6 +528,12 @@ def refine(
     class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP),
     null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
     guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
+    prompts: Optional[str] = typer.Option(None, help=PROMPTS_HELP.replace("the noises", "the training and "
+                                                                          "validation noises")),
+    holdout_prompts: Optional[str] = typer.Option(None, help="Text-to-image pipelines: prompts for the held-out "
+                                                  "noises, so the report shows the steps on prompts they were not "
+                                                  "fitted to (default: --prompts)."),
+    negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
@@ -541,7 +560,9 @@ def refine(
                                              cache=reference_cache, no_cache=no_cache,
                                              class_label=class_label,
                                              class_labels=_labels(class_label, class_labels),
-                                             null_class=null_class, guidance_scale=guidance_scale))
+                                             null_class=null_class, guidance_scale=guidance_scale,
+                                             prompts=prompts, holdout_prompts=holdout_prompts,
+                                             negative_prompt=negative_prompt))
     if not writes:
         return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .baselines import baseline_lambda, check_baselines, check_names
-from .checkpoints import Checkpoint, labelled_denoiser, load_checkpoint, network_denoiser, pair_labels
+from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_labels
 from .config import class_label_list
 from .errors import BadInput
 from .gradients import mean_error_and_grad
@@ -62,6 +62,7 @@ from .runtime import (
 from .schedules import same_schedule, step_arrays
 from .solvers import build_plan, initial_noise_scale, solver_choice
 from .tables import load_table
+from .text_to_image import load_model, read_prompts
 
 SCHEMA = "dmsteps.evaluation/1"
 REF_SOLVER = ("unipc", 3, "bh2")
@@ -91,6 +92,8 @@ class EvalRequest:
     class_labels: object = None  # classes paired with the noises round robin: "0..9", "3,5,7" or ints
     null_class: int | None = None  # a class-conditional UNet's null class, for guidance
     guidance_scale: float = 1.0
+    prompts: str | None = None  # a text-to-image pipeline's prompt file, one per line, paired round robin
+    negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
     T: float | None = None
     eps: float | None = None
     shift: float | None = None
@@ -422,12 +425,26 @@ PAIRING = "round robin: noise i of a set of noises (seed first + i) has class_la
 def conditioning_record(ckpt: Checkpoint, class_labels, guidance_scale: float) -> dict | None:
     """What the samples were conditioned on, for a report or a refined table: the class labels
     given (in order), how they pair with the noises (``PAIRING``), the guidance scale and the null
-    class it used (null at guidance 1); None for a model without classes."""
+    class it used (null at guidance 1); for a text-to-image network its prompts, negative prompt and
+    guidance (``PromptSet.record``); None for a model without classes or prompts."""
+    if ckpt.prompts is not None:
+        return ckpt.prompts.record(guidance_scale)
     if class_labels is None:
         return None
     guided = float(guidance_scale) != 1.0
     return {"class_labels": [int(k) for k in class_labels], "pairing": PAIRING,
             "guidance_scale": float(guidance_scale), "null_class": ckpt.null_class if guided else None}
+
+
+def noise_labels(ckpt: Checkpoint, class_labels, held: bool = False):
+    """The labels a set of noises pairs with round robin: the class labels given (None without), or
+    for a text-to-image network (``ckpt.prompts``) the indices of its prompts: the fitted ones, or
+    with ``held`` the held-out ones (``PromptSet.indices``). Such a network takes no class labels."""
+    if ckpt.prompts is None:
+        return class_labels
+    if class_labels is not None:
+        raise BadInput(f"{ckpt.source} is conditioned on prompts: it takes no class labels")
+    return ckpt.prompts.indices(held)
 
 
 def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale: float, T: float, eps: float,
@@ -455,8 +472,8 @@ def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, basel
 
 def _needs_denoiser(ckpt: Checkpoint, source: str) -> None:
     if ckpt.kind == "pipeline":
-        raise BadInput(f"{source} is a text-to-image pipeline: evaluate needs a denoiser checkpoint "
-                       "(UNet, DiT or Gaussian mixture)")
+        raise BadInput(f"{source} is a text-to-image pipeline: load it with its prompts "
+                       "(text_to_image.load_model) to measure its network")
 
 
 def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = None, *,
@@ -479,6 +496,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     ``class_label``, paired with the noises round robin (noise i, seed seed + i, has
     class_labels[i % len(class_labels)]), and the guidance scale ``guidance_scale`` with the
     checkpoint's null class; the report's ``conditioning`` records them (``conditioning_record``).
+    A text-to-image network (``text_to_image.load_model``) pairs the noises with its fitted prompts
+    instead, and guidance uses its negative prompt.
 
     The NFEs are measured largest first (the smallest errors, which set the reference's step count
     by ``Evaluator``'s rule); an NFE measured before the reference last changed is measured again,
@@ -487,6 +506,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     labels = _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines, class_labels)
     source = ckpt.source if source is None else source
     _needs_denoiser(ckpt, source)
+    labels = noise_labels(ckpt, labels)
     schedule = ckpt.schedule
     tables = list(tables.items()) if isinstance(tables, Mapping) else list(tables)
     for name, table in tables:
@@ -548,9 +568,11 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     with the request's reference cache (``reference_cache.open_cache(req.cache, not req.no_cache)``)."""
     _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines,
                     req.class_labels)
+    prompts = None if req.prompts is None else read_prompts(req.prompts)
     cache = open_cache(req.cache, enabled=not req.no_cache)
-    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
-                           null_class=req.null_class)
+    ckpt = load_model(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
+                      null_class=req.null_class, prompts=prompts, negative_prompt=req.negative_prompt,
+                      class_labels=class_label_list(req.class_label, req.class_labels))
     _needs_denoiser(ckpt, str(req.checkpoint))
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,

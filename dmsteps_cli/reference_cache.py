@@ -15,7 +15,8 @@ KEY is the sha256 (hex) of the canonical JSON of ``settings``: the cache format;
 fingerprint (``model_fingerprint``: the sha256 of its weights, config, class, prediction type and
 dtype; for a Gaussian mixture of its means, standard deviations and weights); the conditioning of
 the seed's noise (its class label, the guidance scale and, where the guidance scale is not 1, the
-null class the guidance uses); the schedule's identity (``Schedule.identity``) and timestep
+null class the guidance uses; for a text-to-image network its prompt and the sha256 of the prompt's
+embeddings, and with guidance the negative prompt and its embeddings' sha256); the schedule's identity (``Schedule.identity``) and timestep
 convention; the interval T and eps (floats, exactly); the noise (sample shape, the scale of the
 standard normal noise, which generator) and the solver state's dtype. SOLVER names the reference
 solver and its step placement (``unipc3-bh2-unif``, UniPC order 3 bh2 on steps uniform in lambda);
@@ -127,16 +128,24 @@ def settings(ckpt, *, T: float, eps: float, noise_scale: float, state_dtype, cla
     module docstring lists it); JSON-ready. ``class_label``: the class of the seed's noise (None
     for a model without classes); ``null_class`` (``ckpt.null_class``) is recorded where
     ``guidance_scale`` is not 1, the only case where it changes the solution. ``fingerprint``:
-    ``model_fingerprint(ckpt)`` when the caller has it already (None: computed here)."""
+    ``model_fingerprint(ckpt)`` when the caller has it already (None: computed here). For a
+    text-to-image network (``ckpt.prompts``) ``class_label`` is the index of the seed's prompt, and
+    the key holds that prompt and the hash of its embeddings (``PromptSet.key``: with guidance the
+    negative prompt's too) instead of a class."""
     schedule = ckpt.schedule
     guided = float(guidance_scale) != 1.0
+    prompts = getattr(ckpt, "prompts", None)
+    if prompts is not None:  # a text-to-image network: the label is a prompt's index
+        condition = {"class_label": None, **prompts.key(int(class_label), guided)}
+    else:
+        condition = {"class_label": None if class_label is None else int(class_label),
+                     **({"null_class": None if ckpt.null_class is None else int(ckpt.null_class)} if guided else {})}
     return {
         "format": FORMAT,
         "model": model_fingerprint(ckpt) if fingerprint is None else fingerprint,
         "model_source": str(ckpt.source),  # for a reader only: not part of the key
-        "class_label": None if class_label is None else int(class_label),
+        **condition,
         "guidance_scale": float(guidance_scale),
-        **({"null_class": None if ckpt.null_class is None else int(ckpt.null_class)} if guided else {}),
         "schedule": schedule.identity(),
         "timestep_convention": getattr(schedule, "timestep_convention", None),
         "T": float(T).hex(),

@@ -75,12 +75,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import BadInput, bad_setting, mentioning
-from .limits import in_bounds
-from .checkpoints import load_checkpoint, network_denoiser
+from .checkpoints import network_denoiser
 from .config import class_label_list
-from .evaluate import METRIC, REF_STEPS, Evaluator, conditioned_evaluator, conditioning_record
+from .errors import BadInput, bad_setting, mentioning
+from .evaluate import METRIC, REF_STEPS, Evaluator, conditioned_evaluator, conditioning_record, noise_labels
 from .grids import GRIDS, grid_lambda
+from .limits import in_bounds
 from .optimize import GAP_FRACTION, table_objective
 from .reference_cache import model_fingerprint, open_cache
 from .refined import TABLE
@@ -88,6 +88,7 @@ from .runtime import network_dtype_named, rank_device
 from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .tables import entry_for, load_table
+from .text_to_image import load_model, read_prompts
 
 TRAIN_SEED_OFFSET = 1_000_000
 VALIDATION_SEED_OFFSET = 2_000_000
@@ -122,6 +123,9 @@ class RefineRequest:
     class_labels: object = None  # classes paired with each set's noises round robin: "0..9", "3,5,7" or ints
     null_class: int | None = None  # a class-conditional UNet's null class, for guidance
     guidance_scale: float = 1.0
+    prompts: str | None = None  # a text-to-image pipeline's prompt file: training and validation noises
+    holdout_prompts: str | None = None  # prompts of the held-out noises (None: the same prompts)
+    negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
 
 
 OPTIMIZERS = ("lbfgs", "adam")
@@ -465,7 +469,8 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
 
 def _needs_denoiser(ckpt, source: str) -> None:
     if ckpt.kind == "pipeline":
-        raise BadInput(f"{source} is a text-to-image pipeline: refine needs a denoiser checkpoint")
+        raise BadInput(f"{source} is a text-to-image pipeline: load it with its prompts "
+                       "(text_to_image.load_model) to refine on its network")
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
@@ -499,6 +504,9 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     ``class_label``, paired round robin with each set of noises (its i-th noise has
     class_labels[i % len(class_labels)]), so the steps are fitted and measured over every class at
     once; ``guidance_scale`` with the checkpoint's null class. ``refine.conditioning`` records them.
+    A text-to-image network (``text_to_image.load_model``) pairs the training and validation noises
+    with its fitted prompts and the held-out noises with its held-out prompts (the fitted ones
+    where it has none); guidance uses its negative prompt.
     """
     labels = _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
                              validation, patience, optimizer, minibatch, lr, class_labels)
@@ -514,16 +522,17 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
     fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
               grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
+    labels, held_labels = noise_labels(ckpt, labels), noise_labels(ckpt, labels, held=True)
     network_denoiser(ckpt, labels, guidance_scale)  # the labels and the guidance, checked before any hashing
 
     fingerprint = None if cache is None else model_fingerprint(ckpt)  # one hash of the weights for every set
 
-    def evaluator(seeds) -> Evaluator:
-        return conditioned_evaluator(ckpt, seeds, labels, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
+    def evaluator(seeds, paired=labels) -> Evaluator:
+        return conditioned_evaluator(ckpt, seeds, paired, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
                                      fingerprint)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
-    training, held = evaluator(seeds), evaluator(range(seed, seed + holdout))
+    training, held = evaluator(seeds), evaluator(range(seed, seed + holdout), held_labels)
     validating = evaluator(checked) if validation else None
     top = max(nfes)
     top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
@@ -586,8 +595,12 @@ def refine(req: RefineRequest, progress=None) -> dict:
     cache = open_cache(req.cache, enabled=not req.no_cache)
     table = load_table(req.table)
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
-    ckpt = load_checkpoint(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
-                           null_class=req.null_class)
+    prompts = None if req.prompts is None else read_prompts(req.prompts)
+    holdout_prompts = None if req.holdout_prompts is None else read_prompts(req.holdout_prompts, "holdout_prompts")
+    ckpt = load_model(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
+                      null_class=req.null_class, prompts=prompts, holdout_prompts=holdout_prompts,
+                      negative_prompt=req.negative_prompt,
+                      class_labels=class_label_list(req.class_label, req.class_labels))
     _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)

@@ -68,7 +68,7 @@ def _clip_tokenizer(root, model_max_length: int = 8, pad_token: str = "<|endofte
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
             vocab.setdefault(pieces[0], len(vocab))
     (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{l} {r}\n" for l, r in merges))
+    (root / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=model_max_length,
                          pad_token=pad_token)
 
@@ -94,25 +94,15 @@ def _tiny_vae(latent_channels: int = 4, **kwargs):
 
 def save_tiny_text_to_image(root, scheduler=None):
     """A tiny random Stable-Diffusion-style pipeline folder (UNet2DConditionModel, AutoencoderKL,
-    CLIP text encoder and a word-level CLIP tokenizer written here), 16x16 images, 8x8 latents."""
-    import json
-
+    CLIP text encoder over the tokenizer of ``_clip_tokenizer``, one token per word of
+    ``TINY_WORDS``), 16x16 images, 8x8 latents."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     root.mkdir(parents=True, exist_ok=True)
-    words = ["a", "photo", "of", "cat", "dog", "red", "blue"]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for w in words:
-        vocab[w + "</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8)
+    tokenizer = _clip_tokenizer(root)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2,
-                                                max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))
+    text_encoder = CLIPTextModel(_clip_config(16, len(tokenizer.get_vocab())))
     unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                           block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=16,
                                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
