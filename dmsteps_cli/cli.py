@@ -388,6 +388,8 @@ def evaluate(
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
     nfe: Optional[str] = typer.Option(None, help="NFEs to measure (default: the tables' own; 5..15 without)."),
     samples: int = typer.Option(256, help="Number of noises (seeds seed ... seed + samples - 1)."),
+    batch: int = typer.Option(64, help="Noises per batch of the solves: lower it if they do not fit in memory "
+                              "(the numbers do not change)."),
     seed: int = typer.Option(0, help="First seed."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
     ref_steps: int = typer.Option(64, help="Reference solution: the first S of its convergence rule (UniPC-3 on "
@@ -424,6 +426,7 @@ def evaluate(
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
                       baselines=_baseline_names(baselines), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
+                      batch=batch,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
                       guidance_scale=guidance_scale, prompts=prompts, negative_prompt=negative_prompt,
@@ -509,8 +512,9 @@ def refine(
                                  "(0: never early)."),
     minibatch: int = typer.Option(16, help="adam: training noises per update."),
     lr: float = typer.Option(0.05, help="adam: step size in the gap logits."),
-    grad_batch: int = typer.Option(64, help="Training noises per backward pass: lower it if the gradient's "
-                                   "memory does not fit (the result changes only by rounding)."),
+    grad_batch: int = typer.Option(64, help="Training noises per backward pass, and noises per batch of the "
+                                   "forward solves: lower it if the memory does not fit (the result changes only by "
+                                   "rounding)."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
                                                  help="Recompute each model evaluation's activations in the "
                                                       "backward pass: the gradient keeps one evaluation's "

@@ -68,6 +68,7 @@ SCHEMA = "dmsteps.evaluation/1"
 REF_SOLVER = ("unipc", 3, "bh2")
 REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
 REF_STEPS = 64  # the first S of the convergence rule (Evaluator)
+BATCH = 64  # noises per batch of the forward solves (Evaluator): bounds their memory
 REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
 
@@ -82,6 +83,7 @@ class EvalRequest:
     variant: str | None = None
     nfe: tuple | None = None
     samples: int = 256
+    batch: int = BATCH  # noises per batch of the forward solves
     seed: int = 0
     device: str = "cpu"
     ref_steps: int = REF_STEPS
@@ -154,7 +156,8 @@ class Evaluator:
     ``ranks``: the processes that share the noises (``runtime.Ranks``; None: the initialized
     torchrun process group's, else one process). Each rank holds only its share of ``seeds``
     (``own_seeds``: the rows of ``x_T`` and ``reference``; ``labels``: their class labels, the
-    same share of ``class_labels``), solves,
+    same share of ``class_labels``), solves (``batch`` noises per batch, which bounds the forward
+    solves' memory and does not change the results),
     reads and stores the references of those only, and every number returned is over all the
     noises: ``errors`` all-gathers the per-noise errors in the order of the seeds given,
     ``mean_error_and_grad`` all-reduces its mean and gradient, and check(S) is the mean over all
@@ -164,8 +167,9 @@ class Evaluator:
 
     def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = REF_STEPS,
                  cache=None, class_labels=None, guidance_scale: float = 1.0, ranks: Ranks | None = None,
-                 fingerprint: str | None = None):
-        self.ckpt, self.schedule = ckpt, ckpt.schedule
+                 fingerprint: str | None = None, batch: int = BATCH):
+        in_bounds("batch", batch)
+        self.ckpt, self.schedule, self.batch = ckpt, ckpt.schedule, int(batch)
         self.T, self.eps, self.device = float(T), float(eps), device
         self.ranks = Ranks.current() if ranks is None else ranks
         self.seeds = list(seeds)
@@ -211,13 +215,19 @@ class Evaluator:
         return self._solve(self.x_T, lam, solver, order, variant)
 
     def _solve(self, x_T, lam, solver, order, variant, rows=None) -> torch.Tensor:
-        """The samples from ``x_T``, this rank's noises ``rows`` (indices into ``own_seeds``; None: all)."""
+        """The samples from ``x_T``, this rank's noises ``rows`` (indices into ``own_seeds``; None: all),
+        ``batch`` noises at a time."""
         lam = np.asarray(lam, dtype=np.float64)
         steps = step_arrays(self.schedule, lam, self.T, self.eps)
         plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
         t, timesteps = np.asarray(steps["t"]), steps["timesteps"]
+        rows = list(range(x_T.shape[0])) if rows is None else list(rows)
+        parts = []
         with full_precision():
-            return integrate(self._denoiser(rows), self.schedule, plan, t, timesteps, x_T)
+            for i in range(0, len(rows), self.batch):
+                part = slice(i, i + self.batch)
+                parts.append(integrate(self._denoiser(rows[part]), self.schedule, plan, t, timesteps, x_T[part]))
+        return torch.cat(parts) if parts else x_T.clone()
 
     def _denoiser(self, rows=None):
         """The denoiser of this rank's noises ``rows`` (a list of indices into ``own_seeds``; None: all)."""
@@ -448,13 +458,14 @@ def noise_labels(ckpt: Checkpoint, class_labels, held: bool = False):
 
 
 def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale: float, T: float, eps: float,
-                          ref_steps: int = REF_STEPS, cache=None, fingerprint: str | None = None) -> Evaluator:
+                          ref_steps: int = REF_STEPS, cache=None, fingerprint: str | None = None,
+                          batch: int = BATCH) -> Evaluator:
     """The Evaluator of ``ckpt`` on the noises of ``seeds``, each with its class label from
     ``class_labels`` (None, or labels paired with the seeds round robin, ``checkpoints.pair_labels``;
     every one of them is checked against the model, used or not), guided with ``guidance_scale``."""
     seeds = list(seeds)
     denoiser = None if class_labels is None else labelled_denoiser(ckpt, class_labels, guidance_scale)
-    return Evaluator(ckpt, denoiser, seeds, T, eps, ckpt.device, ref_steps, cache=cache,
+    return Evaluator(ckpt, denoiser, seeds, T, eps, ckpt.device, ref_steps, cache=cache, batch=batch,
                      class_labels=pair_labels(class_labels, len(seeds)), guidance_scale=guidance_scale,
                      fingerprint=fingerprint)
 
@@ -481,7 +492,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
                         order: int | None = None, variant: str | None = None, samples: int = 256, seed: int = 0,
                         ref_steps: int = REF_STEPS, T: float | None = None, eps: float | None = None,
                         shift: float | None = None, class_label=None, guidance_scale: float = 1.0,
-                        source: str | None = None, progress=None, cache=None, class_labels=None) -> dict:
+                        source: str | None = None, progress=None, cache=None, class_labels=None,
+                        batch: int = BATCH) -> dict:
     """The evaluation report (a dict, schema ``SCHEMA``) of a loaded checkpoint.
 
     ``tables``: {name: table dict} or (name, table) pairs, made for the checkpoint's schedule and
@@ -491,7 +503,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     the noises of seeds seed ... seed + samples - 1. The interval (T, eps, shift) and the solver
     default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
     in the report (default ``ckpt.source``); ``progress(nfe)`` is called after each NFE measured;
-    ``cache``: a ``reference_cache.ReferenceCache`` for the reference solutions, or None.
+    ``cache``: a ``reference_cache.ReferenceCache`` for the reference solutions, or None;
+    ``batch``: noises per batch of the forward solves (their memory; the numbers do not change).
     Conditioning: ``class_labels`` (anything ``config.parse_class_labels`` takes) or one
     ``class_label``, paired with the noises round robin (noise i, seed seed + i, has
     class_labels[i % len(class_labels)]), and the guidance scale ``guidance_scale`` with the
@@ -528,7 +541,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     present = sorted({n for _, lams in step_sets for n in lams})
     nfes = list(nfe) if nfe is not None else present or list(range(5, 16))
     check_baselines(dict.fromkeys(baselines), schedule, nfes, T, eps, shift)
-    ev = conditioned_evaluator(ckpt, range(seed, seed + samples), labels, guidance_scale, T, eps, ref_steps, cache)
+    ev = conditioned_evaluator(ckpt, range(seed, seed + samples), labels, guidance_scale, T, eps, ref_steps, cache,
+                               batch=batch)
     measured: dict[int, tuple] = {}  # nfe -> (the reference's steps when measured, Comparison)
     while True:
         stale = [n for n in sorted(set(nfes), reverse=True)
@@ -568,6 +582,7 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     with the request's reference cache (``reference_cache.open_cache(req.cache, not req.no_cache)``)."""
     _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines,
                     req.class_labels)
+    in_bounds("batch", req.batch)
     prompts = None if req.prompts is None else read_prompts(req.prompts)
     cache = open_cache(req.cache, enabled=not req.no_cache)
     ckpt = load_model(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
@@ -577,7 +592,7 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,
                                order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,
-                               ref_steps=req.ref_steps, T=req.T, eps=req.eps, shift=req.shift,
+                               ref_steps=req.ref_steps, T=req.T, eps=req.eps, shift=req.shift, batch=req.batch,
                                class_label=req.class_label, class_labels=req.class_labels,
                                guidance_scale=req.guidance_scale, source=str(req.checkpoint), progress=progress,
                                cache=cache)

@@ -489,7 +489,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     "adam" (``maxiter`` Adam updates of step size ``lr`` on mini-batches of ``minibatch`` training
     noises, validated once per pass over them); with validation noises it stops after
     ``patience`` validations without a lower validation error and keeps the start or iterate with
-    the lowest one. The gradient's memory: ``grad_batch`` training noises per backward pass;
+    the lowest one. The gradient's memory: ``grad_batch`` training noises per backward pass (and
+    per batch of every forward solve);
     ``checkpointing`` recomputes each model evaluation's activations in the backward pass (None:
     on for networks, off for mixtures; the result is the same to rounding); ``network_dtype``
     ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's model calls under
@@ -529,7 +530,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
     def evaluator(seeds, paired=labels) -> Evaluator:
         return conditioned_evaluator(ckpt, seeds, paired, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
-                                     fingerprint)
+                                     fingerprint, batch=grad_batch)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
     training, held = evaluator(seeds), evaluator(range(seed, seed + holdout), held_labels)

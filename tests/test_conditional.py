@@ -152,6 +152,20 @@ def test_refine_gradient_matches_finite_differences(models, case):
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_batches_of_the_solves_do_not_change_the_numbers(models):
+    """Five noises with labels round robin, solved in batches of 2 (the last one short): the labels
+    follow their rows and the errors equal the one-batch ones."""
+    ckpt, labels, g, _ = loaded(models, "unet")
+    s = ckpt.schedule
+    lam = grid_lambda("quad", s, 5, s.T, s.eps_default)
+    errors = [conditioned_evaluator(ckpt, range(5), labels, g, s.T, s.eps_default, ref_steps=32,
+                                    batch=b).errors(lam, "unipc", 3, "bh2") for b in (64, 2)]
+    np.testing.assert_allclose(errors[1], errors[0], rtol=1e-6)
+    with pytest.raises(BadInput, match="batch"):
+        conditioned_evaluator(ckpt, range(5), labels, g, s.T, s.eps_default, batch=0)
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_refine_records_the_conditioning(models):
     from dmsteps_cli.check import check_table
     from dmsteps_cli.refine import RefineRequest, refine
