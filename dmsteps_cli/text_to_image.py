@@ -219,7 +219,7 @@ def _quiet_loading(diffusers):
         libs.append(transformers.utils.logging)
     except ImportError:  # the pipeline's loading says what is missing
         pass
-    bars = [lib.are_progress_bars_disabled() for lib in libs]
+    bars = [lib.is_progress_bar_enabled() for lib in libs]
     levels = [lib.get_verbosity() for lib in libs]
     for lib in libs:
         lib.disable_progress_bar()
@@ -227,9 +227,9 @@ def _quiet_loading(diffusers):
     try:
         yield
     finally:
-        for lib, off, level in zip(libs, bars, levels):
+        for lib, on, level in zip(libs, bars, levels):
             lib.set_verbosity(level)
-            if not off:
+            if on:
                 lib.enable_progress_bar()
 
 

@@ -259,3 +259,33 @@ def test_cli_refuses_bad_text_inputs_in_one_line(folders, capsys, tmp_path):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (args, err)
         assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_readme_text_to_image_command_runs(folders, capsys, tmp_path):
+    """The README's refine command for a text-to-image pipeline, as printed, on the tiny SD pipeline:
+    only the paths, the device and the sizes are replaced (a CPU run of one NFE)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Refine the steps on your model", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    command = re.sub(r"\\\n\s*", " ", block).splitlines()[0]
+    args = shlex.split(command.split("#")[0])
+    assert args[:2] == ["dmsteps", "refine"] and "--prompts" in args and "--negative-prompt" in args
+    swap = {"-c": str(folders["sd"]), "--prompts": str(folders["prompts"]), "--holdout-prompts": str(folders["held"]),
+            "--device": "cpu", "--nfe": "5", "-o": str(tmp_path / "refined.json")}
+    for i, a in enumerate(args[:-1]):
+        if a in swap:
+            args[i + 1] = swap[a]
+    if "--network-dtype" in args:  # autocast to float16 is for CUDA
+        i = args.index("--network-dtype")
+        del args[i:i + 2]
+    with pytest.raises(SystemExit) as exc:
+        main(args[1:] + ["--train", "2", "--validation", "2", "--holdout", "2", "--maxiter", "1", "--no-cache",
+                         "--quiet"])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    out = json.loads((tmp_path / "refined.json").read_text())
+    assert out["refine"]["conditioning"]["holdout_prompts"] == HELD
