@@ -114,6 +114,7 @@ class Checkpoint:
     model_class: str = ""
     null_class: int | None = None  # guidance's unconditional class: DiT's num_classes; a UNet's recorded or given
     prompts: Any = field(default=None, repr=False)  # a text_to_image.PromptSet: labels index its prompts
+    latent: bool = False  # the denoiser works on a VAE's latents (errors are measured there)
 
     def denoiser(self, class_labels=None, guidance_scale: float = 1.0) -> Denoiser:
         """``d(x, t, timestep, alpha, sigma) -> x0_hat`` for this checkpoint.
@@ -427,11 +428,12 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     except Exception as exc:
         raise BadInput(f"checkpoint {source}: cannot move the model to {device} ({first_line(exc)})") from None
     model.eval().requires_grad_(False)
-    note = ""
+    note, latent = "", False
     if kind == "transformer" and ((p / "vae").is_dir() or (index and "vae" in index)):
-        note = "latent model: the denoiser works on latents; decode them with the pipeline's vae"
+        note, latent = "latent model: the denoiser works on latents; decode them with the pipeline's vae", True
     return with_null_class(Checkpoint(kind, sched, ptype, shape, num_classes, source, model=model, device=device,
-                                      dtype=dtype, note=note, model_class=cls_name, null_class=own_null),
+                                      dtype=dtype, note=note, latent=latent, model_class=cls_name,
+                                      null_class=own_null),
                            null_class)
 
 

@@ -432,6 +432,13 @@ def _row(cmp: Comparison, name: str, kind: str, e: np.ndarray) -> dict:
 PAIRING = "round robin: noise i of a set of noises (seed first + i) has class_labels[i % len(class_labels)]"
 
 
+def space_of(ckpt: Checkpoint) -> str:
+    """Where the errors are measured, for a report: a latent model's latents or the data itself."""
+    if ckpt.latent:
+        return "latent: the samples are the VAE's latents, not decoded; RMS over the latent's dimensions"
+    return "data: the samples themselves"
+
+
 def conditioning_record(ckpt: Checkpoint, class_labels, guidance_scale: float) -> dict | None:
     """What the samples were conditioned on, for a report or a refined table: the class labels
     given (in order), how they pair with the noises (``PAIRING``), the guidance scale and the null
@@ -571,6 +578,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
         "samples": samples,
         "seeds": [seed, seed + samples - 1],
         "metric": METRIC,
+        "space": space_of(ckpt),
         "conditioning": conditioning_record(ckpt, labels, guidance_scale),
         "reference": ev.reference_info,
         "rows": rows,

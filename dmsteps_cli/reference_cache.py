@@ -16,9 +16,10 @@ fingerprint (``model_fingerprint``: the sha256 of its weights, config, class, pr
 dtype; for a Gaussian mixture of its means, standard deviations and weights); the conditioning of
 the seed's noise (its class label, the guidance scale and, where the guidance scale is not 1, the
 null class the guidance uses; for a text-to-image network its prompt and the sha256 of the prompt's
-embeddings, and with guidance the negative prompt and its embeddings' sha256); the schedule's identity (``Schedule.identity``) and timestep
-convention; the interval T and eps (floats, exactly); the noise (sample shape, the scale of the
-standard normal noise, which generator) and the solver state's dtype. SOLVER names the reference
+embeddings, and with guidance the negative prompt and its embeddings' sha256); the schedule's
+identity (``Schedule.identity``) and timestep convention; the interval T and eps (floats, exactly);
+the noise (sample shape, the scale of the standard normal noise, which generator) and the solver
+state's dtype. SOLVER names the reference
 solver and its step placement (``unipc3-bh2-unif``, UniPC order 3 bh2 on steps uniform in lambda);
 S is its number of steps. Each ``.npy`` holds one array of the sample shape in the state's dtype.
 Where the noises of one run have different class labels (``evaluate --class-labels``, paired with

@@ -78,7 +78,8 @@ import torch
 from .checkpoints import network_denoiser
 from .config import class_label_list
 from .errors import BadInput, bad_setting, mentioning
-from .evaluate import METRIC, REF_STEPS, Evaluator, conditioned_evaluator, conditioning_record, noise_labels
+from .evaluate import (METRIC, REF_STEPS, Evaluator, conditioned_evaluator, conditioning_record, noise_labels,
+                       space_of)
 from .grids import GRIDS, grid_lambda
 from .limits import in_bounds
 from .optimize import GAP_FRACTION, table_objective
@@ -569,6 +570,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
         "checkpoint": source, "from_table": table_name,
         "solver": {"name": solver, "order": order, "variant": variant},
         "metric": METRIC,
+        "space": space_of(ckpt),
         "conditioning": conditioning_record(ckpt, labels, guidance_scale),
         "reference": training.reference_info,
         "train_seeds": [seeds.start, seeds.stop - 1],

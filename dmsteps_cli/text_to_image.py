@@ -145,8 +145,7 @@ class PromptSet:
         return {"prompts": self.texts[:self.fitted],
                 "holdout_prompts": self.texts[self.fitted:] if self.held_out else None,
                 "pairing": PAIRING, "negative_prompt": self.negative_prompt if guidance_scale != 1.0 else None,
-                "guidance_scale": float(guidance_scale),
-                "space": "latent: errors are RMS over the latent's dimensions"}
+                "guidance_scale": float(guidance_scale)}
 
 
 def _pipeline_class(path: Path) -> str:
@@ -285,7 +284,7 @@ def load_text_to_image(path, prompts: list[str], holdout_prompts: list[str] | No
     shape = (int(cfg.in_channels), int(size[0]), int(size[1]))
     del pipe  # the text encoders and the VAE are not needed any more
     return replace(base, kind="transformer" if kind == "StableDiffusion3Pipeline" else "unet", model=network,
-                   sample_shape=shape, model_class=type(network).__name__, prompts=prompt_set,
+                   sample_shape=shape, model_class=type(network).__name__, prompts=prompt_set, latent=True,
                    note=f"{kind}: latent model, measured in latent space; prompts encoded once")
 
 
