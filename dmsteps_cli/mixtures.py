@@ -1,15 +1,17 @@
-"""The Gaussian mixture sum_k w_k N(mu_k, s_k^2 I): its exact denoiser and ODE solution, and its file format.
+"""The Gaussian mixture sum_k w_k N(mu_k, diag(s_k^2)): its exact denoiser and ODE solution, and its file format.
 
-A mixture in D = prod(sample_shape) dimensions is the data distribution of a closed-form
-checkpoint: for x_t = alpha_t x_0 + sigma_t eps, ``denoise`` gives E[x_0 | x_t] exactly (the ideal
-denoiser, data prediction), so sampling errors can be measured against an exact or a very accurate
-reference. Tensors are (B, *sample_shape); computation runs in float64 unless told otherwise, and
-results come back in the input's dtype.
+Each component's covariance is diagonal: s_k is one standard deviation for every dimension
+(isotropic, s_k^2 I) or one per dimension. A mixture in D = prod(sample_shape) dimensions is the
+data distribution of a closed-form checkpoint: for x_t = alpha_t x_0 + sigma_t eps, ``denoise``
+gives E[x_0 | x_t] exactly (the ideal denoiser, data prediction), so sampling errors can be
+measured against an exact or a very accurate reference. Tensors are (B, *sample_shape);
+computation runs in float64 unless told otherwise, and results come back in the input's dtype.
 
 Mixture files (``save_mixture``, ``load_mixture``) are YAML (``.yaml``/``.yml``) or NPZ (``.npz``):
 kind "gaussian-mixture", schedule (a preset name or a scheduler config path; optional),
-sample_shape, means (K x D; or means_file, a ``.npy`` beside a YAML file), std (one or K values)
-and weights (K values summing to 1; optional, default uniform).
+sample_shape, means (K x D; or means_file, a ``.npy`` beside a YAML file), std (one value; K values,
+one per component; or K x D values, one per component and dimension) and weights (K values summing
+to 1; optional, default uniform).
 
 May import torch, numpy and errors; checkpoints imports it. PyYAML is imported inside the file
 functions.
@@ -49,13 +51,29 @@ def _as_scalar(value, name: str, like: torch.Tensor):
     return float(value)
 
 
+def _std_array(std, K: int, D: int) -> torch.Tensor:
+    """``std`` as float64: (K,) for a scalar or K values, (K, D) for (K, D) or (K, *sample_shape)."""
+    s = torch.as_tensor(np.asarray(std.cpu() if torch.is_tensor(std) else std, dtype=np.float64))
+    if s.numel() == 1:
+        return s.reshape(1).expand(K).clone()
+    if s.ndim == 1 and s.numel() == K:
+        return s.clone()
+    if s.ndim >= 2 and s.shape[0] == K and math.prod(s.shape[1:]) == D:
+        return s.reshape(K, D).clone()
+    raise BadInput(f"std: need a scalar, {K} values (one per component) or ({K}, {D}) values (one per component "
+                   f"and dimension), got shape {tuple(s.shape)}")
+
+
 class GaussianMixture:
-    """The data distribution sum_k w_k N(mu_k, s_k^2 I) in D = prod(sample_shape) dimensions.
+    """The data distribution sum_k w_k N(mu_k, diag(s_k^2)) in D = prod(sample_shape) dimensions.
 
     ``means``: (K, D) or (K, *sample_shape) (or (D,) for one component when ``sample_shape`` is
-    given); ``std``: s_k, a scalar or K values, all > 0; ``weights``: K non-negative numbers that sum
-    to 1 (default uniform). Computation runs in ``dtype`` (float64 by default) on the device of the
-    input; results come back in the input's dtype.
+    given); ``std``: the standard deviations s_k in the units of the data, all > 0: a scalar or K
+    values (isotropic components, s_k^2 I), or (K, D) or (K, *sample_shape) values (diagonal
+    components: one standard deviation per component and dimension); ``weights``: K non-negative
+    numbers that sum to 1 (default uniform). ``std`` keeps the form given: ``std`` and ``diagonal``
+    tell which (a file and the reference cache's fingerprint keep it too). Computation runs in
+    ``dtype`` (float64 by default) on the device of the input; results come back in the input's dtype.
     """
 
     def __init__(self, means, std, weights=None, sample_shape=None, dtype=torch.float64, device="cpu"):
@@ -81,11 +99,7 @@ class GaussianMixture:
         if not torch.isfinite(mu).all():
             raise BadInput("means: must be finite")
 
-        s = torch.as_tensor(np.asarray(std.cpu() if torch.is_tensor(std) else std, dtype=np.float64))
-        if s.numel() == 1:
-            s = s.reshape(1).expand(K).clone()
-        if s.ndim != 1 or s.numel() != K:
-            raise BadInput(f"std: need a scalar or {K} values (one per component), got shape {tuple(s.shape)}")
+        s = _std_array(std, K, mu.shape[1])
         if not (torch.isfinite(s).all() and (s > 0).all()):
             raise BadInput("std: every standard deviation must be finite and > 0")
 
@@ -125,7 +139,13 @@ class GaussianMixture:
 
     @property
     def std(self) -> torch.Tensor:
+        """(K,) for isotropic components, (K, D) for diagonal ones; the mixture's dtype and device."""
         return self._params(self.device)[1]
+
+    @property
+    def diagonal(self) -> bool:
+        """True where ``std`` holds one standard deviation per component and dimension, (K, D)."""
+        return self._std64.ndim == 2
 
     @property
     def weights(self) -> torch.Tensor:
@@ -162,11 +182,15 @@ class GaussianMixture:
         Component k's marginal is N(alpha mu_k, v_k I), v_k = alpha^2 s_k^2 + sigma^2; the
         responsibilities are a softmax of log w_k + log N(x; alpha mu_k, v_k I) and the component's
         posterior mean is mu_k + alpha s_k^2 / v_k (x - alpha mu_k)
-        = (sigma^2 / v_k) mu_k + (alpha s_k^2 / v_k) x.
+        = (sigma^2 / v_k) mu_k + (alpha s_k^2 / v_k) x. For diagonal components the same holds
+        per dimension d, with v_kd = alpha^2 s_kd^2 + sigma^2 and
+        log N(x; alpha mu_k, diag(v_k)) = -1/2 sum_d (log v_kd + (x_d - alpha mu_kd)^2 / v_kd) + const.
         """
         xf = self._flat(x)
         mu, s, _, log_w = self._params(x.device)
         a, sg = _as_scalar(alpha, "alpha", mu), _as_scalar(sigma, "sigma", mu)
+        if self.diagonal:
+            return _denoise_diagonal(xf, mu, s, log_w, a, sg).reshape(x.shape).to(x.dtype)
         v = a * a * s * s + sg * sg  # (K,)
         if not bool((v > 0).all()):
             raise BadInput("denoise: alpha and sigma are both zero")
@@ -191,13 +215,16 @@ class GaussianMixture:
         mu, s, w, _ = self._params(device)
         k = torch.multinomial(w, int(n), replacement=True, generator=generator)
         z = torch.randn(int(n), self.D, generator=generator, device=device, dtype=self.dtype)
-        return (mu[k] + s[k, None] * z).reshape(int(n), *self.sample_shape)
+        scale = s[k] if self.diagonal else s[k, None]
+        return (mu[k] + scale * z).reshape(int(n), *self.sample_shape)
 
     def ode_solution(self, x_T: torch.Tensor, alpha_T, sigma_T, alpha_t, sigma_t) -> torch.Tensor:
         """Exact probability-flow ODE solution from (alpha_T, sigma_T) to (alpha_t, sigma_t); K = 1 only.
 
         z = (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2) is conserved along the ODE and
-        x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + sigma_t^2) z.
+        x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + sigma_t^2) z. A diagonal Gaussian solves it per
+        dimension: with v_d = alpha^2 s_d^2 + sigma^2, x_t,d = alpha_t mu_d + sqrt(v_t,d / v_T,d)
+        (x_T,d - alpha_T mu_d) (``gaussian_flow``).
         """
         if self.K != 1:
             raise BadInput(f"ode_solution needs a single Gaussian (K = 1), this mixture has K = {self.K}")
@@ -205,10 +232,55 @@ class GaussianMixture:
         at, st = _as_float(alpha_t, "alpha_t"), _as_float(sigma_t, "sigma_t")
         xf = self._flat(x_T, "x_T")
         mu, s, _, _ = self._params(x_T.device)
+        if self.diagonal:
+            out = gaussian_flow(xf, mu[0], s[0], aT, sT, at, st)
+            return out.reshape(x_T.shape).to(x_T.dtype)
         s2 = float(s[0]) ** 2
         z = (xf - aT * mu[0]) / math.sqrt(aT * aT * s2 + sT * sT)
         out = at * mu[0] + math.sqrt(at * at * s2 + st * st) * z
         return out.reshape(x_T.shape).to(x_T.dtype)
+
+
+def _denoise_diagonal(xf: torch.Tensor, mu: torch.Tensor, s: torch.Tensor, log_w: torch.Tensor, a, sg) -> torch.Tensor:
+    """E[x_0 | x_t] for diagonal components: ``xf`` (B, D), ``mu`` and ``s`` (K, D), ``log_w`` (K,).
+
+    With v_kd = a^2 s_kd^2 + sg^2: responsibilities softmax_k(log w_k - 1/2 sum_d (log v_kd
+    + (x_d - a mu_kd)^2 / v_kd)), component means (sg^2 / v_kd) mu_kd + (a s_kd^2 / v_kd) x_d. The
+    quadratic form is expanded into (B, D) x (D, K) products, so no (B, K, D) tensor is built.
+    """
+    v = a * a * s * s + sg * sg  # (K, D)
+    if not bool((v > 0).all()):
+        raise BadInput("denoise: alpha and sigma are both zero")
+    inv_v = 1.0 / v
+    amu_v = a * mu * inv_v  # (K, D)
+    log_c = log_w - 0.5 * torch.log(v).sum(-1) - 0.5 * (a * mu * amu_v).sum(-1)  # (K,)
+    coef_mu = sg * sg * inv_v * mu  # (K, D)
+    coef_x = a * s * s * inv_v  # (K, D)
+    out = torch.empty_like(xf)
+    chunk = max(1, _MIXTURE_CHUNK_ELEMENTS // mu.shape[0])
+    for i in range(0, xf.shape[0], chunk):
+        xc = xf[i:i + chunk]
+        # -1/2 sum_d (x_d - a mu_kd)^2 / v_kd = -1/2 x^2 . (1/v_k) + x . (a mu_k / v_k) - 1/2 a^2 mu_k^2 . (1/v_k)
+        logits = log_c - 0.5 * xc.square() @ inv_v.T + xc @ amu_v.T  # (b, K)
+        r = torch.softmax(logits, dim=1)
+        out[i:i + chunk] = r @ coef_mu + (r @ coef_x) * xc
+    return out
+
+
+def gaussian_flow(x_T: torch.Tensor, mu: torch.Tensor, s: torch.Tensor, alpha_T: float, sigma_T: float,
+                  alpha_t: float, sigma_t: float) -> torch.Tensor:
+    """The probability-flow ODE's exact solution for data N(mu, diag(s^2)), from (alpha_T, sigma_T)
+    to (alpha_t, sigma_t): ``x_T`` (B, D), ``mu`` and ``s`` (D,) in the units of the data.
+
+    Per dimension the marginal at (alpha, sigma) is N(alpha mu, v), v = alpha^2 s^2 + sigma^2, and
+    the ODE dx/dt = (dlog alpha/dt) x - (sigma dsigma/dt - (dlog alpha/dt) sigma^2) grad log p(x)
+    with grad log p = -(x - alpha mu) / v gives, for y = x - alpha mu,
+    dy/dt = (alpha alpha' s^2 + sigma sigma') / v y = (dv/dt) / (2 v) y. So y / sqrt(v) is conserved:
+    x_t = alpha_t mu + sqrt(v_t / v_T) (x_T - alpha_T mu).
+    """
+    v_T = alpha_T * alpha_T * s * s + sigma_T * sigma_T
+    v_t = alpha_t * alpha_t * s * s + sigma_t * sigma_t
+    return alpha_t * mu + torch.sqrt(v_t / v_T) * (x_T - alpha_T * mu)
 
 
 # --- mixture files -------------------------------------------------------------------------------
@@ -217,7 +289,9 @@ def save_mixture(mixture: GaussianMixture, path, schedule: str | None = None, me
     """Write ``mixture`` as YAML (``.yaml``/``.yml``) or NPZ (``.npz``), with a schedule name or path.
 
     YAML: ``means_file`` (a name relative to the YAML) stores the means as ``.npy`` beside it instead
-    of inline.
+    of inline. ``std`` is written in the mixture's form: K values or one (YAML, where all K are
+    equal) for isotropic components, K x D values for diagonal ones, so a file reads back as the
+    same mixture with the same fingerprint.
     """
     import yaml
 
@@ -245,7 +319,7 @@ def save_mixture(mixture: GaussianMixture, path, schedule: str | None = None, me
         doc["means_file"] = str(means_file)
     else:
         doc["means"] = means.tolist()
-    doc["std"] = float(std[0]) if bool(np.all(std == std[0])) else std.tolist()
+    doc["std"] = float(std[0]) if std.ndim == 1 and bool(np.all(std == std[0])) else std.tolist()
     doc["weights"] = weights.tolist()
     path.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
     return path

@@ -105,7 +105,9 @@ def model_fingerprint(ckpt) -> str:
     """sha256 (hex) of what the checkpoint's denoiser computes, apart from its conditioning.
 
     A Gaussian mixture (``kind`` "gmm"): its float64 means, standard deviations and weights and its
-    sample shape. A network: every tensor of its ``state_dict`` (parameters and buffers, by name in
+    sample shape; the standard deviations in the form the mixture holds them, K values or K x D
+    (diagonal components), shape included, so a diagonal mixture never shares a key with an
+    isotropic one. A network: every tensor of its ``state_dict`` (parameters and buffers, by name in
     sorted order: name, dtype, shape, bytes), its class and config (less diffusers' bookkeeping
     fields ``_name_or_path``, ``_diffusers_version``, ...: a copied or moved folder keeps its key),
     and the checkpoint's prediction type and dtype. Hashing reads every weight once (about 1.3 s per
