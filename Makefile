@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model digits-cond-model digits-sd tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model patches-model digits-cond-model digits-sd proxies tables
 
 # Independent checks (tests/test_kdiffusion.py, tests/test_diffusers_oldest.py): k-diffusion's samplers, installed
 # without its dependencies (its metadata pulls torchvision, wandb, kornia, ... and can replace torch) plus what its
@@ -108,17 +108,28 @@ gpu-wheels:
 # The same on a UNet trained on photo patches with Stable Diffusion's betas: docs/evaluation-unet-patches.md,
 # about 4 minutes (and 2-3 to train the model if missing).
 study-unet-patches: install
-	test -d build/patches-model/unet || $(PY) studies/train_digits.py --out build/patches-model --data patches --betas scaled_linear
+	test -d build/patches-model/unet || $(MAKE) patches-model
 	$(PY) studies/study_unet.py --model build/patches-model --tag patches
 
 # A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, about 3 minutes.
 digits-model: install
 	$(PY) studies/train_digits.py --out build/digits-model
 
+# The same network on sklearn's grey photo patches with Stable Diffusion's betas: CPU, 2-3 minutes.
+patches-model: install
+	$(PY) studies/train_digits.py --out build/patches-model --data patches --betas scaled_linear
+
 # The same network class-conditional, for classifier-free guidance: num_class_embeds 11, the digits 0-9 and a null
 # class 10 that replaces 15% of the training labels (build/digits-cond-model/unet/class_conditioning.json names it).
 digits-cond-model: install
 	$(PY) studies/train_digits.py --out build/digits-cond-model --class-conditional
+
+# The proxy data sets (docs/proxies.md): every closed-form proxy as build/proxies/NAME.npz, each recording the
+# schedule PROXY_SCHEDULE (default: scaled_linear), and a table of what it wrote; about 5 s. The trained proxies are
+# not retrained here: make digits-model, make patches-model, make digits-cond-model.
+PROXY_SCHEDULE ?=
+proxies: install
+	$(PY) studies/make_proxies.py --out build/proxies $(if $(PROXY_SCHEDULE),--schedule $(PROXY_SCHEDULE))
 
 clean:
 	rm -rf build .pytest_cache .deps
