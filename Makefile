@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model patches-model digits-cond-model digits-sd proxies tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model patches-model digits-cond-model digits-sd proxies study-robust tables
 
 # Independent checks (tests/test_kdiffusion.py, tests/test_diffusers_oldest.py): k-diffusion's samplers, installed
 # without its dependencies (its metadata pulls torchvision, wandb, kornia, ... and can replace torch) plus what its
@@ -78,6 +78,16 @@ study-data: install
 study-unet: install
 	test -d build/digits-model/unet || $(MAKE) digits-model
 	$(PY) studies/study_unet.py
+
+# Model-free steps fitted across the closed-form proxies, judged by leave-one-proxy-out (studies/robust_fit.py):
+# four families x UniPC-3 and DPM-Solver++-3, NFE 5..15, one line per NFE and fold in build/robust/results.jsonl;
+# stopped, it resumes where it was. Then the summary against the goal.
+ROBUST_OUT ?= build/robust/results.jsonl
+study-robust: install
+	for f in scaled_linear linear edm flow-shift3; do for s in unipc dpmpp; do \
+	  $(PY) studies/robust_fit.py --family $$f --solver $$s --order 3 --nfe 5..15 --out $(ROBUST_OUT) || exit 1; \
+	done; done
+	$(PY) studies/robust_fit.py --summary --out $(ROBUST_OUT)
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py
