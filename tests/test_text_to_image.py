@@ -8,6 +8,7 @@ its gradient are checked against a guided denoiser written out here (SD: the tok
 encoder called by hand) and against central differences.
 """
 
+import functools
 import json
 import warnings
 
@@ -50,6 +51,7 @@ def folders(tmp_path_factory):
         warnings.simplefilter("ignore")
         for name, (build, _, _) in CASES.items():
             out[name] = build(root / name)
+    out["cache"] = root / "cache"  # reference solutions shared by the refine tests (same model, seeds, prompts)
     prompts, held = root / "prompts.txt", root / "held.txt"
     prompts.write_text("# training prompts\n" + "\n".join(PROMPTS) + "\n\n")
     held.write_text("\n".join(HELD) + "\n")
@@ -100,15 +102,24 @@ def test_samples_equal_the_pipelines_own_call(folders, case):
     assert (other - theirs).abs().max().item() > 1e-3 * size  # the prompts matter
 
 
+@functools.lru_cache(maxsize=None)
+def sd_parts(folder):
+    """The SD folder's tokenizer, text encoder and UNet, loaded with transformers' and diffusers'
+    own classes (not through dmsteps or the pipeline)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                diffusers.UNet2DConditionModel.from_pretrained(folder / "unet"))
+
+
 def sd_guided_x0(folder, x, timestep, alpha, sigma, prompts, g):
     """SD 1.x's guided data prediction written out: the tokenizer padded to its length, the CLIP
     text encoder's last hidden state, the UNet on each row's prompt and on the negative prompt
     (two calls), uncond + g (cond - uncond) on v, then x0 = alpha x - sigma v."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    enc = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    tok, enc, unet = sd_parts(folder)
 
     def embed(texts):
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -185,7 +196,7 @@ def test_refine_fits_on_prompts_and_reports_held_out_prompts(folders, tmp_path):
     out = refine(RefineRequest(checkpoint=str(folders["sd"]), table=str(table), nfe=(5,),
                                prompts=str(folders["prompts"]), holdout_prompts=str(folders["held"]),
                                negative_prompt=NEGATIVE, guidance_scale=G, train=2, validation=2, holdout=2,
-                               maxiter=2, ref_steps=32, no_cache=True))
+                               maxiter=2, ref_steps=32, cache=str(folders["cache"])))
     cond = out["refine"]["conditioning"]
     assert cond["prompts"] == PROMPTS and cond["holdout_prompts"] == HELD and cond["negative_prompt"] == NEGATIVE
     assert check_table(json.loads(json.dumps(out))) == []
@@ -193,7 +204,8 @@ def test_refine_fits_on_prompts_and_reports_held_out_prompts(folders, tmp_path):
     ckpt = loaded(folders, "sd", held=HELD)
     cfg = out["config"]
     lam = out["entries"][0]["lambda"]
-    held = conditioned_evaluator(ckpt, range(2), ckpt.prompts.indices(held=True), G, cfg["T"], cfg["eps"])
+    held = conditioned_evaluator(ckpt, range(2), ckpt.prompts.indices(held=True), G, cfg["T"], cfg["eps"],
+                                 cache=ReferenceCache(folders["cache"]))
     fitted = conditioned_evaluator(ckpt, range(2), ckpt.prompts.indices(), G, cfg["T"], cfg["eps"])
     recorded = out["entries"][0]["refine"]["holdout_error"]
     on_held, on_fitted = (float(ev.errors(lam, "unipc", 3, "bh2").mean()) for ev in (held, fitted))
@@ -284,8 +296,8 @@ def test_the_readme_text_to_image_command_runs(folders, capsys, tmp_path):
         i = args.index("--network-dtype")
         del args[i:i + 2]
     with pytest.raises(SystemExit) as exc:
-        main(args[1:] + ["--train", "2", "--validation", "2", "--holdout", "2", "--maxiter", "1", "--no-cache",
-                         "--quiet"])
+        main(args[1:] + ["--train", "2", "--validation", "2", "--holdout", "2", "--maxiter", "1",
+                         "--cache", str(folders["cache"]), "--quiet"])
     assert exc.value.code in (0, None), capsys.readouterr().err
     out = json.loads((tmp_path / "refined.json").read_text())
     assert out["refine"]["conditioning"]["holdout_prompts"] == HELD
