@@ -8,11 +8,13 @@
 # Trains build/digits-cond-model first when it is missing (`make digits-cond-model`).
 # Settings (environment): SCALES ("1 3"), NFE (5..8), MAXITER (20), PATIENCE (30), TRAIN (32),
 # VALIDATION (32), HOLDOUT (128), OUTDIR (build/guided), PYTHON (.venv/bin/python), MODEL. The defaults
-# are the run the document reports, cut down from refine's own (NFE 5..10, 64/64/256 noises, 60
-# iterations) to fit a shared 2-core CPU; `MAXITER=60` is its second run.
+# are the run the document reports, cut down from refine's defaults (64/64/256 noises, 60
+# iterations) and from NFE 5..10 to fit a shared 2-core CPU. Its second run, 60 iterations where
+# the first stopped at 20:
+#   MAXITER=60 SCALES=1 OUTDIR=build/guided-m60 bash studies/guided.sh
+#   MAXITER=60 SCALES=3 NFE=6,7 OUTDIR=build/guided-m60-g3 bash studies/guided.sh
 # Run from the repository root:
 #   bash studies/guided.sh                      (make study-guided)
-#   MAXITER=60 OUTDIR=build/guided-m60 bash studies/guided.sh
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 MODEL=${MODEL:-build/digits-cond-model}

@@ -40,7 +40,7 @@ def scale_files(folder: Path) -> list[tuple[str, Path]]:
     """[(guidance label, refined table path)] sorted by guidance scale."""
     found = []
     for p in folder.glob("guided-g*-refined.json"):
-        m = re.fullmatch(r"guided-g(.+)-refined\.json", p.name)
+        m = re.fullmatch(r"guided-g([0-9.]+)-refined\.json", p.name)
         if m:
             found.append((m.group(1), p))
     return sorted(found, key=lambda x: float(x[0]))
