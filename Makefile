@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches digits-model patches-model digits-cond-model digits-sd proxies study-robust tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches study-guided digits-model patches-model digits-cond-model digits-sd proxies study-robust tables
 
 # Independent checks (tests/test_kdiffusion.py, tests/test_diffusers_oldest.py): k-diffusion's samplers, installed
 # without its dependencies (its metadata pulls torchvision, wandb, kornia, ... and can replace torch) plus what its
@@ -88,6 +88,11 @@ study-robust: install
 	  $(PY) studies/robust_fit.py --family $$f --solver $$s --order 3 --nfe 5..15 --out $(ROBUST_OUT) || exit 1; \
 	done; done
 	$(PY) studies/robust_fit.py --summary --out $(ROBUST_OUT)
+
+# refine on the class-conditional digits UNet (build/digits-cond-model, trained first if missing) at guidance 1 and 3:
+# docs/evaluation-guided.md. SCALES, NFE, MAXITER, TRAIN, VALIDATION, HOLDOUT, OUTDIR: see studies/guided.sh.
+study-guided: install
+	PYTHON=$(PY) bash studies/guided.sh
 
 bench: install
 	$(PY) benchmarks/bench_optimize.py
