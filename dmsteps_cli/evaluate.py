@@ -69,7 +69,8 @@ REF_SOLVER = ("unipc", 3, "bh2")
 REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
 REF_STEPS = 64  # the first S of the convergence rule (Evaluator)
 BATCH = 64  # noises per batch of the forward solves (Evaluator): bounds their memory
-REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
+REF_TOLERANCE = 0.01
+STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing  # check(S) <= REF_TOLERANCE x the smallest mean error measured
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
 
 
@@ -142,9 +143,10 @@ class Evaluator:
     (``errors``, ``mean_error_and_grad``, ``settle``) whose mean error m gives
     check(S) > REF_TOLERANCE m doubles S until the rule holds, then measures again against the new
     reference, so every number returned satisfies the rule. The doubling stops short of the rule
-    when S would exceed the largest ``ref_steps`` (``limits.BOUNDS``) or when a doubling does not
-    lower check(S) (rounding, not the steps, limits the reference); ``reference_info["rule_met"]``
-    then says False. ``reference_steps`` is the reference's 2S (None for the closed form) and grows
+    when S would exceed the largest ``ref_steps`` (``limits.BOUNDS``) or when ``STALLS`` (2)
+    doublings in a row do not lower check(S) (rounding, not the steps, limits the reference; one
+    such doubling may be a plateau of the convergence, which a guided model showed between 128 and
+    512 steps); ``reference_info["rule_met"]`` then says False. ``reference_steps`` is the reference's 2S (None for the closed form) and grows
     only; a caller that compares numbers measured at different times compares their
     ``reference_steps``.
 
@@ -190,6 +192,7 @@ class Evaluator:
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
         self._smallest: float | None = None  # the smallest mean error measured
         self._exhausted = False  # the doubling stopped short of the rule
+        self._stalls = 0  # doublings in a row that did not lower check(S)
         self._entries = None  # class label (None: no labels) -> reference_cache.CacheEntry
         self.reference_steps: int | None = None
         mixture = self.ckpt.model if self.ckpt.kind == "gmm" else None
@@ -338,7 +341,8 @@ class Evaluator:
             before = self.check_error
             self._use(2 * self.check_steps)
             changed = True
-            if not self.check_error < before:
+            self._stalls = 0 if self.check_error < before else self._stalls + 1
+            if self._stalls == STALLS:
                 self._exhausted = True
         return changed
 

@@ -306,3 +306,20 @@ def test_refine_reuses_the_references_of_both_sets_of_noises(tmp_path):
     assert caches[1].hits == caches[0].misses  # training and held-out noises, every S
     assert dumps(tables[1], "json") == dumps(tables[0], "json")
     assert tables[0]["refine"]["reference"]["rule_met"]
+
+
+def test_the_reference_grows_past_one_stalled_doubling():
+    """A plateau in check(S) (one doubling that does not lower it) does not stop the reference; two
+    in a row do (rule_met False). check(S) is scripted here: S -> value."""
+    from dmsteps_cli import evaluate as ev_mod
+
+    ev = ev_mod.Evaluator.__new__(ev_mod.Evaluator)
+    script = {64: 1e-3, 128: 1.1e-3, 256: 1e-5, 512: 2e-5, 1024: 3e-5, 2048: 1e-6}
+
+    def use(steps):
+        ev.check_steps, ev.reference_steps, ev.check_error = steps, 2 * steps, script[steps]
+
+    ev._use, ev._smallest, ev._exhausted, ev._stalls = use, None, False, 0
+    ev._use(64)
+    assert ev._require(0.01) and ev.check_steps == 256 and not ev._exhausted  # 128 stalled, 256 met the rule
+    assert ev._require(1e-4) and ev.check_steps == 1024 and ev._exhausted  # 512 and 1024 stalled: stop
