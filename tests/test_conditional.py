@@ -32,7 +32,7 @@ from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)
-from tiny import save_pipeline, tiny_cond_unet, tiny_dit  # noqa: E402
+from tiny import central_differences, save_pipeline, tiny_cond_unet, tiny_dit  # noqa: E402
 
 NULL = 3  # the tiny UNet's null class (given), one of its 4 classes
 
@@ -122,15 +122,6 @@ def test_evaluate_equals_a_direct_computation(models, case):
     assert abs(plain["rows"][0]["error"] - rep["rows"][0]["error"]) > 1e-4 * rep["rows"][0]["error"]
 
 
-def _central_differences(ev, lam, h):
-    fd = np.zeros_like(lam)
-    for j in range(1, lam.size - 1):
-        e = np.zeros_like(lam)
-        e[j] = h
-        fd[j] = (ev.errors(lam + e, "unipc", 3, "bh2").mean() - ev.errors(lam - e, "unipc", 3, "bh2").mean()) / (2 * h)
-    return fd
-
-
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("case", ["unet", "dit"])
 def test_refine_gradient_matches_finite_differences(models, case):
@@ -144,7 +135,7 @@ def test_refine_gradient_matches_finite_differences(models, case):
     value, grad = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", chunk=3)
     errors = ev.errors(lam, "unipc", 3, "bh2")
     assert value == pytest.approx(float(errors.mean()), rel=1e-6)
-    fd = _central_differences(ev, lam, 1e-3)
+    fd = central_differences(ev, lam, 1e-3)
     assert grad[0] == grad[-1] == 0.0 and np.abs(fd).max() > 0
     np.testing.assert_allclose(grad, fd, rtol=0.02, atol=0.02 * np.abs(fd).max())
     rows_value, _ = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", rows=[1, 3])

@@ -20,7 +20,7 @@ from dmsteps_cli.runtime import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)
-from tiny import mixture_evaluator  # noqa: E402
+from tiny import central_differences, mixture_evaluator  # noqa: E402
 MU, S = 0.2, 0.4
 
 
@@ -179,15 +179,6 @@ def test_measurements_run_without_tf32_and_restore_the_flags():
 
 
 
-def _central_differences(ev, lam, solver, variant, h):
-    fd = np.zeros_like(lam)
-    for j in range(1, lam.size - 1):
-        e = np.zeros_like(lam)
-        e[j] = h
-        fd[j] = (ev.errors(lam + e, solver, 3, variant).mean() - ev.errors(lam - e, solver, 3, variant).mean()) / (2 * h)
-    return fd
-
-
 @pytest.mark.parametrize("name,solver,variant", [("scaled_linear", "unipc", "bh2"), ("edm", "dpmpp", None),
                                                  ("flow", "unipc", "bh1"), ("vp-cosine", "dpmpp", None)])
 def test_error_gradient_matches_finite_differences(name, solver, variant):
@@ -197,7 +188,7 @@ def test_error_gradient_matches_finite_differences(name, solver, variant):
     lam = grid_lambda("unif_t", s, 6, s.T, s.eps_default, s.default_shift)
     value, grad = ev.mean_error_and_grad(lam, solver, 3, variant, chunk=4)  # two chunks: 4 + 2 noises
     assert value == pytest.approx(float(ev.errors(lam, solver, 3, variant).mean()), rel=1e-12)
-    fd = _central_differences(ev, lam, solver, variant, 1e-5)
+    fd = central_differences(ev, lam, 1e-5, solver, 3, variant)
     assert grad[0] == grad[-1] == 0.0
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
 
@@ -220,7 +211,7 @@ def test_error_gradient_through_a_unet(tmp_path):
     lam = grid_lambda("quad", s, 5, s.T, s.eps_default)
     value, grad = ev.mean_error_and_grad(lam, "unipc", 3, "bh2")
     assert value == pytest.approx(float(ev.errors(lam, "unipc", 3, "bh2").mean()), rel=1e-6)
-    fd = _central_differences(ev, lam, "unipc", "bh2", 1e-3)
+    fd = central_differences(ev, lam, 1e-3, "unipc", 3, "bh2")
     np.testing.assert_allclose(grad, fd, rtol=0.02, atol=0.02 * np.abs(fd).max())
 
 

@@ -16,7 +16,7 @@ from dmsteps_cli.grids import grid_lambda
 from dmsteps_cli.refine import Fit, candidates, gradient_dtype, refine_steps
 
 torch.set_num_threads(1)
-from tiny import mixture_evaluator  # noqa: E402
+from tiny import central_differences, mixture_evaluator  # noqa: E402
 SOLVERS = [("scaled_linear", "unipc", "bh2"), ("edm", "dpmpp", None), ("flow", "unipc", "bh1")]
 
 
@@ -36,17 +36,6 @@ def unet():
     return Evaluator(ck, network_denoiser(ck), range(4), s.T, s.eps_default, "cpu", 500), s
 
 
-def _central_differences(ev, lam, solver, order, variant, h):
-    """Central differences of the mean error in each interior lambda (the ends are fixed: 0)."""
-    fd = np.zeros_like(lam)
-    for j in range(1, lam.size - 1):
-        e = np.zeros_like(lam)
-        e[j] = h
-        fd[j] = (ev.errors(lam + e, solver, order, variant).mean()
-                 - ev.errors(lam - e, solver, order, variant).mean()) / (2 * h)
-    return fd
-
-
 @pytest.mark.parametrize("name,solver,variant", SOLVERS)
 def test_checkpointed_gradient_is_the_plain_one_on_a_mixture(name, solver, variant):
     """float64 mixture: checkpointed and plain gradients agree to 1e-10 relative, and both match
@@ -58,7 +47,7 @@ def test_checkpointed_gradient_is_the_plain_one_on_a_mixture(name, solver, varia
     v1, g1 = ev.mean_error_and_grad(lam, solver, 3, variant, chunk=4, checkpointing=True)
     assert v1 == pytest.approx(v0, rel=1e-12)
     np.testing.assert_allclose(g1, g0, rtol=1e-10, atol=1e-10 * np.abs(g0).max())
-    fd = _central_differences(ev, lam, solver, 3, variant, 1e-5)
+    fd = central_differences(ev, lam, 1e-5, solver, 3, variant)
     assert g1[0] == g1[-1] == 0.0
     for g in (g0, g1):
         np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
@@ -79,7 +68,7 @@ def test_checkpointed_gradient_is_the_plain_one_on_a_unet(unet):
     assert v1 == pytest.approx(v0, rel=1e-6) and vd == v1 and np.array_equal(gd, g1)
     np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * np.abs(g0).max())
     assert v1 == pytest.approx(float(ev.errors(lam, "unipc", 3, "bh2").mean()), rel=1e-6)
-    fd = _central_differences(ev, lam, "unipc", 3, "bh2", 3e-3)
+    fd = central_differences(ev, lam, 3e-3, "unipc", 3, "bh2")
     for g in (g0, g1):
         np.testing.assert_allclose(g, fd, rtol=0.01, atol=0.002 * np.abs(fd).max())
 

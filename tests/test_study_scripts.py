@@ -136,6 +136,7 @@ def test_robust_fit_objective_gradient_and_resumable_run(tmp_path):
     import numpy as np
     import robust_fit
     from dmsteps_cli.grids import grid_lambda
+    from tiny import central_differences
 
     sets = robust_fit.proxy_sets(["spectral-64", "spectral-256"], "scaled_linear", 4, 4, 4)
     evs = [sets[p]["train"] for p in sets]
@@ -146,11 +147,7 @@ def test_robust_fit_objective_gradient_and_resumable_run(tmp_path):
     e = [float(ev.errors(lam, "unipc", 3, "bh2").mean()) for ev in evs]
     assert value == pytest.approx(np.sqrt(e[0] / 0.5 * e[1] / 2.0), rel=1e-9)
     assert g.errors(lam, "unipc", 3, "bh2")[0] == pytest.approx(value, rel=1e-12)
-    fd = np.zeros_like(lam)
-    for j in range(1, lam.size - 1):
-        d = np.zeros_like(lam)
-        d[j] = 1e-5
-        fd[j] = (g.errors(lam + d, "unipc", 3, "bh2")[0] - g.errors(lam - d, "unipc", 3, "bh2")[0]) / 2e-5
+    fd = central_differences(g, lam, 1e-5)
     np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-6 * np.abs(fd).max())
 
     out = tmp_path / "r.jsonl"

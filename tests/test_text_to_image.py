@@ -30,7 +30,7 @@ from dmsteps_cli.text_to_image import load_model, read_prompts
 torch.set_num_threads(1)
 diffusers = pytest.importorskip("diffusers")
 
-from tiny import save_tiny_sd3, save_tiny_sdxl, save_tiny_text_to_image  # noqa: E402
+from tiny import central_differences, save_tiny_sd3, save_tiny_sdxl, save_tiny_text_to_image  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog"]
 HELD = ["a photo of dog"]
@@ -162,15 +162,6 @@ def test_sd_error_equals_a_direct_computation(folders):
         assert row["error"] == pytest.approx(want, rel=1e-4), row
 
 
-def _central_differences(ev, lam, h):
-    fd = np.zeros_like(lam)
-    for j in range(1, lam.size - 1):
-        e = np.zeros_like(lam)
-        e[j] = h
-        fd[j] = (ev.errors(lam + e, "unipc", 3, "bh2").mean() - ev.errors(lam - e, "unipc", 3, "bh2").mean()) / (2 * h)
-    return fd
-
-
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("case", list(CASES))
 def test_refine_gradient_matches_finite_differences(folders, case):
@@ -181,7 +172,7 @@ def test_refine_gradient_matches_finite_differences(folders, case):
     lam = np.array(entry_for(table, 5)["lambda"])
     value, grad = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", chunk=2)
     assert value == pytest.approx(float(ev.errors(lam, "unipc", 3, "bh2").mean()), rel=1e-5)
-    fd = _central_differences(ev, lam, 1e-3)
+    fd = central_differences(ev, lam, 1e-3)
     assert grad[0] == grad[-1] == 0.0 and np.abs(fd).max() > 0
     np.testing.assert_allclose(grad, fd, rtol=0.03, atol=0.03 * np.abs(fd).max())
 

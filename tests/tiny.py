@@ -260,3 +260,17 @@ def mixture_evaluator(name: str, seeds=range(6)):
     ck = Checkpoint(kind="gmm", schedule=s, prediction_type="sample", sample_shape=(1, 4, 4), num_classes=None,
                     source="test", model=GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)))
     return Evaluator(ck, ck.denoiser(), seeds, s.T, s.eps_default, "cpu"), s
+
+
+def central_differences(ev, lam, h: float, solver: str = "unipc", order: int = 3, variant: str | None = "bh2"):
+    """Central differences of ``ev.errors(lam, ...).mean()`` in each interior lambda, step ``h``
+    (the two ends are fixed: 0 there)."""
+    import numpy as np
+
+    fd = np.zeros_like(lam)
+    for j in range(1, lam.size - 1):
+        e = np.zeros_like(lam)
+        e[j] = h
+        fd[j] = (ev.errors(lam + e, solver, order, variant).mean()
+                 - ev.errors(lam - e, solver, order, variant).mean()) / (2 * h)
+    return fd
