@@ -625,7 +625,7 @@ def check(
                 validate(data)
                 drift, notes = check_report(data)
         except BadInput as exc:
-            print(f"error: {f}: {exc}" if f not in str(exc) else f"error: {exc}", file=sys.stderr)
+            _error_line(f"{f}: {exc}" if f not in str(exc) else str(exc))
             unreadable += 1
             continue
         for line in (drift or ["ok"]) + [f"note: {n}" for n in notes]:
@@ -648,6 +648,13 @@ def message_of(exc: BadInput) -> str:
     return template.replace(SETTING, FLAGS.get(field, "--" + field.replace("_", "-")))
 
 
+def _error_line(message: str) -> None:
+    """``error: MESSAGE`` on stderr in one write: torchrun's ranks share stderr, and print's two
+    writes (text, then newline) let another rank's line land between them."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; exit 2 with one line on stderr for bad input (ours or the parser's)."""
     import os
@@ -658,17 +665,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args or ["--help"], prog_name="dmsteps", standalone_mode=False)
     except BadInput as exc:
-        print(f"error: {message_of(exc)}", file=sys.stderr)
+        _error_line(message_of(exc))
         sys.exit(2)
     except typer.Abort:
-        print("error: aborted", file=sys.stderr)
+        _error_line("aborted")
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
     except Exception as exc:
         # the parser's usage errors (typer's vendored click exceptions) carry a message and a code
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
+            _error_line(exc.format_message())
             sys.exit(exc.exit_code)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)
