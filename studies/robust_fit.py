@@ -1,7 +1,8 @@
 """Model-free steps fitted across proxies, judged by leave-one-proxy-out.
 
 For one schedule family, solver and order, at each NFE: the steps that minimize the geometric mean
-over a set of proxies (studies/proxy_data.py) of
+(``--power 0``) or another power mean (``--power q``: the larger q, the more the worst proxy
+weighs) over a set of proxies (studies/proxy_data.py) of
 
     error_p(steps) / best_p,   best_p = the lowest error of the baselines on proxy p's same noises,
 
@@ -19,7 +20,8 @@ the spectral Gaussians. Each proxy's three Evaluators are settled at the largest
 for errors down to half the best of them, as refine does, and serve every NFE.
 
 Results go to a JSON-lines file, one line per (family, solver, order, NFE, fold); a run skips every
-line the file holds already, so it resumes where it stopped. ``--summary`` prints the goal's
+line the file holds already, so it resumes where it stopped (one file per ``--power`` and noise
+budget: the lines are keyed by family, solver, order, NFE and fold only). ``--summary`` prints the goal's
 numbers from the file: per family and solver, the geometric mean of the leave-one-out ratios over
 proxies x NFE and each proxy's geometric mean over NFE.
 
@@ -60,17 +62,26 @@ ALL = "all"  # the fold fitted on every proxy
 
 
 class GeometricRatio:
-    """The geometric mean over proxies of mean error / best baseline error, for ``refine_steps``.
+    """The mean over proxies of r_p = mean error / best baseline error, for ``refine_steps``.
 
     ``evaluators``: one Evaluator per proxy (the same seeds' role in each: training or
-    validation); ``best``: each proxy's best baseline error on those noises at the NFE fitted.
+    validation); ``best``: each proxy's best baseline error on those noises at the NFE fitted;
+    ``power`` q: the power mean M_q = (mean_p r_p^q)^(1/q), q = 0 being the geometric mean
+    exp(mean_p log r_p) (the goal's measure). The larger q, the more the worst proxy counts (q -> inf:
+    the largest ratio), so a fit cannot buy a gain on easy proxies with a loss on one hard proxy.
     Quacks like an Evaluator where refine's fit needs one: ``errors`` returns the objective as a
-    one-element array, ``mean_error_and_grad`` the objective G = exp(mean_p log(e_p / best_p)) and
-    its gradient in lambda, G mean_p (de_p/dlambda) / e_p.
+    one-element array, ``mean_error_and_grad`` the objective and its gradient in lambda,
+    M^(1-q) mean_p r_p^(q-1) (dr_p/dlambda), with dr_p/dlambda = (de_p/dlambda) / best_p.
     """
 
-    def __init__(self, evaluators: list[Evaluator], best: list[float]):
-        self.evaluators, self.best = list(evaluators), [float(b) for b in best]
+    def __init__(self, evaluators: list[Evaluator], best: list[float], power: float = 0.0):
+        self.evaluators, self.best, self.power = list(evaluators), [float(b) for b in best], float(power)
+
+    def _mean(self, r: np.ndarray) -> float:
+        q = self.power
+        if q == 0.0:
+            return math.exp(float(np.mean(np.log(r))))
+        return float(np.mean(r ** q)) ** (1.0 / q)
 
     @property
     def reference_steps(self) -> tuple:
@@ -81,7 +92,7 @@ class GeometricRatio:
                          for ev, b in zip(self.evaluators, self.best)])
 
     def errors(self, lam, solver, order, variant) -> np.ndarray:
-        return np.array([math.exp(float(np.mean(np.log(self.ratios(lam, solver, order, variant)))))])
+        return np.array([self._mean(self.ratios(lam, solver, order, variant))])
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing=None,
                             network_dtype=None, rows=None) -> tuple[float, np.ndarray]:
@@ -89,9 +100,10 @@ class GeometricRatio:
             raise BadInput("GeometricRatio fits on every noise (L-BFGS-B): no mini-batches")
         values, grads = zip(*(ev.mean_error_and_grad(lam, solver, order, variant, chunk, checkpointing,
                                                      network_dtype) for ev in self.evaluators))
-        logs = [math.log(v / b) for v, b in zip(values, self.best)]
-        g = math.exp(float(np.mean(logs)))
-        return g, g * np.mean([d / v for d, v in zip(grads, values)], axis=0)
+        r = np.array([v / b for v, b in zip(values, self.best)])
+        m, q = self._mean(r), self.power
+        dr = [d / b for d, b in zip(grads, self.best)]
+        return m, m ** (1.0 - q) * np.mean([ri ** (q - 1.0) * d for ri, d in zip(r, dr)], axis=0)
 
 
 def baselines_at(schedule, nfe: int, T: float, eps: float, shift) -> dict:
@@ -131,7 +143,7 @@ def done_keys(path: Path) -> set:
 
 
 def run(family: str, solver: str, order: int, nfes, names, out: Path, *, train=32, validation=32, holdout=128,
-        maxiter=40, patience=15, variant=None, log=print) -> None:
+        maxiter=40, patience=15, power=0.0, variant=None, log=print) -> None:
     """Fit every fold at every NFE of ``nfes`` (largest first) and append one line per fold to ``out``."""
     variant = variant or ("bh2" if solver == "unipc" else None)
     names = list(names)
@@ -160,8 +172,9 @@ def run(family: str, solver: str, order: int, nfes, names, out: Path, *, train=3
         for fold in [f for f in folds if (n, f) in todo]:
             fitted = [p for p in names if p != fold]
             t0 = time.time()
-            objective = GeometricRatio([sets[p]["train"] for p in fitted], [best[p]["train"] for p in fitted])
-            check = GeometricRatio([sets[p]["validation"] for p in fitted], [best[p]["validation"] for p in fitted])
+            objective = GeometricRatio([sets[p]["train"] for p in fitted], [best[p]["train"] for p in fitted], power)
+            check = GeometricRatio([sets[p]["validation"] for p in fitted], [best[p]["validation"] for p in fitted],
+                                   power)
             r = refine_steps(objective, starts, *args, Fit(maxiter=maxiter, patience=patience), check)
             held = {p: float(sets[p]["holdout"].errors(r.lam, *args).mean()) / best[p]["holdout"] for p in names}
             record = {"family": family, "solver": solver, "order": order, "variant": variant, "nfe": n,
@@ -174,7 +187,7 @@ def run(family: str, solver: str, order: int, nfes, names, out: Path, *, train=3
                       "baseline_holdout_ratio": {p: {b: e / best[p]["holdout"] for b, e in errors[p]["holdout"].items()}
                                                  for p in names},
                       "settings": {"train": train, "validation": validation, "holdout": holdout, "maxiter": maxiter,
-                                   "patience": patience, "T": T, "eps": eps, "shift": shift},
+                                   "patience": patience, "power": power, "T": T, "eps": eps, "shift": shift},
                       "seconds": time.time() - t0}
             with open(out, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -220,6 +233,7 @@ def main(argv=None) -> None:
     ap.add_argument("--holdout", type=int, default=128)
     ap.add_argument("--maxiter", type=int, default=40)
     ap.add_argument("--patience", type=int, default=15)
+    ap.add_argument("--power", type=float, default=0.0, help="the power mean of the ratios fitted (0: geometric)")
     ap.add_argument("--out", default="build/robust/results.jsonl")
     ap.add_argument("--summary", action="store_true", help="print the summary of --out and stop")
     a = ap.parse_args(argv)
@@ -229,7 +243,7 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(1)
     run(a.family, a.solver, a.order, parse_nfe(a.nfe), a.proxies.split(","), out, train=a.train,
-        validation=a.validation, holdout=a.holdout, maxiter=a.maxiter, patience=a.patience,
+        validation=a.validation, holdout=a.holdout, maxiter=a.maxiter, patience=a.patience, power=a.power,
         log=lambda s: print(s, flush=True))
 
 

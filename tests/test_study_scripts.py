@@ -149,6 +149,11 @@ def test_robust_fit_objective_gradient_and_resumable_run(tmp_path):
     assert g.errors(lam, "unipc", 3, "bh2")[0] == pytest.approx(value, rel=1e-12)
     fd = central_differences(g, lam, 1e-5)
     np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-6 * np.abs(fd).max())
+    p4 = robust_fit.GeometricRatio(evs, [0.5, 2.0], power=4.0)
+    value, grad = p4.mean_error_and_grad(lam, "unipc", 3, "bh2")
+    assert value == pytest.approx(((((e[0] / 0.5) ** 4 + (e[1] / 2.0) ** 4) / 2) ** 0.25), rel=1e-9)
+    np.testing.assert_allclose(grad, central_differences(p4, lam, 1e-5), rtol=1e-4,
+                               atol=1e-6 * np.abs(grad).max())
 
     out = tmp_path / "r.jsonl"
     args = ["--family", "flow-shift3", "--nfe", "5", "--proxies", "spectral-64,spectral-256", "--train", "4",
