@@ -69,8 +69,8 @@ REF_SOLVER = ("unipc", 3, "bh2")
 REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
 REF_STEPS = 64  # the first S of the convergence rule (Evaluator)
 BATCH = 64  # noises per batch of the forward solves (Evaluator): bounds their memory
-REF_TOLERANCE = 0.01
-STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing  # check(S) <= REF_TOLERANCE x the smallest mean error measured
+REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
+STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
 
 
@@ -146,9 +146,9 @@ class Evaluator:
     when S would exceed the largest ``ref_steps`` (``limits.BOUNDS``) or when ``STALLS`` (2)
     doublings in a row do not lower check(S) (rounding, not the steps, limits the reference; one
     such doubling may be a plateau of the convergence, which a guided model showed between 128 and
-    512 steps); ``reference_info["rule_met"]`` then says False. ``reference_steps`` is the reference's 2S (None for the closed form) and grows
-    only; a caller that compares numbers measured at different times compares their
-    ``reference_steps``.
+    512 steps); ``reference_info["rule_met"]`` then says False. ``reference_steps`` is the
+    reference's 2S (None for the closed form) and grows only; a caller that compares numbers
+    measured at different times compares their ``reference_steps``.
 
     ``cache``: a ``reference_cache.ReferenceCache`` or None; with one, each x_S is read per seed
     where it was stored and computed (then stored) for the other seeds only. ``fingerprint``: the
@@ -492,7 +492,9 @@ def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, basel
     return labels
 
 
-def _needs_denoiser(ckpt: Checkpoint, source: str) -> None:
+def needs_denoiser(ckpt: Checkpoint, source: str) -> None:
+    """Refuse a text-to-image pipeline loaded without its prompts (``checkpoints.load_checkpoint``
+    only detects one): its network is measured once ``text_to_image.load_model`` conditions it."""
     if ckpt.kind == "pipeline":
         raise BadInput(f"{source} is a text-to-image pipeline: load it with its prompts "
                        "(text_to_image.load_model) to measure its network")
@@ -529,7 +531,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     """
     labels = _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines, class_labels)
     source = ckpt.source if source is None else source
-    _needs_denoiser(ckpt, source)
+    needs_denoiser(ckpt, source)
     labels = noise_labels(ckpt, labels)
     schedule = ckpt.schedule
     tables = list(tables.items()) if isinstance(tables, Mapping) else list(tables)
@@ -600,7 +602,6 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     ckpt = load_model(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
                       null_class=req.null_class, prompts=prompts, negative_prompt=req.negative_prompt,
                       class_labels=class_label_list(req.class_label, req.class_labels))
-    _needs_denoiser(ckpt, str(req.checkpoint))
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,
                                order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,

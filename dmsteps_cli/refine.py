@@ -78,8 +78,16 @@ import torch
 from .checkpoints import network_denoiser
 from .config import class_label_list
 from .errors import BadInput, bad_setting, mentioning
-from .evaluate import (METRIC, REF_STEPS, Evaluator, conditioned_evaluator, conditioning_record, noise_labels,
-                       space_of)
+from .evaluate import (
+    METRIC,
+    REF_STEPS,
+    Evaluator,
+    conditioned_evaluator,
+    conditioning_record,
+    needs_denoiser,
+    noise_labels,
+    space_of,
+)
 from .grids import GRIDS, grid_lambda
 from .limits import in_bounds
 from .optimize import GAP_FRACTION, table_objective
@@ -468,12 +476,6 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
     return nfes
 
 
-def _needs_denoiser(ckpt, source: str) -> None:
-    if ckpt.kind == "pipeline":
-        raise BadInput(f"{source} is a text-to-image pipeline: load it with its prompts "
-                       "(text_to_image.load_model) to refine on its network")
-
-
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
                  seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = PATIENCE,
                  minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
@@ -514,7 +516,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                              validation, patience, optimizer, minibatch, lr, class_labels)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
-    _needs_denoiser(ckpt, source)
+    needs_denoiser(ckpt, source)
     low = gradient_dtype(ckpt, network_dtype)
     schedule = ckpt.schedule
     if not same_schedule(table["schedule"]["identity"], schedule.identity()):
@@ -604,6 +606,5 @@ def refine(req: RefineRequest, progress=None) -> dict:
                       null_class=req.null_class, prompts=prompts, holdout_prompts=holdout_prompts,
                       negative_prompt=req.negative_prompt,
                       class_labels=class_label_list(req.class_label, req.class_labels))
-    _needs_denoiser(ckpt, str(req.checkpoint))
     return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)
