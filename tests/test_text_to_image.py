@@ -267,7 +267,9 @@ def test_cli_refuses_bad_text_inputs_in_one_line(folders, capsys, tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_the_readme_text_to_image_command_runs(folders, capsys, tmp_path):
     """The README's refine command for a text-to-image pipeline, as printed, on the tiny SD pipeline:
-    only the paths, the device and the sizes are replaced (a CPU run of one NFE)."""
+    only the paths, the device, the sizes and the two conditioning values are replaced (a CPU run of
+    one NFE; the negative prompt and guidance scale of the other refine test, whose reference
+    solutions the shared cache then holds)."""
     import re
     import shlex
     from pathlib import Path
@@ -279,7 +281,8 @@ def test_the_readme_text_to_image_command_runs(folders, capsys, tmp_path):
     args = shlex.split(command.split("#")[0])
     assert args[:2] == ["dmsteps", "refine"] and "--prompts" in args and "--negative-prompt" in args
     swap = {"-c": str(folders["sd"]), "--prompts": str(folders["prompts"]), "--holdout-prompts": str(folders["held"]),
-            "--device": "cpu", "--nfe": "5", "-o": str(tmp_path / "refined.json")}
+            "--device": "cpu", "--nfe": "5", "-o": str(tmp_path / "refined.json"),
+            "--negative-prompt": NEGATIVE, "--guidance-scale": str(G)}
     for i, a in enumerate(args[:-1]):
         if a in swap:
             args[i + 1] = swap[a]
