@@ -6,7 +6,7 @@ DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches study-guided digits-model patches-model digits-cond-model digits-sd proxies study-robust tables
+.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches study-guided digits-model patches-model digits-cond-model digits-sd proxies study-robust study-warp tables
 
 # Independent checks (tests/test_kdiffusion.py, tests/test_diffusers_oldest.py): k-diffusion's samplers, installed
 # without its dependencies (its metadata pulls torchvision, wandb, kornia, ... and can replace torch) plus what its
@@ -88,6 +88,23 @@ study-robust: install
 	  $(PY) studies/robust_fit.py --family $$f --solver $$s --order 3 --nfe 5..15 --out $(ROBUST_OUT) || exit 1; \
 	done; done
 	$(PY) studies/robust_fit.py --summary --out $(ROBUST_OUT)
+
+# One warp of the steps for all NFE, fitted across the closed-form proxies and judged by leave-one-proxy-out
+# (studies/warp_fit.py): four families x UniPC-3 and DPM-Solver++-3, two families at a time, one line per NFE and
+# fold in build/warp/{A,B}.jsonl; stopped, it resumes where it was. Then the report (docs/robust-steps.md's tables)
+# in build/warp/report.md. About 80 minutes on two cores.
+WARP_DIR ?= build/warp
+study-warp: install
+	mkdir -p $(WARP_DIR)
+	( for f in scaled_linear edm; do for s in unipc dpmpp; do \
+	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order 3 --out $(WARP_DIR)/A.jsonl || exit 1; \
+	done; done ) & a=$$!; \
+	( for f in linear flow-shift3; do for s in unipc dpmpp; do \
+	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order 3 --out $(WARP_DIR)/B.jsonl || exit 1; \
+	done; done ) & b=$$!; \
+	wait $$a && wait $$b
+	$(PY) studies/warp_report.py $(WARP_DIR)/A.jsonl $(WARP_DIR)/B.jsonl > $(WARP_DIR)/report.md
+	@echo "wrote $(WARP_DIR)/report.md"
 
 # refine on the class-conditional digits UNet (build/digits-cond-model, trained first if missing) at guidance 1 and 3:
 # docs/evaluation-guided.md. SCALES, NFE, MAXITER, TRAIN, VALIDATION, HOLDOUT, OUTDIR: see studies/guided.sh.

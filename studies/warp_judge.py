@@ -1,0 +1,85 @@
+"""The warp study's steps on the trained networks, which no fold was fitted on.
+
+For a trained proxy (``digits-unet``: DDPM's linear betas, family ``linear``; ``patches-unet``:
+Stable Diffusion's betas, family ``scaled_linear``) and each solver whose fold "all" is in the
+results: the fitted warp (``warp_fit.warp_lambda`` of its parameters on the network's own interval)
+and every baseline that fits, at each NFE, on the network's held-out noises (seeds 0 ..), as error
+over the best baseline's. One JSON line per proxy, solver and NFE; ``warp_report.py`` tabulates them.
+
+    python studies/warp_judge.py --proxy digits-unet --family linear build/warp/B.jsonl --out build/warp/judge.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "studies"))
+
+from dmsteps_cli.evaluate import Evaluator  # noqa: E402
+from proxy_data import proxy_checkpoint  # noqa: E402
+from robust_fit import ALL, FAMILIES, baselines_at  # noqa: E402
+from warp_fit import warp_lambda  # noqa: E402
+
+
+def fitted_warps(paths, family: str) -> dict:
+    """{(solver, order): (warp parameters, variant)} of fold "all" for ``family``."""
+    out = {}
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            r = json.loads(line) if line.strip() else None
+            if r and r["family"] == family and r["fold"] == ALL:
+                out[(r["solver"], r["order"])] = (np.array(r["warp"]["theta"]), r["variant"])
+    return out
+
+
+def judge(proxy: str, family: str, paths, holdout: int = 128, nfes=range(5, 16), log=print) -> list[dict]:
+    ck = proxy_checkpoint(proxy, rebuild=True)
+    s = ck.schedule
+    T, eps = s.T, s.eps_default
+    _, shift = FAMILIES[family]
+    lam_T, lam_eps = float(s.lam(T)), float(s.lam(eps))
+    ev = Evaluator(ck, ck.denoiser(), list(range(holdout)), T, eps, ck.device)
+    rows = []
+    for (solver, order), (theta, variant) in sorted(fitted_warps(paths, family).items()):
+        t0 = time.time()
+        args = (solver, order, variant)
+        base = {n: baselines_at(s, n, T, eps, shift) for n in nfes}
+        ev.settle(base[max(nfes)].values(), *args, margin=0.5)
+        for n in nfes:
+            errors = {b: float(ev.errors(lam, *args).mean()) for b, lam in base[n].items()}
+            best = min(errors.values())
+            fitted = float(ev.errors(warp_lambda(theta, n, lam_T, lam_eps), *args).mean())
+            rows.append({"proxy": proxy, "family": family, "solver": solver, "order": order, "nfe": n,
+                         "fitted_ratio": fitted / best, "baseline_ratio": {b: e / best for b, e in errors.items()},
+                         "best_baseline": min(errors, key=errors.get), "holdout": holdout})
+        log(f"{proxy} {solver}-{order}: {time.time() - t0:.0f} s")
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files")
+    ap.add_argument("--proxy", required=True, choices=["digits-unet", "patches-unet"])
+    ap.add_argument("--family", required=True, choices=list(FAMILIES))
+    ap.add_argument("--holdout", type=int, default=128)
+    ap.add_argument("--out", default="build/warp/judge.jsonl")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = judge(a.proxy, a.family, a.results, a.holdout, log=lambda m: print(m, flush=True))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""docs/robust-steps.md from the warp study's results (studies/warp_fit.py).
+
+For each family and solver in the results: the goal's numbers (leave-one-proxy-out ratios, their
+geometric mean over proxies x NFE and each proxy's over NFE, from ``robust_fit.summary``); the steps
+fitted on every proxy (fold "all") as sampler sigmas, with their held-out ratios; and the real-model
+evidence beside them: the RMS difference in log sampler sigma over the interior steps between each
+candidate (the fitted steps, the four grids) and each published list that fits the family (AYS,
+GITS, OptimalSteps: ``dmsteps_cli.baselines``; lists at step counts they do not publish are the
+log-linear interpolation ComfyUI uses), and how those lists measure on the proxies (their held-out
+ratio to each proxy's best baseline, geometric mean over NFE).
+
+    python studies/warp_report.py build/warp/A.jsonl build/warp/B.jsonl --out docs/robust-steps.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "studies"))
+
+from dmsteps_cli.baselines import SCHEDULES  # noqa: E402
+from dmsteps_cli.grids import GRIDS  # noqa: E402
+from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
+from robust_fit import ALL, FAMILIES, summary  # noqa: E402
+from warp_fit import warp_values  # noqa: E402
+
+PUBLISHED = tuple(name for name in SCHEDULES if name.split("-")[0] in ("ays", "gits", "optimalsteps"))
+SHOWN_NFE = (5, 8, 10, 15)
+
+
+def log_sigmas(schedule, lam) -> np.ndarray:
+    """log sampler sigma of the interior steps (noise end first)."""
+    t = schedule.t_of_lambda(np.asarray(lam, dtype=np.float64)[1:-1])
+    return np.log(schedule.sampler_sigma(t))
+
+
+def rms(a, b) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def _gm(values) -> float:
+    values = list(values)
+    return math.exp(float(np.mean(np.log(values)))) if values else float("nan")
+
+
+def family_section(rows: list, key: tuple) -> list[str]:
+    """Chosen steps, their ratios and the real-model evidence for one (family, solver, order)."""
+    from dmsteps_cli.baselines import baseline_lambda
+    from dmsteps_cli.errors import BadInput
+
+    family, solver, order = key
+    preset, shift = FAMILIES[family]
+    schedule = get_schedule(preset)
+    fold_all = {r["nfe"]: r for r in rows if r["fold"] == ALL}
+    nfes = sorted(fold_all)
+    T, eps = fold_all[nfes[0]]["settings"]["T"], fold_all[nfes[0]]["settings"]["eps"]
+    proxies = list(fold_all[nfes[0]]["holdout_ratio"])
+    out = [f"#### Steps fitted on every proxy ({family}, {solver} order {order})", "",
+           "Sampler sigmas, noise end first (the last one is sigma(eps); samplers that end at 0 replace it):", ""]
+    for n in [n for n in SHOWN_NFE if n in fold_all]:
+        lam = np.asarray(fold_all[n]["lambda"])
+        sig = schedule.sampler_sigma(schedule.t_of_lambda(lam))
+        out.append(f"- NFE {n}: " + ", ".join(f"{v:.4g}" for v in sig))
+    w = fold_all[nfes[0]]["warp"]
+    knots = warp_values(np.array(w["theta"]), np.arange(w["knots"] + 1) / w["knots"])
+    out += ["", f"The warp (lambda share at u = k/{w['knots']}): " + ", ".join(f"{v:.3f}" for v in knots) +
+            f"; fitted from the `{fold_all[nfes[0]]['start']}` grid, {fold_all[nfes[0]]['iterations']} iterations, "
+            f"kept iteration {fold_all[nfes[0]]['best_iteration']}.", "",
+            "Held-out ratios of these steps (fitted on these proxies' training noises, so not a "
+            "leave-one-out judgement), geometric mean over NFE: " +
+            ", ".join(f"{p} {_gm(fold_all[n]['holdout_ratio'][p] for n in nfes):.3f}" for p in proxies) + ".", ""]
+
+    lists = []
+    for name in PUBLISHED:
+        try:
+            lists.append((name, {n: baseline_lambda(name, schedule, n, T, eps, shift) for n in nfes}))
+        except BadInput:
+            pass
+    if not lists:
+        out += [f"No published real-model list fits this family's sigma range (sigma from "
+                f"{float(schedule.sampler_sigma(eps)):.4g} to {float(schedule.sampler_sigma(T)):.4g}).", "",
+                *baseline_table(fold_all, nfes, proxies, [])]
+        return out
+    cands = {"fitted": {n: fold_all[n]["lambda"] for n in nfes}}
+    for g in GRIDS:
+        cands[g] = {n: baseline_lambda(g, schedule, n, T, eps, shift) for n in nfes}
+    out += ["RMS difference in log sampler sigma over the interior steps, at NFE 10 and (in brackets) "
+            "averaged over NFE " + f"{nfes[0]}–{nfes[-1]}; the nearest candidate in bold:", "",
+            "| list | " + " | ".join(cands) + " |", "|---|" + "---|" * len(cands)]
+    for name, lams in lists:
+        d10 = {c: rms(log_sigmas(schedule, cands[c][10]), log_sigmas(schedule, lams[10])) for c in cands}
+        davg = {c: float(np.mean([rms(log_sigmas(schedule, cands[c][n]), log_sigmas(schedule, lams[n]))
+                                  for n in nfes])) for c in cands}
+        near = min(d10, key=d10.get)
+        out.append(f"| `{name}` | " + " | ".join(
+            (f"**{d10[c]:.2f}**" if c == near else f"{d10[c]:.2f}") + f" ({davg[c]:.2f})" for c in cands) + " |")
+    out += ["", *baseline_table(fold_all, nfes, proxies, [name for name, _ in lists])]
+    return out
+
+
+def baseline_table(fold_all: dict, nfes, proxies, published) -> list[str]:
+    """Every baseline and the fitted steps on the proxies' held-out noises: each proxy's geometric mean
+    over NFE of error / that proxy's best baseline at each NFE, the worst proxy, and the geometric
+    mean over proxies x NFE (the goal's two measures, here for a fixed rule used on every proxy)."""
+    names = [b for b in fold_all[nfes[0]]["baseline_holdout_ratio"][proxies[0]]
+             if all(b in fold_all[n]["baseline_holdout_ratio"][proxies[0]] for n in nfes)]
+
+    def ratios(name):
+        if name == "fitted":
+            return {p: [fold_all[n]["holdout_ratio"][p] for n in nfes] for p in proxies}
+        return {p: [fold_all[n]["baseline_holdout_ratio"][p][name] for n in nfes] for p in proxies}
+
+    rows = {name: ratios(name) for name in ["fitted", *names]}
+    worst = {name: max(_gm(v) for v in r.values()) for name, r in rows.items()}
+    out = ["Each rule on every proxy's held-out noises: error over the proxy's best baseline at each NFE, "
+           "geometric mean over NFE (1 = the best baseline at every NFE; `fitted` was fitted on these "
+           "proxies' training noises, so it is in-sample here); published real-model lists in italics; "
+           "schedules that do not fit at every NFE are left out:", "",
+           "| steps | " + " | ".join(proxies) + " | worst | GM |", "|---|" + "---|" * (len(proxies) + 2)]
+    for name in sorted(rows, key=worst.get):
+        label = f"*`{name}`*" if name in published else f"`{name}`"
+        r = rows[name]
+        out.append(f"| {label} | " + " | ".join(f"{_gm(r[p]):.3f}" for p in proxies) +
+                   f" | {worst[name]:.3f} | {_gm(v for vs in r.values() for v in vs):.3f} |")
+    return out + [""]
+
+
+def goal_table(rows: list) -> list[str]:
+    out = ["| family | solver | GM over proxies × NFE | worst proxy (its GM over NFE) | goal |", "|---|---|---|---|---|"]
+    for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
+        loo = [r for r in rows if (r["family"], r["solver"], r["order"]) == key and r["fold"] != ALL]
+        per = {}
+        for r in loo:
+            per.setdefault(r["fold"], []).append(r["holdout_ratio"][r["fold"]])
+        every = [v for vs in per.values() for v in vs]
+        gm, worst = _gm(every), max(per, key=lambda p: _gm(per[p]))
+        met = gm <= 0.9 and all(_gm(v) <= 1.05 for v in per.values())
+        out.append(f"| {key[0]} | {key[1]}-{key[2]} | {gm:.3f} | {worst} ({_gm(per[worst]):.3f}) | "
+                   f"{'met' if met else 'not met'} |")
+    return out
+
+
+def report(paths) -> str:
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    loo_tables = summary(Path(f.name))
+    Path(f.name).unlink()
+    out = goal_table(rows) + ["", "### Leave-one-proxy-out ratios", "", loo_tables, "### Chosen steps and the "
+                                                                                     "real-model lists", ""]
+    for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
+        out += family_section([r for r in rows if (r["family"], r["solver"], r["order"]) == key], key)
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files")
+    a = ap.parse_args(argv)
+    print(report(a.results), end="")
+
+
+if __name__ == "__main__":
+    main()
