@@ -91,8 +91,8 @@ study-robust: install
 
 # One warp of the steps for all NFE, fitted across the closed-form proxies and judged by leave-one-proxy-out
 # (studies/warp_fit.py): four families x UniPC-3 and DPM-Solver++-3, two families at a time, one line per NFE and
-# fold in build/warp/{A,B}.jsonl; stopped, it resumes where it was. Then the report (docs/robust-steps.md's tables)
-# in build/warp/report.md. About 80 minutes on two cores.
+# fold in build/warp/{A,B}.jsonl; stopped, it resumes where it was. Then the fitted warps on the two trained UNets
+# (trained first if missing) and the report (docs/robust-steps.md's tables) in build/warp/report.md.
 WARP_DIR ?= build/warp
 study-warp: install
 	mkdir -p $(WARP_DIR)
@@ -103,7 +103,10 @@ study-warp: install
 	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order 3 --out $(WARP_DIR)/B.jsonl || exit 1; \
 	done; done ) & b=$$!; \
 	wait $$a && wait $$b
-	$(PY) studies/warp_report.py $(WARP_DIR)/A.jsonl $(WARP_DIR)/B.jsonl > $(WARP_DIR)/report.md
+	rm -f $(WARP_DIR)/judge.jsonl
+	$(PY) studies/warp_judge.py --proxy digits-unet --family linear $(WARP_DIR)/B.jsonl --out $(WARP_DIR)/judge.jsonl
+	$(PY) studies/warp_judge.py --proxy patches-unet --family scaled_linear $(WARP_DIR)/A.jsonl --out $(WARP_DIR)/judge.jsonl
+	$(PY) studies/warp_report.py $(WARP_DIR)/A.jsonl $(WARP_DIR)/B.jsonl --judge $(WARP_DIR)/judge.jsonl > $(WARP_DIR)/report.md
 	@echo "wrote $(WARP_DIR)/report.md"
 
 # refine on the class-conditional digits UNet (build/digits-cond-model, trained first if missing) at guidance 1 and 3:

@@ -6,10 +6,11 @@ fitted on every proxy (fold "all") as sampler sigmas, with their held-out ratios
 evidence beside them: the RMS difference in log sampler sigma over the interior steps between each
 candidate (the fitted steps, the four grids) and each published list that fits the family (AYS,
 GITS, OptimalSteps: ``dmsteps_cli.baselines``; lists at step counts they do not publish are the
-log-linear interpolation ComfyUI uses), and how those lists measure on the proxies (their held-out
-ratio to each proxy's best baseline, geometric mean over NFE).
+log-linear interpolation ComfyUI uses), and how every baseline, those lists included, measures on the
+proxies (held-out ratio to each proxy's best baseline, geometric mean over NFE); with ``--judge``,
+the fitted warps on the trained networks (studies/warp_judge.py).
 
-    python studies/warp_report.py build/warp/A.jsonl build/warp/B.jsonl --out docs/robust-steps.md
+    python studies/warp_report.py build/warp/A.jsonl build/warp/B.jsonl --judge build/warp/judge.jsonl
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ def family_section(rows: list, key: tuple) -> list[str]:
     cands = {"fitted": {n: fold_all[n]["lambda"] for n in nfes}}
     for g in GRIDS:
         cands[g] = {n: baseline_lambda(g, schedule, n, T, eps, shift) for n in nfes}
-    out += ["RMS difference in log sampler sigma over the interior steps, at NFE 10 and (in brackets) "
+    at = 10 if 10 in nfes else nfes[-1]
+    out += [f"RMS difference in log sampler sigma over the interior steps, at NFE {at} and (in brackets) "
             "averaged over NFE " + f"{nfes[0]}–{nfes[-1]}; the nearest candidate in bold:", "",
             "| list | " + " | ".join(cands) + " |", "|---|" + "---|" * len(cands)]
     for name, lams in lists:
-        d10 = {c: rms(log_sigmas(schedule, cands[c][10]), log_sigmas(schedule, lams[10])) for c in cands}
+        d10 = {c: rms(log_sigmas(schedule, cands[c][at]), log_sigmas(schedule, lams[at])) for c in cands}
         davg = {c: float(np.mean([rms(log_sigmas(schedule, cands[c][n]), log_sigmas(schedule, lams[n]))
                                   for n in nfes])) for c in cands}
         near = min(d10, key=d10.get)
@@ -135,7 +137,8 @@ def baseline_table(fold_all: dict, nfes, proxies, published) -> list[str]:
 
 
 def goal_table(rows: list) -> list[str]:
-    out = ["| family | solver | GM over proxies × NFE | worst proxy (its GM over NFE) | goal |", "|---|---|---|---|---|"]
+    out = ["| family | solver | GM over proxies × NFE | worst proxy (its GM over NFE) | goal |",
+           "|---|---|---|---|---|"]
     for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
         loo = [r for r in rows if (r["family"], r["solver"], r["order"]) == key and r["fold"] != ALL]
         per = {}
@@ -149,7 +152,27 @@ def goal_table(rows: list) -> list[str]:
     return out
 
 
-def report(paths) -> str:
+def judge_section(rows: list) -> list[str]:
+    """The trained networks (never fitted): each rule's geometric mean over NFE of error / best
+    baseline, per network and solver, best first (the fitted warp as ``fitted``)."""
+    out = []
+    for key in sorted({(r["proxy"], r["family"], r["solver"], r["order"]) for r in rows}):
+        sel = [r for r in rows if (r["proxy"], r["family"], r["solver"], r["order"]) == key]
+        names = [b for b in sel[0]["baseline_ratio"] if all(b in r["baseline_ratio"] for r in sel)]
+        gm = {"fitted": _gm(r["fitted_ratio"] for r in sel),
+              **{b: _gm(r["baseline_ratio"][b] for r in sel) for b in names}}
+        worst = {"fitted": max(r["fitted_ratio"] for r in sel),
+                 **{b: max(r["baseline_ratio"][b] for r in sel) for b in names}}
+        nfes = sorted(r["nfe"] for r in sel)
+        out += [f"`{key[0]}` ({key[1]} schedule), {key[2]} order {key[3]}, NFE {nfes[0]}–{nfes[-1]}, "
+                f"{sel[0]['holdout']} noises: " + ", ".join(
+                    f"{'**fitted**' if b == 'fitted' else f'`{b}`'} {gm[b]:.3f} (worst NFE {worst[b]:.2f})"
+                    for b in sorted(gm, key=gm.get)[:6]) + f"; the fitted warp ranks "
+                f"{sorted(gm, key=gm.get).index('fitted') + 1} of {len(gm)}.", ""]
+    return out
+
+
+def report(paths, judge=None) -> str:
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -159,14 +182,20 @@ def report(paths) -> str:
                                                                                      "real-model lists", ""]
     for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
         out += family_section([r for r in rows if (r["family"], r["solver"], r["order"]) == key], key)
+    if judge:
+        judged = [json.loads(line) for line in Path(judge).read_text().splitlines() if line.strip()]
+        out += ["### The trained networks (never fitted)", "",
+                "Geometric mean over NFE of error / the network's best baseline at each NFE, the six best "
+                "rules:", "", *judge_section(judged)]
     return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files")
+    ap.add_argument("--judge", help="warp_judge.py's JSON-lines file")
     a = ap.parse_args(argv)
-    print(report(a.results), end="")
+    print(report(a.results, a.judge), end="")
 
 
 if __name__ == "__main__":

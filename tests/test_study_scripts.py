@@ -221,3 +221,18 @@ def test_warp_fit_reproduces_grids_has_exact_gradient_and_resumes(tmp_path):
         np.testing.assert_allclose(r["lambda"], warp_fit.warp_lambda(theta, r["nfe"], lam_T, lam_eps), rtol=1e-12)
     warp_fit.main(cli)  # resumes: nothing left to do
     assert len(out.read_text().splitlines()) == 6
+
+    import warp_judge
+    import warp_report
+    from dmsteps_cli.schedule_sources import get_schedule
+
+    text = warp_report.report([out])
+    assert "| flow-shift3 | unipc-3 |" in text and "`optimalsteps-flux`" in text and "fitted" in text
+    warps = warp_judge.fitted_warps([out], "flow-shift3")
+    all5 = next(r for r in rows if r["fold"] == "all" and r["nfe"] == 5)
+    assert list(warps) == [("unipc", 3)] and warps[("unipc", 3)][0].tolist() == all5["warp"]["theta"]
+    # log sampler sigma: sigma = exp(-lambda) for VP (kappa = sigma / alpha), t = 1 / (1 + exp(lambda)) for flow
+    lam = np.array([-5.0, -1.0, 0.5, 2.0, 6.0])
+    np.testing.assert_allclose(warp_report.log_sigmas(get_schedule("scaled_linear"), lam), -lam[1:-1], rtol=1e-12)
+    np.testing.assert_allclose(warp_report.log_sigmas(get_schedule("flow"), lam), -np.log1p(np.exp(lam[1:-1])),
+                               rtol=1e-12)
