@@ -42,6 +42,7 @@ import torch
 from .checkpoints import Checkpoint, import_diffusers, load_checkpoint
 from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import read_input
+from .schedule_sources import read_json
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 MAX_PROMPTS = 100_000
@@ -149,15 +150,10 @@ class PromptSet:
 
 
 def _pipeline_class(path: Path) -> str:
-    import json
-
     index = path / "model_index.json"
     if not index.is_file():
         raise BadInput(f"checkpoint {path}: no model_index.json (not a diffusers pipeline folder)")
-    try:
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as exc:
-        raise BadInput(f"checkpoint {path}: cannot read model_index.json ({first_line(exc)})") from None
+    name = read_json(index, "pipeline index").get("_class_name", "")
     if name not in SUPPORTED_PIPELINES:
         raise BadInput(f"checkpoint {path}: evaluate and refine take the pipelines {', '.join(SUPPORTED_PIPELINES)}, "
                        f"not {name or '(no _class_name)'}")
@@ -176,23 +172,27 @@ def _encode(pipe, kind: str, texts: list[str], negative: str | None, device) -> 
                       negative_prompt=negatives)
         if kind == "StableDiffusion3Pipeline":
             pe, ne, pooled, npooled = pipe.encode_prompt(prompt=batch, prompt_2=None, prompt_3=None, **common)
-            cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
-            unc = {"encoder_hidden_states": ne, "pooled_projections": npooled}
         elif kind == "StableDiffusionXLPipeline":
             pe, ne, pooled, npooled = pipe.encode_prompt(prompt=batch, **common)
-            ids = _sdxl_time_ids(pipe, pe.dtype, pooled.shape[-1]).to(pe.device)
-            cond = {"encoder_hidden_states": pe, "added_cond_kwargs.text_embeds": pooled,
-                    "added_cond_kwargs.time_ids": ids.expand(len(batch), -1)}
-            unc = None if ne is None else {"encoder_hidden_states": ne, "added_cond_kwargs.text_embeds": npooled,
-                                           "added_cond_kwargs.time_ids": ids.expand(len(batch), -1)}
         else:
-            pe, ne = pipe.encode_prompt(prompt=batch, **common)
-            cond, unc = {"encoder_hidden_states": pe}, None if ne is None else {"encoder_hidden_states": ne}
-        chunks.append(cond)
+            (pe, ne), pooled, npooled = pipe.encode_prompt(prompt=batch, **common), None, None
+        chunks.append(_network_inputs(pipe, kind, pe, pooled))
         if guided:
-            neg = {name: t[:1] for name, t in unc.items()}
+            neg = {name: t[:1] for name, t in _network_inputs(pipe, kind, ne, npooled).items()}
     embeds = {name: torch.cat([c[name] for c in chunks]).detach() for name in chunks[0]}
     return embeds, {name: t.detach() for name, t in neg.items()}
+
+
+def _network_inputs(pipe, kind: str, embeds: torch.Tensor, pooled: torch.Tensor | None) -> dict:
+    """The network's conditioning keywords for a batch of prompt embeddings (and the pooled ones of
+    SDXL and SD3); dotted names are entries of a keyword's dict (``added_cond_kwargs``)."""
+    if kind == "StableDiffusion3Pipeline":
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    if kind == "StableDiffusionXLPipeline":
+        ids = _sdxl_time_ids(pipe, embeds.dtype, pooled.shape[-1]).to(embeds.device)
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs.text_embeds": pooled,
+                "added_cond_kwargs.time_ids": ids.expand(len(embeds), -1)}
+    return {"encoder_hidden_states": embeds}
 
 
 def _sdxl_time_ids(pipe, dtype, pooled_dim: int) -> torch.Tensor:
