@@ -28,15 +28,15 @@ from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from proxy_data import proxy_checkpoint  # noqa: E402
 from robust_fit import ALL, FAMILIES, baselines_at  # noqa: E402
 from warp_fit import warp_lambda  # noqa: E402
+from warp_report import read_lines  # noqa: E402
 
 
 def fitted_warps(paths, family: str) -> dict:
     """{(solver, order): (warp parameters, variant)} of fold "all" for ``family``."""
     out = {}
     for p in paths:
-        for line in Path(p).read_text().splitlines():
-            r = json.loads(line) if line.strip() else None
-            if r and r["family"] == family and r["fold"] == ALL:
+        for r in read_lines(p):
+            if r["family"] == family and r["fold"] == ALL:
                 out[(r["solver"], r["order"])] = (np.array(r["warp"]["theta"]), r["variant"])
     return out
 

@@ -16,6 +16,7 @@ the fitted warps on the trained networks (studies/warp_judge.py).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -36,6 +37,13 @@ from warp_fit import warp_values  # noqa: E402
 
 PUBLISHED = tuple(name for name in SCHEDULES if name.split("-")[0] in ("ays", "gits", "optimalsteps"))
 SHOWN_NFE = (5, 8, 10, 15)
+
+
+def read_lines(path) -> list[dict]:
+    """The JSON lines of ``path`` (gzip-compressed when it ends in .gz)."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def log_sigmas(schedule, lam) -> np.ndarray:
@@ -192,7 +200,7 @@ def judge_section(rows: list) -> list[str]:
 
 
 def report(paths, judge=None) -> str:
-    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    rows = [r for p in paths for r in read_lines(p)]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     loo_tables = summary(Path(f.name))
@@ -202,7 +210,7 @@ def report(paths, judge=None) -> str:
     for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
         out += family_section([r for r in rows if (r["family"], r["solver"], r["order"]) == key], key)
     if judge:
-        judged = [json.loads(line) for line in Path(judge).read_text().splitlines() if line.strip()]
+        judged = read_lines(judge)
         out += ["### The trained networks (never fitted)", "",
                 "Geometric mean over NFE of error / the network's best baseline at each NFE, the six best "
                 "rules:", "", *judge_section(judged)]
@@ -211,7 +219,7 @@ def report(paths, judge=None) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files")
+    ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files (.gz: compressed)")
     ap.add_argument("--judge", help="warp_judge.py's JSON-lines file")
     a = ap.parse_args(argv)
     print(report(a.results, a.judge), end="")
