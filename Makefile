@@ -96,11 +96,11 @@ study-robust: install
 WARP_DIR ?= build/warp
 study-warp: install
 	mkdir -p $(WARP_DIR)
-	( for f in scaled_linear edm; do for s in unipc dpmpp; do \
-	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order 3 --out $(WARP_DIR)/A.jsonl || exit 1; \
+	( for f in $(WARP_A); do for s in unipc dpmpp; do \
+	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order $(WARP_ORDER) --out $(WARP_DIR)/A.jsonl || exit 1; \
 	done; done ) & a=$$!; \
-	( for f in linear flow-shift3; do for s in unipc dpmpp; do \
-	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order 3 --out $(WARP_DIR)/B.jsonl || exit 1; \
+	( for f in $(WARP_B); do for s in unipc dpmpp; do \
+	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order $(WARP_ORDER) --out $(WARP_DIR)/B.jsonl || exit 1; \
 	done; done ) & b=$$!; \
 	wait $$a && wait $$b
 	rm -f $(WARP_DIR)/judge.jsonl
