@@ -64,6 +64,14 @@ CLOSED_FORM = tuple(name for name, p in PROXIES.items() if p.closed_form)
 ALL = "all"  # the fold fitted on every proxy
 
 
+def power_mean(r, q: float) -> float:
+    """M_q = (mean r^q)^(1/q) of positive ratios ``r``; q = 0 is the geometric mean exp(mean log r)."""
+    r = np.asarray(r, dtype=np.float64)
+    if q == 0.0:
+        return math.exp(float(np.mean(np.log(r))))
+    return float(np.mean(r ** q)) ** (1.0 / q)
+
+
 class GeometricRatio:
     """The mean over proxies of r_p = mean error / best baseline error, for ``refine_steps``.
 
@@ -80,12 +88,6 @@ class GeometricRatio:
     def __init__(self, evaluators: list[Evaluator], best: list[float], power: float = 0.0):
         self.evaluators, self.best, self.power = list(evaluators), [float(b) for b in best], float(power)
 
-    def _mean(self, r: np.ndarray) -> float:
-        q = self.power
-        if q == 0.0:
-            return math.exp(float(np.mean(np.log(r))))
-        return float(np.mean(r ** q)) ** (1.0 / q)
-
     @property
     def reference_steps(self) -> tuple:
         return tuple(ev.reference_steps for ev in self.evaluators)
@@ -95,7 +97,7 @@ class GeometricRatio:
                          for ev, b in zip(self.evaluators, self.best)])
 
     def errors(self, lam, solver, order, variant) -> np.ndarray:
-        return np.array([self._mean(self.ratios(lam, solver, order, variant))])
+        return np.array([power_mean(self.ratios(lam, solver, order, variant), self.power)])
 
     def mean_error_and_grad(self, lam, solver, order, variant, chunk: int = 64, checkpointing=None,
                             network_dtype=None, rows=None) -> tuple[float, np.ndarray]:
@@ -104,7 +106,7 @@ class GeometricRatio:
         values, grads = zip(*(ev.mean_error_and_grad(lam, solver, order, variant, chunk, checkpointing,
                                                      network_dtype) for ev in self.evaluators))
         r = np.array([v / b for v, b in zip(values, self.best)])
-        m, q = self._mean(r), self.power
+        m, q = power_mean(r, self.power), self.power
         dr = [d / b for d, b in zip(grads, self.best)]
         return m, m ** (1.0 - q) * np.mean([ri ** (q - 1.0) * d for ri, d in zip(r, dr)], axis=0)
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 from dmsteps_cli.config import parse_nfe  # noqa: E402
 from dmsteps_cli.grids import GRIDS  # noqa: E402
-from robust_fit import ALL, CLOSED_FORM, FAMILIES, baselines_at, done_keys, proxy_sets  # noqa: E402
+from robust_fit import ALL, CLOSED_FORM, FAMILIES, baselines_at, done_keys, power_mean, proxy_sets  # noqa: E402
 
 COMPLEX_STEP = 1e-30
 KNOTS = 10
@@ -103,11 +103,6 @@ class WarpObjective:
         self.evaluators, self.best, self.nfes, self.args = evaluators, best, list(nfes), args
         self.lam_T, self.lam_eps, self.power = lam_T, lam_eps, float(power)
 
-    def _mean(self, r: np.ndarray) -> float:
-        if self.power == 0.0:
-            return math.exp(float(np.mean(np.log(r))))
-        return float(np.mean(r ** self.power)) ** (1.0 / self.power)
-
     def ratios(self, theta) -> dict:
         """{proxy: r_p}."""
         out = {}
@@ -118,7 +113,7 @@ class WarpObjective:
         return out
 
     def value(self, theta) -> float:
-        return self._mean(np.array(list(self.ratios(theta).values())))
+        return power_mean(list(self.ratios(theta).values()), self.power)
 
     def value_and_grad(self, theta) -> tuple[float, np.ndarray]:
         r, dr = [], []
@@ -133,7 +128,7 @@ class WarpObjective:
             r.append(rp)
             dr.append(rp * np.mean(dlogs, axis=0))
         r = np.array(r)
-        m, q = self._mean(r), self.power
+        m, q = power_mean(r, self.power), self.power
         return m, m ** (1.0 - q) * np.mean([ri ** (q - 1.0) * d for ri, d in zip(r, dr)], axis=0)
 
 
