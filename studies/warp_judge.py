@@ -48,11 +48,11 @@ def judge(proxy: str, family: str, paths, holdout: int = 128, nfes=range(5, 16),
     _, shift = FAMILIES[family]
     lam_T, lam_eps = float(s.lam(T)), float(s.lam(eps))
     ev = Evaluator(ck, ck.denoiser(), list(range(holdout)), T, eps, ck.device)
+    base = {n: baselines_at(s, n, T, eps, shift) for n in nfes}
     rows = []
     for (solver, order), (theta, variant) in sorted(fitted_warps(paths, family).items()):
         t0 = time.time()
         args = (solver, order, variant)
-        base = {n: baselines_at(s, n, T, eps, shift) for n in nfes}
         ev.settle(base[max(nfes)].values(), *args, margin=0.5)
         for n in nfes:
             errors = {b: float(ev.errors(lam, *args).mean()) for b, lam in base[n].items()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 from dmsteps_cli.baselines import SCHEDULES  # noqa: E402
 from dmsteps_cli.grids import GRIDS  # noqa: E402
 from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
-from robust_fit import ALL, FAMILIES, summary  # noqa: E402
+from robust_fit import ALL, FAMILIES, power_mean, summary  # noqa: E402
 from warp_fit import warp_values  # noqa: E402
 
 PUBLISHED = tuple(name for name in SCHEDULES if name.split("-")[0] in ("ays", "gits", "optimalsteps"))
@@ -57,8 +56,8 @@ def rms(a, b) -> float:
 
 
 def _gm(values) -> float:
-    values = list(values)
-    return math.exp(float(np.mean(np.log(values)))) if values else float("nan")
+    """The geometric mean of an iterable of positive ratios."""
+    return power_mean(list(values), 0.0)
 
 
 def family_section(rows: list, key: tuple) -> list[str]:
@@ -97,7 +96,7 @@ def family_section(rows: list, key: tuple) -> list[str]:
     if not lists:
         out += [f"No published real-model list fits this family's sigma range (sigma from "
                 f"{float(schedule.sampler_sigma(eps)):.4g} to {float(schedule.sampler_sigma(T)):.4g}).", "",
-                *baseline_table(fold_all, nfes, proxies, [])]
+                *baseline_table(fold_all, [])]
         return out
     cands = {"fitted": {n: fold_all[n]["lambda"] for n in nfes}}
     for g in GRIDS:
@@ -113,49 +112,47 @@ def family_section(rows: list, key: tuple) -> list[str]:
         near = min(d10, key=d10.get)
         out.append(f"| `{name}` | " + " | ".join(
             (f"**{d10[c]:.2f}**" if c == near else f"{d10[c]:.2f}") + f" ({davg[c]:.2f})" for c in cands) + " |")
-    out += ["", *baseline_table(fold_all, nfes, proxies, [name for name, _ in lists])]
+    out += ["", *baseline_table(fold_all, [name for name, _ in lists])]
     return out
 
 
-def baseline_table(fold_all: dict, nfes, proxies, published) -> list[str]:
+def rule_ratios(fold_all: dict) -> dict:
+    """{rule: {proxy: [held-out error / the proxy's best baseline, per NFE]}} for the fitted steps
+    (``fitted``) and every baseline that fits at every NFE of ``fold_all`` ({nfe: fold "all" line})."""
+    nfes = sorted(fold_all)
+    first = fold_all[nfes[0]]["baseline_holdout_ratio"]
+    proxies = list(first)
+    names = [b for b in first[proxies[0]] if all(b in fold_all[n]["baseline_holdout_ratio"][proxies[0]] for n in nfes)]
+    out = {"fitted": {p: [fold_all[n]["holdout_ratio"][p] for n in nfes] for p in proxies}}
+    for b in names:
+        out[b] = {p: [fold_all[n]["baseline_holdout_ratio"][p][b] for n in nfes] for p in proxies}
+    return out
+
+
+def gm_and_worst(per_proxy: dict) -> tuple[float, float]:
+    """(geometric mean over proxies x NFE, the largest proxy's geometric mean over NFE) of one rule's
+    ``rule_ratios`` entry: the goal's two measures."""
+    return _gm(v for vs in per_proxy.values() for v in vs), max(_gm(v) for v in per_proxy.values())
+
+
+def baseline_table(fold_all: dict, published) -> list[str]:
     """Every baseline and the fitted steps on the proxies' held-out noises: each proxy's geometric mean
     over NFE of error / that proxy's best baseline at each NFE, the worst proxy, and the geometric
     mean over proxies x NFE (the goal's two measures, here for a fixed rule used on every proxy)."""
-    names = [b for b in fold_all[nfes[0]]["baseline_holdout_ratio"][proxies[0]]
-             if all(b in fold_all[n]["baseline_holdout_ratio"][proxies[0]] for n in nfes)]
-
-    def ratios(name):
-        if name == "fitted":
-            return {p: [fold_all[n]["holdout_ratio"][p] for n in nfes] for p in proxies}
-        return {p: [fold_all[n]["baseline_holdout_ratio"][p][name] for n in nfes] for p in proxies}
-
-    rows = {name: ratios(name) for name in ["fitted", *names]}
-    worst = {name: max(_gm(v) for v in r.values()) for name, r in rows.items()}
+    rows = rule_ratios(fold_all)
+    proxies = list(rows["fitted"])
+    measures = {name: gm_and_worst(r) for name, r in rows.items()}
     out = ["Each rule on every proxy's held-out noises: error over the proxy's best baseline at each NFE, "
            "geometric mean over NFE (1 = the best baseline at every NFE; `fitted` was fitted on these "
            "proxies' training noises, so it is in-sample here); published real-model lists in italics; "
            "schedules that do not fit at every NFE are left out:", "",
            "| steps | " + " | ".join(proxies) + " | worst | GM |", "|---|" + "---|" * (len(proxies) + 2)]
-    for name in sorted(rows, key=worst.get):
+    for name in sorted(rows, key=lambda k: measures[k][1]):
         label = f"*`{name}`*" if name in published else f"`{name}`"
-        r = rows[name]
-        out.append(f"| {label} | " + " | ".join(f"{_gm(r[p]):.3f}" for p in proxies) +
-                   f" | {worst[name]:.3f} | {_gm(v for vs in r.values() for v in vs):.3f} |")
+        gm, worst = measures[name]
+        out.append(f"| {label} | " + " | ".join(f"{_gm(rows[name][p]):.3f}" for p in proxies) +
+                   f" | {worst:.3f} | {gm:.3f} |")
     return out + [""]
-
-
-def fixed_rules(fold_all: dict) -> dict:
-    """{baseline: (geometric mean over proxies x NFE, worst proxy's geometric mean over NFE)} of every
-    baseline that fits at every NFE of ``fold_all`` ({nfe: fold "all" line}), on held-out noises."""
-    nfes = sorted(fold_all)
-    proxies = list(fold_all[nfes[0]]["baseline_holdout_ratio"])
-    names = [b for b in fold_all[nfes[0]]["baseline_holdout_ratio"][proxies[0]]
-             if all(b in fold_all[n]["baseline_holdout_ratio"][proxies[0]] for n in nfes)]
-    out = {}
-    for b in names:
-        per = {p: [fold_all[n]["baseline_holdout_ratio"][p][b] for n in nfes] for p in proxies}
-        out[b] = (_gm(v for vs in per.values() for v in vs), max(_gm(v) for v in per.values()))
-    return out
 
 
 def goal_table(rows: list) -> list[str]:
@@ -171,8 +168,9 @@ def goal_table(rows: list) -> list[str]:
         every = [v for vs in per.values() for v in vs]
         gm, worst = _gm(every), max(per, key=lambda p: _gm(per[p]))
         met = gm <= 0.9 and all(_gm(v) <= 1.05 for v in per.values())
-        fixed = fixed_rules({r["nfe"]: r for r in rows if (r["family"], r["solver"], r["order"]) == key
-                             and r["fold"] == ALL})
+        ratios = rule_ratios({r["nfe"]: r for r in rows if (r["family"], r["solver"], r["order"]) == key
+                              and r["fold"] == ALL})
+        fixed = {name: gm_and_worst(r) for name, r in ratios.items() if name != "fitted"}
         b = min(fixed, key=lambda k: round(fixed[k][0], 9))  # equal rules (unif, exponential): the first
         out.append(f"| {key[0]} | {key[1]}-{key[2]} | {gm:.3f} | {worst} ({_gm(per[worst]):.3f}) | "
                    f"{'met' if met else 'not met'} | `{b}`: {fixed[b][0]:.3f} ({fixed[b][1]:.3f}) |")
