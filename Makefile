@@ -90,24 +90,12 @@ study-robust: install
 	$(PY) studies/robust_fit.py --summary --out $(ROBUST_OUT)
 
 # One warp of the steps for all NFE, fitted across the closed-form proxies and judged by leave-one-proxy-out
-# (studies/warp_fit.py): four families x UniPC-3 and DPM-Solver++-3, two families at a time, one line per NFE and
-# fold in build/warp/{A,B}.jsonl; stopped, it resumes where it was. Then the fitted warps on the two trained UNets
-# (trained first if missing) and the report (docs/robust-steps.md's tables) in build/warp/report.md.
-WARP_DIR ?= build/warp
+# (docs/robust-steps.md): every shipped family x UniPC and DPM-Solver++ x order 3 and 2, two fits at a time, each into
+# build/warp/fits/FAMILY-SOLVER-oORDER.jsonl (stopped, it resumes where it was); then the fitted warps on the two
+# trained UNets (trained first if missing) and the report in build/warp/report.md. FAMILIES, SOLVERS, ORDERS, JOBS,
+# OUTDIR: see studies/warp.sh.
 study-warp: install
-	mkdir -p $(WARP_DIR)
-	( for f in $(WARP_A); do for s in unipc dpmpp; do \
-	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order $(WARP_ORDER) --out $(WARP_DIR)/A.jsonl || exit 1; \
-	done; done ) & a=$$!; \
-	( for f in $(WARP_B); do for s in unipc dpmpp; do \
-	  $(PY) studies/warp_fit.py --family $$f --solver $$s --order $(WARP_ORDER) --out $(WARP_DIR)/B.jsonl || exit 1; \
-	done; done ) & b=$$!; \
-	wait $$a && wait $$b
-	rm -f $(WARP_DIR)/judge.jsonl
-	$(PY) studies/warp_judge.py --proxy digits-unet --family linear $(WARP_DIR)/B.jsonl --out $(WARP_DIR)/judge.jsonl
-	$(PY) studies/warp_judge.py --proxy patches-unet --family scaled_linear $(WARP_DIR)/A.jsonl --out $(WARP_DIR)/judge.jsonl
-	$(PY) studies/warp_report.py $(WARP_DIR)/A.jsonl $(WARP_DIR)/B.jsonl --judge $(WARP_DIR)/judge.jsonl > $(WARP_DIR)/report.md
-	@echo "wrote $(WARP_DIR)/report.md"
+	PYTHON=$(PY) bash studies/warp.sh
 
 # refine on the class-conditional digits UNet (build/digits-cond-model, trained first if missing) at guidance 1 and 3:
 # docs/evaluation-guided.md. SCALES, NFE, MAXITER, TRAIN, VALIDATION, HOLDOUT, OUTDIR: see studies/guided.sh.

@@ -6,7 +6,8 @@ results: the fitted warp (``warp_fit.warp_lambda`` of its parameters on the netw
 and every baseline that fits, at each NFE, on the network's held-out noises (seeds 0 ..), as error
 over the best baseline's. One JSON line per proxy, solver and NFE; ``warp_report.py`` tabulates them.
 
-    python studies/warp_judge.py --proxy digits-unet --family linear build/warp/B.jsonl --out build/warp/judge.jsonl
+    python studies/warp_judge.py --proxy digits-unet --family linear build/warp/fits/linear-*.jsonl \
+        --out build/warp/judge.jsonl
 """
 
 from __future__ import annotations

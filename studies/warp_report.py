@@ -10,7 +10,7 @@ log-linear interpolation ComfyUI uses), and how every baseline, those lists incl
 proxies (held-out ratio to each proxy's best baseline, geometric mean over NFE); with ``--judge``,
 the fitted warps on the trained networks (studies/warp_judge.py).
 
-    python studies/warp_report.py build/warp/A.jsonl build/warp/B.jsonl --judge build/warp/judge.jsonl
+    python studies/warp_report.py build/warp/fits/*.jsonl --judge build/warp/judge.jsonl
 """
 
 from __future__ import annotations

@@ -236,3 +236,27 @@ def test_warp_fit_reproduces_grids_has_exact_gradient_and_resumes(tmp_path):
     np.testing.assert_allclose(warp_report.log_sigmas(get_schedule("scaled_linear"), lam), -lam[1:-1], rtol=1e-12)
     np.testing.assert_allclose(warp_report.log_sigmas(get_schedule("flow"), lam), -np.log1p(np.exp(lam[1:-1])),
                                rtol=1e-12)
+
+
+def test_warp_study_script_runs_each_fit_into_its_own_file_and_resumes(tmp_path):
+    """studies/warp.sh (make study-warp) on cut-down settings: one results file per family, solver and
+    order, fits two at a time, a report covering each; a second run finds every fold done."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUTDIR": str(tmp_path), "FAMILIES": "flow-shift3",
+           "SOLVERS": "unipc dpmpp", "ORDERS": "2", "JOBS": "2",
+           "FIT_ARGS": "--nfe 5 --fit-nfe 5 --proxies spectral-64,spectral-256 --knots 4 --train 3 "
+                       "--validation 3 --holdout 3 --maxiter 1"}
+    for _ in range(2):
+        run = subprocess.run(["bash", "studies/warp.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    files = sorted(p.name for p in (tmp_path / "fits").iterdir())
+    assert files == ["flow-shift3-dpmpp-o2.jsonl", "flow-shift3-unipc-o2.jsonl"]
+    for name in files:
+        rows = [json.loads(line) for line in (tmp_path / "fits" / name).read_text().splitlines()]
+        assert sorted(r["fold"] for r in rows) == ["all", "spectral-256", "spectral-64"]  # written once
+        assert {(r["family"], r["solver"], r["order"]) for r in rows} == {("flow-shift3", name.split("-")[2], 2)}
+    report = (tmp_path / "report.md").read_text()
+    assert "| flow-shift3 | unipc-2 |" in report and "| flow-shift3 | dpmpp-2 |" in report
+    assert (tmp_path / "judge.jsonl").read_text() == ""  # no trained network belongs to flow
