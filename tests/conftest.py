@@ -22,3 +22,16 @@ atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 def _own_reference_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DMSTEPS_CACHE", str(tmp_path_factory.mktemp("dmsteps-cache")))
 
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``dmsteps ARGS`` in this process: ``run_cli(*args)`` returns (exit code, stderr)."""
+    from dmsteps_cli.cli import main
+
+    def run(*args) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        return exc.value.code, capsys.readouterr().err
+
+    return run

@@ -23,7 +23,6 @@ import torch
 
 from dmsteps_cli import StepConfig, dumps, make_table
 from dmsteps_cli.checkpoints import load_checkpoint, pair_labels
-from dmsteps_cli.cli import main
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import REF_SOLVER, EvalRequest, conditioned_evaluator, evaluate
 from dmsteps_cli.grids import grid_lambda
@@ -241,15 +240,8 @@ def test_labels_parse_and_pair():
         class_label_list(1, "2")
 
 
-def cli(capsys, *args) -> tuple[int, str]:
-    """``dmsteps ARGS`` in this process: (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code, capsys.readouterr().err
-
-
 @pytest.mark.filterwarnings("ignore")
-def test_cli_refuses_bad_conditioning_in_one_line(models, capsys, tmp_path):
+def test_cli_refuses_bad_conditioning_in_one_line(models, run_cli, tmp_path):
     unet, dit, table = str(models["unet"]), str(models["dit"]), str(models["table"])
     mix = tmp_path / "g.yaml"
     mix.write_text("kind: gaussian-mixture\nschedule: linear\nsample_shape: [1, 1, 2]\nmeans: [[0.0, 1.0]]\nstd: 0.5\n")
@@ -278,7 +270,7 @@ def test_cli_refuses_bad_conditioning_in_one_line(models, capsys, tmp_path):
           "-q"], "class label 7 is out of range"),
     ]
     for args, message in cases:
-        code, err = cli(capsys, *args)
+        code, err = run_cli(*args)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
 
 

@@ -235,15 +235,8 @@ def test_read_prompts(tmp_path):
         read_prompts(p)
 
 
-def cli(capsys, *args) -> tuple[int, str]:
-    """``dmsteps ARGS`` in this process: (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    return exc.value.code, capsys.readouterr().err
-
-
 @pytest.mark.filterwarnings("ignore")
-def test_cli_refuses_bad_text_inputs_in_one_line(folders, capsys, tmp_path):
+def test_cli_refuses_bad_text_inputs_in_one_line(folders, run_cli, tmp_path):
     sd, prompts = str(folders["sd"]), str(folders["prompts"])
     out = tmp_path / "out.json"
     empty = tmp_path / "empty.txt"
@@ -258,7 +251,7 @@ def test_cli_refuses_bad_text_inputs_in_one_line(folders, capsys, tmp_path):
         (["refine", "-c", sd, "-t", "sd-unipc-o3", "--holdout-prompts", prompts], "--holdout-prompts"),
     ]
     for args, words in cases:
-        code, err = cli(capsys, *args, "-o", str(out))
+        code, err = run_cli(*args, "-o", str(out))
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (args, err)
         assert not out.exists()
