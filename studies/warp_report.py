@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 from dmsteps_cli.baselines import SCHEDULES  # noqa: E402
 from dmsteps_cli.grids import GRIDS  # noqa: E402
+from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
 from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
 from robust_fit import ALL, FAMILIES, power_mean, summary  # noqa: E402
 from warp_fit import warp_values  # noqa: E402
@@ -155,11 +156,20 @@ def baseline_table(fold_all: dict, published) -> list[str]:
     return out + [""]
 
 
+def default_rule(family: str) -> str | None:
+    """The grid ``optimize`` writes by default for ``family`` (``DEFAULT_STEPS``); None where the
+    default is the optimized table, which is not among the study's baselines."""
+    objective, init = DEFAULT_STEPS[default_key(*FAMILIES[family])]
+    return init if objective == "none" else None
+
+
 def goal_table(rows: list) -> list[str]:
     """Per family and solver: the leave-one-out numbers against the goal, beside the best fixed
-    baseline (one hand-made rule used on every proxy: no fit, so its held-out numbers need no fold)."""
+    baseline (one hand-made rule used on every proxy: no fit, so its held-out numbers need no fold)
+    and today's default steps."""
     out = ["| family | solver | leave-one-out GM over proxies × NFE | worst proxy (its GM over NFE) | goal "
-           "| best fixed baseline: GM (worst proxy) |", "|---|---|---|---|---|---|"]
+           "| best fixed baseline: GM (worst proxy) | default steps: GM (worst proxy) |",
+           "|---|---|---|---|---|---|---|"]
     for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
         loo = [r for r in rows if (r["family"], r["solver"], r["order"]) == key and r["fold"] != ALL]
         per = {}
@@ -172,8 +182,10 @@ def goal_table(rows: list) -> list[str]:
                               and r["fold"] == ALL})
         fixed = {name: gm_and_worst(r) for name, r in ratios.items() if name != "fitted"}
         b = min(fixed, key=lambda k: round(fixed[k][0], 9))  # equal rules (unif, exponential): the first
+        d = default_rule(key[0])
+        default = f"`{d}`: {fixed[d][0]:.3f} ({fixed[d][1]:.3f})" if d else "the optimized table: not measured"
         out.append(f"| {key[0]} | {key[1]}-{key[2]} | {gm:.3f} | {worst} ({_gm(per[worst]):.3f}) | "
-                   f"{'met' if met else 'not met'} | `{b}`: {fixed[b][0]:.3f} ({fixed[b][1]:.3f}) |")
+                   f"{'met' if met else 'not met'} | `{b}`: {fixed[b][0]:.3f} ({fixed[b][1]:.3f}) | {default} |")
     return out
 
 
@@ -203,7 +215,12 @@ def report(paths, judge=None) -> str:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     loo_tables = summary(Path(f.name))
     Path(f.name).unlink()
-    out = goal_table(rows) + ["", "### Leave-one-proxy-out ratios", "", loo_tables, "### Chosen steps and the "
+    out = ["# The warp study's tables", "",
+           "Made by studies/warp_report.py from the warp study's results (docs/robust-steps.md says what "
+           "was fitted and what the numbers mean). Ratios are errors over each proxy's best baseline on its "
+           "held-out noises; GM is a geometric mean.", "",
+           "### The goal, per family, solver and order", "",
+           *goal_table(rows), "", "### Leave-one-proxy-out ratios", "", loo_tables, "### Chosen steps and the "
                                                                                      "real-model lists", ""]
     for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
         out += family_section([r for r in rows if (r["family"], r["solver"], r["order"]) == key], key)

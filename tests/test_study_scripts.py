@@ -260,3 +260,13 @@ def test_warp_study_script_runs_each_fit_into_its_own_file_and_resumes(tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "| flow-shift3 | unipc-2 |" in report and "| flow-shift3 | dpmpp-2 |" in report
     assert (tmp_path / "judge.jsonl").read_text() == ""  # no trained network belongs to flow
+
+
+def test_kept_warp_results_give_the_documented_tables():
+    """docs/evaluation/warp/report.md is what studies/warp_report.py makes of the kept results, so the
+    numbers docs/robust-steps.md quotes come from the data shipped beside it."""
+    import warp_report
+
+    kept = ROOT / "docs" / "evaluation" / "warp"
+    text = warp_report.report(sorted((kept / "fits").glob("*.jsonl.gz")), kept / "judge.jsonl")
+    assert text == (kept / "report.md").read_text()
