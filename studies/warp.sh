@@ -2,10 +2,12 @@
 # The warp study (docs/robust-steps.md), end to end:
 #   1. studies/warp_fit.py for every family x solver x order, JOBS at a time, each into its own
 #      OUTDIR/fits/FAMILY-SOLVER-oORDER.jsonl; a rerun skips the folds already there;
-#   2. studies/warp_judge.py on the two trained UNets, never fitted on: digits-unet with the `linear`
+#   2. studies/warp_defaults.py: today's default steps where they are not one of the baselines (the
+#      optimized table of `edm`) on the same held-out noises, into OUTDIR/defaults.jsonl;
+#   3. studies/warp_judge.py on the two trained UNets, never fitted on: digits-unet with the `linear`
 #      fits and patches-unet with the `scaled_linear` fits (each UNet trained first when missing),
 #      into OUTDIR/judge.jsonl;
-#   3. studies/warp_report.py on all of it into OUTDIR/report.md.
+#   4. studies/warp_report.py on all of it into OUTDIR/report.md.
 # Settings (environment): FAMILIES (the seven of studies/robust_fit.py's FAMILIES), SOLVERS
 # ("unipc dpmpp"), ORDERS ("3 2"), JOBS (2: one per core; each fit runs on one thread), OUTDIR
 # (build/warp), PYTHON (.venv/bin/python), FIT_ARGS and JUDGE_ARGS (more options for warp_fit.py and
@@ -31,6 +33,8 @@ for o in $ORDERS; do for f in $FAMILIES; do for s in $SOLVERS; do echo "$f $s $o
   xargs -P "$JOBS" -L 1 sh -c \
     '"$PY" studies/warp_fit.py --family "$1" --solver "$2" --order "$3" --out "$OUTDIR/fits/$1-$2-o$3.jsonl" $FIT_ARGS' fit
 echo "fits: $(( $(date +%s) - start )) s" >&2
+touch "$OUTDIR/defaults.jsonl"
+"$PY" studies/warp_defaults.py "$OUTDIR"/fits/*.jsonl --out "$OUTDIR/defaults.jsonl"
 
 start=$(date +%s)
 rm -f "$OUTDIR"/judge-*.jsonl "$OUTDIR/judge.jsonl"
@@ -46,5 +50,6 @@ for pid in "${judged[@]}"; do wait "$pid"; done
 cat "$OUTDIR"/judge-*.jsonl > "$OUTDIR/judge.jsonl" 2>/dev/null || : > "$OUTDIR/judge.jsonl"
 echo "judge: $(( $(date +%s) - start )) s" >&2
 
-"$PY" studies/warp_report.py "$OUTDIR"/fits/*.jsonl --judge "$OUTDIR/judge.jsonl" > "$OUTDIR/report.md"
+"$PY" studies/warp_report.py "$OUTDIR"/fits/*.jsonl --judge "$OUTDIR/judge.jsonl" \
+  --defaults "$OUTDIR/defaults.jsonl" > "$OUTDIR/report.md"
 echo "wrote $OUTDIR/report.md" >&2

@@ -163,10 +163,11 @@ def default_rule(family: str) -> str | None:
     return init if objective == "none" else None
 
 
-def goal_table(rows: list) -> list[str]:
+def goal_table(rows: list, defaults=()) -> list[str]:
     """Per family and solver: the leave-one-out numbers against the goal, beside the best fixed
     baseline (one hand-made rule used on every proxy: no fit, so its held-out numbers need no fold)
-    and today's default steps."""
+    and today's default steps (``defaults``: studies/warp_defaults.py's lines, for a default that is not
+    a baseline)."""
     out = ["| family | solver | leave-one-out GM over proxies × NFE | worst proxy (its GM over NFE) | goal "
            "| best fixed baseline: GM (worst proxy) | default steps: GM (worst proxy) |",
            "|---|---|---|---|---|---|---|"]
@@ -183,7 +184,14 @@ def goal_table(rows: list) -> list[str]:
         fixed = {name: gm_and_worst(r) for name, r in ratios.items() if name != "fitted"}
         b = min(fixed, key=lambda k: round(fixed[k][0], 9))  # equal rules (unif, exponential): the first
         d = default_rule(key[0])
-        default = f"`{d}`: {fixed[d][0]:.3f} ({fixed[d][1]:.3f})" if d else "the optimized table: not measured"
+        if d:
+            default = f"`{d}`: {fixed[d][0]:.3f} ({fixed[d][1]:.3f})"
+        else:
+            measured = [r for r in defaults if (r["family"], r["solver"], r["order"]) == key]
+            per_proxy = {p: [r["holdout_ratio"][p] for r in measured] for p in (measured[0]["holdout_ratio"]
+                                                                                 if measured else ())}
+            default = ("the optimized table: " + ("{:.3f} ({:.3f})".format(*gm_and_worst(per_proxy))
+                                                  if measured else "not measured"))
         out.append(f"| {key[0]} | {key[1]}-{key[2]} | {gm:.3f} | {worst} ({_gm(per[worst]):.3f}) | "
                    f"{'met' if met else 'not met'} | `{b}`: {fixed[b][0]:.3f} ({fixed[b][1]:.3f}) | {default} |")
     return out
@@ -209,7 +217,7 @@ def judge_section(rows: list) -> list[str]:
     return out
 
 
-def report(paths, judge=None) -> str:
+def report(paths, judge=None, defaults=None) -> str:
     rows = [r for p in paths for r in read_lines(p)]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -220,8 +228,8 @@ def report(paths, judge=None) -> str:
            "was fitted and what the numbers mean). Ratios are errors over each proxy's best baseline on its "
            "held-out noises; GM is a geometric mean.", "",
            "### The goal, per family, solver and order", "",
-           *goal_table(rows), "", "### Leave-one-proxy-out ratios", "", loo_tables, "### Chosen steps and the "
-                                                                                     "real-model lists", ""]
+           *goal_table(rows, read_lines(defaults) if defaults else ()), "",
+           "### Leave-one-proxy-out ratios", "", loo_tables, "### Chosen steps and the real-model lists", ""]
     for key in sorted({(r["family"], r["solver"], r["order"]) for r in rows}):
         out += family_section([r for r in rows if (r["family"], r["solver"], r["order"]) == key], key)
     if judge:
@@ -236,8 +244,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files (.gz: compressed)")
     ap.add_argument("--judge", help="warp_judge.py's JSON-lines file")
+    ap.add_argument("--defaults", help="warp_defaults.py's JSON-lines file")
     a = ap.parse_args(argv)
-    print(report(a.results, a.judge), end="")
+    print(report(a.results, a.judge, a.defaults), end="")
 
 
 if __name__ == "__main__":

@@ -240,26 +240,42 @@ def test_warp_fit_reproduces_grids_has_exact_gradient_and_resumes(tmp_path):
 
 def test_warp_study_script_runs_each_fit_into_its_own_file_and_resumes(tmp_path):
     """studies/warp.sh (make study-warp) on cut-down settings: one results file per family, solver and
-    order, fits two at a time, a report covering each; a second run finds every fold done."""
+    order, fits two at a time; edm's default (the optimized table, not a baseline) measured on the
+    same held-out noises and references as the fit (its baseline ratios equal the fit's) with the
+    steps of the bundled table; a report covering each; a second run finds every fold done."""
     import os
     import subprocess
 
-    env = {**os.environ, "PYTHON": sys.executable, "OUTDIR": str(tmp_path), "FAMILIES": "flow-shift3",
+    import numpy as np
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUTDIR": str(tmp_path), "FAMILIES": "edm",
            "SOLVERS": "unipc dpmpp", "ORDERS": "2", "JOBS": "2",
-           "FIT_ARGS": "--nfe 5 --fit-nfe 5 --proxies spectral-64,spectral-256 --knots 4 --train 3 "
+           "FIT_ARGS": "--nfe 5,6 --fit-nfe 5 --proxies spectral-64,spectral-256 --knots 4 --train 3 "
                        "--validation 3 --holdout 3 --maxiter 1"}
-    for _ in range(2):
-        run = subprocess.run(["bash", "studies/warp.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr
+    runs = [subprocess.run(["bash", "studies/warp.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout.count("largest relative difference 0.00e+00") == 2
     files = sorted(p.name for p in (tmp_path / "fits").iterdir())
-    assert files == ["flow-shift3-dpmpp-o2.jsonl", "flow-shift3-unipc-o2.jsonl"]
+    assert files == ["edm-dpmpp-o2.jsonl", "edm-unipc-o2.jsonl"]
     for name in files:
         rows = [json.loads(line) for line in (tmp_path / "fits" / name).read_text().splitlines()]
-        assert sorted(r["fold"] for r in rows) == ["all", "spectral-256", "spectral-64"]  # written once
-        assert {(r["family"], r["solver"], r["order"]) for r in rows} == {("flow-shift3", name.split("-")[2], 2)}
+        assert sorted(r["fold"] for r in rows) == ["all", "all", "spectral-256", "spectral-256", "spectral-64",
+                                                   "spectral-64"]  # written once
+        assert {(r["family"], r["solver"], r["order"]) for r in rows} == {("edm", name.split("-")[1], 2)}
+    defaults = [json.loads(line) for line in (tmp_path / "defaults.jsonl").read_text().splitlines()]
+    assert sorted((r["solver"], r["nfe"]) for r in defaults) == [("dpmpp", 5), ("dpmpp", 6), ("unipc", 5),
+                                                                 ("unipc", 6)]
+    for r in defaults:
+        bundled = json.loads((ROOT / "tables" / f"edm-{r['solver']}-o2.json").read_text())
+        entry = next(e for e in bundled["entries"] if e["nfe"] == r["nfe"])
+        np.testing.assert_allclose(r["lambda"], entry["lambda"], rtol=1e-9, atol=1e-9)
+        assert set(r["holdout_ratio"]) == {"spectral-64", "spectral-256"}
+        assert all(np.isfinite(v) and v > 0 for v in r["holdout_ratio"].values())
     report = (tmp_path / "report.md").read_text()
-    assert "| flow-shift3 | unipc-2 |" in report and "| flow-shift3 | dpmpp-2 |" in report
-    assert (tmp_path / "judge.jsonl").read_text() == ""  # no trained network belongs to flow
+    assert "| edm | unipc-2 |" in report and "| edm | dpmpp-2 |" in report
+    assert report.count("the optimized table: ") == 2 and "not measured" not in report
+    assert (tmp_path / "judge.jsonl").read_text() == ""  # no trained network belongs to edm
 
 
 def test_kept_warp_results_give_the_documented_tables():
@@ -268,5 +284,6 @@ def test_kept_warp_results_give_the_documented_tables():
     import warp_report
 
     kept = ROOT / "docs" / "evaluation" / "warp"
-    text = warp_report.report(sorted((kept / "fits").glob("*.jsonl.gz")), kept / "judge.jsonl")
+    text = warp_report.report(sorted((kept / "fits").glob("*.jsonl.gz")), kept / "judge.jsonl",
+                              kept / "defaults.jsonl")
     assert text == (kept / "report.md").read_text()
