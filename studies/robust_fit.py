@@ -122,6 +122,11 @@ def baselines_at(schedule, nfe: int, T: float, eps: float, shift) -> dict:
     return out
 
 
+def baseline_errors(ev, lambdas: dict, args) -> dict:
+    """{name: mean error on ``ev``'s noises} of each baseline's lambdas; ``args`` = (solver, order, variant)."""
+    return {b: float(ev.errors(lam, *args).mean()) for b, lam in lambdas.items()}
+
+
 def proxy_sets(names, family: str, train: int, validation: int, holdout: int) -> dict:
     """{proxy: {"train": Evaluator, "validation": ..., "holdout": ...}} under ``family``'s schedule,
     on the schedule's default interval."""
@@ -170,7 +175,7 @@ def run(family: str, solver: str, order: int, nfes, names, out: Path, *, train=3
     out.parent.mkdir(parents=True, exist_ok=True)
     for n in sorted({n for n, _ in todo}, reverse=True):
         base = baselines_at(schedule, n, T, eps, shift)
-        errors = {name: {role: {b: float(ev.errors(lam, *args).mean()) for b, lam in base.items()}
+        errors = {name: {role: baseline_errors(ev, base, args)
                          for role, ev in sets[name].items()} for name in names}
         best = {name: {role: min(e.values()) for role, e in errors[name].items()} for name in names}
         starts = {g: base[g] for g in GRIDS}

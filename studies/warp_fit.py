@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 from dmsteps_cli.config import parse_nfe  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
-from robust_fit import ALL, CLOSED_FORM, FAMILIES, baselines_at, done_keys, power_mean, proxy_sets  # noqa: E402
+from robust_fit import ALL, CLOSED_FORM, FAMILIES, baseline_errors, baselines_at, done_keys, power_mean, proxy_sets  # noqa: E402
 
 COMPLEX_STEP = 1e-30
 KNOTS = 10
@@ -190,7 +190,7 @@ def run(family: str, solver: str, order: int, nfes, names, out: Path, *, fit_nfe
     for name in names:
         for ev in sets[name].values():
             ev.settle(base[max(base)].values(), *args, margin=0.5)
-    errors = {p: {role: {n: {b: float(ev.errors(lam, *args).mean()) for b, lam in base[n].items()} for n in base}
+    errors = {p: {role: {n: baseline_errors(ev, base[n], args) for n in base}
                   for role, ev in sets[p].items()} for p in names}
     best = {p: {role: {n: min(errors[p][role][n].values()) for n in base} for role in sets[p]} for p in names}
     starts = {g: theta_of(grid_lambda(g, schedule, knots, T, eps, shift)) for g in GRIDS}

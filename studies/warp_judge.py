@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from proxy_data import proxy_checkpoint  # noqa: E402
-from robust_fit import ALL, FAMILIES, baselines_at  # noqa: E402
+from robust_fit import ALL, FAMILIES, baseline_errors, baselines_at  # noqa: E402
 from warp_fit import warp_lambda  # noqa: E402
 from warp_report import read_lines  # noqa: E402
 
@@ -56,7 +56,7 @@ def judge(proxy: str, family: str, paths, holdout: int = 128, nfes=range(5, 16),
         args = (solver, order, variant)
         ev.settle(base[max(nfes)].values(), *args, margin=0.5)
         for n in nfes:
-            errors = {b: float(ev.errors(lam, *args).mean()) for b, lam in base[n].items()}
+            errors = baseline_errors(ev, base[n], args)
             best = min(errors.values())
             fitted = float(ev.errors(warp_lambda(theta, n, lam_T, lam_eps), *args).mean())
             rows.append({"proxy": proxy, "family": family, "solver": solver, "order": order, "nfe": n,
