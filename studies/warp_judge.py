@@ -1,10 +1,12 @@
 """The warp study's steps on the trained networks, which no fold was fitted on.
 
 For a trained proxy (``digits-unet``: DDPM's linear betas, family ``linear``; ``patches-unet``:
-Stable Diffusion's betas, family ``scaled_linear``) and each solver whose fold "all" is in the
-results: the fitted warp (``warp_fit.warp_lambda`` of its parameters on the network's own interval)
-and every baseline that fits, at each NFE, on the network's held-out noises (seeds 0 ..), as error
-over the best baseline's. One JSON line per proxy, solver and NFE; ``warp_report.py`` tabulates them.
+Stable Diffusion's betas, family ``scaled_linear``; ``digits-cond-unet``: DDPM's linear betas,
+sampled with the class labels and classifier-free guidance of its registry entry) and each solver
+whose fold "all" is in the results: the fitted warp (``warp_fit.warp_lambda`` of its parameters on
+the network's own interval) and every baseline that fits, at each NFE, on the network's held-out
+noises (seeds 0 ..; class labels paired round robin), as error over the best baseline's. One JSON
+line per proxy, solver and NFE; ``warp_report.py`` tabulates them.
 
     python studies/warp_judge.py --proxy digits-unet --family linear build/warp/fits/linear-*.jsonl \
         --out build/warp/judge.jsonl
@@ -25,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 
+from dmsteps_cli.checkpoints import pair_labels  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
-from proxy_data import proxy_checkpoint  # noqa: E402
+from proxy_data import PROXIES, proxy, proxy_checkpoint  # noqa: E402
 from robust_fit import ALL, FAMILIES, baseline_errors, baselines_at  # noqa: E402
 from warp_fit import warp_lambda  # noqa: E402
 from warp_report import read_lines  # noqa: E402
@@ -42,13 +45,16 @@ def fitted_warps(paths, family: str) -> dict:
     return out
 
 
-def judge(proxy: str, family: str, paths, holdout: int = 128, nfes=range(5, 16), log=print) -> list[dict]:
-    ck = proxy_checkpoint(proxy, rebuild=True)
+def judge(name: str, family: str, paths, holdout: int = 128, nfes=range(5, 16), log=print) -> list[dict]:
+    ck = proxy_checkpoint(name, rebuild=True)
     s = ck.schedule
     T, eps = s.T, s.eps_default
     _, shift = FAMILIES[family]
     lam_T, lam_eps = float(s.lam(T)), float(s.lam(eps))
-    ev = Evaluator(ck, ck.denoiser(), list(range(holdout)), T, eps, ck.device)
+    p = proxy(name)
+    seeds = list(range(holdout))
+    ev = Evaluator(ck, None, seeds, T, eps, ck.device, class_labels=pair_labels(p.class_labels, holdout),
+                   guidance_scale=p.guidance_scale)
     base = {n: baselines_at(s, n, T, eps, shift) for n in nfes}
     rows = []
     for (solver, order), (theta, variant) in sorted(fitted_warps(paths, family).items()):
@@ -59,17 +65,19 @@ def judge(proxy: str, family: str, paths, holdout: int = 128, nfes=range(5, 16),
             errors = baseline_errors(ev, base[n], args)
             best = min(errors.values())
             fitted = float(ev.errors(warp_lambda(theta, n, lam_T, lam_eps), *args).mean())
-            rows.append({"proxy": proxy, "family": family, "solver": solver, "order": order, "nfe": n,
+            rows.append({"proxy": name, "family": family, "solver": solver, "order": order, "nfe": n,
                          "fitted_ratio": fitted / best, "baseline_ratio": {b: e / best for b, e in errors.items()},
-                         "best_baseline": min(errors, key=errors.get), "holdout": holdout})
-        log(f"{proxy} {solver}-{order}: {time.time() - t0:.0f} s")
+                         "best_baseline": min(errors, key=errors.get), "holdout": holdout,
+                         "class_labels": p.class_labels and list(p.class_labels),
+                         "guidance_scale": p.guidance_scale})
+        log(f"{name} {solver}-{order}: {time.time() - t0:.0f} s")
     return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="warp_fit.py JSON-lines files")
-    ap.add_argument("--proxy", required=True, choices=["digits-unet", "patches-unet"])
+    ap.add_argument("--proxy", required=True, choices=[n for n, q in PROXIES.items() if not q.closed_form])
     ap.add_argument("--family", required=True, choices=list(FAMILIES))
     ap.add_argument("--holdout", type=int, default=128)
     ap.add_argument("--out", default="build/warp/judge.jsonl")

@@ -197,6 +197,13 @@ def goal_table(rows: list, defaults=()) -> list[str]:
     return out
 
 
+def _labels(labels) -> str:
+    """Class labels as a reader writes them: 0–9 for a run of consecutive ones."""
+    if labels and len(labels) > 2 and list(labels) == list(range(labels[0], labels[-1] + 1)):
+        return f"{labels[0]}–{labels[-1]}"
+    return ", ".join(map(str, labels or []))
+
+
 def judge_section(rows: list) -> list[str]:
     """The trained networks (never fitted): each rule's geometric mean over NFE of error / best
     baseline, per network and solver, best first (the fitted warp as ``fitted``)."""
@@ -209,7 +216,9 @@ def judge_section(rows: list) -> list[str]:
         worst = {"fitted": max(r["fitted_ratio"] for r in sel),
                  **{b: max(r["baseline_ratio"][b] for r in sel) for b in names}}
         nfes = sorted(r["nfe"] for r in sel)
-        out += [f"`{key[0]}` ({key[1]} schedule), {key[2]} order {key[3]}, NFE {nfes[0]}–{nfes[-1]}, "
+        scale = sel[0].get("guidance_scale", 1.0)
+        guidance = f", classes {_labels(sel[0]['class_labels'])}, guidance {scale:g}" if scale != 1.0 else ""
+        out += [f"`{key[0]}` ({key[1]} schedule{guidance}), {key[2]} order {key[3]}, NFE {nfes[0]}–{nfes[-1]}, "
                 f"{sel[0]['holdout']} noises: " + ", ".join(
                     f"{'**fitted**' if b == 'fitted' else f'`{b}`'} {gm[b]:.3f} (worst NFE {worst[b]:.2f})"
                     for b in sorted(gm, key=gm.get)[:6]) + f"; the fitted warp ranks "

@@ -287,3 +287,60 @@ def test_kept_warp_results_give_the_documented_tables():
     text = warp_report.report(sorted((kept / "fits").glob("*.jsonl.gz")), kept / "judge.jsonl",
                               kept / "defaults.jsonl")
     assert text == (kept / "report.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_warp_judge_samples_a_guided_network_with_its_labels_and_guidance(tmp_path, monkeypatch):
+    """warp_judge on a class-conditional network (a tiny random UNet standing in for digits-cond-unet):
+    its rows are the errors of an Evaluator given the registry entry's labels, paired round robin
+    with the noises, and its guidance scale, measured here independently; without the guidance
+    the numbers differ, so the guidance was applied."""
+    import dataclasses
+
+    import diffusers
+    import numpy as np
+    import proxy_data
+    import warp_judge
+    from dmsteps_cli.checkpoints import load_checkpoint
+    from dmsteps_cli.evaluate import Evaluator
+    from dmsteps_cli.grids import grid_lambda
+    from robust_fit import baseline_errors, baselines_at
+    from tiny import save_pipeline, tiny_cond_unet
+    from warp_fit import theta_of, warp_lambda
+
+    folder = save_pipeline(tmp_path / "cond", tiny_cond_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
+    ck = load_checkpoint(folder, null_class=3)
+    entry = dataclasses.replace(proxy_data.proxy("digits-cond-unet"), class_labels=(0, 1), guidance_scale=2.5)
+    monkeypatch.setattr(warp_judge, "proxy_checkpoint", lambda name, rebuild: ck)
+    monkeypatch.setattr(warp_judge, "proxy", lambda name: entry)
+    s, T, eps = ck.schedule, ck.schedule.T, ck.schedule.eps_default
+    theta = theta_of(grid_lambda("quad", s, 10, T, eps))
+    fits = tmp_path / "linear-unipc-o2.jsonl"
+    fits.write_text(json.dumps({"family": "linear", "solver": "unipc", "order": 2, "variant": "bh2", "fold": "all",
+                                "nfe": 5, "warp": {"theta": theta.tolist()}}) + "\n")
+    nfes = (5, 6)
+    rows = warp_judge.judge("digits-cond-unet", "linear", [fits], holdout=3, nfes=nfes, log=lambda m: None)
+    assert [(r["proxy"], r["solver"], r["order"], r["nfe"]) for r in rows] == [
+        ("digits-cond-unet", "unipc", 2, n) for n in nfes]
+    assert all(r["class_labels"] == [0, 1] and r["guidance_scale"] == 2.5 for r in rows)
+
+    lam_T, lam_eps, args = float(s.lam(T)), float(s.lam(eps)), ("unipc", 2, "bh2")
+    base = {n: baselines_at(s, n, T, eps, None) for n in nfes}
+
+    def measured(guidance_scale):
+        ev = Evaluator(ck, None, range(3), T, eps, ck.device, class_labels=[0, 1, 0],
+                       guidance_scale=guidance_scale)
+        ev.settle(base[max(nfes)].values(), *args, margin=0.5)
+        out = {}
+        for n in nfes:
+            errors = baseline_errors(ev, base[n], args)
+            fitted = float(ev.errors(warp_lambda(theta, n, lam_T, lam_eps), *args).mean())
+            out[n] = (fitted / min(errors.values()), {b: e / min(errors.values()) for b, e in errors.items()})
+        return out
+
+    guided, unguided = measured(2.5), measured(1.0)
+    for r in rows:
+        fitted, ratios = guided[r["nfe"]]
+        assert r["fitted_ratio"] == pytest.approx(fitted, rel=1e-9)
+        assert r["baseline_ratio"] == pytest.approx(ratios, rel=1e-9)
+    assert not np.allclose([guided[n][0] for n in nfes], [unguided[n][0] for n in nfes], rtol=1e-3)
