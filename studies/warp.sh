@@ -4,9 +4,9 @@
 #      OUTDIR/fits/FAMILY-SOLVER-oORDER.jsonl; a rerun skips the folds already there;
 #   2. studies/warp_defaults.py: today's default steps where they are not one of the baselines (the
 #      optimized table of `edm`) on the same held-out noises, into OUTDIR/defaults.jsonl;
-#   3. studies/warp_judge.py on the two trained UNets, never fitted on: digits-unet with the `linear`
-#      fits and patches-unet with the `scaled_linear` fits (each UNet trained first when missing),
-#      into OUTDIR/judge.jsonl;
+#   3. studies/warp_judge.py on the three trained UNets, never fitted on, at once: digits-unet and
+#      digits-cond-unet (guided) with the `linear` fits, patches-unet with the `scaled_linear` fits
+#      (each UNet trained first when missing), into OUTDIR/judge.jsonl;
 #   4. studies/warp_report.py on all of it into OUTDIR/report.md.
 # Settings (environment): FAMILIES (the seven of studies/robust_fit.py's FAMILIES), SOLVERS
 # ("unipc dpmpp"), ORDERS ("3 2"), JOBS (2: one per core; each fit runs on one thread), OUTDIR
@@ -39,7 +39,7 @@ touch "$OUTDIR/defaults.jsonl"
 start=$(date +%s)
 rm -f "$OUTDIR"/judge-*.jsonl "$OUTDIR/judge.jsonl"
 judged=()
-for pair in "linear digits-unet" "scaled_linear patches-unet"; do
+for pair in "linear digits-unet" "linear digits-cond-unet" "scaled_linear patches-unet"; do
   set -- $pair
   fits=("$OUTDIR"/fits/"$1"-*.jsonl)
   [ -e "${fits[0]}" ] || continue
