@@ -52,9 +52,8 @@ def judge(name: str, family: str, paths, holdout: int = 128, nfes=range(5, 16), 
     _, shift = FAMILIES[family]
     lam_T, lam_eps = float(s.lam(T)), float(s.lam(eps))
     p = proxy(name)
-    seeds = list(range(holdout))
-    ev = Evaluator(ck, None, seeds, T, eps, ck.device, class_labels=pair_labels(p.class_labels, holdout),
-                   guidance_scale=p.guidance_scale)
+    labels = pair_labels(p.class_labels, holdout)  # None for an unconditional network
+    ev = Evaluator(ck, None, range(holdout), T, eps, ck.device, class_labels=labels, guidance_scale=p.guidance_scale)
     base = {n: baselines_at(s, n, T, eps, shift) for n in nfes}
     rows = []
     for (solver, order), (theta, variant) in sorted(fitted_warps(paths, family).items()):
@@ -68,7 +67,7 @@ def judge(name: str, family: str, paths, holdout: int = 128, nfes=range(5, 16), 
             rows.append({"proxy": name, "family": family, "solver": solver, "order": order, "nfe": n,
                          "fitted_ratio": fitted / best, "baseline_ratio": {b: e / best for b, e in errors.items()},
                          "best_baseline": min(errors, key=errors.get), "holdout": holdout,
-                         "class_labels": p.class_labels and list(p.class_labels),
+                         "class_labels": None if p.class_labels is None else list(p.class_labels),
                          "guidance_scale": p.guidance_scale})
         log(f"{name} {solver}-{order}: {time.time() - t0:.0f} s")
     return rows
