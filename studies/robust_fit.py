@@ -127,6 +127,15 @@ def baseline_errors(ev, lambdas: dict, args) -> dict:
     return {b: float(ev.errors(lam, *args).mean()) for b, lam in lambdas.items()}
 
 
+def ratios_to_best(ev, lam, baselines: dict, args) -> tuple[float, dict, str]:
+    """On ``ev``'s noises: (mean error of ``lam`` / the best baseline's, {baseline: its mean error /
+    the best's}, the best baseline's name), the best being the lowest mean error of ``baselines``."""
+    errors = baseline_errors(ev, baselines, args)
+    best = min(errors, key=errors.get)
+    return (float(ev.errors(lam, *args).mean()) / errors[best], {b: e / errors[best] for b, e in errors.items()},
+            best)
+
+
 def proxy_sets(names, family: str, train: int, validation: int, holdout: int) -> dict:
     """{proxy: {"train": Evaluator, "validation": ..., "holdout": ...}} under ``family``'s schedule,
     on the schedule's default interval."""

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 
 from dmsteps_cli.build import make_table  # noqa: E402
 from dmsteps_cli.config import StepConfig  # noqa: E402
-from robust_fit import ALL, FAMILIES, baseline_errors, baselines_at, proxy_sets  # noqa: E402
+from robust_fit import ALL, FAMILIES, baselines_at, proxy_sets, ratios_to_best  # noqa: E402
 from warp_report import default_rule, read_lines  # noqa: E402
 
 
@@ -64,10 +64,7 @@ def measure(family: str, solver: str, order: int, nfes, names, holdout: int = 12
         ev = sets[name]["holdout"]
         ev.settle(base[settle_nfe].values(), *args, margin=0.5)
         for n in nfes:
-            errors = baseline_errors(ev, base[n], args)
-            best = min(errors.values())
-            ratios[n][name] = float(ev.errors(lams[n], *args).mean()) / best
-            baseline_ratios[n][name] = {b: e / best for b, e in errors.items()}
+            ratios[n][name], baseline_ratios[n][name], _ = ratios_to_best(ev, lams[n], base[n], args)
         log(f"{family} {solver}-{order} {name}: {time.time() - t0:.0f} s")
     return [{"family": family, "solver": solver, "order": order, "variant": variant, "nfe": n,
              "steps": f"{config['objective']} from {config['init']}" + (f", p = {config['p']}" if config["p"] else ""),

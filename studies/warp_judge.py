@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "studies"))
 from dmsteps_cli.checkpoints import pair_labels  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from proxy_data import PROXIES, proxy, proxy_checkpoint  # noqa: E402
-from robust_fit import ALL, FAMILIES, baseline_errors, baselines_at  # noqa: E402
+from robust_fit import ALL, FAMILIES, baselines_at, ratios_to_best  # noqa: E402
 from warp_fit import warp_lambda  # noqa: E402
 from warp_report import read_lines  # noqa: E402
 
@@ -61,12 +61,10 @@ def judge(name: str, family: str, paths, holdout: int = 128, nfes=range(5, 16), 
         args = (solver, order, variant)
         ev.settle(base[max(nfes)].values(), *args, margin=0.5)
         for n in nfes:
-            errors = baseline_errors(ev, base[n], args)
-            best = min(errors.values())
-            fitted = float(ev.errors(warp_lambda(theta, n, lam_T, lam_eps), *args).mean())
+            fitted, baseline_ratio, best = ratios_to_best(ev, warp_lambda(theta, n, lam_T, lam_eps), base[n], args)
             rows.append({"proxy": name, "family": family, "solver": solver, "order": order, "nfe": n,
-                         "fitted_ratio": fitted / best, "baseline_ratio": {b: e / best for b, e in errors.items()},
-                         "best_baseline": min(errors, key=errors.get), "holdout": holdout,
+                         "fitted_ratio": fitted, "baseline_ratio": baseline_ratio, "best_baseline": best,
+                         "holdout": holdout,
                          "class_labels": None if p.class_labels is None else list(p.class_labels),
                          "guidance_scale": p.guidance_scale})
         log(f"{name} {solver}-{order}: {time.time() - t0:.0f} s")

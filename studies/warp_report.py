@@ -188,10 +188,10 @@ def goal_table(rows: list, defaults=()) -> list[str]:
             default = f"`{d}`: {fixed[d][0]:.3f} ({fixed[d][1]:.3f})"
         else:
             measured = [r for r in defaults if (r["family"], r["solver"], r["order"]) == key]
-            per_proxy = {p: [r["holdout_ratio"][p] for r in measured] for p in (measured[0]["holdout_ratio"]
-                                                                                 if measured else ())}
-            default = ("the optimized table: " + ("{:.3f} ({:.3f})".format(*gm_and_worst(per_proxy))
-                                                  if measured else "not measured"))
+            default = "the optimized table: not measured"
+            if measured:
+                per_proxy = {p: [r["holdout_ratio"][p] for r in measured] for p in measured[0]["holdout_ratio"]}
+                default = "the optimized table: {:.3f} ({:.3f})".format(*gm_and_worst(per_proxy))
         out.append(f"| {key[0]} | {key[1]}-{key[2]} | {gm:.3f} | {worst} ({_gm(per[worst]):.3f}) | "
                    f"{'met' if met else 'not met'} | `{b}`: {fixed[b][0]:.3f} ({fixed[b][1]:.3f}) | {default} |")
     return out
