@@ -8,25 +8,31 @@ A schedule argument is one of
   or in ``scheduler/`` (a pipeline folder).
 
 ``read_scheduler_config`` is the one reading of a diffusers scheduler config, used by ``optimize
---schedule``, ``apply_table``, ``sample``, ``evaluate`` and ``refine`` alike. It gives the schedule
-the model was trained with (alpha_t, sigma_t), what the network predicts, and, for flow models, the
-shift of the sampling grid:
+--schedule``, ``apply_table``, ``sample``, ``evaluate`` and ``refine`` alike. It reads a config only
+when it is sure what the config says: the config names a scheduler class it knows
+(``SCHEDULER_CLASSES``; that class's documented defaults fill what the file omits, as diffusers
+does), or, naming none, it carries the keys that define a schedule. Anything else -- a pipeline's
+``model_index.json``, a model's ``config.json``, a dmsteps table, ``{"foo": 1}``, a distilled
+model's scheduler (``REFUSED_CLASSES``) -- is refused in one line that says what the file looks
+like and what to pass instead. It gives the schedule the model was trained with (alpha_t,
+sigma_t), what the network predicts, and, for flow models, the shift of the sampling grid:
 
-- flow matching: ``FlowMatch*`` schedulers (``shift``), or any scheduler with ``use_flow_sigmas``
-  (``flow_shift``; UniPC and DPM-Solver++ run SD3-style and Wan models this way). The schedule is
-  ``Flow`` (alpha = 1 - t, sigma = t); the shift only spaces the grid. With
-  ``use_dynamic_shifting`` diffusers shifts by mu, which a pipeline computes from the image size:
-  mu is read at ``DYNAMIC_SHIFT_SEQ_LEN`` latent tokens (a 1024 x 1024 image in FLUX's packed
-  latents), linearly between (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``,
-  ``max_shift``), and the shift is s = e^mu (``time_shift_type`` exponential) or s = mu (linear);
-  an explicit ``shift`` argument replaces it;
+- flow matching: ``FlowMatchEuler``/``FlowMatchHeun`` schedulers (``shift``), or a multistep
+  scheduler with ``use_flow_sigmas`` (``flow_shift``; UniPC and DPM-Solver++ run SD3-style and Wan
+  models this way). The schedule is ``Flow`` (alpha = 1 - t, sigma = t); the shift only spaces the
+  grid. With ``use_dynamic_shifting`` diffusers shifts by mu, which a pipeline computes from the
+  image size: mu is read at ``DYNAMIC_SHIFT_SEQ_LEN`` latent tokens (a 1024 x 1024 image in
+  FLUX's packed latents), linearly between (``base_image_seq_len``, ``base_shift``) and
+  (``max_image_seq_len``, ``max_shift``), and the shift is s = e^mu (``time_shift_type``
+  exponential) or s = mu (linear); an explicit ``shift`` argument replaces it;
 - EDM schedulers: ``EDM(sigma_min, sigma_max)``;
-- everything else (DDPM, DDIM, PNDM, Euler, Euler ancestral, DPM-Solver++, UniPC, ...): the
+- the discrete ones (DDPM, DDIM, PNDM, Euler, Euler ancestral, DPM-Solver++, UniPC, ...): the
   discrete schedule of its betas: ``trained_betas`` or ``beta_schedule`` linear / scaled_linear /
   squaredcos_cap_v2 with ``beta_start``, ``beta_end``, ``num_train_timesteps``.
   ``rescale_betas_zero_snr`` (zero terminal SNR, lambda(T) = -inf) is refused.
 
-``prediction_type`` is the config's (``epsilon`` when absent); FlowMatch schedulers predict the
+``prediction_type`` is the config's, else its class's default (``epsilon``; None for a config that
+names no class and does not say); FlowMatch schedulers predict the
 flow velocity (``flow_prediction``). ``timestep_spacing`` (linspace, leading, trailing) is how the
 scheduler spaces its own grid; it does not change the schedule and a table replaces the grid, so it
 is checked and reported only. Other grid options (karras, exponential or beta sigmas,
@@ -80,7 +86,7 @@ class ScheduleSource:
 
 # --- diffusers scheduler configs -------------------------------------------------------------------
 
-def _number(cfg: Mapping, key: str, default: float, source: str) -> float:
+def _number(cfg: Mapping, key: str, default: float | None, source: str) -> float:
     value = cfg.get(key, default)
     if value is None:
         value = default
@@ -118,15 +124,22 @@ def _flow_shift(cfg: Mapping, key: str, source: str, shift: float | None) -> flo
     return value
 
 
+def _length(values) -> int | None:
+    """The number of values in a ``trained_betas`` list (None if it is not a sequence)."""
+    try:
+        return len(values)
+    except TypeError:
+        return None
+
+
 def _discrete(cfg: Mapping, name: str, source: str) -> DiscreteVP:
-    if cfg.get("rescale_betas_zero_snr"):
-        raise BadInput(f"{source}: rescale_betas_zero_snr gives zero terminal SNR (lambda(T) = -inf), "
-                       "which is not supported")
-    M = cfg.get("num_train_timesteps", 1000)
+    """The discrete schedule of a config whose schedule-defining keys are all present (a known
+    class's defaults already filled in, or ``_defining_family`` found them)."""
+    trained = cfg.get("trained_betas")
+    M = cfg.get("num_train_timesteps", None if trained is None else _length(trained))
     if isinstance(M, bool) or not isinstance(M, int) or not 2 <= M <= MAX_TRAIN_STEPS:
         raise BadInput(f"{source}: num_train_timesteps must be a whole number from 2 to {MAX_TRAIN_STEPS}, "
                        f"got {M!r}")
-    trained = cfg.get("trained_betas")
     if trained is not None:
         try:
             betas = np.asarray(trained.tolist() if hasattr(trained, "tolist") else trained, dtype=np.float64).ravel()
@@ -138,7 +151,7 @@ def _discrete(cfg: Mapping, name: str, source: str) -> DiscreteVP:
             raise BadInput(f"{source}: trained_betas must lie in (0, 1)")
         ac = np.cumprod(1.0 - betas)
         return DiscreteVP(ac, name, {"alphas_cumprod": ac.tolist()})
-    kind = cfg.get("beta_schedule", "linear")
+    kind = cfg.get("beta_schedule")
     if kind not in BETA_SCHEDULES:
         raise BadInput(f"{source}: unsupported beta_schedule {kind!r} (supported: {', '.join(BETA_SCHEDULES)})")
     if kind == "squaredcos_cap_v2" and cfg.get("alpha_transform_type", "cosine") not in (None, "cosine"):
@@ -146,8 +159,8 @@ def _discrete(cfg: Mapping, name: str, source: str) -> DiscreteVP:
                        "(only cosine)")
     params = {"betas": kind, "num_train_timesteps": M}
     if kind != "squaredcos_cap_v2":
-        params["beta_start"] = _number(cfg, "beta_start", 0.0001, source)
-        params["beta_end"] = _number(cfg, "beta_end", 0.02, source)
+        params["beta_start"] = _number(cfg, "beta_start", None, source)
+        params["beta_end"] = _number(cfg, "beta_end", None, source)
     betas = betas_for(kind, params.get("beta_start", 0.0), params.get("beta_end", 0.0), M)
     return DiscreteVP(np.cumprod(1.0 - betas), name, params)
 
@@ -163,6 +176,75 @@ def check_prediction_type(ptype, schedule: Schedule, source: str) -> str:
     return ptype
 
 
+# What a diffusers scheduler class reads a config as, and its documented defaults for the keys that
+# decide the schedule (diffusers 0.42, each class's ``__init__``): a config that names one of these
+# classes is read with these defaults filling what the file omits, as diffusers does (SD 1.5's
+# published config has no prediction_type). Heun, KDPM2 and DPMSolverSDE default to linear betas
+# from 0.00085 to 0.012, LCM and TCD to scaled_linear ones, the rest of the discrete ones to linear
+# betas from 0.0001 to 0.02.
+_VP_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+              "prediction_type": "epsilon"}
+_VP_K = {**_VP_LINEAR, "beta_start": 0.00085, "beta_end": 0.012}
+_FLOW_CAPABLE = {"flow_shift": 1.0, "use_flow_sigmas": False}  # the solvers that also run flow sigmas
+SCHEDULER_CLASSES: dict[str, tuple[str, dict]] = {
+    **{cls: ("discrete", _VP_LINEAR) for cls in (
+        "DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler", "DDIMParallelScheduler", "DDIMInverseScheduler",
+        "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")},
+    **{cls: ("discrete", {**_VP_LINEAR, **_FLOW_CAPABLE}) for cls in (
+        "DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler", "DPMSolverSinglestepScheduler",
+        "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler")},
+    **{cls: ("discrete", _VP_K) for cls in (
+        "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")},
+    **{cls: ("flow", {"num_train_timesteps": 1000, "shift": 1.0, "prediction_type": "flow_prediction"}) for cls in (
+        "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")},
+    **{cls: ("edm", {"num_train_timesteps": 1000, "sigma_min": 0.002, "sigma_max": 80.0, "prediction_type": "epsilon"})
+       for cls in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")},
+}
+# Classes that look like a known family but sample on something a table cannot replace.
+REFUSED_CLASSES = {
+    "LCMScheduler": "a latent consistency model samples on the steps it was distilled for",
+    "TCDScheduler": "a trajectory consistency model samples on the steps it was distilled for",
+    "FlowMatchLCMScheduler": "a consistency-distilled flow model samples on the steps it was distilled for",
+    "CMStochasticIterativeScheduler": "a consistency model samples on the steps it was distilled for",
+    "CogVideoXDDIMScheduler": "its snr_shift_scale changes the schedule in a way dmsteps does not model",
+    "CogVideoXDPMScheduler": "its snr_shift_scale changes the schedule in a way dmsteps does not model",
+    "ScoreSdeVeScheduler": "score-SDE VE is not supported",
+}
+PASS_INSTEAD = "pass the pipeline folder, its scheduler/ folder or its scheduler_config.json"
+
+
+def _what_it_is(cfg: Mapping) -> str | None:
+    """What a JSON object that is not a scheduler config looks like, if it is recognisably something
+    else (a pipeline's model_index.json, a model's config.json, a dmsteps table)."""
+    cls = str(cfg.get("_class_name") or "")
+    schema = cfg.get("schema")
+    if isinstance(schema, str) and schema.startswith("dmsteps."):
+        return "a dmsteps step table" if schema.startswith("dmsteps.table") else f"a dmsteps file ({schema})"
+    if cls.endswith("Pipeline") or any(isinstance(v, list) and len(v) == 2 and v[0] in ("diffusers", "transformers")
+                                       for v in cfg.values()):
+        return f"a pipeline's model_index.json ({cls or 'no _class_name'})"
+    if cls and not cls.endswith("Scheduler"):
+        return f"the config of a {cls}, not of a scheduler"
+    return None
+
+
+def _defining_family(cfg: Mapping) -> str | None:
+    """The family a config without a known scheduler class defines by its own keys, or None when
+    its keys do not define a schedule: ``use_flow_sigmas`` with ``flow_shift`` (flow);
+    ``trained_betas``, or ``beta_schedule`` with ``num_train_timesteps`` (and ``beta_start`` and
+    ``beta_end`` for the linear kinds) (discrete)."""
+    if cfg.get("use_flow_sigmas"):
+        return "flow" if "flow_shift" in cfg else None
+    if cfg.get("trained_betas") is not None:
+        return "discrete"
+    kind = cfg.get("beta_schedule")
+    if kind is None or "num_train_timesteps" not in cfg:
+        return None
+    if kind != "squaredcos_cap_v2" and not ("beta_start" in cfg and "beta_end" in cfg):
+        return None
+    return "discrete"
+
+
 def read_scheduler_config(cfg: Mapping, source: str = "scheduler config", name: str | None = None,
                           shift: float | None = None) -> ScheduleSource:
     """The schedule, prediction type and grid spacing a diffusers scheduler config describes.
@@ -170,27 +252,45 @@ def read_scheduler_config(cfg: Mapping, source: str = "scheduler config", name: 
     ``cfg``: the config mapping (``scheduler.config``, or a parsed ``scheduler_config.json``; its
     ``_class_name`` names the scheduler class). ``source`` opens error messages; ``name`` names
     the schedule (default ``source``). ``shift``: the flow shift to use instead of the config's.
+
+    A config is read only when it names a class of ``SCHEDULER_CLASSES`` (whose documented
+    defaults then fill what it omits) or, naming none, carries the keys that define a schedule
+    (``_defining_family``); anything else is refused, never read as diffusers' default betas.
     """
     if not isinstance(cfg, Mapping):
         raise BadInput(f"{source}: expected a JSON object")
     cls = str(cfg.get("_class_name") or "")
     name = name or source
-    if cls.startswith("ScoreSdeVe"):
-        raise BadInput(f"{source}: {cls} (score-SDE VE) is not supported")
-    if cls.startswith("FlowMatch") or cfg.get("use_flow_sigmas"):
-        key = "shift" if cls.startswith("FlowMatch") else "flow_shift"
+    if cls in REFUSED_CLASSES:
+        raise BadInput(f"{source}: {cls} is not supported: {REFUSED_CLASSES[cls]}")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise BadInput(f"{source}: rescale_betas_zero_snr gives zero terminal SNR (lambda(T) = -inf), "
+                       "which is not supported")
+    looks_like = _what_it_is(cfg)
+    if looks_like is not None:
+        raise BadInput(f"{source}: this is {looks_like}, not a scheduler config; {PASS_INSTEAD}")
+    if cls in SCHEDULER_CLASSES:
+        family, defaults = SCHEDULER_CLASSES[cls]
+        cfg = {**defaults, **{k: v for k, v in cfg.items() if v is not None or k not in defaults}}
+    else:
+        family = _defining_family(cfg)
+        if family is None:
+            what = f"an unknown scheduler class {cls}" if cls else "no _class_name"
+            raise BadInput(f"{source}: {what} and no keys that define a schedule (beta_schedule with "
+                           "num_train_timesteps, beta_start and beta_end; trained_betas; or use_flow_sigmas "
+                           f"with flow_shift); {PASS_INSTEAD}")
+    if cfg.get("use_flow_sigmas"):
+        family = "flow"
+    if family == "flow":
+        key = "shift" if "shift" in cfg and "flow_shift" not in cfg else "flow_shift"
         schedule: Schedule = Flow(name=name, default_shift=_flow_shift(cfg, key, source, shift))
-        default_ptype = "flow_prediction" if cls.startswith("FlowMatch") else "epsilon"
-    elif cls.startswith("EDM"):
-        schedule = EDM(_number(cfg, "sigma_min", 0.002, source), _number(cfg, "sigma_max", 80.0, source), name=name)
-        default_ptype = "epsilon"
+    elif family == "edm":
+        schedule = EDM(_number(cfg, "sigma_min", None, source), _number(cfg, "sigma_max", None, source), name=name)
     else:
         schedule = _discrete(cfg, name, source)
-        default_ptype = "epsilon"
-    ptype = cfg.get("prediction_type") or default_ptype
-    if cls.startswith("FlowMatch"):
-        ptype = "flow_prediction"
-    check_prediction_type(ptype, schedule, source)
+    ptype = "flow_prediction" if cls.startswith("FlowMatch") else cfg.get("prediction_type")
+    if ptype is not None:
+        check_prediction_type(ptype, schedule, source)
     spacing = cfg.get("timestep_spacing")
     if spacing is not None and spacing not in TIMESTEP_SPACINGS:
         raise BadInput(f"{source}: unknown timestep_spacing {spacing!r} (known: {', '.join(TIMESTEP_SPACINGS)})")

@@ -1,0 +1,128 @@
+"""Readers refuse what they cannot read for sure, instead of answering a question the input did not ask.
+
+- A scheduler config is read only when it names a scheduler class dmsteps knows (whose documented
+  defaults then fill what it omits, checked here against diffusers' own classes) or carries the keys
+  that define a schedule; a pipeline's model_index.json, a model's config.json, a table or ``{"foo": 1}``
+  given as ``--schedule`` is refused (exit 2, one line, nothing written).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmsteps_cli.errors import BadInput
+from dmsteps_cli.schedule_sources import REFUSED_CLASSES, SCHEDULER_CLASSES, read_scheduler_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dmsteps_cli", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=300)
+
+
+def refused(r, *needles):
+    """Exit 2, one error line naming every needle, no traceback, nothing on stdout."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    assert r.stdout == ""
+    return lines[0]
+
+
+# --- scheduler configs ---------------------------------------------------------------------------
+
+NOT_SCHEDULER_CONFIGS = {
+    "model_index.json": ({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+                          "scheduler": ["diffusers", "PNDMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+                          "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]},
+                         "model_index.json"),
+    "unet-config.json": ({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 64,
+                          "cross_attention_dim": 768}, "UNet2DConditionModel"),
+    "vae-config.json": ({"_class_name": "AutoencoderKL", "latent_channels": 4, "scaling_factor": 0.18215},
+                        "AutoencoderKL"),
+    "foo.json": ({"foo": 1}, "no keys that define a schedule"),
+}
+
+
+@pytest.mark.parametrize("name", [*NOT_SCHEDULER_CONFIGS, "table.json"])
+def test_optimize_refuses_a_json_file_that_is_not_a_scheduler_config(tmp_path, name):
+    if name == "table.json":
+        assert run("optimize", "--nfe", "5", "-q", "-o", tmp_path / name).returncode == 0
+        needle = "a dmsteps step table"
+    else:
+        data, needle = NOT_SCHEDULER_CONFIGS[name]
+        (tmp_path / name).write_text(json.dumps(data))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = refused(run("optimize", "--schedule", name, "--nfe", "10", "-o", "out.json", cwd=tmp_path),
+                   needle, "not a scheduler config" if name != "foo.json" else "pass the pipeline folder")
+    assert "scheduler/" in line  # says what to pass instead
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_pipeline_folder_is_read_through_its_scheduler_folder(tmp_path):
+    """The folder the refused model_index.json sits in is what to pass: it reads the scheduler/ config."""
+    (tmp_path / "model_index.json").write_text(json.dumps(NOT_SCHEDULER_CONFIGS["model_index.json"][0]))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}))
+    r = run("optimize", "--schedule", tmp_path, "--nfe", "5", "-q", "-o", tmp_path / "t.json")
+    assert r.returncode == 0, r.stderr
+    params = json.loads((tmp_path / "t.json").read_text())["schedule"]["params"]
+    assert params["betas"] == "scaled_linear" and params["beta_end"] == 0.012
+
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("cls", sorted(c for c in SCHEDULER_CLASSES if hasattr(diffusers, c)))
+def test_a_known_class_reads_with_the_defaults_diffusers_gives_it(cls):
+    """``{"_class_name": cls}`` alone reads as the schedule diffusers' own class builds with no
+    arguments (its alphas_cumprod, flow shift or sigma range), and its prediction type."""
+    made = getattr(diffusers, cls)()
+    read = read_scheduler_config({"_class_name": cls}, cls)
+    family = SCHEDULER_CLASSES[cls][0]
+    assert read.schedule.family == family
+    if family == "discrete":
+        np.testing.assert_allclose(read.schedule.alphas_cumprod, made.alphas_cumprod.double().numpy(), rtol=1e-6)
+        assert read.prediction_type == made.config.prediction_type
+    elif family == "flow":
+        assert read.schedule.default_shift == made.config.shift and read.prediction_type == "flow_prediction"
+    else:
+        assert (read.schedule.sigma_min, read.schedule.sigma_max) == (made.config.sigma_min, made.config.sigma_max)
+
+
+def test_a_config_that_omits_prediction_type_takes_its_class_default():
+    """SD 1.5's published config has no prediction_type: its class (PNDM) predicts epsilon by default."""
+    read = read_scheduler_config({"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
+                                  "beta_start": 0.00085, "beta_end": 0.012})
+    assert read.prediction_type == "epsilon"
+
+
+def test_a_config_without_a_class_needs_the_keys_that_define_a_schedule():
+    full = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    read = read_scheduler_config(full)
+    assert read.schedule.family == "discrete" and read.prediction_type is None  # the file does not say
+    for missing in full:
+        with pytest.raises(BadInput, match="no keys that define a schedule"):
+            read_scheduler_config({k: v for k, v in full.items() if k != missing})
+    with pytest.raises(BadInput, match="no keys that define a schedule"):
+        read_scheduler_config({"use_flow_sigmas": True})  # which shift?
+    assert read_scheduler_config({"use_flow_sigmas": True, "flow_shift": 5.0}).schedule.default_shift == 5.0
+    assert read_scheduler_config({"trained_betas": [0.01] * 10}).schedule.alphas_cumprod.size == 10
+    with pytest.raises(BadInput, match="unknown scheduler class MyScheduler"):
+        read_scheduler_config({"_class_name": "MyScheduler", "beta_start": 0.001})
+
+
+@pytest.mark.parametrize("cls", sorted(REFUSED_CLASSES))
+def test_distilled_and_unmodelled_schedulers_are_refused(cls):
+    with pytest.raises(BadInput, match=f"{cls} is not supported"):
+        read_scheduler_config({"_class_name": cls, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                               "beta_end": 0.012, "num_train_timesteps": 1000})
