@@ -6,7 +6,8 @@ Library entry points (none of them imports torch):
     schedule = get_schedule("scaled_linear")
     table = make_table(StepConfig(nfe=(5, 6, 7)), schedule)
 
-Where things live: ``config`` (StepConfig), ``tables`` (the table schema: read, write, validate),
+Where things live: ``config`` (StepConfig), ``tables`` (the table schema: read, write, validate), ``table_reader`` (``load_table``: a
+table checked to agree with itself),
 ``build`` (make a table; ``optimize`` places the steps), ``check`` (recompute and compare a table);
 ``sample``, ``evaluate`` and ``refine`` run a model and import torch.
 
@@ -19,7 +20,7 @@ _EXPORTS = {
     "StepConfig": "config",
     "get_schedule": "schedule_sources",
     "make_table": "build",
-    "load_table": "tables",
+    "load_table": "table_reader",
     "check_table": "check",
     "dumps": "tables",
 }

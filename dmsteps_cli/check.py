@@ -22,16 +22,15 @@ from .config import StepConfig
 from .errors import TableError
 from .optimize import REPRODUCIBLE, table_objective
 from .refined import record_drift
-from .schedules import same_schedule, schedule_from_spec, step_arrays
+from .schedules import same_schedule, schedule_from_spec
+from .table_reader import DERIVED_RTOL, LAMBDA_ATOL, close_to, entry_drift
 from .tables import INDEX_FIELDS, config_of, index_row, parse_document, validate
 
 # The reproducibility promise, and ``check``'s tolerances: a table entry whose optimizer status is
 # in REPRODUCIBLE is the same on every machine (CPU, BLAS kernel, numpy SIMD path, thread count) to
-# LAMBDA_ATOL in lambda and VALUE_RTOL in its objectives (measured spread: 3e-13 in lambda, 3e-14
+# LAMBDA_ATOL (table_reader) in lambda and VALUE_RTOL in its objectives (measured spread: 3e-13 in lambda, 3e-14
 # relative in the objective, docs/reproducibility.md). t, sigmas and timesteps are functions of lambda.
-LAMBDA_ATOL = 1e-10
 VALUE_RTOL = 1e-10
-DERIVED_RTOL = 1e-12  # t, sigmas, timesteps against the schedule's functions of the stored lambda
 
 
 def check_table(table: dict) -> list[str]:
@@ -39,22 +38,13 @@ def check_table(table: dict) -> list[str]:
     return check_report(table)[0]
 
 
-def _close(a, b, rtol: float) -> bool:
-    """Arrays (or numbers) equal to ``rtol`` relative to the larger magnitude in ``b``."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = np.max(np.abs(b)) if b.size else 0.0
-    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= rtol * scale))
-
-
-def entry_consistency(entry: dict, schedule, objective=None) -> list[str]:
-    """What does not follow from an entry's own lambdas: t, sigmas and timesteps through the
-    schedule (ends pinned to the entry's t[0] and t[-1]) and, given the entry's ``objective``
-    function, its objective. Messages are relative to the entry."""
+def entry_consistency(entry: dict, schedule, config: StepConfig, objective=None) -> list[str]:
+    """What does not follow from an entry's own lambdas (``table_reader.entry_drift``: t, sigmas
+    and timesteps through the schedule, the ends at the config's T and eps) and, given the entry's
+    ``objective`` function, its objective. Messages are relative to the entry."""
+    drift = entry_drift(entry, schedule, config.T, config.eps)
     lam = np.asarray(entry["lambda"], dtype=np.float64)
-    derived = step_arrays(schedule, lam, entry["t"][0], entry["t"][-1])
-    drift = [f"{key}: does not follow from its lambda" for key in ("t", "sigmas", "timesteps")
-             if not _close(entry[key], derived[key], DERIVED_RTOL)]
-    if objective is not None and not _close(entry["objective"], objective.value(lam), VALUE_RTOL):
+    if objective is not None and not close_to(entry["objective"], objective.value(lam), VALUE_RTOL):
         drift.append("objective: is not the objective at its lambda")
     return drift
 
@@ -83,7 +73,7 @@ def refined_consistency(table: dict) -> list[str]:
         drift.append(f"config.nfe: {table['config'].get('nfe')!r}, but the entries hold NFE {nfes}")
     for i, e in enumerate(table["entries"]):
         where = f"entries[{i}] (NFE {e['nfe']})"
-        drift.extend(f"{where}.{d}" for d in entry_consistency(e, schedule, entry_objective(schedule, c, e["nfe"])))
+        drift.extend(f"{where}.{d}" for d in entry_consistency(e, schedule, c, entry_objective(schedule, c, e["nfe"])))
         drift.extend(f"{where}.{d}" for d in record_drift(e))
     return drift
 
@@ -118,12 +108,12 @@ def compare_tables(table: dict, fresh: dict, schedule) -> tuple[list[str], list[
         if new is None:
             drift.append(f"{where}: not in the config's NFE list")
             continue
-        drift += [f"{where}.{d}" for d in entry_consistency(old, schedule, entry_objective(schedule, c, old["nfe"]))]
-        if not _close(old["init_objective"], new["init_objective"], VALUE_RTOL):
+        drift += [f"{where}.{d}" for d in entry_consistency(old, schedule, config_of(table), entry_objective(schedule, c, old["nfe"]))]
+        if not close_to(old["init_objective"], new["init_objective"], VALUE_RTOL):
             drift.append(f"{where}.init_objective: differs beyond {VALUE_RTOL:g} relative")
         old_b, new_b = old.get("baselines", {}), new["baselines"]
         if not (isinstance(old_b, dict) and set(old_b) == set(new_b)
-                and all(_close(old_b[g], new_b[g], VALUE_RTOL) for g in new_b)):
+                and all(close_to(old_b[g], new_b[g], VALUE_RTOL) for g in new_b)):
             drift.append(f"{where}.baselines: differ beyond {VALUE_RTOL:g} relative")
         for key in ("orders", "init"):
             if old.get(key) != new[key]:
@@ -138,7 +128,7 @@ def compare_tables(table: dict, fresh: dict, schedule) -> tuple[list[str], list[
             drift.append(f"{where}.optimizer.status: {status!r} != {fresh_status!r}")
         if not lam_diff <= LAMBDA_ATOL:
             drift.append(f"{where}.lambda: differs by up to {lam_diff:.3g} (tolerance {LAMBDA_ATOL:g})")
-        if not _close(old["objective"], new["objective"], VALUE_RTOL):
+        if not close_to(old["objective"], new["objective"], VALUE_RTOL):
             drift.append(f"{where}.objective: differs beyond {VALUE_RTOL:g} relative")
     return drift, notes
 

@@ -190,7 +190,8 @@ def show(
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
     from .integrations.exports import decimals, sigmas_for
-    from .tables import entry_for, load_table
+    from .table_reader import load_table
+    from .tables import entry_for
 
     table = load_table(file, fmt)
     line = None

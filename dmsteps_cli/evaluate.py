@@ -61,7 +61,7 @@ from .runtime import (
 )
 from .schedules import same_schedule, step_arrays
 from .solvers import build_plan, initial_noise_scale, solver_choice
-from .tables import load_table
+from .table_reader import load_table
 from .text_to_image import load_model, read_prompts
 
 SCHEMA = "dmsteps.evaluation/1"

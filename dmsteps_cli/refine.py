@@ -96,7 +96,8 @@ from .refined import TABLE
 from .runtime import network_dtype_named, rank_device
 from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
-from .tables import entry_for, load_table
+from .table_reader import load_table
+from .tables import entry_for
 from .text_to_image import load_model, read_prompts
 
 TRAIN_SEED_OFFSET = 1_000_000

@@ -42,7 +42,8 @@ from .runtime import (
 )
 from .schedules import same_schedule
 from .solvers import build_plan, initial_noise_scale, solver_choice
-from .tables import entry_for, load_table_text
+from .table_reader import load_table_text
+from .tables import entry_for
 
 
 @dataclass

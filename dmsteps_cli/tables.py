@@ -159,22 +159,6 @@ def read_document(path: str | os.PathLike, fmt: str | None = None, what: str = "
     return parse_document(text, f"{what} {raw}", fmt), text
 
 
-def load_table(path: str | os.PathLike, fmt: str | None = None) -> dict:
-    """Read and validate a table (JSON or YAML; ``-``: standard input); errors name the file and
-    the bad field."""
-    return load_table_text(path, fmt)[0]
-
-
-def load_table_text(path: str | os.PathLike, fmt: str | None = None) -> tuple[dict, str]:
-    """``load_table`` and the text it was read from."""
-    data, text = read_document(path, fmt)
-    try:
-        validate(data)
-    except TableError as exc:
-        raise TableError(f"table {os.fspath(path)}: {exc}") from None
-    return data, text
-
-
 # --- validation and lookup ------------------------------------------------------------------------
 
 def is_number(v) -> bool:
@@ -315,4 +299,4 @@ def index_row(name: str, text: str, table: dict) -> dict:
 
 
 __all__ = ["FORMATS", "INDEX_SCHEMA", "SCHEMA", "config_of", "dumps", "entry_for", "format_for", "index_row",
-           "is_index", "is_number", "load_table", "load_table_text", "parse_document", "read_document", "validate"]
+           "is_index", "is_number", "parse_document", "read_document", "validate"]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from dmsteps_cli.errors import TableError
-from dmsteps_cli.tables import load_table, validate
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import validate
 
 
 def run(*args, cwd=None):

@@ -44,7 +44,8 @@ from dmsteps_cli.integrations.comfyui import (
 )
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
-from dmsteps_cli.tables import bundled_tables, entry_for, load_table
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import bundled_tables, entry_for
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent

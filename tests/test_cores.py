@@ -31,7 +31,7 @@ from dmsteps_cli.refine import (
     refine_table,
     train_seeds,
 )
-from dmsteps_cli.tables import load_table
+from dmsteps_cli.table_reader import load_table
 
 torch.set_num_threads(1)
 PACKAGE = Path(__file__).resolve().parents[1] / "dmsteps_cli"

@@ -15,7 +15,7 @@ from dmsteps_cli.grids import grid_lambda
 from dmsteps_cli.optimize import DEFAULT_STEPS, FALLBACK_STEPS, default_key, resolve
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import preset_names, preset_of
-from dmsteps_cli.tables import load_table
+from dmsteps_cli.table_reader import load_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_RESULTS = ROOT / "docs" / "evaluation" / "data-results.json"

@@ -24,7 +24,8 @@ from dmsteps_cli import StepConfig, dumps, make_table
 from dmsteps_cli.cli import app, main
 from dmsteps_cli.integrations.exports import decimal, decimals, sdcpp_sigmas, sigmas_for
 from dmsteps_cli.schedules import schedule_from_spec
-from dmsteps_cli.tables import bundled_tables, load_table
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import bundled_tables
 
 MANUAL_SIGMAS = re.compile(r"[-+]?(?:\d*\.*\d+)")  # ComfyUI's ManualSigmas pattern, verbatim
 NOISE_AT_THE_END = re.compile(r"(?:9{8,}|0{8,})\d{1,2}$")  # 79.99999999999997, 0.0020000000000000005

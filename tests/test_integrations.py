@@ -328,7 +328,8 @@ def test_zz_report_measured_differences():
 
 def test_apply_table_takes_a_bundled_table_by_name():
     """apply_table(scheduler, "sd-unipc-o3", nfe=10): the ready-made table shipped in the package."""
-    from dmsteps_cli.tables import bundled_tables, load_table
+    from dmsteps_cli.table_reader import load_table
+    from dmsteps_cli.tables import bundled_tables
 
     sched = diffusers.UniPCMultistepScheduler(**SD, solver_order=3)
     apply_table(sched, "sd-unipc-o3", nfe=10)

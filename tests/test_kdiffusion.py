@@ -37,7 +37,8 @@ import torch
 from dmsteps_cli.integrations.exports import sigmas_for
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.solvers import build_plan, run_plan
-from dmsteps_cli.tables import bundled_tables, entry_for, load_table
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import bundled_tables, entry_for
 
 torch.set_num_threads(1)
 

@@ -4,6 +4,9 @@
   defaults then fill what it omits, checked here against diffusers' own classes) or carries the keys
   that define a schedule; a pipeline's model_index.json, a model's config.json, a table or ``{"foo": 1}``
   given as ``--schedule`` is refused (exit 2, one line, nothing written).
+- A table whose lambda, t, sigmas and timesteps disagree (edited by hand) is refused by every reader:
+  ``show``, ``apply_table``, the ComfyUI file node, ``load_table``; ``check`` still reports it. Tables
+  written by this release (a frozen file of each kind: grid, optimized, refined) still load.
 """
 
 import json
@@ -16,7 +19,10 @@ import numpy as np
 import pytest
 
 from dmsteps_cli.errors import BadInput
+from dmsteps_cli.integrations.diffusers import applied_steps, apply_table
 from dmsteps_cli.schedule_sources import REFUSED_CLASSES, SCHEDULER_CLASSES, read_scheduler_config
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import table_source
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -79,9 +85,88 @@ def test_a_pipeline_folder_is_read_through_its_scheduler_folder(tmp_path):
     assert params["betas"] == "scaled_linear" and params["beta_end"] == 0.012
 
 
+# --- tables that disagree with themselves ------------------------------------------------------------
+
+FROZEN = ROOT / "tests" / "data" / "frozen"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FROZEN.glob("*.json")))
+def test_tables_written_by_this_release_still_load(name):
+    """A grid, an optimized and a refined table, written by 0.1.0 and kept as they were."""
+    table = load_table(FROZEN / name)
+    r = run("show", FROZEN / name, "--nfe", table["entries"][-1]["nfe"], "--as", "sigmas")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [float(v) for v in r.stdout.split(",")] == table["entries"][-1]["sigmas"]
+
+
+def edited(tmp_path, field: str, nfe: int = 8) -> Path:
+    """The bundled sd-unipc-o3 table with one value of ``field`` in the entry for ``nfe`` changed, the
+    other three fields untouched (as a hand edit leaves them)."""
+    table = json.loads(Path(table_source("sd-unipc-o3")).read_text())
+    entry = next(e for e in table["entries"] if e["nfe"] == nfe)
+    if field == "sigmas":
+        entry["sigmas"][3] = 3.0
+    elif field == "t":
+        entry["t"][3] *= 1.01
+    else:
+        entry[field][3] += 0.01
+    path = tmp_path / f"edited-{field}.json"
+    path.write_text(json.dumps(table))
+    return path
+
+
+EDITS = {"sigmas": ("sigmas",), "t": ("t",), "timesteps": ("timesteps",), "lambda": ("t", "sigmas", "timesteps")}
+
+
+@pytest.mark.parametrize("field", EDITS)
+def test_show_refuses_a_table_whose_fields_disagree(tmp_path, field):
+    path = edited(tmp_path, field)
+    for as_ in ("sigmas", "timesteps", "t"):
+        line = refused(run("show", path, "--nfe", "8", "--as", as_), "NFE 8", f".{EDITS[field][0]}:", "dmsteps check")
+    assert "edited" in line
+    refused(run("show", path), "NFE 8")  # the summary too
+    r = run("check", path)  # check reports it rather than refusing to read it
+    assert r.returncode == 1 and "NFE 8" in r.stdout and EDITS[field][0] in r.stdout, (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("field", ["sigmas", "t"])
+def test_load_table_and_apply_table_refuse_a_table_whose_fields_disagree(tmp_path, field):
+    path = edited(tmp_path, field)
+    with pytest.raises(BadInput, match=f"NFE 8.*{field}: does not follow from its lambda"):
+        load_table(path)
+    diffusers = pytest.importorskip("diffusers")
+    table = json.loads(path.read_text())
+    for given in (path, table):  # a file and a dict alike
+        scheduler = diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        with pytest.raises(BadInput, match=f"NFE 8.*{field}"):
+            apply_table(scheduler, given, nfe=8)
+        assert applied_steps(scheduler) is None  # nothing installed
+
+
+def test_a_table_whose_ends_are_not_the_configs_is_refused(tmp_path):
+    """t's ends are the config's T and eps (so exported ends keep their exact values)."""
+    table = json.loads(Path(table_source("sd-unipc-o3")).read_text())
+    table["config"]["eps"] = 0.002
+    path = tmp_path / "eps.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(BadInput, match="NFE 5.*config's T and eps"):
+        load_table(path)
+
+
+def test_the_comfyui_file_node_refuses_a_table_whose_fields_disagree(tmp_path):
+    from test_comfyui import SD15
+
+    from dmsteps_cli.integrations.comfyui import DmstepsTableFile
+
+    for field in ("sigmas", "t"):
+        with pytest.raises(BadInput, match=f"NFE 8.*{field}"):
+            DmstepsTableFile().get_sigmas(SD15, str(edited(tmp_path, field)), 8, 1.0)
+
+
 diffusers = pytest.importorskip("diffusers")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("cls", sorted(c for c in SCHEDULER_CLASSES if hasattr(diffusers, c)))
 def test_a_known_class_reads_with_the_defaults_diffusers_gives_it(cls):
     """``{"_class_name": cls}`` alone reads as the schedule diffusers' own class builds with no

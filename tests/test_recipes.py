@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from dmsteps_cli.build import make_table
-from dmsteps_cli.tables import bundled_tables, dumps, entry_for, load_table, table_source
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import bundled_tables, dumps, entry_for, table_source
 
 torch.set_num_threads(1)
 import diffusers  # noqa: E402  (a test dependency: pip install -e .[test])

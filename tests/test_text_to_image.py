@@ -24,7 +24,8 @@ from dmsteps_cli.reference_cache import ReferenceCache, key_of, settings
 from dmsteps_cli.runtime import noise_for, to_data_prediction
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.solvers import build_plan, run_plan
-from dmsteps_cli.tables import entry_for, load_table
+from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.tables import entry_for
 from dmsteps_cli.text_to_image import load_model, read_prompts
 
 torch.set_num_threads(1)

@@ -89,7 +89,8 @@ import numpy as np
 from ..errors import BadInput, bad_setting
 from ..schedule_sources import read_scheduler_config
 from ..schedules import same_schedule
-from ..tables import entry_for, load_table, validate
+from ..table_reader import checked_table, load_table
+from ..tables import entry_for
 from ..weights import step_orders
 
 FINAL_SIGMAS = ("table", "zero")
@@ -319,7 +320,7 @@ def apply_table(scheduler, table, nfe: int | None = None, final_sigma: str = "ta
     if isinstance(table, (str, os.PathLike)):
         table = load_table(table)
     elif isinstance(table, dict):
-        validate(table)
+        checked_table(table)
     else:
         raise bad_setting("table", f"must be a table dict or a path, got {type(table).__name__}")
     entry = entry_for(table, nfe)
