@@ -305,7 +305,7 @@ def test_exports():
         text = sdcpp_sigmas(e, zero_end=zero_end)
         assert " " not in text and len(text.split(",")) == 11
         assert [float(v) for v in text.split(",")] == sigmas_for(e, zero_end=zero_end)
-    t = dpm_solver_t(e)
+    t = dpm_solver_t(e, table("unipc", 3)["schedule"])
     assert t == e["t"] and t[0] == 1.0 and t[-1] == 1e-3 and len(t) == 11
     flow = entry_for(table("ddim", 1, "flow", (5, 10), 3.0), 5)
     assert sigmas_for(flow) == flow["t"]  # flow models: sigma is t

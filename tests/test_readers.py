@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ import pytest
 
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.integrations.diffusers import applied_steps, apply_table
+from dmsteps_cli.integrations.exports import dpm_solver_t
 from dmsteps_cli.schedule_sources import REFUSED_CLASSES, SCHEDULER_CLASSES, read_scheduler_config
 from dmsteps_cli.table_reader import load_table
-from dmsteps_cli.tables import table_source
+from dmsteps_cli.tables import entry_for, table_source
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -161,6 +163,40 @@ def test_the_comfyui_file_node_refuses_a_table_whose_fields_disagree(tmp_path):
     for field in ("sigmas", "t"):
         with pytest.raises(BadInput, match=f"NFE 8.*{field}"):
             DmstepsTableFile().get_sigmas(SD15, str(edited(tmp_path, field)), 8, 1.0)
+
+
+# --- integrations say what they do --------------------------------------------------------------
+
+def test_apply_table_warns_naming_both_shifts_when_a_flow_table_meets_another_shift():
+    diffusers = pytest.importorskip("diffusers")
+
+    def scheduler(shift):
+        return diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, solver_order=3,
+                                                 prediction_type="flow_prediction")
+
+    with pytest.warns(UserWarning, match="placed for flow shift 1, UniPCMultistepScheduler samples at shift 3"):
+        apply_table(scheduler(3.0), "flow-shift1-unipc-o3", nfe=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same shift: not a word
+        apply_table(scheduler(3.0), "flow-shift3-unipc-o3", nfe=8)
+        apply_table(scheduler(1.0), "flow-shift1-unipc-o3", nfe=8)
+
+
+def test_a_schedule_mismatch_names_the_settings_that_differ():
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.02,
+                                                  solver_order=3)
+    with pytest.raises(BadInput, match="schedule mismatch.*beta_end 0.012 vs 0.02"):
+        apply_table(scheduler, "sd-unipc-o3", nfe=8)
+
+
+@pytest.mark.parametrize("name", ["edm-dpmpp-o3", "flow-shift3-dpmpp-o3"])
+def test_dpm_solver_t_refuses_the_tables_its_code_cannot_take(name):
+    table = load_table(name)
+    with pytest.raises(BadInput, match="variance-preserving schedules only"):
+        dpm_solver_t(entry_for(table, 10), table["schedule"])
+    vp = load_table("score-sde-vp-dpmpp-o3")
+    assert dpm_solver_t(entry_for(vp, 10), vp["schedule"]) == entry_for(vp, 10)["t"]
 
 
 diffusers = pytest.importorskip("diffusers")

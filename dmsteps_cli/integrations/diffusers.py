@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import types
 import warnings
@@ -170,13 +171,29 @@ def _spec_text(name, family, params) -> str:
 
 
 def _check_schedule(scheduler, table: dict) -> None:
+    """Refuse a table for another schedule (naming the settings that differ where the family is the
+    same: EDM's sigma_max 80 vs 120); warn, naming both shifts, when a flow table's steps were placed
+    for another shift than the scheduler's (the same ODE, the steps spaced for another model)."""
     mine = scheduler_schedule(scheduler)
     sched = table["schedule"]
     if not same_schedule(sched["identity"], mine.identity()):
+        theirs = sched.get("params", {})
+        differ = [f"{k} {theirs[k]:g} vs {v:g}" for k, v in mine.params().items()
+                  if sched["family"] == mine.family and isinstance(v, float) and isinstance(theirs.get(k), (int, float))
+                  and theirs[k] != v]
         raise BadInput(
             "schedule mismatch: the table was made for "
-            f"{_spec_text(sched.get('name', sched['family']), sched['family'], sched.get('params', {}))}, "
-            f"but the scheduler trains with {_spec_text(mine.name, mine.family, mine.params())}")
+            f"{_spec_text(sched.get('name', sched['family']), sched['family'], theirs)}, "
+            f"but the scheduler trains with {_spec_text(mine.name, mine.family, mine.params())}"
+            + (f" ({', '.join(differ)})" if differ else ""))
+    table_shift = table["config"].get("shift")
+    if mine.family == "flow" and isinstance(table_shift, (int, float)) \
+            and not math.isclose(table_shift, mine.default_shift, rel_tol=1e-9):
+        dynamic = " (its dynamic shift at a 1024 x 1024 image)" if _cfg(scheduler, "use_dynamic_shifting") else ""
+        warnings.warn(f"shift mismatch: the table's steps were placed for flow shift {table_shift:g}, "
+                      f"{type(scheduler).__name__} samples at shift {mine.default_shift:g}{dynamic}; they run, but "
+                      f"were chosen for another model (make a table with --shift {mine.default_shift:g})",
+                      UserWarning, stacklevel=3)
 
 
 def _table_order(table: dict, entry: dict) -> int:

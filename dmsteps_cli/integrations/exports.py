@@ -113,13 +113,24 @@ def sdcpp_sigmas(entry: dict, zero_end: bool = True, schedule: dict | None = Non
     return decimals(sigmas_for(entry, zero_end=zero_end, schedule=schedule))
 
 
-def dpm_solver_t(entry: dict) -> list[float]:
+VP_FAMILIES = ("discrete", "vp-linear", "vp-cosine")  # the schedule families the DPM-Solver code serves
+
+
+def dpm_solver_t(entry: dict, schedule: dict) -> list[float]:
     """The N + 1 continuous times t_0 = T > ... > t_N = eps of the table, in the convention of the
     official DPM-Solver / UniPC code (``NoiseScheduleVP``): for a discrete schedule of M training
     steps t_n = (n + 1)/M is training step n (T = 1, model input (t - 1/M) M), for continuous VP
     schedules t itself. Pass them as that code's time-step tensor (N + 1 values, N model
-    evaluations). For EDM tables t is sigma, for flow tables the flow time, which that VP-only
-    code does not take."""
+    evaluations). ``schedule``: the table's schedule record (``table["schedule"]``); EDM and flow
+    tables are refused (BadInput): their t is sigma or the flow time, which that VP-only code does not
+    take."""
+    family = schedule.get("family") if isinstance(schedule, dict) else None
+    if not isinstance(family, str):
+        raise BadInput("schedule must be a table's schedule record (a mapping with its family): table['schedule']")
+    if family not in VP_FAMILIES:
+        raise BadInput(f"dpm_solver_t: the official DPM-Solver / UniPC code samples variance-preserving schedules "
+                       f"only, and this table is for a {family} schedule; use sigmas_for for k-diffusion-style "
+                       "samplers instead")
     return _floats(entry, "t", 1)
 
 
