@@ -36,7 +36,7 @@ from dmsteps_cli.grids import grid_lambda  # noqa: E402
 from dmsteps_cli.objective import build_objective  # noqa: E402
 from dmsteps_cli.optimize import GAP_FRACTION, minimize_steps, polish  # noqa: E402
 from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
-from dmsteps_cli.weights import order_pattern  # noqa: E402
+from dmsteps_cli.solvers import order_pattern  # noqa: E402
 
 
 def timed(fn, repeats):

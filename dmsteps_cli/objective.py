@@ -11,7 +11,7 @@ The objective is a sum of *groups* of contributions:
            + sum_g sqrt(sum_{c in g} e_c^2)       (L2 groups)
 Modes:
 - ``paper``: Eq. 35: one abs group per node (all steps' contributions to a node are merged), with
-  the order pattern of the solver that is used (``weights.order_pattern``).
+  the order pattern of the solver that is used (``solvers.order_pattern``).
 - ``reference``: what the reference implementation computes: order pattern 1,2,3,...,3,2,1 whatever
   the solver; the two order-1 end steps are abs groups of their own; steps s < trunc (counted from
   0) of order >= 2 are L2 groups of their own; all other contributions are merged per node.
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadInput, bad_setting
-from .solvers import COMPLEX_STEP
-from .weights import lagrange_step_weights, order_pattern, step_orders
+from .solvers import COMPLEX_STEP, order_pattern
+from .weights import lagrange_step_weights, step_orders
 
 OBJECTIVES = ("reference", "paper", "exact")
 

@@ -40,8 +40,7 @@ from .errors import BadInput, bad_setting
 from .grids import GRIDS, grid_lambda
 from .limits import in_bounds
 from .objective import OBJECTIVES, build_objective
-from .solvers import UNIPC_VARIANTS
-from .weights import SOLVERS, order_pattern
+from .solvers import order_pattern, solver_spec
 
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
 MAXITER = 100  # SLSQP iterations per run
@@ -345,16 +344,10 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
             raise bad_setting("shift", f"applies only to flow schedules, not {schedule.name}")
     else:
         c["shift"] = float(in_bounds("shift", schedule.default_shift if c["shift"] is None else c["shift"]))
-    if c["solver"] not in SOLVERS:
-        raise BadInput(f"unknown solver {c['solver']!r} (choose from {', '.join(SOLVERS)})")
-    if c["order"] is None:
-        c["order"] = 1 if c["solver"] == "ddim" else 3
-    if c["solver"] == "unipc":
-        c["variant"] = c["variant"] or "bh2"
-        if c["variant"] not in UNIPC_VARIANTS:
-            raise BadInput(f"unknown UniPC variant {c['variant']!r} (choose from {', '.join(UNIPC_VARIANTS)})")
-    elif c["variant"] is not None:
-        raise bad_setting("variant", f"applies only to unipc, not {c['solver']}")
+    solver = solver_spec(c["solver"])
+    c["solver"] = solver.name  # an alias (euler) is recorded as the solver it names (ddim)
+    c["order"] = solver.default_order if c["order"] is None else c["order"]
+    c["variant"] = solver.check_variant(c["variant"])
     if c["objective"] is None:  # an optimizer setting asks for the optimizer; none: the default steps
         if c["init"] is None and c["p"] is None and c["trunc"] is None:
             c["objective"], c["init"] = default_steps(schedule, c["shift"])

@@ -52,6 +52,9 @@ class Schedule:
     timestep_convention: str = ""
     sigma_convention: str = "kappa = sigma/alpha"
     default_shift: float | None = None  # only flow models space their time grid with a shift
+    # k-diffusion's state is x / alpha (x0 + kappa noise) where the sampler sigma is kappa; flow
+    # models' is x itself, their sampler sigma t (ComfyUI's CONST sampling)
+    state_scaled_by_alpha: bool = True
 
     # --- per-family definitions -------------------------------------------------------------
     def log_alpha(self, t):
@@ -336,6 +339,7 @@ class Flow(Schedule):
     sigma_convention = "t"
     T = 0.999
     t_max = 1.0 - 1e-9
+    state_scaled_by_alpha = False
 
     def __init__(self, name: str = "flow", default_shift: float = 1.0):
         self.name = name

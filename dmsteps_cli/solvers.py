@@ -3,35 +3,39 @@
 Every solver here works in data-prediction form: the model output D_k is the estimate of x_0 at node
 k, t_0 = T (noise) ... t_N = eps (data), lambda increasing. Each is a linear recurrence:
 
-    predictor  x_{n+1} = r_n x_n + sum_j p_{n,j} D_j                      (j <= n)
+    predictor  x_{n+1} = r_n x_n + sum_j q_{n,j} x_j + sum_j p_{n,j} D_j   (j < n for q, j <= n for p)
     corrector  x_n <- r_{n-1} x_{n-1} + sum_j c_{n,j} D_j                 (UniPC only, j <= n, 1 <= n <= N-1)
 
-where x_n is the (corrected) state at node n, the model is evaluated at the predicted state, and
-r_n = sigma_{n+1}/sigma_n. The coefficients depend only on lambda and on alpha, sigma at the nodes,
+where x_n is the (corrected) state at node n, the model is evaluated at the predicted state,
+r_n = sigma_{n+1}/sigma_n for the exponential integrators (DPM-Solver++, UniPC), and the earlier
+states x_j enter only iPNDM, whose update is written in k-diffusion's variables (see ``ipndm_step``).
+The coefficients depend only on lambda and on alpha, sigma at the nodes,
 so a `Plan` holds them and `run_plan` applies them to anything that supports `+` and scalar `*`:
 torch tensors when sampling, numpy basis vectors when the objective asks for the weight of each
 model output in the final sample (`final_weights`). The plan is built in numpy float64; a
 complex lambda gives complex coefficients, which the `exact` objective uses for complex-step
 derivatives. This module never imports torch.
 
-Solvers (orders warm up and fall at the end: step n has order min(order, n + 1, N - n)):
-- ``ddim``: DPM-Solver++ of order 1 (= DDIM).
-- ``dpmpp``: DPM-Solver++ multistep, orders 1-3, second order in diffusers' default "midpoint" form.
-- ``unipc``: UniPC multistep with B(h) = h (``bh1``) or e^h - 1 (``bh2``, diffusers' default),
+The step functions (one per solver; ``solver_registry`` says which solver uses which, with its
+orders, variants and order pattern):
+- ``dpmpp_step``: DPM-Solver++ multistep, orders 1-3 (order 1 is DDIM, which is Euler in k-diffusion's
+  variables), second order in diffusers' default "midpoint" form.
+- ``unipc_step``: UniPC multistep with B(h) = h (``bh1``) or e^h - 1 (``bh2``, diffusers' default),
   predictor orders 1-3 and the UniC corrector after every model evaluation but the last.
+- ``ipndm_step``: iPNDM, Adams-Bashforth with the fixed coefficients of equal steps, orders 1-4.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import BadInput, bad_setting
-from .weights import order_pattern
+from .weights import step_orders
 
-UNIPC_VARIANTS = ("bh1", "bh2")
 COMPLEX_STEP = 1e-30  # f'(x) = Im f(x + ih) / h, exact to rounding for f analytic in x (no cancellation)
 _PHI_TERMS = 26  # |z| < 1: 1/26! < 1e-26
 
@@ -87,6 +91,7 @@ class Plan:
     pred: list = field(default_factory=list)
     corr_ratio: list = field(default_factory=list)
     corr: list = field(default_factory=list)
+    pred_state: list = field(default_factory=list)  # per step: (j, weight of the earlier state x_j)
 
     @property
     def nfe(self) -> int:
@@ -94,10 +99,12 @@ class Plan:
 
     def map(self, fn) -> "Plan":
         """The same plan with every coefficient passed through fn (e.g. float, or adding an axis)."""
+        def each(terms_per_step):
+            return [[(j, fn(c)) for j, c in terms] for terms in terms_per_step]
+
         return Plan(self.solver, self.order, self.variant, self.orders, self.lam, self.log_alpha,
-                    self.log_sigma, [fn(r) for r in self.pred_ratio],
-                    [[(j, fn(c)) for j, c in terms] for terms in self.pred],
-                    [fn(r) for r in self.corr_ratio], [[(j, fn(c)) for j, c in terms] for terms in self.corr])
+                    self.log_sigma, [fn(r) for r in self.pred_ratio], each(self.pred),
+                    [fn(r) for r in self.corr_ratio], each(self.corr), each(self.pred_state))
 
 
 def run_plan(plan: Plan, x, denoise):
@@ -105,14 +112,19 @@ def run_plan(plan: Plan, x, denoise):
 
     Works for any array type with + and scalar *; returns the state at t_N = eps.
     """
-    outputs = []
+    outputs, states = [], []
+    keep_states = any(plan.pred_state)
     x_prev = x
     for n in range(plan.nfe):
         outputs.append(denoise(x, n))
         if plan.corr[n]:
             x = plan.corr_ratio[n] * x_prev + sum(c * outputs[j] for j, c in plan.corr[n])
+        if keep_states:
+            states.append(x)
         x_prev = x
         x = plan.pred_ratio[n] * x + sum(c * outputs[j] for j, c in plan.pred[n])
+        if keep_states and plan.pred_state[n]:
+            x = x + sum(c * states[j] for j, c in plan.pred_state[n])
     return x
 
 
@@ -125,22 +137,37 @@ def _combine(*pairs):
     return out
 
 
-# The step formulas below take ``n``, an integer array of the steps that share an order, and
-# return {offset: coefficient array}: the weight of D_{n + offset} for each of those steps.
+# The step functions below take the nodes' lambda, log alpha and log of the state scale (``Nodes``),
+# ``n``, an integer array of the steps that share an order ``p``, and the variant, and return
+# (state terms, output terms): {offset: coefficient array}, the weight of x_{n + offset} and of
+# D_{n + offset} in x_{n + 1} for each of those steps.
 
-def _dpmpp_step(lam, log_alpha, n, p):
-    """DPM-Solver++ steps n (node n -> n + 1) of order p."""
+@dataclass(frozen=True)
+class Nodes:
+    """The N + 1 nodes of a plan: ``lam`` (increasing), ``log_alpha``, ``log_sigma``, and
+    ``log_scale``, the log of the scale s of k-diffusion's state y = x / s (alpha where the sampler
+    sigma is kappa = sigma / alpha, 1 for flow models), so that the sampler sigma is sigma / s."""
+
+    lam: np.ndarray
+    log_alpha: np.ndarray
+    log_sigma: np.ndarray
+    log_scale: np.ndarray
+
+
+def dpmpp_step(nodes: Nodes, n, p, variant=None):
+    """DPM-Solver++ steps n (node n -> n + 1) of order p: x_{n+1} = (sigma_{n+1}/sigma_n) x_n + ..."""
+    lam, log_alpha = nodes.lam, nodes.log_alpha
     h = lam[n + 1] - lam[n]
     alpha_t = np.exp(log_alpha[n + 1])
     ph = phis(-h, min(p, 3))
     c0 = alpha_t * h * ph[1]  # -alpha_t (e^-h - 1)
     D0 = {0: 1.0}
     if p == 1:
-        return _combine((c0, D0))
+        return _state_ratio(nodes, n), _combine((c0, D0))
     r0 = (lam[n] - lam[n - 1]) / h
     D1_0 = {0: 1.0 / r0, -1: -1.0 / r0}
     if p == 2:  # diffusers' "midpoint" form: - 0.5 alpha_t (e^-h - 1) D1
-        return _combine((c0, D0), (0.5 * c0, D1_0))
+        return _state_ratio(nodes, n), _combine((c0, D0), (0.5 * c0, D1_0))
     r1 = (lam[n - 1] - lam[n - 2]) / h
     D1_1 = {-1: 1.0 / r1, -2: -1.0 / r1}
     diff = _combine((1.0, D1_0), (-1.0, D1_1))
@@ -148,7 +175,12 @@ def _dpmpp_step(lam, log_alpha, n, p):
     D2 = _combine((1.0 / (r0 + r1), diff))
     c1 = alpha_t * h * ph[2]  # alpha_t ((e^-h - 1)/h + 1)
     c2 = -alpha_t * h * ph[3]  # alpha_t ((e^-h - 1 + h)/h^2 - 1/2)
-    return _combine((c0, D0), (c1, D1), (-c2, D2))
+    return _state_ratio(nodes, n), _combine((c0, D0), (c1, D1), (-c2, D2))
+
+
+def _state_ratio(nodes: Nodes, n) -> dict:
+    """The exponential integrators' state term: sigma_{n+1}/sigma_n times x_n."""
+    return {0: np.exp(nodes.log_sigma[n + 1] - nodes.log_sigma[n])}
 
 
 def _solve(R, b):
@@ -191,6 +223,42 @@ def _unipc_update(lam, log_alpha, n, p, variant, with_new: bool):
     return _combine((1.0, out), (-alpha_t * B_h, res))
 
 
+def unipc_step(nodes: Nodes, n, p, variant):
+    """UniPC's predictor, steps n of order p (``_unipc_update``)."""
+    return _state_ratio(nodes, n), _unipc_update(nodes.lam, nodes.log_alpha, n, p, variant, False)
+
+
+def unipc_corrector(nodes: Nodes, n, p, variant):
+    """UniC, the corrector at node n + 1 after steps n of order p: its output terms (its state term
+    is sigma_{n+1}/sigma_n times x_n, as the predictor's)."""
+    return _unipc_update(nodes.lam, nodes.log_alpha, n, p, variant, True)
+
+
+# Adams-Bashforth coefficients for equal steps, newest first: y' ~ sum_i a_i f_{n-i}
+ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                   4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def ipndm_step(nodes: Nodes, n, p, variant=None):
+    """iPNDM steps n of order p, in k-diffusion's variables: the state y = x / s, the sampler sigma
+    u = sigma / s and the derivative d_k = (y_k - D_k) / u_k (the probability-flow ODE is
+    dy/du = d), stepped with the fixed Adams-Bashforth coefficients of equal steps (they ignore
+    that the steps are not equal, which is what makes it iPNDM):
+
+        y_{n+1} = y_n + (u_{n+1} - u_n) sum_i a_i d_{n-i}
+
+    so x_{n+1} = s_{n+1} y_{n+1} weighs the earlier states x_{n-i} and outputs D_{n-i}."""
+    log_s, log_u = nodes.log_scale, nodes.log_sigma - nodes.log_scale
+    s_next = np.exp(log_s[n + 1])
+    du = np.exp(log_u[n + 1]) - np.exp(log_u[n])
+    states, outputs = {0: s_next / np.exp(log_s[n])}, {}
+    for i, a in enumerate(ADAMS_BASHFORTH[p]):
+        w = s_next * du * a / np.exp(log_u[n - i])  # the weight of d_{n-i}
+        states[-i] = states.get(-i, 0.0) + w / np.exp(log_s[n - i])
+        outputs[-i] = -w
+    return states, outputs
+
+
 def _per_step(steps, terms, shift=0):
     """{offset: coefficient array over steps} -> {step: [(model output index, coefficient)]}."""
     full = {off: np.broadcast_to(c, np.shape(steps) + np.shape(c)[1:]) if np.ndim(c) else np.full(len(steps), c)
@@ -199,40 +267,145 @@ def _per_step(steps, terms, shift=0):
             for idx, n in enumerate(steps)}
 
 
+# --- the solver registry --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComfySampler:
+    """A ComfyUI sampler (``comfy.samplers.KSAMPLER_NAMES``) and the solver order it runs at
+    ``steps`` steps (``order(steps)``), with the variant where it has one."""
+
+    name: str
+    order: Callable[[int], int]
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Everything the package knows of one solver; every user of solver facts reads it here.
+
+    ``step``: the predictor's step function (see ``dpmpp_step``); ``corrector``: the corrector's,
+    or None. ``orders``: the orders it runs; ``lowers_order_at_end``: the order pattern lowers the
+    order on the last steps (min(k, s + 1, N - s), diffusers' ``lower_order_final``) or only warms
+    up (min(k, s + 1)). ``diffusers``: the diffusers scheduler classes that run it (``apply_table``);
+    ``comfyui``: the ComfyUI samplers that run it, with the order each runs. ``aliases``: other
+    names it answers to."""
+
+    name: str
+    title: str
+    step: Callable
+    orders: tuple[int, ...]
+    default_order: int
+    lowers_order_at_end: bool = True
+    variants: tuple[str, ...] = ()
+    default_variant: str | None = None
+    corrector: Callable | None = None
+    diffusers: tuple[str, ...] = ()
+    comfyui: tuple[ComfySampler, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def order_pattern(self, order: int, nfe: int) -> list[int]:
+        """The order of each of the ``nfe`` steps (step s from lambda_s to lambda_{s+1}): the solver
+        warms up (1, 2, ...) and, where it does, lowers its order on the last steps; BadInput for an
+        order it does not run or that the NFE cannot hold."""
+        if order not in self.orders:
+            raise BadInput(f"solver {self.name} supports orders {self.orders[0]}..{self.orders[-1]}, got {order}")
+        if nfe < order:
+            raise BadInput(f"order {order} needs at least {order} steps, got NFE {nfe}")
+        if self.lowers_order_at_end:
+            return step_orders(order, nfe)
+        return [min(order, s + 1) for s in range(nfe)]
+
+    def check_variant(self, variant: str | None) -> str | None:
+        """The variant to run: ``variant``, else the default; BadInput for one it does not have."""
+        if not self.variants:
+            if variant is not None:
+                raise bad_setting("variant", f"applies only to {', '.join(solvers_with_variants())}, not {self.name}")
+            return None
+        variant = variant or self.default_variant
+        if variant not in self.variants:
+            raise BadInput(f"unknown {self.title} variant {variant!r} (choose from {', '.join(self.variants)})")
+        return variant
+
+
+def _up_to(k: int) -> Callable[[int], int]:
+    return lambda steps: min(k, steps)
+
+
+SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (
+    SolverSpec("unipc", "UniPC", unipc_step, (1, 2, 3), 3, variants=("bh1", "bh2"), default_variant="bh2",
+               corrector=unipc_corrector, diffusers=("UniPCMultistepScheduler",),
+               # ComfyUI's uni_pc runs order min(3, steps - 2) with B(h) = h, uni_pc_bh2 with e^h - 1
+               comfyui=(ComfySampler("uni_pc", lambda steps: max(1, min(3, steps - 2)), "bh1"),
+                        ComfySampler("uni_pc_bh2", lambda steps: max(1, min(3, steps - 2)), "bh2"))),
+    SolverSpec("dpmpp", "DPM-Solver++", dpmpp_step, (1, 2, 3), 3,
+               diffusers=("DPMSolverMultistepScheduler",),
+               # ComfyUI has no deterministic DPM-Solver++(3M): dpmpp_3m_sde is an SDE sampler
+               comfyui=(ComfySampler("dpmpp_2m", _up_to(2)),)),
+    SolverSpec("ddim", "DDIM (Euler)", dpmpp_step, (1,), 1, aliases=("euler",),
+               diffusers=("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"),
+               comfyui=(ComfySampler("euler", _up_to(1)), ComfySampler("ddim", _up_to(1)))),
+    SolverSpec("ipndm", "iPNDM", ipndm_step, (1, 2, 3, 4), 4, lowers_order_at_end=False,
+               comfyui=(ComfySampler("ipndm", _up_to(4)),)),
+)}
+ALIASES = {alias: spec.name for spec in SOLVERS.values() for alias in spec.aliases}
+
+
+def solver_names() -> tuple[str, ...]:
+    """The solvers' names, then their aliases: what ``--solver`` accepts."""
+    return (*SOLVERS, *ALIASES)
+
+
+def solvers_with_variants() -> tuple[str, ...]:
+    return tuple(name for name, spec in SOLVERS.items() if spec.variants)
+
+
+def solver_spec(name: str) -> SolverSpec:
+    """The record of the solver ``name`` (or of the solver an alias names); BadInput naming the
+    solvers for an unknown name."""
+    spec = SOLVERS.get(ALIASES.get(name, name))
+    if spec is None:
+        raise BadInput(f"unknown solver {name!r} (choose from {', '.join(solver_names())})")
+    return spec
+
+
+def order_pattern(solver: str, order: int, nfe: int) -> list[int]:
+    """The order of each of the N = nfe steps of ``solver`` at ``order`` (``SolverSpec.order_pattern``).
+    For ``unipc`` this is the order of the predictor; its corrector is not part of this pattern."""
+    return solver_spec(solver).order_pattern(order, nfe)
+
+
 def build_plan(schedule, lam, solver: str, order: int | None = None, variant: str | None = None) -> Plan:
     """The plan of ``solver`` for the steps ``lam`` (N + 1 increasing lambdas, T first).
 
     ``lam`` may carry trailing batch axes (and be complex): every coefficient then has that shape.
     Steps of equal order are computed together.
     """
-    if order is None:
-        order = 1 if solver == "ddim" else 3
+    spec = solver_spec(solver)
+    order = spec.default_order if order is None else order
+    variant = spec.check_variant(variant)
     lam = np.asarray(lam)
     nfe = lam.shape[0] - 1
-    orders = order_pattern(solver, order, nfe)
-    if solver == "unipc":
-        variant = variant or "bh2"
-        if variant not in UNIPC_VARIANTS:
-            raise BadInput(f"unknown UniPC variant {variant!r} (choose from {', '.join(UNIPC_VARIANTS)})")
-    elif variant is not None:
-        raise bad_setting("variant", f"applies only to unipc, not {solver}")
+    orders = spec.order_pattern(order, nfe)
     log_alpha, log_sigma, _, _ = schedule.log_alpha_sigma_of_lambda(lam)
-    ratio = np.exp(log_sigma[1:] - log_sigma[:-1])  # sigma_{n+1}/sigma_n
-    pred, corr = {}, {}
+    nodes = Nodes(lam, log_alpha, log_sigma, log_alpha if schedule.state_scaled_by_alpha else np.zeros_like(log_alpha))
+    ratio = np.exp(log_sigma[1:] - log_sigma[:-1])  # sigma_{n+1}/sigma_n: the corrector's state term
+    pred_state, pred, corr = {}, {}, {}
     for p in sorted(set(orders)):
         steps = np.array([n for n, k in enumerate(orders) if k == p])
-        if solver == "unipc":
-            pred.update(_per_step(steps, _unipc_update(lam, log_alpha, steps, p, variant, False)))
+        states, outputs = spec.step(nodes, steps, p, variant)
+        pred.update(_per_step(steps, outputs))
+        pred_state.update(_per_step(steps, states))
+        if spec.corrector is not None:
             # the corrector at node n + 1 has the order of the step that led there; none at node N
             inner = steps[steps + 1 < nfe]
             if inner.size:
-                corr.update(_per_step(inner, _unipc_update(lam, log_alpha, inner, p, variant, True), shift=1))
-        else:
-            pred.update(_per_step(steps, _dpmpp_step(lam, log_alpha, steps, p)))
-    return Plan(solver, order, variant, orders, lam, log_alpha, log_sigma,
-                pred_ratio=[ratio[n] for n in range(nfe)], pred=[pred[n] for n in range(nfe)],
+                corr.update(_per_step(inner, spec.corrector(nodes, inner, p, variant), shift=1))
+    own = [dict(pred_state[n]) for n in range(nfe)]
+    return Plan(spec.name, order, variant, orders, lam, log_alpha, log_sigma,
+                pred_ratio=[own[n].pop(n) for n in range(nfe)], pred=[pred[n] for n in range(nfe)],
                 corr_ratio=[ratio[n - 1] if n in corr else 0.0 for n in range(nfe)],
-                corr=[corr.get(n, []) for n in range(nfe)])
+                corr=[corr.get(n, []) for n in range(nfe)],
+                pred_state=[sorted(own[n].items()) for n in range(nfe)])
 
 
 def solver_choice(config: dict, solver=None, order=None, variant=None) -> tuple:
@@ -240,7 +413,7 @@ def solver_choice(config: dict, solver=None, order=None, variant=None) -> tuple:
     it names none). The config's order and variant apply only when the solver is the config's."""
     solver = solver or config.get("solver", "unipc")
     order = order or (config.get("order") if solver == config.get("solver") else None)
-    variant = variant or (config.get("variant") if solver == "unipc" == config.get("solver") else None)
+    variant = variant or (config.get("variant") if solver == config.get("solver") else None)
     return solver, order, variant
 
 

@@ -1,4 +1,4 @@
-"""Weights of one multistep step and the order pattern of each solver.
+"""Weights of one multistep step, and the warm-up-and-lower order pattern of multistep solvers.
 
 Lambdas are half log-SNRs log(alpha/sigma); sampling runs towards increasing lambda. A step goes
 from lambda_c (the newest evaluated node) to lambda_e = lambda_c + h and replaces the data
@@ -17,7 +17,7 @@ order k. The derivatives are exact and just as general:
 
 (moving node i with the nodal values fixed changes the interpolant by -p'(lambda_i) l_i).
 
-Imports numpy and ``errors`` only (the diffusers integration takes its order pattern from here).
+Imports numpy and ``errors`` only; each solver's order pattern is its record's (``solvers.SOLVERS``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ import math
 import numpy as np
 
 from .errors import BadInput
-
-SOLVERS = ("unipc", "dpmpp", "ddim")
-MAX_ORDER = {"ddim": 1, "dpmpp": 3, "unipc": 3}
 
 _SERIES_BELOW = 2.0  # use the power series of H_m for h below this
 _SERIES_TERMS = 40  # 2^40 / 40! < 1e-35: far below float64 rounding
@@ -109,23 +106,5 @@ def step_orders(order: int, nfe: int) -> list[int]:
     """Order of each of the ``nfe`` steps of a multistep solver of order ``order`` that warms up and
     lowers its order on the last steps: step s (0-based, from lambda_s to lambda_{s+1}) has order
     min(order, s + 1, nfe - s), e.g. 1,2,3,3,2,1 for order 3 at nfe 6. No checks (see
-    ``order_pattern``)."""
+    ``solvers.SolverSpec.order_pattern``)."""
     return [min(order, s + 1, nfe - s) for s in range(nfe)]
-
-
-def order_pattern(solver: str, order: int, nfe: int) -> list[int]:
-    """Order of each of the N = nfe steps of a multistep solver, step s from lambda_s to lambda_{s+1}.
-
-    The solver warms up (orders 1, 2, ...) and lowers its order on the last steps, as diffusers'
-    DPM-Solver++ and UniPC do with ``lower_order_final`` (below 15 steps; the tables assume it at
-    every N): ``step_orders(order, nfe)``.
-    For ``unipc`` this is the order of the predictor; its corrector is not part of this pattern.
-    ``ddim`` is DPM-Solver++ of order 1.
-    """
-    if solver not in SOLVERS:
-        raise BadInput(f"unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
-    if not 1 <= order <= MAX_ORDER[solver]:
-        raise BadInput(f"solver {solver} supports orders 1..{MAX_ORDER[solver]}, got {order}")
-    if nfe < order:
-        raise BadInput(f"order {order} needs at least {order} steps, got NFE {nfe}")
-    return step_orders(order, nfe)

@@ -12,7 +12,7 @@ from dmsteps_cli.grids import GRIDS, grid_lambda
 from dmsteps_cli.objective import build_objective, eps_tilde
 from dmsteps_cli.schedules import preset_names
 from dmsteps_cli.schedule_sources import get_schedule
-from dmsteps_cli.weights import order_pattern
+from dmsteps_cli.solvers import order_pattern
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "reference_steps.json"
 

@@ -9,7 +9,7 @@ from dmsteps_cli.grids import GRIDS, grid_lambda
 from dmsteps_cli.objective import build_objective
 from dmsteps_cli.optimize import GAP_FRACTION, minimize_steps, resolve
 from dmsteps_cli.schedule_sources import get_schedule
-from dmsteps_cli.weights import order_pattern
+from dmsteps_cli.solvers import order_pattern
 
 
 @pytest.mark.parametrize("name, kind, p", [("scaled_linear", "reference", 2.0), ("linear", "paper", 1.0),

@@ -7,12 +7,8 @@ import pytest
 from scipy.integrate import quad
 
 from dmsteps_cli.errors import BadInput
-from dmsteps_cli.weights import (
-    exp_moments,
-    lagrange_step_weights,
-    order_pattern,
-    step_orders,
-)
+from dmsteps_cli.solvers import order_pattern
+from dmsteps_cli.weights import exp_moments, lagrange_step_weights, step_orders
 
 RNG = np.random.default_rng(0)
 
@@ -114,4 +110,8 @@ def test_order_patterns():
     with pytest.raises(BadInput, match="orders 1..1"):
         order_pattern("ddim", 2, 5)
     with pytest.raises(BadInput, match="unknown solver"):
-        order_pattern("euler", 1, 5)
+        order_pattern("heun", 1, 5)
+    assert order_pattern("euler", 1, 5) == order_pattern("ddim", 1, 5)  # euler is a name for ddim
+    assert order_pattern("ipndm", 4, 7) == [1, 2, 3, 4, 4, 4, 4]  # iPNDM only warms up
+    with pytest.raises(BadInput, match="orders 1..4"):
+        order_pattern("ipndm", 5, 7)

@@ -45,9 +45,9 @@ from ..config import MAX_NFE, StepConfig
 from ..errors import BadInput
 from ..schedule_sources import get_schedule
 from ..schedules import EDM, DiscreteVP, Schedule, preset_of, same_schedule, schedule_from_spec
+from ..solvers import SOLVERS
 from ..table_reader import load_table
 from ..tables import bundled_tables, entry_for
-from ..weights import SOLVERS
 from .exports import sigmas_for
 
 CATEGORY = "model/sampling/schedulers"  # beside ComfyUI's own schedulers (BasicScheduler, AYS, ...)

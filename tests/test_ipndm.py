@@ -1,0 +1,98 @@
+"""iPNDM, the solver added through the registry: its plan against an independent loop in k-diffusion's
+variables on a closed-form Gaussian (always runs), and against ComfyUI's own ``sample_ipndm`` in the
+vendored source (skipped with the reason where that folder is absent). Its convergence, exact weights
+and complex-step derivatives are checked with every other solver in tests/test_solvers.py."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_solvers import GaussianOracle
+
+from dmsteps_cli.grids import grid_lambda
+from dmsteps_cli.schedule_sources import get_schedule
+from dmsteps_cli.solvers import ADAMS_BASHFORTH, build_plan, run_plan
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFY = Path(os.environ.get("DMSTEPS_COMFYUI") or ROOT.parent / "shared" / "vendor" / "comfyui")
+
+
+def sampler_sigmas(schedule, lam):
+    """k-diffusion's sigma at each node (kappa = sigma/alpha; t for flow) and the state scale s
+    (x = s y: alpha where the sampler sigma is kappa, 1 for flow)."""
+    la, ls, _, _ = schedule.log_alpha_sigma_of_lambda(np.asarray(lam, dtype=np.float64))
+    scale = np.exp(la) if schedule.state_scaled_by_alpha else np.ones_like(la)
+    return np.exp(ls) / scale, scale
+
+
+def ipndm_loop(y, u, denoise, max_order: int = 4):
+    """iPNDM as its authors state it, written out plainly: y_{n+1} = y_n + (u_{n+1} - u_n) sum_i a_i
+    d_{n-i}, d_k = (y_k - D_k) / u_k, the fixed Adams-Bashforth coefficients a of order min(4, n + 1)."""
+    ds = []
+    for n in range(len(u) - 1):
+        ds.append((y - denoise(y, n)) / u[n])
+        a = ADAMS_BASHFORTH[min(max_order, n + 1)]
+        y = y + (u[n + 1] - u[n]) * sum(c * ds[-1 - i] for i, c in enumerate(a))
+    return y
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("name", ["scaled_linear", "vp-cosine", "edm", "flow"])
+def test_plan_equals_the_plain_loop_on_a_gaussian(name, order):
+    """The plan (x_{n+1} from earlier states and outputs, float64) ends where the plain loop in
+    k-diffusion's variables does, to rounding, with the Gaussian's exact denoiser."""
+    s = get_schedule(name)
+    oracle = GaussianOracle(s, mu=0.3, s=0.5)
+    lam = grid_lambda("quad", s, 9, s.T, s.eps_default)
+    a, g = oracle.alpha_sigma(lam)
+    u, scale = sampler_sigmas(s, lam)
+    x_T = np.array([1.3, -0.7, 0.2]) * (g[0] if name == "edm" else 1.0)
+    plan = build_plan(s, lam, "ipndm", order).map(float)
+    ours = run_plan(plan, x_T, lambda x, k: oracle.denoise(x, a[k], g[k]))
+    theirs = scale[-1] * ipndm_loop(x_T / scale[0], u, lambda y, k: oracle.denoise(y * scale[k], a[k], g[k]), order)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-13, atol=1e-13)
+
+
+def comfy_sample_ipndm():
+    if not (COMFY / "comfy" / "k_diffusion" / "sampling.py").is_file():
+        pytest.skip(f"the vendored ComfyUI source is not at {COMFY} (see ../shared/vendor/README.md)")
+    pytest.importorskip("torchsde", reason="ComfyUI's k_diffusion.sampling imports torchsde")
+    pytest.importorskip("tqdm", reason="ComfyUI's k_diffusion.sampling imports tqdm")
+    if str(COMFY) not in sys.path:
+        sys.path.insert(0, str(COMFY))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    from comfy.k_diffusion.sampling import sample_ipndm
+
+    return sample_ipndm
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "edm", "flow"])
+def test_plan_equals_comfyuis_sample_ipndm(name):
+    """ComfyUI's ``sample_ipndm`` (comfy/k_diffusion/sampling.py), given the table's sampler sigmas
+    (ending at the table's last sigma, not 0) and the Gaussian's exact denoiser in its variables,
+    ends where the plan does, in float64."""
+    sample_ipndm = comfy_sample_ipndm()
+    s = get_schedule(name)
+    oracle = GaussianOracle(s, mu=0.3, s=0.5)
+    lam = grid_lambda("quad", s, 10, s.T, s.eps_default)
+    a, g = oracle.alpha_sigma(lam)
+    u, scale = sampler_sigmas(s, lam)
+    sigmas = torch.tensor(u, dtype=torch.float64)
+    x_T = torch.tensor([[1.3, -0.7, 0.2]], dtype=torch.float64) * (g[0] if name == "edm" else 1.0)
+
+    def model(y, sigma, **_):  # ComfyUI's denoiser: its state y at its sigma -> the data prediction
+        k = int(np.argmin(np.abs(u - sigma[0].item())))
+        return oracle.denoise(y * scale[k], a[k], g[k])
+
+    with torch.no_grad():
+        theirs = scale[-1] * sample_ipndm(model, x_T / scale[0], sigmas, disable=True)
+    plan = build_plan(s, lam, "ipndm", 4).map(float)
+    ours = run_plan(plan, x_T, lambda x, k: oracle.denoise(x, a[k], g[k]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
