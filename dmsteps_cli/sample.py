@@ -41,7 +41,7 @@ from .runtime import (
     state_dtype,
 )
 from .schedules import same_schedule
-from .solvers import build_plan, initial_noise_scale, solver_choice
+from .solvers import SOLVERS, build_plan, initial_noise_scale, solver_choice, solver_spec
 from .table_reader import load_table_text
 from .tables import entry_for
 
@@ -212,12 +212,13 @@ def run_pipeline(run: Run, progress=None) -> np.ndarray:
         raise BadInput(f"checkpoint {req.checkpoint}: cannot load the pipeline ({first_line(exc)})") from None
     pipe.to(run.device)
     pipe.set_progress_bar_config(disable=True)
-    if plan.solver == "unipc":
-        pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, solver_order=plan.order,
-                                                                       solver_type=plan.variant)
-    else:
-        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
-            pipe.scheduler.config, solver_order=plan.order, algorithm_type="dpmsolver++")
+    spec = solver_spec(plan.solver)
+    if spec.diffusers_options is None:
+        raise bad_setting("solver", f"{spec.name}: a text-to-image pipeline samples with a diffusers scheduler, and "
+                                    f"none runs {spec.title} (choose from "
+                                    f"{', '.join(n for n, s in SOLVERS.items() if s.diffusers_options)})")
+    pipe.scheduler = getattr(diffusers, spec.diffusers[0]).from_config(
+        pipe.scheduler.config, **spec.diffusers_options(plan.order, plan.variant))
     apply_table(pipe.scheduler, run.table, entry["nfe"])
     if not seeds:
         return np.zeros((0, 3, 1, 1), dtype=np.float32)

@@ -286,9 +286,10 @@ class SolverSpec:
     ``step``: the predictor's step function (see ``dpmpp_step``); ``corrector``: the corrector's,
     or None. ``orders``: the orders it runs; ``lowers_order_at_end``: the order pattern lowers the
     order on the last steps (min(k, s + 1, N - s), diffusers' ``lower_order_final``) or only warms
-    up (min(k, s + 1)). ``diffusers``: the diffusers scheduler classes that run it (``apply_table``);
-    ``comfyui``: the ComfyUI samplers that run it, with the order each runs. ``aliases``: other
-    names it answers to."""
+    up (min(k, s + 1)). ``diffusers``: the diffusers scheduler classes that run its tables
+    (``apply_table``; the first-order Euler ones at order 1 only), the first the one a pipeline gets
+    (``diffusers_options(order, variant)``: its settings); ``comfyui``: the ComfyUI samplers that
+    run it, with the order each runs. ``aliases``: other names it answers to."""
 
     name: str
     title: str
@@ -300,6 +301,7 @@ class SolverSpec:
     default_variant: str | None = None
     corrector: Callable | None = None
     diffusers: tuple[str, ...] = ()
+    diffusers_options: Callable[[int, str | None], dict] | None = None
     comfyui: tuple[ComfySampler, ...] = ()
     aliases: tuple[str, ...] = ()
 
@@ -331,18 +333,26 @@ def _up_to(k: int) -> Callable[[int], int]:
     return lambda steps: min(k, steps)
 
 
+def _dpm_solver_options(order: int, variant: str | None) -> dict:
+    return {"solver_order": order, "algorithm_type": "dpmsolver++"}
+
+
+_EULER = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")  # first order: order-1 tables
+
+
 SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (
     SolverSpec("unipc", "UniPC", unipc_step, (1, 2, 3), 3, variants=("bh1", "bh2"), default_variant="bh2",
                corrector=unipc_corrector, diffusers=("UniPCMultistepScheduler",),
+               diffusers_options=lambda order, variant: {"solver_order": order, "solver_type": variant},
                # ComfyUI's uni_pc runs order min(3, steps - 2) with B(h) = h, uni_pc_bh2 with e^h - 1
                comfyui=(ComfySampler("uni_pc", lambda steps: max(1, min(3, steps - 2)), "bh1"),
                         ComfySampler("uni_pc_bh2", lambda steps: max(1, min(3, steps - 2)), "bh2"))),
     SolverSpec("dpmpp", "DPM-Solver++", dpmpp_step, (1, 2, 3), 3,
-               diffusers=("DPMSolverMultistepScheduler",),
+               diffusers=("DPMSolverMultistepScheduler", *_EULER), diffusers_options=_dpm_solver_options,
                # ComfyUI has no deterministic DPM-Solver++(3M): dpmpp_3m_sde is an SDE sampler
                comfyui=(ComfySampler("dpmpp_2m", _up_to(2)),)),
     SolverSpec("ddim", "DDIM (Euler)", dpmpp_step, (1,), 1, aliases=("euler",),
-               diffusers=("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"),
+               diffusers=("DPMSolverMultistepScheduler", *_EULER), diffusers_options=_dpm_solver_options,
                comfyui=(ComfySampler("euler", _up_to(1)), ComfySampler("ddim", _up_to(1)))),
     SolverSpec("ipndm", "iPNDM", ipndm_step, (1, 2, 3, 4), 4, lowers_order_at_end=False,
                comfyui=(ComfySampler("ipndm", _up_to(4)),)),

@@ -90,6 +90,7 @@ import numpy as np
 from ..errors import BadInput, bad_setting
 from ..schedule_sources import read_scheduler_config
 from ..schedules import same_schedule
+from ..solvers import SOLVERS
 from ..table_reader import checked_table, load_table
 from ..tables import entry_for
 from ..weights import step_orders
@@ -98,13 +99,17 @@ FINAL_SIGMAS = ("table", "zero")
 _STATE = "_dmsteps_steps"
 _PATCHED = "_dmsteps_patched"
 
-# scheduler kind -> the table solvers that share its update rule (others run with a warning)
-_KINDS = {
-    "unipc": ("UniPCMultistepScheduler", ("unipc",)),
-    "dpmpp": ("DPMSolverMultistepScheduler", ("dpmpp", "ddim")),
-    "euler": ("EulerDiscreteScheduler", ("ddim", "dpmpp")),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", ("ddim", "dpmpp")),
-}
+
+
+def _solvers_run_by(cls_name: str) -> tuple[str, ...]:
+    """The table solvers whose update rule the diffusers class runs (``SolverSpec.diffusers``)."""
+    return tuple(name for name, spec in SOLVERS.items() if cls_name in spec.diffusers)
+
+
+# scheduler kind -> (class, the table solvers that share its update rule; others run with a warning)
+_KINDS = {kind: (cls_name, _solvers_run_by(cls_name)) for kind, cls_name in (
+    ("unipc", "UniPCMultistepScheduler"), ("dpmpp", "DPMSolverMultistepScheduler"),
+    ("euler", "EulerDiscreteScheduler"), ("flow_euler", "FlowMatchEulerDiscreteScheduler"))}
 _MULTISTEP = ("unipc", "dpmpp")
 
 
