@@ -581,6 +581,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
         "schedule": schedule.name,
         "interval": {"T": T, "eps": eps, "shift": shift},
         "solver": {"name": solver, "order": order, "variant": variant},
+        "device": str(ckpt.device),
         "samples": samples,
         "seeds": [seed, seed + samples - 1],
         "metric": METRIC,

@@ -57,7 +57,8 @@ The refined table is the input table with these changes:
                               steps) and every grid
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
-    refine            checkpoint, from_table, solver {name, order, variant}, metric, conditioning
+    refine            checkpoint, from_table, solver {name, order, variant}, device (where it ran:
+                      cpu, cuda:0, ...), metric, conditioning
                       (null for a model without classes, else the class labels given, their pairing
                       with each set's noises, the guidance scale and null class), reference (of
                       the training noises), train_seeds, validation_seeds (null without) and
@@ -571,6 +572,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     return {**table, "config": {**cfg, "nfe": list(nfes)}, "entries": entries, "refine": {
         "checkpoint": source, "from_table": table_name,
         "solver": {"name": solver, "order": order, "variant": variant},
+        "device": str(ckpt.device),
         "metric": METRIC,
         "space": space_of(ckpt),
         "conditioning": conditioning_record(ckpt, labels, guidance_scale),
