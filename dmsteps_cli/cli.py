@@ -393,6 +393,20 @@ def _torchrun(cache):
         end_distributed()
 
 
+@contextmanager
+def _progress_log(command: str, quiet: bool):
+    """The progress callback of a long command (``progress.Log`` on stderr: timestamped lines, and a
+    live bar on a terminal), or None with ``quiet`` or on a torchrun rank other than 0 (the ranks
+    share stderr)."""
+    if quiet or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    from .progress import Log
+
+    with Log(command) as log:
+        yield log
+
+
 def _baseline_names(text: str) -> tuple:
     from .baselines import check_names
 
@@ -433,7 +447,7 @@ def evaluate(
     negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
     plot: Optional[str] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Measure the sampling error of tables and hand-made grids against a high-accuracy solution."""
     import json
@@ -458,8 +472,8 @@ def evaluate(
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
                       guidance_scale=guidance_scale, prompts=prompts, negative_prompt=negative_prompt,
                       cache=_open_cache(cache, no_cache), no_cache=no_cache)
-    with _torchrun(req.cache) as writes:
-        report = run_evaluation(req)
+    with _torchrun(req.cache) as writes, _progress_log("evaluate", quiet) as progress:
+        report = run_evaluation(req, progress)
     if not writes:
         return
     write_output("-" if output is None else output, json.dumps(report, indent=1) + "\n")
@@ -567,7 +581,7 @@ def refine(
     negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
     needs_torch("refine")
@@ -580,7 +594,7 @@ def refine(
     if output is not None:
         check_writable(output)
     reference_cache = _open_cache(cache, no_cache)
-    with _torchrun(reference_cache) as writes:
+    with _torchrun(reference_cache) as writes, _progress_log("refine", quiet) as progress:
         table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                              nfe=parse_nfe(nfe) if nfe else None, train=train,
                                              validation=validation, holdout=holdout, seed=seed,
@@ -593,7 +607,7 @@ def refine(
                                              class_labels=_labels(class_label, class_labels),
                                              null_class=null_class, guidance_scale=guidance_scale,
                                              prompts=prompts, holdout_prompts=holdout_prompts,
-                                             negative_prompt=negative_prompt))
+                                             negative_prompt=negative_prompt), progress)
     if not writes:
         return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))

@@ -109,7 +109,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--nfe", "15..5"], "runs backwards"),
-    (["--nfe", "1"], "NFE 1 is too small"),
+    (["--nfe", "1"], "NFE 1: step counts run from 3 to 100 for a table of unipc order 3"),
     (["--nfe", "five"], "is not a step count"),
     (["--p", "-1"], "--p must be"),
     (["--eps", "1.5"], "must be below T"),
