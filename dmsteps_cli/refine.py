@@ -57,8 +57,8 @@ The refined table is the input table with these changes:
                               steps) and every grid
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
-    refine            checkpoint, from_table, solver {name, order, variant}, device (where it ran:
-                      cpu, cuda:0, ...), metric, conditioning
+    refine            checkpoint, from_table, solver {name, order, variant}, device (what it ran on,
+                      as torch names it: cpu, cuda, cuda:1, ...), metric, conditioning
                       (null for a model without classes, else the class labels given, their pairing
                       with each set's noises, the guidance scale and null class), reference (of
                       the training noises), train_seeds, validation_seeds (null without) and

@@ -119,7 +119,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     (["--solver", "euler"], "unknown solver 'euler'"),
     (["--init", "random"], "unknown init 'random'"),
     (["--objective", "magic"], "unknown objective 'magic'"),
-    (["--order", "3", "--nfe", "2"], "order 3 needs at least 3 steps"),
+    (["--order", "3", "--nfe", "2"], "NFE 2: step counts run from 3 to 100 for a table of unipc order 3"),
     (["--solver", "ddim", "--order", "2"], "orders 1..1"),
     (["--objective", "paper", "--trunc", "2"], "--trunc applies only"),
     (["--objective", "none", "--init", "best"], "--objective none keeps the starting grid (init) as it is"),
