@@ -115,7 +115,11 @@ class Log:
     ``tty`` (default: whether ``stream`` is a terminal): a line when a phase begins and a rich bar
     of it; otherwise timestamped lines by ``due``, and a heartbeat thread that writes the current
     state when ``HEARTBEAT_S`` pass without a line. Use it as a context manager (the thread and
-    the bar end on leaving). ``now`` and ``wall``: the clocks (monotonic and epoch seconds)."""
+    the bar end on leaving). ``now`` and ``wall``: the clocks (monotonic and epoch seconds).
+
+    A phase without a count (loading the model) is written when the next event comes, or once it
+    has lasted ``LINE_EVERY_S``, and not at all when the run ends in an error first: a refusal
+    found while the model loads or just after stays one line ``error: ...``."""
 
     def __init__(self, command: str, stream=None, tty: bool | None = None, now=time.monotonic, wall=time.time):
         self.stream = sys.stderr if stream is None else stream
@@ -128,6 +132,7 @@ class Log:
         self.bar = self.task = None
         self.stopped = threading.Event()
         self.thread = None
+        self.pending: tuple[Event, float] | None = None  # an uncounted phase's begin, not yet written
 
     def __enter__(self) -> Log:
         if self.tty:
@@ -139,15 +144,18 @@ class Log:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
             self.bar.start()
-        else:
-            self.thread = threading.Thread(target=self._beat, name="dmsteps-heartbeat", daemon=True)
-            self.thread.start()
+        self.thread = threading.Thread(target=self._beat, name="dmsteps-heartbeat", daemon=True)
+        self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, value, trace) -> None:
         self.stopped.set()
         if self.thread is not None:
             self.thread.join()
+        with self.lock:
+            if kind is None:
+                self._flush()
+            self.pending = None
         if self.bar is not None:
             self.bar.stop()
 
@@ -158,11 +166,28 @@ class Log:
             if begins:
                 self.began = now
             self.event = event
+            self._flush()
+            if begins and event.total is None and not event.note:
+                self.pending = (event, self.wall())
+                return
             ends = event.last or (event.total is not None and event.done >= event.total)
             if self.bar is not None:
                 self._draw(event, begins)
             elif due(now, self.last_line, begins, ends, self.every):
                 self._line(event, now)
+
+    def _flush(self) -> None:
+        """Write the pending begin of an uncounted phase, stamped when it began."""
+        if self.pending is None:
+            return
+        event, wall = self.pending
+        self.pending = None
+        if self.bar is not None:
+            self.bar.console.print(f"{stamp(wall)} {self.prefix}{event.phase}", markup=False, soft_wrap=True)
+        else:
+            self.stream.write(f"{stamp(wall)} {describe(event, 0.0, self.prefix)}\n")
+            self.stream.flush()
+            self.last_line = self.now()
 
     def _draw(self, event: Event, begins: bool) -> None:
         text = f"{event.phase}" + (f" ({event.note})" if event.note else "")
@@ -181,10 +206,14 @@ class Log:
         self.last_line = now
 
     def beat(self) -> None:
-        """Write the current state (``still at ...``) if ``heartbeat`` seconds passed without a line."""
+        """Write the pending begin of an uncounted phase once it lasted ``every`` seconds; not on a
+        terminal, also the current state (``still at ...``) if ``heartbeat`` seconds passed without
+        a line."""
         with self.lock:
             now = self.now()
-            if self.event is not None and heartbeat_due(now, self.last_line, self.heartbeat):
+            if self.pending is not None and now - self.began >= self.every:
+                self._flush()
+            if self.bar is None and self.event is not None and heartbeat_due(now, self.last_line, self.heartbeat):
                 self._line(self.event, now, still=True)
 
     def _beat(self) -> None:

@@ -87,6 +87,35 @@ def test_a_fit_that_stops_early_ends_its_phase_in_a_line():
                                                     "about 0:00:14 left")
 
 
+def test_an_uncounted_phase_is_written_when_the_next_comes_or_after_the_interval():
+    clock_, out = FakeClock(), io.StringIO()
+    log = Log("evaluate", stream=out, tty=False, now=clock_, wall=lambda: 86400.0 + clock_.t)
+    log.every = 10.0
+    phase(log, "loading the model m on cpu")
+    clock_.t = 3.0
+    log.beat()
+    assert out.getvalue() == ""
+    phase(log, "reference solutions", 8, "noises")
+    assert out.getvalue().splitlines() == ["1970-01-02 00:00:00 evaluate: loading the model m on cpu",
+                                           "1970-01-02 00:00:03 evaluate: reference solutions: 8 noises"]
+    phase(log, "settling the references")
+    clock_.t = 13.0
+    log.beat()
+    assert out.getvalue().splitlines()[-1] == "1970-01-02 00:00:03 evaluate: settling the references"
+
+
+def test_a_run_that_ends_in_an_error_leaves_no_uncounted_phase_line():
+    out = io.StringIO()
+    with pytest.raises(ValueError):
+        with Log("refine", stream=out, tty=False) as log:
+            phase(log, "loading the model m on cpu")
+            raise ValueError("bad input")
+    assert out.getvalue() == ""
+    with Log("refine", stream=out, tty=False) as log:
+        phase(log, "loading the model m on cpu")
+    assert out.getvalue().endswith("refine: loading the model m on cpu\n")
+
+
 def test_no_callback_no_reports():
     advance = phase(None, "anything", 3)
     advance(1, "x", last=True)  # does nothing, raises nothing
@@ -163,6 +192,17 @@ def test_quiet_and_other_ranks_print_no_progress(files, run_cli, every_advance, 
     monkeypatch.setenv("RANK", "1")  # a torchrun rank other than 0 (no process group: WORLD_SIZE is unset)
     rc, err = run_cli(*args)
     assert rc == 0 and progress_lines(err, "evaluate") == [], err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "refine"])
+def test_a_refusal_after_the_model_loads_is_still_one_line(command, files, run_cli, every_advance, tmp_path):
+    other = tmp_path / "sd.json"
+    other.write_text(dumps(make_table(StepConfig(schedule="scaled_linear", nfe=(5,)), get_schedule("scaled_linear")),
+                           "json"))
+    rc, err = run_cli(command, "-c", str(files / "mix.yaml"), "-t", str(other), "--no-cache",
+                      "-o", str(tmp_path / "out.json"))
+    assert rc == 2 and len(err.splitlines()) == 1 and "was made for schedule scaled_linear" in err, err
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_the_library_reports_to_a_python_callback(files):
