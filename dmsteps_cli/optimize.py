@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import StepConfig
+from .config import StepConfig, default_order
 from .errors import BadInput, bad_setting
 from .grids import GRIDS, grid_lambda
 from .limits import in_bounds
@@ -348,7 +348,7 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     if c["solver"] not in SOLVERS:
         raise BadInput(f"unknown solver {c['solver']!r} (choose from {', '.join(SOLVERS)})")
     if c["order"] is None:
-        c["order"] = 1 if c["solver"] == "ddim" else 3
+        c["order"] = default_order(c["solver"])
     if c["solver"] == "unipc":
         c["variant"] = c["variant"] or "bh2"
         if c["variant"] not in UNIPC_VARIANTS:
