@@ -262,7 +262,7 @@ def test_flow_and_edm_tables_on_their_models():
     for model in (SD3, SCHNELL, FLUX):
         (sigmas,) = DmstepsTable().get_sigmas(model, "flow-shift3-dpmpp-o2", 8, 1.0)
         e = entry_for(load_table("flow-shift3-dpmpp-o2"), 8)
-        assert sigmas.tolist() == f32(e["t"][:-1] + [0.0])  # flow: ComfyUI's sigma is t
+        assert sigmas.tolist() == f32([1.0] + e["t"][1:-1] + [0.0])  # flow: ComfyUI's sigma is t, from 1
     (sigmas,) = DmstepsTable().get_sigmas(EDM_MODEL, "edm-unipc-o3", 6, 1.0)
     assert sigmas.tolist() == f32(shown("edm-unipc-o3", 6, "zero"))
     assert sigmas[0].item() == np.float32(80.0) and shown("edm-unipc-o3", 6, "min")[-1] == 0.002
@@ -286,7 +286,7 @@ def test_a_table_for_another_schedule_is_refused_in_one_line():
         with pytest.raises(BadInput, match=message) as info:
             DmstepsTable().get_sigmas(model, table, 10, 1.0)
         assert "\n" not in str(info.value)
-    with pytest.raises(BadInput, match="no entry for NFE 20"):
+    with pytest.raises(BadInput, match="table sd-unipc-o3 holds steps 5 to 15, not 20"):
         DmstepsTable().get_sigmas(SD15, "sd-unipc-o3", 20, 1.0)
     with pytest.raises(BadInput, match="no ready-made table is called"):
         DmstepsTable().get_sigmas(SD15, "sd-unipc-o9", 10, 1.0)
@@ -328,7 +328,7 @@ def test_optimize_node_for_flux_uses_its_time_shift():
     (sigmas,) = DmstepsOptimize().get_sigmas(FLUX, "dpmpp", 2, 7, "default", -1.0, 1.0)
     table = make_table(StepConfig(schedule="flow", shift=math.exp(1.15), solver="dpmpp", order=2, nfe=(7,)))
     assert table["config"]["init"] == "quad"  # the steps measured best for shift 3, the nearest measured
-    assert sigmas.tolist() == f32(entry_for(table, 7)["t"][:-1] + [0.0])
+    assert sigmas.tolist() == f32([1.0] + entry_for(table, 7)["t"][1:-1] + [0.0])
 
 
 def test_optimize_node_is_fast_and_cached():
@@ -344,12 +344,14 @@ def test_optimize_node_is_fast_and_cached():
     assert comfyui._optimized.cache_info().hits == 1
 
 
-def test_optimize_node_optimizes_with_the_papers_objective():
-    (sigmas,) = DmstepsOptimize().get_sigmas(SD15, "dpmpp", 2, 5, "paper", 2.0, 1.0)
-    table = make_table(StepConfig(schedule="scaled_linear", solver="dpmpp", order=2, objective="paper", p=2.0,
+def test_optimize_node_optimizes_with_the_published_procedure_and_does_not_offer_paper():
+    (sigmas,) = DmstepsOptimize().get_sigmas(SD15, "dpmpp", 2, 5, "reference", 2.0, 1.0)
+    table = make_table(StepConfig(schedule="scaled_linear", solver="dpmpp", order=2, objective="reference", p=2.0,
                                   nfe=(5,)))
     assert sigmas.tolist() == f32(entry_for(table, 5)["sigmas"][:-1] + [0.0])
-    with pytest.raises(BadInput, match="unknown objective"):
-        DmstepsOptimize().get_sigmas(SD15, "unipc", 3, 5, "exact-ish", -1.0, 1.0)
+    assert "paper" not in DmstepsOptimize.INPUT_TYPES()["required"]["objective"][0]
+    for objective in ("paper", "exact-ish"):
+        with pytest.raises(BadInput, match=r"unknown objective .* \(choose from default, reference\)"):
+            DmstepsOptimize().get_sigmas(SD15, "unipc", 3, 5, objective, -1.0, 1.0)
     with pytest.raises(BadInput, match="unknown solver"):
         DmstepsOptimize().get_sigmas(SD15, "heun", 3, 5, "default", -1.0, 1.0)
