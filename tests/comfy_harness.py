@@ -13,7 +13,9 @@ What is loaded (once per test session; about 5 s of imports, 0.5 s for the model
   ``comfy.sample`` and ``comfy_extras.nodes_model_advanced``. torchvision and PyAV are imported by
   modules the tests never run (Stable Cascade's and Cosmos' models, the video API); where they are
   absent (no torchvision build matches the CPU torch here) stand-in modules answer those imports and
-  are removed again once ComfyUI is loaded.
+  are removed again once ComfyUI is loaded. transformers and diffusers record whether torchvision
+  and PyAV are installed (at import or first ask); they are asked before the stand-ins exist, so the
+  rest of the test session sees the truth.
 - a tiny UNet with random weights that ComfyUI's model detection reads as SD 2.x (``SD20``: model
   channels 320, context 1024, linear transformer projection; one level, one res block, 26M
   parameters, float16 safetensors), loaded by ``comfy.sd.load_diffusion_model`` into a real
@@ -99,6 +101,22 @@ def _absent(name: str) -> bool:
     return False
 
 
+def _settle_availability_checks(names) -> None:
+    """Have transformers and diffusers record now, without stand-ins, whether the packages ``names``
+    are installed: their ``is_<name>_available`` answers are computed once and kept."""
+    for library in ("transformers.utils", "diffusers.utils"):
+        try:
+            module = importlib.import_module(library)
+        except Exception:  # not installed: nothing records anything
+            continue
+        for attr in dir(module):
+            if attr.startswith("is_") and attr.endswith("_available") and any(n in attr for n in names):
+                try:
+                    getattr(module, attr)()
+                except TypeError:  # one that needs arguments (a version to compare with)
+                    pass
+
+
 @dataclass
 class Comfy:
     """The imported ComfyUI modules the tests use."""
@@ -115,6 +133,7 @@ def import_comfy(source: Path) -> Comfy:
     if str(source) not in sys.path:
         sys.path.append(str(source))
     missing = [name for name in STAND_INS if _absent(name)]
+    _settle_availability_checks(missing)
     finder = _StandIns(missing)
     sys.meta_path.insert(0, finder)
     try:
