@@ -63,11 +63,13 @@ def test_comfyuis_samplers_call_the_model_steps_times_at_the_tables_points(comfy
     model = comfy_models[name]
     sigmas = node_sigmas("table", model, name)
     for sampler in ("euler", "dpmpp_2m", "uni_pc", "uni_pc_bh2"):
-        calls = model_calls(comfy, model, sigmas, sampler)
+        calls = model_calls(comfy, model, sigmas.clone(), sampler)  # a copy: uni_pc writes 0.001 over the 0
         assert len(calls) == STEPS, (sampler, calls)
         assert calls == pytest.approx(sigmas[:-1].tolist(), rel=1e-6), sampler  # t_0 .. t_{N-1}, no call at 0
     ms = model.get_model_object("model_sampling")
     assert len(model_calls(comfy, model, comfy.samplers.calculate_sigmas(ms, "normal", STEPS), "euler")) == STEPS
+    appended = torch.cat([sigmas[:-1], torch.tensor([sigmas[-2].item() * 0.5, 0.0])])  # 0 after a last sigma
+    assert len(model_calls(comfy, model, appended, "euler")) == STEPS + 1  # what the convention avoids
 
 
 @pytest.mark.parametrize("node", ["table file", "optimize"])

@@ -231,7 +231,9 @@ def sampler_advice(family: str, solver: str, order: int, variant: str | None) ->
         fit = "uni_pc_bh2" if (variant or "bh2") == "bh2" else "uni_pc"
         return f"{fit} (UniPC variant {variant or 'bh2'}, order 3 from 4 steps up)"
     if solver == "dpmpp":
-        return f"no exact ComfyUI sampler: ComfyUI has no deterministic DPM-Solver++ of order {order}"
+        return (f"no exact ComfyUI sampler: ComfyUI has no deterministic DPM-Solver++ of order {order} (dpmpp_3m_sde "
+                "is an SDE sampler; with eta 0 it runs order 3 on the second-to-last step, where these steps "
+                "assume order 2)")
     return f"no exact ComfyUI sampler: ComfyUI's uni_pc runs order 3 from 4 steps up, not order {order}"
 
 
