@@ -355,3 +355,37 @@ def test_optimize_node_optimizes_with_the_published_procedure_and_does_not_offer
             DmstepsOptimize().get_sigmas(SD15, "unipc", 3, 5, objective, -1.0, 1.0)
     with pytest.raises(BadInput, match="unknown solver"):
         DmstepsOptimize().get_sigmas(SD15, "heun", 3, 5, "default", -1.0, 1.0)
+
+
+# --- what the widgets offer, and the sampler advice ------------------------------------------------------
+
+def test_the_widgets_offer_only_what_runs():
+    steps = DmstepsTable.INPUT_TYPES()["required"]["steps"][1]
+    held = {e["nfe"] for path in bundled_tables().values() for e in load_table(path)["entries"]}
+    assert (steps["min"], steps["max"]) == (min(held), max(held)) and steps["min"] <= steps["default"] <= steps["max"]
+    for order in (2, 3):
+        with pytest.raises(BadInput, match=f"order {order} needs at least {order} steps, got steps {order - 1}") as info:
+            DmstepsOptimize().get_sigmas(SD15, "unipc", order, order - 1, "default", -1.0, 1.0)
+        assert "\n" not in str(info.value)
+    (sigmas,) = DmstepsOptimize().get_sigmas(SD15, "unipc", 2, 2, "default", -1.0, 1.0)
+    assert sigmas.shape == (3,) and sigmas[-1].item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(bundled_tables()))
+def test_the_sampler_advice_names_only_samplers_that_run_the_tables_order(name):
+    table = load_table(name)
+    config = table["config"]
+    advice = comfyui.advise(table, name)
+    exact = {("dpmpp", 2): "dpmpp_2m", ("unipc", 3): "uni_pc_bh2 (UniPC variant bh2"}
+    if table["schedule"]["family"] == "flow" or (config["solver"], config["order"]) not in exact:
+        assert advice.startswith("no exact ComfyUI sampler"), advice
+    else:
+        assert advice.startswith(exact[config["solver"], config["order"]]), advice
+
+
+def test_a_table_no_comfyui_sampler_runs_exactly_is_named_in_the_log(caplog):
+    with caplog.at_level("WARNING", logger="dmsteps_cli.integrations.comfyui"):
+        DmstepsTable().get_sigmas(SD15, "sd-dpmpp-o3", 10, 1.0)
+        DmstepsTable().get_sigmas(SD15, "sd-dpmpp-o2", 10, 1.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "sd-dpmpp-o3" in messages[0] and "no deterministic DPM-Solver++" in messages[0]
