@@ -42,6 +42,7 @@ from dmsteps_cli.integrations.comfyui import (
     DmstepsTableFile,
     model_schedule,
 )
+from dmsteps_cli.integrations.exports import FLOW_SIGMA_MAX, sigmas_for
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.tables import bundled_tables, entry_for, load_table
@@ -389,3 +390,16 @@ def test_a_table_no_comfyui_sampler_runs_exactly_is_named_in_the_log(caplog):
         DmstepsTable().get_sigmas(SD15, "sd-dpmpp-o2", 10, 1.0)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "sd-dpmpp-o3" in messages[0] and "no deterministic DPM-Solver++" in messages[0]
+
+
+def test_the_consumer_list_of_every_ready_made_table_spends_nfe_calls_at_its_points():
+    """exports.sigmas_for(zero_end=True): [sigma(t_0), ..., sigma(t_{N-1}), 0], a flow list from 1."""
+    for name, path in bundled_tables().items():
+        table = load_table(path)
+        flow = table["schedule"]["family"] == "flow"
+        for entry in table["entries"]:
+            own = sigmas_for(entry, schedule=table["schedule"])
+            zero = sigmas_for(entry, zero_end=True, schedule=table["schedule"])
+            assert len(zero) == entry["nfe"] + 1 and zero[-1] == 0.0 and zero[-2] == own[-2], name
+            assert zero[1:-1] == own[1:-1] and zero[0] == (FLOW_SIGMA_MAX if flow else own[0]), name
+            assert own[0] == (0.999 if flow else own[0]) and all(a > b for a, b in zip(zero, zero[1:]))
