@@ -105,7 +105,7 @@ def optimize(
     out_fmt = format_for(output, fmt)
     sched = get_schedule(schedule)
     config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, variant=variant, objective=objective,
-                                p=p, init=init, trunc=trunc, T=T, eps=eps, shift=shift, nfe=parse_nfe(nfe)), sched)
+                                p=p, init=init, trunc=trunc, T=T, eps=eps, shift=shift, nfe=nfe), sched)
     if output is not None:
         check_writable(output)
     err = _stderr()
@@ -128,18 +128,26 @@ def optimize(
         if config.objective != "none":
             _summary(err, table)
         defaults = objective is None and init is None and p is None and trunc is None
-        err.print(_written_note(sched, config, output, defaults), markup=False)
+        _note(_written_note(sched, config, output, defaults))
+
+
+def _note(line: str) -> None:
+    """One line of prose on stderr (a note, a hint), written as is: never wrapped, so a flag it
+    names (``--objective reference``) stays whole for copy and paste."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _written_note(schedule, config, output: str | None, defaults: bool) -> str:
     """One line on stderr: what the table holds and why, in words."""
+    from .config import format_nfe
     from .grids import GRID_WORDS
     from .optimize import FALLBACK_STEPS
     from .schedules import preset_of
 
     nfe = config.nfe
     where = "stdout" if output in (None, "-") else output
-    head = f"wrote {where}: NFE {nfe[0]}..{nfe[-1]}" if len(nfe) > 1 else f"wrote {where}: NFE {nfe[0]}"
+    head = f"wrote {where}: NFE {format_nfe(nfe)}"
     grid = (f"the {GRID_WORDS[config.init]} ({config.init})" if config.init in GRID_WORDS
             else "whichever hand-made grid gave the lowest objective (best)")
     if config.objective == "none":
@@ -177,7 +185,7 @@ def _summary(console, table: dict) -> None:
 def show(
     file: str = typer.Argument(..., help="A table (JSON or YAML, told apart by content; - is standard input), "
                                           "or a ready-made table's name (dmsteps tables)."),
-    nfe: Optional[int] = typer.Option(None, help="Which NFE (needed when the table holds several)."),
+    nfe: Optional[str] = typer.Option(None, help="Which NFE, one (needed when the table holds several)."),
     as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line of plain decimals: t, "
                                       "lambda, sigmas or timesteps."),
     end: Optional[str] = typer.Option(None, help="With --as sigmas: min (the table's end point, the default) or "
@@ -204,7 +212,7 @@ def show(
         field = as_ or "t"
         if field not in AS_FIELDS:
             raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
-        entry = entry_for(table, nfe)
+        entry = entry_for(table, _one_nfe(nfe, "show", [e["nfe"] for e in table["entries"]]))
         values = (sigmas_for(entry, zero_end=end == "zero", schedule=table["schedule"]) if field == "sigmas"
                   else entry[field])
         line = decimals(values) + "\n"
@@ -216,6 +224,22 @@ def show(
         sys.stdout.write(line)
     elif plot is None:
         _summary(_console_stdout(), table)
+
+
+def _one_nfe(text: str | None, command: str, held=None) -> int | None:
+    """``--nfe`` of a command that takes one NFE, as an int (None: not given); a range or a list,
+    or anything else that is not a whole number, is refused in one line naming the NFEs ``held``
+    (the table's, where known)."""
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        pass
+    from .config import format_nfe
+
+    holds = "" if held is None else f" (the table holds NFE {format_nfe(held)})"
+    raise BadInput(f"--nfe {text}: {command} takes one NFE, a whole number{holds}")
 
 
 def _console_stdout():
@@ -245,15 +269,17 @@ def schedules():
 def tables_command():
     """List the ready-made tables by name (usable wherever a table is taken: show NAME, --table NAME):
     name, schedule, solver, order, NFEs and the models each fits; tab-separated."""
+    from .config import format_nfe
     from .tables import bundled_index
 
     for row in bundled_index()["files"]:
         schedule = row["schedule"] + ("" if row["shift"] is None else f" shift {row['shift']:g}")
-        nfe = row["nfe"]
         sys.stdout.write(f"{row['file'].removesuffix('.json')}\t{schedule}\t{row['solver']}\torder {row['order']}\t"
-                         f"NFE {nfe[0]}..{nfe[-1]}\t{'; '.join(row['models'])}\n")
+                         f"NFE {format_nfe(row['nfe'])}\t{'; '.join(row['models'])}\n")
 
 
+DEVICE_HELP = ("auto (CUDA when this machine has it, else the CPU), cpu, cuda or cuda:K; the output records the "
+               "device used.")
 LABELS_HELP = ("Classes for class-conditional models, paired with the noises round robin (noise i takes label "
                "number i mod n of the n given): a range 0..9, a list 3,5,7 or both (0..4,7); instead of --class-label.")
 NULL_CLASS_HELP = ("The class a class-conditional UNet was trained to drop labels to (its unconditional input), "
@@ -278,10 +304,10 @@ def sample(
                                     "transformer/ and scheduler/, or a bare UNet2DModel) or a Gaussian-mixture "
                                     ".yaml/.npz."),
     table: str = typer.Option(..., "--table", "-t", help="A step table (JSON/YAML; - is standard input)."),
-    nfe: Optional[int] = typer.Option(None, help="Which NFE of the table (needed when it holds several)."),
+    nfe: Optional[str] = typer.Option(None, help="Which NFE of the table, one (needed when it holds several)."),
     batch: int = typer.Option(16, help="Number of samples."),
     seed: int = typer.Option(0, help="Sample i uses seed + i."),
-    device: str = typer.Option("cuda", help="cuda, cuda:K or cpu."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     out: str = typer.Option("samples", "--out", "-o", help="Output folder (samples.npz, grid.png, sample.json)."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the table's)."),
@@ -300,7 +326,8 @@ def sample(
     needs_torch("sample")
     from .sample import SampleRequest, run_sample
 
-    req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=nfe, batch=batch, seed=seed,
+    req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=_one_nfe(nfe, "sample"), batch=batch,
+                        seed=seed,
                         device=device, out=str(out), solver=solver, order=order, variant=variant,
                         class_label=class_label, class_labels=_labels(class_label, class_labels),
                         null_class=null_class, guidance_scale=guidance_scale, prompt=prompt, force=force,
@@ -316,8 +343,8 @@ def sample(
     else:
         sidecar = run_sample(req)
     if sidecar is not None and not quiet:
-        err.print(f"{len(sidecar['seeds'])} samples, NFE {sidecar['nfe']} {sidecar['solver']}, "
-                  f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {out}/", markup=False)
+        _note(f"{len(sidecar['seeds'])} samples, NFE {sidecar['nfe']} {sidecar['solver']}, "
+              f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {out}/")
 
 
 CACHE_HELP = ("Folder of the reference-solution cache (default $DMSTEPS_CACHE, else $XDG_CACHE_HOME/dmsteps, "
@@ -367,6 +394,20 @@ def _torchrun(cache):
         end_distributed()
 
 
+@contextmanager
+def _progress_log(command: str, quiet: bool):
+    """The progress callback of a long command (``progress.Log`` on stderr: timestamped lines, and a
+    live bar on a terminal), or None with ``quiet`` or on a torchrun rank other than 0 (the ranks
+    share stderr)."""
+    if quiet or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    from .progress import Log
+
+    with Log(command) as log:
+        yield log
+
+
 def _baseline_names(text: str) -> tuple:
     from .baselines import check_names
 
@@ -392,7 +433,7 @@ def evaluate(
     batch: int = typer.Option(64, help="Noises per batch of the solves: lower it if they do not fit in memory "
                               "(the numbers do not change)."),
     seed: int = typer.Option(0, help="First seed."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     ref_steps: int = typer.Option(64, help="Reference solution: the first S of its convergence rule (UniPC-3 on "
                                   "2S uniform-lambda steps, S doubled until S and 2S steps agree to 1% of the "
                                   "smallest error measured; docs/cli.md)."),
@@ -407,7 +448,7 @@ def evaluate(
     negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
     plot: Optional[str] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Measure the sampling error of tables and hand-made grids against a high-accuracy solution."""
     import json
@@ -432,8 +473,8 @@ def evaluate(
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
                       guidance_scale=guidance_scale, prompts=prompts, negative_prompt=negative_prompt,
                       cache=_open_cache(cache, no_cache), no_cache=no_cache)
-    with _torchrun(req.cache) as writes:
-        report = run_evaluation(req)
+    with _torchrun(req.cache) as writes, _progress_log("evaluate", quiet) as progress:
+        report = run_evaluation(req, progress)
     if not writes:
         return
     write_output("-" if output is None else output, json.dumps(report, indent=1) + "\n")
@@ -525,7 +566,7 @@ def refine(
     network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "
                                                 "bfloat16 (autocast; for large models on CUDA); references and "
                                                 "every reported error stay in float32. Default: float32 (as loaded)."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:K."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
     cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
@@ -541,7 +582,7 @@ def refine(
     negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
     needs_torch("refine")
@@ -554,7 +595,7 @@ def refine(
     if output is not None:
         check_writable(output)
     reference_cache = _open_cache(cache, no_cache)
-    with _torchrun(reference_cache) as writes:
+    with _torchrun(reference_cache) as writes, _progress_log("refine", quiet) as progress:
         table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                              nfe=parse_nfe(nfe) if nfe else None, train=train,
                                              validation=validation, holdout=holdout, seed=seed,
@@ -567,7 +608,7 @@ def refine(
                                              class_labels=_labels(class_label, class_labels),
                                              null_class=null_class, guidance_scale=guidance_scale,
                                              prompts=prompts, holdout_prompts=holdout_prompts,
-                                             negative_prompt=negative_prompt))
+                                             negative_prompt=negative_prompt), progress)
     if not writes:
         return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))

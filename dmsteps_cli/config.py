@@ -15,15 +15,46 @@ import numpy as np
 
 from .errors import BadInput, bad_setting
 from .limits import BOUNDS, in_bounds
+from .solvers import solver_spec
 
 MIN_NFE, MAX_NFE = BOUNDS["nfe"]
+MIN_TABLE_NFE = 2  # a table entry places at least one step between its two ends
 MIN_LABEL, MAX_LABEL = BOUNDS["class_label"]
 MAX_LABELS = BOUNDS["class_labels"][1]
 
 
-def parse_nfe(value) -> tuple[int, ...]:
-    """Step counts as sorted unique ints, each MIN_NFE .. MAX_NFE, from an int, an iterable of ints
-    (``range(5, 16)``) or text: ``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10``."""
+def default_order(solver: str) -> int:
+    """The solver order a table assumes when none is given (its registry record's)."""
+    return solver_spec(solver).default_order
+
+
+def smallest_nfe(solver: str, order: int | None) -> int:
+    """The fewest steps a table entry for ``solver`` of ``order`` (None: ``default_order``) holds:
+    MIN_TABLE_NFE, and at least the order (a multistep solver of order k needs k steps). An order
+    the solver does not run counts as none here (``optimize.resolve`` refuses it with its own message)."""
+    spec = solver_spec(solver)
+    order = spec.default_order if order is None else order
+    return max(MIN_TABLE_NFE, order) if order in spec.orders else MIN_TABLE_NFE
+
+
+def format_nfe(nfes) -> str:
+    """Step counts as ``parse_nfe`` reads them back: runs of three or more as ``lo..hi``, the rest
+    listed (``5..10``, ``5,7,10``, ``5..8,10``)."""
+    nfes = sorted({int(n) for n in nfes})
+    parts, i = [], 0
+    while i < len(nfes):
+        j = i
+        while j + 1 < len(nfes) and nfes[j + 1] == nfes[j] + 1:
+            j += 1
+        parts += [f"{nfes[i]}..{nfes[j]}"] if j - i >= 2 else [str(n) for n in nfes[i:j + 1]]
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_nfe(value, smallest: int = MIN_NFE, whose: str = "") -> tuple[int, ...]:
+    """Step counts as sorted unique ints, each ``smallest`` .. MAX_NFE, from an int, an iterable of
+    ints (``range(5, 16)``) or text: ``5..15``, ``8``, ``5,7,10`` or a mix such as ``5..8,10``.
+    ``whose``: what sets ``smallest``, for the message (`` for unipc order 3``)."""
     if isinstance(value, str):
         out: set[int] = set()
         for part in value.split(","):
@@ -34,8 +65,8 @@ def parse_nfe(value) -> tuple[int, ...]:
                 raise BadInput(f"NFE {value!r} is not a step count, a range like 5..15 or a list like 5,7,10") from None
             if lo > hi:
                 raise BadInput(f"NFE range {part.strip()} runs backwards (did you mean {hi}..{lo}?)")
-            if lo < MIN_NFE or hi > MAX_NFE:
-                raise BadInput(f"NFE {part.strip()}: step counts run from {MIN_NFE} to {MAX_NFE}")
+            if lo < smallest or hi > MAX_NFE:
+                raise BadInput(f"NFE {part.strip()}: step counts run from {smallest} to {MAX_NFE}{whose}")
             out.update(range(lo, hi + 1))
         return tuple(sorted(out))
     items = [value] if isinstance(value, int) else value
@@ -46,8 +77,9 @@ def parse_nfe(value) -> tuple[int, ...]:
     if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in items):
         raise BadInput(f"NFE {value!r}: step counts must be whole numbers")
     nfes = tuple(sorted({int(n) for n in items}))
-    if nfes and (nfes[0] < MIN_NFE or nfes[-1] > MAX_NFE):
-        raise BadInput(f"NFE {value!r}: step counts run from {MIN_NFE} to {MAX_NFE}")
+    if nfes and (nfes[0] < smallest or nfes[-1] > MAX_NFE):
+        bad = nfes[0] if nfes[0] < smallest else nfes[-1]
+        raise BadInput(f"NFE {bad}: step counts run from {smallest} to {MAX_NFE}{whose}")
     return nfes
 
 
@@ -149,7 +181,9 @@ class StepConfig:
                 object.__setattr__(self, name, value.item())
         if self.solver is None:
             raise bad_setting("solver", "must be given")
-        object.__setattr__(self, "nfe", parse_nfe(self.nfe))
+        order = default_order(self.solver) if self.order is None else self.order
+        object.__setattr__(self, "nfe", parse_nfe(self.nfe, smallest_nfe(self.solver, self.order),
+                                                  f" for a table of {self.solver} order {order}"))
 
     def as_dict(self) -> dict:
         return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}

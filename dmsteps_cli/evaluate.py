@@ -47,6 +47,7 @@ from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
 from .limits import BOUNDS, in_bounds
+from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
 from .runtime import (
@@ -165,12 +166,16 @@ class Evaluator:
     ``mean_error_and_grad`` all-reduces its mean and gradient, and check(S) is the mean over all
     noises, so every rank holds the same numbers and doubles S at the same time. The results
     equal one process's to rounding.
+
+    ``progress``: a ``progress.Progress`` callback (or None) told how far each reference solution
+    is computed (this rank's noises, a batch at a time); ``label`` names the noises in it.
     """
 
     def __init__(self, ckpt, denoiser, seeds, T: float, eps: float, device, ref_steps: int = REF_STEPS,
                  cache=None, class_labels=None, guidance_scale: float = 1.0, ranks: Ranks | None = None,
-                 fingerprint: str | None = None, batch: int = BATCH):
+                 fingerprint: str | None = None, batch: int = BATCH, progress=None, label: str = "noises"):
         in_bounds("batch", batch)
+        self.progress, self.label = progress, label
         self.ckpt, self.schedule, self.batch = ckpt, ckpt.schedule, int(batch)
         self.T, self.eps, self.device = float(T), float(eps), device
         self.ranks = Ranks.current() if ranks is None else ranks
@@ -217,9 +222,9 @@ class Evaluator:
         lambdas from lambda(T) to lambda(eps))."""
         return self._solve(self.x_T, lam, solver, order, variant)
 
-    def _solve(self, x_T, lam, solver, order, variant, rows=None) -> torch.Tensor:
+    def _solve(self, x_T, lam, solver, order, variant, rows=None, advance=None) -> torch.Tensor:
         """The samples from ``x_T``, this rank's noises ``rows`` (indices into ``own_seeds``; None: all),
-        ``batch`` noises at a time."""
+        ``batch`` noises at a time; ``advance(done)`` (``progress.phase``) after each batch."""
         lam = np.asarray(lam, dtype=np.float64)
         steps = step_arrays(self.schedule, lam, self.T, self.eps)
         plan = build_plan(self.schedule, lam, solver, order, variant).map(float)
@@ -230,6 +235,8 @@ class Evaluator:
             for i in range(0, len(rows), self.batch):
                 part = slice(i, i + self.batch)
                 parts.append(integrate(self._denoiser(rows[part]), self.schedule, plan, t, timesteps, x_T[part]))
+                if advance is not None:
+                    advance(min(i + self.batch, len(rows)))
         return torch.cat(parts) if parts else x_T.clone()
 
     def _denoiser(self, rows=None):
@@ -295,8 +302,10 @@ class Evaluator:
         if steps in self._solutions:
             return self._solutions[steps]
         lam = self._uniform(steps)
+        what = f"reference solutions ({self.label}, {steps} steps)"
         if self._entries is None:
-            x = self.solve(lam, *REF_SOLVER)
+            x = self._solve(self.x_T, lam, *REF_SOLVER,
+                            advance=phase(self.progress, what, len(self.own_seeds), "noises"))
         else:
             found = {}  # row -> solution
             for label, entry in self._entries.items():
@@ -309,7 +318,8 @@ class Evaluator:
                 x[i] = torch.from_numpy(a).to(device=x.device, dtype=x.dtype)
             if missing:
                 rows = torch.tensor(missing, device=self.x_T.device)
-                solved = self._solve(self.x_T[rows], lam, *REF_SOLVER, rows=missing)
+                solved = self._solve(self.x_T[rows], lam, *REF_SOLVER, rows=missing,
+                                     advance=phase(self.progress, what, len(missing), "noises"))
                 x[rows] = solved
                 for label, entry in self._entries.items():
                     entry.save(REF_NAME, steps, {int(self.own_seeds[i]): solved[j] for j, i in enumerate(missing)
@@ -470,15 +480,16 @@ def noise_labels(ckpt: Checkpoint, class_labels, held: bool = False):
 
 def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale: float, T: float, eps: float,
                           ref_steps: int = REF_STEPS, cache=None, fingerprint: str | None = None,
-                          batch: int = BATCH) -> Evaluator:
+                          batch: int = BATCH, progress=None, label: str = "noises") -> Evaluator:
     """The Evaluator of ``ckpt`` on the noises of ``seeds``, each with its class label from
     ``class_labels`` (None, or labels paired with the seeds round robin, ``checkpoints.pair_labels``;
-    every one of them is checked against the model, used or not), guided with ``guidance_scale``."""
+    every one of them is checked against the model, used or not), guided with ``guidance_scale``;
+    ``progress`` and ``label``: its reports (``Evaluator``)."""
     seeds = list(seeds)
     denoiser = None if class_labels is None else labelled_denoiser(ckpt, class_labels, guidance_scale)
     return Evaluator(ckpt, denoiser, seeds, T, eps, ckpt.device, ref_steps, cache=cache, batch=batch,
                      class_labels=pair_labels(class_labels, len(seeds)), guidance_scale=guidance_scale,
-                     fingerprint=fingerprint)
+                     fingerprint=fingerprint, progress=progress, label=label)
 
 
 def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines,
@@ -515,7 +526,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     5..15) is measured for every grid in ``baselines`` and every table or step set that has it, on
     the noises of seeds seed ... seed + samples - 1. The interval (T, eps, shift) and the solver
     default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
-    in the report (default ``ckpt.source``); ``progress(nfe)`` is called after each NFE measured;
+    in the report (default ``ckpt.source``); ``progress``: a ``progress.Progress`` callback told
+    each phase (the reference solutions, the NFEs measured) and how far it got, or None;
     ``cache``: a ``reference_cache.ReferenceCache`` for the reference solutions, or None;
     ``batch``: noises per batch of the forward solves (their memory; the numbers do not change).
     Conditioning: ``class_labels`` (anything ``config.parse_class_labels`` takes) or one
@@ -555,21 +567,23 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     nfes = list(nfe) if nfe is not None else present or list(range(5, 16))
     check_baselines(dict.fromkeys(baselines), schedule, nfes, T, eps, shift)
     ev = conditioned_evaluator(ckpt, range(seed, seed + samples), labels, guidance_scale, T, eps, ref_steps, cache,
-                               batch=batch)
+                               batch=batch, progress=progress, label=f"{samples} noises")
     measured: dict[int, tuple] = {}  # nfe -> (the reference's steps when measured, Comparison)
     while True:
         stale = [n for n in sorted(set(nfes), reverse=True)
                  if n not in measured or measured[n][0] != ev.reference_steps]
         if not stale:
             break
-        for n in stale:
+        again = " again (the reference changed)" if measured else ""
+        advance = phase(progress, f"measuring {len(dict.fromkeys(baselines))} baselines and {len(step_sets)} "
+                                  f"tables{again}", len(stale), "NFEs")
+        for k, n in enumerate(stale, 1):
             at_n = {name: lams[n] for name, lams in step_sets if n in lams}
             before = ev.reference_steps
             cmp = compare_at(ev, n, at_n, solver=solver, order=order, variant=variant, shift=shift,
                              grids=list(dict.fromkeys(baselines)))
             measured[n] = (before if ev.reference_steps == before else None, cmp)
-            if progress is not None:
-                progress(n)
+            advance(k, f"NFE {n}")
     rows = []
     for n in nfes:
         cmp = measured[n][1]
@@ -581,6 +595,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
         "schedule": schedule.name,
         "interval": {"T": T, "eps": eps, "shift": shift},
         "solver": {"name": solver, "order": order, "variant": variant},
+        "device": str(ckpt.device),
         "samples": samples,
         "seeds": [seed, seed + samples - 1],
         "metric": METRIC,
@@ -592,14 +607,17 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
 
 
 def evaluate(req: EvalRequest, progress=None) -> dict:
-    """Load the request's checkpoint (on ``req.device``) and tables, then ``evaluate_checkpoint``
-    with the request's reference cache (``reference_cache.open_cache(req.cache, not req.no_cache)``)."""
+    """Load the request's checkpoint (on ``req.device``: ``runtime.resolve_device``) and tables, then
+    ``evaluate_checkpoint`` with the request's reference cache
+    (``reference_cache.open_cache(req.cache, not req.no_cache)``) and ``progress``."""
     _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines,
                     req.class_labels)
     in_bounds("batch", req.batch)
     prompts = None if req.prompts is None else read_prompts(req.prompts)
     cache = open_cache(req.cache, enabled=not req.no_cache)
-    ckpt = load_model(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
+    device = rank_device(req.device)
+    phase(progress, f"loading the model {req.checkpoint} on {device}")
+    ckpt = load_model(req.checkpoint, device=device, schedule=req.schedule,
                       null_class=req.null_class, prompts=prompts, negative_prompt=req.negative_prompt,
                       class_labels=class_label_list(req.class_label, req.class_labels))
     tables = [(str(p), load_table(p)) for p in req.tables]

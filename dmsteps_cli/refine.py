@@ -57,7 +57,8 @@ The refined table is the input table with these changes:
                               steps) and every grid
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
-    refine            checkpoint, from_table, solver {name, order, variant}, metric, conditioning
+    refine            checkpoint, from_table, solver {name, order, variant}, device (what it ran on,
+                      as torch names it: cpu, cuda, cuda:1, ...), metric, conditioning
                       (null for a model without classes, else the class labels given, their pairing
                       with each set's noises, the guidance scale and null class), reference (of
                       the training noises), train_seeds, validation_seeds (null without) and
@@ -91,6 +92,7 @@ from .evaluate import (
 from .grids import GRIDS, grid_lambda
 from .limits import in_bounds
 from .optimize import GAP_FRACTION, table_objective
+from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .refined import TABLE
 from .runtime import network_dtype_named, rank_device
@@ -236,8 +238,8 @@ class _Keeper:
     (``Evaluator`` doubles them), the start and the best point are judged again, so that every
     comparison is on one reference."""
 
-    def __init__(self, judge, lam0, patience: int = 0, reference=lambda: None):
-        self.judge, self.patience, self.reference_of = judge, patience, reference
+    def __init__(self, judge, lam0, patience: int = 0, reference=lambda: None, noises: str = "training"):
+        self.judge, self.patience, self.reference_of, self.noises = judge, patience, reference, noises
         self.start_lam = self.best_lam = lam0
         self.best_iteration = self.count = self.since_best = 0
         self.reference = reference()
@@ -262,6 +264,11 @@ class _Keeper:
     def improved(self) -> bool:
         return self.best_iteration > 0 and self.best_error < self.start_error
 
+    def kept(self) -> str:
+        """The point kept so far, in words, for progress reports."""
+        return (f"lowest {self.noises} error {self.best_error:.4g} at iteration {self.best_iteration} "
+                f"(start {self.start_error:.4g})")
+
 
 def _pinned(lam, lam_T, lam_eps):
     """``lam`` with its ends set to exactly lam_T and lam_eps."""
@@ -269,10 +276,10 @@ def _pinned(lam, lam_T, lam_eps):
     return lam
 
 
-def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple[int, int, str]:
+def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None) -> tuple[int, int, str]:
     """L-BFGS-B on the full training error from lam0; each iterate goes to ``keeper``, and every
-    point evaluated to ``seen`` ({lam bytes: training error}). Returns (iterations, evaluations,
-    stop reason)."""
+    point evaluated to ``seen`` ({lam bytes: training error}); ``advance(iteration, note)``
+    (``progress.phase``) after each iteration. Returns (iterations, evaluations, stop reason)."""
     from scipy.optimize import minimize
 
     lam_T, lam_eps = lam0[0], lam0[-1]
@@ -291,6 +298,8 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tupl
         count["iterations"] += 1
         lam = _pinned(_lam_of(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
         keeper.see(lam, count["iterations"])
+        if advance is not None:
+            advance(count["iterations"], f"training error {float(intermediate_result.fun):.4g}, {keeper.kept()}")
 
     try:
         res = minimize(f, _logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
@@ -301,10 +310,10 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tupl
     return count["iterations"], count["evaluations"], message
 
 
-def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple[int, int, str]:
+def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None) -> tuple[int, int, str]:
     """Adam on mini-batch training errors from lam0; after every pass over the training noises
-    and after the last update, the point goes to ``keeper``. Returns (updates, evaluations, stop
-    reason)."""
+    and after the last update, the point goes to ``keeper``; ``advance(update, note)``
+    (``progress.phase``) after each update. Returns (updates, evaluations, stop reason)."""
     lam_T, lam_eps = lam0[0], lam0[-1]
     n = len(train.seeds)
     size = min(fit.minibatch, n)
@@ -317,7 +326,7 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple
         for k in range(1, fit.maxiter + 1):
             rows = np.sort(rng.choice(n, size=size, replace=False))
             lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
-            _, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
+            batch_error, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
                                                        checkpointing=fit.checkpointing,
                                                        network_dtype=fit.network_dtype, rows=rows)
             g = dlam_du.T @ dvalue_dlam
@@ -327,13 +336,15 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict) -> tuple
             done = k
             if k % every == 0 or k == fit.maxiter:
                 keeper.see(_pinned(_lam_of(u, lam_T, lam_eps), lam_T, lam_eps), k)
+            if advance is not None:
+                advance(k, f"mini-batch training error {batch_error:.4g}, {keeper.kept()}")
     except _EarlyStop as stop:
         return done, done, str(stop)
     return done, done, f"ran its {fit.maxiter} updates"
 
 
 def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fit = Fit(),
-                 validation: Evaluator | None = None) -> Refined:
+                 validation: Evaluator | None = None, progress=None, what: str = "") -> Refined:
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
@@ -344,9 +355,15 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     the result is the start itself (``improved`` False) when nothing beat it. With
     ``fit.network_dtype`` the fit minimizes the low-precision model's error, and the training error
     of the steps kept is measured again at the checkpoint's own precision, like every error recorded.
+    ``progress``: a ``progress.Progress`` callback (or None) told of the starts measured and each
+    iteration, its phases named after ``what`` (``NFE 7``).
     """
     args = (solver, order, variant)
-    train_err = {name: float(train.errors(lam, *args).mean()) for name, lam in starts.items()}
+    advance = phase(progress, f"{what}: training errors of the starts", len(starts), "starts")
+    train_err = {}
+    for k, (name, lam) in enumerate(starts.items(), 1):
+        train_err[name] = float(train.errors(lam, *args).mean())
+        advance(k, f"{name} {train_err[name]:.4g}")
     start = min(train_err, key=train_err.get)
     lam0 = np.asarray(starts[start], dtype=np.float64)
     seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
@@ -360,9 +377,13 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
         keeper = _Keeper(training_error, lam0)
     else:
         keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
-                         lambda: validation.reference_steps)
+                         lambda: validation.reference_steps, noises="validation")
     run = _fit_lbfgs if fit.method == "lbfgs" else _fit_adam
-    iterations, evaluations, message = run(train, lam0, args, fit, keeper, seen if fit.network_dtype is None else {})
+    unit = "iterations" if fit.method == "lbfgs" else "updates"
+    advance = phase(progress, f"{what}: fitting from {start} ({fit.method})", fit.maxiter, unit)
+    iterations, evaluations, message = run(train, lam0, args, fit, keeper, seen if fit.network_dtype is None else {},
+                                           advance)
+    advance(iterations, f"{message}; {keeper.kept()}", last=True)
     done = {"start": start, "train_errors": train_err, "iterations": iterations, "evaluations": evaluations,
             "message": message}
     if validation is not None:
@@ -501,7 +522,9 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     autocast in that dtype, while the references and every recorded error stay at the checkpoint's
     precision.
     ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
-    the record and in messages; ``progress(nfe)`` is called after each NFE.
+    the record and in messages; ``progress``: a ``progress.Progress`` callback told each phase (the
+    reference solutions of each set of noises; per NFE the starts, the fit's iterations and the
+    held-out evaluation) and how far it got, or None.
     ``ref_steps``, ``cache``: the references' first S and the ``reference_cache.ReferenceCache`` (or
     None) of every set of noises; before the first NFE the references are settled on the starts at
     the largest NFE with ``REFINE_MARGIN`` (``Evaluator.settle``).
@@ -532,29 +555,37 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
     fingerprint = None if cache is None else model_fingerprint(ckpt)  # one hash of the weights for every set
 
-    def evaluator(seeds, paired=labels) -> Evaluator:
+    def evaluator(seeds, label, paired=labels) -> Evaluator:
         return conditioned_evaluator(ckpt, seeds, paired, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
-                                     fingerprint, batch=grad_batch)
+                                     fingerprint, batch=grad_batch, progress=progress, label=label)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
-    training, held = evaluator(seeds), evaluator(range(seed, seed + holdout), held_labels)
-    validating = evaluator(checked) if validation else None
+    training = evaluator(seeds, f"{train} training noises")
+    held = evaluator(range(seed, seed + holdout), f"{holdout} held-out noises", held_labels)
+    validating = evaluator(checked, f"{validation} validation noises") if validation else None
     top = max(nfes)
     top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
     for ev in (training, validating, held):
         if ev is not None:
+            phase(progress, f"settling the references ({ev.label}) on the starts at NFE {top}")
             ev.settle(top_starts.values(), solver, order, variant, margin=REFINE_MARGIN)
 
     def held_error(lam) -> float:
         return float(held.errors(lam, solver, order, variant).mean())
 
     entries = []
-    for n in nfes:
+    for k, n in enumerate(nfes, 1):
         entry = dict(entry_for(table, n))
         starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
-        r = refine_steps(training, starts, solver, order, variant, fit, validating)
-        holdout_errors = {name: held_error(lam) for name, lam in starts.items()}
+        what = f"NFE {n} ({k} of {len(nfes)})"
+        r = refine_steps(training, starts, solver, order, variant, fit, validating, progress, what)
+        advance = phase(progress, f"{what}: held-out evaluation", len(starts) + r.improved, "step sets")
+        holdout_errors = {}
+        for name, lam in starts.items():
+            holdout_errors[name] = held_error(lam)
+            advance(len(holdout_errors), f"{name} {holdout_errors[name]:.4g}")
         holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
+        advance(len(starts) + r.improved, f"refined {holdout_error:.4g}")
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
             **step_arrays(schedule, r.lam, cfg["T"], cfg["eps"]),
@@ -564,14 +595,13 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
             "refine": refine_record(r, holdout_errors, holdout_error),
         })
         entries.append(entry)
-        if progress is not None:
-            progress(n)
     kept = (f"; kept the start or iterate with the lowest error on the validation noises, stopping after "
             f"{patience} validations without a lower one" if validation else
             "; kept the start or iterate with the lowest training error (no validation noises)")
     return {**table, "config": {**cfg, "nfe": list(nfes)}, "entries": entries, "refine": {
         "checkpoint": source, "from_table": table_name,
         "solver": {"name": solver, "order": order, "variant": variant},
+        "device": str(ckpt.device),
         "metric": METRIC,
         "space": space_of(ckpt),
         "conditioning": conditioning_record(ckpt, labels, guidance_scale),
@@ -592,7 +622,7 @@ TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", 
 
 def refine(req: RefineRequest, progress=None) -> dict:
     """Load the request's table and checkpoint (on ``req.device``; under torchrun a CUDA device is
-    the rank's own, ``runtime.rank_device``), then ``refine_table``."""
+    the rank's own, ``runtime.rank_device``), then ``refine_table`` with ``progress``."""
     _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
                     req.guidance_scale, req.class_label, req.validation, req.patience, req.optimizer,
                     req.minibatch, req.lr, req.class_labels)
@@ -603,7 +633,9 @@ def refine(req: RefineRequest, progress=None) -> dict:
     _nfes_to_refine(table, req.nfe, str(req.table))  # an NFE the table lacks fails before the model loads
     prompts = None if req.prompts is None else read_prompts(req.prompts)
     holdout_prompts = None if req.holdout_prompts is None else read_prompts(req.holdout_prompts, "holdout_prompts")
-    ckpt = load_model(req.checkpoint, device=rank_device(req.device), schedule=req.schedule,
+    device = rank_device(req.device)
+    phase(progress, f"loading the model {req.checkpoint} on {device}")
+    ckpt = load_model(req.checkpoint, device=device, schedule=req.schedule,
                       null_class=req.null_class, prompts=prompts, holdout_prompts=holdout_prompts,
                       negative_prompt=req.negative_prompt,
                       class_labels=class_label_list(req.class_label, req.class_labels))

@@ -50,14 +50,20 @@ def denoiser_for(denoiser, labels: torch.Tensor | None = None) -> Denoiser:
 
 # --- devices and noise ---------------------------------------------------------------------------
 
+AUTO_DEVICE = "auto"  # the default --device of sample, evaluate and refine
+
+
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:K`` (a GPU this machine has) as a torch device; else BadInput."""
+    """``auto`` (CUDA when this machine has it, else the CPU), ``cpu``, ``cuda`` or ``cuda:K`` (a GPU
+    this machine has) as a torch device; else BadInput."""
+    if name == AUTO_DEVICE:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise bad_setting("device", f"{name!r}: choose cpu, cuda or cuda:K")
+        raise bad_setting("device", f"{name!r}: choose auto, cpu, cuda or cuda:K")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise mentioning("device", f"{{setting}} {name}: CUDA is not available on this machine "

@@ -53,7 +53,7 @@ class SampleRequest:
     nfe: int | None = None
     batch: int = 16
     seed: int = 0
-    device: str = "cuda"
+    device: str = "auto"  # runtime.resolve_device: CUDA when present, else the CPU
     out: str = "samples"
     solver: str | None = None
     order: int | None = None

@@ -32,6 +32,7 @@ optimizer or torch.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -144,6 +145,10 @@ def table_source(arg: str | os.PathLike) -> str:
     name = raw[:-5] if raw.endswith(".json") else raw
     if "/" not in raw and os.sep not in raw and name in bundled:
         return str(bundled[name])
+    close = difflib.get_close_matches(name, list(bundled), n=3)
+    if close:
+        raise BadInput(f"table {raw} does not exist, and no bundled table has that name: did you mean "
+                       f"{' or '.join([', '.join(close[:-1]), close[-1]] if len(close) > 1 else close)}? (`dmsteps tables` lists all {len(bundled)})")
     raise BadInput(f"table {raw} does not exist, and no bundled table has that name "
                    f"(bundled: {', '.join(bundled) or 'none'})")
 

@@ -42,6 +42,7 @@ from dmsteps_cli.integrations.comfyui import (
     DmstepsTableFile,
     model_schedule,
 )
+from dmsteps_cli.integrations.exports import FLOW_SIGMA_MAX, sigmas_for
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.table_reader import load_table
@@ -263,7 +264,7 @@ def test_flow_and_edm_tables_on_their_models():
     for model in (SD3, SCHNELL, FLUX):
         (sigmas,) = DmstepsTable().get_sigmas(model, "flow-shift3-dpmpp-o2", 8, 1.0)
         e = entry_for(load_table("flow-shift3-dpmpp-o2"), 8)
-        assert sigmas.tolist() == f32(e["t"][:-1] + [0.0])  # flow: ComfyUI's sigma is t
+        assert sigmas.tolist() == f32([1.0] + e["t"][1:-1] + [0.0])  # flow: ComfyUI's sigma is t, from 1
     (sigmas,) = DmstepsTable().get_sigmas(EDM_MODEL, "edm-unipc-o3", 6, 1.0)
     assert sigmas.tolist() == f32(shown("edm-unipc-o3", 6, "zero"))
     assert sigmas[0].item() == np.float32(80.0) and shown("edm-unipc-o3", 6, "min")[-1] == 0.002
@@ -287,7 +288,7 @@ def test_a_table_for_another_schedule_is_refused_in_one_line():
         with pytest.raises(BadInput, match=message) as info:
             DmstepsTable().get_sigmas(model, table, 10, 1.0)
         assert "\n" not in str(info.value)
-    with pytest.raises(BadInput, match="no entry for NFE 20"):
+    with pytest.raises(BadInput, match="table sd-unipc-o3 holds steps 5 to 15, not 20"):
         DmstepsTable().get_sigmas(SD15, "sd-unipc-o3", 20, 1.0)
     with pytest.raises(BadInput, match="no ready-made table is called"):
         DmstepsTable().get_sigmas(SD15, "sd-unipc-o9", 10, 1.0)
@@ -329,7 +330,7 @@ def test_optimize_node_for_flux_uses_its_time_shift():
     (sigmas,) = DmstepsOptimize().get_sigmas(FLUX, "dpmpp", 2, 7, "default", -1.0, 1.0)
     table = make_table(StepConfig(schedule="flow", shift=math.exp(1.15), solver="dpmpp", order=2, nfe=(7,)))
     assert table["config"]["init"] == "quad"  # the steps measured best for shift 3, the nearest measured
-    assert sigmas.tolist() == f32(entry_for(table, 7)["t"][:-1] + [0.0])
+    assert sigmas.tolist() == f32([1.0] + entry_for(table, 7)["t"][1:-1] + [0.0])
 
 
 def test_optimize_node_is_fast_and_cached():
@@ -345,12 +346,61 @@ def test_optimize_node_is_fast_and_cached():
     assert comfyui._optimized.cache_info().hits == 1
 
 
-def test_optimize_node_optimizes_with_the_papers_objective():
-    (sigmas,) = DmstepsOptimize().get_sigmas(SD15, "dpmpp", 2, 5, "paper", 2.0, 1.0)
-    table = make_table(StepConfig(schedule="scaled_linear", solver="dpmpp", order=2, objective="paper", p=2.0,
+def test_optimize_node_optimizes_with_the_published_procedure_and_does_not_offer_paper():
+    (sigmas,) = DmstepsOptimize().get_sigmas(SD15, "dpmpp", 2, 5, "reference", 2.0, 1.0)
+    table = make_table(StepConfig(schedule="scaled_linear", solver="dpmpp", order=2, objective="reference", p=2.0,
                                   nfe=(5,)))
     assert sigmas.tolist() == f32(entry_for(table, 5)["sigmas"][:-1] + [0.0])
-    with pytest.raises(BadInput, match="unknown objective"):
-        DmstepsOptimize().get_sigmas(SD15, "unipc", 3, 5, "exact-ish", -1.0, 1.0)
+    assert "paper" not in DmstepsOptimize.INPUT_TYPES()["required"]["objective"][0]
+    for objective in ("paper", "exact-ish"):
+        with pytest.raises(BadInput, match=r"unknown objective .* \(choose from default, reference\)"):
+            DmstepsOptimize().get_sigmas(SD15, "unipc", 3, 5, objective, -1.0, 1.0)
     with pytest.raises(BadInput, match="unknown solver"):
         DmstepsOptimize().get_sigmas(SD15, "heun", 3, 5, "default", -1.0, 1.0)
+
+
+# --- what the widgets offer, and the sampler advice ------------------------------------------------------
+
+def test_the_widgets_offer_only_what_runs():
+    steps = DmstepsTable.INPUT_TYPES()["required"]["steps"][1]
+    held = {e["nfe"] for path in bundled_tables().values() for e in load_table(path)["entries"]}
+    assert (steps["min"], steps["max"]) == (min(held), max(held)) and steps["min"] <= steps["default"] <= steps["max"]
+    for order in (2, 3):
+        with pytest.raises(BadInput, match=f"order {order} needs at least {order} steps, got steps {order - 1}") as info:
+            DmstepsOptimize().get_sigmas(SD15, "unipc", order, order - 1, "default", -1.0, 1.0)
+        assert "\n" not in str(info.value)
+    (sigmas,) = DmstepsOptimize().get_sigmas(SD15, "unipc", 2, 2, "default", -1.0, 1.0)
+    assert sigmas.shape == (3,) and sigmas[-1].item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(bundled_tables()))
+def test_the_sampler_advice_names_only_samplers_that_run_the_tables_order(name):
+    table = load_table(name)
+    config = table["config"]
+    advice = comfyui.advise(table, name)
+    exact = {("dpmpp", 2): "dpmpp_2m", ("unipc", 3): "uni_pc_bh2 (UniPC variant bh2"}
+    if table["schedule"]["family"] == "flow" or (config["solver"], config["order"]) not in exact:
+        assert advice.startswith("no exact ComfyUI sampler"), advice
+    else:
+        assert advice.startswith(exact[config["solver"], config["order"]]), advice
+
+
+def test_a_table_no_comfyui_sampler_runs_exactly_is_named_in_the_log(caplog):
+    with caplog.at_level("WARNING", logger="dmsteps_cli.integrations.comfyui"):
+        DmstepsTable().get_sigmas(SD15, "sd-dpmpp-o3", 10, 1.0)
+        DmstepsTable().get_sigmas(SD15, "sd-dpmpp-o2", 10, 1.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "sd-dpmpp-o3" in messages[0] and "no deterministic DPM-Solver++" in messages[0]
+
+
+def test_the_consumer_list_of_every_ready_made_table_spends_nfe_calls_at_its_points():
+    """exports.sigmas_for(zero_end=True): [sigma(t_0), ..., sigma(t_{N-1}), 0], a flow list from 1."""
+    for name, path in bundled_tables().items():
+        table = load_table(path)
+        flow = table["schedule"]["family"] == "flow"
+        for entry in table["entries"]:
+            own = sigmas_for(entry, schedule=table["schedule"])
+            zero = sigmas_for(entry, zero_end=True, schedule=table["schedule"])
+            assert len(zero) == entry["nfe"] + 1 and zero[-1] == 0.0 and zero[-2] == own[-2], name
+            assert zero[1:-1] == own[1:-1] and zero[0] == (FLOW_SIGMA_MAX if flow else own[0]), name
+            assert own[0] == (0.999 if flow else own[0]) and all(a > b for a, b in zip(zero, zero[1:]))

@@ -139,8 +139,8 @@ def test_library_messages_name_settings_and_the_cli_shows_flags():
     assert message_of(exc.value) == "checkpoint m is class-conditional: give --class-label in 0..4"
     with pytest.raises(BadInput) as exc:
         resolve_device("tpu")
-    assert str(exc.value) == "device 'tpu': choose cpu, cuda or cuda:K"
-    assert message_of(exc.value) == "--device 'tpu': choose cpu, cuda or cuda:K"
+    assert str(exc.value) == "device 'tpu': choose auto, cpu, cuda or cuda:K"
+    assert message_of(exc.value) == "--device 'tpu': choose auto, cpu, cuda or cuda:K"
     if not torch.cuda.is_available():
         with pytest.raises(BadInput) as exc:
             resolve_device("cuda")

@@ -187,7 +187,7 @@ def test_cli_summary_shows_every_candidate_and_the_start(files, tmp_path, capsys
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())["entries"][0]["refine"]
-    header = next(line for line in r.stderr.splitlines() if "NFE" in line)
+    header = next(line for line in r.stderr.splitlines() if line.startswith("┃") and "NFE" in line)
     cells = [c.strip() for c in header.strip("┃│ ").split("┃")]
     assert cells[:7] == ["NFE", "table", "unif", "unif_t", "quad", "edm", "start"]
     assert cells[7:9] == ["refined", "ratio"]

@@ -21,19 +21,27 @@ of its classes (ComfyUI makes it a class derived from one sampling class and one
 - ``ModelSamplingFlux`` (FLUX.1-dev): flow, ``shift`` holds mu, the time shift s = e^mu;
 - ``ModelSamplingContinuousEDM`` (EDM models): EDM between its ``sigma_min`` and ``sigma_max``.
 
-Other model samplings (continuous v, Cosmos, Stable Cascade, discrete EDM) are refused.
+Other model samplings (LCM, continuous v, Cosmos, Stable Cascade, discrete EDM) are refused in one
+line. ComfyUI marks an LCM model only by its model sampling: the ModelSamplingDiscrete node with
+sampling "lcm" (comfy_extras/nodes_model_advanced.py) builds it from ``ModelSamplingDiscreteDistilled``
+(50 of the 1000 training sigmas) and the prediction class ``LCM``.
 
-Sigmas. ComfyUI's sigma is kappa = sigma/alpha for VP and EDM models and t for flow models, the
-table's sampler sigma (``Schedule.sampler_sigma``), so a table's sigmas go to ComfyUI unchanged; the
-nodes end them in 0 as ComfyUI's samplers expect (``exports.sigmas_for(zero_end=True)``), noise end
-first. ``denoise`` < 1 keeps the low-noise end of the ``steps``-step list, as ComfyUI's
+Sigmas: the endpoint convention of ``exports`` (docs/comfyui.md). ComfyUI's sigma is
+kappa = sigma/alpha for VP and EDM models and t for flow models, the table's sampler sigma
+(``Schedule.sampler_sigma``). For ``steps`` = N the nodes give N + 1 values
+[sigma(t_0), ..., sigma(t_{N-1}), 0] (``exports.sigmas_for(zero_end=True)``): ComfyUI's samplers run
+N steps on them, N model calls at the table's N evaluation points, the last returning its denoised
+prediction; a flow list starts at 1 (ComfyUI's flow sigma_max) instead of the table's T = 0.999.
+``denoise`` < 1 keeps the low-noise end of the ``steps``-step list, as ComfyUI's
 AlignYourStepsScheduler does (``denoised``). Bad input raises ``BadInput`` with a one-line message,
-which ComfyUI shows.
+which ComfyUI shows; a flow table made for another shift than the model's is used with a warning in
+ComfyUI's log (``logging``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from functools import lru_cache
@@ -45,15 +53,24 @@ from ..config import MAX_NFE, StepConfig
 from ..errors import BadInput
 from ..schedule_sources import get_schedule
 from ..schedules import EDM, DiscreteVP, Schedule, preset_of, same_schedule, schedule_from_spec
-from ..solvers import SOLVERS
+from ..solvers import SOLVERS, solver_spec
 from ..table_reader import load_table
-from ..tables import bundled_tables, entry_for
+from ..tables import bundled_tables
 from .exports import sigmas_for
+
+log = logging.getLogger(__name__)  # ComfyUI shows its log in the console
 
 CATEGORY = "model/sampling/schedulers"  # beside ComfyUI's own schedulers (BasicScheduler, AYS, ...)
 DEFAULT_TABLE = "sd-unipc-o3"
-OBJECTIVE_CHOICES = ("default", "reference", "paper")  # default: the schedule's default steps
+# default: the schedule's default steps; reference: the published procedure. The objective "paper" is
+# not offered: it is degenerate at the step counts ComfyUI users run (10 steps on SD gives repeated sigmas)
+OBJECTIVE_CHOICES = ("default", "reference")
 DEFAULT_P = -1.0  # the optimize node's p input: below 0 means the schedule's default p
+# the model samplings ComfyUI builds that dmsteps cannot serve (class names anywhere in the MRO)
+LCM_CLASSES = {"LCM", "ModelSamplingDiscreteDistilled"}
+UNREAD_CLASSES = {"ModelSamplingContinuousV", "ModelSamplingCosmosRFlow", "StableCascadeSampling",
+                  "ModelSamplingDiscreteEDM"}
+SHIFT_RTOL = 1e-6  # flow shifts that differ by less are the same (ComfyUI holds Flux's mu as given)
 
 
 # --- what a ComfyUI model samples with ------------------------------------------------------------
@@ -81,12 +98,14 @@ def model_schedule(model_sampling) -> tuple[Schedule, float | None]:
     """(schedule, flow time shift or None) of a ComfyUI ``model_sampling`` object (see the module
     docstring); BadInput for one dmsteps does not read."""
     names = {cls.__name__ for cls in type(model_sampling).__mro__}
+    if names & LCM_CLASSES:
+        raise BadInput("the model is an LCM model (ComfyUI's ModelSamplingDiscrete with sampling lcm): it samples "
+                       "its own distilled few-step schedule, which dmsteps does not serve; use ComfyUI's lcm sampler")
     if "ModelSamplingFlux" in names:
         return get_schedule("flow"), math.exp(float(model_sampling.shift))
     if "ModelSamplingDiscreteFlow" in names:
         return get_schedule("flow"), float(model_sampling.shift)
-    unread = names & {"ModelSamplingContinuousV", "ModelSamplingCosmosRFlow", "StableCascadeSampling",
-                      "ModelSamplingDiscreteEDM"}
+    unread = names & UNREAD_CLASSES
     if not unread and "ModelSamplingContinuousEDM" in names:
         return EDM(_setting(model_sampling.sigma_min), _setting(model_sampling.sigma_max)), None
     if not unread and "ModelSamplingDiscrete" in names:
@@ -132,17 +151,102 @@ def denoised(sigmas: list[float], denoise: float) -> list[float]:
     return list(sigmas[-(kept + 1):])
 
 
-def table_sigmas(table: dict, model_sampling, steps: int, denoise: float, name: str) -> list[float]:
-    """The sigmas of ``table``'s entry for ``steps`` (the NFE), ending in 0 and cut for ``denoise``,
-    in the model's sigma scale; BadInput when the table was made for another schedule than the
-    model's (``schedules.same_schedule``). ``name`` names the table in messages."""
-    schedule, shift = model_schedule(model_sampling)
+def _edm_difference(made_for: Schedule, model: Schedule) -> str:
+    """The sigma ends in which two EDM schedules differ, e.g. "sigma_max 80 vs 120" (table's first)."""
+    ends = [f"{name} {a:g} vs {b:g}" for name, a, b in (("sigma_max", made_for.sigma_max, model.sigma_max),
+                                                           ("sigma_min", made_for.sigma_min, model.sigma_min))
+            if a != b]
+    return ", ".join(ends)
+
+
+def _flow_shift(table: dict) -> float:
+    """The time shift a flow table's steps were placed for (its config's shift; none recorded: 1)."""
+    shift = table["config"].get("shift")
+    return 1.0 if shift is None else float(shift)
+
+
+def check_fits(table: dict, schedule: Schedule, shift: float | None, name: str) -> None:
+    """BadInput when ``table`` was made for another schedule than the model's (``schedules.same_schedule``),
+    naming the difference (for EDM: the sigma ends); a warning in ComfyUI's log, naming both shifts,
+    when a flow table meets a flow model of another shift (the same ODE, steps placed for the other
+    shift). ``name`` names the table in messages."""
+    made_for = schedule_from_spec(table["schedule"])
+    if made_for.family == schedule.family == "edm" and not same_schedule(table["schedule"]["identity"],
+                                                                          schedule.identity()):
+        raise BadInput(f"table {name} was made for an EDM model of sigma {made_for.sigma_min:g} to "
+                       f"{made_for.sigma_max:g}, but the model samples sigma {schedule.sigma_min:g} to "
+                       f"{schedule.sigma_max:g} ({_edm_difference(made_for, schedule)}): use the dmsteps optimize node "
+                       "for this model")
     if not same_schedule(table["schedule"]["identity"], schedule.identity()):
         raise BadInput(f"table {name} was made for the schedule {table['config']['schedule']}, but the model samples "
                        f"with {describe(schedule, shift)}: choose a table made for it (dmsteps tables) or use the "
                        "dmsteps optimize node")
-    entry = entry_for(table, steps)
+    if schedule.family == "flow" and not math.isclose(_flow_shift(table), shift, rel_tol=SHIFT_RTOL):
+        log.warning("dmsteps: table %s places its steps for flow shift %g, but the model samples with shift %g: "
+                    "the steps are used as they are (the same ODE, other step placement); for steps placed for "
+                    "shift %g use the dmsteps optimize node", name, _flow_shift(table), shift, shift)
+
+
+def table_entry(table: dict, steps: int, name: str) -> dict:
+    """``table``'s entry for ``steps`` (the NFE); BadInput naming the step counts it holds."""
+    held = [e["nfe"] for e in table["entries"]]
+    if steps not in held:
+        raise BadInput(f"table {name} holds steps {_counts(held)}, not {steps}: choose one of them")
+    return table["entries"][held.index(steps)]
+
+
+def _counts(values: list[int]) -> str:
+    """Step counts in few words: "5 to 15" for a run, else "5, 7, 10"."""
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]} to {values[-1]}"
+    return ", ".join(str(v) for v in values)
+
+
+def table_sigmas(table: dict, model_sampling, steps: int, denoise: float, name: str) -> list[float]:
+    """The ComfyUI sigmas of ``table``'s entry for ``steps`` (the NFE; the endpoint convention of the
+    module docstring), cut for ``denoise``, in the model's sigma scale, after ``check_fits``. ``name``
+    names the table in messages."""
+    schedule, shift = model_schedule(model_sampling)
+    check_fits(table, schedule, shift, name)
+    entry = table_entry(table, steps, name)
     return denoised(sigmas_for(entry, zero_end=True, schedule=table["schedule"]), denoise)
+
+
+# --- which ComfyUI sampler runs a table ----------------------------------------------------------
+
+def sampler_advice(family: str, solver: str, order: int, variant: str | None) -> str:
+    """The ComfyUI sampler that runs the steps of a table (its schedule family, solver, order and UniPC
+    variant) as the table assumed, or a plain statement that none does (docs/comfyui.md, "Which
+    sampler"). ComfyUI's dpmpp_2m is DPM-Solver++(2M) with a first-order last step; its uni_pc and
+    uni_pc_bh2 are UniPC of order min(3, steps - 1), variants bh1 and bh2; it has no deterministic
+    DPM-Solver++(3M) (dpmpp_3m_sde is an SDE sampler); on flow models its dpmpp_2m and UniPC take
+    their steps in log sigma as for an EDM model, not in the flow's lambda = log((1 - t)/t)."""
+    if solver == "ddim" or order == 1:
+        return "euler (or ddim): first order, exact"
+    if family == "flow":
+        return (f"no exact ComfyUI sampler: on flow models its dpmpp_2m and uni_pc step in log sigma, not in the "
+                f"flow lambda these order-{order} steps were placed for; euler runs them at order 1")
+    if solver == "dpmpp" and order == 2:
+        return "dpmpp_2m"
+    if solver == "unipc" and order == 3:
+        fit = "uni_pc_bh2" if (variant or "bh2") == "bh2" else "uni_pc"
+        return f"{fit} (UniPC variant {variant or 'bh2'}, order 3 from 4 steps up)"
+    if solver == "dpmpp":
+        return (f"no exact ComfyUI sampler: ComfyUI has no deterministic DPM-Solver++ of order {order} (dpmpp_3m_sde "
+                "is an SDE sampler; with eta 0 it runs order 3 on the second-to-last step, where these steps "
+                "assume order 2)")
+    return f"no exact ComfyUI sampler: ComfyUI's uni_pc runs order 3 from 4 steps up, not order {order}"
+
+
+def advise(table: dict, name: str) -> str:
+    """``sampler_advice`` for a table (``name`` in the log line); logged as a warning where no ComfyUI
+    sampler runs it exactly."""
+    config = table["config"]
+    advice = sampler_advice(table["schedule"]["family"], config["solver"], int(config["order"]),
+                            config.get("variant"))
+    if advice.startswith("no exact"):
+        log.warning("dmsteps: %s (%s order %s): %s", name, config["solver"], config["order"], advice)
+    return advice
 
 
 @lru_cache(maxsize=256)
@@ -158,18 +262,28 @@ def _optimized(spec: str, shift: float | None, solver: str, order: int, objectiv
 
 def optimized_sigmas(model_sampling, solver: str, order: int, steps: int, objective: str = "default",
                      p: float | None = None, denoise: float = 1.0) -> list[float]:
-    """Sigmas (ending in 0, cut for ``denoise``) of ``steps`` steps made for the schedule the model
-    carries, as ``dmsteps optimize`` makes them: ``objective`` "default" gives the schedule's default
-    steps (the grid measured best for it: milliseconds), "reference" or "paper" the paper's
-    optimized steps with exponent ``p`` (None: the schedule's default; seconds). Results are
-    cached by configuration."""
+    """ComfyUI sigmas (the endpoint convention of the module docstring, cut for ``denoise``) of
+    ``steps`` steps made for the schedule the model carries, as ``dmsteps optimize`` makes them:
+    ``objective`` "default" gives the schedule's default steps (the grid measured best for it:
+    milliseconds), "reference" the paper's optimized steps by the published procedure with exponent
+    ``p`` (None: the schedule's default; seconds). Results are cached by configuration. BadInput for
+    an objective not offered, or an order above ``steps`` (a multistep solver of order k needs k steps)."""
     if objective not in OBJECTIVE_CHOICES:
         raise BadInput(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVE_CHOICES)})")
+    record = solver_spec(solver)
+    if int(order) not in record.orders:
+        raise BadInput(f"solver {solver} runs orders {record.orders[0]} to {record.orders[-1]}, not {order}")
+    if int(order) > int(steps):
+        raise BadInput(f"order {order} needs at least {order} steps, got steps {steps}: set order to {steps} or "
+                       f"steps to {order} or more")
     schedule, shift = model_schedule(model_sampling)
     if objective == "default":
         p = None
     spec = json.dumps(schedule.spec(), sort_keys=True)
-    return denoised(list(_optimized(spec, shift, solver, int(order), objective, p, int(steps))), denoise)
+    sigmas = denoised(list(_optimized(spec, shift, solver, int(order), objective, p, int(steps))), denoise)
+    advise({"config": {"solver": solver, "order": int(order)}, "schedule": {"family": schedule.family}},
+           f"steps for {solver} order {order}")
+    return sigmas
 
 
 def sigmas_tensor(values: list[float]):
@@ -181,17 +295,28 @@ def sigmas_tensor(values: list[float]):
 
 # --- the nodes -------------------------------------------------------------------------------------
 
-STEPS = ("INT", {"default": 10, "min": 1, "max": MAX_NFE, "tooltip": "The number of steps (model evaluations)."})
+STEPS_TOOLTIP = "The number of steps: model calls, the table's NFE. SIGMAS holds steps + 1 values, ending in 0."
 DENOISE = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                      "tooltip": "Below 1: the last steps only, as AlignYourStepsScheduler cuts its list."})
 MODEL = ("MODEL", {"tooltip": "The model whose schedule the sigmas are for."})
+ADVICE = ("Samplers (ComfyUI runs a table's order exactly only with these): -dpmpp-o2 tables: dpmpp_2m; "
+          "-unipc-o3: uni_pc_bh2 (UniPC variant bh2, as the tables; uni_pc is bh1); -dpmpp-o3 and -unipc-o2: "
+          "no exact ComfyUI sampler (no deterministic DPM-Solver++(3M); uni_pc runs order 3); flow tables of "
+          "order 2 or 3: none exact (ComfyUI's dpmpp_2m and uni_pc step in log sigma on flow models).")
+
+
+@lru_cache(maxsize=1)
+def bundled_steps() -> tuple[int, int]:
+    """(fewest, most) steps the ready-made tables hold: the table node's steps range."""
+    held = sorted({e["nfe"] for path in bundled_tables().values() for e in load_table(path)["entries"]})
+    return (held[0], held[-1]) if held else (1, MAX_NFE)
 
 
 class DmstepsTable:
     """A ready-made dmsteps table's sigmas for the model (``dmsteps tables`` lists them)."""
 
-    DESCRIPTION = ("Sigmas of a ready-made dmsteps step table for SamplerCustom, ending in 0. Pick the table of "
-                   "the model's family and of the sampler: unipc-o3 for uni_pc_bh2, dpmpp-o2 for dpmpp_2m.")
+    DESCRIPTION = ("Sigmas of a ready-made dmsteps step table for SamplerCustom: steps + 1 values, the last 0, "
+                   "steps model calls at the table's steps. " + ADVICE)
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "get_sigmas"
     CATEGORY = CATEGORY
@@ -200,21 +325,27 @@ class DmstepsTable:
     def INPUT_TYPES(cls):
         names = list(bundled_tables())
         default = DEFAULT_TABLE if DEFAULT_TABLE in names else (names or [""])[0]
-        return {"required": {"model": MODEL, "table": (names, {"default": default}), "steps": STEPS,
+        fewest, most = bundled_steps()
+        steps = ("INT", {"default": min(max(10, fewest), most), "min": fewest, "max": most,
+                         "tooltip": STEPS_TOOLTIP + f" The ready-made tables hold {fewest} to {most}."})
+        return {"required": {"model": MODEL, "table": (names, {"default": default}), "steps": steps,
                              "denoise": DENOISE}}
 
     def get_sigmas(self, model, table, steps, denoise):
         path = bundled_tables().get(table)
         if path is None:
             raise BadInput(f"no ready-made table is called {table!r} (they are: {', '.join(bundled_tables())})")
-        return (sigmas_tensor(table_sigmas(load_table(path), model_sampling_of(model), steps, denoise, table)),)
+        loaded = load_table(path)
+        sigmas = table_sigmas(loaded, model_sampling_of(model), steps, denoise, table)
+        advise(loaded, table)
+        return (sigmas_tensor(sigmas),)
 
 
 class DmstepsTableFile:
     """Any dmsteps table file's sigmas for the model: one made by ``dmsteps optimize`` or ``refine``."""
 
     DESCRIPTION = ("Sigmas of a dmsteps step table file (JSON or YAML; from dmsteps optimize or refine) for "
-                   "SamplerCustom, ending in 0.")
+                   "SamplerCustom: steps + 1 values, the last 0. " + ADVICE)
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "get_sigmas"
     CATEGORY = CATEGORY
@@ -223,7 +354,9 @@ class DmstepsTableFile:
     def INPUT_TYPES(cls):
         return {"required": {"model": MODEL,
                              "path": ("STRING", {"default": "", "tooltip": "The table file's path."}),
-                             "steps": STEPS, "denoise": DENOISE}}
+                             "steps": ("INT", {"default": 10, "min": 1, "max": MAX_NFE,
+                                               "tooltip": STEPS_TOOLTIP + " Steps the file lacks are refused."}),
+                             "denoise": DENOISE}}
 
     @classmethod
     def IS_CHANGED(cls, path, **_):
@@ -238,15 +371,20 @@ class DmstepsTableFile:
         path = path.strip()
         if not path:
             raise BadInput("path: give the path of a table file")
-        return (sigmas_tensor(table_sigmas(load_table(path), model_sampling_of(model), steps, denoise, path)),)
+        loaded = load_table(path)
+        sigmas = table_sigmas(loaded, model_sampling_of(model), steps, denoise, path)
+        advise(loaded, path)
+        return (sigmas_tensor(sigmas),)
 
 
 class DmstepsOptimize:
     """Steps made for the schedule the model carries, as ``dmsteps optimize`` makes them."""
 
-    DESCRIPTION = ("Sigmas made for the model's own schedule (SD 1.x/2.x/XL, SD3, FLUX, EDM) for SamplerCustom, "
-                   "ending in 0. objective default: the steps measured best for the schedule; reference or "
-                   "paper: the paper's optimized steps (seconds; cached).")
+    DESCRIPTION = ("Sigmas made for the model's own schedule (SD 1.x/2.x/XL, SD3, FLUX, EDM) for SamplerCustom: "
+                   "steps + 1 values, the last 0. objective default: the steps measured best for the schedule; "
+                   "reference: the paper's optimized steps (seconds; cached). solver unipc order 3 for uni_pc_bh2, "
+                   "dpmpp order 2 for dpmpp_2m, order 1 for euler; dpmpp order 3 and unipc order 2 have no exact "
+                   "ComfyUI sampler.")
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "get_sigmas"
     CATEGORY = CATEGORY
@@ -256,13 +394,15 @@ class DmstepsOptimize:
         return {"required": {
             "model": MODEL,
             "solver": (list(SOLVERS), {"default": "unipc", "tooltip": "unipc for uni_pc_bh2, dpmpp for dpmpp_2m."}),
-            "order": ("INT", {"default": 3, "min": 1, "max": 3, "tooltip": "The solver's order: 3 for uni_pc_bh2, "
-                                                                           "2 for dpmpp_2m, 1 for ddim."}),
-            "steps": ("INT", {"default": 10, "min": 2, "max": MAX_NFE, "tooltip": STEPS[1]["tooltip"]}),
+            "order": ("INT", {"default": 3, "min": 1, "max": max(max(spec.orders) for spec in SOLVERS.values()),
+                              "tooltip": "The solver's order: 3 for uni_pc_bh2, 2 for dpmpp_2m, 1 for euler. At "
+                                         "most steps."}),
+            "steps": ("INT", {"default": 10, "min": 1, "max": MAX_NFE,
+                              "tooltip": STEPS_TOOLTIP + " At least the order."}),
             "objective": (list(OBJECTIVE_CHOICES), {"default": "default"}),
             "p": ("FLOAT", {"default": DEFAULT_P, "min": DEFAULT_P, "max": 10.0, "step": 0.5,
-                            "tooltip": "The exponent of the objectives reference and paper; below 0: the "
-                                       "schedule's default (1 for EDM, 2 otherwise)."}),
+                            "tooltip": "The exponent of the objective reference; below 0: the schedule's "
+                                       "default (1 for EDM, 2 otherwise)."}),
             "denoise": DENOISE,
         }}
 
@@ -278,4 +418,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {"DmstepsTable": "dmsteps table", "DmstepsTableFile
                               "DmstepsOptimize": "dmsteps optimize"}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "DmstepsOptimize", "DmstepsTable",
-           "DmstepsTableFile", "denoised", "model_schedule", "optimized_sigmas", "table_sigmas"]
+           "DmstepsTableFile", "check_fits", "denoised", "model_schedule", "optimized_sigmas", "sampler_advice",
+           "table_sigmas"]

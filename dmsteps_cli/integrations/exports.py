@@ -18,15 +18,20 @@ sigma is t itself (EDM: kappa = sigma = t; flow), ``schedule=table["schedule"]``
 the entry's times, so the ends are exactly T and eps (80 and 0.002 for EDM, not 79.99999999999997
 and 0.0020000000000000005 as exp(log t) rounds).
 
-End point. A table ends at t = eps, i.e. at the smallest trained sigma (for a 1000-step discrete
-model kappa(eps) = the model's sigma_min, 0.0292 for Stable Diffusion). Those tools conventionally
-end a schedule with 0: ``zero_end=True`` replaces the table's last sigma with 0, so the final step
-jumps from sigma_{N-1} to the denoised prediction instead of integrating to sigma_min (with a
-first-order last step, as tables assume, the result is the data prediction of the model at
-t_{N-1}; no extra evaluation). Without it the sample keeps the residual noise of sigma_min, which
-is what the table's objective measured. ComfyUI's UniPC sampler cannot step to 0 and silently
-replaces a final 0 with 0.001 (a kappa far below sigma_min): ``comfy_unipc=True`` writes that
-0.001 explicitly, so the list states what that sampler actually runs.
+Endpoints (the one convention, docs/table-format.md "Endpoints"). NFE means model calls: the entry for
+N holds N + 1 points t_0 = T > ... > t_N = eps and its solver calls the model at t_0 .. t_{N-1}. A
+k-diffusion-style consumer (k-diffusion, ComfyUI, stable-diffusion.cpp) runs L - 1 steps on a list of
+L sigmas, one model call each, and reads a final 0 as "return the last call's denoised prediction".
+``zero_end=True`` gives that consumer's list: [sigma(t_0), ..., sigma(t_{N-1}), 0], N + 1 values, so
+it spends exactly N calls at exactly the table's N evaluation points; the table's own end point
+sigma(eps) is replaced by 0 (appending 0 after it would spend an (N + 1)-th call). For flow tables
+the consumer's list also starts at ``FLOW_SIGMA_MAX`` = 1 (the sigma_max of ComfyUI's flow model
+samplings, whatever the shift) in place of the table's T = 0.999 (which keeps lambda finite), so
+sampling starts from pure noise as ComfyUI's own schedulers do. For VP and EDM tables sigma(T) is
+already the model's sigma_max. Without ``zero_end`` the list is the table's own N + 1 points, ending
+at sigma_min. ComfyUI's UniPC sampler cannot step to 0 and replaces a final 0 with 0.001 (a kappa far
+below Stable Diffusion's sigma_min, still N calls): ``comfy_unipc=True`` writes that 0.001
+explicitly, so the list states what that sampler actually runs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from decimal import Decimal
 from ..errors import BadInput
 
 COMFY_UNIPC_FINAL = 0.001  # what ComfyUI's UniPC uses in place of a final sigma of 0
+FLOW_SIGMA_MAX = 1.0  # the first sigma of a flow model's list in k-diffusion-style consumers (pure noise)
 SIGMA_IS_T = ("edm", "flow")  # schedule families whose sampler sigma is the time t itself
 
 
@@ -74,8 +80,9 @@ def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
     """N + 1 descending sampler sigmas (kappa = sigma/alpha for VP and EDM models, t for flow),
     the noise end first.
 
-    ``zero_end``: the last sigma becomes 0 (k-diffusion / ComfyUI convention; the final step then
-    returns the denoised prediction instead of stepping to sigma_min). ``comfy_unipc``: a final 0
+    ``zero_end``: the consumer's list of the module docstring: the last sigma becomes 0 (the final
+    step returns the denoised prediction of the call at t_{N-1} instead of stepping to sigma_min: N
+    model calls), and a flow table's first becomes ``FLOW_SIGMA_MAX`` (needs ``schedule``). ``comfy_unipc``: a final 0
     becomes 0.001, the value ComfyUI's UniPC sampler substitutes for it (no effect without a final
     0, i.e. without ``zero_end``). ``schedule``: the table's schedule record (``table["schedule"]``);
     for EDM and flow tables the sigmas are then the entry's times t, exact to the last digit.
@@ -83,6 +90,8 @@ def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
     sigmas = _floats(entry, _sigma_key(schedule), 1)
     if zero_end:
         sigmas[-1] = 0.0
+        if schedule is not None and schedule["family"] == "flow":
+            sigmas[0] = FLOW_SIGMA_MAX
     if comfy_unipc and sigmas[-1] == 0.0:
         sigmas[-1] = COMFY_UNIPC_FINAL
     return sigmas
@@ -134,4 +143,4 @@ def dpm_solver_t(entry: dict, schedule: dict) -> list[float]:
     return _floats(entry, "t", 1)
 
 
-__all__ = ["COMFY_UNIPC_FINAL", "SIGMA_IS_T", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
+__all__ = ["COMFY_UNIPC_FINAL", "FLOW_SIGMA_MAX", "SIGMA_IS_T", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
