@@ -202,7 +202,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "schedule's "
         "**default steps**: the candidate (the optimized table, or one of the four hand-made grids written as a "
         "table) with the smallest geometric-mean error ratio to the best grid over three data sets, two "
-        "solvers and NFE 5-15 ([docs/evaluation-data.md](../docs/evaluation-data.md)). Here that is:",
+        "solvers and NFE 5-15 ([docs/research/evaluation-data.md](../docs/research/evaluation-data.md)). Here that is:",
         "",
         "| family | steps | config |",
         "|---|---|---|",
@@ -240,7 +240,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
     lines += [
         "- Flow models: SD3 (`flow-shift3`) and FLUX.1-schnell (`flow-shift1`) get different grids, because "
         "the measurements differ: at shift 3 the time-quadratic grid was best, at shift 1 uniform t "
-        "(docs/evaluation-data.md). For another shift, `dmsteps optimize --schedule flow --shift X` uses the "
+        "(docs/research/evaluation-data.md). For another shift, `dmsteps optimize --schedule flow --shift X` uses the "
         "measured shift nearest to X.",
         "- Why grids: measured on three data sets, the paper's optimized tables lost to the best hand-made "
         "grid by 1.5-2.1x on average (geometric mean over NFE 5-15, both solvers) for every family here but "
