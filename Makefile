@@ -63,7 +63,8 @@ digits-sd: install
 tables: install
 	$(PY) scripts/make_tables.py
 
-# The research studies (studies/README.md: each doc, its command, its run time). Not part of the product.
+# The research studies, run as `python -m studies.NAME` (docs/research/README.md: each report, its command, its run
+# time; studies/README.md: what they need). Not part of the product.
 # The evaluation study: docs/research/evaluation.md (measured errors on the digits ideal denoiser), about 17 minutes.
 study: install
 	$(PY) -m studies.study
@@ -111,7 +112,8 @@ bench: install
 # `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check)
 # docs/research/gpu-check.md records its output. The GPU studies run the same way, by hand, from the repository root:
-# studies/gpu_refine.py (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh (docs/research/evaluation-4096.md).
+# python3 -m studies.gpu_refine (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh
+# (docs/research/evaluation-4096.md).
 GPU_PYTHON ?= python3
 gpu-check:
 	PYTHONPATH=.:$$PYTHONPATH $(GPU_PYTHON) tests/gpu_check.py
