@@ -56,28 +56,29 @@ test: install
 # `dmsteps evaluate -c build/digits-sd.npz -t sd-unipc-o3 --baselines karras,beta,kl_optimal,ays-sd15`.
 digits-sd: install
 	mkdir -p build
-	PYTHONPATH=studies:. $(PY) -c "from proxy_data import digits_mixture; from dmsteps_cli.mixtures import save_mixture; \
+	$(PY) -c "from studies.proxy_data import digits_mixture; from dmsteps_cli.mixtures import save_mixture; \
 	save_mixture(digits_mixture(), 'build/digits-sd.npz', schedule='scaled_linear')"
 
 # Ready-made tables (tables/*.json, index.json, README.md): deterministic, checked in CI by tests/test_tables_dir.py.
 tables: install
 	$(PY) scripts/make_tables.py
 
-# The research studies (studies/README.md: each doc, its command, its run time). Not part of the product.
-# The evaluation study: docs/evaluation.md (measured errors on the digits ideal denoiser), about 17 minutes.
+# The research studies, run as `python -m studies.NAME` (docs/research/README.md: each report, its command, its run
+# time; studies/README.md: what they need). Not part of the product.
+# The evaluation study: docs/research/evaluation.md (measured errors on the digits ideal denoiser), about 17 minutes.
 study: install
-	$(PY) studies/study.py
+	$(PY) -m studies.study
 
-# Do the best steps depend on the data? Three data sets; chooses the default steps: docs/evaluation-data.md,
+# Do the best steps depend on the data? Three data sets; chooses the default steps: docs/research/evaluation-data.md,
 # about 9 minutes.
 study-data: install
-	$(PY) studies/study_data.py
+	$(PY) -m studies.study_data
 
-# The same on the trained digits UNet (build/digits-model, trained first if missing): docs/evaluation-unet.md,
+# The same on the trained digits UNet (build/digits-model, trained first if missing): docs/research/evaluation-unet.md,
 # about 5 minutes.
 study-unet: install
 	test -d build/digits-model/unet || $(MAKE) digits-model
-	$(PY) studies/study_unet.py
+	$(PY) -m studies.study_unet
 
 # Model-free steps fitted across the closed-form proxies, judged by leave-one-proxy-out (studies/robust_fit.py):
 # four families x UniPC-3 and DPM-Solver++-3, NFE 5..15, one line per NFE and fold in build/robust/results.jsonl;
@@ -85,12 +86,12 @@ study-unet: install
 ROBUST_OUT ?= build/robust/results.jsonl
 study-robust: install
 	for f in scaled_linear linear edm flow-shift3; do for s in unipc dpmpp; do \
-	  $(PY) studies/robust_fit.py --family $$f --solver $$s --order 3 --nfe 5..15 --out $(ROBUST_OUT) || exit 1; \
+	  $(PY) -m studies.robust_fit --family $$f --solver $$s --order 3 --nfe 5..15 --out $(ROBUST_OUT) || exit 1; \
 	done; done
-	$(PY) studies/robust_fit.py --summary --out $(ROBUST_OUT)
+	$(PY) -m studies.robust_fit --summary --out $(ROBUST_OUT)
 
 # One warp of the steps for all NFE, fitted across the closed-form proxies and judged by leave-one-proxy-out
-# (docs/robust-steps.md): every shipped family x UniPC and DPM-Solver++ x order 3 and 2, two fits at a time, each into
+# (docs/research/robust-steps.md): every shipped family x UniPC and DPM-Solver++ x order 3 and 2, two fits at a time, each into
 # build/warp/fits/FAMILY-SOLVER-oORDER.jsonl (stopped, it resumes where it was); then the fitted warps on the two
 # trained UNets (trained first if missing) and the report in build/warp/report.md. FAMILIES, SOLVERS, ORDERS, JOBS,
 # OUTDIR: see studies/warp.sh.
@@ -98,7 +99,7 @@ study-warp: install
 	PYTHON=$(PY) bash studies/warp.sh
 
 # refine on the class-conditional digits UNet (build/digits-cond-model, trained first if missing) at guidance 1 and 3:
-# docs/evaluation-guided.md. SCALES, NFE, MAXITER, TRAIN, VALIDATION, HOLDOUT, OUTDIR: see studies/guided.sh.
+# docs/research/evaluation-guided.md. SCALES, NFE, MAXITER, TRAIN, VALIDATION, HOLDOUT, OUTDIR: see studies/guided.sh.
 study-guided: install
 	PYTHON=$(PY) bash studies/guided.sh
 
@@ -110,8 +111,9 @@ bench: install
 # On a machine with CUDA (the GPU image has python3.12 and torch but no diffusers: run
 # `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check)
-# docs/gpu-check.md records its output. The GPU studies run the same way, by hand, from the repository root:
-# studies/gpu_refine.py (docs/gpu-check.md, last part) and studies/gpu_evaluate.sh (docs/evaluation-4096.md).
+# docs/research/gpu-check.md records its output. The GPU studies run the same way, by hand, from the repository root:
+# python3 -m studies.gpu_refine (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh
+# (docs/research/evaluation-4096.md).
 GPU_PYTHON ?= python3
 gpu-check:
 	PYTHONPATH=.:$$PYTHONPATH $(GPU_PYTHON) tests/gpu_check.py
@@ -128,31 +130,31 @@ gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
 
-# The same on a UNet trained on photo patches with Stable Diffusion's betas: docs/evaluation-unet-patches.md,
+# The same on a UNet trained on photo patches with Stable Diffusion's betas: docs/research/evaluation-unet-patches.md,
 # about 4 minutes (and 2-3 to train the model if missing).
 study-unet-patches: install
 	test -d build/patches-model/unet || $(MAKE) patches-model
-	$(PY) studies/study_unet.py --model build/patches-model --tag patches
+	$(PY) -m studies.study_unet --model build/patches-model --tag patches
 
 # A small pixel-space DDPM (UNet2DModel, epsilon, linear betas) on sklearn's 8x8 digits: CPU, about 3 minutes.
 digits-model: install
-	$(PY) studies/train_digits.py --out build/digits-model
+	$(PY) -m studies.train_digits --out build/digits-model
 
 # The same network on sklearn's grey photo patches with Stable Diffusion's betas: CPU, 2-3 minutes.
 patches-model: install
-	$(PY) studies/train_digits.py --out build/patches-model --data patches --betas scaled_linear
+	$(PY) -m studies.train_digits --out build/patches-model --data patches --betas scaled_linear
 
 # The same network class-conditional, for classifier-free guidance: num_class_embeds 11, the digits 0-9 and a null
 # class 10 that replaces 15% of the training labels (build/digits-cond-model/unet/class_conditioning.json names it).
 digits-cond-model: install
-	$(PY) studies/train_digits.py --out build/digits-cond-model --class-conditional
+	$(PY) -m studies.train_digits --out build/digits-cond-model --class-conditional
 
-# The proxy data sets (docs/proxies.md): every closed-form proxy as build/proxies/NAME.npz, each recording the
+# The proxy data sets (docs/research/proxies.md): every closed-form proxy as build/proxies/NAME.npz, each recording the
 # schedule PROXY_SCHEDULE (default: scaled_linear), and a table of what it wrote; about 5 s. The trained proxies are
 # not retrained here: make digits-model, make patches-model, make digits-cond-model.
 PROXY_SCHEDULE ?=
 proxies: install
-	$(PY) studies/make_proxies.py --out build/proxies $(if $(PROXY_SCHEDULE),--schedule $(PROXY_SCHEDULE))
+	$(PY) -m studies.make_proxies --out build/proxies $(if $(PROXY_SCHEDULE),--schedule $(PROXY_SCHEDULE))
 
 clean:
 	rm -rf build .pytest_cache .deps

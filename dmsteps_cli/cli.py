@@ -86,7 +86,7 @@ def optimize(
                                             "--solver's orders), exact (the weights of the real solver, corrector "
                                             "included) or none (no optimization: the --init grid itself, as a table). "
                                             "Default: the schedule's default steps, chosen from measurements "
-                                            "(`dmsteps schedules`, docs/evaluation-data.md); reference when "
+                                            "(`dmsteps schedules`, docs/research/evaluation-data.md); reference when "
                                             "--init, --p or --trunc is given."),
     trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
@@ -153,7 +153,7 @@ def _written_note(schedule, config, output: str | None, defaults: bool) -> str:
     if config.objective == "none":
         steps = f"{grid}, as asked" if not defaults else (
             f"{grid}: the steps measured best for {preset_of(schedule)} over three data sets and two solvers "
-            "(docs/evaluation-data.md); the paper's optimized steps: --objective reference")
+            "(docs/research/evaluation-data.md); the paper's optimized steps: --objective reference")
         return f"{head}, {steps}"
     whose = "the paper's" if config.objective in ("reference", "paper") else "the"
     steps = f"{whose} optimized steps ({config.objective} objective, p = {config.p:g}, from {grid})"
@@ -161,7 +161,7 @@ def _written_note(schedule, config, output: str | None, defaults: bool) -> str:
         steps += ("; no measurements for this schedule, so the paper's method is the default "
                   "(dmsteps evaluate compares it with the hand-made grids on your model)")
     elif defaults:
-        steps += f": the steps measured best for {preset_of(schedule)} (docs/evaluation-data.md)"
+        steps += f": the steps measured best for {preset_of(schedule)} (docs/research/evaluation-data.md)"
     return f"{head}, {steps}"
 
 

@@ -284,7 +284,7 @@ STEP_OBJECTIVES = OBJECTIVES + ("none",)  # none: keep the starting grid (init) 
 DEFAULT_SCHEDULE = "scaled_linear"  # the schedule of a config that names none
 
 # The steps `optimize` writes when none of --objective, --init, --p, --trunc is given, per preset
-# (flow: per measured shift), from docs/evaluation-data.md (studies/study_data.py): the candidate
+# (flow: per measured shift), from docs/research/evaluation-data.md (studies/study_data.py): the candidate
 # with the smallest geometric-mean error ratio to the best hand-made grid over three data sets,
 # UniPC-3 and DPM-Solver++-3 and NFE 5..15. ("none", G): the grid G written as a table;
 # ("reference", G): the optimized table from G. tests/test_defaults.py checks this against the
@@ -329,7 +329,7 @@ def default_steps(schedule, shift: float | None = None) -> tuple[str, str]:
 
 
 def default_p(schedule) -> float:
-    """The default exponent of eps_tilde, chosen from measurements (docs/evaluation.md): p = 1 for
+    """The default exponent of eps_tilde, chosen from measurements (docs/research/evaluation.md): p = 1 for
     EDM-family schedules, whose tables then beat every hand-made grid at NFE 5..12 on the
     ideal-denoiser benchmark (p = 2: 6..11); p = 2 elsewhere, where no p did better."""
     return 1.0 if schedule.family == "edm" else 2.0

@@ -116,7 +116,16 @@ def parse_document(text: str, name: str, fmt: str | None = None):
         raise TableError(f"{name}: not valid {fmt.upper()} ({first})") from None
 
 
-BUNDLED = Path(__file__).resolve().parent / "bundled"  # the ready-made tables shipped in the package
+def _bundled_dir() -> Path:
+    """The folder of the ready-made tables: ``dmsteps_cli/bundled/`` in an installed wheel (setup.py
+    copies ``tables/*.json`` there at build time), else the repository's ``tables/`` beside the
+    package (a clone, an editable install, a clone used as a ComfyUI custom-node folder)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "bundled"
+    return installed if installed.is_dir() else package.parent / "tables"
+
+
+BUNDLED = _bundled_dir()  # the ready-made tables and their index
 BUNDLED_INDEX = "index.json"
 
 

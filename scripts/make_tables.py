@@ -10,14 +10,14 @@ also what ``dmsteps optimize --schedule S [--shift X] --solver V --order K -o FI
 
 Also written: ``tables/index.json`` (machine-readable: per file its family, schedule, shift, solver,
 order, NFE list, the models it covers and its sha256) and ``tables/README.md`` (the human index).
-The package ships byte-identical copies of the .json files in ``dmsteps_cli/bundled/`` (``--package``),
-so an installed dmsteps finds them by name (``dmsteps show sd-unipc-o3``). Every file is written
-atomically and only when its bytes change; the output does not depend on
-time, machine or file order, so running this twice gives byte-identical files. Files listed in the
-previous index that are no longer made are removed.
+This folder is the tables' only copy in the repository: a wheel gets them at build time (setup.py
+copies the .json files into its ``dmsteps_cli/bundled/``), and dmsteps finds them by name
+(``dmsteps show sd-unipc-o3``) there or, in a clone, here. Every file is written atomically and only
+when its bytes change; the output does not depend on time, machine or file order, so running this
+twice gives byte-identical files. Files listed in the previous index that are no longer made are
+removed.
 
-Usage: python scripts/make_tables.py [--out DIR] [--package DIR]
-       (defaults: tables/, and dmsteps_cli/bundled/ when writing tables/)
+Usage: python scripts/make_tables.py [--out DIR]   (default: tables/)
 The wall time goes to stdout.
 """
 
@@ -138,23 +138,6 @@ def write_table(path: Path, table: dict) -> tuple[bool, str]:
     return True, text
 
 
-def copy_json_files(source: Path, package: Path) -> int:
-    """Make ``package`` hold exactly the .json files of ``source`` (the tables and index.json),
-    byte for byte: the copies ``pip install`` ships. Returns how many files changed."""
-    package.mkdir(parents=True, exist_ok=True)
-    wanted = {p.name: p.read_bytes() for p in sorted(source.glob("*.json"))}
-    changed = 0
-    for stale in sorted(set(p.name for p in package.glob("*.json")) - set(wanted)):
-        (package / stale).unlink()
-        changed += 1
-    for name, data in wanted.items():
-        target = package / name
-        if not (target.is_file() and target.read_bytes() == data):
-            write_output(target, data)
-            changed += 1
-    return changed
-
-
 def max_lambda_gap(a: dict, b: dict) -> float:
     return max(abs(x - y) for ea, eb in zip(a["entries"], b["entries"]) for x, y in zip(ea["lambda"], eb["lambda"]))
 
@@ -202,7 +185,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "schedule's "
         "**default steps**: the candidate (the optimized table, or one of the four hand-made grids written as a "
         "table) with the smallest geometric-mean error ratio to the best grid over three data sets, two "
-        "solvers and NFE 5-15 ([docs/evaluation-data.md](../docs/evaluation-data.md)). Here that is:",
+        "solvers and NFE 5-15 ([docs/research/evaluation-data.md](../docs/research/evaluation-data.md)). Here that is:",
         "",
         "| family | steps | config |",
         "|---|---|---|",
@@ -240,7 +223,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
     lines += [
         "- Flow models: SD3 (`flow-shift3`) and FLUX.1-schnell (`flow-shift1`) get different grids, because "
         "the measurements differ: at shift 3 the time-quadratic grid was best, at shift 1 uniform t "
-        "(docs/evaluation-data.md). For another shift, `dmsteps optimize --schedule flow --shift X` uses the "
+        "(docs/research/evaluation-data.md). For another shift, `dmsteps optimize --schedule flow --shift X` uses the "
         "measured shift nearest to X.",
         "- Why grids: measured on three data sets, the paper's optimized tables lost to the best hand-made "
         "grid by 1.5-2.1x on average (geometric mean over NFE 5-15, both solvers) for every family here but "
@@ -278,7 +261,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "## Using them",
         "",
         "Each table is named by its file name without `.json` (`sd-unipc-o3`) wherever dmsteps reads a table; "
-        "the package ships copies of these files. The shortest recipes are in the top-level README's "
+        "a wheel ships copies of these files, made when it is built (setup.py). The shortest recipes are in the top-level README's "
         "[30-second start](../README.md#30-second-start); recipes for diffusers, k-diffusion / ComfyUI, "
         "stable-diffusion.cpp and the official DPM-Solver / UniPC code are in "
         "[docs/recipes.md](../docs/recipes.md) (all tested by `tests/test_recipes.py`).",
@@ -290,9 +273,6 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "tables", help="output folder (default: tables/)")
-    ap.add_argument("--package", type=Path, default=None,
-                    help="where the package's copies go (default: dmsteps_cli/bundled/ when --out is tables/, "
-                         "else none)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     out: Path = args.out
@@ -320,11 +300,6 @@ def main(argv=None) -> int:
              "recipes": "../docs/recipes.md", "files": rows}
     changed += write_if_changed(out / "index.json", dumps(index, "json"))
     changed += write_if_changed(out / "README.md", readme(rows, tables))
-    package = args.package
-    if package is None and out.resolve() == (ROOT / "tables").resolve():
-        package = ROOT / "dmsteps_cli" / "bundled"
-    if package is not None:
-        changed += copy_json_files(out, package)
     seconds = time.perf_counter() - start
     print(f"make_tables: {len(rows)} tables, index.json and README.md in {out} "
           f"({changed} file(s) changed) in {seconds:.1f} s wall time")

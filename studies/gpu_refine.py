@@ -1,4 +1,4 @@
-"""CUDA check of refine's exact gradients (docs/gpu-check.md), on the trained digits UNet:
+"""CUDA check of refine's exact gradients (docs/research/gpu-check.md), on the trained digits UNet:
 
 1. the mean error and its gradient in lambda on CUDA against the CPU (64 noises, NFE 6, quad grid);
 2. `refine --device cuda` of the optimized table at NFE 5..8 (64 training noises, 40 iterations),
@@ -8,30 +8,28 @@
 Writes optimized.json, refined.json and gpu-refine.json to --out and prints a summary; 120 s wall on
 one NVIDIA H200 (no run time on a CPU is recorded). Run from the repository root with dmsteps (and
 diffusers) importable:
-    python3 studies/gpu_refine.py --model build/digits-model --out $OUT [--nfe 5..8] [--maxiter 40] [--samples 256]
+    python3 -m studies.gpu_refine --model build/digits-model --out $OUT [--nfe 5..8] [--maxiter 40] [--samples 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dmsteps_cli import StepConfig, dumps, make_table  # noqa: E402
-from dmsteps_cli.checkpoints import load_checkpoint, network_denoiser  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator, evaluate_checkpoint  # noqa: E402
-from dmsteps_cli.grids import grid_lambda  # noqa: E402
-from dmsteps_cli.refine import refine_table  # noqa: E402
-from dmsteps_cli.runtime import resolve_device  # noqa: E402
+from dmsteps_cli import StepConfig, dumps, make_table
+from dmsteps_cli.checkpoints import load_checkpoint, network_denoiser
+from dmsteps_cli.evaluate import Evaluator, evaluate_checkpoint
+from dmsteps_cli.grids import grid_lambda
+from dmsteps_cli.refine import refine_table
+from dmsteps_cli.runtime import resolve_device
 from studies import options
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):

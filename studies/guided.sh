@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # refine on the class-conditional digits UNet with and without classifier-free guidance
-# (docs/evaluation-guided.md): for each guidance scale, `dmsteps refine` from the paper's optimized
+# (docs/research/evaluation-guided.md): for each guidance scale, `dmsteps refine` from the paper's optimized
 # table for `linear` betas over the classes 0-9, then `dmsteps evaluate` of the refined table against
 # the four hand-made grids on the held-out noises; then studies/guided_report.py prints the tables.
 # Writes OUTDIR/linear-opt.json, OUTDIR/guided-g{G}-refined.json, OUTDIR/guided-g{G}-eval.json, their
-# logs and OUTDIR/report.md (kept as docs/evaluation/guided-g{G}-*.json).
+# logs and OUTDIR/report.md (kept as docs/research/evaluation/guided-g{G}-*.json).
 # Trains build/digits-cond-model first when it is missing (`make digits-cond-model`).
 # Settings (environment): SCALES ("1 3"), NFE (5..8), MAXITER (20), PATIENCE (30), TRAIN (32),
 # VALIDATION (32), HOLDOUT (128), OUTDIR (build/guided), PYTHON (.venv/bin/python), MODEL. The defaults
@@ -28,7 +28,7 @@ VALIDATION=${VALIDATION:-32}
 HOLDOUT=${HOLDOUT:-128}
 LABELS=0..9
 
-test -d "$MODEL/unet" || "$PY" studies/train_digits.py --out "$MODEL" --class-conditional
+test -d "$MODEL/unet" || "$PY" -m studies.train_digits --out "$MODEL" --class-conditional
 mkdir -p "$OUTDIR"
 "$PY" -m dmsteps_cli optimize --schedule linear --nfe "$NFE" --solver unipc --objective reference -q \
   -o "$OUTDIR/linear-opt.json"
@@ -45,4 +45,4 @@ for g in $SCALES; do
   end=$(date +%s)
   echo "guidance $g: refine $((mid - start)) s, evaluate $((end - mid)) s" | tee -a "$OUTDIR/times.txt"
 done
-"$PY" studies/guided_report.py "$OUTDIR" | tee "$OUTDIR/report.md"
+"$PY" -m studies.guided_report "$OUTDIR" | tee "$OUTDIR/report.md"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Summarize the guidance study (studies/guided.sh, docs/evaluation-guided.md) as markdown tables.
+"""Summarize the guidance study (studies/guided.sh, docs/research/evaluation-guided.md) as markdown tables.
 
 Reads DIR/guided-g{G}-refined.json (a table written by `dmsteps refine`) and, when present,
 DIR/guided-g{G}-eval.json (the report of `dmsteps evaluate` on that table) for each guidance scale
@@ -11,7 +11,7 @@ training noises) and the validation error of the steps kept over the start's. A 
 table says whether every NFE of --target-nfe (default 5..8) measured at most --target (default 0.8)
 times the best grid on the held-out noises.
 
-    python studies/guided_report.py build/guided
+    python -m studies.guided_report build/guided
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write every closed-form proxy as a mixture file (`make proxies`; docs/proxies.md).
+"""Write every closed-form proxy as a mixture file (`make proxies`; docs/research/proxies.md).
 
 Each closed-form proxy of ``proxy_data.PROXIES`` goes to OUT/NAME.npz (``save_mixture``), with
 the schedule its file records: ``--schedule`` where given, else the proxy's own (scaled_linear).
@@ -8,7 +8,7 @@ A mixture's ideal denoiser is exact on any schedule, so a caller may pair a file
 with the make targets that build them (not trained here). Deterministic: the same files each run.
 About 5 s on a 2-core CPU.
 
-    python studies/make_proxies.py [--out build/proxies] [--schedule PRESET] [--only NAME,...]
+    python -m studies.make_proxies [--out build/proxies] [--schedule PRESET] [--only NAME,...]
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
+from dmsteps_cli.mixtures import save_mixture
+from studies.proxy_data import PROXIES, proxy
 
-from dmsteps_cli.mixtures import save_mixture  # noqa: E402
-from proxy_data import PROXIES, proxy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def std_form(mixture) -> str:

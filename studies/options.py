@@ -11,6 +11,9 @@ from pathlib import Path
 
 from dmsteps_cli.config import parse_nfe
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+RESEARCH_DOCS = ROOT / "docs" / "research"  # the study reports (*.md) and their data (evaluation/): --out's default
+
 
 def nfe_list(text: str) -> tuple[int, ...]:
     """``5..15``, ``5,6`` or ``5..8,10`` as sorted unique NFEs."""

@@ -7,13 +7,12 @@ denoiser of that data (``dmsteps_cli.mixtures.GaussianMixture``). The spectral G
 diagonal Gaussian each (natural images' 1/f^2 power spectrum in the DCT basis), whose ODE
 solution is exact. ``PROXIES`` lists every proxy with what it stands in for, including the trained
 UNets (their folders under build/, made by their make targets); ``make proxies``
-(studies/make_proxies.py) writes the closed-form ones to build/proxies/; docs/proxies.md is the
+(studies/make_proxies.py) writes the closed-form ones to build/proxies/; docs/research/proxies.md is the
 table. The studies measure sampling errors on them; they are not part of the dmsteps package.
 scikit-learn (with Pillow for its photos) and scikit-image (the ``studies`` extra) are imported
 inside the functions.
 
-    import sys; sys.path.insert(0, "studies")
-    from proxy_data import PROXIES, proxy_checkpoint, digits_mixture
+    from studies.proxy_data import PROXIES, proxy_checkpoint, digits_mixture
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ import torch
 
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.mixtures import GaussianMixture
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def digits_mixture(std: float = 0.05, dtype=torch.float64, device="cpu") -> GaussianMixture:
@@ -224,7 +225,6 @@ def dct_to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 # --- the registry ----------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEDULE = "scaled_linear"  # what a closed-form proxy's file records unless told otherwise
 
 

@@ -13,8 +13,8 @@ The model: a diffusers folder or mixture file (``--model``, e.g. build/digits-mo
 (the paper's optimized steps); refine starts from the best of it and the four grids either way.
 Writes refine-validation[-TAG].json to --out and prints a markdown table.
 
-    python studies/refine_validation.py --model build/digits-model --nfe 5..10 --out build/refine-validation
-    python studies/refine_validation.py --ideal linear --nfe 5..15 --out build/refine-validation
+    python -m studies.refine_validation --model build/digits-model --nfe 5..10 --out build/refine-validation
+    python -m studies.refine_validation --ideal linear --nfe 5..15 --out build/refine-validation
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
 from dmsteps_cli import StepConfig, make_table
 from dmsteps_cli.checkpoints import load_checkpoint, mixture_checkpoint
 from dmsteps_cli.reference_cache import open_cache
@@ -40,10 +36,12 @@ from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import preset_of
 from studies import options
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _checkpoint(args):
     if args.ideal:
-        from proxy_data import digits_mixture
+        from studies.proxy_data import digits_mixture
 
         return mixture_checkpoint(digits_mixture(0.05), get_schedule(args.ideal), f"digits ideal ({args.ideal})")
     return load_checkpoint(str(ROOT / args.model if not Path(args.model).is_absolute() else args.model),

@@ -25,9 +25,9 @@ budget: the lines are keyed by family, solver, order, NFE and fold only). ``--su
 numbers from the file: per family and solver, the geometric mean of the leave-one-out ratios over
 proxies x NFE and each proxy's geometric mean over NFE.
 
-    python studies/robust_fit.py --family scaled_linear --solver unipc --order 3 --nfe 5..15 \\
+    python -m studies.robust_fit --family scaled_linear --solver unipc --order 3 --nfe 5..15 \\
         --out build/robust/results.jsonl
-    python studies/robust_fit.py --summary --out build/robust/results.jsonl
+    python -m studies.robust_fit --summary --out build/robust/results.jsonl
 """
 
 from __future__ import annotations
@@ -35,24 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from dmsteps_cli.baselines import BASELINES, baseline_lambda  # noqa: E402
-from dmsteps_cli.config import parse_nfe  # noqa: E402
-from dmsteps_cli.errors import BadInput  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator  # noqa: E402
-from dmsteps_cli.grids import GRIDS  # noqa: E402
-from dmsteps_cli.refine import Fit, refine_steps, train_seeds, validation_seeds  # noqa: E402
-from proxy_data import PROXIES, proxy_checkpoint  # noqa: E402
+from dmsteps_cli.baselines import BASELINES, baseline_lambda
+from dmsteps_cli.config import parse_nfe
+from dmsteps_cli.errors import BadInput
+from dmsteps_cli.evaluate import Evaluator
+from dmsteps_cli.grids import GRIDS
+from dmsteps_cli.refine import Fit, refine_steps, train_seeds, validation_seeds
+from studies.proxy_data import PROXIES, proxy_checkpoint
 
 # family -> (preset, flow shift): the families the goal names, then the other shipped ones
 FAMILIES = {"scaled_linear": ("scaled_linear", None), "linear": ("linear", None), "edm": ("edm", None),

@@ -8,12 +8,12 @@ hand-made grid (unif, unif_t, quad, edm) at that NFE: below 1 the table wins. `r
 error minimized on 64 training noises, from the best of the table and the grids) gives the limit at
 every NFE for UniPC-3 on every preset and for DPM-Solver++-3 on scaled_linear.
 
-Writes docs/evaluation.md, docs/evaluation/results.json and one plot per preset/solver (into --out).
+Writes docs/research/evaluation.md, docs/research/evaluation/results.json and one plot per preset/solver (into --out).
 The full study takes about 17 minutes on a 2-core CPU (one thread). Options cut it down: --presets
 (names, NAME:SHIFT), --solvers, --nfe (5..15 or 5,6), --objectives (labels, comma-separated),
 --refine-maxiter; their defaults are the full study.
-    python studies/study.py [--samples 256] [--quick] [--presets P,...] [--solvers S,...] [--nfe 5..15]
-                            [--objectives "reference p=2,..."] [--refine-maxiter 40] [--out docs]
+    python -m studies.study [--samples 256] [--quick] [--presets P,...] [--solvers S,...] [--nfe 5..15]
+                            [--objectives "reference p=2,..."] [--refine-maxiter 40] [--out docs/research]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,11 +28,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from proxy_data import digits_mixture  # noqa: E402
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import (Evaluator, best_grids, compare_at, lowest_grid_error, paired_ratio_ci,  # noqa: E402
@@ -42,6 +36,7 @@ from dmsteps_cli.grids import GRIDS  # noqa: E402
 from dmsteps_cli.optimize import INITS, default_p  # noqa: E402
 from dmsteps_cli.plots import save_error_plot  # noqa: E402
 from dmsteps_cli.refine import candidates, refine_entry, train_seeds  # noqa: E402
+from studies.proxy_data import digits_mixture  # noqa: E402
 from studies import options
 
 PRESETS = [("scaled_linear", None), ("linear", None), ("vp-linear", None), ("edm", None), ("flow", 3.0),
@@ -64,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="the first two presets, the first solver, no refine "
                                                          "(a smoke run)")
-    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--out", default=str(options.RESEARCH_DOCS))
     options.add_sweep(ap, PRESETS, SOLVERS, NFES, REFINE_MAXITER, "solvers, each at order 3 and 2",
                       "step counts: 5..15 (default) or 5,6", "L-BFGS-B iterations of refine")
     ap.add_argument("--objectives", type=options.chosen(OBJECTIVES, "objective"), default=OBJECTIVES,

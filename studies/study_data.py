@@ -1,4 +1,4 @@
-"""Do the best steps depend on the data? (`make study-data`; docs/evaluation-data.md)
+"""Do the best steps depend on the data? (`make study-data`; docs/research/evaluation-data.md)
 
 The same measurement as studies/study.py (ideal denoiser, 256 held-out noises, error = mean RMS
 distance to a 1000-step reference solution from the same noise, divided by the best hand-made grid
@@ -19,14 +19,14 @@ the digits UNet for `linear`, the photo-patches UNet for `scaled_linear`). The t
 It also refines steps on one data set and measures them on the other (``transfer``): steps that
 are optimal for one data set, used on another.
 
-Writes docs/evaluation-data.md and docs/evaluation/data-results.json (into --out; while it runs,
+Writes docs/research/evaluation-data.md and docs/research/evaluation/data-results.json (into --out; while it runs,
 data-results.partial.json after each preset). The full study takes about 9 minutes on a 2-core CPU
 (one thread). Options cut it down: --presets (names, NAME:SHIFT), --solvers, --nfe (5..15 or 5,6),
 --transfer (PRESET:SOLVER pairs), --transfer-nfe, --refine-maxiter; their defaults are the full study.
 
-    python studies/study_data.py [--samples 256] [--quick] [--presets P,...] [--solvers S,...] [--nfe 5..15]
+    python -m studies.study_data [--samples 256] [--quick] [--presets P,...] [--solvers S,...] [--nfe 5..15]
                                  [--transfer P:S,...] [--transfer-nfe 5..8] [--refine-maxiter 40]
-                                 [--no-transfer] [--device cpu] [--mixtures DIR] [--out docs]
+                                 [--no-transfer] [--device cpu] [--mixtures DIR] [--out docs/research]
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -42,17 +41,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from proxy_data import digits_mixture, patches_mixture  # noqa: E402
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator, best_grids, compare_at, ratio_to_best_grid  # noqa: E402
 from dmsteps_cli.grids import GRIDS  # noqa: E402
 from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
 from dmsteps_cli.refine import candidates, refine_entry, train_seeds  # noqa: E402
+from studies.proxy_data import digits_mixture, patches_mixture  # noqa: E402
 from studies import options
 
 # (preset, shift): flow at SD3's shift 3 and FLUX.1-schnell's 1, each with its own default
@@ -70,8 +65,8 @@ TRANSFER = [("scaled_linear", "unipc"), ("linear", "unipc"), ("edm", "unipc")]  
 TRANSFER_NFES = (5, 6, 7, 8)
 REFINE_MAXITER = 40
 # trained UNets (studies/study_unet.py) whose measurements join a preset's cases: preset -> (name, results)
-UNETS = {"linear": ("digits UNet", ROOT / "docs" / "evaluation" / "unet-results.json"),
-         "scaled_linear": ("patches UNet", ROOT / "docs" / "evaluation" / "unet-patches-results.json")}
+UNETS = {"linear": ("digits UNet", options.RESEARCH_DOCS / "evaluation" / "unet-results.json"),
+         "scaled_linear": ("patches UNet", options.RESEARCH_DOCS / "evaluation" / "unet-patches-results.json")}
 
 
 def optimized_table(name, schedule, solver, order, shift, nfes):
@@ -115,7 +110,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="the first two presets and NFE, no transfer (a smoke run)")
-    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--out", default=str(options.RESEARCH_DOCS))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU check at 4096 noises)")
     ap.add_argument("--no-transfer", action="store_true", help="skip the transfer part")
     ap.add_argument("--mixtures", help="a folder with <data set>.npz mixture files (save_mixture) to use "

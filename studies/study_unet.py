@@ -9,12 +9,12 @@ solver, order and NFE are given), and divided by the best grid at that NFE: belo
 `refine` (the measured error minimized on 64 training noises, started from the better of the default
 table and the grids on those training noises) gives the limit at NFE 5..8.
 
-Writes docs/evaluation-unet.md, docs/evaluation/unet-results.json and one plot per solver (into --out;
+Writes docs/research/evaluation-unet.md, docs/research/evaluation/unet-results.json and one plot per solver (into --out;
 with --tag T: evaluation-unet-T.md, unet-T-results.json, unet-T-*.png). The full study takes about
 5 minutes on a 2-core CPU (one thread) for the digits model, 4 for the patches model (each trained
 first by studies/train_digits.py: 2-3 minutes). Options cut it down: --solvers, --nfe (5..10 or
 5,6), --refine-nfe, --train-samples, --refine-maxiter (or --maxiter); their defaults are the full study.
-    python studies/study_unet.py [--samples 256] [--model build/digits-model] [--quick] [--out docs] [--tag T]
+    python -m studies.study_unet [--samples 256] [--model build/digits-model] [--quick] [--out docs/research] [--tag T]
                                  [--solvers S,...] [--nfe 5..10] [--refine-nfe 5..8] [--train-samples 64]
                                  [--refine-maxiter 40]
 """
@@ -31,9 +31,6 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import StepConfig, make_table  # noqa: E402
 from dmsteps_cli.checkpoints import load_checkpoint  # noqa: E402
@@ -61,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--model", default="build/digits-model", help="relative paths are taken from the repository root")
     ap.add_argument("--quick", action="store_true", help="32 samples, the first solver, the first two NFE, refine "
                                                          "at the first only (a smoke run)")
-    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--out", default=str(options.RESEARCH_DOCS))
     ap.add_argument("--tag", default="", help="a second model's name: writes evaluation-unet-TAG.md and "
                                               "unet-TAG-results.json (make study-unet-patches: patches)")
     ap.add_argument("--solvers", type=options.chosen(SOLVERS, "solver"), default=SOLVERS,
@@ -86,7 +83,7 @@ def main(argv=None):
 
     model = Path(args.model)
     if not model.is_absolute():  # kept relative (reports and table configs do not name the machine)
-        os.chdir(ROOT)
+        os.chdir(options.ROOT)
     ckpt = load_checkpoint(str(model), device="cpu")
     den = ckpt.denoiser()
     schedule = ckpt.schedule
@@ -167,7 +164,7 @@ def default_errors(results, run) -> np.ndarray:
 def _display(path: Path) -> str:
     """The path relative to the repository when it lies inside it (reports do not name the machine)."""
     try:
-        return str(path.resolve().relative_to(ROOT))
+        return str(path.resolve().relative_to(options.ROOT))
     except ValueError:
         return str(path)
 

@@ -23,9 +23,9 @@ load_checkpoint reads the null class from it, so guidance needs no --null-class.
 Progress and the loss go to stderr. 2000 steps take about 3 minutes on a 2-core CPU with one thread
 (167 s for the digits model, 140 s for the patches model; training.json records each run's time).
 
-    python studies/train_digits.py --out build/digits-model                       (make digits-model)
-    python studies/train_digits.py --out build/patches-model --data patches --betas scaled_linear
-    python studies/train_digits.py --out build/digits-cond-model --class-conditional   (make digits-cond-model)
+    python -m studies.train_digits --out build/digits-model                       (make digits-model)
+    python -m studies.train_digits --out build/patches-model --data patches --betas scaled_linear
+    python -m studies.train_digits --out build/digits-cond-model --class-conditional   (make digits-cond-model)
 """
 
 from __future__ import annotations
@@ -78,9 +78,7 @@ def digits_labels(torch):
 
 def patches_tensor(torch):
     """The 1797 grey 8x8 photo patches of dmsteps' patches mixture (its component means)."""
-    root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(root), str(root / "studies")]
-    from proxy_data import patches_mixture
+    from studies.proxy_data import patches_mixture
 
     return patches_mixture().means.to(torch.float32).reshape(-1, 1, 8, 8)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The warp study (docs/robust-steps.md), end to end:
+# The warp study (docs/research/robust-steps.md), end to end:
 #   1. studies/warp_fit.py for every family x solver x order, JOBS at a time, each into its own
 #      OUTDIR/fits/FAMILY-SOLVER-oORDER.jsonl; a rerun skips the folds already there;
 #   2. studies/warp_defaults.py: today's default steps where they are not one of the baselines (the
@@ -31,10 +31,10 @@ start=$(date +%s)
 export PY OUTDIR FIT_ARGS
 for o in $ORDERS; do for f in $FAMILIES; do for s in $SOLVERS; do echo "$f $s $o"; done; done; done |
   xargs -P "$JOBS" -L 1 sh -c \
-    '"$PY" studies/warp_fit.py --family "$1" --solver "$2" --order "$3" --out "$OUTDIR/fits/$1-$2-o$3.jsonl" $FIT_ARGS' fit
+    '"$PY" -m studies.warp_fit --family "$1" --solver "$2" --order "$3" --out "$OUTDIR/fits/$1-$2-o$3.jsonl" $FIT_ARGS' fit
 echo "fits: $(( $(date +%s) - start )) s" >&2
 touch "$OUTDIR/defaults.jsonl"
-"$PY" studies/warp_defaults.py "$OUTDIR"/fits/*.jsonl --out "$OUTDIR/defaults.jsonl"
+"$PY" -m studies.warp_defaults "$OUTDIR"/fits/*.jsonl --out "$OUTDIR/defaults.jsonl"
 
 start=$(date +%s)
 rm -f "$OUTDIR"/judge-*.jsonl "$OUTDIR/judge.jsonl"
@@ -43,13 +43,13 @@ for pair in "linear digits-unet" "linear digits-cond-unet" "scaled_linear patche
   set -- $pair
   fits=("$OUTDIR"/fits/"$1"-*.jsonl)
   [ -e "${fits[0]}" ] || continue
-  "$PY" studies/warp_judge.py --proxy "$2" --family "$1" "${fits[@]}" --out "$OUTDIR/judge-$2.jsonl" $JUDGE_ARGS &
+  "$PY" -m studies.warp_judge --proxy "$2" --family "$1" "${fits[@]}" --out "$OUTDIR/judge-$2.jsonl" $JUDGE_ARGS &
   judged+=("$!")
 done
 for pid in "${judged[@]}"; do wait "$pid"; done
 cat "$OUTDIR"/judge-*.jsonl > "$OUTDIR/judge.jsonl" 2>/dev/null || : > "$OUTDIR/judge.jsonl"
 echo "judge: $(( $(date +%s) - start )) s" >&2
 
-"$PY" studies/warp_report.py "$OUTDIR"/fits/*.jsonl --judge "$OUTDIR/judge.jsonl" \
+"$PY" -m studies.warp_report "$OUTDIR"/fits/*.jsonl --judge "$OUTDIR/judge.jsonl" \
   --defaults "$OUTDIR/defaults.jsonl" > "$OUTDIR/report.md"
 echo "wrote $OUTDIR/report.md" >&2

@@ -11,28 +11,23 @@ settled them): one JSON line per NFE; ``warp_report.py --defaults`` puts them in
 It prints the largest relative difference between the baseline ratios measured here and those in
 the fit's results: 0 when the noises and references are the same, as they should be.
 
-    python studies/warp_defaults.py build/warp/fits/*.jsonl --out build/warp/defaults.jsonl
+    python -m studies.warp_defaults build/warp/fits/*.jsonl --out build/warp/defaults.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from dmsteps_cli.build import make_table  # noqa: E402
-from dmsteps_cli.config import StepConfig  # noqa: E402
-from robust_fit import ALL, FAMILIES, baselines_at, proxy_sets, ratios_to_best  # noqa: E402
-from warp_report import default_rule, read_lines  # noqa: E402
+from dmsteps_cli.build import make_table
+from dmsteps_cli.config import StepConfig
+from studies.robust_fit import ALL, FAMILIES, baselines_at, proxy_sets, ratios_to_best
+from studies.warp_report import default_rule, read_lines
 
 
 def default_lambdas(family: str, solver: str, order: int, nfes, T: float, eps: float) -> tuple[dict, dict]:

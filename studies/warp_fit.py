@@ -29,8 +29,8 @@ Output: the JSON-lines format of ``robust_fit.py`` (one line per family, solver,
 fold, with the fold's warp), so ``robust_fit.py --summary`` reads it; a run skips folds already
 there. Noises, baselines and settled references are robust_fit's.
 
-    python studies/warp_fit.py --family scaled_linear --solver unipc --order 3 --out build/warp/results.jsonl
-    python studies/robust_fit.py --summary --out build/warp/results.jsonl
+    python -m studies.warp_fit --family scaled_linear --solver unipc --order 3 --out build/warp/results.jsonl
+    python -m studies.robust_fit --summary --out build/warp/results.jsonl
 """
 
 from __future__ import annotations
@@ -38,20 +38,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from dmsteps_cli.config import parse_nfe  # noqa: E402
-from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
-from robust_fit import ALL, CLOSED_FORM, FAMILIES, baseline_errors, baselines_at, done_keys, power_mean, proxy_sets  # noqa: E402
+from dmsteps_cli.config import parse_nfe
+from dmsteps_cli.grids import GRIDS, grid_lambda
+from studies.robust_fit import ALL, CLOSED_FORM, FAMILIES, baseline_errors, baselines_at, done_keys, power_mean, proxy_sets
 
 COMPLEX_STEP = 1e-30
 KNOTS = 10

@@ -8,7 +8,7 @@ the network's own interval) and every baseline that fits, at each NFE, on the ne
 noises (seeds 0 ..; class labels paired round robin), as error over the best baseline's. One JSON
 line per proxy, solver and NFE; ``warp_report.py`` tabulates them.
 
-    python studies/warp_judge.py --proxy digits-unet --family linear build/warp/fits/linear-*.jsonl \
+    python -m studies.warp_judge --proxy digits-unet --family linear build/warp/fits/linear-*.jsonl \
         --out build/warp/judge.jsonl
 """
 
@@ -16,23 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from dmsteps_cli.checkpoints import pair_labels  # noqa: E402
-from dmsteps_cli.evaluate import Evaluator  # noqa: E402
-from proxy_data import PROXIES, proxy, proxy_checkpoint  # noqa: E402
-from robust_fit import ALL, FAMILIES, baselines_at, ratios_to_best  # noqa: E402
-from warp_fit import warp_lambda  # noqa: E402
-from warp_report import read_lines  # noqa: E402
+from dmsteps_cli.checkpoints import pair_labels
+from dmsteps_cli.evaluate import Evaluator
+from studies.proxy_data import PROXIES, proxy, proxy_checkpoint
+from studies.robust_fit import ALL, FAMILIES, baselines_at, ratios_to_best
+from studies.warp_fit import warp_lambda
+from studies.warp_report import read_lines
 
 
 def fitted_warps(paths, family: str) -> dict:

@@ -1,4 +1,4 @@
-"""docs/robust-steps.md from the warp study's results (studies/warp_fit.py).
+"""docs/research/robust-steps.md from the warp study's results (studies/warp_fit.py).
 
 For each family and solver in the results: the goal's numbers (leave-one-proxy-out ratios, their
 geometric mean over proxies x NFE and each proxy's over NFE, from ``robust_fit.summary``); the steps
@@ -10,7 +10,7 @@ log-linear interpolation ComfyUI uses), and how every baseline, those lists incl
 proxies (held-out ratio to each proxy's best baseline, geometric mean over NFE); with ``--judge``,
 the fitted warps on the trained networks (studies/warp_judge.py).
 
-    python studies/warp_report.py build/warp/fits/*.jsonl --judge build/warp/judge.jsonl
+    python -m studies.warp_report build/warp/fits/*.jsonl --judge build/warp/judge.jsonl
 """
 
 from __future__ import annotations
@@ -18,22 +18,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "studies"))
-
-from dmsteps_cli.baselines import SCHEDULES  # noqa: E402
-from dmsteps_cli.grids import GRIDS  # noqa: E402
-from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
-from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
-from robust_fit import ALL, FAMILIES, power_mean, summary  # noqa: E402
-from warp_fit import warp_values  # noqa: E402
+from dmsteps_cli.baselines import SCHEDULES
+from dmsteps_cli.grids import GRIDS
+from dmsteps_cli.optimize import DEFAULT_STEPS, default_key
+from dmsteps_cli.schedule_sources import get_schedule
+from studies.robust_fit import ALL, FAMILIES, power_mean, summary
+from studies.warp_fit import warp_values
 
 PUBLISHED = tuple(name for name in SCHEDULES if name.split("-")[0] in ("ays", "gits", "optimalsteps"))
 SHOWN_NFE = (5, 8, 10, 15)
@@ -233,7 +228,7 @@ def report(paths, judge=None, defaults=None) -> str:
     loo_tables = summary(Path(f.name))
     Path(f.name).unlink()
     out = ["# The warp study's tables", "",
-           "Made by studies/warp_report.py from the warp study's results (docs/robust-steps.md says what "
+           "Made by studies/warp_report.py from the warp study's results (docs/research/robust-steps.md says what "
            "was fitted and what the numbers mean). Ratios are errors over each proxy's best baseline on its "
            "held-out noises; GM is a geometric mean.", "",
            "### The goal, per family, solver and order", "",

@@ -171,8 +171,11 @@ sys.modules[name] = module
 spec.loader.exec_module(module)
 nodes = {k: [c.RETURN_TYPES, c.FUNCTION, c.CATEGORY, sorted(c.INPUT_TYPES()["required"])]
          for k, c in module.NODE_CLASS_MAPPINGS.items()}
+tables = sys.modules[name + ".dmsteps_cli.tables"]
 print(json.dumps({"nodes": nodes, "names": module.NODE_DISPLAY_NAME_MAPPINGS,
-                  "package": module.NODE_CLASS_MAPPINGS["DmstepsTable"].__module__}))
+                  "package": module.NODE_CLASS_MAPPINGS["DmstepsTable"].__module__,
+                  "tables": module.NODE_CLASS_MAPPINGS["DmstepsTable"].INPUT_TYPES()["required"]["table"][0],
+                  "sd-unipc-o3": tables.table_source("sd-unipc-o3")}))
 """
 
 
@@ -192,6 +195,10 @@ def test_the_repository_loads_as_a_comfyui_custom_node_folder(tmp_path):
     assert out["nodes"]["DmstepsTableFile"][3] == ["denoise", "model", "path", "steps"]
     assert out["nodes"]["DmstepsOptimize"][3] == ["denoise", "model", "objective", "order", "p", "solver", "steps"]
     assert out["package"] == str(folder).replace(".", "_x_") + ".dmsteps_cli.integrations.comfyui"
+    # no pip install: the ready-made tables are found by name in the clone's tables/, the only copy
+    shipped = sorted(p.stem for p in (ROOT / "tables").glob("*.json") if p.name != "index.json")
+    assert sorted(out["tables"]) == shipped and len(shipped) > 1
+    assert Path(out["sd-unipc-o3"]).resolve() == (ROOT / "tables" / "sd-unipc-o3.json").resolve()
 
 
 def test_requirements_txt_names_what_the_pack_imports():

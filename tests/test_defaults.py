@@ -1,5 +1,5 @@
 """The default steps (``optimize --schedule S`` with neither --objective nor --init): per preset, the
-choice that studies/study_data.py measured best (docs/evaluation-data.md), matched by the schedule
+choice that studies/study_data.py measured best (docs/research/evaluation-data.md), matched by the schedule
 itself (not its name), per shift for flow, and the paper's method for schedules never measured."""
 
 import json
@@ -18,14 +18,15 @@ from dmsteps_cli.schedules import preset_names, preset_of
 from dmsteps_cli.table_reader import load_table
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_RESULTS = ROOT / "docs" / "evaluation" / "data-results.json"
+KEPT = ROOT / "docs" / "research" / "evaluation"  # the studies' kept results
+DATA_RESULTS = KEPT / "data-results.json"
 
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "dmsteps_cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.mark.parametrize("results", [DATA_RESULTS, ROOT / "docs" / "evaluation" / "gpu-4096" / "data-results.json"],
+@pytest.mark.parametrize("results", [DATA_RESULTS, KEPT / "gpu-4096" / "data-results.json"],
                          ids=["256 noises", "4096 noises"])
 def test_defaults_are_the_study_choices(results):
     """DEFAULT_STEPS is exactly what the committed study chose (smallest geometric-mean ratio), at

@@ -11,7 +11,7 @@ import torch
 import yaml
 from scipy import integrate, stats
 
-from proxy_data import digits_mixture, patches_mixture
+from studies.proxy_data import digits_mixture, patches_mixture
 from dmsteps_cli import mixtures
 from dmsteps_cli.checkpoints import load_checkpoint
 from dmsteps_cli.errors import BadInput

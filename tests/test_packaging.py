@@ -1,7 +1,8 @@
 """What `pip install dmsteps` gives: no torch, the ready-made tables by name.
 
 A wheel is built from a copy of the sources (no download: ``--no-build-isolation`` uses this
-environment's setuptools). Its metadata requires no torch or diffusers except under the ``sample``
+environment's setuptools); setup.py's build hook copies ``tables/*.json``, the repository's only copy,
+into the wheel's ``dmsteps_cli/bundled/``. Its metadata requires no torch or diffusers except under the ``sample``
 extra (and ``diffusers``, ``test``); it ships every table of ``tables/``. Unpacked into a bare folder
 and run from another one with every import of torch refused, its ``dmsteps optimize``, ``tables``
 and ``show NAME`` work, and ``sample``, ``evaluate`` and ``refine`` say in one line what to install.
@@ -26,9 +27,10 @@ MODEL_PACKAGES = {"torch", "diffusers", "transformers", "safetensors", "pillow"}
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "dmsteps_cli", src / "dmsteps_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "tables", src / "tables")  # the only copy: the build puts it into the wheel
     dist = tmp_path_factory.mktemp("dist")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "--disable-pip-version-check", "-w", str(dist), str(src)],
@@ -69,9 +71,12 @@ def test_a_plain_install_requires_no_model_packages(wheel):
 
 def test_the_wheel_ships_every_ready_made_table_byte_for_byte(wheel):
     with zipfile.ZipFile(wheel) as z:
-        shipped = {Path(n).name: z.read(n) for n in z.namelist() if n.startswith("dmsteps_cli/bundled/")}
-    source = {p.name: p.read_bytes() for p in (ROOT / "tables").glob("*.json")}
+        shipped = {n: z.read(n) for n in z.namelist() if n.startswith("dmsteps_cli/bundled/")}
+        outside = [n for n in z.namelist() if not n.startswith(("dmsteps_cli/", "dmsteps-"))]
+    source = {f"dmsteps_cli/bundled/{p.name}": p.read_bytes() for p in (ROOT / "tables").glob("*.json")}
+    assert len(source) > 1 and "dmsteps_cli/bundled/index.json" in source
     assert shipped == source
+    assert outside == []  # neither tables/ nor studies/ nor the build hook itself
 
 
 def run_installed(site: Path, cwd: Path, *args, stdin: str | None = None):

@@ -1,4 +1,4 @@
-"""The proxy data sets (studies/proxy_data.py, docs/proxies.md) and the diagonal Gaussian mixture
+"""The proxy data sets (studies/proxy_data.py, docs/research/proxies.md) and the diagonal Gaussian mixture
 under them: the diagonal denoiser against a brute-force posterior mean and an independent numpy
 formula, the closed-form ODE solution against a tight numerical solve, the DCT representation's
 invariance, mixture files, fingerprints, the spectral Gaussian's spectrum and the photo patches."""
@@ -13,7 +13,7 @@ import torch
 import yaml
 from scipy import fft, integrate, special
 
-import proxy_data
+from studies import proxy_data
 from dmsteps_cli import reference_cache
 from dmsteps_cli.checkpoints import load_checkpoint, mixture_checkpoint
 from dmsteps_cli.errors import BadInput
@@ -24,7 +24,7 @@ from dmsteps_cli.runtime import rms_error
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.solvers import build_plan
-from proxy_data import (PHOTO_DC_SHARE, PHOTO_PIXEL_VARIANCE, PHOTOS, PROXIES, dct_frequencies, dct_matrix,
+from studies.proxy_data import (PHOTO_DC_SHARE, PHOTO_PIXEL_VARIANCE, PHOTOS, PROXIES, dct_frequencies, dct_matrix,
                         dct_to_pixels, photo_patches_mixture, spectral_gaussian, spectral_variances)
 
 torch.set_num_threads(1)
@@ -320,7 +320,7 @@ def test_the_photo_patches_come_from_scikit_images_bundled_photos():
 # --- the registry and `make proxies` ---------------------------------------------------------------
 
 def test_every_proxy_is_documented_and_rebuilt_by_a_make_target():
-    doc = (ROOT / "docs" / "proxies.md").read_text()
+    doc = (ROOT / "docs" / "research" / "proxies.md").read_text()
     targets = set(re.findall(r"^([a-z][a-z0-9-]*):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
     for name, p in PROXIES.items():
         assert p.name == name and p.stands_in_for and p.source and p.reference
@@ -345,7 +345,7 @@ def test_trained_proxies_are_not_rebuilt_unless_asked(monkeypatch, tmp_path):
 
 
 def test_make_proxies_writes_loadable_files(tmp_path, capsys):
-    import make_proxies
+    from studies import make_proxies
 
     names = ["sklearn-patches", "spectral-64", "spectral-1024"]
     assert make_proxies.main(["--out", str(tmp_path), "--only", ",".join(names), "--schedule", "vp-linear"]) == 0

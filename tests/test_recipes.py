@@ -4,11 +4,11 @@ Every fenced block preceded by a line ``<!-- recipe: NAME -->`` is extracted fro
 name exactly once across them) and run: Python blocks with ``exec`` in a namespace prepared here (a
 tiny random pipeline or UNet), shell blocks through ``bash`` with ``dmsteps`` (and a stub ``sd`` that
 records its arguments) on PATH. A recipe names a table either as a ready-made table (``"sd-unipc-o3"``:
-the package's bundled copy, byte-identical to tables/, which tests/test_tables_dir.py checks) or as a
-path ``tables/<file>``: the working directory holds such files made fresh in a temporary folder with
-the settings ``scripts/make_tables.py`` uses. Each test compares against the table the recipe reads.
-The only substitution is the NFE (``nfe=10``, ``set_timesteps(10)``, ``num_inference_steps=10``) where
-a test runs a recipe at several NFE.
+tables/ itself in a clone, the wheel's build-time copy when installed; tests/test_tables_dir.py and
+tests/test_packaging.py check both) or as a path ``tables/<file>``: the working directory holds such
+files made fresh in a temporary folder with the settings ``scripts/make_tables.py`` uses. Each test
+compares against the table the recipe reads. The only substitution is the NFE (``nfe=10``,
+``set_timesteps(10)``, ``num_inference_steps=10``) where a test runs a recipe at several NFE.
 
 The diffusers recipes are checked against dmsteps' own solver: the scheduler set-up followed by the
 sampling-loop recipe gives ``dmsteps sample``'s output (``run_sample`` on a pipeline folder with a

@@ -159,14 +159,10 @@ def test_bad_settings_fail_before_the_model_loads(files, setting, value, message
 @pytest.mark.filterwarnings("ignore")
 def test_the_validation_study_runs_on_a_tiny_unet(tmp_path):
     """studies/refine_validation.py end to end on a random-weight UNet (cut-down settings)."""
-    import sys
-    from pathlib import Path
-
     import diffusers
     from tiny import save_pipeline, tiny_unet
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-    import refine_validation
+    from studies import refine_validation
 
     model = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
     refine_validation.main(["--model", str(model), "--nfe", "5", "--train", "4", "--validation", "4",

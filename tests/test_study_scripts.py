@@ -10,12 +10,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "studies"))
 torch.set_num_threads(1)
 
 
 def test_study_runs_and_reports_refine_and_intervals(tmp_path):
-    import study
+    from studies import study
 
     study.main(["--presets", "scaled_linear", "--solvers", "unipc", "--nfe", "5..6", "--objectives", "reference p=2",
                 "--refine-maxiter", "2", "--samples", "8", "--out", str(tmp_path)])
@@ -36,7 +35,7 @@ def test_study_runs_and_reports_refine_and_intervals(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_study_unet_quick_on_a_tiny_random_unet(tmp_path):
     import diffusers
-    import study_unet
+    from studies import study_unet
     from tiny import save_pipeline, tiny_unet
 
     model = save_pipeline(tmp_path / "m", tiny_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
@@ -48,7 +47,7 @@ def test_study_unet_quick_on_a_tiny_random_unet(tmp_path):
 
 
 def test_study_data_quick_writes_choices_and_transfer(tmp_path):
-    import study_data
+    from studies import study_data
 
     study_data.main(["--presets", "linear", "--nfe", "5,6", "--transfer", "linear:unipc", "--transfer-nfe", "5",
                      "--refine-maxiter", "2", "--samples", "8", "--out", str(tmp_path)])
@@ -67,7 +66,7 @@ def test_study_data_quick_writes_choices_and_transfer(tmp_path):
 def test_train_digits_on_patches_with_sd_betas(tmp_path):
     """studies/train_digits.py --data patches --betas scaled_linear (a few steps): a checkpoint that
     dmsteps loads, whose schedule is the scaled_linear preset, with its training record."""
-    import train_digits
+    from studies import train_digits
 
     from dmsteps_cli.checkpoints import load_checkpoint
     from dmsteps_cli.schedules import preset_of
@@ -87,7 +86,7 @@ def test_train_digits_class_conditional(tmp_path):
     class 10 that load_checkpoint reads from unet/class_conditioning.json, so guidance needs no
     --null-class."""
     import torch
-    import train_digits
+    from studies import train_digits
 
     from dmsteps_cli.checkpoints import load_checkpoint
 
@@ -106,10 +105,7 @@ def test_study_options_parse_and_refuse(tmp_path):
     known names only; a bad option stops the script before it measures anything."""
     import argparse
 
-    import study
-    import study_data
-
-    from studies import options
+    from studies import options, study, study_data
 
     assert options.nfe_list("5..7,10") == (5, 6, 7, 10)
     assert options.presets(study_data.PRESETS)("flow,linear") == [("flow", 3.0), ("flow", 1.0), ("linear", None)]
@@ -134,7 +130,7 @@ def test_robust_fit_objective_gradient_and_resumable_run(tmp_path):
     """GeometricRatio's gradient matches central differences on two spectral Gaussians (closed-form
     references), and the study writes one line per NFE and fold, skipping them when run again."""
     import numpy as np
-    import robust_fit
+    from studies import robust_fit
     from dmsteps_cli.grids import grid_lambda
     from tiny import central_differences
 
@@ -177,7 +173,7 @@ def test_warp_fit_reproduces_grids_has_exact_gradient_and_resumes(tmp_path):
     geometric means over NFE, written out here, and its gradient matches central differences in the
     warp's parameters; the study writes one line per judged NFE and fold and resumes."""
     import numpy as np
-    import warp_fit
+    from studies import warp_fit
     from dmsteps_cli.grids import grid_lambda
 
     sets = warp_fit.proxy_sets(["spectral-64", "spectral-256"], "scaled_linear", 4, 4, 4)
@@ -222,8 +218,7 @@ def test_warp_fit_reproduces_grids_has_exact_gradient_and_resumes(tmp_path):
     warp_fit.main(cli)  # resumes: nothing left to do
     assert len(out.read_text().splitlines()) == 6
 
-    import warp_judge
-    import warp_report
+    from studies import warp_judge, warp_report
     from dmsteps_cli.schedule_sources import get_schedule
 
     text = warp_report.report([out])
@@ -279,11 +274,11 @@ def test_warp_study_script_runs_each_fit_into_its_own_file_and_resumes(tmp_path)
 
 
 def test_kept_warp_results_give_the_documented_tables():
-    """docs/evaluation/warp/report.md is what studies/warp_report.py makes of the kept results, so the
-    numbers docs/robust-steps.md quotes come from the data shipped beside it."""
-    import warp_report
+    """docs/research/evaluation/warp/report.md is what studies/warp_report.py makes of the kept results, so the
+    numbers docs/research/robust-steps.md quotes come from the data shipped beside it."""
+    from studies import warp_report
 
-    kept = ROOT / "docs" / "evaluation" / "warp"
+    kept = ROOT / "docs" / "research" / "evaluation" / "warp"
     text = warp_report.report(sorted((kept / "fits").glob("*.jsonl.gz")), kept / "judge.jsonl",
                               kept / "defaults.jsonl")
     assert text == (kept / "report.md").read_text()
@@ -298,14 +293,13 @@ def test_warp_judge_samples_a_guided_network_with_its_labels_and_guidance(tmp_pa
     import dataclasses
 
     import diffusers
-    import proxy_data
-    import warp_judge
+    from studies import proxy_data, warp_judge
     from dmsteps_cli.checkpoints import load_checkpoint
     from dmsteps_cli.evaluate import Evaluator
     from dmsteps_cli.grids import grid_lambda
-    from robust_fit import baseline_errors, baselines_at
+    from studies.robust_fit import baseline_errors, baselines_at
     from tiny import save_pipeline, tiny_cond_unet
-    from warp_fit import theta_of, warp_lambda
+    from studies.warp_fit import theta_of, warp_lambda
 
     folder = save_pipeline(tmp_path / "cond", tiny_cond_unet(), diffusers.DDPMScheduler(beta_schedule="linear"))
     ck = load_checkpoint(folder, null_class=3)

@@ -8,7 +8,8 @@
   schedule, shift, solver, order and NFE list the file itself records;
 - ``scripts/make_tables.py`` is deterministic: two runs give byte-identical folders, and its index
   and README agree with the committed ones;
-- the package's copies (``dmsteps_cli/bundled/``) are byte for byte ``tables/*.json``.
+- tables/ is the only copy in the repository, and the lookup by name finds exactly ``tables/*.json``
+  (a wheel's copy, made at build time by setup.py, is checked by tests/test_packaging.py).
 
 Subprocesses run with one BLAS thread (OPENBLAS/OMP_NUM_THREADS=1): on a busy 2-core machine a
 multi-threaded BLAS makes the optimizer 10-20x slower.
@@ -181,26 +182,20 @@ def test_make_tables_is_deterministic_and_drops_what_it_no_longer_makes(tmp_path
     assert fresh == committed, stale.format("index.json")
 
 
-def test_the_package_ships_the_tables_byte_for_byte():
-    """dmsteps_cli/bundled/ (what `pip install` ships, found by name) holds exactly tables/*.json."""
-    bundled = {p.name: p.read_bytes() for p in (ROOT / "dmsteps_cli" / "bundled").glob("*.json")}
-    source = {p.name: p.read_bytes() for p in TABLES.glob("*.json")}
-    assert bundled == source, "dmsteps_cli/bundled/ differs from tables/: run `make tables` and commit both"
+def test_a_clone_finds_exactly_the_tables_by_name():
+    """In the repository (a clone, an editable install, a clone used as a ComfyUI custom-node folder)
+    the ready-made tables are read from tables/ itself: the lookup by name finds exactly
+    tables/*.json, and there is no second copy in the package's folder to drift or shadow it."""
+    from dmsteps_cli.tables import BUNDLED, bundled_index, bundled_tables, table_source
 
-
-def test_the_package_copies_mirror_the_json_files(tmp_path):
-    script = ROOT / "scripts" / "make_tables.py"
-    sys.path.insert(0, str(script.parent))
-    import make_tables
-
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "a.json").write_text("{}\n")
-    (tmp_path / "t" / "README.md").write_text("not copied\n")
-    (tmp_path / "p").mkdir()
-    (tmp_path / "p" / "stale.json").write_text("{}\n")
-    assert make_tables.copy_json_files(tmp_path / "t", tmp_path / "p") == 2
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["a.json"]
-    assert make_tables.copy_json_files(tmp_path / "t", tmp_path / "p") == 0
+    assert not (ROOT / "dmsteps_cli" / "bundled").exists(), \
+        "dmsteps_cli/bundled/ is a wheel's build output (setup.py): delete it, tables/ is the only copy"
+    assert BUNDLED.resolve() == TABLES.resolve()
+    found = bundled_tables()
+    assert {name: path.resolve() for name, path in found.items()} == {p.stem: p.resolve() for p in table_files()}
+    assert list(found) == sorted(found)
+    assert bundled_index() == json.loads((TABLES / "index.json").read_text())
+    assert Path(table_source("sd-unipc-o3.json")).resolve() == (TABLES / "sd-unipc-o3.json").resolve()
 
 
 if __name__ == "__main__":
