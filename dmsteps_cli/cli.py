@@ -71,8 +71,9 @@ def optimize(
     schedule: str = typer.Option("scaled_linear", "--schedule", "-s",
                                  help="Preset name (see `dmsteps schedules`), a diffusers scheduler_config.json, "
                                       "betas:FILE or alphas_cumprod:FILE (.npy/.txt)."),
-    solver: str = typer.Option("unipc", help="Solver whose order pattern the objective assumes: unipc, dpmpp, ddim."),
-    order: Optional[int] = typer.Option(None, help="Solver order (default 3; ddim is 1)."),
+    solver: str = typer.Option("unipc", help="Solver whose order pattern the objective assumes: unipc, dpmpp, "
+                               "ddim (also called euler), ipndm; `dmsteps solvers` lists their orders and samplers."),
+    order: Optional[int] = typer.Option(None, help="Solver order (default: the solver's; `dmsteps solvers`)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh2 (default, as diffusers) or bh1."),
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
     p: Optional[float] = typer.Option(None, "--p", help="Exponent of eps_tilde = sigma^p/alpha (default 2; 1 for "
@@ -263,6 +264,20 @@ def schedules():
         shifted = sorted(measured_shifts(name).items(), reverse=True)
         steps = ", ".join(f"{label(k)} (shift {s:g})" for s, k in shifted) if shifted else label(name)
         sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\tdefault={steps}\t{desc}\n")
+
+
+@app.command("solvers")
+def solvers_command():
+    """List the solvers (name, orders, default order, variants, the diffusers schedulers and ComfyUI
+    samplers that run their tables, aliases; tab-separated)."""
+    from .solvers import SOLVERS
+
+    for name, spec in SOLVERS.items():
+        comfy = ", ".join(f"{s.name} (order {s.order}{', ' + s.variant if s.variant else ''})" for s in spec.comfyui)
+        fields = [name, spec.title, "orders " + ",".join(map(str, spec.orders)), f"default {spec.default_order}",
+                  "variants " + (",".join(spec.variants) or "-"), "diffusers " + (", ".join(spec.diffusers) or "-"),
+                  "ComfyUI " + (comfy or "-"), "aliases " + (",".join(spec.aliases) or "-")]
+        sys.stdout.write("\t".join(fields) + "\n")
 
 
 @app.command("tables")

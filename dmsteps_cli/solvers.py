@@ -271,12 +271,17 @@ def _per_step(steps, terms, shift=0):
 
 @dataclass(frozen=True)
 class ComfySampler:
-    """A ComfyUI sampler (``comfy.samplers.KSAMPLER_NAMES``) and the solver order it runs at
-    ``steps`` steps (``order(steps)``), with the variant where it has one."""
+    """A ComfyUI sampler (``comfy.samplers.KSAMPLER_NAMES``) that runs a solver's tables of ``order``
+    exactly (the same order pattern, variant ``variant`` where the solver has variants), on flow
+    models too where ``exact_on_flow`` (ComfyUI's higher-order exponential integrators step in
+    log sigma on flow models, not in the flow's lambda = log((1 - t)/t); Euler and iPNDM work in
+    its own state and sigma). ``note``: what the advice adds."""
 
     name: str
-    order: Callable[[int], int]
+    order: int
     variant: str | None = None
+    exact_on_flow: bool = False
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -303,6 +308,7 @@ class SolverSpec:
     diffusers: tuple[str, ...] = ()
     diffusers_options: Callable[[int, str | None], dict] | None = None
     comfyui: tuple[ComfySampler, ...] = ()
+    comfyui_missing: str = ""  # what ComfyUI lacks for this solver, said where no sampler fits
     aliases: tuple[str, ...] = ()
 
     def order_pattern(self, order: int, nfe: int) -> list[int]:
@@ -317,6 +323,13 @@ class SolverSpec:
             return step_orders(order, nfe)
         return [min(order, s + 1) for s in range(nfe)]
 
+    def comfyui_samplers(self, order: int, variant: str | None, family: str) -> list[ComfySampler]:
+        """The ComfyUI samplers that run this solver's tables of ``order`` (and ``variant``) exactly
+        on a model of schedule ``family``."""
+        variant = variant or self.default_variant
+        return [s for s in self.comfyui if s.order == order and s.variant in (None, variant)
+                and (family != "flow" or s.exact_on_flow)]
+
     def check_variant(self, variant: str | None) -> str | None:
         """The variant to run: ``variant``, else the default; BadInput for one it does not have."""
         if not self.variants:
@@ -327,10 +340,6 @@ class SolverSpec:
         if variant not in self.variants:
             raise BadInput(f"unknown {self.title} variant {variant!r} (choose from {', '.join(self.variants)})")
         return variant
-
-
-def _up_to(k: int) -> Callable[[int], int]:
-    return lambda steps: min(k, steps)
 
 
 def _dpm_solver_options(order: int, variant: str | None) -> dict:
@@ -344,18 +353,21 @@ SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (
     SolverSpec("unipc", "UniPC", unipc_step, (1, 2, 3), 3, variants=("bh1", "bh2"), default_variant="bh2",
                corrector=unipc_corrector, diffusers=("UniPCMultistepScheduler",),
                diffusers_options=lambda order, variant: {"solver_order": order, "solver_type": variant},
-               # ComfyUI's uni_pc runs order min(3, steps - 2) with B(h) = h, uni_pc_bh2 with e^h - 1
-               comfyui=(ComfySampler("uni_pc", lambda steps: max(1, min(3, steps - 2)), "bh1"),
-                        ComfySampler("uni_pc_bh2", lambda steps: max(1, min(3, steps - 2)), "bh2"))),
+               # ComfyUI's uni_pc (B(h) = h) and uni_pc_bh2 (e^h - 1) run order min(3, steps - 1), lowered
+               # at both ends as the tables' order 3 (comfy/extra_samplers/uni_pc.py)
+               comfyui=(ComfySampler("uni_pc", 3, "bh1", note="UniPC variant bh1, order 3 from 4 steps up"),
+                        ComfySampler("uni_pc_bh2", 3, "bh2", note="UniPC variant bh2, order 3 from 4 steps up"))),
     SolverSpec("dpmpp", "DPM-Solver++", dpmpp_step, (1, 2, 3), 3,
                diffusers=("DPMSolverMultistepScheduler", *_EULER), diffusers_options=_dpm_solver_options,
-               # ComfyUI has no deterministic DPM-Solver++(3M): dpmpp_3m_sde is an SDE sampler
-               comfyui=(ComfySampler("dpmpp_2m", _up_to(2)),)),
+               comfyui=(ComfySampler("dpmpp_2m", 2), ComfySampler("euler", 1, exact_on_flow=True)),
+               comfyui_missing="it has no deterministic DPM-Solver++(3M): dpmpp_3m_sde is an SDE sampler (with eta 0 "
+                               "it runs order 3 on the second-to-last step, where order-3 tables assume order 2)"),
     SolverSpec("ddim", "DDIM (Euler)", dpmpp_step, (1,), 1, aliases=("euler",),
                diffusers=("DPMSolverMultistepScheduler", *_EULER), diffusers_options=_dpm_solver_options,
-               comfyui=(ComfySampler("euler", _up_to(1)), ComfySampler("ddim", _up_to(1)))),
+               comfyui=(ComfySampler("euler", 1, exact_on_flow=True), ComfySampler("ddim", 1, exact_on_flow=True))),
     SolverSpec("ipndm", "iPNDM", ipndm_step, (1, 2, 3, 4), 4, lowers_order_at_end=False,
-               comfyui=(ComfySampler("ipndm", _up_to(4)),)),
+               # ComfyUI's ipndm: order min(4, n + 1), in its own state and sigma (comfy/k_diffusion/sampling.py)
+               comfyui=(ComfySampler("ipndm", 4, exact_on_flow=True),)),
 )}
 ALIASES = {alias: spec.name for spec in SOLVERS.values() for alias in spec.aliases}
 

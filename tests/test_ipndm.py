@@ -3,13 +3,15 @@ variables on a closed-form Gaussian (always runs), and against ComfyUI's own ``s
 vendored source (skipped with the reason where that folder is absent). Its convergence, exact weights
 and complex-step derivatives are checked with every other solver in tests/test_solvers.py."""
 
+import json
 import os
+import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from comfy_harness import comfy  # noqa: F401  (the pytest fixture: ComfyUI's vendored source, imported)
 from test_solvers import GaussianOracle
 
 from dmsteps_cli.grids import grid_lambda
@@ -17,10 +19,6 @@ from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.solvers import ADAMS_BASHFORTH, build_plan, run_plan
 
 torch.set_num_threads(1)
-
-ROOT = Path(__file__).resolve().parent.parent
-COMFY = Path(os.environ.get("DMSTEPS_COMFYUI") or ROOT.parent / "shared" / "vendor" / "comfyui")
-
 
 def sampler_sigmas(schedule, lam):
     """k-diffusion's sigma at each node (kappa = sigma/alpha; t for flow) and the state scale s
@@ -58,27 +56,13 @@ def test_plan_equals_the_plain_loop_on_a_gaussian(name, order):
     np.testing.assert_allclose(ours, theirs, rtol=1e-13, atol=1e-13)
 
 
-def comfy_sample_ipndm():
-    if not (COMFY / "comfy" / "k_diffusion" / "sampling.py").is_file():
-        pytest.skip(f"the vendored ComfyUI source is not at {COMFY} (see ../shared/vendor/README.md)")
-    pytest.importorskip("torchsde", reason="ComfyUI's k_diffusion.sampling imports torchsde")
-    pytest.importorskip("tqdm", reason="ComfyUI's k_diffusion.sampling imports tqdm")
-    if str(COMFY) not in sys.path:
-        sys.path.insert(0, str(COMFY))
-    from comfy.cli_args import args
-
-    args.cpu = True
-    from comfy.k_diffusion.sampling import sample_ipndm
-
-    return sample_ipndm
-
-
 @pytest.mark.parametrize("name", ["scaled_linear", "edm", "flow"])
-def test_plan_equals_comfyuis_sample_ipndm(name):
+def test_plan_equals_comfyuis_sample_ipndm(comfy, name):
     """ComfyUI's ``sample_ipndm`` (comfy/k_diffusion/sampling.py), given the table's sampler sigmas
     (ending at the table's last sigma, not 0) and the Gaussian's exact denoiser in its variables,
     ends where the plan does, in float64."""
-    sample_ipndm = comfy_sample_ipndm()
+    from comfy.k_diffusion.sampling import sample_ipndm  # imported with the rest of ComfyUI by the fixture
+
     s = get_schedule(name)
     oracle = GaussianOracle(s, mu=0.3, s=0.5)
     lam = grid_lambda("quad", s, 10, s.T, s.eps_default)
@@ -96,3 +80,37 @@ def test_plan_equals_comfyuis_sample_ipndm(name):
     plan = build_plan(s, lam, "ipndm", 4).map(float)
     ours = run_plan(plan, x_T, lambda x, k: oracle.denoise(x, a[k], g[k]))
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+# --- through the commands: optimize, evaluate and refine take it by name ------------------------------
+
+def test_every_command_takes_ipndm_by_name(run_cli, tmp_path):
+    """optimize writes an iPNDM table (order 4 by default); evaluate and refine run it on a
+    Gaussian mixture (exact denoiser) and refine keeps the solver; `dmsteps solvers` and optimize's
+    help name every solver of the registry."""
+    from dmsteps_cli import StepConfig, dumps, make_table
+    from dmsteps_cli.mixtures import GaussianMixture, save_mixture
+    from dmsteps_cli.solvers import ALIASES, SOLVERS
+
+    means = torch.tensor(np.random.default_rng(0).uniform(-1, 1, size=(3, 16)))
+    save_mixture(GaussianMixture(means, 0.1, sample_shape=(1, 4, 4)), tmp_path / "mix.yaml", schedule="vp-linear")
+    rc, err = run_cli("optimize", "--schedule", "vp-linear", "--solver", "ipndm", "--nfe", "5,6", "--objective",
+                      "reference", "-q", "-o", str(tmp_path / "t.json"))
+    assert rc == 0, err
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert (table["config"]["solver"], table["config"]["order"]) == ("ipndm", 4)
+    rc, err = run_cli("evaluate", "-c", str(tmp_path / "mix.yaml"), "-t", str(tmp_path / "t.json"), "--samples", "4",
+                      "--no-cache", "-o", str(tmp_path / "e.json"))
+    assert rc == 0, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["solver"] == {"name": "ipndm", "order": 4, "variant": None}
+    rc, err = run_cli("refine", "-c", str(tmp_path / "mix.yaml"), "-t", str(tmp_path / "t.json"), "--nfe", "5",
+                      "--train", "4", "--validation", "4", "--holdout", "4", "--maxiter", "2", "--no-cache",
+                      "-o", str(tmp_path / "r.json"))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["solver"] == "ipndm"
+    listed = subprocess.run([sys.executable, "-m", "dmsteps_cli", "solvers"], capture_output=True, text=True, check=True)
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == list(SOLVERS)
+    shown = subprocess.run([sys.executable, "-m", "dmsteps_cli", "optimize", "--help"], capture_output=True, text=True,
+                           check=True, env={**os.environ, "COLUMNS": "200"})
+    assert all(name in " ".join(shown.stdout.split()) for name in (*SOLVERS, *ALIASES))

@@ -215,27 +215,19 @@ def table_sigmas(table: dict, model_sampling, steps: int, denoise: float, name: 
 # --- which ComfyUI sampler runs a table ----------------------------------------------------------
 
 def sampler_advice(family: str, solver: str, order: int, variant: str | None) -> str:
-    """The ComfyUI sampler that runs the steps of a table (its schedule family, solver, order and UniPC
-    variant) as the table assumed, or a plain statement that none does (docs/comfyui.md, "Which
-    sampler"). ComfyUI's dpmpp_2m is DPM-Solver++(2M) with a first-order last step; its uni_pc and
-    uni_pc_bh2 are UniPC of order min(3, steps - 1), variants bh1 and bh2; it has no deterministic
-    DPM-Solver++(3M) (dpmpp_3m_sde is an SDE sampler); on flow models its dpmpp_2m and UniPC take
-    their steps in log sigma as for an EDM model, not in the flow's lambda = log((1 - t)/t)."""
-    if solver == "ddim" or order == 1:
-        return "euler (or ddim): first order, exact"
-    if family == "flow":
-        return (f"no exact ComfyUI sampler: on flow models its dpmpp_2m and uni_pc step in log sigma, not in the "
+    """The ComfyUI samplers that run the steps of a table (its schedule family, solver, order and
+    variant) as the table assumed (the solver's registry record, ``SolverSpec.comfyui_samplers``), or
+    a plain statement that none does (docs/comfyui.md, "Which sampler")."""
+    spec = solver_spec(solver)
+    exact = spec.comfyui_samplers(order, variant, family)
+    if exact:
+        return " or ".join(f"{s.name} ({s.note})" if s.note else s.name for s in exact)
+    if family == "flow" and spec.comfyui_samplers(order, variant, "discrete"):
+        return (f"no exact ComfyUI sampler: on flow models its higher-order samplers step in log sigma, not in the "
                 f"flow lambda these order-{order} steps were placed for; euler runs them at order 1")
-    if solver == "dpmpp" and order == 2:
-        return "dpmpp_2m"
-    if solver == "unipc" and order == 3:
-        fit = "uni_pc_bh2" if (variant or "bh2") == "bh2" else "uni_pc"
-        return f"{fit} (UniPC variant {variant or 'bh2'}, order 3 from 4 steps up)"
-    if solver == "dpmpp":
-        return (f"no exact ComfyUI sampler: ComfyUI has no deterministic DPM-Solver++ of order {order} (dpmpp_3m_sde "
-                "is an SDE sampler; with eta 0 it runs order 3 on the second-to-last step, where these steps "
-                "assume order 2)")
-    return f"no exact ComfyUI sampler: ComfyUI's uni_pc runs order 3 from 4 steps up, not order {order}"
+    runs = ", ".join(f"{s.name} order {s.order}" for s in spec.comfyui) or "none"
+    missing = f" ({spec.comfyui_missing})" if spec.comfyui_missing else ""
+    return f"no exact ComfyUI sampler for {spec.title} order {order}{missing}; ComfyUI runs {runs}"
 
 
 def advise(table: dict, name: str) -> str:
