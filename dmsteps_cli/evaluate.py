@@ -61,7 +61,7 @@ from .runtime import (
     state_dtype,
 )
 from .schedules import same_schedule, step_arrays
-from .solvers import build_plan, initial_noise_scale, solver_choice
+from .solvers import build_plan, solver_choice
 from .table_reader import load_table
 from .text_to_image import load_model, read_prompts
 
@@ -192,7 +192,7 @@ class Evaluator:
             denoiser = (network_denoiser(ckpt, None, guidance_scale) if class_labels is None
                         else labelled_denoiser(ckpt, own_labels, guidance_scale))
         self.denoiser = denoiser
-        scale = initial_noise_scale(self.schedule, self.T)
+        scale = self.schedule.initial_noise_scale(self.T)
         self.x_T = noise_for(self.own_seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
         self._smallest: float | None = None  # the smallest mean error measured

@@ -329,10 +329,11 @@ def default_steps(schedule, shift: float | None = None) -> tuple[str, str]:
 
 
 def default_p(schedule) -> float:
-    """The default exponent of eps_tilde, chosen from measurements (docs/research/evaluation.md): p = 1 for
-    EDM-family schedules, whose tables then beat every hand-made grid at NFE 5..12 on the
-    ideal-denoiser benchmark (p = 2: 6..11); p = 2 elsewhere, where no p did better."""
-    return 1.0 if schedule.family == "edm" else 2.0
+    """The default exponent of eps_tilde, the family's (``Schedule.default_p``), chosen from
+    measurements (docs/research/evaluation.md): p = 1 for EDM-family schedules, whose tables then beat
+    every hand-made grid at NFE 5..12 on the ideal-denoiser benchmark (p = 2: 6..11); p = 2
+    elsewhere, where no p did better."""
+    return schedule.default_p
 
 
 def resolve(config: StepConfig, schedule) -> StepConfig:

@@ -41,7 +41,7 @@ from .runtime import (
     state_dtype,
 )
 from .schedules import same_schedule
-from .solvers import SOLVERS, build_plan, initial_noise_scale, solver_choice, solver_spec
+from .solvers import SOLVERS, build_plan, solver_choice, solver_spec
 from .table_reader import load_table_text
 from .tables import entry_for
 
@@ -172,7 +172,7 @@ def run_network(run: Run, progress=None) -> np.ndarray:
     denoiser = network_denoiser(ckpt, labels, run.req.guidance_scale) if run.seeds else None
     if not run.seeds:
         return np.zeros((0, *ckpt.sample_shape), dtype=np.float32)
-    x = noise_for(run.seeds, tuple(ckpt.sample_shape), initial_noise_scale(ckpt.schedule, float(run.t[0])))
+    x = noise_for(run.seeds, tuple(ckpt.sample_shape), ckpt.schedule.initial_noise_scale(float(run.t[0])))
     x = x.to(device=run.device, dtype=state_dtype(ckpt))
     out = integrate(denoiser, ckpt.schedule, run.plan, run.t, run.timesteps, x, progress)
     return out.float().cpu().numpy()

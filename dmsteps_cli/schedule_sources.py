@@ -169,10 +169,9 @@ def check_prediction_type(ptype, schedule: Schedule, source: str) -> str:
     """``ptype`` if the network can predict it under ``schedule``, else BadInput."""
     if ptype not in PREDICTION_TYPES:
         raise BadInput(f"{source}: unsupported prediction_type {ptype!r} (known: {', '.join(PREDICTION_TYPES)})")
-    if ptype == "v_prediction" and schedule.family in ("edm", "flow"):
-        raise BadInput(f"{source}: v_prediction needs a variance-preserving schedule, not {schedule.family}")
-    if ptype == "flow_prediction" and schedule.family != "flow":
-        raise BadInput(f"{source}: flow_prediction needs a flow schedule, not {schedule.family}")
+    if ptype not in schedule.prediction_types:
+        needs = "a variance-preserving schedule" if ptype == "v_prediction" else "a flow schedule"
+        raise BadInput(f"{source}: {ptype} needs {needs}, not {schedule.family}")
     return ptype
 
 

@@ -55,6 +55,24 @@ class Schedule:
     # k-diffusion's state is x / alpha (x0 + kappa noise) where the sampler sigma is kappa; flow
     # models' is x itself, their sampler sigma t (ComfyUI's CONST sampling)
     state_scaled_by_alpha: bool = True
+    # --- the family's facts (every reader asks the family, never tests its name) ------------------
+    sigma_is_t: bool = False  # the sampler sigma is the time t itself (EDM, flow): exports use t exactly
+    variance_preserving: bool = False  # alpha^2 + sigma^2 = 1 (the official DPM-Solver code's models)
+    prediction_types: tuple[str, ...] = ("epsilon", "sample")  # what a network may predict under it
+    default_p: float = 2.0  # the exponent of eps_tilde = sigma^p / alpha when none is given (optimize)
+    # the first sigma of a list for k-diffusion-style consumers (ComfyUI), where it is not the table's
+    # own sigma(T): a flow model's sigma_max 1 (pure noise), where the table starts at T < 1
+    consumer_sigma_max: float | None = None
+
+    @classmethod
+    def from_params(cls, params: dict, name: str) -> "Schedule":
+        """The schedule a table's ``schedule.params`` record (``params()``) describes."""
+        raise NotImplementedError
+
+    def initial_noise_scale(self, T: float) -> float:
+        """x_T = scale * standard normal noise: 1 (VP and flow models, as diffusers and DPM-Solver
+        do); EDM: sigma_T (alpha = 1)."""
+        return 1.0
 
     # --- per-family definitions -------------------------------------------------------------
     def log_alpha(self, t):
@@ -158,6 +176,9 @@ def _round_sig(x: float, digits: int = 10) -> float:
 class _VP(Schedule):
     """Variance preserving: alpha^2 + sigma^2 = 1, so alpha and sigma follow from lambda alone."""
 
+    variance_preserving = True
+    prediction_types = ("epsilon", "sample", "v_prediction")
+
     def log_sigma(self, t):
         return 0.5 * np.log(-np.expm1(2.0 * self.log_alpha(t)))
 
@@ -183,6 +204,12 @@ class DiscreteVP(_VP):
     """
 
     family = "discrete"
+
+    @classmethod
+    def from_params(cls, params, name):
+        if "alphas_cumprod" in params:
+            return cls(params["alphas_cumprod"], name, params)
+        return _discrete_from_betas_params(name, params)
     timestep_convention = "(t - 1/M) * M"
 
     def __init__(self, alphas_cumprod, name: str, params: dict):
@@ -233,6 +260,10 @@ class VPLinear(_VP):
     """Score-SDE VP with linear beta(t) = beta_0 + t (beta_1 - beta_0), continuous t in (0, 1]."""
 
     family = "vp-linear"
+
+    @classmethod
+    def from_params(cls, params, name):
+        return cls(params["beta_0"], params["beta_1"], name=name)
     timestep_convention = "t"
 
     def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0, name: str = "vp-linear"):
@@ -260,6 +291,10 @@ class VPCosine(_VP):
     """Improved-DDPM cosine schedule in continuous time; T = 0.9946 where the beta cap is reached."""
 
     family = "vp-cosine"
+
+    @classmethod
+    def from_params(cls, params, name):
+        return cls(params["s"], name=name)
     timestep_convention = "t"
     T = 0.9946
     t_max = 0.9946
@@ -295,6 +330,15 @@ class EDM(Schedule):
     """Variance exploding / EDM: alpha = 1, sigma = t, lambda = -log sigma; t is sigma."""
 
     family = "edm"
+    sigma_is_t = True
+    default_p = 1.0  # measured best on pixel EDM models (optimize.default_p)
+
+    @classmethod
+    def from_params(cls, params, name):
+        return cls(params["sigma_min"], params["sigma_max"], name=name)
+
+    def initial_noise_scale(self, T: float) -> float:
+        return float(self.sigma(T))
     timestep_convention = "sigma (the model applies its own preconditioning)"
     sigma_convention = "kappa = sigma/alpha = t"
 
@@ -335,6 +379,13 @@ class Flow(Schedule):
     """
 
     family = "flow"
+    sigma_is_t = True
+    consumer_sigma_max = 1.0
+    prediction_types = ("epsilon", "sample", "flow_prediction")
+
+    @classmethod
+    def from_params(cls, params, name):
+        return cls(name=name, default_shift=params.get("default_shift", 1.0))
     timestep_convention = "1000 * t"
     sigma_convention = "t"
     T = 0.999
@@ -462,28 +513,23 @@ def preset_of(schedule: Schedule) -> str | None:
     return None
 
 
+# the schedule families, by the name a table records (``Schedule.family``): each class holds its
+# family's facts (sampler sigma, prediction types, default p, initial noise scale, how it is rebuilt)
+FAMILIES: dict[str, type[Schedule]] = {cls.family: cls for cls in (DiscreteVP, VPLinear, VPCosine, EDM, Flow)}
+
+
 def schedule_from_spec(spec: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.spec()`` (as recorded in a table)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("params"), dict) or "family" not in spec:
         raise BadInput("schedule: expected a mapping with family and params (a mapping)")
     family, params, name = spec["family"], dict(spec["params"]), str(spec.get("name", spec["family"]))
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise BadInput(f"unknown schedule family {family!r}")
     try:
-        if family == "discrete":
-            if "alphas_cumprod" in params:
-                return DiscreteVP(params["alphas_cumprod"], name, params)
-            return _discrete_from_betas_params(name, params)
-        if family == "vp-linear":
-            return VPLinear(params["beta_0"], params["beta_1"], name=name)
-        if family == "vp-cosine":
-            return VPCosine(params["s"], name=name)
-        if family == "edm":
-            return EDM(params["sigma_min"], params["sigma_max"], name=name)
-        if family == "flow":
-            return Flow(name=name, default_shift=params.get("default_shift", 1.0))
+        return FAMILIES[family].from_params(params, name)
     except KeyError as exc:
         raise BadInput(f"schedule spec for family {family!r} lacks parameter {exc}") from None
     except BadInput:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadInput(f"schedule spec for family {family!r}: a parameter is not a valid number ({exc})") from None
-    raise BadInput(f"unknown schedule family {family!r}")

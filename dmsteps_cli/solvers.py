@@ -451,8 +451,3 @@ def final_weights(plan: Plan) -> np.ndarray:
     out = run_plan(probe, x_T, lambda x, k: basis[k + 1])
     return np.moveaxis(out, -1, 0)
 
-
-def initial_noise_scale(schedule, T: float) -> float:
-    """x_T = scale * standard normal noise: 1 for VP and flow models (as diffusers and DPM-Solver
-    do), sigma_T for EDM models (alpha = 1)."""
-    return float(schedule.sigma(T)) if schedule.family == "edm" else 1.0

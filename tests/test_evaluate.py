@@ -109,10 +109,10 @@ def test_refine_lowers_the_error_and_check_knows_refined_tables(files, tmp_path)
                                                rel=1e-9)
     assert out["refine"]["train_seeds"] == [1_000_000, 1_000_007] and out["refine"]["holdout_seeds"] == [0, 15]
     assert check_table(json.loads(dumps(out, "json"))) == []
-    out["entries"][0]["lambda"][2] += 1e-3
-    assert any("does not follow from its lambda" in d for d in check_table(out))
     path = tmp_path / "refined.json"
     path.write_text(dumps(out, "json"))
+    out["entries"][0]["lambda"][2] += 1e-3
+    assert any("does not follow from its lambda" in d for d in check_table(out))
     with pytest.raises(BadInput, match="already refined"):
         refine(RefineRequest(checkpoint=str(root / "gauss.yaml"), table=str(path)))
 

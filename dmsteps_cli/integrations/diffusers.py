@@ -192,7 +192,7 @@ def _check_schedule(scheduler, table: dict) -> None:
             f"but the scheduler trains with {_spec_text(mine.name, mine.family, mine.params())}"
             + (f" ({', '.join(differ)})" if differ else ""))
     table_shift = table["config"].get("shift")
-    if mine.family == "flow" and isinstance(table_shift, (int, float)) \
+    if mine.default_shift is not None and isinstance(table_shift, (int, float)) \
             and not math.isclose(table_shift, mine.default_shift, rel_tol=1e-9):
         dynamic = " (its dynamic shift at a 1024 x 1024 image)" if _cfg(scheduler, "use_dynamic_shifting") else ""
         warnings.warn(f"shift mismatch: the table's steps were placed for flow shift {table_shift:g}, "

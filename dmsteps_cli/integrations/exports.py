@@ -1,4 +1,5 @@
-"""A table entry in the forms other samplers take. Imports ``errors`` only: no torch, no numpy.
+"""A table entry in the forms other samplers take. Imports ``errors`` and ``schedules`` (each family's
+facts: whether its sampler sigma is t, its consumers' first sigma); no torch.
 
 Every function takes one table entry (``tables.entry_for(table, nfe)``) for N steps and returns
 plain Python floats or a string:
@@ -40,10 +41,10 @@ import math
 from decimal import Decimal
 
 from ..errors import BadInput
+from ..schedules import FAMILIES, Flow
 
 COMFY_UNIPC_FINAL = 0.001  # what ComfyUI's UniPC uses in place of a final sigma of 0
-FLOW_SIGMA_MAX = 1.0  # the first sigma of a flow model's list in k-diffusion-style consumers (pure noise)
-SIGMA_IS_T = ("edm", "flow")  # schedule families whose sampler sigma is the time t itself
+FLOW_SIGMA_MAX = Flow.consumer_sigma_max  # the first sigma of a flow model's list in k-diffusion-style consumers
 
 
 def _floats(entry, key: str, length_of_nfe_plus: int) -> list[float]:
@@ -64,15 +65,21 @@ def _floats(entry, key: str, length_of_nfe_plus: int) -> list[float]:
     return out
 
 
+def _family(schedule):
+    """The schedule family class (``schedules.FAMILIES``) of a table's ``schedule`` record."""
+    family = schedule.get("family") if isinstance(schedule, dict) else None
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise BadInput("schedule must be a table's schedule record (a mapping with its family): table['schedule']")
+    return FAMILIES[family]
+
+
 def _sigma_key(schedule) -> str:
     """The entry field that holds the sampler sigmas exactly: ``t`` for the families whose sampler
-    sigma is t (``SIGMA_IS_T``), else ``sigmas``. ``schedule``: a table's ``schedule`` record, or
-    None (the recorded ``sigmas``)."""
+    sigma is t (``Schedule.sigma_is_t``), else ``sigmas``. ``schedule``: a table's ``schedule``
+    record, or None (the recorded ``sigmas``)."""
     if schedule is None:
         return "sigmas"
-    if not isinstance(schedule, dict) or not isinstance(schedule.get("family"), str):
-        raise BadInput("schedule must be a table's schedule record (a mapping with its family): table['schedule']")
-    return "t" if schedule["family"] in SIGMA_IS_T else "sigmas"
+    return "t" if _family(schedule).sigma_is_t else "sigmas"
 
 
 def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
@@ -90,8 +97,8 @@ def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
     sigmas = _floats(entry, _sigma_key(schedule), 1)
     if zero_end:
         sigmas[-1] = 0.0
-        if schedule is not None and schedule["family"] == "flow":
-            sigmas[0] = FLOW_SIGMA_MAX
+        if schedule is not None and _family(schedule).consumer_sigma_max is not None:
+            sigmas[0] = _family(schedule).consumer_sigma_max
     if comfy_unipc and sigmas[-1] == 0.0:
         sigmas[-1] = COMFY_UNIPC_FINAL
     return sigmas
@@ -122,9 +129,6 @@ def sdcpp_sigmas(entry: dict, zero_end: bool = True, schedule: dict | None = Non
     return decimals(sigmas_for(entry, zero_end=zero_end, schedule=schedule))
 
 
-VP_FAMILIES = ("discrete", "vp-linear", "vp-cosine")  # the schedule families the DPM-Solver code serves
-
-
 def dpm_solver_t(entry: dict, schedule: dict) -> list[float]:
     """The N + 1 continuous times t_0 = T > ... > t_N = eps of the table, in the convention of the
     official DPM-Solver / UniPC code (``NoiseScheduleVP``): for a discrete schedule of M training
@@ -133,14 +137,12 @@ def dpm_solver_t(entry: dict, schedule: dict) -> list[float]:
     evaluations). ``schedule``: the table's schedule record (``table["schedule"]``); EDM and flow
     tables are refused (BadInput): their t is sigma or the flow time, which that VP-only code does not
     take."""
-    family = schedule.get("family") if isinstance(schedule, dict) else None
-    if not isinstance(family, str):
-        raise BadInput("schedule must be a table's schedule record (a mapping with its family): table['schedule']")
-    if family not in VP_FAMILIES:
+    family = _family(schedule)
+    if not family.variance_preserving:
         raise BadInput(f"dpm_solver_t: the official DPM-Solver / UniPC code samples variance-preserving schedules "
-                       f"only, and this table is for a {family} schedule; use sigmas_for for k-diffusion-style "
+                       f"only, and this table is for a {family.family} schedule; use sigmas_for for k-diffusion-style "
                        "samplers instead")
     return _floats(entry, "t", 1)
 
 
-__all__ = ["COMFY_UNIPC_FINAL", "FLOW_SIGMA_MAX", "SIGMA_IS_T", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
+__all__ = ["COMFY_UNIPC_FINAL", "FLOW_SIGMA_MAX", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
