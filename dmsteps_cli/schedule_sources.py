@@ -186,17 +186,17 @@ _VP_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_star
 _VP_K = {**_VP_LINEAR, "beta_start": 0.00085, "beta_end": 0.012}
 _FLOW_CAPABLE = {"flow_shift": 1.0, "use_flow_sigmas": False}  # the solvers that also run flow sigmas
 SCHEDULER_CLASSES: dict[str, tuple[str, dict]] = {
-    **{cls: ("discrete", _VP_LINEAR) for cls in (
+    **{cls: (DiscreteVP.family, _VP_LINEAR) for cls in (
         "DDPMScheduler", "DDPMParallelScheduler", "DDIMScheduler", "DDIMParallelScheduler", "DDIMInverseScheduler",
         "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")},
-    **{cls: ("discrete", {**_VP_LINEAR, **_FLOW_CAPABLE}) for cls in (
+    **{cls: (DiscreteVP.family, {**_VP_LINEAR, **_FLOW_CAPABLE}) for cls in (
         "DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler", "DPMSolverSinglestepScheduler",
         "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler")},
-    **{cls: ("discrete", _VP_K) for cls in (
+    **{cls: (DiscreteVP.family, _VP_K) for cls in (
         "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")},
-    **{cls: ("flow", {"num_train_timesteps": 1000, "shift": 1.0, "prediction_type": "flow_prediction"}) for cls in (
+    **{cls: (Flow.family, {"num_train_timesteps": 1000, "shift": 1.0, "prediction_type": "flow_prediction"}) for cls in (
         "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")},
-    **{cls: ("edm", {"num_train_timesteps": 1000, "sigma_min": 0.002, "sigma_max": 80.0, "prediction_type": "epsilon"})
+    **{cls: (EDM.family, {"num_train_timesteps": 1000, "sigma_min": 0.002, "sigma_max": 80.0, "prediction_type": "epsilon"})
        for cls in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")},
 }
 # Classes that look like a known family but sample on something a table cannot replace.
@@ -210,6 +210,24 @@ REFUSED_CLASSES = {
     "ScoreSdeVeScheduler": "score-SDE VE is not supported",
 }
 PASS_INSTEAD = "pass the pipeline folder, its scheduler/ folder or its scheduler_config.json"
+
+
+def _flow_of_config(cfg: Mapping, name: str, source: str, shift: float | None) -> Flow:
+    key = "shift" if "shift" in cfg and "flow_shift" not in cfg else "flow_shift"
+    return Flow(name=name, default_shift=_flow_shift(cfg, key, source, shift))
+
+
+def _edm_of_config(cfg: Mapping, name: str, source: str, shift: float | None) -> EDM:
+    return EDM(_number(cfg, "sigma_min", None, source), _number(cfg, "sigma_max", None, source), name=name)
+
+
+# how each family is read from a scheduler config whose defining keys are all there: (cfg, name,
+# source, shift) -> the schedule
+CONFIG_READERS = {
+    DiscreteVP.family: lambda cfg, name, source, shift: _discrete(cfg, name, source),
+    Flow.family: _flow_of_config,
+    EDM.family: _edm_of_config,
+}
 
 
 def _what_it_is(cfg: Mapping) -> str | None:
@@ -233,15 +251,15 @@ def _defining_family(cfg: Mapping) -> str | None:
     ``trained_betas``, or ``beta_schedule`` with ``num_train_timesteps`` (and ``beta_start`` and
     ``beta_end`` for the linear kinds) (discrete)."""
     if cfg.get("use_flow_sigmas"):
-        return "flow" if "flow_shift" in cfg else None
+        return Flow.family if "flow_shift" in cfg else None
     if cfg.get("trained_betas") is not None:
-        return "discrete"
+        return DiscreteVP.family
     kind = cfg.get("beta_schedule")
     if kind is None or "num_train_timesteps" not in cfg:
         return None
     if kind != "squaredcos_cap_v2" and not ("beta_start" in cfg and "beta_end" in cfg):
         return None
-    return "discrete"
+    return DiscreteVP.family
 
 
 def read_scheduler_config(cfg: Mapping, source: str = "scheduler config", name: str | None = None,
@@ -279,14 +297,8 @@ def read_scheduler_config(cfg: Mapping, source: str = "scheduler config", name: 
                            "num_train_timesteps, beta_start and beta_end; trained_betas; or use_flow_sigmas "
                            f"with flow_shift); {PASS_INSTEAD}")
     if cfg.get("use_flow_sigmas"):
-        family = "flow"
-    if family == "flow":
-        key = "shift" if "shift" in cfg and "flow_shift" not in cfg else "flow_shift"
-        schedule: Schedule = Flow(name=name, default_shift=_flow_shift(cfg, key, source, shift))
-    elif family == "edm":
-        schedule = EDM(_number(cfg, "sigma_min", None, source), _number(cfg, "sigma_max", None, source), name=name)
-    else:
-        schedule = _discrete(cfg, name, source)
+        family = Flow.family
+    schedule = CONFIG_READERS[family](cfg, name, source, shift)
     ptype = "flow_prediction" if cls.startswith("FlowMatch") else cfg.get("prediction_type")
     if ptype is not None:
         check_prediction_type(ptype, schedule, source)
