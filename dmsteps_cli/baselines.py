@@ -282,7 +282,7 @@ def _list(sigmas):
 
 # name -> (sigmas of the source for N steps given the interval, families it fits (None: any),
 #          whether sigma(T) must be the source's first sigma, words)
-SCHEDULES = {
+NAMED_SCHEDULES = {
     "karras": (_closed(karras), None, False, "Karras, uniform in sigma^(1/7)"),
     "exponential": (_closed(exponential), None, False, "uniform in log sigma"),
     "kl_optimal": (_closed(kl_optimal), None, False, "uniform in arctan(sigma)"),
@@ -300,7 +300,7 @@ SCHEDULES = {
     "optimalsteps-wan": (_list(OPTIMAL_STEPS["wan"]), ("flow",), False, "OptimalSteps, Wan"),
     "optimalsteps-chroma": (_list(OPTIMAL_STEPS["chroma"]), ("flow",), False, "OptimalSteps, Chroma"),
 }
-BASELINES = GRIDS + tuple(SCHEDULES)
+BASELINES = GRIDS + tuple(NAMED_SCHEDULES)
 
 
 def check_names(names) -> None:
@@ -315,9 +315,9 @@ def source_sigmas(name: str, schedule, nfe: int, T: float, eps: float, shift: fl
     first; the ``_closed`` ones with nfe + 1 points and no final 0), after checking that it fits
     ``schedule`` and the interval [eps, T]."""
     np = _np()
-    if name not in SCHEDULES:
-        raise BadInput(f"{name!r} is not a named schedule (choose from {', '.join(SCHEDULES)})")
-    make, families, fixed_start, _ = SCHEDULES[name]
+    if name not in NAMED_SCHEDULES:
+        raise BadInput(f"{name!r} is not a named schedule (choose from {', '.join(NAMED_SCHEDULES)})")
+    make, families, fixed_start, _ = NAMED_SCHEDULES[name]
     if families is not None and schedule.family not in families:
         raise BadInput(f"baseline {name} fits {' or '.join(families)} schedules, not {schedule.name} "
                        f"({schedule.family})")

@@ -5,7 +5,7 @@ refined table's records claim, check a tables index against its folder.
 ``optimize.REPRODUCIBLE`` is the same on every machine to LAMBDA_ATOL in lambda (the half log-SNR)
 and VALUE_RTOL in its objectives; t (times, T first), sigmas and timesteps must follow from the
 recorded lambdas through the schedule to DERIVED_RTOL. A refined table is checked for consistency
-only (its model is not at hand). Imports ``build`` (and so ``optimize``), ``tables``, ``refined``,
+only (its model is not at hand). Imports ``build`` (and so ``optimize``), ``tables``, ``refine_records``,
 ``schedules`` and numpy; never torch, never ``refine``.
 """
 
@@ -21,7 +21,7 @@ from .build import make_table
 from .config import StepConfig
 from .errors import TableError
 from .optimize import REPRODUCIBLE, table_objective
-from .refined import record_drift
+from .refine_records import record_drift
 from .schedules import same_schedule, schedule_from_spec
 from .table_reader import DERIVED_RTOL, LAMBDA_ATOL, close_to, entry_drift
 from .tables import INDEX_FIELDS, config_of, index_row, parse_document, validate
@@ -64,7 +64,7 @@ def refined_consistency(table: dict) -> list[str]:
     entries' NFEs; t, sigmas, timesteps and the objective follow from lambda through the table's
     schedule and config (``entry_consistency``); each entry's status is a refine status that agrees
     with its recorded errors, and the recorded start and its errors agree with the per-candidate
-    errors (``refined.record_drift``)."""
+    errors (``refine_records.record_drift``)."""
     schedule = schedule_from_spec(table["schedule"])
     c = config_of(table)
     drift = []

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .errors import BadInput, bad_setting, first_line, mentioning
+from .files import read_json
 from .limits import in_bounds
 from .mixtures import GaussianMixture, load_mixture
 from .runtime import Denoiser, timestep_tensor, to_data_prediction
@@ -41,7 +42,6 @@ from .schedule_sources import (
     ScheduleSource,
     check_prediction_type,
     find_scheduler_config,
-    read_json,
     read_schedule,
     read_scheduler_config,
 )

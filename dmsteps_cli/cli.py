@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import typer
 
-from .baselines import SCHEDULES
+from .baselines import NAMED_SCHEDULES
 from .errors import SETTING, BadInput
 from .grids import GRIDS
 
@@ -438,7 +438,7 @@ def evaluate(
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
     baselines: str = typer.Option(",".join(GRIDS), help="Baselines to measure, comma-separated: the hand-made "
-                                  f"grids ({', '.join(GRIDS)}) or named schedules ({', '.join(SCHEDULES)}); "
+                                  f"grids ({', '.join(GRIDS)}) or named schedules ({', '.join(NAMED_SCHEDULES)}); "
                                   "ratios are to the best of them (docs/cli.md)."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
@@ -631,7 +631,7 @@ def refine(
         from rich.table import Table
 
         from .refine import best_candidate
-        from .refined import TABLE
+        from .refine_records import TABLE
 
         info = table_out["refine"]
         first, last = info["holdout_seeds"]

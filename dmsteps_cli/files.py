@@ -17,6 +17,7 @@ Inputs go through ``read_input``: ``-`` is standard input; anything readable tha
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -166,3 +167,17 @@ def read_input(path: str | os.PathLike, what: str = "file") -> str:
         raise BadInput(f"{what} {raw}: not text (UTF-8)") from None
     except OSError as exc:
         raise BadInput(f"{what} {raw}: cannot read it ({_reason(exc)})") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; BadInput naming ``what`` if it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"{what} {path}: not valid JSON ({first})") from None
+    except OSError as exc:
+        raise BadInput(f"{what} {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{what} {path}: expected a JSON object")
+    return data

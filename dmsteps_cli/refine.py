@@ -94,7 +94,7 @@ from .limits import in_bounds
 from .optimize import GAP_FRACTION, table_objective
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
-from .refined import TABLE
+from .refine_records import TABLE
 from .runtime import network_dtype_named, rank_device
 from .schedules import same_schedule, step_arrays
 from .solvers import COMPLEX_STEP

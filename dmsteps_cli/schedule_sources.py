@@ -41,7 +41,6 @@ is checked and reported only. Other grid options (karras, exponential or beta si
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -51,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .files import read_json
 from .schedules import (
     EDM,
     MAX_TRAIN_STEPS,
@@ -319,20 +319,6 @@ def find_scheduler_config(path: str | Path) -> Path | None:
             if (p / rel).is_file():
                 return p / rel
     return None
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; BadInput naming ``what`` if it is unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInput(f"{what} {path}: not valid JSON ({first})") from None
-    except OSError as exc:
-        raise BadInput(f"{what} {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{what} {path}: expected a JSON object")
-    return data
 
 
 def read_scheduler_file(path: str | Path, shift: float | None = None) -> ScheduleSource:

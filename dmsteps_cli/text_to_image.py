@@ -42,7 +42,7 @@ import torch
 from .checkpoints import Checkpoint, import_diffusers, load_checkpoint
 from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import read_input
-from .schedule_sources import read_json
+from .files import read_json
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 MAX_PROMPTS = 100_000

@@ -31,7 +31,7 @@ from dmsteps_cli import StepConfig, make_table
 from dmsteps_cli.checkpoints import load_checkpoint, mixture_checkpoint
 from dmsteps_cli.reference_cache import open_cache
 from dmsteps_cli.refine import refine_table
-from dmsteps_cli.refined import TABLE
+from dmsteps_cli.refine_records import TABLE
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import preset_of
 from studies import options

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dmsteps_cli.baselines import SCHEDULES
+from dmsteps_cli.baselines import NAMED_SCHEDULES
 from dmsteps_cli.grids import GRIDS
 from dmsteps_cli.optimize import DEFAULT_STEPS, default_key
 from dmsteps_cli.schedule_sources import get_schedule
 from studies.robust_fit import ALL, FAMILIES, power_mean, summary
 from studies.warp_fit import warp_values
 
-PUBLISHED = tuple(name for name in SCHEDULES if name.split("-")[0] in ("ays", "gits", "optimalsteps"))
+PUBLISHED = tuple(name for name in NAMED_SCHEDULES if name.split("-")[0] in ("ays", "gits", "optimalsteps"))
 SHOWN_NFE = (5, 8, 10, 15)
 
 

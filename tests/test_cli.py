@@ -117,7 +117,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     (["--eps", "1e-5"], "below the smallest valid eps"),
     (["--schedule", "vp-linear", "--T", "1.5", "--eps", "2"], "outside the schedule"),
     (["--schedule", "nope"], "unknown schedule 'nope'"),
-    (["--solver", "euler"], "unknown solver 'euler'"),
+    (["--solver", "heun"], "unknown solver 'heun'"),
     (["--init", "random"], "unknown init 'random'"),
     (["--objective", "magic"], "unknown objective 'magic'"),
     (["--order", "3", "--nfe", "2"], "NFE 2: step counts run from 3 to 100 for a table of unipc order 3"),

@@ -142,7 +142,7 @@ def test_layering_is_checked_against_a_real_violation():
 def test_table_modules_import_no_model_code():
     graph = import_graph()
     model_code = {f"dmsteps_cli.{m}" for m in ("refine", "evaluate", "sample", "models")}
-    for name in ("dmsteps_cli.tables", "dmsteps_cli.build", "dmsteps_cli.check", "dmsteps_cli.refined",
+    for name in ("dmsteps_cli.tables", "dmsteps_cli.build", "dmsteps_cli.check", "dmsteps_cli.refine_records",
                  "dmsteps_cli.config", "dmsteps_cli.integrations.diffusers"):
         assert not graph[name] & model_code, name
     assert not graph["dmsteps_cli.tables"] & {f"dmsteps_cli.{m}" for m in ("optimize", "objective", "build", "check")}

@@ -33,7 +33,7 @@ kappa = sigma/alpha for VP and EDM models and t for flow models, the table's sam
 N steps on them, N model calls at the table's N evaluation points, the last returning its denoised
 prediction; a flow list starts at 1 (ComfyUI's flow sigma_max) instead of the table's T = 0.999.
 ``denoise`` < 1 keeps the low-noise end of the ``steps``-step list, as ComfyUI's
-AlignYourStepsScheduler does (``denoised``). Bad input raises ``BadInput`` with a one-line message,
+AlignYourStepsScheduler does (``denoise_tail``). Bad input raises ``BadInput`` with a one-line message,
 which ComfyUI shows; a flow table made for another shift than the model's is used with a warning in
 ComfyUI's log (``logging``).
 """
@@ -137,7 +137,7 @@ def describe(schedule: Schedule, shift: float | None) -> str:
 
 # --- sigmas --------------------------------------------------------------------------------------
 
-def denoised(sigmas: list[float], denoise: float) -> list[float]:
+def denoise_tail(sigmas: list[float], denoise: float) -> list[float]:
     """The sigmas of a partial denoise (img2img): of a full list of N + 1 sigmas (noise end first,
     ending in 0), the last round(N * denoise) + 1, as ComfyUI's AlignYourStepsScheduler cuts its
     list; all of them for denoise >= 1, none for denoise <= 0."""
@@ -209,7 +209,7 @@ def table_sigmas(table: dict, model_sampling, steps: int, denoise: float, name: 
     schedule, shift = model_schedule(model_sampling)
     check_fits(table, schedule, shift, name)
     entry = table_entry(table, steps, name)
-    return denoised(sigmas_for(entry, zero_end=True, schedule=table["schedule"]), denoise)
+    return denoise_tail(sigmas_for(entry, zero_end=True, schedule=table["schedule"]), denoise)
 
 
 # --- which ComfyUI sampler runs a table ----------------------------------------------------------
@@ -272,7 +272,7 @@ def optimized_sigmas(model_sampling, solver: str, order: int, steps: int, object
     if objective == "default":
         p = None
     spec = json.dumps(schedule.spec(), sort_keys=True)
-    sigmas = denoised(list(_optimized(spec, shift, solver, int(order), objective, p, int(steps))), denoise)
+    sigmas = denoise_tail(list(_optimized(spec, shift, solver, int(order), objective, p, int(steps))), denoise)
     advise({"config": {"solver": solver, "order": int(order)}, "schedule": {"family": schedule.family}},
            f"steps for {solver} order {order}")
     return sigmas
@@ -410,5 +410,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {"DmstepsTable": "dmsteps table", "DmstepsTableFile
                               "DmstepsOptimize": "dmsteps optimize"}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "DmstepsOptimize", "DmstepsTable",
-           "DmstepsTableFile", "check_fits", "denoised", "model_schedule", "optimized_sigmas", "sampler_advice",
+           "DmstepsTableFile", "check_fits", "denoise_tail", "model_schedule", "optimized_sigmas", "sampler_advice",
            "table_sigmas"]
