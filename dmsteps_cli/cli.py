@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 AS_FIELDS = ("t", "lambda", "sigmas", "timesteps")
-SIGMA_ENDS = ("min", "zero")  # show --as sigmas --end: the table's end point, or 0
+OLD_SIGMA_ENDS = {"min": "table", "zero": "zero"}  # show --end, the deprecated spelling of --final-sigma
 
 
 LOG_WIDTH = 200  # summaries written to a file or a pipe: wide enough for refine's table
@@ -132,6 +132,11 @@ def optimize(
         _note(_written_note(sched, config, output, defaults))
 
 
+def _deprecated(old: str, new: str) -> None:
+    """A one-line warning on stderr: ``old`` still works for this release; ``new`` is its name now."""
+    _note(f"warning: {old} is deprecated and will be removed in the next release: use {new}")
+
+
 def _note(line: str) -> None:
     """One line of prose on stderr (a note, a hint), written as is: never wrapped, so a flag it
     names (``--objective reference``) stays whole for copy and paste."""
@@ -189,8 +194,11 @@ def show(
     nfe: Optional[str] = typer.Option(None, help="Which NFE, one (needed when the table holds several)."),
     as_: Optional[str] = typer.Option(None, "--as", help="Print one comma-separated line of plain decimals: t, "
                                       "lambda, sigmas or timesteps."),
-    end: Optional[str] = typer.Option(None, help="With --as sigmas: min (the table's end point, the default) or "
-                                      "zero (a final 0, as ComfyUI and stable-diffusion.cpp expect)."),
+    final_sigma: Optional[str] = typer.Option(None, "--final-sigma", help="With --as sigmas: table (the table's "
+                                              "end point, the default) or zero (a final 0 in its place, as ComfyUI, "
+                                              "k-diffusion and stable-diffusion.cpp expect; a flow list then starts "
+                                              "at 1)."),
+    end: Optional[str] = typer.Option(None, hidden=True, help="Deprecated: --final-sigma (min is table)."),
     plot: Optional[str] = typer.Option(None, help="Draw the steps of every NFE beside the baselines, in t "
                                         "and in lambda (PNG, SVG or PDF by the suffix; needs matplotlib)."),
     baselines: str = typer.Option(",".join(GRIDS), help="With --plot: the baselines drawn (grids or named "
@@ -198,23 +206,30 @@ def show(
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
-    from .integrations.exports import decimals, sigmas_for
+    from .integrations.exports import FINAL_SIGMAS, decimals, sigmas_for
     from .table_reader import load_table
     from .tables import entry_for
 
     table = load_table(file, fmt)
     line = None
-    if end is not None and as_ != "sigmas":
-        raise BadInput("--end applies only to --as sigmas")
-    if end not in (None, *SIGMA_ENDS):
-        raise BadInput(f"--end {end!r}: choose from {', '.join(SIGMA_ENDS)}")
+    if end is not None:
+        _deprecated("--end", "--final-sigma (--end min is --final-sigma table)")
+        if final_sigma is not None:
+            raise BadInput("give --final-sigma only (--end is its old spelling)")
+        if end not in OLD_SIGMA_ENDS:
+            raise BadInput(f"--end {end!r}: choose from {', '.join(OLD_SIGMA_ENDS)}")
+        final_sigma = OLD_SIGMA_ENDS[end]
+    if final_sigma is not None and as_ != "sigmas":
+        raise BadInput("--final-sigma applies only to --as sigmas")
+    if final_sigma not in (None, *FINAL_SIGMAS):
+        raise BadInput(f"--final-sigma {final_sigma!r}: choose from {', '.join(FINAL_SIGMAS)}")
     drawn = _baseline_names(baselines)
     if as_ is not None or nfe is not None:  # every refusal comes before the plot is written
         field = as_ or "t"
         if field not in AS_FIELDS:
             raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
         entry = entry_for(table, _one_nfe(nfe, "show", [e["nfe"] for e in table["entries"]]))
-        values = (sigmas_for(entry, zero_end=end == "zero", schedule=table["schedule"]) if field == "sigmas"
+        values = (sigmas_for(entry, final_sigma or "table", schedule=table["schedule"]) if field == "sigmas"
                   else entry[field])
         line = decimals(values) + "\n"
     if plot is not None:
@@ -320,10 +335,13 @@ def sample(
                                     ".yaml/.npz."),
     table: str = typer.Option(..., "--table", "-t", help="A step table (JSON/YAML; - is standard input)."),
     nfe: Optional[str] = typer.Option(None, help="Which NFE of the table, one (needed when it holds several)."),
-    batch: int = typer.Option(16, help="Number of samples."),
+    samples: int = typer.Option(16, "--samples", help="Number of samples (seeds seed ... seed + samples - 1)."),
+    batch: Optional[int] = typer.Option(None, hidden=True, help="Deprecated: --samples."),
     seed: int = typer.Option(0, help="Sample i uses seed + i."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    out: str = typer.Option("samples", "--out", "-o", help="Output folder (samples.npz, grid.png, sample.json)."),
+    output: str = typer.Option("samples", "--output", "-o", help="Output folder (samples.npz, grid.png, "
+                               "sample.json)."),
+    out: Optional[str] = typer.Option(None, "--out", hidden=True, help="Deprecated: --output."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh1 or bh2 (default: the table's)."),
@@ -338,28 +356,39 @@ def sample(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ):
     """Sample a checkpoint with a table's steps (loads torch; diffusers for diffusers checkpoints)."""
+    if batch is not None:
+        _deprecated("sample --batch (the number of samples)", "--samples (--batch is noises per batch elsewhere)")
+        samples = batch
+    if out is not None:
+        _deprecated("--out", "--output (-o)")
+        output = out
     needs_torch("sample")
     from .sample import SampleRequest, run_sample
 
-    req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=_one_nfe(nfe, "sample"), batch=batch,
-                        seed=seed,
-                        device=device, out=str(out), solver=solver, order=order, variant=variant,
-                        class_label=class_label, class_labels=_labels(class_label, class_labels),
-                        null_class=null_class, guidance_scale=guidance_scale, prompt=prompt, force=force,
-                        dtype=dtype, schedule=schedule)
-    err = _stderr()
-    if not quiet and err.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    try:
+        req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=_one_nfe(nfe, "sample"), batch=samples,
+                            seed=seed,
+                            device=device, out=str(output), solver=solver, order=order, variant=variant,
+                            class_label=class_label, class_labels=_labels(class_label, class_labels),
+                            null_class=null_class, guidance_scale=guidance_scale, prompt=prompt, force=force,
+                            dtype=dtype, schedule=schedule)
+        err = _stderr()
+        if not quiet and err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task("nfe", total=None)
-            sidecar = run_sample(req, progress=lambda k, n: bar.update(task, completed=k, total=n))
-    else:
-        sidecar = run_sample(req)
+            with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err, transient=True) as bar:
+                task = bar.add_task("nfe", total=None)
+                sidecar = run_sample(req, progress=lambda k, n: bar.update(task, completed=k, total=n))
+        else:
+            sidecar = run_sample(req)
+    except BadInput as exc:
+        if getattr(exc, "field", None) == "batch":  # the library's batch is sample's number of samples
+            exc.field = "samples"
+        raise
     if sidecar is not None and not quiet:
         _note(f"{len(sidecar['seeds'])} samples, NFE {sidecar['nfe']} {sidecar['solver']}, "
-              f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {out}/")
+              f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {output}/")
 
 
 CACHE_HELP = ("Folder of the reference-solution cache (default $DMSTEPS_CACHE, else $XDG_CACHE_HOME/dmsteps, "
@@ -572,12 +601,13 @@ def refine(
     grad_batch: int = typer.Option(64, help="Training noises per backward pass, and noises per batch of the "
                                    "forward solves: lower it if the memory does not fit (the result changes only by "
                                    "rounding)."),
-    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing",
-                                                 help="Recompute each model evaluation's activations in the "
-                                                      "backward pass: the gradient keeps one evaluation's "
-                                                      "activations instead of NFE of them, for one more forward "
-                                                      "pass (about 1.5x the time); same result to rounding. "
-                                                      "Default: on for networks, off for Gaussian mixtures."),
+    activation_checkpointing: Optional[bool] = typer.Option(
+        None, "--activation-checkpointing/--no-activation-checkpointing",
+        help="Recompute each model evaluation's activations in the backward pass: the gradient keeps one "
+             "evaluation's activations instead of NFE of them, for one more forward pass (about 1.5x the time); "
+             "same result to rounding. Default: on for networks, off for Gaussian mixtures."),
+    checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", hidden=True,
+                                                 help="Deprecated: --activation-checkpointing."),
     network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "
                                                 "bfloat16 (autocast; for large models on CUDA); references and "
                                                 "every reported error stay in float32. Default: float32 (as loaded)."),
@@ -600,6 +630,9 @@ def refine(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
+    if checkpointing is not None:
+        _deprecated("--checkpointing", "--activation-checkpointing")
+        activation_checkpointing = checkpointing if activation_checkpointing is None else activation_checkpointing
     needs_torch("refine")
     from .files import check_writable, write_output
     from .refine import RefineRequest
@@ -616,7 +649,7 @@ def refine(
                                              validation=validation, holdout=holdout, seed=seed,
                                              optimizer=optimizer, maxiter=maxiter, patience=patience,
                                              minibatch=minibatch, lr=lr, grad_batch=grad_batch,
-                                             checkpointing=checkpointing, network_dtype=network_dtype,
+                                             checkpointing=activation_checkpointing, network_dtype=network_dtype,
                                              device=device, schedule=schedule,
                                              cache=reference_cache, no_cache=no_cache,
                                              class_label=class_label,

@@ -76,7 +76,7 @@ def main() -> int:
         for nfe in (5, 10):
             outs = {}
             for device in (gpu, "cpu"):
-                cli("sample", "-c", str(ckpt), "-t", str(table), "--nfe", str(nfe), "--batch", "64", "--seed", "0",
+                cli("sample", "-c", str(ckpt), "-t", str(table), "--nfe", str(nfe), "--samples", "64", "--seed", "0",
                     "--device", device, "-o", str(tmp / device), "-q")
                 outs[device] = np.load(tmp / device / "samples.npz")["samples"]  # same folder if gpu is cpu
                 side = json.loads((tmp / device / "sample.json").read_text())

@@ -270,6 +270,6 @@ def test_sample_out_onto_an_existing_file_is_refused(tmp_path, table_text):
                     "means: [[0.0, 0.0]]\nstd: 1.0\n")
     out = tmp_path / "out"
     out.write_text("a file")
-    refused(run("sample", "-c", ckpt, "-t", "-", "--nfe", "5", "--device", "cpu", "--out", out, stdin=table_text),
+    refused(run("sample", "-c", ckpt, "-t", "-", "--nfe", "5", "--device", "cpu", "--output", out, stdin=table_text),
             "exists and is not a folder")
     assert out.read_text() == "a file"

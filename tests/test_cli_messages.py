@@ -106,7 +106,7 @@ def model(tmp_path_factory):
 
 def test_without_device_each_command_runs_and_records_the_device(model, run_cli, tmp_path):
     ckpt, table = str(model / "mix.yaml"), str(model / "t.json")
-    rc, err = run_cli("sample", "-c", ckpt, "-t", table, "--batch", "2", "-q", "-o", str(tmp_path / "s"))
+    rc, err = run_cli("sample", "-c", ckpt, "-t", table, "--samples", "2", "-q", "-o", str(tmp_path / "s"))
     assert rc == 0, err
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["device"] == AUTO
     rc, err = run_cli("evaluate", "-c", ckpt, "-t", table, "--samples", "2", "--no-cache", "-q",
@@ -117,3 +117,23 @@ def test_without_device_each_command_runs_and_records_the_device(model, run_cli,
                       "--maxiter", "1", "--no-cache", "-q", "-o", str(tmp_path / "r.json"))
     assert rc == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["refine"]["device"] == AUTO
+
+
+def test_old_option_spellings_work_for_one_release_and_warn(run_cli, tmp_path):
+    """One meaning per option across commands: show --final-sigma (was --end), sample --output and
+    --samples (were --out and --batch, which means noises per batch in evaluate and refine), refine
+    --activation-checkpointing (was --checkpointing, beside --checkpoint). The old spellings still
+    work, with one warning line naming the new one."""
+    rc, err = run_cli("show", "sd-unipc-o3", "--nfe", "5", "--as", "sigmas", "--end", "zero")
+    assert rc in (0, None) and err == ("warning: --end is deprecated and will be removed in the next release: use "
+                                       "--final-sigma (--end min is --final-sigma table)\n")
+    rc, err = run_cli("show", "sd-unipc-o3", "--nfe", "5", "--as", "sigmas", "--end", "min", "--final-sigma", "zero")
+    assert rc == 2 and "give --final-sigma only" in err
+    save_mixture(GaussianMixture(torch.zeros(1, 4), 0.5, sample_shape=(1, 2, 2)), tmp_path / "g.yaml",
+                 schedule="vp-linear")
+    rc, err = run_cli("sample", "-c", str(tmp_path / "g.yaml"), "-t", "score-sde-vp-unipc-o3", "--nfe", "5",
+                      "--batch", "3", "--out", str(tmp_path / "old"), "--device", "cpu", "-q")
+    assert rc in (0, None), err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["warning", "warning"]
+    assert "use --samples" in err and "use --output (-o)" in err
+    assert np.load(tmp_path / "old" / "samples.npz")["samples"].shape[0] == 3

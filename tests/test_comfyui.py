@@ -147,8 +147,8 @@ EDM_MODEL = Patcher(sampling(ModelSamplingContinuousEDM, EPS))
 
 @cache
 def shown(table: str, nfe: int, end: str) -> list[float]:
-    """What ``dmsteps show TABLE --nfe NFE --as sigmas --end END`` prints, read back."""
-    r = CliRunner().invoke(app, ["show", table, "--nfe", str(nfe), "--as", "sigmas", "--end", end])
+    """What ``dmsteps show TABLE --nfe NFE --as sigmas --final-sigma END`` prints, read back."""
+    r = CliRunner().invoke(app, ["show", table, "--nfe", str(nfe), "--as", "sigmas", "--final-sigma", end])
     assert r.exit_code == 0, r.output
     return [float(v) for v in r.stdout.strip().split(",")]
 
@@ -261,7 +261,7 @@ def test_table_node_gives_the_tables_sigmas_ending_in_0(model):
     (sigmas,) = DmstepsTable().get_sigmas(model, "sd-unipc-o3", 10, 1.0)
     assert sigmas.dtype == torch.float32 and sigmas.shape == (11,)
     assert sigmas.tolist() == f32(shown("sd-unipc-o3", 10, "zero"))
-    ends_at_min = f32(shown("sd-unipc-o3", 10, "min"))
+    ends_at_min = f32(shown("sd-unipc-o3", 10, "table"))
     assert sigmas[:-1].tolist() == ends_at_min[:-1] and sigmas[-1].item() == 0.0
     ms = model.model_sampling  # the table runs from the model's own sigma_max to its sigma_min (ComfyUI's float32)
     assert sigmas[0].item() == ms.sigma_max.item() and ends_at_min[-1] == ms.sigma_min.item()
@@ -274,7 +274,7 @@ def test_flow_and_edm_tables_on_their_models():
         assert sigmas.tolist() == f32([1.0] + e["t"][1:-1] + [0.0])  # flow: ComfyUI's sigma is t, from 1
     (sigmas,) = DmstepsTable().get_sigmas(EDM_MODEL, "edm-unipc-o3", 6, 1.0)
     assert sigmas.tolist() == f32(shown("edm-unipc-o3", 6, "zero"))
-    assert sigmas[0].item() == np.float32(80.0) and shown("edm-unipc-o3", 6, "min")[-1] == 0.002
+    assert sigmas[0].item() == np.float32(80.0) and shown("edm-unipc-o3", 6, "table")[-1] == 0.002
 
 
 def test_denoise_keeps_the_last_steps_as_align_your_steps_does():
@@ -401,13 +401,13 @@ def test_a_table_no_comfyui_sampler_runs_exactly_is_named_in_the_log(caplog):
 
 
 def test_the_consumer_list_of_every_ready_made_table_spends_nfe_calls_at_its_points():
-    """exports.sigmas_for(zero_end=True): [sigma(t_0), ..., sigma(t_{N-1}), 0], a flow list from 1."""
+    """exports.sigmas_for(final_sigma="zero"): [sigma(t_0), ..., sigma(t_{N-1}), 0], a flow list from 1."""
     for name, path in bundled_tables().items():
         table = load_table(path)
         flow = table["schedule"]["family"] == "flow"
         for entry in table["entries"]:
             own = sigmas_for(entry, schedule=table["schedule"])
-            zero = sigmas_for(entry, zero_end=True, schedule=table["schedule"])
+            zero = sigmas_for(entry, final_sigma="zero", schedule=table["schedule"])
             assert len(zero) == entry["nfe"] + 1 and zero[-1] == 0.0 and zero[-2] == own[-2], name
             assert zero[1:-1] == own[1:-1] and zero[0] == (FLOW_SIGMA_MAX if flow else own[0]), name
             assert own[0] == (0.999 if flow else own[0]) and all(a > b for a, b in zip(zero, zero[1:]))

@@ -68,8 +68,8 @@ def test_every_ready_made_list_parses_back_as_the_table(name):
     schedule = schedule_from_spec(spec)
     cfg = table["config"]
     for entry in table["entries"]:
-        for zero_end in (False, True):
-            values = sigmas_for(entry, zero_end=zero_end, schedule=spec)
+        for final_sigma in ("table", "zero"):
+            values = sigmas_for(entry, final_sigma, schedule=spec)
             text = decimals(values)
             assert "e" not in text.lower() and " " not in text
             assert manual_sigmas(text) == values and [float(v) for v in text.split(",")] == values
@@ -97,8 +97,8 @@ def test_sdcpp_string_ends_in_0_and_sets_the_step_count():
     text = sdcpp_sigmas(entry, schedule=table["schedule"])
     assert text.endswith(",0.0") and len(sdcpp(text)) - 1 == entry["nfe"] == 10
     assert sdcpp(f"[{text}]") == sdcpp(text.replace(",", ", "))  # brackets and spaces are read the same
-    assert sdcpp_sigmas(entry, zero_end=False).endswith(",0.029167158151720367")
-    assert sigmas_for(entry, zero_end=True, comfy_unipc=True)[-1] == 0.001
+    assert sdcpp_sigmas(entry, final_sigma="table").endswith(",0.029167158151720367")
+    assert sigmas_for(entry, final_sigma="zero", comfy_unipc=True)[-1] == 0.001
 
 
 def run(*args):
@@ -112,11 +112,11 @@ def test_show_prints_plain_decimals_with_the_end_asked_for(tmp_path, capsys):
     assert r.exit_code == 0 and r.stdout.strip().endswith(",0.00001") and "e" not in r.stdout
     edm = run("show", "edm-unipc-o3", "--nfe", "5", "--as", "sigmas").stdout.strip()
     assert edm.startswith("80.0,") and edm.endswith(",0.002")
-    assert run("show", "edm-unipc-o3", "--nfe", "5", "--as", "sigmas", "--end", "min").stdout.strip() == edm
-    zero = run("show", "edm-unipc-o3", "--nfe", "5", "--as", "sigmas", "--end", "zero").stdout.strip()
+    assert run("show", "edm-unipc-o3", "--nfe", "5", "--as", "sigmas", "--final-sigma", "table").stdout.strip() == edm
+    zero = run("show", "edm-unipc-o3", "--nfe", "5", "--as", "sigmas", "--final-sigma", "zero").stdout.strip()
     assert zero.split(",")[:-1] == edm.split(",")[:-1] and zero.endswith(",0.0")
-    for args, message in ((("--as", "t", "--end", "zero"), "--end applies only to --as sigmas"),
-                          (("--as", "sigmas", "--end", "0"), "--end '0': choose from min, zero")):
+    for args, message in ((("--as", "t", "--final-sigma", "zero"), "--final-sigma applies only to --as sigmas"),
+                          (("--as", "sigmas", "--final-sigma", "0"), "--final-sigma '0': choose from table, zero")):
         with pytest.raises(SystemExit) as stop:
             main(["show", "edm-unipc-o3", "--nfe", "5", *args])
         assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

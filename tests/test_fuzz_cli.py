@@ -577,7 +577,7 @@ def sample_case(draw):
     files.update(out_files)
     groups += [["-t", table.arg], ["-o", out],
                opt(draw, bad, "--nfe", ["5", "6"], omit=0.1),
-               opt(draw, bad, "--batch", ["1", "2"], omit=0),
+               opt(draw, bad, "--samples", ["1", "2"], omit=0),
                opt(draw, bad, "--solver", SOLVERS, NAMES, omit=0.7),
                opt(draw, bad, "--order", ["1", "2", "3"], omit=0.7),
                opt(draw, bad, "--variant", ["bh1", "bh2"], NAMES, omit=0.8),
@@ -765,7 +765,7 @@ def table_json(changes: dict) -> bytes:
     return json.dumps(doc).encode()
 
 
-SAMPLE = ["sample", "-c", "g.yaml", "-t", "t.json", "--nfe", "5", "--batch", "1", "-o", "samples", "--device", "cpu"]
+SAMPLE = ["sample", "-c", "g.yaml", "-t", "t.json", "--nfe", "5", "--samples", "1", "-o", "samples", "--device", "cpu"]
 EVALUATE = ["evaluate", "-c", "g.yaml", "--nfe", "5", "--samples", "1"]
 REFINE = ["refine", "-c", "g.yaml", "-t", "t.json", "--nfe", "5", "--train", "1", "--holdout", "1", "--maxiter", "0"]
 

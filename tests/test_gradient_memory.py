@@ -168,9 +168,10 @@ def test_network_dtype_settings(unet):
         gradient_dtype(half, "float32")
 
 
-def test_cli_passes_the_memory_options(monkeypatch):
-    """``--checkpointing/--no-checkpointing`` (absent: None, the per-model default) and
-    ``--network-dtype`` reach the RefineRequest."""
+def test_cli_passes_the_memory_options(monkeypatch, capsys):
+    """``--activation-checkpointing/--no-activation-checkpointing`` (absent: None, the per-model
+    default) and ``--network-dtype`` reach the RefineRequest; the old ``--checkpointing`` spelling
+    still does, with a warning."""
     import dmsteps_cli.refine as refine_module
     from dmsteps_cli.cli import app
 
@@ -181,7 +182,9 @@ def test_cli_passes_the_memory_options(monkeypatch):
         raise BadInput("stop")
 
     monkeypatch.setattr(refine_module, "refine", fake_refine)
-    for extra in ([], ["--checkpointing"], ["--no-checkpointing", "--network-dtype", "bfloat16"]):
+    for extra in ([], ["--activation-checkpointing"], ["--no-activation-checkpointing", "--network-dtype", "bfloat16"],
+                  ["--no-checkpointing"]):
         with pytest.raises(BadInput, match="stop"):
             app(["refine", "-c", "m.yaml", "-t", "t.json", *extra], prog_name="dmsteps", standalone_mode=False)
-    assert seen == [(None, None), (True, None), (False, "bfloat16")]
+    assert seen == [(None, None), (True, None), (False, "bfloat16"), (False, None)]
+    assert capsys.readouterr().err.count("--checkpointing is deprecated") == 1

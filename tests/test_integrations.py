@@ -297,14 +297,14 @@ def test_exports():
     assert plain == e["sigmas"] and len(plain) == 11
     assert all(b < a for a, b in zip(plain, plain[1:]))
     assert plain[-1] == pytest.approx(0.0292, abs=1e-4)  # kappa(eps): SD's sigma_min
-    zero = sigmas_for(e, zero_end=True)
+    zero = sigmas_for(e, final_sigma="zero")
     assert zero[:-1] == plain[:-1] and zero[-1] == 0.0
-    assert sigmas_for(e, zero_end=True, comfy_unipc=True)[-1] == COMFY_UNIPC_FINAL == 0.001
+    assert sigmas_for(e, final_sigma="zero", comfy_unipc=True)[-1] == COMFY_UNIPC_FINAL == 0.001
     assert sigmas_for(e, comfy_unipc=True) == plain  # no final 0, nothing to replace
-    for zero_end in (False, True):
-        text = sdcpp_sigmas(e, zero_end=zero_end)
+    for final_sigma in ("table", "zero"):
+        text = sdcpp_sigmas(e, final_sigma)
         assert " " not in text and len(text.split(",")) == 11
-        assert [float(v) for v in text.split(",")] == sigmas_for(e, zero_end=zero_end)
+        assert [float(v) for v in text.split(",")] == sigmas_for(e, final_sigma)
     t = dpm_solver_t(e, table("unipc", 3)["schedule"])
     assert t == e["t"] and t[0] == 1.0 and t[-1] == 1e-3 and len(t) == 11
     flow = entry_for(table("ddim", 1, "flow", (5, 10), 3.0), 5)

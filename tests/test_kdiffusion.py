@@ -2,7 +2,7 @@
 
 k-diffusion (0.1.1.post1, installed by ``make install`` without its dependencies) is called as the
 recipe in docs/recipes.md calls it: ``sample_dpmpp_2m(denoiser, x, sigmas)`` with
-``sigmas = sigmas_for(entry, zero_end=True, schedule=table["schedule"])``.
+``sigmas = sigmas_for(entry, final_sigma="zero", schedule=table["schedule"])``.
 
 Conventions. k-diffusion works in the variance-exploding scaling: its state is X = x_t / alpha_t =
 x0 + kappa * noise and its denoiser takes (X, sigma = kappa) with kappa = sigma_t / alpha_t =
@@ -142,7 +142,7 @@ def test_sample_dpmpp_2m_over_our_sigmas_matches_our_plan(name, nfe):
     plan, x_ours, states, preds, a = ours(schedule, entry, "dpmpp", 2)
     assert plan.orders == [1] + [2] * (nfe - 2) + [1]  # k-diffusion's orders with a final 0
 
-    zero = torch.tensor(sigmas_for(entry, zero_end=True, schedule=table["schedule"]), dtype=torch.float64)
+    zero = torch.tensor(sigmas_for(entry, final_sigma="zero", schedule=table["schedule"]), dtype=torch.float64)
     assert len(zero) == nfe + 1 and zero[-1] == 0.0
     np.testing.assert_allclose(zero[:-1].numpy(), np.exp(-np.array(entry["lambda"][:-1])), rtol=1e-13)
     X0 = X_T_VP / a[0]
@@ -178,7 +178,7 @@ def test_sample_euler_over_our_sigmas_matches_our_ddim_plan(nfe):
     model = kdiffusion_denoiser(schedule, [])
     X0 = X_T_VP / a[0]
     sig = torch.tensor(sigmas_for(entry, schedule=table["schedule"]), dtype=torch.float64)
-    zero = torch.tensor(sigmas_for(entry, zero_end=True, schedule=table["schedule"]), dtype=torch.float64)
+    zero = torch.tensor(sigmas_for(entry, final_sigma="zero", schedule=table["schedule"]), dtype=torch.float64)
     diffs = {"sample at sigma_min": (a[-1] * kd.sample_euler(model, X0, sig, disable=True) - x_ours).abs().max().item(),
              "zero end": (kd.sample_euler(model, X0, zero, disable=True) - preds[-1]).abs().max().item()}
     assert max(diffs.values()) < TOL, diffs

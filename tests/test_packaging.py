@@ -102,7 +102,7 @@ def test_the_installed_tool_runs_without_torch_from_another_folder(site, tmp_pat
 
 
 @pytest.mark.parametrize("command", [
-    ["sample", "-c", "model", "-t", "sd-unipc-o3", "--nfe", "10", "--out", "samples"],
+    ["sample", "-c", "model", "-t", "sd-unipc-o3", "--nfe", "10", "--output", "samples"],
     ["evaluate", "-c", "model", "-t", "sd-unipc-o3"],
     ["refine", "-c", "model", "-t", "sd-unipc-o3", "-o", "refined.json"],
 ])

@@ -73,7 +73,7 @@ def test_cli_outputs_and_sidecar(gaussian, tmp_path):
     root, _ = gaussian
     table = write_table(tmp_path / "t.json")
     r = run_cli("sample", "--checkpoint", str(root / "gauss.yaml"), "--table", str(table), "--nfe", "10",
-                "--batch", "4", "--seed", "7", "--device", "cpu", "--out", str(tmp_path / "out"))
+                "--samples", "4", "--seed", "7", "--device", "cpu", "--output", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     side = json.loads((tmp_path / "out" / "sample.json").read_text())
@@ -88,7 +88,7 @@ def test_cli_outputs_and_sidecar(gaussian, tmp_path):
     (["--device", "cuda"], "CUDA is not available"),
     (["--nfe", "7"], "no entry for NFE 7"),
     (["--class-label", "3"], "not class-conditional"),
-    (["--batch", "0"], "--batch must be between 1 and 65536, got 0"),
+    (["--samples", "0"], "--samples must be between 1 and 65536, got 0"),
     (["--dtype", "int8"], "--dtype 'int8'"),
 ])
 def test_cli_refusals(gaussian, tmp_path, args, message):
@@ -163,7 +163,7 @@ def test_class_conditional_dit_with_guidance(tmp_path):
 def test_torchrun_two_processes_gather_one_output(gaussian, tmp_path):
     root, _ = gaussian
     table = write_table(tmp_path / "t.json")
-    args = ["sample", "-c", str(root / "gauss.yaml"), "-t", str(table), "--nfe", "5", "--batch", "5",
+    args = ["sample", "-c", str(root / "gauss.yaml"), "-t", str(table), "--nfe", "5", "--samples", "5",
             "--seed", "2", "--device", "cpu", "-q"]
     single = run_cli(*args, "-o", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
@@ -204,7 +204,7 @@ def test_text_to_image_pipeline_runs_the_table_through_its_own_call(tmp_path):
 
     ckpt = save_tiny_text_to_image(tmp_path / "sd")
     table = write_table(tmp_path / "t.json", schedule="scaled_linear", nfe=(5,))
-    r = run_cli("sample", "-c", str(ckpt), "-t", str(table), "--batch", "2", "--seed", "4", "--device", "cpu",
+    r = run_cli("sample", "-c", str(ckpt), "-t", str(table), "--samples", "2", "--seed", "4", "--device", "cpu",
                 "--prompt", "a photo of cat", "--guidance-scale", "3", "-o", str(tmp_path / "out"), "-q")
     assert r.returncode == 0, r.stderr
     got = np.load(tmp_path / "out" / "samples.npz")["samples"]

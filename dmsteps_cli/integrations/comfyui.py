@@ -29,7 +29,7 @@ sampling "lcm" (comfy_extras/nodes_model_advanced.py) builds it from ``ModelSamp
 Sigmas: the endpoint convention of ``exports`` (docs/comfyui.md). ComfyUI's sigma is
 kappa = sigma/alpha for VP and EDM models and t for flow models, the table's sampler sigma
 (``Schedule.sampler_sigma``). For ``steps`` = N the nodes give N + 1 values
-[sigma(t_0), ..., sigma(t_{N-1}), 0] (``exports.sigmas_for(zero_end=True)``): ComfyUI's samplers run
+[sigma(t_0), ..., sigma(t_{N-1}), 0] (``exports.sigmas_for(final_sigma="zero")``): ComfyUI's samplers run
 N steps on them, N model calls at the table's N evaluation points, the last returning its denoised
 prediction; a flow list starts at 1 (ComfyUI's flow sigma_max) instead of the table's T = 0.999.
 ``denoise`` < 1 keeps the low-noise end of the ``steps``-step list, as ComfyUI's
@@ -209,7 +209,7 @@ def table_sigmas(table: dict, model_sampling, steps: int, denoise: float, name: 
     schedule, shift = model_schedule(model_sampling)
     check_fits(table, schedule, shift, name)
     entry = table_entry(table, steps, name)
-    return denoise_tail(sigmas_for(entry, zero_end=True, schedule=table["schedule"]), denoise)
+    return denoise_tail(sigmas_for(entry, final_sigma="zero", schedule=table["schedule"]), denoise)
 
 
 # --- which ComfyUI sampler runs a table ----------------------------------------------------------
@@ -249,7 +249,7 @@ def _optimized(spec: str, shift: float | None, solver: str, order: int, objectiv
     config = StepConfig(solver=solver, order=order, objective=None if objective == "default" else objective,
                         p=p, shift=shift, nfe=(steps,))
     table = make_table(config, schedule_from_spec(json.loads(spec)))
-    return tuple(sigmas_for(table["entries"][0], zero_end=True, schedule=table["schedule"]))
+    return tuple(sigmas_for(table["entries"][0], final_sigma="zero", schedule=table["schedule"]))
 
 
 def optimized_sigmas(model_sampling, solver: str, order: int, steps: int, objective: str = "default",

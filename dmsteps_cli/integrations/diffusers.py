@@ -92,10 +92,10 @@ from ..schedule_sources import read_scheduler_config
 from ..schedules import same_schedule
 from ..solvers import SOLVERS
 from ..table_reader import checked_table, load_table
+from .exports import FINAL_SIGMAS, final_sigma_of
 from ..tables import entry_for
 from ..weights import step_orders
 
-FINAL_SIGMAS = ("table", "zero")
 _STATE = "_dmsteps_steps"
 _PATCHED = "_dmsteps_patched"
 
@@ -337,8 +337,7 @@ def apply_table(scheduler, table, nfe: int | None = None, final_sigma: str = "ta
     missing NFE.
     """
     diffusers = _diffusers()
-    if final_sigma not in FINAL_SIGMAS:
-        raise bad_setting("final_sigma", f"must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
+    final_sigma = final_sigma_of(final_sigma)
     if isinstance(table, (str, os.PathLike)):
         table = load_table(table)
     elif isinstance(table, dict):

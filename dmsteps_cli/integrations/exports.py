@@ -38,11 +38,13 @@ explicitly, so the list states what that sampler actually runs.
 from __future__ import annotations
 
 import math
+import warnings
 from decimal import Decimal
 
-from ..errors import BadInput
+from ..errors import BadInput, bad_setting
 from ..schedules import FAMILIES, Flow
 
+FINAL_SIGMAS = ("table", "zero")  # a list's last sigma: the table's sigma(eps), or 0 (ComfyUI, k-diffusion)
 COMFY_UNIPC_FINAL = 0.001  # what ComfyUI's UniPC uses in place of a final sigma of 0
 FLOW_SIGMA_MAX = Flow.consumer_sigma_max  # the first sigma of a flow model's list in k-diffusion-style consumers
 
@@ -82,20 +84,34 @@ def _sigma_key(schedule) -> str:
     return "t" if _family(schedule).sigma_is_t else "sigmas"
 
 
-def sigmas_for(entry: dict, zero_end: bool = False, comfy_unipc: bool = False,
-               schedule: dict | None = None) -> list[float]:
+def final_sigma_of(final_sigma, zero_end=None) -> str:
+    """``final_sigma`` (one of ``FINAL_SIGMAS``), or what the deprecated ``zero_end`` bool says
+    (with a DeprecationWarning); BadInput for anything else."""
+    if zero_end is not None:
+        warnings.warn("zero_end is deprecated: use final_sigma='zero' or 'table'", DeprecationWarning, stacklevel=3)
+        final_sigma = "zero" if zero_end else "table"
+    if final_sigma not in FINAL_SIGMAS:
+        raise bad_setting("final_sigma", f"must be one of {', '.join(FINAL_SIGMAS)}, got {final_sigma!r}")
+    return final_sigma
+
+
+def sigmas_for(entry: dict, final_sigma: str = "table", comfy_unipc: bool = False,
+               schedule: dict | None = None, *, zero_end: bool | None = None) -> list[float]:
     """N + 1 descending sampler sigmas (kappa = sigma/alpha for VP and EDM models, t for flow),
     the noise end first.
 
-    ``zero_end``: the consumer's list of the module docstring: the last sigma becomes 0 (the final
-    step returns the denoised prediction of the call at t_{N-1} instead of stepping to sigma_min: N
-    model calls), and a flow table's first becomes ``FLOW_SIGMA_MAX`` (needs ``schedule``). ``comfy_unipc``: a final 0
-    becomes 0.001, the value ComfyUI's UniPC sampler substitutes for it (no effect without a final
-    0, i.e. without ``zero_end``). ``schedule``: the table's schedule record (``table["schedule"]``);
-    for EDM and flow tables the sigmas are then the entry's times t, exact to the last digit.
+    ``final_sigma``: ``"table"``, the table's own points (ending at sigma(eps)), or ``"zero"``, the
+    consumer's list of the module docstring: the last sigma becomes 0 (the final step returns the
+    denoised prediction of the call at t_{N-1} instead of stepping to sigma_min: N model calls),
+    and a flow table's first becomes ``FLOW_SIGMA_MAX`` (needs ``schedule``). ``zero_end``: the
+    deprecated spelling (True is "zero"). ``comfy_unipc``: a final 0 becomes 0.001, the value
+    ComfyUI's UniPC sampler substitutes for it (no effect without a final 0). ``schedule``: the
+    table's schedule record (``table["schedule"]``); for EDM and flow tables the sigmas are then the
+    entry's times t, exact to the last digit.
     """
+    final_sigma = final_sigma_of(final_sigma, zero_end)
     sigmas = _floats(entry, _sigma_key(schedule), 1)
-    if zero_end:
+    if final_sigma == "zero":
         sigmas[-1] = 0.0
         if schedule is not None and _family(schedule).consumer_sigma_max is not None:
             sigmas[0] = _family(schedule).consumer_sigma_max
@@ -121,12 +137,13 @@ def decimals(values) -> str:
     return ",".join(decimal(v) for v in values)
 
 
-def sdcpp_sigmas(entry: dict, zero_end: bool = True, schedule: dict | None = None) -> str:
+def sdcpp_sigmas(entry: dict, final_sigma: str = "zero", schedule: dict | None = None, *,
+                 zero_end: bool | None = None) -> str:
     """stable-diffusion.cpp ``--sigmas``: the N + 1 sigmas of ``sigmas_for`` as ``decimals``
     (comma-separated, no spaces), by default ending in 0. stable-diffusion.cpp splits the text at
     commas, reads each number as float32, uses the list as given (a final 0 included) and runs
     len - 1 = N steps whatever ``--steps`` says."""
-    return decimals(sigmas_for(entry, zero_end=zero_end, schedule=schedule))
+    return decimals(sigmas_for(entry, final_sigma_of(final_sigma, zero_end), schedule=schedule))
 
 
 def dpm_solver_t(entry: dict, schedule: dict) -> list[float]:
@@ -145,4 +162,4 @@ def dpm_solver_t(entry: dict, schedule: dict) -> list[float]:
     return _floats(entry, "t", 1)
 
 
-__all__ = ["COMFY_UNIPC_FINAL", "FLOW_SIGMA_MAX", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
+__all__ = ["COMFY_UNIPC_FINAL", "FINAL_SIGMAS", "final_sigma_of", "FLOW_SIGMA_MAX", "decimal", "decimals", "dpm_solver_t", "sdcpp_sigmas", "sigmas_for"]
