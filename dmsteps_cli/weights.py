@@ -17,7 +17,7 @@ order k. The derivatives are exact and just as general:
 
 (moving node i with the nodal values fixed changes the interpolant by -p'(lambda_i) l_i).
 
-Imports numpy and ``errors`` only; each solver's order pattern is its record's (``solvers.SOLVERS``).
+Imports numpy only; each solver's order pattern is its record's (``solvers.SOLVERS``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from .errors import BadInput
 
 _SERIES_BELOW = 2.0  # use the power series of H_m for h below this
 _SERIES_TERMS = 40  # 2^40 / 40! < 1e-35: far below float64 rounding

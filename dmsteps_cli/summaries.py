@@ -1,0 +1,132 @@
+"""What the CLI draws on stderr: a table's, an evaluation's and a refinement's summary (rich tables),
+and the one-line note of what ``optimize`` wrote. Text only: the numbers come from the reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .grids import GRIDS
+
+
+def written_note(schedule, config, output: str | None, defaults: bool) -> str:
+    """One line on stderr: what the table holds and why, in words."""
+    from .config import format_nfe
+    from .grids import GRID_WORDS
+    from .optimize import FALLBACK_STEPS
+    from .schedules import preset_of
+
+    nfe = config.nfe
+    where = "stdout" if output in (None, "-") else output
+    head = f"wrote {where}: NFE {format_nfe(nfe)}"
+    grid = (f"the {GRID_WORDS[config.init]} ({config.init})" if config.init in GRID_WORDS
+            else "whichever hand-made grid gave the lowest objective (best)")
+    if config.objective == "none":
+        steps = f"{grid}, as asked" if not defaults else (
+            f"{grid}: the steps measured best for {preset_of(schedule)} over three data sets and two solvers "
+            "(docs/research/evaluation-data.md); the paper's optimized steps: --objective reference")
+        return f"{head}, {steps}"
+    whose = "the paper's" if config.objective in ("reference", "paper") else "the"
+    steps = f"{whose} optimized steps ({config.objective} objective, p = {config.p:g}, from {grid})"
+    if defaults and (config.objective, config.init) == FALLBACK_STEPS and preset_of(schedule) is None:
+        steps += ("; no measurements for this schedule, so the paper's method is the default "
+                  "(dmsteps evaluate compares it with the hand-made grids on your model)")
+    elif defaults:
+        steps += f": the steps measured best for {preset_of(schedule)} (docs/research/evaluation-data.md)"
+    return f"{head}, {steps}"
+
+
+def table_summary(table: dict):
+    """A table's summary: per NFE the objective, the start's, the best hand-made grid's, the status."""
+    from rich.table import Table
+
+    c = table["config"]
+    title = (f"{table['schedule']['name']} · {c['solver']} order {c['order']} · objective {c['objective']}"
+             f" · p={c['p']:g} · init {c['init']}")
+    t = Table(title=title, title_justify="left")
+    for col in ("NFE", "objective", "start", "best hand-made grid", "status"):
+        t.add_column(col, justify="left" if col in ("best hand-made grid", "status") else "right")
+    for e in table["entries"]:
+        g, v = min(e["baselines"].items(), key=lambda kv: kv[1])
+        t.add_row(str(e["nfe"]), f"{e['objective']:.6g}", f"{e['init_objective']:.6g} ({e['init']})",
+                  f"{v:.6g} ({g})", e["optimizer"]["status"])
+    return t
+
+
+def conditioning_note(conditioning: dict | None) -> str:
+    """`` · classes 0,1,2 (round robin), guidance 3 (null class 10)`` for a summary's title; "" without classes."""
+    if not conditioning:
+        return ""
+    g = conditioning["guidance_scale"]
+    if "prompts" in conditioning:
+        held = conditioning["holdout_prompts"]
+        held = f", {len(held)} held-out prompts" if held else ""
+        negative = f" (negative {conditioning['negative_prompt']!r})" if conditioning["negative_prompt"] else ""
+        guided = f", guidance {g:g}{negative}" if g != 1.0 else ""
+        return f" · {len(conditioning['prompts'])} prompts (round robin){held}{guided} · latent space"
+    labels = conditioning["class_labels"]
+    shown = ",".join(map(str, labels)) if len(labels) <= 12 else f"{len(labels)} labels"
+    guided = f", guidance {g:g} (null class {conditioning['null_class']})" if g != 1.0 else ""
+    return f" · class{'es' if len(labels) > 1 else ''} {shown}{' (round robin)' if len(labels) > 1 else ''}{guided}"
+
+
+def evaluation_summary(report: dict):
+    """evaluate's summary: per NFE each table's and baseline's error, with its ratio to the best baseline."""
+    from rich.table import Table
+
+    grids = list(dict.fromkeys(r["grid"] for r in report["rows"]))
+    s = report["solver"]
+    t = Table(title=f"{report['checkpoint']}{conditioning_note(report.get('conditioning'))} · "
+                    f"{s['name']} order {s['order']} · error = mean RMS to the "
+                    f"reference ({report['reference']['method']}); (ratio to the best baseline, and for "
+                    "tables its 95% interval over the noises)",
+              title_justify="left")
+    t.add_column("NFE", justify="right")
+    for g in grids:
+        t.add_column(g if g in GRIDS else Path(g).name, justify="right")
+    for n in sorted({r["nfe"] for r in report["rows"]}):
+        cells = []
+        for g in grids:
+            r = next((r for r in report["rows"] if r["nfe"] == n and r["grid"] == g), None)
+            if r is None:
+                cells.append("")
+            elif r["ratio_ci95"] is None or r["kind"] == "baseline":
+                ratio = "" if r["ratio_to_best_baseline"] is None else f" ({r['ratio_to_best_baseline']:.2f})"
+                cells.append(f"{r['error']:.4g}{ratio}")
+            else:
+                lo, hi = r["ratio_ci95"]
+                cells.append(f"{r['error']:.4g} ({r['ratio_to_best_baseline']:.2f}, {lo:.2f}-{hi:.2f})")
+        t.add_row(str(n), *cells)
+    return t
+
+
+
+def refine_summary(table_out: dict, checkpoint):
+    """refine's summary: per NFE the held-out errors of the table, the grids, the start and the
+    refined steps, the ratio to the best of them, and the training (and validation) errors."""
+    from rich.table import Table
+
+    from .refine import best_candidate
+    from .refine_records import TABLE
+
+    info = table_out["refine"]
+    first, last = info["holdout_seeds"]
+    grids = [g for g in table_out["entries"][0]["refine"]["holdout_errors"] if g != TABLE]
+    t = Table(title=f"refined on {checkpoint}{conditioning_note(info.get('conditioning'))}: mean RMS error on "
+                    f"held-out noises (seeds {first}-{last}); "
+                    "ratio = refined / best of the table and the grids",
+              title_justify="left")
+    validated = info.get("validation_seeds") is not None
+    for col in ("NFE", "table", *grids, "start", "refined", "ratio", "train: start -> refined",
+                *(["validation: start -> refined", "stopped at"] if validated else [])):
+        t.add_column(col, justify="left" if col == "start" else "right")
+    for e in table_out["entries"]:
+        r = e["refine"]
+        best, best_error = best_candidate(r["holdout_errors"])
+        start = r["start"] + (" (kept)" if e["optimizer"]["status"] == "kept-start" else "")
+        t.add_row(str(e["nfe"]), *(f"{r['holdout_errors'][g]:.4g}" for g in (TABLE, *grids)), start,
+                  f"{r['holdout_error']:.4g}", f"{r['holdout_error'] / best_error:.2f} ({best})",
+                  f"{r['train_error_start']:.4g} -> {r['train_error']:.4g}",
+                  *([f"{r['validation_error_start']:.4g} -> {r['validation_error']:.4g}",
+                     f"{e['optimizer']['iterations']} (kept {e['optimizer']['best_iteration']})"]
+                    if validated else []))
+    return t
