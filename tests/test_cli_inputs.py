@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import refused
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -28,16 +29,6 @@ def run(*args, cwd=None, stdin=None, umask=None):
 
     return subprocess.run([sys.executable, "-m", "dmsteps_cli", *map(str, args)], capture_output=True, text=True,
                           env=ENV, cwd=cwd, input=stdin, preexec_fn=child, timeout=300)
-
-
-def refused(r, *needles):
-    """Exit 2, one error line naming every needle, no traceback, nothing on stdout."""
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert all(n in lines[0] for n in needles), (needles, lines[0])
-    assert r.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
