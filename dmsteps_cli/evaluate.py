@@ -42,7 +42,7 @@ import torch
 
 from .baselines import baseline_lambda, check_baselines, check_names
 from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_labels
-from .config import class_label_list
+from .config import checked_settings, class_label_list
 from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
@@ -494,11 +494,9 @@ def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale:
 
 def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines,
                     class_labels=None) -> tuple | None:
-    """The class labels given (``config.class_label_list``) once every setting is within its bounds."""
-    for name, value in (("samples", samples), ("seed", seed), ("ref_steps", ref_steps),
-                        ("guidance_scale", guidance_scale)):
-        in_bounds(name, value)
-    labels = class_label_list(class_label, class_labels)
+    """The class labels given once every setting is within its bounds and the baselines are known."""
+    labels = checked_settings(class_label, class_labels, samples=samples, seed=seed, ref_steps=ref_steps,
+                              guidance_scale=guidance_scale)
     check_names(baselines)
     return labels
 

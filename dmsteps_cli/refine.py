@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from .checkpoints import network_denoiser
-from .config import class_label_list
+from .config import checked_settings, class_label_list
 from .errors import BadInput, bad_setting, mentioning
 from .evaluate import (
     METRIC,
@@ -90,7 +90,6 @@ from .evaluate import (
     space_of,
 )
 from .grids import GRIDS, grid_lambda
-from .limits import in_bounds
 from .optimize import GAP_FRACTION, table_objective
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
@@ -459,12 +458,10 @@ def best_candidate(errors: dict) -> tuple[str, float]:
 def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
                     validation=0, patience=0, optimizer="lbfgs", minibatch=1, lr=0.05,
                     class_labels=None) -> tuple | None:
-    """The class labels given (``config.class_label_list``) once every setting is within its bounds."""
-    for name, value in (("train", train), ("holdout", holdout), ("grad_batch", grad_batch), ("maxiter", maxiter),
-                        ("seed", seed), ("ref_steps", ref_steps), ("guidance_scale", guidance_scale),
-                        ("validation", validation), ("patience", patience), ("minibatch", minibatch), ("lr", lr)):
-        in_bounds(name, value)
-    labels = class_label_list(class_label, class_labels)
+    """The class labels given once every setting is within its bounds and the optimizer is known."""
+    labels = checked_settings(class_label, class_labels, train=train, holdout=holdout, grad_batch=grad_batch,
+                              maxiter=maxiter, seed=seed, ref_steps=ref_steps, guidance_scale=guidance_scale,
+                              validation=validation, patience=patience, minibatch=minibatch, lr=lr)
     if optimizer not in OPTIMIZERS:
         raise bad_setting("optimizer", f"{optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
     return labels

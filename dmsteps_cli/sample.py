@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from .checkpoints import import_diffusers, load_checkpoint, network_denoiser, pair_labels
-from .config import class_label_list
+from .config import checked_settings
 from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import output_folder, write_output
-from .limits import in_bounds
 from .runtime import (
     Ranks,
     distributed,
@@ -91,10 +90,9 @@ class Run:
 
 def prepare(req: SampleRequest) -> Run:
     """Validate the request, load table and checkpoint, check the schedule, build the plan."""
-    for name in ("batch", "seed", "guidance_scale"):
-        in_bounds(name, getattr(req, name))
+    labels = checked_settings(req.class_label, req.class_labels, batch=req.batch, seed=req.seed,
+                              guidance_scale=req.guidance_scale)
     output_folder(req.out)
-    labels = class_label_list(req.class_label, req.class_labels)
     dtype = network_dtype_named(req.dtype, "dtype")
     table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
