@@ -158,23 +158,23 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
         terms(res.x[:n])  # the final point competes for best too
         if res.status == 0:
             status = "converged"
-            break
-        if not best["F"] < F_before * (1 - STALL):
+        elif not best["F"] < F_before * (1 - STALL):
             status = "stalled"
+        lam = np.concatenate([[lam_T], best["x"], [lam_eps]])
+        message = str(res.message) + (f" (after {attempt} restarts)" if attempt else "")
+        if not best["F"] < F0:
+            status, message = "kept-start", f"the optimizer did not improve on the start ({message})"
+            return StepResult(lam, float(F0), float(F0), status, message, nit, nfev)
+        polished, why = polish(objective, lam, min_gap)
+        if polished is not None:
+            return StepResult(polished, objective.value(polished), float(F0), "converged",
+                              f"{message}; optimality conditions verified and solved to rounding", nit, nfev)
+        if status != "not-converged":
             break
-    lam = np.concatenate([[lam_T], best["x"], [lam_eps]])
-    message = str(res.message) + (f" (after {attempt} restarts)" if attempt else "")
-    if not best["F"] < F0:
-        status, message = "kept-start", f"the optimizer did not improve on the start ({message})"
-        return StepResult(lam, float(F0), float(F0), status, message, nit, nfev)
-    polished, why = polish(objective, lam, min_gap)
-    if polished is None:
-        if status == "converged":
-            status = "unverified"
-        return StepResult(lam, float(best["F"]), float(F0), status,
-                          f"{message}; optimality conditions not verified: {why}", nit, nfev)
-    return StepResult(polished, objective.value(polished), float(F0), "converged",
-                      f"{message}; optimality conditions verified and solved to rounding", nit, nfev)
+    if status == "converged":
+        status = "unverified"
+    return StepResult(lam, float(best["F"]), float(F0), status,
+                      f"{message}; optimality conditions not verified: {why}", nit, nfev)
 
 
 # --- polishing: the optimality conditions solved to rounding -----------------------------------
@@ -182,46 +182,67 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 KINK_RTOL = 1e-7  # an |.| term below this fraction of F is a kink the minimum sits on
 GAP_RTOL = 1e-6  # a gap within this fraction of the minimum gap is held at it
 HESSIAN_STEP = 1e-6  # central differences of the exact gradient give the Hessian (lambda units)
-NEWTON_ITERATIONS = 10
+NEWTON_ITERATIONS = 60  # Newton steps, structure changes included
 NEWTON_XTOL = 1e-12  # converged: the last Newton step moved no lambda by more than this
 # The optimality conditions are singular at a degenerate minimum (a flat valley, a kink or gap that
 # binds only weakly, dependent constraints): their matrix's smallest singular value relative to its
 # largest is then rounding noise (measured: at most 7e-9, from the central-difference Hessian); at the
-# verified minima of every preset, grid, p in {0, 1, 2} and N 3..50 it was at least 1e-5.
+# verified minima of every preset, grids unif_t and quad, p in {0, 1, 2} and N 3..15 it was at least 1.5e-4.
 KKT_RCOND = 1e-7
+SINGULAR_RCOND = 1e-12  # after the first step (the structure changed on the way): singular
+KINK_MAX = 1e-4
+KINK_JUMP = 100.0
+WEAK = 1e-6  # a kink's |mu| this close to 1, or a held gap's nu this close to 0, binds only weakly
 DEGENERATE = "a degenerate minimum"  # every message of polish that finds one says so
 
 
 def polish(objective, lam, min_gap: float) -> tuple[np.ndarray | None, str]:
     """The local minimum near ``lam`` to rounding, by Newton's method on its optimality conditions.
 
-    SLSQP stops somewhere within about 1e-7 (up to 1e-4 along shallow directions) of a minimum,
-    and where it stops depends on rounding: the BLAS kernel, numpy's SIMD paths, the thread
-    count. The minimum itself does not. At ``lam`` some abs groups are zero (the set K of kinks
-    the minimum sits on), some gaps are at ``min_gap`` (the set B) and the other abs groups have a
-    sign s_g. With f = sum_{g not in K} s_g a_g + sum_g q_g over the interior lambdas x, the
-    minimum solves the square system
+    SLSQP stops somewhere near a minimum (within about 1e-7 at small N; at N >= 20, where the
+    minimum lies in a long flat valley, its first 100 iterations end up to 0.05 away in lambda), and
+    where it stops depends on rounding: the BLAS kernel, numpy's SIMD paths, the thread count. The
+    minimum itself does not. At ``lam`` some abs groups are zero (the set K of kinks the minimum
+    sits on), some gaps are at ``min_gap`` (the set B) and the other abs groups have a sign s_g.
+    With f = sum_{g not in K} s_g a_g + sum_g q_g over the interior lambdas x, the minimum solves
+    the square system
 
         grad f(x) + J_K(x)^T mu - D_B^T nu = 0,   a_K(x) = 0,   D_B x + c_B = min_gap
 
-    (``gap_matrix`` gives D and c). Newton's method from ``lam`` (Hessian of f + mu . a_K by
-    central differences of the exact gradient, computed once) converges to it to rounding.
+    (``gap_matrix`` gives D and c). Newton's method solves it (the Hessian of f + mu . a_K by
+    central differences of the exact gradient, kept while the steps shrink fast). The structure is
+    corrected on the way, as an active-set method does: a step that would take a free group
+    through zero or a free gap below ``min_gap`` stops there and holds it (K or B grows); at the
+    solution of a structure, a kink whose multiplier has |mu_g| >= 1 is released with the sign of
+    mu_g, and a held gap with nu_b <= 0 is freed (both lower F).
 
-    Returns (the polished lambdas, ""), or (None, why) when that point is not a strict local
-    minimum with the same structure. A degenerate minimum is reported as one (``DEGENERATE`` in
-    ``why``) whichever test finds it first, since which one does depends on rounding: the system's
-    matrix is singular to rounding (its reciprocal condition below KKT_RCOND: a flat valley,
-    dependent constraints, more kinks and held gaps than free steps), |mu_g| >= 1 or nu_b <= 0 (a
-    kink or a gap that binds only weakly), or the Hessian of f + mu . a_K is not positive
-    definite on the directions that keep a_K and the held gaps fixed. The other failures: Newton
-    does not converge on a well-conditioned system, or a sign, a free gap or an L2 group changes,
-    or F is higher than at ``lam``.
+    Returns (the polished lambdas, ""), or (None, why) when no strict local minimum is verified.
+    A degenerate minimum is reported as one (``DEGENERATE`` in ``why``) whichever test finds it,
+    since which one does depends on rounding: the system's matrix is singular to rounding (its
+    reciprocal condition below KKT_RCOND: a flat valley, dependent constraints, more kinks and held
+    gaps than free steps), or the Hessian of f + mu . a_K is not positive definite on the
+    directions that keep a_K and the held gaps fixed. The other failures: Newton does not converge
+    within NEWTON_ITERATIONS, or the result has a higher F than ``lam``.
     """
     with np.errstate(all="ignore"):  # a NaN or inf from a probe fails a check below instead
         try:
             return _polish(objective, np.asarray(lam, dtype=np.float64), min_gap)
         except np.linalg.LinAlgError:
             return None, f"they are singular ({DEGENERATE})"
+
+
+def kink_threshold(r) -> float:
+    """The |a_g| / F below which a group counts as a kink at SLSQP's point: KINK_RTOL, raised to
+    the widest jump (at least KINK_JUMP) in the sorted ratios ``r`` below KINK_MAX (SLSQP's kinks
+    lie at 1e-9 .. 1e-6 after 100 iterations at N >= 20, the other groups above 1e-4)."""
+    small = np.sort(r[(r > 0) & (r < KINK_MAX * KINK_JUMP)])
+    if small.size < 2:
+        return KINK_RTOL
+    jumps = np.where(small[:-1] < KINK_MAX, small[1:] / small[:-1], 0.0)
+    i = int(np.argmax(jumps))
+    if not (jumps[i] >= KINK_JUMP and small[i] > KINK_RTOL):
+        return KINK_RTOL
+    return float(np.sqrt(small[i] * small[i + 1]))
 
 
 def _polish(objective, lam, min_gap):
@@ -231,53 +252,91 @@ def _polish(objective, lam, min_gap):
     F0 = float(np.abs(a).sum() + q.sum())
     if not (F0 > 0 and np.all(q > 0)):
         return None, "the objective or an L2 group is zero"
-    kinks = np.abs(a) <= KINK_RTOL * F0
+    kinks = np.abs(a) <= kink_threshold(np.abs(a) / F0) * F0
     signs = np.where(kinks, 0.0, np.sign(a))
     D, c = gap_matrix(lam_T, lam_eps, n)
-    held = D @ lam[1:-1] + c <= min_gap * (1 + GAP_RTOL)
-    DB = D[held]
-    m_k = int(kinks.sum())
+    x = lam[1:-1].copy()
+    held = D @ x + c <= min_gap * (1 + GAP_RTOL)
 
     def parts(x):
-        """grad f (n,), a_K, J_K (m_k, n) at the interior lambdas x, scaled by 1/F0."""
+        """a / F0 (G,), grad f (n,) and J (G, n) at the interior lambdas x (f scaled by 1/F0)."""
         a, q, Ja, Jq = objective.terms(np.concatenate([[lam_T], x, [lam_eps]]))
         Ja, Jq = Ja[:, 1:-1] / F0, Jq[:, 1:-1] / F0
-        return signs @ Ja + Jq.sum(axis=0), a[kinks] / F0, Ja[kinks]
+        return a / F0, signs @ Ja + Jq.sum(axis=0), Ja
 
-    x = lam[1:-1].copy()
-    g, a_k, J_k = parts(x)
-    C = np.vstack([J_k, DB])  # the constraint rows the multipliers y = [mu, -nu] go with
-    y = np.linalg.lstsq(C.T, -g, rcond=None)[0] if C.size else np.zeros(0)
+    def hessian(x, mu):
+        """The Hessian of f + mu . a_K at x, by central differences of the exact gradient."""
+        def lagrangian_grad(x):
+            _, g, J = parts(x)
+            return g + J[kinks].T @ mu
 
-    def lagrangian_grad(x):
-        g, _, J_k = parts(x)
-        return g + J_k.T @ y[:m_k]
+        H = np.empty((n, n))
+        for i in range(n):
+            step = np.zeros(n)
+            step[i] = HESSIAN_STEP
+            H[:, i] = (lagrangian_grad(x + step) - lagrangian_grad(x - step)) / (2 * HESSIAN_STEP)
+        return 0.5 * (H + H.T)
 
-    H = np.empty((n, n))
-    for i in range(n):
-        step = np.zeros(n)
-        step[i] = HESSIAN_STEP
-        H[:, i] = (lagrangian_grad(x + step) - lagrangian_grad(x - step)) / (2 * HESSIAN_STEP)
-    H = 0.5 * (H + H.T)
-    m = C.shape[0]
-    K = np.block([[H, C.T], [C, np.zeros((m, m))]])
-    sv = np.linalg.svd(K, compute_uv=False)
-    if not sv[-1] > KKT_RCOND * sv[0]:
-        return None, f"they are singular to rounding ({DEGENERATE})"
-    for _ in range(NEWTON_ITERATIONS):
-        g, a_k, J_k = parts(x)
-        C = np.vstack([J_k, DB])
-        residual = np.concatenate([g + C.T @ y, a_k, DB @ x + c[held] - min_gap])
+    H = None
+    last_step = np.inf
+    for iteration in range(NEWTON_ITERATIONS):
+        a, g, J = parts(x)
+        C = np.vstack([J[kinks], D[held]])  # the constraint rows the multipliers y = [mu, -nu] go with
+        m, m_k = C.shape[0], int(kinks.sum())
+        y = np.linalg.lstsq(C.T, -g, rcond=None)[0] if m else np.zeros(0)
+        if H is None:
+            H = hessian(x, y[:m_k])
+        K = np.block([[H, C.T], [C, np.zeros((m, m))]])
+        sv = np.linalg.svd(K, compute_uv=False)
+        if not sv[-1] > (KKT_RCOND if iteration == 0 else SINGULAR_RCOND) * sv[0]:
+            return None, f"they are singular to rounding ({DEGENERATE})"
+        residual = np.concatenate([g + C.T @ y, a[kinks], D[held] @ x + c[held] - min_gap])
         dz = np.linalg.solve(K, -residual)
-        x, y = x + dz[:n], y + dz[n:]
-        if np.max(np.abs(dz[:n])) <= NEWTON_XTOL:
-            break
+        dx = dz[:n]
+        # the longest step t <= 1 that takes no free group through zero (to first order) and no
+        # free gap below min_gap; what stops it joins the structure
+        t, stop = 1.0, None
+        da, gaps, dg = J @ dx, D @ x + c, D @ dx
+        for i in np.flatnonzero(~kinks & (signs * da < 0)):
+            if -a[i] / da[i] < t:
+                t, stop = max(-a[i] / da[i], 0.0), ("kink", i)
+        for i in np.flatnonzero(~held & (dg < 0)):
+            if (min_gap - gaps[i]) / dg[i] < t:
+                t, stop = max((min_gap - gaps[i]) / dg[i], 0.0), ("gap", i)
+        x = x + t * dx
+        step = np.max(np.abs(dx))
+        if stop is not None:
+            kind, i = stop
+            if kind == "kink":
+                kinks[i], signs[i] = True, 0.0
+            else:
+                held[i] = True
+            H, last_step = None, np.inf
+            continue
+        if step > 0.25 * last_step:  # slow contraction: a fresh Hessian next step
+            H = None
+        # converged: the step is below NEWTON_XTOL, or at rounding's floor (it stopped shrinking)
+        if not (step <= NEWTON_XTOL or (step <= 100 * NEWTON_XTOL and step > 0.25 * last_step)):
+            last_step = step
+            continue
+        last_step = np.inf
+        y = y + dz[n:]
+        mu, nu = y[:m_k], -y[m_k:]
+        if np.any(np.abs(np.abs(mu) - 1) <= WEAK) or np.any(np.abs(nu) <= WEAK):
+            return None, f"a kink or a minimum gap binds only weakly ({DEGENERATE})"
+        if m_k and np.max(np.abs(mu)) > 1:  # F decreases with this kink's group moved off zero
+            j = int(np.argmax(np.abs(mu)))
+            i = np.flatnonzero(kinks)[j]
+            kinks[i], signs[i], H = False, np.sign(mu[j]), None
+            continue
+        if nu.size and np.min(nu) < 0:  # F decreases with this gap widened
+            held[np.flatnonzero(held)[int(np.argmin(nu))]], H = False, None
+            continue
+        break
     else:
         return None, "Newton's method on them did not converge"
-    mu, nu = y[:m_k], -y[m_k:]
-    if not (np.all(np.abs(mu) < 1) and np.all(nu > 0)):
-        return None, f"a kink or a minimum gap binds only weakly ({DEGENERATE})"
     Z = np.linalg.svd(C)[2][m:].T if m else np.eye(n)  # directions along which C x is constant
+    H = hessian(x, y[:m_k])
     if Z.size and not np.linalg.eigvalsh(Z.T @ H @ Z).min() > 0:
         return None, f"the curvature is not positive along the free directions (a saddle or {DEGENERATE})"
     out = np.concatenate([[lam_T], x, [lam_eps]])
