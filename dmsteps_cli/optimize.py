@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,19 @@ class StepResult:
     @property
     def converged(self) -> bool:
         return self.status == "converged"
+
+
+@contextmanager
+def one_blas_thread():
+    """Limit BLAS (OpenBLAS, MKL, ...) to one thread while the optimizer runs, whatever the caller
+    set (threadpoolctl). Its matrices are tiny: a multi-threaded BLAS only adds synchronization,
+    and on a loaded 2-core machine made a 5..15 sweep 2-10x slower than one thread. Entering costs
+    about a millisecond: wrap whole sweeps (``build.make_table``), not single optimizations."""
+    import scipy.optimize  # noqa: F401  (loads scipy's own BLAS first: a limit covers only the libraries loaded)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def gap_matrix(lam_T: float, lam_eps: float, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +327,7 @@ def _polish(objective, lam, min_gap):
                 held[i] = True
             H, last_step = None, np.inf
             continue
-        if step > 0.25 * last_step:  # slow contraction: a fresh Hessian next step
+        if step > 0.25 * last_step and step > 100 * NEWTON_XTOL:  # slow contraction: a fresh Hessian
             H = None
         # converged: the step is below NEWTON_XTOL, or at rounding's floor (it stopped shrinking)
         if not (step <= NEWTON_XTOL or (step <= 100 * NEWTON_XTOL and step > 0.25 * last_step)):
@@ -336,7 +350,8 @@ def _polish(objective, lam, min_gap):
     else:
         return None, "Newton's method on them did not converge"
     Z = np.linalg.svd(C)[2][m:].T if m else np.eye(n)  # directions along which C x is constant
-    H = hessian(x, y[:m_k])
+    if H is None:  # else the one Newton used for this structure, near x
+        H = hessian(x, y[:m_k])
     if Z.size and not np.linalg.eigvalsh(Z.T @ H @ Z).min() > 0:
         return None, f"the curvature is not positive along the free directions (a saddle or {DEGENERATE})"
     out = np.concatenate([[lam_T], x, [lam_eps]])
