@@ -37,6 +37,12 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+# The most steps the optimizer places (every objective but ``none``): up to it the reference
+# objective's sweeps end ``converged`` on every preset (docs/reproducibility.md); above it SLSQP and
+# the polish stalled, so such NFEs are refused. ``none`` (a hand-made grid) takes BOUNDS["nfe"].
+OPTIMIZED_NFE_MAX = 50
+
+
 def in_bounds(name: str, value):
     """``value`` if it lies within ``BOUNDS[name]``, else BadInput for the setting ``name``.
     Counts must be whole numbers; other values finite numbers."""

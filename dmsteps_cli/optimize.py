@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import StepConfig
-from .errors import BadInput, bad_setting
+from .errors import SETTING, BadInput, bad_setting, mentioning
 from .grids import GRIDS, grid_lambda
-from .limits import in_bounds
+from .limits import BOUNDS, OPTIMIZED_NFE_MAX, in_bounds
 from .objective import OBJECTIVES, build_objective
 from .solvers import UNIPC_VARIANTS
 from .weights import SOLVERS, order_pattern
@@ -293,7 +293,8 @@ def _polish(objective, lam, min_gap):
 
     H = None
     last_step = np.inf
-    for iteration in range(NEWTON_ITERATIONS):
+    stepped = False  # no Newton step taken yet: the structure is SLSQP's
+    for _ in range(NEWTON_ITERATIONS):
         a, g, J = parts(x)
         C = np.vstack([J[kinks], D[held]])  # the constraint rows the multipliers y = [mu, -nu] go with
         m, m_k = C.shape[0], int(kinks.sum())
@@ -302,7 +303,7 @@ def _polish(objective, lam, min_gap):
             H = hessian(x, y[:m_k])
         K = np.block([[H, C.T], [C, np.zeros((m, m))]])
         sv = np.linalg.svd(K, compute_uv=False)
-        if not sv[-1] > (KKT_RCOND if iteration == 0 else SINGULAR_RCOND) * sv[0]:
+        if not sv[-1] > (SINGULAR_RCOND if stepped else KKT_RCOND) * sv[0]:
             return None, f"they are singular to rounding ({DEGENERATE})"
         residual = np.concatenate([g + C.T @ y, a[kinks], D[held] @ x + c[held] - min_gap])
         dz = np.linalg.solve(K, -residual)
@@ -317,7 +318,7 @@ def _polish(objective, lam, min_gap):
         for i in np.flatnonzero(~held & (dg < 0)):
             if (min_gap - gaps[i]) / dg[i] < t:
                 t, stop = max((min_gap - gaps[i]) / dg[i], 0.0), ("gap", i)
-        x = x + t * dx
+        x, stepped = x + t * dx, True
         step = np.max(np.abs(dx))
         if stop is not None:
             kind, i = stop
@@ -474,6 +475,10 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     nfes = tuple(int(n) for n in c["nfe"])
     if not nfes:
         raise bad_setting("nfe", "names no step counts")
+    if c["objective"] != "none" and max(nfes) > OPTIMIZED_NFE_MAX:
+        raise mentioning("objective", f"{SETTING} {c['objective']} places at most {OPTIMIZED_NFE_MAX} steps, "
+                                      f"not NFE {max(nfes)}: ask for fewer, or use {SETTING} none "
+                                      f"(a hand-made grid, up to {BOUNDS['nfe'][1]})")
     steps_held = getattr(schedule, "M", None)  # a discrete schedule's training steps
     for n in nfes:
         if n < 2:

@@ -8,6 +8,7 @@ import pytest
 
 from dmsteps_cli.config import StepConfig
 from dmsteps_cli.errors import BadInput
+from dmsteps_cli.limits import OPTIMIZED_NFE_MAX
 from dmsteps_cli.grids import GRIDS, grid_lambda
 from dmsteps_cli.objective import build_objective
 from dmsteps_cli.optimize import DEGENERATE, GAP_FRACTION, minimize_steps, polish, resolve
@@ -235,3 +236,28 @@ def test_the_library_runs_the_optimizer_on_one_blas_thread_whatever_the_caller_s
     out = json.loads(r.stdout)
     assert len(out["inside"]) == 2 and all(n == [1] * len(n) and n for n in out["inside"]), out
     assert 2 in out["after"], out  # the caller's setting is back
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "edm"])
+def test_high_nfe_reference_entries_end_converged(name):
+    """Up to OPTIMIZED_NFE_MAX steps every reference entry is a verified minimum (a representative
+    subset of 5..50; SLSQP alone stalled from NFE 20 on)."""
+    from dmsteps_cli import StepConfig, make_table
+
+    table = make_table(StepConfig(schedule=name, objective="reference", nfe=(20, 35, OPTIMIZED_NFE_MAX)))
+    assert [e["optimizer"]["status"] for e in table["entries"]] == ["converged"] * 3, \
+        [e["optimizer"]["message"] for e in table["entries"]]
+
+
+def test_more_steps_than_the_optimizer_places_are_refused_in_one_line(tmp_path, capsys):
+    from dmsteps_cli.cli import main
+
+    out = tmp_path / "t.json"
+    with pytest.raises(SystemExit) as stop:
+        main(["optimize", "--objective", "reference", "--nfe", f"3..{OPTIMIZED_NFE_MAX + 1}", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not out.exists()
+    assert err.count("\n") == 1 and err.startswith("error: --objective reference places at most 50 steps"), err
+    with pytest.raises(BadInput, match="objective paper places at most 50 steps, not NFE 100"):
+        resolve(StepConfig(objective="paper", nfe=(5, 100)), get_schedule("scaled_linear"))
+    assert resolve(StepConfig(objective="none", nfe=(100,)), get_schedule("scaled_linear")).nfe == (100,)
