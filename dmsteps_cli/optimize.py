@@ -12,12 +12,13 @@ over the interior lambdas x = lam[1:-1] and s, with SLSQP and exact gradients. T
 keeps the steps strictly increasing (the weights divide by the gaps). The result is never worse
 than the start: if it were, the start is returned and the status says so.
 
-SLSQP finds which terms are kinks and which gaps bind at the minimum, but where it stops depends
-on rounding (BLAS kernel, numpy's SIMD paths, thread count) by up to 1e-4 in lambda. ``polish``
-then solves the minimum's optimality conditions with Newton's method, which fixes the steps to
-rounding (measured: 2e-13 in lambda across kernels) and verifies that they are a strict local
-minimum. Only such a verified result has status ``converged``: that is what makes a table the
-same on every machine.
+SLSQP finds (roughly) which terms are kinks and which gaps bind at the minimum, but where it stops
+depends on rounding (BLAS kernel, numpy's SIMD paths, thread count) by up to 1e-4 in lambda.
+``polish`` then solves the minimum's optimality conditions with Newton's method, correcting the
+set of kinks and held gaps on the way, which fixes the steps to rounding (measured: 2e-13 in lambda
+across kernels) and verifies that they are a strict local minimum. Only such a verified result has
+status ``converged``: that is what makes a table the same on every machine. BLAS runs on one
+thread meanwhile (``one_blas_thread``, entered by ``build.make_table``).
 
 Also here: ``resolve`` (a ``config.StepConfig`` with the per-schedule defaults filled in), the
 default steps per schedule (``DEFAULT_STEPS``) and the per-NFE driver ``optimize_nfe``. Lambdas
@@ -99,8 +100,10 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 
     The best feasible point any evaluation met is kept, so a run that stops badly (SLSQP can end
     with "Positive directional derivative for linesearch" or a singular subproblem on these
-    non-smooth landscapes) still returns its best point; such a run is restarted from that point,
-    up to RESTARTS times; the best point is then polished (``polish``). Status: ``converged``
+    non-smooth landscapes) still returns its best point. After each run the best point is polished
+    (``polish``); if that verifies a minimum, it is the result, else an unconverged run is
+    restarted from the best point, up to RESTARTS times (at N >= 20 SLSQP crawls along the
+    minimum's flat valley, and the polish finishes from where 100 to 400 iterations left it). Status: ``converged``
     (the polished point is a verified strict local minimum), ``unverified`` (SLSQP's test met but
     ``polish`` could not verify the point: degenerate minima, as the ``paper`` and ``exact``
     objectives often have), ``stalled`` (a run ended unconverged without improving the objective
