@@ -48,7 +48,8 @@ from .weights import SOLVERS, order_pattern
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
 MAXITER = 100  # SLSQP iterations per run
 FTOL = 1e-13
-RESTARTS = 10  # further runs from the best point while a run ends unconverged
+RESTARTS = 10  # further runs from the best point while a run ends unconverged: at least this, at most N
+# (EDM's reference sweep from unif_t needed 9 at NFE 29..31, and more under other rounding)
 TIE_RTOL = 1e-9  # --init best: objectives this close count as the same minimum
 STALL = 1e-4  # a run that improves the objective by less than this (relative) ends the restarts
 
@@ -102,7 +103,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
     with "Positive directional derivative for linesearch" or a singular subproblem on these
     non-smooth landscapes) still returns its best point. After each run the best point is polished
     (``polish``); if that verifies a minimum, it is the result, else an unconverged run is
-    restarted from the best point, up to RESTARTS times (at N >= 20 SLSQP crawls along the
+    restarted from the best point, up to max(RESTARTS, N) times (at N >= 20 SLSQP crawls along the
     minimum's flat valley, and the polish finishes from where 100 to 400 iterations left it). Status: ``converged``
     (the polished point is a verified strict local minimum), ``unverified`` (SLSQP's test met but
     ``polish`` could not verify the point: degenerate minima, as the ``paper`` and ``exact``
@@ -164,7 +165,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 
     nit = nfev = 0
     status = "not-converged"
-    for attempt in range(RESTARTS + 1):
+    for attempt in range(max(RESTARTS, n + 1) + 1):
         x0, F_before = best["x"].copy(), best["F"]
         z0 = np.concatenate([x0, np.abs(terms(x0)[0])])
         with warnings.catch_warnings():
