@@ -189,10 +189,11 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
                               f"{message}; optimality conditions verified and solved to rounding", nit, nfev)
         if status != "not-converged":
             break
+    where = "" if status == "converged" else " at SLSQP's last point"
     if status == "converged":
         status = "unverified"
     return StepResult(lam, float(best["F"]), float(F0), status,
-                      f"{message}; optimality conditions not verified: {why}", nit, nfev)
+                      f"{message}; optimality conditions not verified{where}: {why}", nit, nfev)
 
 
 # --- polishing: the optimality conditions solved to rounding -----------------------------------
@@ -208,8 +209,8 @@ NEWTON_XTOL = 1e-12  # converged: the last Newton step moved no lambda by more t
 # verified minima of every preset, grids unif_t and quad, p in {0, 1, 2} and N 3..15 it was at least 1.5e-4.
 KKT_RCOND = 1e-7
 SINGULAR_RCOND = 1e-12  # after the first step (the structure changed on the way): singular
-KINK_MAX = 1e-4
-KINK_JUMP = 100.0
+KINK_MAX = 1e-4  # kink_threshold: a group with |a|/F above this is never taken for a kink at the start
+KINK_JUMP = 100.0  # kink_threshold: the least ratio between neighbouring sorted |a|/F that separates kinks
 WEAK = 1e-6  # a kink's |mu| this close to 1, or a held gap's nu this close to 0, binds only weakly
 DEGENERATE = "a degenerate minimum"  # every message of polish that finds one says so
 
