@@ -211,6 +211,7 @@ KKT_RCOND = 1e-7
 SINGULAR_RCOND = 1e-12  # after the first step (the structure changed on the way): singular
 KINK_MAX = 1e-4  # kink_threshold: a group with |a|/F above this is never taken for a kink at the start
 KINK_JUMP = 100.0  # kink_threshold: the least ratio between neighbouring sorted |a|/F that separates kinks
+STRUCTURE_CHANGES = 6  # kinks or gaps that steps may add before polish gives up (SLSQP is not near yet)
 WEAK = 1e-6  # a kink's |mu| this close to 1, or a held gap's nu this close to 0, binds only weakly
 DEGENERATE = "a degenerate minimum"  # every message of polish that finds one says so
 
@@ -241,7 +242,8 @@ def polish(objective, lam, min_gap: float) -> tuple[np.ndarray | None, str]:
     reciprocal condition below KKT_RCOND: a flat valley, dependent constraints, more kinks and held
     gaps than free steps), or the Hessian of f + mu . a_K is not positive definite on the
     directions that keep a_K and the held gaps fixed. The other failures: Newton does not converge
-    within NEWTON_ITERATIONS, or the result has a higher F than ``lam``.
+    within NEWTON_ITERATIONS, steps add more than STRUCTURE_CHANGES kinks and gaps (SLSQP is not
+    near a minimum yet: it goes on), or the result has a higher F than ``lam``.
     """
     with np.errstate(all="ignore"):  # a NaN or inf from a probe fails a check below instead
         try:
@@ -299,6 +301,7 @@ def _polish(objective, lam, min_gap):
     H = None
     last_step = np.inf
     stepped = False  # no Newton step taken yet: the structure is SLSQP's
+    changes = 0
     for _ in range(NEWTON_ITERATIONS):
         a, g, J = parts(x)
         C = np.vstack([J[kinks], D[held]])  # the constraint rows the multipliers y = [mu, -nu] go with
@@ -331,7 +334,9 @@ def _polish(objective, lam, min_gap):
                 kinks[i], signs[i] = True, 0.0
             else:
                 held[i] = True
-            H, last_step = None, np.inf
+            H, last_step, changes = None, np.inf, changes + 1
+            if changes > STRUCTURE_CHANGES:
+                return None, "the set of kinks and held gaps kept changing (not near a minimum yet)"
             continue
         if step > 0.25 * last_step and step > 100 * NEWTON_XTOL:  # slow contraction: a fresh Hessian
             H = None
