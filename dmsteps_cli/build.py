@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import __version__
 from .config import StepConfig
 from .errors import BadInput
-from .optimize import DEFAULT_SCHEDULE, GAP_FRACTION, optimize_nfe, resolve
+from .optimize import DEFAULT_SCHEDULE, GAP_FRACTION, one_blas_thread, optimize_nfe, resolve
 from .schedule_sources import get_schedule
 from .schedules import PRESETS, same_schedule, step_arrays
 from .tables import SCHEMA
@@ -37,6 +37,7 @@ def make_entry(config: StepConfig, schedule, nfe: int) -> dict:
 
 def make_table(config: StepConfig, schedule=None, progress=None) -> dict:
     """The whole table for a config (resolved here); ``progress(nfe)`` is called after each NFE.
+    BLAS runs on one thread meanwhile (``optimize.one_blas_thread``), whatever the caller set.
 
     ``schedule`` defaults to ``get_schedule(config.schedule)`` (DEFAULT_SCHEDULE when that is None,
     as it is by default). A schedule passed in must be the one ``config.schedule`` names where
@@ -51,10 +52,11 @@ def make_table(config: StepConfig, schedule=None, progress=None) -> dict:
         raise BadInput(f"the schedule passed in ({schedule.name}) is not {config.schedule}, which the config names")
     config = resolve(config, schedule)
     entries = []
-    for n in config.nfe:
-        entries.append(make_entry(config, schedule, n))
-        if progress is not None:
-            progress(n)
+    with one_blas_thread():
+        for n in config.nfe:
+            entries.append(make_entry(config, schedule, n))
+            if progress is not None:
+                progress(n)
     return {
         "schema": SCHEMA,
         "generator": {"name": "dmsteps", "version": __version__},

@@ -37,6 +37,13 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+# The most steps the optimizer places (every objective but ``none``): up to it the reference
+# objective's default sweeps end ``converged`` on every preset (docs/reproducibility.md: all but edm
+# to NFE 50, edm to 31); above it entries stalled, so such NFEs are refused. ``none`` (a hand-made
+# grid) takes BOUNDS["nfe"].
+OPTIMIZED_NFE_MAX = 30
+
+
 def in_bounds(name: str, value):
     """``value`` if it lies within ``BOUNDS[name]``, else BadInput for the setting ``name``.
     Counts must be whole numbers; other values finite numbers."""

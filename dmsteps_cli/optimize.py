@@ -12,12 +12,13 @@ over the interior lambdas x = lam[1:-1] and s, with SLSQP and exact gradients. T
 keeps the steps strictly increasing (the weights divide by the gaps). The result is never worse
 than the start: if it were, the start is returned and the status says so.
 
-SLSQP finds which terms are kinks and which gaps bind at the minimum, but where it stops depends
-on rounding (BLAS kernel, numpy's SIMD paths, thread count) by up to 1e-4 in lambda. ``polish``
-then solves the minimum's optimality conditions with Newton's method, which fixes the steps to
-rounding (measured: 2e-13 in lambda across kernels) and verifies that they are a strict local
-minimum. Only such a verified result has status ``converged``: that is what makes a table the
-same on every machine.
+SLSQP finds (roughly) which terms are kinks and which gaps bind at the minimum, but where it stops
+depends on rounding (BLAS kernel, numpy's SIMD paths, thread count) by up to 1e-4 in lambda.
+``polish`` then solves the minimum's optimality conditions with Newton's method, correcting the
+set of kinks and held gaps on the way, which fixes the steps to rounding (measured: 2e-13 in lambda
+across kernels) and verifies that they are a strict local minimum. Only such a verified result has
+status ``converged``: that is what makes a table the same on every machine. BLAS runs on one
+thread meanwhile (``one_blas_thread``, entered by ``build.make_table``).
 
 Also here: ``resolve`` (a ``config.StepConfig`` with the per-schedule defaults filled in), the
 default steps per schedule (``DEFAULT_STEPS``) and the per-NFE driver ``optimize_nfe``. Lambdas
@@ -31,21 +32,23 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import StepConfig
-from .errors import BadInput, bad_setting
+from .errors import SETTING, BadInput, bad_setting, mentioning
 from .grids import GRIDS, grid_lambda
-from .limits import in_bounds
+from .limits import BOUNDS, OPTIMIZED_NFE_MAX, in_bounds
 from .objective import OBJECTIVES, build_objective
 from .solvers import order_pattern, solver_spec
 
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
 MAXITER = 100  # SLSQP iterations per run
 FTOL = 1e-13
-RESTARTS = 10  # further runs from the best point while a run ends unconverged
+RESTARTS = 10  # further runs from the best point while a run ends unconverged: at least this, at most N
+# (EDM's reference sweep from unif_t needed 9 at NFE 29..31, and more under other rounding)
 TIE_RTOL = 1e-9  # --init best: objectives this close count as the same minimum
 STALL = 1e-4  # a run that improves the objective by less than this (relative) ends the restarts
 
@@ -71,6 +74,19 @@ class StepResult:
         return self.status == "converged"
 
 
+@contextmanager
+def one_blas_thread():
+    """Limit BLAS (OpenBLAS, MKL, ...) to one thread while the optimizer runs, whatever the caller
+    set (threadpoolctl). Its matrices are tiny: a multi-threaded BLAS only adds synchronization,
+    and on a loaded 2-core machine made a 5..15 sweep 2-10x slower than one thread. Entering costs
+    about a millisecond: wrap whole sweeps (``build.make_table``), not single optimizations."""
+    import scipy.optimize  # noqa: F401  (loads scipy's own BLAS first: a limit covers only the libraries loaded)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def gap_matrix(lam_T: float, lam_eps: float, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(D, c) with D @ x + c the N = n + 1 gaps lam[i + 1] - lam[i] of lam = [lam_T, x, lam_eps]."""
     D = np.eye(n + 1, n) - np.eye(n + 1, n, k=-1)
@@ -84,8 +100,10 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 
     The best feasible point any evaluation met is kept, so a run that stops badly (SLSQP can end
     with "Positive directional derivative for linesearch" or a singular subproblem on these
-    non-smooth landscapes) still returns its best point; such a run is restarted from that point,
-    up to RESTARTS times; the best point is then polished (``polish``). Status: ``converged``
+    non-smooth landscapes) still returns its best point. After each run the best point is polished
+    (``polish``); if that verifies a minimum, it is the result, else an unconverged run is
+    restarted from the best point, up to max(RESTARTS, N) times (at N >= 20 SLSQP crawls along the
+    minimum's flat valley, and the polish finishes from where 100 to 400 iterations left it). Status: ``converged``
     (the polished point is a verified strict local minimum), ``unverified`` (SLSQP's test met but
     ``polish`` could not verify the point: degenerate minima, as the ``paper`` and ``exact``
     objectives often have), ``stalled`` (a run ended unconverged without improving the objective
@@ -146,7 +164,7 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 
     nit = nfev = 0
     status = "not-converged"
-    for attempt in range(RESTARTS + 1):
+    for attempt in range(max(RESTARTS, n + 1) + 1):
         x0, F_before = best["x"].copy(), best["F"]
         z0 = np.concatenate([x0, np.abs(terms(x0)[0])])
         with warnings.catch_warnings():
@@ -157,23 +175,24 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
         terms(res.x[:n])  # the final point competes for best too
         if res.status == 0:
             status = "converged"
-            break
-        if not best["F"] < F_before * (1 - STALL):
+        elif not best["F"] < F_before * (1 - STALL):
             status = "stalled"
+        lam = np.concatenate([[lam_T], best["x"], [lam_eps]])
+        message = str(res.message) + (f" (after {attempt} restarts)" if attempt else "")
+        if not best["F"] < F0:
+            status, message = "kept-start", f"the optimizer did not improve on the start ({message})"
+            return StepResult(lam, float(F0), float(F0), status, message, nit, nfev)
+        polished, why = polish(objective, lam, min_gap)
+        if polished is not None:
+            return StepResult(polished, objective.value(polished), float(F0), "converged",
+                              f"{message}; optimality conditions verified and solved to rounding", nit, nfev)
+        if status != "not-converged":
             break
-    lam = np.concatenate([[lam_T], best["x"], [lam_eps]])
-    message = str(res.message) + (f" (after {attempt} restarts)" if attempt else "")
-    if not best["F"] < F0:
-        status, message = "kept-start", f"the optimizer did not improve on the start ({message})"
-        return StepResult(lam, float(F0), float(F0), status, message, nit, nfev)
-    polished, why = polish(objective, lam, min_gap)
-    if polished is None:
-        if status == "converged":
-            status = "unverified"
-        return StepResult(lam, float(best["F"]), float(F0), status,
-                          f"{message}; optimality conditions not verified: {why}", nit, nfev)
-    return StepResult(polished, objective.value(polished), float(F0), "converged",
-                      f"{message}; optimality conditions verified and solved to rounding", nit, nfev)
+    where = "" if status == "converged" else " at SLSQP's last point"
+    if status == "converged":
+        status = "unverified"
+    return StepResult(lam, float(best["F"]), float(F0), status,
+                      f"{message}; optimality conditions not verified{where}: {why}", nit, nfev)
 
 
 # --- polishing: the optimality conditions solved to rounding -----------------------------------
@@ -181,36 +200,69 @@ def minimize_steps(objective, lam_init, min_gap: float | None = None, maxiter: i
 KINK_RTOL = 1e-7  # an |.| term below this fraction of F is a kink the minimum sits on
 GAP_RTOL = 1e-6  # a gap within this fraction of the minimum gap is held at it
 HESSIAN_STEP = 1e-6  # central differences of the exact gradient give the Hessian (lambda units)
-NEWTON_ITERATIONS = 10
+NEWTON_ITERATIONS = 60  # Newton steps, structure changes included
 NEWTON_XTOL = 1e-12  # converged: the last Newton step moved no lambda by more than this
+# The optimality conditions are singular at a degenerate minimum (a flat valley, a kink or gap that
+# binds only weakly, dependent constraints): their matrix's smallest singular value relative to its
+# largest is then rounding noise (measured: at most 7e-9, from the central-difference Hessian); at the
+# verified minima of every preset, grids unif_t and quad, p in {0, 1, 2} and N 3..15 it was at least 1.5e-4.
+KKT_RCOND = 1e-7
+SINGULAR_RCOND = 1e-12  # after the first step (the structure changed on the way): singular
+KINK_MAX = 1e-4  # kink_threshold: a group with |a|/F above this is never taken for a kink at the start
+KINK_JUMP = 100.0  # kink_threshold: the least ratio between neighbouring sorted |a|/F that separates kinks
+STRUCTURE_CHANGES = 6  # kinks or gaps that steps may add before polish gives up (SLSQP is not near yet)
+WEAK = 1e-6  # a kink's |mu| this close to 1, or a held gap's nu this close to 0, binds only weakly
+DEGENERATE = "a degenerate minimum"  # every message of polish that finds one says so
 
 
 def polish(objective, lam, min_gap: float) -> tuple[np.ndarray | None, str]:
     """The local minimum near ``lam`` to rounding, by Newton's method on its optimality conditions.
 
-    SLSQP stops somewhere within about 1e-7 (up to 1e-4 along shallow directions) of a minimum,
-    and where it stops depends on rounding: the BLAS kernel, numpy's SIMD paths, the thread
-    count. The minimum itself does not. At ``lam`` some abs groups are zero (the set K of kinks
-    the minimum sits on), some gaps are at ``min_gap`` (the set B) and the other abs groups have a
-    sign s_g. With f = sum_{g not in K} s_g a_g + sum_g q_g over the interior lambdas x, the
-    minimum solves the square system
+    SLSQP stops somewhere near a minimum (within about 1e-7 at small N; at N >= 20, where the
+    minimum lies in a long flat valley, its first 100 iterations end up to 0.05 away in lambda), and
+    where it stops depends on rounding: the BLAS kernel, numpy's SIMD paths, the thread count. The
+    minimum itself does not. At ``lam`` some abs groups are zero (the set K of kinks the minimum
+    sits on), some gaps are at ``min_gap`` (the set B) and the other abs groups have a sign s_g.
+    With f = sum_{g not in K} s_g a_g + sum_g q_g over the interior lambdas x, the minimum solves
+    the square system
 
         grad f(x) + J_K(x)^T mu - D_B^T nu = 0,   a_K(x) = 0,   D_B x + c_B = min_gap
 
-    (``gap_matrix`` gives D and c). Newton's method from ``lam`` (Hessian of f + mu . a_K by
-    central differences of the exact gradient, computed once) converges to it to rounding.
+    (``gap_matrix`` gives D and c). Newton's method solves it (the Hessian of f + mu . a_K by
+    central differences of the exact gradient, kept while the steps shrink fast). The structure is
+    corrected on the way, as an active-set method does: a step that would take a free group
+    through zero or a free gap below ``min_gap`` stops there and holds it (K or B grows); at the
+    solution of a structure, a kink whose multiplier has |mu_g| >= 1 is released with the sign of
+    mu_g, and a held gap with nu_b <= 0 is freed (both lower F).
 
-    Returns (the polished lambdas, ""), or (None, why) when that point is not a strict local
-    minimum with the same structure: Newton does not converge, |mu_g| >= 1 or nu_b <= 0 (a kink or
-    a gap that binds only weakly: a degenerate minimum), the Hessian of f + mu . a_K is not
-    positive definite on the directions that keep a_K and the held gaps fixed, a sign, a free gap
-    or an L2 group changes, or F is higher than at ``lam``.
+    Returns (the polished lambdas, ""), or (None, why) when no strict local minimum is verified.
+    A degenerate minimum is reported as one (``DEGENERATE`` in ``why``) whichever test finds it,
+    since which one does depends on rounding: the system's matrix is singular to rounding (its
+    reciprocal condition below KKT_RCOND: a flat valley, dependent constraints, more kinks and held
+    gaps than free steps), or the Hessian of f + mu . a_K is not positive definite on the
+    directions that keep a_K and the held gaps fixed. The other failures: Newton does not converge
+    within NEWTON_ITERATIONS, steps add more than STRUCTURE_CHANGES kinks and gaps (SLSQP is not
+    near a minimum yet: it goes on), or the result has a higher F than ``lam``.
     """
     with np.errstate(all="ignore"):  # a NaN or inf from a probe fails a check below instead
         try:
             return _polish(objective, np.asarray(lam, dtype=np.float64), min_gap)
         except np.linalg.LinAlgError:
-            return None, "they are singular (more kinks and held gaps than free steps, or dependent ones)"
+            return None, f"they are singular ({DEGENERATE})"
+
+
+def kink_threshold(r) -> float:
+    """The |a_g| / F below which a group counts as a kink at SLSQP's point: KINK_RTOL, raised to
+    the widest jump (at least KINK_JUMP) in the sorted ratios ``r`` below KINK_MAX (SLSQP's kinks
+    lie at 1e-9 .. 1e-6 after 100 iterations at N >= 20, the other groups above 1e-4)."""
+    small = np.sort(r[(r > 0) & (r < KINK_MAX * KINK_JUMP)])
+    if small.size < 2:
+        return KINK_RTOL
+    jumps = np.where(small[:-1] < KINK_MAX, small[1:] / small[:-1], 0.0)
+    i = int(np.argmax(jumps))
+    if not (jumps[i] >= KINK_JUMP and small[i] > KINK_RTOL):
+        return KINK_RTOL
+    return float(np.sqrt(small[i] * small[i + 1]))
 
 
 def _polish(objective, lam, min_gap):
@@ -220,52 +272,98 @@ def _polish(objective, lam, min_gap):
     F0 = float(np.abs(a).sum() + q.sum())
     if not (F0 > 0 and np.all(q > 0)):
         return None, "the objective or an L2 group is zero"
-    kinks = np.abs(a) <= KINK_RTOL * F0
+    kinks = np.abs(a) <= kink_threshold(np.abs(a) / F0) * F0
     signs = np.where(kinks, 0.0, np.sign(a))
     D, c = gap_matrix(lam_T, lam_eps, n)
-    held = D @ lam[1:-1] + c <= min_gap * (1 + GAP_RTOL)
-    DB = D[held]
-    m_k = int(kinks.sum())
+    x = lam[1:-1].copy()
+    held = D @ x + c <= min_gap * (1 + GAP_RTOL)
 
     def parts(x):
-        """grad f (n,), a_K, J_K (m_k, n) at the interior lambdas x, scaled by 1/F0."""
+        """a / F0 (G,), grad f (n,) and J (G, n) at the interior lambdas x (f scaled by 1/F0)."""
         a, q, Ja, Jq = objective.terms(np.concatenate([[lam_T], x, [lam_eps]]))
         Ja, Jq = Ja[:, 1:-1] / F0, Jq[:, 1:-1] / F0
-        return signs @ Ja + Jq.sum(axis=0), a[kinks] / F0, Ja[kinks]
+        return a / F0, signs @ Ja + Jq.sum(axis=0), Ja
 
-    x = lam[1:-1].copy()
-    g, a_k, J_k = parts(x)
-    C = np.vstack([J_k, DB])  # the constraint rows the multipliers y = [mu, -nu] go with
-    y = np.linalg.lstsq(C.T, -g, rcond=None)[0] if C.size else np.zeros(0)
+    def hessian(x, mu):
+        """The Hessian of f + mu . a_K at x, by central differences of the exact gradient."""
+        def lagrangian_grad(x):
+            _, g, J = parts(x)
+            return g + J[kinks].T @ mu
 
-    def lagrangian_grad(x):
-        g, _, J_k = parts(x)
-        return g + J_k.T @ y[:m_k]
+        H = np.empty((n, n))
+        for i in range(n):
+            step = np.zeros(n)
+            step[i] = HESSIAN_STEP
+            H[:, i] = (lagrangian_grad(x + step) - lagrangian_grad(x - step)) / (2 * HESSIAN_STEP)
+        return 0.5 * (H + H.T)
 
-    H = np.empty((n, n))
-    for i in range(n):
-        step = np.zeros(n)
-        step[i] = HESSIAN_STEP
-        H[:, i] = (lagrangian_grad(x + step) - lagrangian_grad(x - step)) / (2 * HESSIAN_STEP)
-    H = 0.5 * (H + H.T)
-    m = C.shape[0]
-    K = np.block([[H, C.T], [C, np.zeros((m, m))]])
+    H = None
+    last_step = np.inf
+    stepped = False  # no Newton step taken yet: the structure is SLSQP's
+    changes = 0
     for _ in range(NEWTON_ITERATIONS):
-        g, a_k, J_k = parts(x)
-        C = np.vstack([J_k, DB])
-        residual = np.concatenate([g + C.T @ y, a_k, DB @ x + c[held] - min_gap])
+        a, g, J = parts(x)
+        C = np.vstack([J[kinks], D[held]])  # the constraint rows the multipliers y = [mu, -nu] go with
+        m, m_k = C.shape[0], int(kinks.sum())
+        y = np.linalg.lstsq(C.T, -g, rcond=None)[0] if m else np.zeros(0)
+        if H is None:
+            H = hessian(x, y[:m_k])
+        K = np.block([[H, C.T], [C, np.zeros((m, m))]])
+        sv = np.linalg.svd(K, compute_uv=False)
+        if not sv[-1] > (SINGULAR_RCOND if stepped else KKT_RCOND) * sv[0]:
+            return None, f"they are singular to rounding ({DEGENERATE})"
+        residual = np.concatenate([g + C.T @ y, a[kinks], D[held] @ x + c[held] - min_gap])
         dz = np.linalg.solve(K, -residual)
-        x, y = x + dz[:n], y + dz[n:]
-        if np.max(np.abs(dz[:n])) <= NEWTON_XTOL:
-            break
+        dx = dz[:n]
+        # the longest step t <= 1 that takes no free group through zero (to first order) and no
+        # free gap below min_gap; what stops it joins the structure
+        t, stop = 1.0, None
+        da, gaps, dg = J @ dx, D @ x + c, D @ dx
+        for i in np.flatnonzero(~kinks & (signs * da < 0)):
+            if -a[i] / da[i] < t:
+                t, stop = max(-a[i] / da[i], 0.0), ("kink", i)
+        for i in np.flatnonzero(~held & (dg < 0)):
+            if (min_gap - gaps[i]) / dg[i] < t:
+                t, stop = max((min_gap - gaps[i]) / dg[i], 0.0), ("gap", i)
+        x, stepped = x + t * dx, True
+        step = np.max(np.abs(dx))
+        if stop is not None:
+            kind, i = stop
+            if kind == "kink":
+                kinks[i], signs[i] = True, 0.0
+            else:
+                held[i] = True
+            H, last_step, changes = None, np.inf, changes + 1
+            if changes > STRUCTURE_CHANGES:
+                return None, "the set of kinks and held gaps kept changing (not near a minimum yet)"
+            continue
+        if step > 0.25 * last_step and step > 100 * NEWTON_XTOL:  # slow contraction: a fresh Hessian
+            H = None
+        # converged: the step is below NEWTON_XTOL, or at rounding's floor (it stopped shrinking)
+        if not (step <= NEWTON_XTOL or (step <= 100 * NEWTON_XTOL and step > 0.25 * last_step)):
+            last_step = step
+            continue
+        last_step = np.inf
+        y = y + dz[n:]
+        mu, nu = y[:m_k], -y[m_k:]
+        if np.any(np.abs(np.abs(mu) - 1) <= WEAK) or np.any(np.abs(nu) <= WEAK):
+            return None, f"a kink or a minimum gap binds only weakly ({DEGENERATE})"
+        if m_k and np.max(np.abs(mu)) > 1:  # F decreases with this kink's group moved off zero
+            j = int(np.argmax(np.abs(mu)))
+            i = np.flatnonzero(kinks)[j]
+            kinks[i], signs[i], H = False, np.sign(mu[j]), None
+            continue
+        if nu.size and np.min(nu) < 0:  # F decreases with this gap widened
+            held[np.flatnonzero(held)[int(np.argmin(nu))]], H = False, None
+            continue
+        break
     else:
         return None, "Newton's method on them did not converge"
-    mu, nu = y[:m_k], -y[m_k:]
-    if not (np.all(np.abs(mu) < 1) and np.all(nu > 0)):
-        return None, "a kink or a minimum gap binds only weakly (a degenerate minimum)"
     Z = np.linalg.svd(C)[2][m:].T if m else np.eye(n)  # directions along which C x is constant
+    if H is None:  # else the one Newton used for this structure, near x
+        H = hessian(x, y[:m_k])
     if Z.size and not np.linalg.eigvalsh(Z.T @ H @ Z).min() > 0:
-        return None, "the curvature is not positive along the free directions"
+        return None, f"the curvature is not positive along the free directions (a saddle or {DEGENERATE})"
     out = np.concatenate([[lam_T], x, [lam_eps]])
     a, q, _, _ = objective.terms(out, jac=False)
     gaps = D @ x + c
@@ -381,6 +479,10 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     nfes = tuple(int(n) for n in c["nfe"])
     if not nfes:
         raise bad_setting("nfe", "names no step counts")
+    if c["objective"] != "none" and max(nfes) > OPTIMIZED_NFE_MAX:
+        raise mentioning("objective", f"{SETTING} {c['objective']} places at most {OPTIMIZED_NFE_MAX} steps, "
+                                      f"not NFE {max(nfes)}: ask for fewer, or use {SETTING} none "
+                                      f"(a hand-made grid, up to {BOUNDS['nfe'][1]})")
     steps_held = getattr(schedule, "M", None)  # a discrete schedule's training steps
     for n in nfes:
         if n < 2:

@@ -51,11 +51,11 @@ def exp_moments(h, m_max: int) -> np.ndarray:
     coef = _COEF if m_max < _COEF.shape[0] else _series_coefficients(m_max)
     out = np.empty(h.shape + (m_max + 1,))
     small = h < _SERIES_BELOW
-    # recurrence (values for small h are overwritten below)
-    eh = np.exp(h)
-    out[..., 0] = np.expm1(h)
-    for m in range(1, m_max + 1):
-        out[..., m] = h**m * eh - m * out[..., m - 1]
+    if not np.all(small):  # the recurrence (values for small h are overwritten below)
+        eh = np.exp(h)
+        out[..., 0] = np.expm1(h)
+        for m in range(1, m_max + 1):
+            out[..., m] = h**m * eh - m * out[..., m - 1]
     if np.any(small):
         hs = h[small]
         series = _powers(hs, _SERIES_TERMS) @ coef[: m_max + 1].T  # (S, m_max + 1)
@@ -85,7 +85,8 @@ def lagrange_step_weights(nodes, end):
     u = nodes - lam_c[:, None]  # node offsets, last one 0
     h = end - lam_c
     V = _powers(u, k)  # V[s, i, m] = u_i^m
-    Vinv = np.linalg.inv(V)  # Vinv[s, m, j] = a_{jm}: l_j(u) = sum_m Vinv[m, j] u^m
+    # Vinv[s, m, j] = a_{jm}: l_j(u) = sum_m Vinv[m, j] u^m (for k = 1, V = [[1]] is its own inverse)
+    Vinv = np.linalg.inv(V) if k > 1 else V
     e_c = np.exp(lam_c)
     Hm = exp_moments(h, k - 1)  # (S, k)
     w = e_c[:, None] * (Hm[:, None, :] @ Vinv)[:, 0, :]

@@ -65,7 +65,7 @@ def requirements(wheel: Path) -> list[tuple[str, str | None]]:
 def test_a_plain_install_requires_no_model_packages(wheel):
     reqs = requirements(wheel)
     plain = {name for name, extra in reqs if extra is None}
-    assert plain == {"numpy", "scipy", "typer", "rich", "pyyaml"}
+    assert plain == {"numpy", "scipy", "typer", "rich", "pyyaml", "threadpoolctl"}
     assert MODEL_PACKAGES <= {name for name, extra in reqs if extra == "sample"}
 
 
