@@ -509,7 +509,9 @@ def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, st
 
     Returns the result, the name of the starting grid it came from (for ``best``: the one with
     the lowest optimized objective), the objective of every hand-made grid at this NFE and the
-    order pattern the objective assumed.
+    order pattern the objective assumed. Where no start asked for reaches a verified minimum, the
+    other hand-made grids are tried too, and the lowest verified minimum among them is kept (the
+    entry's ``init`` names the grid it came from).
     """
     objective = table_objective(schedule, config.objective, config.p, config.trunc, config.solver, config.order,
                                 config.variant, nfe)
@@ -522,6 +524,11 @@ def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, st
                 config.init, baselines, objective.orders)
     starts = GRIDS if config.init == "best" else (config.init,)
     results = [(minimize_steps(objective, grids[g]), g) for g in starts]
+    if not any(res.converged for res, _ in results):
+        # no verified minimum from the start asked for: the other hand-made grids, in GRIDS order, as
+        # further starts (EDM's reference sweep stalls from unif_t above NFE 31, converges from edm)
+        results += [(minimize_steps(objective, grids[g]), g) for g in GRIDS if g not in starts]
+        results = [(res, g) for res, g in results if res.converged] or results
     lowest = min(res.objective for res, _ in results)
     # starts that reach the same minimum tie to rounding: the first of them (GRIDS order) is named
     res, g = next((res, g) for res, g in results if res.objective <= lowest * (1 + TIE_RTOL))

@@ -238,11 +238,12 @@ def test_the_library_runs_the_optimizer_on_one_blas_thread_whatever_the_caller_s
     assert 2 in out["after"], out  # the caller's setting is back
 
 
-@pytest.mark.parametrize("name, nfes", [("scaled_linear", (20, 25, OPTIMIZED_NFE_MAX)), ("edm", (20, 24))])
+@pytest.mark.parametrize("name, nfes", [("scaled_linear", (20, 35, OPTIMIZED_NFE_MAX)),
+                                        ("edm", (40,))])
 def test_high_nfe_reference_entries_end_converged(name, nfes):
     """High-NFE reference entries are verified minima (a representative subset up to
-    OPTIMIZED_NFE_MAX; SLSQP alone stalled from NFE 20 on). EDM from unif_t needs up to 14
-    restarts at NFE 29..31 depending on rounding, so it is tested where it needs few."""
+    OPTIMIZED_NFE_MAX; SLSQP alone stalled from NFE 20 on). EDM's reference sweep stalls from its
+    unif_t start above NFE 31 and converges from the other grids, which the optimizer then tries."""
     from dmsteps_cli import StepConfig, make_table
 
     table = make_table(StepConfig(schedule=name, objective="reference", nfe=nfes))
