@@ -386,14 +386,16 @@ def _torchrun(cache):
     from .runtime import Ranks, distributed, end_distributed
 
     distributed()
+    ended = False
     try:
         ranks = Ranks.current()
         yield ranks.rank == 0
         if cache is not None and ranks.world > 1:
             counts = ranks.total([cache.hits, cache.misses, cache.unreadable, cache.written])
             cache.hits, cache.misses, cache.unreadable, cache.written = (int(c) for c in counts)
+        ended = True
     finally:
-        end_distributed()
+        end_distributed(wait=ended)
 
 
 @contextmanager

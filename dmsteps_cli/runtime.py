@@ -112,11 +112,17 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def end_distributed() -> None:
-    """End the process group of a torchrun launch, if one is initialized."""
+def end_distributed(wait: bool = True) -> None:
+    """End the process group of a torchrun launch, if one is initialized. With ``wait`` (a run that
+    ended normally, on every rank alike) every rank first waits for the others: a rank that tore its
+    connections down while another was still ending its own made that one abort in gloo
+    ("terminate called without an active exception", seen under load). A rank that ends on an
+    error does not wait: the others may be in another collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
