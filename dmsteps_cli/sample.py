@@ -202,6 +202,11 @@ def run_pipeline(run: Run, progress=None) -> np.ndarray:
     diffusers.utils.logging.set_verbosity_error()
     if req.force:
         raise bad_setting("force", "is not available for text-to-image pipelines: their scheduler must match the table")
+    spec = solver_spec(plan.solver)
+    if spec.diffusers_options is None:
+        raise bad_setting("solver", f"{spec.name}: a text-to-image pipeline samples with a diffusers scheduler, and "
+                                    f"none runs {spec.title} (choose from "
+                                    f"{', '.join(n for n, s in SOLVERS.items() if s.diffusers_options)})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype is renamed dtype in new diffusers
@@ -210,11 +215,6 @@ def run_pipeline(run: Run, progress=None) -> np.ndarray:
         raise BadInput(f"checkpoint {req.checkpoint}: cannot load the pipeline ({first_line(exc)})") from None
     pipe.to(run.device)
     pipe.set_progress_bar_config(disable=True)
-    spec = solver_spec(plan.solver)
-    if spec.diffusers_options is None:
-        raise bad_setting("solver", f"{spec.name}: a text-to-image pipeline samples with a diffusers scheduler, and "
-                                    f"none runs {spec.title} (choose from "
-                                    f"{', '.join(n for n, s in SOLVERS.items() if s.diffusers_options)})")
     pipe.scheduler = getattr(diffusers, spec.diffusers[0]).from_config(
         pipe.scheduler.config, **spec.diffusers_options(plan.order, plan.variant))
     apply_table(pipe.scheduler, run.table, entry["nfe"])

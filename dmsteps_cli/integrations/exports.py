@@ -23,13 +23,13 @@ Endpoints (the one convention, docs/table-format.md "Endpoints"). NFE means mode
 N holds N + 1 points t_0 = T > ... > t_N = eps and its solver calls the model at t_0 .. t_{N-1}. A
 k-diffusion-style consumer (k-diffusion, ComfyUI, stable-diffusion.cpp) runs L - 1 steps on a list of
 L sigmas, one model call each, and reads a final 0 as "return the last call's denoised prediction".
-``zero_end=True`` gives that consumer's list: [sigma(t_0), ..., sigma(t_{N-1}), 0], N + 1 values, so
+``final_sigma="zero"`` gives that consumer's list: [sigma(t_0), ..., sigma(t_{N-1}), 0], N + 1 values, so
 it spends exactly N calls at exactly the table's N evaluation points; the table's own end point
 sigma(eps) is replaced by 0 (appending 0 after it would spend an (N + 1)-th call). For flow tables
 the consumer's list also starts at ``FLOW_SIGMA_MAX`` = 1 (the sigma_max of ComfyUI's flow model
 samplings, whatever the shift) in place of the table's T = 0.999 (which keeps lambda finite), so
 sampling starts from pure noise as ComfyUI's own schedulers do. For VP and EDM tables sigma(T) is
-already the model's sigma_max. Without ``zero_end`` the list is the table's own N + 1 points, ending
+already the model's sigma_max. With ``final_sigma="table"`` the list is the table's own N + 1 points, ending
 at sigma_min. ComfyUI's UniPC sampler cannot step to 0 and replaces a final 0 with 0.001 (a kappa far
 below Stable Diffusion's sigma_min, still N calls): ``comfy_unipc=True`` writes that 0.001
 explicitly, so the list states what that sampler actually runs.
@@ -113,8 +113,9 @@ def sigmas_for(entry: dict, final_sigma: str = "table", comfy_unipc: bool = Fals
     sigmas = _floats(entry, _sigma_key(schedule), 1)
     if final_sigma == "zero":
         sigmas[-1] = 0.0
-        if schedule is not None and _family(schedule).consumer_sigma_max is not None:
-            sigmas[0] = _family(schedule).consumer_sigma_max
+        first = None if schedule is None else _family(schedule).consumer_sigma_max
+        if first is not None:
+            sigmas[0] = first
     if comfy_unipc and sigmas[-1] == 0.0:
         sigmas[-1] = COMFY_UNIPC_FINAL
     return sigmas
