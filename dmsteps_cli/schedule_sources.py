@@ -179,8 +179,8 @@ def check_prediction_type(ptype, schedule: Schedule, source: str) -> str:
 # decide the schedule (diffusers 0.42, each class's ``__init__``): a config that names one of these
 # classes is read with these defaults filling what the file omits, as diffusers does (SD 1.5's
 # published config has no prediction_type). Heun, KDPM2 and DPMSolverSDE default to linear betas
-# from 0.00085 to 0.012, LCM and TCD to scaled_linear ones, the rest of the discrete ones to linear
-# betas from 0.0001 to 0.02.
+# from 0.00085 to 0.012, the rest of the discrete ones to linear betas from 0.0001 to 0.02
+# (LCM and TCD, distilled, are in REFUSED_CLASSES).
 _VP_LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
               "prediction_type": "epsilon"}
 _VP_K = {**_VP_LINEAR, "beta_start": 0.00085, "beta_end": 0.012}
