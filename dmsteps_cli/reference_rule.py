@@ -94,8 +94,10 @@ class ReferenceRule:
     ``StoredSolutions`` or None (no cache); ``progress``, ``label``: the reports of each solve."""
 
     def __init__(self, solve, mean_rms, uniform, template: torch.Tensor, ref_steps: int,
-                 stored: StoredSolutions | None = None, progress=None, label: str = "noises"):
+                 stored: StoredSolutions | None = None, progress=None, label: str = "noises",
+                 finish=lambda x: x, end: tuple | None = None):
         self._solve, self._mean_rms, self._uniform, self.template = solve, mean_rms, uniform, template
+        self.finish, self.end = finish, end
         self.stored, self.progress, self.label = stored, progress, label
         self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S
         self.checks: dict[int, float] = {}  # S -> check(S), every S used
@@ -130,8 +132,8 @@ class ReferenceRule:
     def use(self, steps: int) -> None:
         """Take x_2S as the reference for S = ``steps``; check(S)."""
         coarse, fine = self.solution(steps), self.solution(2 * steps)
-        self.check_steps, self.reference_steps, self.reference = steps, 2 * steps, fine
-        self.check_error = self.checks[steps] = float(self._mean_rms(coarse, fine))
+        self.check_steps, self.reference_steps, self.reference = steps, 2 * steps, self.finish(fine)
+        self.check_error = self.checks[steps] = float(self._mean_rms(self.finish(coarse), self.reference))
         for s in [s for s in self._solutions if s < 2 * steps]:
             del self._solutions[s]  # x_2S is the next doubling's x_S
 
@@ -165,7 +167,9 @@ class ReferenceRule:
         estimate, order = estimated_error(self.check_error, self.checks.get(self.check_steps // 2))
         met = self.smallest is None or estimate <= REF_TOLERANCE * self.smallest
         return {
-            "method": f"UniPC order 3 (bh2), {self.reference_steps} steps uniform in lambda",
+            "method": f"UniPC order 3 (bh2), {self.reference_steps} steps uniform in lambda"
+                      + ("" if self.end is None else f" {self.end[0]}"),
+            **({} if self.end is None else {"end": self.end[1]}),
             "steps": self.reference_steps,
             "check": f"RMS difference to {self.check_steps} steps", "check_error": self.check_error,
             "estimated_error": estimate, "observed_order": order,
