@@ -45,7 +45,7 @@ from .baselines import check_baselines, check_names, consumer_steps, fitting_bas
 from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_labels
 from .config import checked_settings, class_label_list
 from .errors import BadInput
-from .gradients import mean_error_and_grad
+from .gradients import checkpointing_needed, graph_bytes_per_call, mean_error_and_grad
 from .grids import GRIDS, grid_lambda
 from .limits import BOUNDS, in_bounds
 from .progress import phase
@@ -296,12 +296,12 @@ class Evaluator:
         (each rank computes the rows it holds, ``Ranks.own``).
 
         ``chunk``: this rank's noises per backward pass; ``checkpointing``: recompute each model
-        evaluation's activations in the backward pass (None: on for networks, off for the
-        closed-form mixtures, whose evaluations keep little); ``network_dtype``: None, or the
+        evaluation's activations in the backward pass (None: ``_checkpointing`` decides, by the
+        memory the graph would take); ``network_dtype``: None, or the
         dtype the model calls run in under autocast (the error is then that of the low-precision
         model against the reference)."""
         if checkpointing is None:
-            checkpointing = self.ckpt.kind != "gmm"
+            checkpointing = self._checkpointing(len(lam) - 1, chunk)
         own = list(range(self.x_T.shape[0])) if rows is None else self.ranks.own(rows)
         pick = slice(None) if rows is None else torch.as_tensor(np.asarray(own, dtype=np.int64),
                                                                  device=self.x_T.device)
@@ -316,6 +316,22 @@ class Evaluator:
             if not self._require(value):
                 self._measured(value)
                 return value, grad
+
+    def _checkpointing(self, nfe: int, chunk: int) -> bool:
+        """The default of ``mean_error_and_grad``'s checkpointing: off for the closed-form mixtures,
+        whose evaluations keep little; for a network, on where the graph of ``nfe`` calls on ``chunk``
+        noises would take more than ``gradients.GRAPH_SHARE`` of the device's free memory, measured
+        once from the bytes one call saves for the backward pass."""
+        if self.ckpt.kind == "gmm":
+            return False
+        if getattr(self, "_bytes_per_call", None) is None:
+            t = np.array([self.T])
+            timestep, alpha, sigma = (float(v[0]) for v in (self.schedule.model_timestep(t), self.schedule.alpha(t),
+                                                             self.schedule.sigma(t)))
+            denoiser = self.denoiser if self.labels is None else lambda x, *a: denoiser_for(
+                self.denoiser, self.labels[[0] * x.shape[0]])(x, *a)
+            self._bytes_per_call = graph_bytes_per_call(denoiser, self.x_T[:1], self.T, timestep, alpha, sigma)
+        return checkpointing_needed(self._bytes_per_call, nfe, min(chunk, self.x_T.shape[0]), self.x_T.device)
 
     def settle(self, step_sets, solver, order, variant, margin: float = 1.0) -> None:
         """Make the reference hold the rule for errors down to ``margin`` x the smallest mean error of
