@@ -541,6 +541,11 @@ def refine(
                                                   "noises, so the report shows the steps on prompts they were not "
                                                   "fitted to (default: --prompts)."),
     negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
+    baselines: Optional[str] = typer.Option(None, help="Baselines measured beside the table on every set of noises "
+                                            "and considered as starts, comma-separated (as evaluate --baselines); "
+                                            "default every one that fits the schedule and NFE. The fit starts from "
+                                            "the best on the training noises; the summary gives the refined steps' "
+                                            "ratio to the best on the held-out noises."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
@@ -572,7 +577,9 @@ def refine(
                                              class_labels=_labels(class_label, class_labels),
                                              null_class=null_class, guidance_scale=guidance_scale,
                                              prompts=prompts, holdout_prompts=holdout_prompts,
-                                             negative_prompt=negative_prompt), progress)
+                                             negative_prompt=negative_prompt,
+                                             baselines=None if baselines is None else _baseline_names(baselines)),
+                                   progress)
     if not writes:
         return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))

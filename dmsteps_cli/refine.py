@@ -80,6 +80,7 @@ from .checkpoints import network_denoiser
 from .config import checked_settings, class_label_list
 from .errors import BadInput, bad_setting, mentioning
 from .evaluate import (
+    END_POINT,
     METRIC,
     REF_STEPS,
     Evaluator,
@@ -87,15 +88,17 @@ from .evaluate import (
     conditioning_record,
     needs_denoiser,
     noise_labels,
+    paired_ratio_ci,
     space_of,
 )
-from .grids import GRIDS, grid_lambda
+from .baselines import check_baselines, consumer_steps, fitting_baselines
+from .grids import GRIDS
 from .optimize import GAP_FRACTION, table_objective
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .refine_records import TABLE
 from .runtime import network_dtype_named, rank_device
-from .schedules import same_schedule, step_arrays
+from .schedules import ends_at_zero, same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .table_reader import load_table
 from .tables import entry_for
@@ -137,6 +140,7 @@ class RefineRequest:
     prompts: str | None = None  # a text-to-image pipeline's prompt file: training and validation noises
     holdout_prompts: str | None = None  # prompts of the held-out noises (None: the same prompts)
     negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
+    baselines: tuple | None = None  # measured beside the table and considered as starts; None: every one that fits
 
 
 OPTIMIZERS = ("lbfgs", "adam")
@@ -343,11 +347,14 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
 
 
 def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fit = Fit(),
-                 validation: Evaluator | None = None, progress=None, what: str = "") -> Refined:
+                 validation: Evaluator | None = None, progress=None, what: str = "",
+                 unwritable: tuple = ()) -> Refined:
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
-    ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
-    with the lowest training error is where the fit (``fit``) starts. With ``validation`` (an
+    ``starts`` maps a name to candidate lambdas (the table's steps, the baselines: ``candidates``),
+    each measured as its consumer runs it (``Evaluator.errors``); the one with the lowest training
+    error, of those not in ``unwritable`` (lists no table on [eps, T] can hold, ``candidates``), is
+    where the fit (``fit``) starts, as a table's lambdas (``table_lambda``). With ``validation`` (an
     Evaluator of other noises) the steps kept are those of the start or an iterate with the lowest
     validation error, and the fit stops early after ``fit.patience`` validations without a new
     lowest; without, those of the start or an iterate with the lowest training error. Either way
@@ -363,8 +370,8 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     for k, (name, lam) in enumerate(starts.items(), 1):
         train_err[name] = float(train.errors(lam, *args).mean())
         advance(k, f"{name} {train_err[name]:.4g}")
-    start = min(train_err, key=train_err.get)
-    lam0 = np.asarray(starts[start], dtype=np.float64)
+    start = min((name for name in train_err if name not in unwritable), key=train_err.get)
+    lam0 = table_lambda(starts[start], float(train.schedule.lam(train.eps)))
     seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
 
     def training_error(lam) -> float:
@@ -407,11 +414,42 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
 
 
 def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float | None,
-               table_name: str = TABLE) -> dict:
-    """The starts refine considers at ``nfe``: {table_name: the input table's lambdas, grid: its
-    lambdas for every grid in ``GRIDS`` on [eps, T]} (N + 1 increasing lambdas each, float64)."""
-    return {table_name: np.asarray(table_lam, dtype=np.float64),
-            **{g: grid_lambda(g, schedule, nfe, T, eps, shift) for g in GRIDS}}
+               table_name: str = TABLE, baselines=None) -> tuple[dict, dict]:
+    """The starts refine considers at ``nfe`` and which of them no table can hold: ({table_name:
+    the input table's lambdas, name: the baseline's lambdas as its consumer runs it
+    (``baselines.consumer_steps``) for every name of ``baselines`` (None: every grid and named
+    schedule that fits at ``nfe``, ``baselines.fitting_baselines``)}, {name: why it cannot be a
+    table's steps}). A list whose last model call is at sigma(eps) (karras, exponential, kl_optimal)
+    cannot: a table's own last point, sigma(eps), is where its consumers put 0; it is measured like
+    the others but the fit does not start from it."""
+    if baselines is None:
+        fits, _ = fitting_baselines(schedule, [nfe], T, eps, shift)
+        baselines = list(fits)
+    lam_eps = float(schedule.lam(eps))
+    starts = {table_name: np.asarray(table_lam, dtype=np.float64),
+              **{b: consumer_steps(b, schedule, nfe, T, eps, shift) for b in dict.fromkeys(baselines)}}
+    unwritable = {b: f"its last model call is at sigma(eps), where a table's consumers put 0"
+                  for b, lam in starts.items() if b != table_name and lam[-2] >= lam_eps}
+    return starts, unwritable
+
+
+def table_lambda(lam, lam_eps: float) -> np.ndarray:
+    """Steps as a table holds them: a consumer's list (``schedules.consumer_lambda``) with sigma 0
+    replaced by the table's end point ``lam_eps`` = lambda(eps), which its consumers never call;
+    a table's own lambdas as they are. float64."""
+    lam = np.array(lam, dtype=np.float64)
+    if ends_at_zero(lam):
+        lam[-1] = lam_eps
+    return lam
+
+
+def ratio_to_best_baseline(errors: dict, refined: np.ndarray) -> dict:
+    """The held-out ratio of ``refined`` (per-noise errors of the steps kept) to the baseline with
+    the lowest mean held-out error among ``errors`` ({baseline: per-noise errors}), with the
+    paired 95% interval ``evaluate`` computes (``evaluate.paired_ratio_ci``)."""
+    best = min(errors, key=lambda b: float(errors[b].mean()))
+    return {"best_baseline": best, "ratio_to_best_baseline": float(refined.mean()) / float(errors[best].mean()),
+            "ratio_ci95": paired_ratio_ci(refined, errors[best])}
 
 
 def train_seeds(train: int, seed: int = 0) -> range:
@@ -428,7 +466,7 @@ def validation_seeds(validation: int, seed: int = 0) -> range:
 
 def start_label(start: str, improved: bool) -> str:
     """The entry's ``init``: where its steps came from."""
-    what = "the table" if start == TABLE else f"grid {start}"
+    what = "the table" if start == TABLE else f"grid {start}" if start in GRIDS else f"schedule {start}"
     return f"refined from {what}" if improved else f"kept {what}"
 
 
@@ -439,14 +477,17 @@ def optimizer_record(r: Refined, fit: Fit = Fit()) -> dict:
             "validations": r.validations, "best_iteration": r.best_iteration}
 
 
-def refine_record(r: Refined, holdout_errors: dict, holdout_error: float) -> dict:
+def refine_record(r: Refined, holdout_errors: dict, holdout_error: float, versus: dict | None = None,
+                  unwritable: dict | None = None) -> dict:
     """The entry's ``refine`` record (see the module docstring); ``holdout_errors`` maps every
-    candidate to its held-out error, ``holdout_error`` is that of ``r.lam``."""
+    candidate to its held-out error, ``holdout_error`` is that of ``r.lam``; ``versus``: the ratio to
+    the best baseline (``ratio_to_best_baseline``); ``unwritable``: the candidates the fit could not
+    start from, and why."""
     return {"start": r.start, "train_errors": dict(r.train_errors), "train_error_start": r.train_errors[r.start],
             "train_error": r.train_error, "iterations": r.iterations,
             "validation_error_start": r.validation_error_start, "validation_error": r.validation_error,
             "holdout_errors": dict(holdout_errors), "holdout_error_start": holdout_errors[r.start],
-            "holdout_error": holdout_error}
+            "holdout_error": holdout_error, **(versus or {}), "not_starts": dict(unwritable or {})}
 
 
 def best_candidate(errors: dict) -> tuple[str, float]:
@@ -500,7 +541,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                  minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
                  network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
                  guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
-                 progress=None, class_labels=None) -> dict:
+                 progress=None, class_labels=None, baselines=None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
     on the loaded checkpoint ``ckpt``.
 
@@ -518,6 +559,10 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's model calls under
     autocast in that dtype, while the references and every recorded error stay at the checkpoint's
     precision.
+    ``baselines``: the baselines measured beside the table and considered as starts (names of
+    ``baselines.BASELINES``, each refused where it does not fit; None: every one that fits at each
+    NFE, ``baselines.fitting_baselines``); the record gives each one's held-out error and the refined
+    steps' ratio to the best of them with its paired 95% interval.
     ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
     the record and in messages; ``progress``: a ``progress.Progress`` callback told each phase (the
     reference solutions of each set of noises; per NFE the starts, the fit's iterations and the
@@ -545,6 +590,9 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                        f"not the checkpoint's {schedule.name}")
     cfg = table["config"]
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
+    if baselines is not None:
+        baselines = list(dict.fromkeys(baselines))
+        check_baselines(baselines, schedule, nfes, cfg["T"], cfg["eps"], cfg.get("shift"))
     fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
               grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
     labels, held_labels = noise_labels(ckpt, labels), noise_labels(ckpt, labels, held=True)
@@ -561,35 +609,41 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     held = evaluator(range(seed, seed + holdout), f"{holdout} held-out noises", held_labels)
     validating = evaluator(checked, f"{validation} validation noises") if validation else None
     top = max(nfes)
-    top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
+    top_starts, _ = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"),
+                               baselines=baselines)
     for ev in (training, validating, held):
         if ev is not None:
             phase(progress, f"settling the references ({ev.label}) on the starts at NFE {top}")
             ev.settle(top_starts.values(), solver, order, variant, margin=REFINE_MARGIN)
 
-    def held_error(lam) -> float:
-        return float(held.errors(lam, solver, order, variant).mean())
+    def held_errors(lam) -> np.ndarray:
+        return held.errors(lam, solver, order, variant)
 
     entries = []
     for k, n in enumerate(nfes, 1):
         entry = dict(entry_for(table, n))
-        starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
+        starts, unwritable = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"),
+                                        baselines=baselines)
         what = f"NFE {n} ({k} of {len(nfes)})"
-        r = refine_steps(training, starts, solver, order, variant, fit, validating, progress, what)
-        advance = phase(progress, f"{what}: held-out evaluation", len(starts) + r.improved, "step sets")
-        holdout_errors = {}
+        r = refine_steps(training, starts, solver, order, variant, fit, validating, progress, what, tuple(unwritable))
+        advance = phase(progress, f"{what}: held-out evaluation", len(starts) + 1, "step sets")
+        per_noise = {}
         for name, lam in starts.items():
-            holdout_errors[name] = held_error(lam)
-            advance(len(holdout_errors), f"{name} {holdout_errors[name]:.4g}")
-        holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
-        advance(len(starts) + r.improved, f"refined {holdout_error:.4g}")
+            per_noise[name] = held_errors(lam)
+            advance(len(per_noise), f"{name} {per_noise[name].mean():.4g}")
+        refined = held_errors(r.lam) if r.improved else per_noise[r.start]
+        holdout_errors = {name: float(e.mean()) for name, e in per_noise.items()}
+        holdout_error = float(refined.mean())
+        versus = ratio_to_best_baseline({b: e for b, e in per_noise.items() if b != TABLE}, refined)
+        advance(len(starts) + 1, f"refined {holdout_error:.4g}, {versus['ratio_to_best_baseline']:.3g} x "
+                                 f"{versus['best_baseline']}")
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
             **step_arrays(schedule, r.lam, cfg["T"], cfg["eps"]),
             "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
-            "init_objective": objective.value(starts[r.start]),
+            "init_objective": objective.value(table_lambda(starts[r.start], float(schedule.lam(cfg["eps"])))),
             "optimizer": optimizer_record(r, fit),
-            "refine": refine_record(r, holdout_errors, holdout_error),
+            "refine": refine_record(r, holdout_errors, holdout_error, versus, unwritable),
         })
         entries.append(entry)
     kept = (f"; kept the start or iterate with the lowest error on the validation noises, stopping after "
@@ -606,7 +660,10 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
         "train_seeds": [seeds.start, seeds.stop - 1],
         "validation_seeds": [checked.start, checked.stop - 1] if validation else None,
         "holdout_seeds": [seed, seed + holdout - 1],
-        "optimizer": f"{fit.describe()}, from the best of the table and the grids on the training noises" + kept
+        "baselines": "as named (--baselines)" if baselines is not None else
+                     "every hand-made grid and named schedule that fits the schedule and the NFE",
+        "frame": END_POINT,
+        "optimizer": f"{fit.describe()}, from the best of the table and the baselines on the training noises" + kept
                      + ("" if low is None else f"; gradients with the model calls in {network_dtype} (autocast), "
                                                "errors at the checkpoint's precision"),
     }}
@@ -614,7 +671,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
 TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "maxiter", "patience", "minibatch",
                   "lr", "grad_batch", "checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
-                  "guidance_scale")
+                  "guidance_scale", "baselines")
 
 
 def refine(req: RefineRequest, progress=None) -> dict:

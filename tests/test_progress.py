@@ -179,8 +179,8 @@ def test_evaluate_reports_reference_solutions_and_nfes(files, run_cli, every_adv
     assert text.startswith(f"evaluate: loading the model {files / 'mix.yaml'} on cpu")
     assert "evaluate: reference solutions (6 noises, 64 steps): 4 of 6 noises" in text  # batch by batch
     assert "evaluate: reference solutions (6 noises, 64 steps): 6 of 6 noises" in text
-    assert "evaluate: measuring 4 baselines and 1 tables: 1 of 2 NFEs, NFE 6" in text  # largest first
-    assert "evaluate: measuring 4 baselines and 1 tables: 2 of 2 NFEs, NFE 5" in text
+    assert "evaluate: measuring 8 baselines and 1 tables: 1 of 2 NFEs, NFE 6" in text  # largest first
+    assert "evaluate: measuring 8 baselines and 1 tables: 2 of 2 NFEs, NFE 5" in text
     assert json.loads(out.read_text())["device"] == "cpu"
 
 
