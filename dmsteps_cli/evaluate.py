@@ -1,24 +1,28 @@
 """`dmsteps evaluate`: the measured sampling error of step sets (tables, hand-made grids) on a model.
 
-For every NFE, every table that has it and every baseline grid, the checkpoint is sampled from the
-same noises with the same solver, and each sample is compared with a high-accuracy solution of the
-same probability-flow ODE from the same noise, over the same interval [eps, T]:
+For every NFE, every table that has it and every baseline, the checkpoint is sampled from the same
+noises with the same solver, each step list as its consumer runs it (N model calls, then sigma 0:
+``schedules.consumer_lambda``), and each sample is compared with a high-accuracy solution of the
+same probability-flow ODE from the same noise, from T to the same end point, sigma 0:
 
     error = mean over samples of RMS(x - x_ref)   (root mean square over the sample's dimensions)
 
 The reference solution is the closed form for a single-Gaussian checkpoint, and otherwise x_2S,
-UniPC order 3 (bh2) on 2S steps uniform in lambda, for the first S of ``ref_steps`` (default 64),
+UniPC order 3 (bh2) on 2S steps uniform in lambda to eps, carried to sigma 0 by the consumers' last
+step there (the denoiser's output at eps), for the first S of ``ref_steps`` (default 64),
 twice that, ... at which the convergence rule holds: check(S) = mean over the noises of
 RMS(x_S - x_2S) is at most 1% of the smallest mean error measured against it (``Evaluator`` states
 the rule in full). The report gives S, check(S) (``check_error``) and that smallest error, so a
 reader sees that the reference is two orders of magnitude closer than anything measured. Reference
 solutions are kept on disk per model, setting and seed (``reference_cache``) and read back by later
 runs. The ratio of each error to the best baseline at that NFE is reported too: the best of the
-baselines measured, by default the four hand-made grids (below 1: better than every one of them);
-``baselines`` may name the schedules users pick instead or as well (``baselines.BASELINES``).
+baselines measured, by default the four hand-made grids and every named schedule that fits the
+schedule and the NFE (``baselines.fitting_baselines``; the report lists the ones skipped and why;
+below 1: better than every one of them); ``baselines`` narrows them (``baselines.BASELINES``).
 
-Steps are N + 1 increasing log-SNRs lambda, noise end first (lambda(T) ... lambda(eps)); errors are
-in the units of the samples.
+Steps are N + 1 increasing log-SNRs lambda, noise end first (a table's lambda(T) ... lambda(eps), or
+a consumer's list ending at sigma 0, ``schedules.ZERO_SIGMA_LAMBDA``); errors are in the units of
+the samples.
 
 - ``Evaluator``: a checkpoint's fixed noises and their reference solutions; the errors of any steps;
 - ``compare_at``: at one NFE, the errors of every hand-made grid and of named steps, the best grid
@@ -545,7 +549,9 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     ``tables``: {name: table dict} or (name, table) pairs, made for the checkpoint's schedule and
     one interval; ``steps``: {name: {nfe: N + 1 lambdas}}, step sets on the same interval (rows of
     kind "table" too). Each NFE in ``nfe`` (default: the NFEs the tables and steps hold, else
-    5..15) is measured for every grid in ``baselines`` and every table or step set that has it, on
+    5..15) is measured for every baseline in ``baselines`` (None: every grid and named schedule that
+    fits, at the NFEs it fits; the report's ``baselines`` lists them and the skipped ones with the
+    reason) and every table or step set that has it, on
     the noises of seeds seed ... seed + samples - 1. The interval (T, eps, shift) and the solver
     default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
     in the report (default ``ckpt.source``); ``progress``: a ``progress.Progress`` callback told

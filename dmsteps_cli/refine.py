@@ -8,7 +8,9 @@ is minimized with exact gradients in u: reverse-mode autograd through the solver
 (``gradients.mean_error_and_grad``), chained with d lambda / d u. The fit (``Fit``) is L-BFGS-B on
 all training noises, or Adam on mini-batches of them for models where a full-batch step costs too
 much. It starts from whichever candidate (``candidates``) -- the table's steps ("table") or a
-hand-made grid (``grids.GRIDS``) -- has the lowest training error.
+baseline (a hand-made grid or a named schedule, ``baselines``; default every one that fits) -- has
+the lowest training error, among those a table can hold. Every error is measured as the consumers
+run the steps (N model calls, then sigma 0: ``Evaluator.solve``, docs/cli.md "One frame").
 
 Three sets of noises, by seed: *training* (seed + 1_000_000 ..., ``train_seeds``), *validation*
 (seed + 2_000_000 ..., ``validation_seeds``) and *held-out* (seed ... seed + holdout - 1, the
@@ -33,8 +35,8 @@ The refined table is the input table with these changes:
     entries           only the refined NFEs, ascending; per entry:
       t, lambda, sigmas, timesteps   the refined steps (the start's when nothing beat it)
       objective       the input table's objective (its config) at these steps
-      init            "refined from the table" | "refined from grid G", or "kept the table" |
-                      "kept grid G" when nothing beat the start
+      init            "refined from the table" | "refined from grid G" | "refined from schedule S",
+                      or "kept the table" | "kept grid G" | "kept schedule S" when nothing beat it
       init_objective  that objective at the start used
       orders, baselines   as in the input table (they depend on the NFE and config only)
       optimizer       {status, method, message, iterations, evaluations, validations,
@@ -46,18 +48,23 @@ The refined table is the input table with these changes:
                       after the start's, best_iteration the iteration whose steps were kept (0:
                       the start); message says why the fit stopped
       refine          what was measured:
-        start                 the candidate the fit started from: "table" or a grid name
-        train_errors          {candidate: training error}, for "table" and every grid
+        start                 the candidate the fit started from: "table" or a baseline's name
+        train_errors          {candidate: training error}, for "table" and every baseline
         train_error_start     train_errors[start], the lowest of them
         train_error           the training error of the entry's steps
         iterations            as optimizer.iterations
         validation_error_start, validation_error   the validation error of the start and of the
                               entry's steps (null without validation noises)
         holdout_errors        {candidate: held-out error}, for "table" (the input table's own
-                              steps) and every grid
+                              steps) and every baseline
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
-    refine            checkpoint, from_table, solver {name, order, variant}, device (what it ran on,
+        best_baseline         the baseline with the lowest held-out error
+        ratio_to_best_baseline   holdout_error / holdout_errors[best_baseline]
+        ratio_ci95            its paired 95% interval over the held-out noises (evaluate's bootstrap)
+        not_starts            {baseline: why no table can hold it}: measured, never a start
+    refine            checkpoint, from_table, solver {name, order, variant}, baselines (how they were
+                      chosen), frame (the end point every error is measured at), device (what it ran on,
                       as torch names it: cpu, cuda, cuda:1, ...), metric, conditioning
                       (null for a model without classes, else the class labels given, their pairing
                       with each set's noises, the guidance scale and null class), reference (of
