@@ -254,12 +254,22 @@ def solvers_command():
 
 
 @app.command("tables")
-def tables_command():
+def tables_command(
+    model: Optional[str] = typer.Option(None, "--model", help="A model (sd15, sdxl, sd3, flux1-dev-1024, wan21, "
+                                        "wan22, qwen-image, ...; all: one line each): the table for it, the sampler "
+                                        "to run it with and the shift it assumes."),
+):
     """List the ready-made tables by name (usable wherever a table is taken: show NAME, --table NAME):
-    name, schedule, solver, order, NFEs and the models each fits; tab-separated."""
+    name, schedule, solver, order, NFEs and the models each fits; tab-separated. With --model, the
+    table for one model."""
     from .config import format_nfe
     from .tables import bundled_index
 
+    if model is not None:
+        from .summaries import model_lines
+
+        sys.stdout.write("".join(line + "\n" for line in model_lines(model)))
+        return
     for row in bundled_index()["files"]:
         schedule = row["schedule"] + ("" if row["shift"] is None else f" shift {row['shift']:g}")
         sys.stdout.write(f"{row['file'].removesuffix('.json')}\t{schedule}\t{row['solver']}\torder {row['order']}\t"

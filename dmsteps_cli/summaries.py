@@ -141,3 +141,53 @@ def refine_summary(table_out: dict, checkpoint):
                      f"{e['optimizer']['iterations']} (kept {e['optimizer']['best_iteration']})"]
                     if validated else []))
     return t
+
+
+def model_lines(name: str) -> list[str]:
+    """``dmsteps tables --model NAME``: the table for the model (``models.tables_for``), the sampler
+    to run it with, the shift it assumes, each fact's source; ``all``: one tab-separated line per model."""
+    from .models import MODELS, model_record, tables_for
+
+    if name == "all":
+        lines = []
+        for record in MODELS.values():
+            choice = tables_for(record)
+            shift = "-" if record.shift is None else f"shift {record.shift:.4g}"
+            table = "distilled: " + record.distilled.split(":")[0] if record.distilled else (
+                choice.name + ("" if choice.own else " (family table)"))
+            lines.append(f"{record.name}\t{record.title}\t{shift}\t{table}")
+        return lines
+    from .integrations.comfyui import sampler_advice
+    from .schedules import PRESETS
+    from .solvers import solver_spec
+
+    record = model_record(name)
+    lines = [f"model: {record.name} ({record.title})"]
+    if record.shift is not None:
+        lines.append(f"shift: {record.shift:.6g} (as {record.shift_from} samples it)")
+    for setting in record.shifts:
+        lines.append(f"  {setting.runtime} shift {setting.value:.6g}: {setting.source}")
+    if record.distilled:
+        lines.append(f"distilled: {record.distilled}")
+    choice = tables_for(record)
+    if choice.name is not None and not record.distilled:
+        from .tables import bundled_index
+
+        row = next(r for r in bundled_index()["files"] if r["file"].removesuffix(".json") == choice.name)
+        family = PRESETS[record.schedule][0]().family
+        spec = solver_spec(row["solver"])
+        lines.append(f"table: {choice.name}" + ("" if choice.own else f" ({choice.note})"))
+        lines.append(f"sampler: ComfyUI {sampler_advice(family, row['solver'], row['order'], None)}; diffusers "
+                     f"{', '.join(spec.diffusers) or 'none'}")
+    elif choice.name is None:
+        lines.append(f"table: none ({choice.note})")
+    lines.append(f"the model's runtime samples with: {record.sampler} order {record.order} ({record.sampler_source})")
+    for setting in record.steps:
+        lines.append(f"steps: {setting.value:g} in {setting.runtime} ({setting.source})")
+    if record.published:
+        lines.append(f"published lists for it (evaluate --baselines): {', '.join(record.published)}")
+    if record.expert_switch is not None:
+        s = record.expert_switch
+        lines.append(f"expert switch: sigma {s.value:g} ({s.source})")
+    lines.extend(f"note: {note}" for note in record.notes)
+    return lines
