@@ -354,14 +354,13 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
 
 
 def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fit = Fit(),
-                 validation: Evaluator | None = None, progress=None, what: str = "",
-                 unwritable: tuple = ()) -> Refined:
+                 validation: Evaluator | None = None, progress=None, what: str = "") -> Refined:
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the baselines: ``candidates``),
     each measured as its consumer runs it (``Evaluator.errors``); the one with the lowest training
-    error, of those not in ``unwritable`` (lists no table on [eps, T] can hold, ``candidates``), is
-    where the fit (``fit``) starts, as a table's lambdas (``table_lambda``). With ``validation`` (an
+    error, of those a table on [eps, T] can hold (``not_starts``), is where the fit (``fit``)
+    starts, as a table's lambdas (``table_lambda``). With ``validation`` (an
     Evaluator of other noises) the steps kept are those of the start or an iterate with the lowest
     validation error, and the fit stops early after ``fit.patience`` validations without a new
     lowest; without, those of the start or an iterate with the lowest training error. Either way
@@ -377,8 +376,10 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     for k, (name, lam) in enumerate(starts.items(), 1):
         train_err[name] = float(train.errors(lam, *args).mean())
         advance(k, f"{name} {train_err[name]:.4g}")
+    lam_eps = float(train.schedule.lam(train.eps))
+    unwritable = not_starts(starts, lam_eps)
     start = min((name for name in train_err if name not in unwritable), key=train_err.get)
-    lam0 = table_lambda(starts[start], float(train.schedule.lam(train.eps)))
+    lam0 = table_lambda(starts[start], lam_eps)
     seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
 
     def training_error(lam) -> float:
@@ -421,23 +422,25 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
 
 
 def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float | None,
-               table_name: str = TABLE, baselines=None) -> tuple[dict, dict]:
-    """The starts refine considers at ``nfe`` and which of them no table can hold: ({table_name:
-    the input table's lambdas, name: the baseline's lambdas as its consumer runs it
-    (``baselines.consumer_steps``) for every name of ``baselines`` (None: every grid and named
-    schedule that fits at ``nfe``, ``baselines.fitting_baselines``)}, {name: why it cannot be a
-    table's steps}). A list whose last model call is at sigma(eps) (karras, exponential, kl_optimal)
-    cannot: a table's own last point, sigma(eps), is where its consumers put 0; it is measured like
-    the others but the fit does not start from it."""
+               table_name: str = TABLE, baselines=GRIDS) -> dict:
+    """The starts refine considers at ``nfe``: {table_name: the input table's lambdas, name: the
+    baseline's lambdas as its consumer runs it (``baselines.consumer_steps``) for every name of
+    ``baselines`` (default the hand-made grids; None: every grid and named schedule that fits at
+    ``nfe``, ``baselines.fitting_baselines``)}, float64 each."""
     if baselines is None:
         fits, _ = fitting_baselines(schedule, [nfe], T, eps, shift)
         baselines = list(fits)
-    lam_eps = float(schedule.lam(eps))
-    starts = {table_name: np.asarray(table_lam, dtype=np.float64),
-              **{b: consumer_steps(b, schedule, nfe, T, eps, shift) for b in dict.fromkeys(baselines)}}
-    unwritable = {b: f"its last model call is at sigma(eps), where a table's consumers put 0"
-                  for b, lam in starts.items() if b != table_name and lam[-2] >= lam_eps}
-    return starts, unwritable
+    return {table_name: np.asarray(table_lam, dtype=np.float64),
+            **{b: consumer_steps(b, schedule, nfe, T, eps, shift) for b in dict.fromkeys(baselines)}}
+
+
+def not_starts(starts: dict, lam_eps: float) -> dict:
+    """{name: why} for the lists of ``starts`` that no table on [eps, T] can hold: a consumer's list
+    (``schedules.ends_at_zero``) whose last model call is at sigma(eps), lambda ``lam_eps``
+    (karras, exponential, kl_optimal), since a table's own last point sigma(eps) is where its
+    consumers put 0. Measured like the others, they are never where the fit starts."""
+    return {name: "its last model call is at sigma(eps), where a table's consumers put 0"
+            for name, lam in starts.items() if ends_at_zero(lam) and lam[-2] >= lam_eps}
 
 
 def table_lambda(lam, lam_eps: float) -> np.ndarray:
@@ -616,8 +619,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     held = evaluator(range(seed, seed + holdout), f"{holdout} held-out noises", held_labels)
     validating = evaluator(checked, f"{validation} validation noises") if validation else None
     top = max(nfes)
-    top_starts, _ = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"),
-                               baselines=baselines)
+    top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"),
+                            baselines=baselines)
     for ev in (training, validating, held):
         if ev is not None:
             phase(progress, f"settling the references ({ev.label}) on the starts at NFE {top}")
@@ -629,10 +632,9 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     entries = []
     for k, n in enumerate(nfes, 1):
         entry = dict(entry_for(table, n))
-        starts, unwritable = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"),
-                                        baselines=baselines)
+        starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"), baselines=baselines)
         what = f"NFE {n} ({k} of {len(nfes)})"
-        r = refine_steps(training, starts, solver, order, variant, fit, validating, progress, what, tuple(unwritable))
+        r = refine_steps(training, starts, solver, order, variant, fit, validating, progress, what)
         advance = phase(progress, f"{what}: held-out evaluation", len(starts) + 1, "step sets")
         per_noise = {}
         for name, lam in starts.items():
@@ -650,7 +652,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
             "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
             "init_objective": objective.value(table_lambda(starts[r.start], float(schedule.lam(cfg["eps"])))),
             "optimizer": optimizer_record(r, fit),
-            "refine": refine_record(r, holdout_errors, holdout_error, versus, unwritable),
+            "refine": refine_record(r, holdout_errors, holdout_error, versus,
+                                    not_starts(starts, float(schedule.lam(cfg["eps"])))),
         })
         entries.append(entry)
     kept = (f"; kept the start or iterate with the lowest error on the validation noises, stopping after "
