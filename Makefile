@@ -106,7 +106,7 @@ study-guided: install
 bench: install
 	$(PY) benchmarks/bench_optimize.py
 	$(PY) benchmarks/bench_sample.py
-	$(PY) benchmarks/bench_refine.py
+	PYTHONPATH=.:$$PYTHONPATH $(PY) benchmarks/bench_refine.py
 
 # On a machine with CUDA (the GPU image has python3.12 and torch but no diffusers: run
 # `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
