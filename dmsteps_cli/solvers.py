@@ -323,12 +323,13 @@ class SolverSpec:
             return step_orders(order, nfe)
         return [min(order, s + 1) for s in range(nfe)]
 
-    def comfyui_samplers(self, order: int, variant: str | None, family: str) -> list[ComfySampler]:
+    def comfyui_samplers(self, order: int, variant: str | None, sigma_is_kappa: bool) -> list[ComfySampler]:
         """The ComfyUI samplers that run this solver's tables of ``order`` (and ``variant``) exactly
-        on a model of schedule ``family``."""
+        on a model whose sampler sigma is kappa = e^-lambda (``Schedule.sampler_sigma_is_kappa``: VP
+        and EDM models; on a flow model, whose sigma is t, only those ``exact_on_flow``)."""
         variant = variant or self.default_variant
         return [s for s in self.comfyui if s.order == order and s.variant in (None, variant)
-                and (family != "flow" or s.exact_on_flow)]
+                and (sigma_is_kappa or s.exact_on_flow)]
 
     def check_variant(self, variant: str | None) -> str | None:
         """The variant to run: ``variant``, else the default; BadInput for one it does not have."""
