@@ -254,12 +254,22 @@ def solvers_command():
 
 
 @app.command("tables")
-def tables_command():
+def tables_command(
+    model: Optional[str] = typer.Option(None, "--model", help="A model (sd15, sdxl, sd3, flux1-dev-1024, wan21, "
+                                        "wan22, qwen-image, ...; all: one line each): the table for it, the sampler "
+                                        "to run it with and the shift it assumes."),
+):
     """List the ready-made tables by name (usable wherever a table is taken: show NAME, --table NAME):
-    name, schedule, solver, order, NFEs and the models each fits; tab-separated."""
+    name, schedule, solver, order, NFEs and the models each fits; tab-separated. With --model, the
+    table for one model."""
     from .config import format_nfe
     from .tables import bundled_index
 
+    if model is not None:
+        from .summaries import model_lines
+
+        sys.stdout.write("".join(line + "\n" for line in model_lines(model)))
+        return
     for row in bundled_index()["files"]:
         schedule = row["schedule"] + ("" if row["shift"] is None else f" shift {row['shift']:g}")
         sys.stdout.write(f"{row['file'].removesuffix('.json')}\t{schedule}\t{row['solver']}\torder {row['order']}\t"
@@ -439,9 +449,11 @@ def evaluate(
     checkpoint: Path = CHECKPOINT,
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
-    baselines: str = typer.Option(",".join(GRIDS), help="Baselines to measure, comma-separated: the hand-made "
-                                  f"grids ({', '.join(GRIDS)}) or named schedules ({', '.join(NAMED_SCHEDULES)}); "
-                                  "ratios are to the best of them (docs/cli.md)."),
+    baselines: Optional[str] = typer.Option(None, help="Baselines to measure, comma-separated: the hand-made "
+                                            f"grids ({', '.join(GRIDS)}) or named schedules "
+                                            f"({', '.join(NAMED_SCHEDULES)}); default every one that fits the "
+                                            "schedule and NFE (the report says which were skipped and why); ratios "
+                                            "are to the best of them (docs/cli.md)."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
@@ -481,7 +493,7 @@ def evaluate(
 
         _pyplot()
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
-                      baselines=_baseline_names(baselines), solver=solver,
+                      baselines=None if baselines is None else _baseline_names(baselines), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       batch=batch, device=device, dtype=dtype, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
