@@ -436,9 +436,11 @@ def evaluate(
                                     "text-to-image pipeline with --prompts) or a Gaussian-mixture .yaml/.npz."),
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
-    baselines: str = typer.Option(",".join(GRIDS), help="Baselines to measure, comma-separated: the hand-made "
-                                  f"grids ({', '.join(GRIDS)}) or named schedules ({', '.join(NAMED_SCHEDULES)}); "
-                                  "ratios are to the best of them (docs/cli.md)."),
+    baselines: Optional[str] = typer.Option(None, help="Baselines to measure, comma-separated: the hand-made "
+                                            f"grids ({', '.join(GRIDS)}) or named schedules "
+                                            f"({', '.join(NAMED_SCHEDULES)}); default every one that fits the "
+                                            "schedule and NFE (the report says which were skipped and why); ratios "
+                                            "are to the best of them (docs/cli.md)."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the first table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the first table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
@@ -480,7 +482,7 @@ def evaluate(
 
         _pyplot()
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
-                      baselines=_baseline_names(baselines), solver=solver,
+                      baselines=None if baselines is None else _baseline_names(baselines), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
                       batch=batch,
                       device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,

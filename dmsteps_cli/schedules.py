@@ -165,6 +165,28 @@ def step_arrays(schedule: Schedule, lam, T: float, eps: float) -> dict[str, list
             "timesteps": _floats(schedule.model_timestep(t[:-1]))}
 
 
+# --- the consumer's frame ------------------------------------------------------------------------
+
+ZERO_SIGMA_LAMBDA = 800.0  # a lambda where sigma/alpha = e^-lambda is exactly 0 in float64 (below e^-745)
+
+
+def consumer_lambda(lam) -> np.ndarray:
+    """Steps as every consumer runs them (docs/table-format.md, "Endpoints"): the N model calls at
+    lam[0] ... lam[N-1], then the final step to sampler sigma 0, written as lambda =
+    ``ZERO_SIGMA_LAMBDA`` (sigma is exactly 0 there in float64, alpha exactly 1, so a solver plan's
+    last step takes its limit at sigma = 0: order 1 gives the denoiser's output at lam[N-1]).
+    ``lam``: N + 1 increasing lambdas, a table's (lambda(T) ... lambda(eps); lambda(eps) is replaced,
+    never called) or already ending at sigma 0 (returned as they are). float64, a new array."""
+    lam = np.array(lam, dtype=np.float64)
+    lam[-1] = ZERO_SIGMA_LAMBDA
+    return lam
+
+
+def ends_at_zero(lam) -> bool:
+    """True where the steps ``lam`` end at sampler sigma 0 (``consumer_lambda``)."""
+    return float(np.asarray(lam)[-1].real) >= ZERO_SIGMA_LAMBDA
+
+
 def _floats(a) -> list[float]:
     return [float(v) for v in np.asarray(a, dtype=np.float64)]
 

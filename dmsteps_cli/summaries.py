@@ -70,34 +70,44 @@ def conditioning_note(conditioning: dict | None) -> str:
 
 
 def evaluation_summary(report: dict):
-    """evaluate's summary: per NFE each table's and baseline's error, with its ratio to the best baseline."""
+    """evaluate's summary: per NFE the best baseline, each table's error with its ratio to the best
+    baseline and the 95% interval of that ratio, and every other baseline's ratio (lowest first);
+    below, the baselines skipped and why."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    grids = list(dict.fromkeys(r["grid"] for r in report["rows"]))
+    rows = report["rows"]
+    tables = list(dict.fromkeys(r["grid"] for r in rows if r["kind"] == "table"))
     s = report["solver"]
     t = Table(title=f"{report['checkpoint']}{conditioning_note(report.get('conditioning'))} · "
                     f"{s['name']} order {s['order']} · error = mean RMS to the "
-                    f"reference ({report['reference']['method']}); (ratio to the best baseline, and for "
-                    "tables its 95% interval over the noises)",
+                    f"reference ({report['reference']['method']}); ratio to the best baseline, and for "
+                    "tables its 95% interval over the noises",
               title_justify="left")
-    t.add_column("NFE", justify="right")
-    for g in grids:
-        t.add_column(g if g in GRIDS else Path(g).name, justify="right")
-    for n in sorted({r["nfe"] for r in report["rows"]}):
-        cells = []
-        for g in grids:
-            r = next((r for r in report["rows"] if r["nfe"] == n and r["grid"] == g), None)
+    for col in ("NFE", "best baseline", *(g if g in GRIDS else Path(g).name for g in tables), "other baselines"):
+        t.add_column(col, justify="left" if col in ("best baseline", "other baselines") else "right")
+    for n in sorted({r["nfe"] for r in rows}):
+        here = [r for r in rows if r["nfe"] == n]
+        base = sorted((r for r in here if r["kind"] == "baseline"), key=lambda r: r["error"])
+        cells = [f"{base[0]['grid']} {base[0]['error']:.4g}" if base else ""]
+        for g in tables:
+            r = next((r for r in here if r["grid"] == g), None)
             if r is None:
                 cells.append("")
-            elif r["ratio_ci95"] is None or r["kind"] == "baseline":
+            elif r["ratio_ci95"] is None:
                 ratio = "" if r["ratio_to_best_baseline"] is None else f" ({r['ratio_to_best_baseline']:.2f})"
                 cells.append(f"{r['error']:.4g}{ratio}")
             else:
                 lo, hi = r["ratio_ci95"]
                 cells.append(f"{r['error']:.4g} ({r['ratio_to_best_baseline']:.2f}, {lo:.2f}-{hi:.2f})")
+        cells.append(", ".join(f"{r['grid']} {r['ratio_to_best_baseline']:.2f}" for r in base[1:]))
         t.add_row(str(n), *cells)
-    return t
-
+    skipped = (report.get("baselines") or {}).get("skipped") or []
+    if not skipped:
+        return t
+    notes = [f"skipped {k['baseline']} at NFE {','.join(map(str, k['nfe']))}: {k['reason']}" for k in skipped]
+    return Group(t, Text("\n".join(notes)))
 
 
 def refine_summary(table_out: dict, checkpoint):
