@@ -112,3 +112,29 @@ def test_the_table_node_on_wan_and_flux_gives_lists_comfyui_runs(comfy, comfy_mo
     assert any("shift 3" in r.getMessage() for r in caplog.records)  # another shift than the model's: said
     calls = model_calls(comfy, model, sigmas.clone(), "euler")
     assert calls == pytest.approx(sigmas[:-1].tolist(), rel=1e-6)  # 8 calls at the list's points, none at 0
+
+
+def test_a_distilled_model_is_pointed_to_its_own_list(comfy, comfy_models, pack, caplog):  # noqa: F811
+    """FLUX.1-schnell (ComfyUI's FluxSchnell): the nodes refuse in one line naming its own steps; the
+    scheduler falls back to simple, its own uniform list, with one warning."""
+    import types
+
+    from comfy.supported_models import FluxSchnell
+
+    from dmsteps_cli.errors import BadInput
+    from dmsteps_cli.integrations.comfyui import DmstepsOptimize
+
+    flow1 = comfy_models["flow1"]
+    schnell = types.SimpleNamespace(model=types.SimpleNamespace(model_config=FluxSchnell({"image_model": "flux"})),
+                                    get_model_object=flow1.get_model_object)
+    for run in (lambda: DmstepsTable().get_sigmas(schnell, "flow-shift1-unipc-o3", 5, 1.0),
+                lambda: DmstepsOptimize().get_sigmas(schnell, "ddim", 1, 4, "default", -1.0, 1.0)):
+        with pytest.raises(BadInput, match="flux1-schnell .*fixed by training.*simple scheduler"):
+            run()
+    sampler = comfy.samplers.KSampler(schnell, 4, "cpu", "euler", "dmsteps")  # computes its sigmas once already
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        sigmas = sampler.calculate_sigmas(4)
+    assert sigmas.tolist() == comfy.samplers.calculate_sigmas(flow1.get_model_object("model_sampling"), "simple",
+                                                              4).tolist()
+    assert sum("fixed by training" in r.getMessage() for r in caplog.records) == 1

@@ -16,8 +16,9 @@ for the model's schedule, flow shift, that solver, order and variant that holds 
 sigmas; else the schedule's default steps for that solver are made for the model on the spot (what
 ``dmsteps optimize`` writes without options, ``comfyui.optimized_sigmas``; cached). A sampler that
 runs no table (ancestral and SDE samplers, which add noise; heun and dpm_2, which evaluate between
-the steps; lcm), a model dmsteps does not read, or steps no default serves falls back to ComfyUI's
-``simple`` scheduler with one warning line in ComfyUI's log.
+the steps; lcm), a model dmsteps does not read, a distilled model (FLUX.1-schnell: ComfyUI's simple
+scheduler is its own uniform list), or steps no default serves falls back to ComfyUI's ``simple``
+scheduler with one warning line in ComfyUI's log.
 
 The list follows the nodes' endpoint convention: ``steps`` + 1 sigmas ending in 0, a flow list
 starting at 1. ``denoise`` below 1 is KSampler's own: it asks for int(steps / denoise) steps and
@@ -34,7 +35,7 @@ from ..schedules import preset_of
 from ..solvers import SOLVERS
 from ..table_reader import load_table
 from ..tables import bundled_index, bundled_tables
-from .comfyui import SHIFT_RTOL, model_schedule, optimized_sigmas, sigmas_tensor
+from .comfyui import SHIFT_RTOL, model_schedule, optimized_sigmas, refuse_distilled_model, sigmas_tensor
 from .exports import sigmas_for
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,12 @@ def register() -> bool:
     def calculate_sigmas(self, steps):
         if self.scheduler != SCHEDULER_NAME:
             return comfy_calculate_sigmas(self, steps)
-        sigmas = scheduler_sigmas(self.model.get_model_object("model_sampling"), steps, self.sampler)
+        try:
+            refuse_distilled_model(self.model)
+            sigmas = scheduler_sigmas(self.model.get_model_object("model_sampling"), steps, self.sampler)
+        except BadInput as exc:
+            log.warning("dmsteps scheduler: %s; using ComfyUI's %s scheduler", exc, FALLBACK_SCHEDULER)
+            sigmas = None
         if sigmas is not None:
             return sigmas_tensor(sigmas)
         self.scheduler = FALLBACK_SCHEDULER  # ComfyUI's own code, its uni_pc and dpm_2 adjustment included
