@@ -69,11 +69,16 @@ def parse_nfe(text: str) -> tuple[int, ...]:
 
 @app.command()
 def optimize(
-    schedule: str = typer.Option("scaled_linear", "--schedule", "-s",
-                                 help="Preset name (see `dmsteps schedules`), a diffusers scheduler_config.json, "
-                                      "betas:FILE or alphas_cumprod:FILE (.npy/.txt)."),
-    solver: str = typer.Option("unipc", help="Solver whose order pattern the objective assumes: unipc, dpmpp, "
-                               "ddim (also called euler), ipndm; `dmsteps solvers` lists their orders and samplers."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", "-s",
+                                           help="Preset name (see `dmsteps schedules`), a diffusers "
+                                                "scheduler_config.json, betas:FILE or alphas_cumprod:FILE (.npy/.txt); "
+                                                "default scaled_linear."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model instead of --schedule (`dmsteps tables --model "
+                                        "all` lists them): its schedule and shift, and by default the solver and "
+                                        "order its runtime samples with; distilled models are refused."),
+    solver: Optional[str] = typer.Option(None, help="Solver whose order pattern the objective assumes: unipc "
+                                         "(default), dpmpp, ddim (also called euler), ipndm; `dmsteps solvers` lists "
+                                         "their orders and samplers."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the solver's; `dmsteps solvers`)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh2 (default, as diffusers) or bh1."),
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
@@ -104,6 +109,17 @@ def optimize(
     from .schedule_sources import get_schedule
     from .tables import dumps, format_for
 
+    if model is not None:
+        from .models import model_settings
+
+        if schedule is not None or shift is not None:
+            raise BadInput("give --model or --schedule and --shift, not both (--model sets the schedule and shift)")
+        settings = model_settings(model)
+        schedule, shift = settings["schedule"], settings["shift"]
+        if solver is None:
+            solver, order = settings["solver"], settings["order"] if order is None else order
+    schedule = "scaled_linear" if schedule is None else schedule
+    solver = "unipc" if solver is None else solver
     out_fmt = format_for(output, fmt)
     sched = get_schedule(schedule)
     config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, variant=variant, objective=objective,

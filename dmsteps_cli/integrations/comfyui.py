@@ -83,6 +83,17 @@ def model_sampling_of(model):
     return get("model_sampling")
 
 
+def refuse_distilled_model(model) -> None:
+    """BadInput for a model ComfyUI loaded as a distilled model's class (``models.distilled_comfyui_model``:
+    FluxSchnell for FLUX.1-schnell), naming the model's own steps: its steps were fixed by training."""
+    from ..models import distilled_comfyui_model, refuse_distilled
+
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    record = None if config is None else distilled_comfyui_model(type(config).__name__)
+    if record is not None:
+        refuse_distilled(record)
+
+
 def _numbers(values) -> np.ndarray:
     """A tensor, array or list as float64 (a tensor through ``tolist``, on any device)."""
     return np.asarray(values.tolist() if hasattr(values, "tolist") else values, dtype=np.float64)
@@ -310,6 +321,7 @@ class DmstepsTable:
         path = bundled_tables().get(table)
         if path is None:
             raise BadInput(f"no ready-made table is called {table!r} (they are: {', '.join(bundled_tables())})")
+        refuse_distilled_model(model)
         loaded = load_table(path)
         sigmas = table_sigmas(loaded, model_sampling_of(model), steps, denoise, table)
         advise(loaded, table)
@@ -346,6 +358,7 @@ class DmstepsTableFile:
         path = path.strip()
         if not path:
             raise BadInput("path: give the path of a table file")
+        refuse_distilled_model(model)
         loaded = load_table(path)
         sigmas = table_sigmas(loaded, model_sampling_of(model), steps, denoise, path)
         advise(loaded, path)
@@ -383,6 +396,7 @@ class DmstepsOptimize:
 
     def get_sigmas(self, model, solver, order, steps, objective, p, denoise):
         p = None if p < 0 else float(p)
+        refuse_distilled_model(model)
         return (sigmas_tensor(optimized_sigmas(model_sampling_of(model), solver, order, steps, objective, p,
                                                denoise)),)
 
