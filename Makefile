@@ -117,13 +117,13 @@ study-guided: install
 bench: install
 	$(PY) benchmarks/bench_optimize.py
 	$(PY) benchmarks/bench_sample.py
-	$(PY) benchmarks/bench_refine.py
+	PYTHONPATH=.:$$PYTHONPATH $(PY) benchmarks/bench_refine.py
 
 # On a machine with CUDA (the GPU image has python3.12 and torch but no diffusers: run
 # `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check)
 # docs/research/gpu-check.md records its output. The GPU studies run the same way, by hand, from the repository root:
-# python3 -m studies.gpu_refine (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh
+# python3 -m studies.gpu_refine_check (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh
 # (docs/research/evaluation-4096.md).
 GPU_PYTHON ?= python3
 gpu-check:

@@ -46,7 +46,6 @@ import torch
 
 from .baselines import check_baselines, check_names, consumer_steps, fitting_baselines
 from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_labels
-from .config import checked_settings, class_label_list
 from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
@@ -54,11 +53,13 @@ from .limits import BOUNDS, in_bounds
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
+from .run_settings import BATCH, REF_STEPS, MeasureSettings, checked_run
 from .runtime import (
     Ranks,
     denoiser_for,
     full_precision,
     integrate,
+    network_dtype_named,
     noise_for,
     rank_device,
     rms_error,
@@ -72,8 +73,6 @@ from .text_to_image import load_model, read_prompts
 SCHEMA = "dmsteps.evaluation/1"
 REF_SOLVER = ("unipc", 3, "bh2")
 REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
-REF_STEPS = 64  # the first S of the convergence rule (Evaluator)
-BATCH = 64  # noises per batch of the forward solves (Evaluator): bounds their memory
 REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
 STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
@@ -81,9 +80,13 @@ END_POINT = ("sigma = 0, as consumers run every list: N model calls, then 0 (a t
              "replaced by 0); the reference: the ODE solution to eps, then the denoiser's output there")
 
 
-@dataclass
-class EvalRequest:
-    checkpoint: str
+@dataclass(kw_only=True)
+class EvalRequest(MeasureSettings):
+    """What ``evaluate`` measures: the ``tables`` (paths or names) and ``baselines`` at ``nfe``
+    (None: the tables' own NFEs) on ``samples`` noises (seeds seed ... seed + samples - 1) of the
+    model of ``MeasureSettings``; ``solver``/``order``/``variant`` and the interval ``T``/``eps``/
+    ``shift`` default to the first table's."""
+
     tables: list = field(default_factory=list)
     baselines: tuple | None = None  # None: every grid and named schedule that fits (``baselines.fitting_baselines``)
     solver: str | None = None
@@ -91,22 +94,12 @@ class EvalRequest:
     variant: str | None = None
     nfe: tuple | None = None
     samples: int = 256
-    batch: int = BATCH  # noises per batch of the forward solves
-    seed: int = 0
-    device: str = "cpu"
-    ref_steps: int = REF_STEPS
-    cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
-    no_cache: bool = False  # True: no reference cache
-    schedule: str | None = None
-    class_label: int | None = None  # one class for every noise (or class_labels)
-    class_labels: object = None  # classes paired with the noises round robin: "0..9", "3,5,7" or ints
-    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
-    guidance_scale: float = 1.0
-    prompts: str | None = None  # a text-to-image pipeline's prompt file, one per line, paired round robin
-    negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
     T: float | None = None
     eps: float | None = None
     shift: float | None = None
+
+    def bounded(self) -> dict:
+        return {**super().bounded(), "samples": self.samples}
 
 
 def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000) -> list[float]:
@@ -519,16 +512,6 @@ def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale:
                      fingerprint=fingerprint, progress=progress, label=label)
 
 
-def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines,
-                    class_labels=None) -> tuple | None:
-    """The class labels given once every setting is within its bounds and the baselines are known."""
-    labels = checked_settings(class_label, class_labels, samples=samples, seed=seed, ref_steps=ref_steps,
-                              guidance_scale=guidance_scale)
-    if baselines is not None:
-        check_names(baselines)
-    return labels
-
-
 def needs_denoiser(ckpt: Checkpoint, source: str) -> None:
     """Refuse a text-to-image pipeline loaded without its prompts (``checkpoints.load_checkpoint``
     only detects one): its network is measured once ``text_to_image.load_model`` conditions it."""
@@ -569,7 +552,10 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     by ``Evaluator``'s rule); an NFE measured before the reference last changed is measured again,
     so every row of the report is measured against the one reference the report describes.
     """
-    labels = _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines, class_labels)
+    labels = checked_run(seed=seed, guidance_scale=guidance_scale, class_label=class_label, class_labels=class_labels,
+                         samples=samples, ref_steps=ref_steps, batch=batch)
+    if baselines is not None:
+        check_names(baselines)
     source = ckpt.source if source is None else source
     needs_denoiser(ckpt, source)
     labels = noise_labels(ckpt, labels)
@@ -648,16 +634,16 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     """Load the request's checkpoint (on ``req.device``: ``runtime.resolve_device``) and tables, then
     ``evaluate_checkpoint`` with the request's reference cache
     (``reference_cache.open_cache(req.cache, not req.no_cache)``) and ``progress``."""
-    _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines,
-                    req.class_labels)
-    in_bounds("batch", req.batch)
+    req.check()
+    if req.baselines is not None:
+        check_names(req.baselines)
     prompts = None if req.prompts is None else read_prompts(req.prompts)
     cache = open_cache(req.cache, enabled=not req.no_cache)
     device = rank_device(req.device)
     phase(progress, f"loading the model {req.checkpoint} on {device}")
-    ckpt = load_model(req.checkpoint, device=device, schedule=req.schedule,
-                      null_class=req.null_class, prompts=prompts, negative_prompt=req.negative_prompt,
-                      class_labels=class_label_list(req.class_label, req.class_labels))
+    ckpt = load_model(req.checkpoint, device=device, dtype=network_dtype_named(req.dtype, "dtype"),
+                      schedule=req.schedule, null_class=req.null_class, prompts=prompts,
+                      negative_prompt=req.negative_prompt, class_labels=req.labels())
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,
                                order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,

@@ -370,3 +370,27 @@ def tables_for(record: ModelRecord, index: dict | None = None, solver: str | Non
         differs.append(f"made for {row['solver']} order {row['order']}, not {solver or record.sampler} order {order}")
     note = f"the model's own table {own} is not built yet; the family table {name} applies"
     return TableChoice(name, False, note + (f" ({'; '.join(differs)})" if differs else ""))
+
+
+# --- a model's settings for optimize, and distilled models ---------------------------------------
+
+def refuse_distilled(record: ModelRecord) -> None:
+    """BadInput for a model whose steps were fixed by training: say so and name its own list."""
+    if record.distilled:
+        raise BadInput(f"{record.name} ({record.title}): {record.distilled}")
+
+
+def model_settings(name: str) -> dict:
+    """What ``optimize --model NAME`` makes steps for: the schedule preset, the flow shift (None for
+    other schedules), the solver and order the model's runtime samples with. BadInput for an unknown
+    model and for a distilled one (``refuse_distilled``)."""
+    record = model_record(name)
+    refuse_distilled(record)
+    return {"schedule": record.schedule, "shift": record.shift, "solver": record.sampler, "order": record.order}
+
+
+def distilled_comfyui_model(class_name: str) -> ModelRecord | None:
+    """The distilled model ComfyUI loads as ``class_name`` (comfy/supported_models.py), where no
+    other model loads as that class (FluxSchnell: FLUX.1-schnell); None otherwise."""
+    records = [r for r in MODELS.values() if r.comfyui_class == class_name]
+    return records[0] if len(records) == 1 and records[0].distilled else None

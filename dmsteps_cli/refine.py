@@ -79,17 +79,16 @@ and evaluate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .checkpoints import network_denoiser
-from .config import checked_settings, class_label_list
 from .errors import BadInput, bad_setting, mentioning
 from .evaluate import (
     END_POINT,
     METRIC,
-    REF_STEPS,
     Evaluator,
     conditioned_evaluator,
     conditioning_record,
@@ -98,12 +97,13 @@ from .evaluate import (
     paired_ratio_ci,
     space_of,
 )
-from .baselines import check_baselines, consumer_steps, fitting_baselines
+from .baselines import check_baselines, check_names, consumer_steps, fitting_baselines
 from .grids import GRIDS
 from .optimize import GAP_FRACTION, table_objective
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .refine_records import TABLE
+from .run_settings import BATCH, REF_STEPS, MeasureSettings, checked_run, renamed
 from .runtime import network_dtype_named, rank_device
 from .schedules import ends_at_zero, same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
@@ -118,36 +118,38 @@ REFINE_MARGIN = 0.5  # references are settled for errors down to half the best s
 PATIENCE = 30  # validations without a lower validation error before the fit stops (docs/cli.md: why 30)
 
 
-@dataclass
-class RefineRequest:
-    checkpoint: str
+@dataclass(kw_only=True)
+class RefineRequest(MeasureSettings):
+    """What ``refine`` fits: the table ``table``'s entries ``nfe`` (None: all) on the model of
+    ``MeasureSettings``, with ``train`` training, ``validation`` validation (0: none) and
+    ``holdout`` held-out noises; the fit (``Fit``): ``optimizer`` "lbfgs" or "adam" (mini-batches
+    of ``minibatch`` noises, step size ``lr``), ``maxiter``, ``patience``; the gradient's memory
+    and precision: ``batch`` (noises per backward pass too), ``activation_checkpointing`` (None: on
+    for networks), ``network_dtype`` (autocast: float16, bfloat16); ``holdout_prompts``: a
+    text-to-image pipeline's prompts of the held-out noises (None: ``prompts``). ``grad_batch`` and
+    ``checkpointing`` are the deprecated names of ``batch`` and ``activation_checkpointing``."""
+
     table: str
     nfe: tuple | None = None
     train: int = 64
     validation: int = 64  # validation noises (0: none): early stopping and the choice of the steps kept
     holdout: int = 256
-    seed: int = 0
-    device: str = "cpu"
     optimizer: str = "lbfgs"  # "lbfgs" or "adam" (mini-batches of ``minibatch`` noises, step size ``lr``)
     maxiter: int = 60  # L-BFGS-B iterations or Adam updates per NFE
     patience: int = PATIENCE  # validations without a lower validation error before the fit stops (0: never)
     minibatch: int = 16
     lr: float = 0.05
-    grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
-    checkpointing: bool | None = None  # recompute activations in the backward pass; None: on for networks
+    activation_checkpointing: bool | None = None  # recompute activations in the backward pass; None: on for networks
     network_dtype: str | None = None  # the gradient's model calls under autocast: float16, bfloat16
-    ref_steps: int = REF_STEPS
-    cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
-    no_cache: bool = False  # True: no reference cache
-    schedule: str | None = None
-    class_label: int | None = None  # one class for every noise (or class_labels)
-    class_labels: object = None  # classes paired with each set's noises round robin: "0..9", "3,5,7" or ints
-    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
-    guidance_scale: float = 1.0
-    prompts: str | None = None  # a text-to-image pipeline's prompt file: training and validation noises
     holdout_prompts: str | None = None  # prompts of the held-out noises (None: the same prompts)
-    negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
     baselines: tuple | None = None  # measured beside the table and considered as starts; None: every one that fits
+    grad_batch: int | None = None  # deprecated: batch
+    checkpointing: bool | None = None  # deprecated: activation_checkpointing
+    RENAMED: ClassVar[dict] = {"grad_batch": "batch", "checkpointing": "activation_checkpointing"}
+
+    def bounded(self) -> dict:
+        return {**super().bounded(), "train": self.train, "holdout": self.holdout, "maxiter": self.maxiter,
+                "validation": self.validation, "patience": self.patience, "minibatch": self.minibatch, "lr": self.lr}
 
 
 OPTIMIZERS = ("lbfgs", "adam")
@@ -212,8 +214,8 @@ class Refined:
         return "refined" if self.improved else "kept-start"
 
 
-def _lam_of(u, lam_T, lam_eps):
-    """Lambdas whose gaps are GAP_FRACTION of the range plus shares of the rest by softmax(u):
+def lam_of_logits(u, lam_T, lam_eps):
+    """The N + 1 increasing lambdas from lam_T to lam_eps of the N gap logits ``u``: lambdas whose gaps are GAP_FRACTION of the range plus shares of the rest by softmax(u):
     strictly increasing, neighbours never closer than the optimizer's minimum gap."""
     w = np.exp(u - u.max())
     n = u.size
@@ -222,15 +224,15 @@ def _lam_of(u, lam_T, lam_eps):
     return lam_T + np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def _lam_and_jacobian(u, lam_T, lam_eps):
-    """``_lam_of(u)`` and its Jacobian d lam / d u ((N + 1) x N), by complex step (exact)."""
+def lam_and_jacobian(u, lam_T, lam_eps):
+    """``lam_of_logits(u)`` and its Jacobian d lam / d u ((N + 1) x N), by complex step (exact)."""
     probe = u[:, None] + 1j * COMPLEX_STEP * np.eye(u.size)
-    jac = np.stack([_lam_of(probe[:, j], lam_T, lam_eps).imag / COMPLEX_STEP for j in range(u.size)], axis=1)
-    return _lam_of(u, lam_T, lam_eps), jac
+    jac = np.stack([lam_of_logits(probe[:, j], lam_T, lam_eps).imag / COMPLEX_STEP for j in range(u.size)], axis=1)
+    return lam_of_logits(u, lam_T, lam_eps), jac
 
 
-def _logits_of(lam0) -> np.ndarray:
-    """Gap logits u with ``_lam_of(u)`` = lam0 (to rounding; gaps at the minimum get a tiny share)."""
+def logits_of(lam0) -> np.ndarray:
+    """Gap logits u with ``lam_of_logits(u)`` = lam0 (to rounding; gaps at the minimum get a tiny share)."""
     span = lam0[-1] - lam0[0]
     return np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
 
@@ -296,7 +298,7 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
     count = {"iterations": 0, "evaluations": 0}
 
     def f(u):
-        lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
+        lam, dlam_du = lam_and_jacobian(u, lam_T, lam_eps)
         value, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
                                                        checkpointing=fit.checkpointing,
                                                        network_dtype=fit.network_dtype)
@@ -306,13 +308,13 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
 
     def each_iteration(intermediate_result):
         count["iterations"] += 1
-        lam = _pinned(_lam_of(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
+        lam = _pinned(lam_of_logits(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
         keeper.see(lam, count["iterations"])
         if advance is not None:
             advance(count["iterations"], f"training error {float(intermediate_result.fun):.4g}, {keeper.kept()}")
 
     try:
-        res = minimize(f, _logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
+        res = minimize(f, logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
                        callback=each_iteration)
         message = str(res.message)
     except _EarlyStop as stop:
@@ -329,13 +331,13 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
     size = min(fit.minibatch, n)
     every = -(-n // size)  # updates per pass over the training noises
     rng = np.random.default_rng(fit.seed)
-    u = _logits_of(lam0)
+    u = logits_of(lam0)
     m, v = np.zeros_like(u), np.zeros_like(u)
     (b1, b2), done = ADAM_BETAS, 0
     try:
         for k in range(1, fit.maxiter + 1):
             rows = np.sort(rng.choice(n, size=size, replace=False))
-            lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
+            lam, dlam_du = lam_and_jacobian(u, lam_T, lam_eps)
             batch_error, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
                                                        checkpointing=fit.checkpointing,
                                                        network_dtype=fit.network_dtype, rows=rows)
@@ -345,7 +347,7 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
             u = u - fit.lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + 1e-12)
             done = k
             if k % every == 0 or k == fit.maxiter:
-                keeper.see(_pinned(_lam_of(u, lam_T, lam_eps), lam_T, lam_eps), k)
+                keeper.see(_pinned(lam_of_logits(u, lam_T, lam_eps), lam_T, lam_eps), k)
             if advance is not None:
                 advance(k, f"mini-batch training error {batch_error:.4g}, {keeper.kept()}")
     except _EarlyStop as stop:
@@ -506,16 +508,10 @@ def best_candidate(errors: dict) -> tuple[str, float]:
     return name, errors[name]
 
 
-def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
-                    validation=0, patience=0, optimizer="lbfgs", minibatch=1, lr=0.05,
-                    class_labels=None) -> tuple | None:
-    """The class labels given once every setting is within its bounds and the optimizer is known."""
-    labels = checked_settings(class_label, class_labels, train=train, holdout=holdout, grad_batch=grad_batch,
-                              maxiter=maxiter, seed=seed, ref_steps=ref_steps, guidance_scale=guidance_scale,
-                              validation=validation, patience=patience, minibatch=minibatch, lr=lr)
+def check_optimizer(optimizer: str) -> None:
+    """BadInput unless ``optimizer`` is one of ``OPTIMIZERS``."""
     if optimizer not in OPTIMIZERS:
         raise bad_setting("optimizer", f"{optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
-    return labels
 
 
 def gradient_dtype(ckpt, network_dtype: str | None) -> torch.dtype | None:
@@ -548,10 +544,11 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
                  seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = PATIENCE,
-                 minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
-                 network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
-                 guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
-                 progress=None, class_labels=None, baselines=None) -> dict:
+                 minibatch: int = 16, lr: float = 0.05, batch: int = BATCH,
+                 activation_checkpointing: bool | None = None, network_dtype: str | None = None,
+                 ref_steps: int = REF_STEPS, cache=None, class_label=None, guidance_scale: float = 1.0,
+                 source: str | None = None, table_name: str = TABLE, progress=None, class_labels=None,
+                 baselines=None, grad_batch: int | None = None, checkpointing: bool | None = None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
     on the loaded checkpoint ``ckpt``.
 
@@ -562,9 +559,9 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     "adam" (``maxiter`` Adam updates of step size ``lr`` on mini-batches of ``minibatch`` training
     noises, validated once per pass over them); with validation noises it stops after
     ``patience`` validations without a lower validation error and keeps the start or iterate with
-    the lowest one. The gradient's memory: ``grad_batch`` training noises per backward pass (and
+    the lowest one. The gradient's memory: ``batch`` training noises per backward pass (and
     per batch of every forward solve);
-    ``checkpointing`` recomputes each model evaluation's activations in the backward pass (None:
+    ``activation_checkpointing`` recomputes each model evaluation's activations in the backward pass (None:
     on for networks, off for mixtures; the result is the same to rounding); ``network_dtype``
     ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's model calls under
     autocast in that dtype, while the references and every recorded error stay at the checkpoint's
@@ -588,8 +585,13 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     with its fitted prompts and the held-out noises with its held-out prompts (the fitted ones
     where it has none); guidance uses its negative prompt.
     """
-    labels = _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
-                             validation, patience, optimizer, minibatch, lr, class_labels)
+    batch = renamed("grad_batch", grad_batch, "batch", batch, BATCH, "refine_table")
+    activation_checkpointing = renamed("checkpointing", checkpointing, "activation_checkpointing",
+                                       activation_checkpointing, None, "refine_table")
+    labels = checked_run(seed=seed, guidance_scale=guidance_scale, class_label=class_label, class_labels=class_labels,
+                         train=train, holdout=holdout, batch=batch, maxiter=maxiter, ref_steps=ref_steps,
+                         validation=validation, patience=patience, minibatch=minibatch, lr=lr)
+    check_optimizer(optimizer)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
     needs_denoiser(ckpt, source)
@@ -604,7 +606,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
         baselines = list(dict.fromkeys(baselines))
         check_baselines(baselines, schedule, nfes, cfg["T"], cfg["eps"], cfg.get("shift"))
     fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
-              grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
+              grad_batch=batch, checkpointing=activation_checkpointing, network_dtype=low)
     labels, held_labels = noise_labels(ckpt, labels), noise_labels(ckpt, labels, held=True)
     network_denoiser(ckpt, labels, guidance_scale)  # the labels and the guidance, checked before any hashing
 
@@ -612,7 +614,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
     def evaluator(seeds, label, paired=labels) -> Evaluator:
         return conditioned_evaluator(ckpt, seeds, paired, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
-                                     fingerprint, batch=grad_batch, progress=progress, label=label)
+                                     fingerprint, batch=batch, progress=progress, label=label)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
     training = evaluator(seeds, f"{train} training noises")
@@ -680,16 +682,17 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
 
 TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "maxiter", "patience", "minibatch",
-                  "lr", "grad_batch", "checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
+                  "lr", "batch", "activation_checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
                   "guidance_scale", "baselines")
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
     """Load the request's table and checkpoint (on ``req.device``; under torchrun a CUDA device is
     the rank's own, ``runtime.rank_device``), then ``refine_table`` with ``progress``."""
-    _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
-                    req.guidance_scale, req.class_label, req.validation, req.patience, req.optimizer,
-                    req.minibatch, req.lr, req.class_labels)
+    req.check()
+    check_optimizer(req.optimizer)
+    if req.baselines is not None:  # an unknown name fails before the model loads
+        check_names(req.baselines)
     if req.network_dtype is not None:
         network_dtype_named(req.network_dtype)
     cache = open_cache(req.cache, enabled=not req.no_cache)
@@ -699,9 +702,9 @@ def refine(req: RefineRequest, progress=None) -> dict:
     holdout_prompts = None if req.holdout_prompts is None else read_prompts(req.holdout_prompts, "holdout_prompts")
     device = rank_device(req.device)
     phase(progress, f"loading the model {req.checkpoint} on {device}")
-    ckpt = load_model(req.checkpoint, device=device, schedule=req.schedule,
-                      null_class=req.null_class, prompts=prompts, holdout_prompts=holdout_prompts,
-                      negative_prompt=req.negative_prompt,
-                      class_labels=class_label_list(req.class_label, req.class_labels))
+    ckpt = load_model(req.checkpoint, device=device, dtype=network_dtype_named(req.dtype, "dtype"),
+                      schedule=req.schedule, null_class=req.null_class, prompts=prompts,
+                      holdout_prompts=holdout_prompts, negative_prompt=req.negative_prompt,
+                      class_labels=req.labels())
     return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)

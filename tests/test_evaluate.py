@@ -220,8 +220,8 @@ def test_refine_grad_batch_changes_memory_not_the_result(files):
     assert v3 == pytest.approx(v8, rel=1e-13)
     np.testing.assert_allclose(g3, g8, rtol=1e-11, atol=1e-13)
     req = dict(checkpoint=str(root / "mix.yaml"), table=str(table), nfe=(6,), train=8, holdout=8, maxiter=10)
-    whole = refine(RefineRequest(**req, grad_batch=8))["entries"][0]
-    split = refine(RefineRequest(**req, grad_batch=3))["entries"][0]
+    whole = refine(RefineRequest(**req, batch=8))["entries"][0]
+    split = refine(RefineRequest(**req, batch=3))["entries"][0]
     np.testing.assert_allclose(split["lambda"], whole["lambda"], rtol=0, atol=1e-5)
     assert split["refine"]["train_error"] == pytest.approx(whole["refine"]["train_error"], rel=1e-6)
     r = subprocess.run([sys.executable, "-m", "dmsteps_cli", "refine", "-c", str(root / "mix.yaml"), "-t", str(table),

@@ -206,3 +206,29 @@ def test_tables_model_refuses_an_unknown_model_in_one_line():
     out = _cli("tables", "--model", "fluxx")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: unknown model 'fluxx'")
+
+
+# --- optimize --model ------------------------------------------------------------------------------
+
+def test_optimize_model_makes_steps_at_the_models_shift_for_its_sampler(tmp_path):
+    import json
+
+    out = tmp_path / "wan.json"
+    r = _cli("optimize", "--model", "wan21", "--nfe", "6", "-o", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    config = json.loads(out.read_text())["config"]
+    assert (config["schedule"], config["shift"], config["solver"], config["order"]) == ("flow", 8.0, "unipc", 2)
+    r = _cli("optimize", "--model", "sd3", "--solver", "dpmpp", "--nfe", "6", "-o", str(out), "-q")
+    config = json.loads(out.read_text())["config"]
+    assert (config["shift"], config["solver"], config["order"]) == (3.0, "dpmpp", 3)  # the solver's own order
+
+
+@pytest.mark.parametrize("args", [["--model", "flux1-schnell"], ["--model", "lcm"],
+                                  ["--model", "sd15", "--schedule", "edm"], ["--model", "wan21", "--shift", "5"]])
+def test_optimize_model_refuses_distilled_models_and_a_second_schedule(tmp_path, args):
+    out = tmp_path / "t.json"
+    r = _cli("optimize", *args, "--nfe", "4", "-o", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert not out.exists()
+    if "schnell" in args[1]:
+        assert "fixed by training" in r.stderr and "simple scheduler" in r.stderr
