@@ -178,13 +178,31 @@ def show(
     baselines: str = typer.Option(",".join(GRIDS), help="With --plot: the baselines drawn (grids or named "
                                   "schedules, as evaluate --baselines)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
+    split_at_sigma: Optional[float] = typer.Option(None, "--split-at-sigma", help="With --nfe: the steps as two "
+                                                   "sampler runs split exactly at this sampler sigma (Wan 2.2's "
+                                                   "expert switch: 0.875, 0.9 for image-to-video), two lines "
+                                                   "(--as, default sigmas); the second run restarts the solver."),
+    split_steps: str = typer.Option("warp", "--split-steps", help="With --split-at-sigma: warp (the table's "
+                                    "list, its step nearest the sigma moved onto it; measured best) or optimize "
+                                    "(each run's steps placed anew)."),
+    denoise: Optional[float] = typer.Option(None, "--denoise", help="With --nfe: a partial run (img2img) at this "
+                                            "denoise, 0 to 1: round(NFE x denoise) steps from the list's point "
+                                            "there, as the ComfyUI nodes run it (one line, --as, default sigmas)."),
+    denoise_steps: str = typer.Option("tail", "--denoise-steps", help="With --denoise: tail (the list's last "
+                                      "steps; measured best) or placed (steps placed anew on the partial "
+                                      "interval)."),
 ):
-    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
+    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it;
+    --split-at-sigma and --denoise print the parts of two runs and of a partial run."""
     from .integrations.exports import FINAL_SIGMAS, decimals, sigmas_for
     from .table_reader import load_table
     from .tables import entry_for
 
     table = load_table(file, fmt)
+    if split_at_sigma is not None or denoise is not None:
+        sys.stdout.write(_parts(table, nfe, as_, final_sigma, split_at_sigma, split_steps, denoise, denoise_steps,
+                                plot, end))
+        return
     line = None
     if end is not None:
         _deprecated("--end", "--final-sigma (--end min is --final-sigma table)")
@@ -214,6 +232,41 @@ def show(
         sys.stdout.write(line)
     elif plot is None:
         _console_stdout().print(table_summary(table))
+
+
+def _parts(table, nfe, as_, final_sigma, split_at_sigma, split_placement, denoise, denoise_placement, plot,
+           end) -> str:
+    """``show --split-at-sigma`` (two lines) or ``--denoise`` (one line), after refusing what does not
+    go with them."""
+    from .integrations.exports import FINAL_SIGMAS, decimals
+    from .partial import part_values, partial_run, split_steps, split_values
+
+    if split_at_sigma is not None and denoise is not None:
+        raise BadInput("give --split-at-sigma or --denoise, not both")
+    if plot is not None or end is not None:
+        raise BadInput(f"{'--plot' if plot is not None else '--end'} does not go with --split-at-sigma or --denoise")
+    held = [e["nfe"] for e in table["entries"]]
+    n = _one_nfe(nfe, "show", held)
+    if n is None:
+        raise BadInput("--split-at-sigma and --denoise need --nfe (one of the table's: "
+                       f"{', '.join(map(str, held))})")
+    field = as_ or "sigmas"
+    if field not in AS_FIELDS:
+        raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
+    if final_sigma is not None and field != "sigmas":
+        raise BadInput("--final-sigma applies only to --as sigmas")
+    if final_sigma not in (None, *FINAL_SIGMAS):
+        raise BadInput(f"--final-sigma {final_sigma!r}: choose from {', '.join(FINAL_SIGMAS)}")
+    final_sigma = final_sigma or "table"
+    if split_at_sigma is not None:
+        split = split_steps(table, n, split_at_sigma, split_placement)
+        high, low = split_values(table, split, field, final_sigma)
+        _note(f"two runs: {split.high['nfe']} steps to sigma {split.sigma:g}, then {split.low['nfe']} steps "
+              f"({split_placement}); the second run restarts the solver")
+        return decimals(high) + "\n" + decimals(low) + "\n"
+    entry = partial_run(table, n, denoise, denoise_placement)
+    _note(f"a partial run: {entry['nfe']} of {n} steps from sigma {entry['sigmas'][0]:g} ({denoise_placement})")
+    return decimals(part_values(table, entry, field, final_sigma, starts_run=entry["nfe"] == n)) + "\n"
 
 
 def _one_nfe(text: str | None, command: str, held=None) -> int | None:
@@ -667,7 +720,8 @@ def check(
 
 
 # library parameter -> the flag that sets it, where the two are not the same name with dashes
-FLAGS: dict[str, str] = {}
+FLAGS: dict[str, str] = {"sigma": "--split-at-sigma", "placement": "--split-steps",
+                         "denoise_placement": "--denoise-steps"}  # library parameters named otherwise
 
 
 def message_of(exc: BadInput) -> str:
