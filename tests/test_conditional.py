@@ -75,9 +75,11 @@ def guided_x0(model, channels, x, timestep, alpha, sigma, labels, null, g):
     return (x - sigma * eps) / alpha
 
 
-def direct_solution(ckpt, seeds, labels, null, g, lam, solver="unipc", order=3, variant="bh2"):
+def direct_solution(ckpt, seeds, labels, null, g, lam, solver="unipc", order=3, variant="bh2", to_zero=False):
     """The samples from each seed's noise (a standard normal on the CPU from its own generator) for
-    the steps ``lam``, noise i conditioned on labels[i]."""
+    the steps ``lam``, noise i conditioned on labels[i]; with ``to_zero`` as the consumers run them
+    (docs/cli.md, "One frame"): the last model call's output, which UniPC's order-1 last step to
+    sigma 0 returns."""
     s = ckpt.schedule
     lam = np.asarray(lam, dtype=np.float64)
     steps = step_arrays(s, lam, s.T, s.eps_default)
@@ -86,8 +88,26 @@ def direct_solution(ckpt, seeds, labels, null, g, lam, solver="unipc", order=3, 
     x = torch.stack([torch.randn(ckpt.sample_shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
     plan = build_plan(s, lam, solver, order, variant).map(float)
     channels = ckpt.sample_shape[0]
-    return run_plan(plan, x, lambda x, k: guided_x0(ckpt.model, channels, x, steps["timesteps"][k], float(alpha[k]),
-                                                    float(sigma[k]), labels, null, g))
+    outputs = []
+
+    def denoise(x, k):
+        outputs.append(guided_x0(ckpt.model, channels, x, steps["timesteps"][k], float(alpha[k]), float(sigma[k]),
+                                 labels, null, g))
+        return outputs[-1]
+
+    x = run_plan(plan, x, denoise)
+    return outputs[-1] if to_zero else x
+
+
+def direct_reference(ckpt, seeds, labels, null, g, steps):
+    """The reference at sigma 0: UniPC-3 (bh2) on ``steps`` uniform-lambda steps to eps, then the
+    guided data prediction there."""
+    s = ckpt.schedule
+    at_eps = direct_solution(ckpt, seeds, labels, null, g, grid_lambda("unif", s, steps, s.T, s.eps_default),
+                             *REF_SOLVER)
+    eps = np.array([s.eps_default])
+    return guided_x0(ckpt.model, ckpt.sample_shape[0], at_eps, float(s.model_timestep(eps)[0]), float(s.alpha(eps)[0]),
+                     float(s.sigma(eps)[0]), labels, null, g)
 
 
 def mean_rms(x, ref) -> float:
@@ -108,10 +128,10 @@ def test_evaluate_equals_a_direct_computation(models, case):
     assert pair_labels(labels, 4) == per_noise
     s = ckpt.schedule
     seeds = range(5, 9)
-    ref = direct_solution(ckpt, seeds, per_noise, null, g,
-                          grid_lambda("unif", s, rep["reference"]["steps"], s.T, s.eps_default), *REF_SOLVER)
+    ref = direct_reference(ckpt, seeds, per_noise, null, g, rep["reference"]["steps"])
     for row in rep["rows"]:
-        x = direct_solution(ckpt, seeds, per_noise, null, g, grid_lambda(row["grid"], s, 5, s.T, s.eps_default))
+        x = direct_solution(ckpt, seeds, per_noise, null, g, grid_lambda(row["grid"], s, 5, s.T, s.eps_default),
+                            to_zero=True)
         assert row["error"] == pytest.approx(mean_rms(x, ref), rel=1e-5), row
     # guidance and the labels change the numbers
     plain = evaluate(EvalRequest(checkpoint=str(models[name]), class_label=labels[0], null_class=null_given,
