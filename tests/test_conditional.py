@@ -201,20 +201,23 @@ def test_the_cache_keeps_each_seeds_label_guidance_and_null_class(models, tmp_pa
         ev = conditioned_evaluator(model, seeds, labels, g, s.T, s.eps_default, ref_steps=32, cache=cache)
         return ev, cache, sum(calls)
 
+    # the stored x_32 and x_64 at eps are carried to sigma 0 by one call each (docs/cli.md, "One frame"),
+    # cached or not: guided, 2 rows a call
+    to_zero = 2 * 2 * 4
     first, cache, n = measure((0, 1))  # seeds 0..3 with labels 0, 1, 0, 1
-    assert (cache.hits, cache.misses, cache.written) == (0, 8, 8) and n == 2 * 4 * (32 + 64)  # guided: 2 rows each
+    assert (cache.hits, cache.misses, cache.written) == (0, 8, 8) and n == 2 * 4 * (32 + 64) + to_zero
     assert sorted(first._entries) == [0, 1]
     again, cache, n = measure((0, 1))
-    assert (cache.hits, cache.misses, n) == (8, 0, 0) and torch.equal(again.reference, first.reference)
+    assert (cache.hits, cache.misses, n) == (8, 0, to_zero) and torch.equal(again.reference, first.reference)
     swapped, cache, n = measure((1, 0))  # every seed now has the other label
     assert (cache.hits, cache.misses) == (0, 8) and n > 0
     assert not torch.equal(swapped.reference, first.reference)
     one, cache, n = measure((1,))  # seeds 1, 3 stored with label 1 by the first, 0, 2 by the swapped
-    assert (cache.hits, cache.misses, n) == (8, 0, 0)
+    assert (cache.hits, cache.misses, n) == (8, 0, to_zero)
     torch.testing.assert_close(one.reference[[1, 3]], first.reference[[1, 3]], rtol=0, atol=0)
     torch.testing.assert_close(one.reference[[0, 2]], swapped.reference[[0, 2]], rtol=0, atol=0)
     more, cache, n = measure((0, 1), seeds=range(2, 6))  # seeds 2, 3 keep labels 0, 1: read; 4, 5 new
-    assert (cache.hits, cache.misses) == (4, 4) and n == 2 * 2 * (32 + 64)
+    assert (cache.hits, cache.misses) == (4, 4) and n == 2 * 2 * (32 + 64) + to_zero
     _, cache, n = measure((0, 1), g=3.0)  # another guidance scale
     assert (cache.hits, cache.misses) == (0, 8)
     other_null = dataclasses.replace(ckpt, null_class=2)  # the same weights
