@@ -232,3 +232,16 @@ def test_optimize_model_refuses_distilled_models_and_a_second_schedule(tmp_path,
     assert not out.exists()
     if "schnell" in args[1]:
         assert "fixed by training" in r.stderr and "simple scheduler" in r.stderr
+
+
+def test_docs_models_lists_every_record_with_its_shift():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
+    for record in MODELS.values():
+        row = next((line for line in text.splitlines() if f"| `{record.name}` |" in line), None)
+        assert row is not None, record.name
+        if record.shift is not None:
+            assert f"| {record.shift:.6g} ({record.shift_from}) |" in row, record.name
+        for setting in record.shifts:
+            assert setting.source in row, (record.name, setting.source)
