@@ -125,8 +125,8 @@ def split_study(noises: int, proxies) -> list[dict]:
             for sigma in SPLIT_SIGMAS:
                 for n in c["nfe"]:
                     errs = {}
-                    for kind, parts in (("split", optimized_split(table, n, sigma)), ("cut", cut_steps(table, n, sigma)),
-                                        ("warp", warped_split(table, n, sigma))):
+                    methods = (("split", optimized_split), ("cut", cut_steps), ("warp", warped_split))
+                    for kind, parts in ((kind, method(table, n, sigma)) for kind, method in methods):
                         t_mid = float(parts.high["t"][-1])
                         x = run(den, schedule, parts.high["lambda"], T, t_mid, x_T, c["solver"], c["order"],
                                 c.get("variant"))

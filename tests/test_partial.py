@@ -127,8 +127,8 @@ def test_the_partial_steps_study_runs_cut_down(monkeypatch, tmp_path):
     from studies import partial_steps
 
     monkeypatch.setattr(partial_steps, "REF_STEPS", 40)
-    monkeypatch.setattr(partial_steps, "SPLIT_TABLES", {"flow shift 8": StepConfig(schedule="flow", shift=8.0, solver="unipc",
-                                                                                 order=2, nfe=(8,))})
+    wan = StepConfig(schedule="flow", shift=8.0, solver="unipc", order=2, nfe=(8,))
+    monkeypatch.setattr(partial_steps, "SPLIT_TABLES", {"flow shift 8": wan})
     monkeypatch.setattr(partial_steps, "SPLIT_SIGMAS", (0.875,))
     monkeypatch.setattr(partial_steps, "DENOISE_TABLES", {"edm-unipc-o3": None})
     monkeypatch.setattr(partial_steps, "DENOISE_NFE", (10,))
@@ -139,4 +139,5 @@ def test_the_partial_steps_study_runs_cut_down(monkeypatch, tmp_path):
     rows += partial_steps.denoise_study(4, ["spectral-64"])
     assert rows[-1]["steps"] == 5 and rows[-1]["partial_vs_tail"]["b"] > 0
     text = partial_steps.summary(rows)
-    assert "| split, warp | flow shift 8 | cut | 1 |" in text and "| denoise, placed | edm-unipc-o3 | tail | 1 |" in text
+    assert "| split, warp | flow shift 8 | cut | 1 |" in text
+    assert "| denoise, placed | edm-unipc-o3 | tail | 1 |" in text
