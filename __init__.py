@@ -7,6 +7,9 @@ if __package__:  # imported as a package, as ComfyUI imports a custom-node folde
     import importlib.util
 
     from .dmsteps_cli.integrations.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .dmsteps_cli.integrations.comfyui_scheduler import register
+
+    register()  # "dmsteps" in KSampler's scheduler list
 
     if importlib.util.find_spec("torch") is not None:
         from .dmsteps_cli.integrations import comfyui_refine

@@ -18,24 +18,33 @@ end first, ending in 0 where the source does:
 - ``optimalsteps-flux``, ``-wan``, ``-chroma``: the published OptimalSteps lists (flow models), other
   step counts by log-linear interpolation (``comfy_extras/nodes_optimalsteps.py``).
 
-How a source's list becomes N + 1 increasing lambdas from lambda(T) to lambda(eps), the measured
-interval (``baseline_lambda``):
+Two frames (docs/cli.md, "One frame for every comparison"):
 
-- a source whose last nonzero point is its sigma_min (karras, exponential, kl_optimal) runs with
-  steps = N + 1, sigma_max = sigma(T), sigma_min = sigma(eps), and its final 0 is dropped: N + 1 points
-  from sigma(T) to sigma(eps) (karras is then the ``edm`` grid);
-- every other source runs with steps = N and its final 0 (or, for the published lists, the point the
-  source replaces by 0) becomes sigma(eps); its first point becomes sigma(T). The published SD and SVD
-  lists fit only where sigma(T) is their first sigma (SD's scaled_linear at T = 1: 14.6146; an EDM
-  schedule with sigma_max = T = 700), the OptimalSteps lists only flow schedules;
-- lambda = -log(sigma) for VP and EDM, log((1 - t)/t) for flow (``Schedule.lam_of_sampler_sigma``);
-  a list that is not strictly increasing in lambda afterwards, or has other than N steps, is refused.
+- as a consumer runs it (``consumer_steps``, what ``evaluate`` and ``refine`` measure): the source's
+  list for N model calls, ending in 0, as ComfyUI runs it; karras, exponential and kl_optimal from
+  sigma_max = sigma(T) to sigma_min = sigma(eps) (their last call at sigma(eps)), every other list with
+  its first sigma set to sigma(T); a hand-made grid or a table as its consumer runs it: its first N
+  points, then 0;
+- on a table's N + 1 points from lambda(T) to lambda(eps) (``baseline_lambda``, the model-free
+  studies' frame): a source whose last call is at its sigma_min (karras, exponential, kl_optimal)
+  runs with N + 1 calls and its final 0 is dropped (karras is then the ``edm`` grid); every other
+  source runs with N calls and its final 0 (for the published lists the point the source replaces
+  by 0) becomes sigma(eps), its first point sigma(T).
+
+The published SD and SVD lists fit only where sigma(T) is their first sigma (SD's scaled_linear at
+T = 1: 14.6146; an EDM schedule with sigma_max = T = 700), the OptimalSteps lists only flow
+schedules. lambda = -log(sigma) for VP and EDM, log((1 - t)/t) for flow
+(``Schedule.lam_of_sampler_sigma``); a list that is not increasing in lambda afterwards, leaves the
+interval, or has another number of steps than asked, is refused.
 
 Imports ``errors`` and ``grids`` at load, numpy, scipy and ``schedules`` on use, so that the command
 line can name the baselines (``BASELINES``) in its help without loading numpy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .errors import BadInput
 from .grids import GRIDS, grid_lambda
@@ -45,6 +54,7 @@ BETA_ALPHA = BETA_BETA = 0.6
 LINEAR_QUADRATIC_THRESHOLD = 0.025
 MODEL_SIGMAS = 1000  # ComfyUI's EDM and flow model_sampling hold 1000 sigmas
 START_RTOL = 1e-6  # a published list's first sigma and sigma(T) agree to this
+CALL_ATOL = 1e-12  # a call this close to lambda(eps) (a fraction of the interval's lambda span) is at it
 
 AYS = {
     "sd15": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
@@ -222,57 +232,107 @@ def gits_sd15(steps: int):
 
 class ModelSampling:
     """What ComfyUI's schedulers read of a model: its M sigmas (ascending), timestep(sigma) and
-    sigma(timestep), for a discrete VP, EDM or flow schedule (``shift``: the flow model's)."""
+    sigma(timestep); one subclass per ComfyUI model_sampling class (``MODEL_SAMPLINGS``), made by
+    ``model_sampling``. ``shift``: a flow model's (None: the schedule's default)."""
 
-    def __init__(self, schedule, shift: float | None):
+    def __init__(self, schedule, shift: float | None = None):
+        self.schedule = schedule
+        self.shift = schedule.default_shift if shift is None else float(shift)
+        self.sigmas = self.model_sigmas()
+
+    def model_sigmas(self):
+        raise NotImplementedError
+
+    def timestep(self, sigma: float) -> float:
+        raise NotImplementedError
+
+    def sigma(self, timestep):
+        raise NotImplementedError
+
+
+class DiscreteSampling(ModelSampling):
+    """ComfyUI's ModelSamplingDiscrete: the kappas of the M training steps; a timestep is the
+    nearest training step in log sigma, a sigma is log sigma interpolated between them."""
+
+    def model_sigmas(self):
         np = _np()
-        self.family = schedule.family
-        if self.family == "discrete":
-            ac = schedule.alphas_cumprod
-            self.sigmas = np.sqrt((1.0 - ac) / ac)
-        elif self.family == "edm":
-            self.sigmas = np.exp(np.linspace(np.log(schedule.sigma_min), np.log(schedule.sigma_max), MODEL_SIGMAS))
-        elif self.family == "flow":
-            from .grids import shift_time
-
-            self.shift = schedule.default_shift if shift is None else float(shift)
-            self.sigmas = shift_time(np.arange(1, MODEL_SIGMAS + 1) / MODEL_SIGMAS, self.shift)
-        else:
-            raise BadInput(f"ComfyUI's schedulers know discrete, EDM and flow models, not {schedule.family}")
+        ac = self.schedule.alphas_cumprod
+        return np.sqrt((1.0 - ac) / ac)
 
     def timestep(self, sigma: float) -> float:
         np = _np()
-        if self.family == "discrete":  # the nearest training step in log sigma
-            return float(np.abs(np.log(sigma) - np.log(self.sigmas)).argmin())
-        if self.family == "edm":
-            return 0.25 * float(np.log(sigma))
+        return float(np.abs(np.log(sigma) - np.log(self.sigmas)).argmin())
+
+    def sigma(self, timestep):
+        np = _np()
+        i = np.clip(np.asarray(timestep, dtype=np.float64), 0, len(self.sigmas) - 1)
+        return np.exp(np.interp(i, np.arange(len(self.sigmas)), np.log(self.sigmas)))
+
+
+class ContinuousEDMSampling(ModelSampling):
+    """ComfyUI's ModelSamplingContinuousEDM: MODEL_SIGMAS sigmas uniform in log sigma; EDM's
+    timestep c_noise = 0.25 log sigma."""
+
+    def model_sigmas(self):
+        np = _np()
+        s = self.schedule
+        return np.exp(np.linspace(np.log(s.sigma_min), np.log(s.sigma_max), MODEL_SIGMAS))
+
+    def timestep(self, sigma: float) -> float:
+        np = _np()
+        return 0.25 * float(np.log(sigma))
+
+    def sigma(self, timestep):
+        np = _np()
+        return np.exp(np.asarray(timestep, dtype=np.float64) / 0.25)
+
+
+class DiscreteFlowSampling(ModelSampling):
+    """ComfyUI's ModelSamplingDiscreteFlow: the shifted times of MODEL_SIGMAS uniform steps; the
+    timestep is MODEL_SIGMAS sigma."""
+
+    def model_sigmas(self):
+        np = _np()
+        from .grids import shift_time
+
+        return shift_time(np.arange(1, MODEL_SIGMAS + 1) / MODEL_SIGMAS, self.shift)
+
+    def timestep(self, sigma: float) -> float:
         return MODEL_SIGMAS * float(sigma)
 
     def sigma(self, timestep):
         np = _np()
-        ts = np.asarray(timestep, dtype=np.float64)
-        if self.family == "discrete":  # log sigma interpolated between training steps
-            i = np.clip(ts, 0, len(self.sigmas) - 1)
-            return np.exp(np.interp(i, np.arange(len(self.sigmas)), np.log(self.sigmas)))
-        if self.family == "edm":
-            return np.exp(ts / 0.25)
         from .grids import shift_time
 
-        return shift_time(ts / MODEL_SIGMAS, self.shift)
+        return shift_time(np.asarray(timestep, dtype=np.float64) / MODEL_SIGMAS, self.shift)
+
+
+# ComfyUI's model_sampling classes by name (``Schedule.comfy_sampling``)
+MODEL_SAMPLINGS = {"ModelSamplingDiscrete": DiscreteSampling, "ModelSamplingContinuousEDM": ContinuousEDMSampling,
+                   "ModelSamplingDiscreteFlow": DiscreteFlowSampling}
+
+
+def model_sampling(schedule, shift: float | None = None) -> ModelSampling:
+    """The ``ModelSampling`` of the ComfyUI class that samples ``schedule``'s family
+    (``Schedule.comfy_sampling``); BadInput for a family ComfyUI has none for."""
+    kind = MODEL_SAMPLINGS.get(schedule.comfy_sampling)
+    if kind is None:
+        raise BadInput(f"ComfyUI's schedulers know discrete, EDM and flow models, not {schedule.family}")
+    return kind(schedule, shift)
 
 
 # --- the registry ------------------------------------------------------------------------------
 
 def _closed(formula):
-    return lambda ctx, n: formula(n + 1, ctx["sigma_eps"], ctx["sigma_T"])[:-1]
+    return lambda ctx, n: formula(n, ctx["sigma_eps"], ctx["sigma_T"])
 
 
 def _over_model(scheduler):
-    return lambda ctx, n: scheduler(n, ModelSampling(ctx["schedule"], ctx["shift"]).sigmas)
+    return lambda ctx, n: scheduler(n, model_sampling(ctx["schedule"], ctx["shift"]).sigmas)
 
 
 def _sgm(ctx, n):
-    ms = ModelSampling(ctx["schedule"], ctx["shift"])
+    ms = model_sampling(ctx["schedule"], ctx["shift"])
     return sgm_uniform(n, ms.timestep(ms.sigmas[-1]), ms.timestep(ms.sigmas[0]), ms.sigma)
 
 
@@ -280,25 +340,42 @@ def _list(sigmas):
     return lambda ctx, n: published(sigmas, n)
 
 
-# name -> (sigmas of the source for N steps given the interval, families it fits (None: any),
-#          whether sigma(T) must be the source's first sigma, words)
+@dataclass(frozen=True)
+class NamedSchedule:
+    """One schedule users pick. ``make(ctx, steps)``: the source's list for ``steps`` model calls
+    (steps + 1 sampler sigmas, noise end first, ending in 0) given ``ctx`` (the schedule, the flow
+    shift, sigma_T = sigma(T) and sigma_eps = sigma(eps)); ``families``: the schedule families it fits
+    (None: any); ``fixed_start``: sigma(T) must be the source's first sigma (a published list);
+    ``last_call_at_sigma_min``: the source's last model call is at its sigma_min, here sigma(eps)
+    (karras, exponential, kl_optimal), so that on a table's N + 1 points it takes steps = N + 1;
+    ``words``: what it is."""
+
+    make: Callable
+    families: tuple | None
+    fixed_start: bool
+    words: str
+    last_call_at_sigma_min: bool = False
+
+
 NAMED_SCHEDULES = {
-    "karras": (_closed(karras), None, False, "Karras, uniform in sigma^(1/7)"),
-    "exponential": (_closed(exponential), None, False, "uniform in log sigma"),
-    "kl_optimal": (_closed(kl_optimal), None, False, "uniform in arctan(sigma)"),
-    "linear_quadratic": (lambda ctx, n: linear_quadratic(n, ctx["sigma_T"]), None, False,
-                         "Mochi's linear then quadratic"),
-    "sgm_uniform": (_sgm, ("discrete", "edm", "flow"), False, "uniform in the model's timestep"),
-    "simple": (_over_model(simple), ("discrete", "edm", "flow"), False, "every M/N-th model sigma"),
-    "ddim_uniform": (_over_model(ddim_uniform), ("discrete", "edm", "flow"), False, "every (M // N)-th model sigma"),
-    "beta": (_over_model(beta), ("discrete", "edm", "flow"), False, "Beta(0.6, 0.6) quantiles of the model sigmas"),
-    "ays-sd15": (_list(AYS["sd15"]), ("discrete",), True, "Align Your Steps, SD 1.5"),
-    "ays-sdxl": (_list(AYS["sdxl"]), ("discrete",), True, "Align Your Steps, SDXL"),
-    "ays-svd": (_list(AYS["svd"]), ("edm",), True, "Align Your Steps, SVD (EDM, sigma_max 700)"),
-    "gits-sd15": (lambda ctx, n: gits_sd15(n), ("discrete",), True, "GITS, SD 1.5 (coeff 1.20)"),
-    "optimalsteps-flux": (_list(OPTIMAL_STEPS["flux"]), ("flow",), False, "OptimalSteps, FLUX"),
-    "optimalsteps-wan": (_list(OPTIMAL_STEPS["wan"]), ("flow",), False, "OptimalSteps, Wan"),
-    "optimalsteps-chroma": (_list(OPTIMAL_STEPS["chroma"]), ("flow",), False, "OptimalSteps, Chroma"),
+    "karras": NamedSchedule(_closed(karras), None, False, "Karras, uniform in sigma^(1/7)", True),
+    "exponential": NamedSchedule(_closed(exponential), None, False, "uniform in log sigma", True),
+    "kl_optimal": NamedSchedule(_closed(kl_optimal), None, False, "uniform in arctan(sigma)", True),
+    "linear_quadratic": NamedSchedule(lambda ctx, n: linear_quadratic(n, ctx["sigma_T"]), None, False,
+                                      "Mochi's linear then quadratic"),
+    "sgm_uniform": NamedSchedule(_sgm, ("discrete", "edm", "flow"), False, "uniform in the model's timestep"),
+    "simple": NamedSchedule(_over_model(simple), ("discrete", "edm", "flow"), False, "every M/N-th model sigma"),
+    "ddim_uniform": NamedSchedule(_over_model(ddim_uniform), ("discrete", "edm", "flow"), False,
+                                  "every (M // N)-th model sigma"),
+    "beta": NamedSchedule(_over_model(beta), ("discrete", "edm", "flow"), False,
+                          "Beta(0.6, 0.6) quantiles of the model sigmas"),
+    "ays-sd15": NamedSchedule(_list(AYS["sd15"]), ("discrete",), True, "Align Your Steps, SD 1.5"),
+    "ays-sdxl": NamedSchedule(_list(AYS["sdxl"]), ("discrete",), True, "Align Your Steps, SDXL"),
+    "ays-svd": NamedSchedule(_list(AYS["svd"]), ("edm",), True, "Align Your Steps, SVD (EDM, sigma_max 700)"),
+    "gits-sd15": NamedSchedule(lambda ctx, n: gits_sd15(n), ("discrete",), True, "GITS, SD 1.5 (coeff 1.20)"),
+    "optimalsteps-flux": NamedSchedule(_list(OPTIMAL_STEPS["flux"]), ("flow",), False, "OptimalSteps, FLUX"),
+    "optimalsteps-wan": NamedSchedule(_list(OPTIMAL_STEPS["wan"]), ("flow",), False, "OptimalSteps, Wan"),
+    "optimalsteps-chroma": NamedSchedule(_list(OPTIMAL_STEPS["chroma"]), ("flow",), False, "OptimalSteps, Chroma"),
 }
 BASELINES = GRIDS + tuple(NAMED_SCHEDULES)
 
@@ -310,39 +387,47 @@ def check_names(names) -> None:
             raise BadInput(f"unknown baseline grid or schedule {name!r} (choose from {', '.join(BASELINES)})")
 
 
-def source_sigmas(name: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None):
-    """The schedule ``name`` for ``nfe`` steps as its source gives it (sampler sigmas, noise end
-    first; the ``_closed`` ones with nfe + 1 points and no final 0), after checking that it fits
-    ``schedule`` and the interval [eps, T]."""
+def source_sigmas(name: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None,
+                  calls: int | None = None):
+    """The schedule ``name`` as its source gives it for ``calls`` model calls (sampler sigmas, noise
+    end first, calls + 1 of them ending in 0), after checking that it fits ``schedule`` and the
+    interval [eps, T]. ``calls`` None: the list that fills a table's N + 1 = ``nfe`` + 1 points, i.e.
+    ``nfe`` + 1 calls for a source whose last call is at sigma(eps) (``last_call_at_sigma_min``),
+    else ``nfe``."""
     np = _np()
     if name not in NAMED_SCHEDULES:
         raise BadInput(f"{name!r} is not a named schedule (choose from {', '.join(NAMED_SCHEDULES)})")
-    make, families, fixed_start, _ = NAMED_SCHEDULES[name]
-    if families is not None and schedule.family not in families:
-        raise BadInput(f"baseline {name} fits {' or '.join(families)} schedules, not {schedule.name} "
+    record = NAMED_SCHEDULES[name]
+    if record.families is not None and schedule.family not in record.families:
+        raise BadInput(f"baseline {name} fits {' or '.join(record.families)} schedules, not {schedule.name} "
                        f"({schedule.family})")
+    if calls is None:
+        calls = nfe + 1 if record.last_call_at_sigma_min else nfe
     ctx = {"schedule": schedule, "shift": shift, "sigma_T": float(schedule.sampler_sigma(T)),
            "sigma_eps": float(schedule.sampler_sigma(eps))}
-    sigmas = np.asarray(make(ctx, nfe), dtype=np.float64)
-    if fixed_start and not np.isclose(sigmas[0], ctx["sigma_T"], rtol=START_RTOL, atol=0.0):
+    sigmas = np.asarray(record.make(ctx, calls), dtype=np.float64)
+    if record.fixed_start and not np.isclose(sigmas[0], ctx["sigma_T"], rtol=START_RTOL, atol=0.0):
         raise BadInput(f"baseline {name} starts at sigma {sigmas[0]:g}; this interval starts at sigma "
                        f"{ctx['sigma_T']:g} (T = {T:g})")
-    if len(sigmas) != nfe + 1:
-        raise BadInput(f"baseline {name} has {len(sigmas) - 1} steps where asked for {nfe}: its source has no "
-                       f"{nfe}-step schedule")
+    if len(sigmas) != calls + 1:
+        raise BadInput(f"baseline {name} has {len(sigmas) - 1} steps where asked for {calls}: its source has no "
+                       f"{calls}-step schedule")
     return sigmas
 
 
 def baseline_lambda(name: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None):
-    """The baseline ``name`` (a hand-made grid or a named schedule) with ``nfe`` steps as N + 1
-    increasing lambdas (float64), lambda(T) first and lambda(eps) last, both exact: the source's sigmas
-    (``source_sigmas``) with the first at sigma(T) and the last (0 in most sources) at sigma(eps),
-    lambda = ``schedule.lam_of_sampler_sigma``. Refuses (``BadInput``) a name it does not know, a
+    """The baseline ``name`` (a hand-made grid or a named schedule) with ``nfe`` steps as a table's
+    N + 1 increasing lambdas (float64), lambda(T) first and lambda(eps) last, both exact: the
+    source's sigmas (``source_sigmas``) with the first at sigma(T) and the last (0 in most sources)
+    at sigma(eps), lambda = ``schedule.lam_of_sampler_sigma``. This is the model-free studies' frame;
+    a consumer runs the list of ``consumer_steps``. Refuses (``BadInput``) a name it does not know, a
     schedule or interval the source does not fit, and a list not strictly increasing in lambda."""
     np = _np()
     if name in GRIDS:
         return grid_lambda(name, schedule, nfe, T, eps, shift)
     sigmas = source_sigmas(name, schedule, nfe, T, eps, shift)
+    if NAMED_SCHEDULES[name].last_call_at_sigma_min:
+        sigmas = sigmas[:-1]
     lam = np.empty(nfe + 1)
     lam[0], lam[-1] = float(schedule.lam(T)), float(schedule.lam(eps))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -353,9 +438,56 @@ def baseline_lambda(name: str, schedule, nfe: int, T: float, eps: float, shift: 
     return lam
 
 
+def consumer_steps(name: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None):
+    """The baseline ``name`` with ``nfe`` model calls as its consumer runs it: N + 1 lambdas
+    (float64), the N calls increasing from lambda(T) (first, exact) to at most lambda(eps), then
+    sampler sigma 0 (``schedules.consumer_lambda``; docs/cli.md, "One frame").
+
+    A hand-made grid runs as a table does: its N + 1 points from T to eps with sigma(eps) replaced
+    by 0. A named schedule runs as ComfyUI runs it: the source's list for N calls, ending in 0
+    (``source_sigmas(..., calls=nfe)``): karras, exponential and kl_optimal from sigma(T) to
+    sigma(eps), their last call at sigma(eps); every other list with its first sigma set to sigma(T)
+    (where the source starts at the model's sigma_max: 1 for flow models, whose tables start at T).
+    Refuses (``BadInput``) what ``source_sigmas`` refuses and calls that leave [eps, T] or repeat."""
+    from .schedules import ZERO_SIGMA_LAMBDA, consumer_lambda
+
+    np = _np()
+    if name in GRIDS:
+        return consumer_lambda(grid_lambda(name, schedule, nfe, T, eps, shift))
+    sigmas = source_sigmas(name, schedule, nfe, T, eps, shift, calls=nfe)
+    lam_T, lam_eps = float(schedule.lam(T)), float(schedule.lam(eps))
+    lam = np.empty(nfe + 1)
+    lam[0], lam[-1] = lam_T, ZERO_SIGMA_LAMBDA
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam[1:-1] = schedule.lam_of_sampler_sigma(sigmas[1:-1])
+    # a last call at sigma(eps) computed another way (tan(arctan(sigma)), (sigma^(1/7))^7) misses it by rounding
+    lam[1:-1] = np.where(np.abs(lam[1:-1] - lam_eps) <= CALL_ATOL * (lam_eps - lam_T), lam_eps, lam[1:-1])
+    if not (np.all(np.diff(lam) > 0) and lam[-2] <= lam_eps):
+        raise BadInput(f"baseline {name} at {nfe} steps does not fit the interval from T = {T:g} to eps = {eps:g}: "
+                       "its sigmas leave it or repeat")
+    return lam
+
+
+def fitting_baselines(schedule, nfes, T: float, eps: float, shift: float | None = None,
+                      names=BASELINES) -> tuple[dict, dict]:
+    """Which of ``names`` (default every grid and named schedule) fit ``schedule`` on [eps, T], per
+    NFE of ``nfes``: ({name: the NFEs it fits}, {name: {reason: the NFEs it does not fit}}), each
+    reason the one line ``consumer_steps`` refuses with. A name fitting no NFE is only in the second."""
+    fits, skipped = {}, {}
+    for name in names:
+        for n in nfes:
+            try:
+                consumer_steps(name, schedule, n, T, eps, shift)
+            except BadInput as e:
+                skipped.setdefault(name, {}).setdefault(str(e), []).append(int(n))
+            else:
+                fits.setdefault(name, []).append(int(n))
+    return fits, skipped
+
+
 def check_baselines(names, schedule, nfes, T: float, eps: float, shift: float | None = None) -> None:
     """Refuse, before any measurement, a baseline that is unknown or does not fit at one of ``nfes``."""
     check_names(names)
     for name in names:
         for n in nfes:
-            baseline_lambda(name, schedule, n, T, eps, shift)
+            consumer_steps(name, schedule, n, T, eps, shift)

@@ -212,11 +212,11 @@ def test_the_cache_keeps_each_seeds_label_guidance_and_null_class(models, tmp_pa
 def test_sample_pairs_labels_round_robin(models, tmp_path):
     from dmsteps_cli.sample import SampleRequest, run_sample
 
-    req = dict(checkpoint=str(models["unet"]), table=str(models["table"]), nfe=5, batch=3, seed=4, device="cpu",
+    req = dict(checkpoint=str(models["unet"]), table=str(models["table"]), nfe=5, samples=3, seed=4, device="cpu",
                null_class=NULL, guidance_scale=2.0)
-    side = run_sample(SampleRequest(**req, class_labels="1,2", out=str(tmp_path / "many")))
+    side = run_sample(SampleRequest(**req, class_labels="1,2", output=str(tmp_path / "many")))
     assert side["class_labels"] == [1, 2, 1] and side["null_class"] == NULL
-    single = run_sample(SampleRequest(**req, class_label=2, out=str(tmp_path / "one")))
+    single = run_sample(SampleRequest(**req, class_label=2, output=str(tmp_path / "one")))
     assert single["class_labels"] == [2, 2, 2]
     many, one = (np.load(tmp_path / d / "samples.npz")["samples"] for d in ("many", "one"))
     np.testing.assert_allclose(many[1], one[1], rtol=1e-5, atol=1e-6)

@@ -229,8 +229,8 @@ def test_diffusers_loop_equals_dmsteps_sample(in_workdir, unet_folder, tmp_path,
     assert type(pipe.scheduler) is want_cls and applied_steps(pipe.scheduler).nfe == nfe
     ns = run_python(at_nfe(recipe("diffusers-loop", "python"), nfe), ns)
     x = ns["x"]
-    side = run_sample(SampleRequest(checkpoint=str(unet_folder), table=str(table), nfe=nfe, batch=len(ns["seeds"]),
-                                    seed=ns["seeds"][0], device="cpu", out=str(tmp_path / "out")))
+    side = run_sample(SampleRequest(checkpoint=str(unet_folder), table=str(table), nfe=nfe, samples=len(ns["seeds"]),
+                                    seed=ns["seeds"][0], device="cpu", output=str(tmp_path / "out")))
     assert side["seeds"] == ns["seeds"] and side["nfe"] == nfe
     ours = np.load(tmp_path / "out" / "samples.npz")["samples"]
     assert x.shape == ours.shape == (4, 1, 8, 8)

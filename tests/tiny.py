@@ -274,3 +274,37 @@ def central_differences(ev, lam, h: float, solver: str = "unipc", order: int = 3
         fd[j] = (ev.errors(lam + e, solver, order, variant).mean()
                  - ev.errors(lam - e, solver, order, variant).mean()) / (2 * h)
     return fd
+
+
+def gaussian_consumer_error(lam, seeds, mu: float, s: float, solver="unipc", order=3, variant="bh2",
+                            schedule: str = "vp-linear", T: float = 1.0, eps: float = 1e-3) -> float:
+    """The mean error evaluate reports for the steps ``lam`` on the single Gaussian N(mu, s^2 I) over
+    (1, 4, 4) samples, written out in numpy, in the consumer's frame (docs/cli.md, "One frame"): the
+    closed-form denoiser is called at lam[0] ... lam[N-1] and the sample is the last call's output,
+    what UniPC's and DPM-Solver++'s order-1 last step to sigma 0 gives; the reference is the
+    closed-form ODE solution at eps, denoised there."""
+    import numpy as np
+
+    from dmsteps_cli import get_schedule
+    from dmsteps_cli.runtime import noise_for
+    from dmsteps_cli.solvers import build_plan, run_plan
+
+    sch = get_schedule(schedule)
+    lam = np.array(lam, dtype=np.float64)
+    lam[-1] = lam[-2] + 1.0  # node N is never called and the last step's output is not used
+    la, ls, _, _ = sch.log_alpha_sigma_of_lambda(lam)
+    a, g = np.exp(la), np.exp(ls)
+    x_T = noise_for(list(seeds), (1, 4, 4), 1.0).double().numpy().reshape(len(seeds), -1)
+    outputs = []
+
+    def denoise(x, k):
+        outputs.append(mu + a[k] * s**2 / (a[k] ** 2 * s**2 + g[k] ** 2) * (x - a[k] * mu))
+        return outputs[-1]
+
+    run_plan(build_plan(sch, lam, solver, order, variant).map(float), x_T, denoise)
+    z = (x_T - a[0] * mu) / np.sqrt(a[0] ** 2 * s**2 + g[0] ** 2)
+    le, se, _, _ = sch.log_alpha_sigma_of_lambda(np.asarray(sch.lam(eps)))
+    ae, ge = float(np.exp(le)), float(np.exp(se))
+    at_eps = ae * mu + np.sqrt(ae**2 * s**2 + ge**2) * z
+    ref = mu + ae * s**2 / (ae**2 * s**2 + ge**2) * (at_eps - ae * mu)
+    return float(np.sqrt(((outputs[-1] - ref) ** 2).mean(axis=1)).mean())
