@@ -26,11 +26,9 @@ from comfy_harness import CONTEXT_SHAPE, comfy, patched, save_tiny_unet  # noqa:
 
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.gradients import mean_error_and_grad
-from dmsteps_cli.baselines import baseline_lambda
+from dmsteps_cli.baselines import consumer_steps
 from dmsteps_cli.integrations.comfyui import DmstepsTableFile, model_sampling_of, model_schedule, sigmas_tensor
-from dmsteps_cli.integrations.exports import sigmas_for
 from dmsteps_cli.runtime import integrate
-from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.solvers import build_plan
 from dmsteps_cli.integrations.comfyui_refine import (
     DmstepsRefine,
@@ -171,12 +169,14 @@ def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models
     assert table["refine"]["comfyui"]["sampler"] == sampler
     schedule, shift = model_schedule(model_sampling_of(model))
     T, eps = float(schedule.T), float(schedule.eps_default)
-    entry = step_arrays(schedule, baseline_lambda("exponential", schedule, 4, T, eps, shift), T, eps)
-    start = sigmas_tensor(sigmas_for(entry, final_sigma="zero", schedule=table["schedule"]))
+    ms = model.get_model_object("model_sampling")
+    start = comfy.samplers.calculate_sigmas(ms, "exponential", 4)  # ComfyUI's own list: the node's start
+    lam = consumer_steps("exponential", schedule, 4, T, eps, shift)  # the start as the node read it
+    read = schedule.sampler_sigma(schedule.step_times(lam, T, eps)[:-1])
+    assert read.tolist() == pytest.approx(start[:-1].tolist(), rel=1e-5)
     from_file = DmstepsTableFile().get_sigmas(model, path, 4, 1.0)[0]  # what dmsteps table file reads back
     assert torch.equal(from_file, sigmas) and sigmas.shape == start.shape == (5,) and sigmas[-1].item() == 0.0
     assert sigmas[0].item() == pytest.approx(start[0].item(), rel=1e-6)
-    ms = model.get_model_object("model_sampling")
     noise = torch.randn((8, *SHAPE), generator=torch.Generator().manual_seed(77))  # other noises than the node's
     long = comfy_samples(comfy, model, LONG[0], comfy.samplers.calculate_sigmas(ms, LONG[1], LONG[2]), noise)
     refined = rms(comfy_samples(comfy, model, sampler, sigmas, noise), long).mean()

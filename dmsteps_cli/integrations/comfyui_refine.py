@@ -48,11 +48,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..baselines import NAMED_SCHEDULES, baseline_lambda
+from ..baselines import NAMED_SCHEDULES, consumer_steps
 from ..errors import BadInput
-from ..evaluate import BATCH, METRIC, REF_STEPS, Evaluator, paired_ratio_ci
+from ..evaluate import END_POINT, METRIC, Evaluator, paired_ratio_ci
 from ..files import write_output
-from ..grids import GRIDS
 from ..limits import BOUNDS
 from ..optimize import table_objective
 from ..reference_cache import open_cache, tensors_sha256
@@ -60,19 +59,31 @@ from ..refine import (
     REFINE_MARGIN,
     Fit,
     candidates,
+    not_starts,
     optimizer_record,
+    ratio_to_best_baseline,
     refine_record,
     refine_steps,
     start_label,
+    table_lambda,
     train_seeds,
     validation_seeds,
 )
 from ..refine_records import TABLE
+from ..run_settings import BATCH, REF_STEPS
 from ..schedules import step_arrays
 from ..solvers import SOLVERS
 from ..table_reader import load_table
 from ..tables import bundled_tables, dumps
-from .comfyui import CATEGORY, check_fits, describe, model_sampling_of, model_schedule, sigmas_tensor, table_entry
+from .comfyui import (
+    CATEGORY,
+    check_fits,
+    model_sampling_of,
+    model_schedule,
+    refuse_distilled_model,
+    sigmas_tensor,
+    table_entry,
+)
 from .exports import sigmas_for
 
 log = logging.getLogger(__name__)
@@ -107,10 +118,11 @@ def start_lambda(start: str, start_file: str, schedule, shift, steps: int, T: fl
                  ) -> tuple[str, np.ndarray]:
     """(name, N + 1 increasing lambdas on [eps, T]) of the start: a table file (``start_file`` when
     ``start`` is ``FILE_START``), a bundled table by name, or a scheduler ComfyUI has
-    (``baselines.NAMED_SCHEDULES``: its schedulers and the AYS, GITS and OptimalSteps lists) as the
-    step set ``baselines.baseline_lambda`` makes of it; BadInput in one line where it does not fit."""
+    (``baselines.NAMED_SCHEDULES``: its schedulers and the AYS, GITS and OptimalSteps lists) as ComfyUI
+    runs it (``baselines.consumer_steps``: N calls, then sigma 0); BadInput in one line where it does
+    not fit."""
     if start in NAMED_SCHEDULES:
-        return start, baseline_lambda(start, schedule, steps, T, eps, shift)
+        return start, consumer_steps(start, schedule, steps, T, eps, shift)
     if start != FILE_START and start not in bundled_tables():
         raise BadInput(f"start {start!r} is no scheduler, ready-made table or {FILE_START!r}")
     path = start_file.strip() if start == FILE_START else str(bundled_tables()[start])
@@ -125,18 +137,6 @@ def start_lambda(start: str, start_file: str, schedule, shift, steps: int, T: fl
         raise BadInput(f"table {name} runs from T = {cfg['T']:g} to eps = {cfg['eps']:g}, this model's steps from "
                        f"{T:g} to {eps:g}: choose a table made for this model")
     return name, lam
-
-
-def scheduler_steps(schedule, shift, steps: int, T: float, eps: float) -> dict:
-    """{name: N + 1 lambdas} of every scheduler of ``baselines.NAMED_SCHEDULES`` that fits the model
-    at ``steps`` (the ones that do not -- another family's lists, repeated sigmas -- are left out)."""
-    found = {}
-    for name in NAMED_SCHEDULES:
-        try:
-            found[name] = baseline_lambda(name, schedule, steps, T, eps, shift)
-        except BadInput:
-            continue
-    return found
 
 
 # --- the model as the engine sees it --------------------------------------------------------------
@@ -245,19 +245,18 @@ def _cloned(value):
 
 # --- the budget -----------------------------------------------------------------------------------
 
-def model_evaluations(steps: int, train: int, validation: int, holdout: int, iterations: int, baselines: int,
+def model_evaluations(steps: int, train: int, validation: int, holdout: int, iterations: int, starts: int,
                       ref_steps: int = REF_STEPS) -> float:
     """Model evaluations of single noises a refinement spends, at the references' first step count
     (a reference that must double costs more): the references (S and 2 S steps of every noise), the
-    starts measured on every set of noises and again on the training ones, the fit (``iterations``
-    checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT`` evaluations each, with
-    ``EVALUATIONS_PER_ITERATION`` and a validation per iteration), and the held-out evaluation of the
-    starts, the result and ``baselines`` other step sets."""
+    ``starts`` candidate starts measured on every set of noises and again on the training ones, the
+    fit (``iterations`` checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT``
+    evaluations each, ``EVALUATIONS_PER_ITERATION`` of them and a validation per iteration), and the
+    held-out evaluation of the starts and the result."""
     noises = train + validation + holdout
-    starts = 1 + len(GRIDS)
     return (3 * ref_steps * noises + starts * steps * (noises + train)
             + iterations * steps * (EVALUATIONS_PER_ITERATION * CALLS_PER_GRADIENT * train + validation)
-            + (starts + 1 + baselines) * steps * holdout)
+            + (starts + 1) * steps * holdout)
 
 
 def estimate_seconds(seconds_per_evaluation: float, *counts, **settings) -> float:
@@ -310,7 +309,6 @@ class Job:
     eps: float
     start: str
     start_lam: np.ndarray
-    baselines: dict  # ComfyUI scheduler name -> N + 1 lambdas
     train: int
     validation: int
     holdout: int
@@ -327,20 +325,20 @@ class Job:
 
 @dataclass
 class Result:
-    lam: np.ndarray
     refined: object  # refine.Refined
+    starts: dict  # candidate -> N + 1 lambdas (TABLE: the node's start)
     holdout_errors: dict  # candidate -> errors per held-out noise
-    holdout_error: np.ndarray  # the result's per held-out noise
-    baseline_errors: dict  # ComfyUI scheduler -> errors per held-out noise
+    holdout_error: np.ndarray  # the result's, per held-out noise
     reference: dict
     seconds: float
     estimate: float
-    pace: float
     device: str
 
 
 def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
-    """The refinement of ``job`` with ComfyUI's guided call ``model_wrap`` (``comfy_denoiser``)."""
+    """The refinement of ``job`` with ComfyUI's guided call ``model_wrap`` (``comfy_denoiser``), as
+    ``refine.refine_table`` refines one entry: from the best of the start and every baseline that fits
+    (``refine.candidates``), all measured on the held-out noises."""
     ckpt = ComfyModel(job.schedule, job.sample_shape, device, job.source)
     calls = {"done": 0}
     bar = {"bar": None, "total": 1}
@@ -352,21 +350,21 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
             bar["bar"].update_absolute(min(calls["done"], bar["total"]), bar["total"])
 
     denoise = comfy_denoiser(model_wrap, extra_args, job.schedule.state_scaled_by_alpha, each_call)
+    starts = candidates(job.start_lam, job.schedule, job.steps, job.T, job.eps, job.shift, baselines=None)
     # one timed call (after one that warms up) gives the pace of a model evaluation of one noise
     probe = torch.randn((job.batch, *job.sample_shape), generator=torch.Generator().manual_seed(job.seed))
     probe = probe.to(device)
-    t_mid = float(job.schedule.t_of_lambda(np.array([0.5 * (job.start_lam[0] + job.start_lam[-1])]))[0])
+    t_mid = float(job.schedule.t_of_lambda(np.array([0.5 * (job.schedule.lam(job.T) + job.schedule.lam(job.eps))]))[0])
     a, s = float(job.schedule.alpha(t_mid)), float(job.schedule.sigma(t_mid))
     with torch.no_grad():
         denoise(probe, t_mid, None, a, s)
         began = time.perf_counter()
         denoise(probe, t_mid, None, a, s)
         pace = (time.perf_counter() - began) / job.batch
-    estimate = estimate_seconds(pace, job.steps, job.train, job.validation, job.holdout, job.iterations,
-                                len(job.baselines), ref_steps=job.ref_steps)
+    counts = (job.steps, job.train, job.validation, job.holdout, job.iterations, len(starts))
+    estimate = estimate_seconds(pace, *counts, ref_steps=job.ref_steps)
     check_budget(estimate, job.minutes, pace, job.batch)
-    bar["total"] = int(model_evaluations(job.steps, job.train, job.validation, job.holdout, job.iterations,
-                                         len(job.baselines), ref_steps=job.ref_steps))
+    bar["total"] = int(model_evaluations(*counts, ref_steps=job.ref_steps))
     bar["bar"] = _progress_bar(bar["total"])
     calls["done"] = 0
     began = time.perf_counter()
@@ -380,7 +378,6 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
     training = evaluator(train_seeds(job.train, job.seed), "training noises")
     validating = evaluator(validation_seeds(job.validation, job.seed), "validation noises") if job.validation else None
     held = evaluator(range(job.seed, job.seed + job.holdout), "held-out noises")
-    starts = candidates(job.start_lam, job.schedule, job.steps, job.T, job.eps, job.shift)
     for ev in (training, validating, held):
         if ev is not None:
             ev.settle(starts.values(), *args, margin=REFINE_MARGIN)
@@ -388,9 +385,8 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
     r = refine_steps(training, starts, *args, fit, validating, log_progress, f"{job.steps} steps")
     holdout_errors = {name: held.errors(lam, *args) for name, lam in starts.items()}
     holdout_error = held.errors(r.lam, *args) if r.improved else holdout_errors[r.start]
-    baseline_errors = {name: held.errors(lam, *args) for name, lam in job.baselines.items()}
-    return Result(r.lam, r, holdout_errors, holdout_error, baseline_errors, held.reference_info,
-                  time.perf_counter() - began, estimate, pace, str(device))
+    return Result(r, starts, holdout_errors, holdout_error, held.reference_info, time.perf_counter() - began,
+                  estimate, str(device))
 
 
 def _without_inference_tensors(module) -> None:
@@ -444,9 +440,9 @@ def guided_call(model, positive, negative, cfg: float, shape: tuple, work, sigma
 # --- the table and the report ---------------------------------------------------------------------
 
 def refined_table(job: Job, res: Result, sampler_name: str) -> dict:
-    """The refined table (docs/table-format.md) of one NFE: made for the model's schedule and the
-    fitted solver (``build.make_table``), its entry's steps replaced by the result's and the records of
-    ``refine`` (``refine.refine_record``), and ``refine.comfyui`` saying what ComfyUI ran."""
+    """The refined table (docs/table-format.md) of one NFE, as ``refine.refine_table`` writes one: made
+    for the model's schedule and the fitted solver (``build.make_table``), its entry's steps replaced
+    by the result's with refine's records, and ``refine.comfyui`` saying what ComfyUI ran."""
     from ..build import make_table
     from ..config import StepConfig
 
@@ -456,16 +452,17 @@ def refined_table(job: Job, res: Result, sampler_name: str) -> dict:
     cfg = table["config"]
     entry = dict(table["entries"][0])
     r = res.refined
-    starts = candidates(job.start_lam, job.schedule, job.steps, job.T, job.eps, job.shift)
+    lam_eps = float(job.schedule.lam(job.eps))
     objective = table_objective(job.schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), job.solver, job.order,
                                 job.variant, job.steps)
     held = {name: float(e.mean()) for name, e in res.holdout_errors.items()}
-    entry.update({**step_arrays(job.schedule, res.lam, job.T, job.eps),
-                  "objective": objective.value(res.lam), "init": start_label(r.start, r.improved),
-                  "init_objective": objective.value(starts[r.start]),
+    versus = ratio_to_best_baseline({b: e for b, e in res.holdout_errors.items() if b != TABLE}, res.holdout_error)
+    entry.update({**step_arrays(job.schedule, r.lam, job.T, job.eps),
+                  "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
+                  "init_objective": objective.value(table_lambda(res.starts[r.start], lam_eps)),
                   "optimizer": optimizer_record(r, Fit(maxiter=job.iterations)),
-                  "refine": refine_record(r, held, float(res.holdout_error.mean()))})
-    best = min(res.baseline_errors, key=lambda k: res.baseline_errors[k].mean()) if res.baseline_errors else None
+                  "refine": refine_record(r, held, float(res.holdout_error.mean()), versus,
+                                          not_starts(res.starts, lam_eps))})
     return {**table, "entries": [entry], "refine": {
         "checkpoint": job.source, "from_table": job.start,
         "solver": {"name": job.solver, "order": job.order, "variant": job.variant},
@@ -476,12 +473,13 @@ def refined_table(job: Job, res: Result, sampler_name: str) -> dict:
         "train_seeds": _ends(train_seeds(job.train, job.seed)),
         "validation_seeds": _ends(validation_seeds(job.validation, job.seed)) if job.validation else None,
         "holdout_seeds": [job.seed, job.seed + job.holdout - 1],
-        "optimizer": f"{Fit(maxiter=job.iterations).describe()}, from the best of the start and the grids on the "
-                     "training noises; kept the start or iterate with the lowest validation error",
+        "baselines": "every hand-made grid and named schedule that fits the schedule and the NFE",
+        "frame": END_POINT,
+        "optimizer": f"{Fit(maxiter=job.iterations).describe()}, from the best of the start ({TABLE}) and the "
+                     "baselines on the training noises; kept the start or iterate with the lowest validation "
+                     "error" if job.validation else "error (no validation noises: the training error)",
         "comfyui": {"sampler": sampler_name, "steps": job.steps, "cfg": job.cfg, "model": job.fingerprint,
-                    "start": job.start,
-                    "schedulers_holdout_errors": {k: float(v.mean()) for k, v in res.baseline_errors.items()},
-                    "best_scheduler": best},
+                    "start": job.start},
     }}
 
 
@@ -491,21 +489,20 @@ def _ends(seeds: range) -> list[int]:
 
 def report(job: Job, res: Result, sampler_name: str, path: str) -> str:
     """What the node measured, in words: the held-out error of the refined steps over the start's and
-    over the best ComfyUI scheduler's, each with a paired 95% interval (``paired_ratio_ci``)."""
-    e = res.holdout_error
-    start = res.holdout_errors[TABLE]
-    lines = [f"dmsteps refine: {sampler_name}, {job.steps} steps, cfg {job.cfg:g}, {job.train} training, "
-             f"{job.validation} validation and {job.holdout} held-out noises; {res.refined.status} "
-             f"({res.refined.iterations} iterations, {res.seconds:.0f} s; estimated {res.estimate:.0f} s)",
-             f"held-out error vs the start {job.start}: {e.mean() / start.mean():.3f}x "
-             f"(95% interval {_interval(e, start)})"]
-    if res.baseline_errors:
-        best = min(res.baseline_errors, key=lambda k: res.baseline_errors[k].mean())
-        b = res.baseline_errors[best]
-        lines.append(f"vs the best ComfyUI scheduler tried, {best}: {e.mean() / b.mean():.3f}x "
-                     f"(95% interval {_interval(e, b)})")
-    lines.append(f"errors: mean RMS to a {res.reference.get('steps')}-step reference in the latent; table: {path}")
-    return "\n".join(lines)
+    over the best baseline's (every hand-made grid and scheduler ComfyUI has that fits), each with a
+    paired 95% interval (``evaluate.paired_ratio_ci``)."""
+    e, start = res.holdout_error, res.holdout_errors[TABLE]
+    versus = ratio_to_best_baseline({b: x for b, x in res.holdout_errors.items() if b != TABLE}, e)
+    lo, hi = versus["ratio_ci95"]
+    return "\n".join([
+        f"dmsteps refine: {sampler_name}, {job.steps} steps, cfg {job.cfg:g}, {job.train} training, "
+        f"{job.validation} validation and {job.holdout} held-out noises; {res.refined.status} "
+        f"({res.refined.iterations} iterations, {res.seconds:.0f} s; estimated {res.estimate:.0f} s)",
+        f"held-out error vs the start {job.start}: {e.mean() / start.mean():.3f}x (95% interval "
+        f"{_interval(e, start)})",
+        f"vs the best scheduler or grid tried, {versus['best_baseline']}: {versus['ratio_to_best_baseline']:.3f}x "
+        f"(95% interval {lo:.3f} to {hi:.3f})",
+        f"errors: mean RMS to a {res.reference.get('steps')}-step reference in the latent; table: {path}"])
 
 
 def _interval(a, b) -> str:
@@ -577,22 +574,21 @@ class DmstepsRefine:
                cache=None):
         import folder_paths
 
-        ms = model_sampling_of(model)
-        schedule, shift = model_schedule(ms)
+        refuse_distilled_model(model)
+        schedule, shift = model_schedule(model_sampling_of(model))
         solver, order, variant = fitted_solver(sampler_name, schedule.family)
         SOLVERS[solver].order_pattern(order, int(steps))  # an order the steps cannot hold: one line
         T, eps = float(schedule.T), float(schedule.eps_default)
 
         start_name, start_lam = start_lambda(start, start_file, schedule, shift, int(steps), T, eps)
-        baselines = scheduler_steps(schedule, shift, int(steps), T, eps)
         samples = latent_image["samples"]
         shape = tuple(int(s) for s in samples.shape[1:])
         if cache is None:
             cache = open_cache(os.path.join(folder_paths.get_temp_directory(), "dmsteps-references"))
         job = Job(schedule, shift, shape, solver, int(order), variant, int(steps), T, eps, start_name, start_lam,
-                  baselines, int(noises), int(noises) if validation < 0 else int(validation), int(holdout), int(seed), int(iterations), float(minutes),
+                  int(noises), int(noises) if validation < 0 else int(validation), int(holdout), int(seed), int(iterations), float(minutes),
                   min(int(max(noises, holdout)), BATCH), float(cfg), comfy_fingerprint(model, positive, negative, cfg), cache,
-                  f"ComfyUI model ({describe(schedule, shift)})", int(ref_steps))
+                  f"ComfyUI model ({schedule.describe(shift)})", int(ref_steps))
         res = guided_call(model, positive, negative, cfg, shape, lambda wrap, extra, device:
                           run_fit(job, wrap, extra, device), seed=int(seed))
         table = refined_table(job, res, sampler_name)
