@@ -1,6 +1,7 @@
 """The reference solution: its convergence rule, and the on-disk cache that computes it once.
 
-Model calls are counted by wrapping the denoiser: a reference read from the cache costs none. The
+Model calls are counted by wrapping the denoiser: a reference read from the cache costs only the
+step that carries x_S and x_2S from eps to sigma 0 (one call per batch of noises each, ``TO_ZERO``). The
 convergence rule is checked against independent solves (x_S, x_2S and a much finer one) and, for a
 mixture whose ODE has a closed form, against the exact solution.
 """
@@ -26,6 +27,7 @@ from dmsteps_cli.reference_cache import (ReferenceCache, default_folder, key_of,
                                          settings)
 
 torch.set_num_threads(1)
+TO_ZERO = 2  # calls per batch of noises that carry x_S and x_2S to sigma 0 (docs/cli.md, "One frame")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "COLUMNS": "1000"}
 
 
