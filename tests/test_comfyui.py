@@ -43,6 +43,7 @@ from dmsteps_cli.integrations.comfyui import (
     model_schedule,
 )
 from dmsteps_cli.integrations.exports import FLOW_SIGMA_MAX, sigmas_for
+from dmsteps_cli.optimize import default_record
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.table_reader import load_table
@@ -336,7 +337,8 @@ def test_optimize_node_default_steps_are_the_ready_made_tables_steps():
 def test_optimize_node_for_flux_uses_its_time_shift():
     (sigmas,) = DmstepsOptimize().get_sigmas(FLUX, "dpmpp", 2, 7, "default", -1.0, 1.0)
     table = make_table(StepConfig(schedule="flow", shift=math.exp(1.15), solver="dpmpp", order=2, nfe=(7,)))
-    assert table["config"]["init"] == "quad"  # the steps measured best for shift 3, the nearest measured
+    # the default steps of shift 3, the nearest measured shift (optimize.default_record)
+    assert table["config"]["init"] == default_record("flow", 3.0, "dpmpp", 2).init
     assert sigmas.tolist() == f32([1.0] + entry_for(table, 7)["t"][1:-1] + [0.0])
 
 
