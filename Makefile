@@ -1,12 +1,14 @@
-# dmsteps: `make demo` and `make test` install what they need into .venv first.
+# dmsteps: `make demo` and `make test` install what they need into .venv first: `make demo` the core package
+# alone (numpy, scipy, typer, rich, pyyaml, threadpoolctl: no torch), `make test` everything the tests need.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DMSTEPS := $(VENV)/bin/dmsteps
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
+CORE_STAMP := $(VENV)/.core-stamp
 
-.PHONY: install demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches study-guided digits-model patches-model digits-cond-model digits-sd proxies study-robust study-warp tables
+.PHONY: install install-core demo test bench clean gpu-check gpu-bench gpu-wheels study study-data study-unet study-unet-patches study-guided digits-model patches-model digits-cond-model digits-sd proxies study-robust study-warp tables
 
 # Independent checks (tests/test_kdiffusion.py, tests/test_diffusers_oldest.py): k-diffusion's samplers, installed
 # without its dependencies (its metadata pulls torchvision, wandb, kornia, ... and can replace torch) plus what its
@@ -39,9 +41,18 @@ $(OLDEST_STAMP): $(STAMP) Makefile
 
 install: $(STAMP) $(KDIFFUSION_STAMP) $(OLDEST_STAMP)
 
+# The core package only (what `pip install .` gives): optimize, show, check, tables, schedules. After a full
+# install it is already there.
+$(CORE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	test -f $(STAMP) -a $(STAMP) -nt pyproject.toml || $(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(CORE_STAMP)
+
+install-core: $(CORE_STAMP)
+
 # The main job on the built-in default: Stable Diffusion's schedule, UniPC order 3, NFE 5..15: the
-# default steps (chosen from measurements), then the paper's optimized table for comparison.
-demo: install
+# default steps (chosen from measurements), then the paper's optimized table for comparison. numpy only.
+demo: install-core
 	mkdir -p build
 	$(DMSTEPS) optimize --nfe 5..15 --solver unipc -o build/demo.json
 	$(DMSTEPS) optimize --nfe 5..15 --solver unipc --objective reference -o build/demo-optimized.json
@@ -53,7 +64,7 @@ test: install
 	$(PY) -m pytest
 
 # A demo checkpoint: the digits Gaussian mixture (exact denoiser) on Stable Diffusion's schedule, to try
-# `dmsteps evaluate -c build/digits-sd.npz -t sd-unipc-o3 --baselines karras,beta,kl_optimal,ays-sd15`.
+# `dmsteps evaluate -c build/digits-sd.npz -t sd-unipc-o3` (every grid and named schedule that fits).
 digits-sd: install
 	mkdir -p build
 	$(PY) -c "from studies.proxy_data import digits_mixture; from dmsteps_cli.mixtures import save_mixture; \
@@ -106,13 +117,13 @@ study-guided: install
 bench: install
 	$(PY) benchmarks/bench_optimize.py
 	$(PY) benchmarks/bench_sample.py
-	$(PY) benchmarks/bench_refine.py
+	PYTHONPATH=.:$$PYTHONPATH $(PY) benchmarks/bench_refine.py
 
 # On a machine with CUDA (the GPU image has python3.12 and torch but no diffusers: run
 # `make gpu-wheels` here first and carry .whl/, then on the GPU machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check)
 # docs/research/gpu-check.md records its output. The GPU studies run the same way, by hand, from the repository root:
-# python3 -m studies.gpu_refine (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh
+# python3 -m studies.gpu_refine_check (docs/research/gpu-check.md, last part) and studies/gpu_evaluate.sh
 # (docs/research/evaluation-4096.md).
 GPU_PYTHON ?= python3
 gpu-check:

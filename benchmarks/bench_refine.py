@@ -25,7 +25,7 @@ through UNet2DModels of ``MEMORY_UNET``'s layout at the widths ``SIZE_WIDTHS`` (
 each in a fresh subprocess; prints each model's parameter count and its memory and CPU time as
 ratios to the smallest model with the same checkpointing setting, measured in the same run.
 
-    python benchmarks/bench_refine.py [--nfe 5,8,12] [--train 64] [--only speed|memory|size]
+    PYTHONPATH=. python benchmarks/bench_refine.py [--nfe 5,8,12] [--train 64] [--only speed|memory|size]
 """
 
 from __future__ import annotations
@@ -37,22 +37,19 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-
-from proxy_data import digits_mixture  # noqa: E402
 from dmsteps_cli import get_schedule  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator  # noqa: E402
 from dmsteps_cli.grids import GRIDS, grid_lambda  # noqa: E402
 from dmsteps_cli.optimize import GAP_FRACTION  # noqa: E402
-from dmsteps_cli.refine import _lam_and_jacobian, _lam_of, refine_entry, train_seeds  # noqa: E402
+from dmsteps_cli.refine import lam_and_jacobian, lam_of_logits, logits_of, refine_entry, train_seeds  # noqa: E402
+from studies.proxy_data import digits_mixture  # noqa: E402
 
 SOLVER = ("unipc", 3, "bh2")
 MEMORY_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
@@ -67,12 +64,11 @@ SIZE_NFE, SIZE_BATCH = 10, 4
 def fd_refine(train, lam0, maxiter):
     """The finite-difference refine (the baseline): L-BFGS-B on the gap logits, eps 1e-5."""
     lam_T, lam_eps = lam0[0], lam0[-1]
-    span = lam_eps - lam_T
-    u0 = np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
+    u0 = logits_of(lam0)
     seen = {}
 
     def f(u):
-        seen[u.tobytes()] = v = float(train.errors(_lam_of(u, lam_T, lam_eps), *SOLVER).mean())
+        seen[u.tobytes()] = v = float(train.errors(lam_of_logits(u, lam_T, lam_eps), *SOLVER).mean())
         return v
 
     minimize(f, u0, method="L-BFGS-B", options={"maxiter": maxiter, "eps": 1e-5})
@@ -226,14 +222,14 @@ def main():
         lam = grid_lambda("quad", s, n, s.T, s.eps_default)
         u = np.log(np.diff(lam) - GAP_FRACTION * (lam[-1] - lam[0]))
         t0 = time.perf_counter()
-        base = float(train.errors(_lam_of(u, lam[0], lam[-1]), *SOLVER).mean())
+        base = float(train.errors(lam_of_logits(u, lam[0], lam[-1]), *SOLVER).mean())
         for j in range(u.size):  # forward differences: one solve per logit
             e = np.zeros_like(u)
             e[j] = 1e-5
-            (float(train.errors(_lam_of(u + e, lam[0], lam[-1]), *SOLVER).mean()) - base) / 1e-5
+            (float(train.errors(lam_of_logits(u + e, lam[0], lam[-1]), *SOLVER).mean()) - base) / 1e-5
         t_fd = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lam_u, jac = _lam_and_jacobian(u, lam[0], lam[-1])
+        lam_u, jac = lam_and_jacobian(u, lam[0], lam[-1])
         _, g = train.mean_error_and_grad(lam_u, *SOLVER)
         jac.T @ g
         t_ad = time.perf_counter() - t0

@@ -232,43 +232,93 @@ def gits_sd15(steps: int):
 
 class ModelSampling:
     """What ComfyUI's schedulers read of a model: its M sigmas (ascending), timestep(sigma) and
-    sigma(timestep), for a discrete VP, EDM or flow schedule (``shift``: the flow model's)."""
+    sigma(timestep); one subclass per ComfyUI model_sampling class (``MODEL_SAMPLINGS``), made by
+    ``model_sampling``. ``shift``: a flow model's (None: the schedule's default)."""
 
-    def __init__(self, schedule, shift: float | None):
+    def __init__(self, schedule, shift: float | None = None):
+        self.schedule = schedule
+        self.shift = schedule.default_shift if shift is None else float(shift)
+        self.sigmas = self.model_sigmas()
+
+    def model_sigmas(self):
+        raise NotImplementedError
+
+    def timestep(self, sigma: float) -> float:
+        raise NotImplementedError
+
+    def sigma(self, timestep):
+        raise NotImplementedError
+
+
+class DiscreteSampling(ModelSampling):
+    """ComfyUI's ModelSamplingDiscrete: the kappas of the M training steps; a timestep is the
+    nearest training step in log sigma, a sigma is log sigma interpolated between them."""
+
+    def model_sigmas(self):
         np = _np()
-        self.family = schedule.family
-        if self.family == "discrete":
-            ac = schedule.alphas_cumprod
-            self.sigmas = np.sqrt((1.0 - ac) / ac)
-        elif self.family == "edm":
-            self.sigmas = np.exp(np.linspace(np.log(schedule.sigma_min), np.log(schedule.sigma_max), MODEL_SIGMAS))
-        elif self.family == "flow":
-            from .grids import shift_time
-
-            self.shift = schedule.default_shift if shift is None else float(shift)
-            self.sigmas = shift_time(np.arange(1, MODEL_SIGMAS + 1) / MODEL_SIGMAS, self.shift)
-        else:
-            raise BadInput(f"ComfyUI's schedulers know discrete, EDM and flow models, not {schedule.family}")
+        ac = self.schedule.alphas_cumprod
+        return np.sqrt((1.0 - ac) / ac)
 
     def timestep(self, sigma: float) -> float:
         np = _np()
-        if self.family == "discrete":  # the nearest training step in log sigma
-            return float(np.abs(np.log(sigma) - np.log(self.sigmas)).argmin())
-        if self.family == "edm":
-            return 0.25 * float(np.log(sigma))
+        return float(np.abs(np.log(sigma) - np.log(self.sigmas)).argmin())
+
+    def sigma(self, timestep):
+        np = _np()
+        i = np.clip(np.asarray(timestep, dtype=np.float64), 0, len(self.sigmas) - 1)
+        return np.exp(np.interp(i, np.arange(len(self.sigmas)), np.log(self.sigmas)))
+
+
+class ContinuousEDMSampling(ModelSampling):
+    """ComfyUI's ModelSamplingContinuousEDM: MODEL_SIGMAS sigmas uniform in log sigma; EDM's
+    timestep c_noise = 0.25 log sigma."""
+
+    def model_sigmas(self):
+        np = _np()
+        s = self.schedule
+        return np.exp(np.linspace(np.log(s.sigma_min), np.log(s.sigma_max), MODEL_SIGMAS))
+
+    def timestep(self, sigma: float) -> float:
+        np = _np()
+        return 0.25 * float(np.log(sigma))
+
+    def sigma(self, timestep):
+        np = _np()
+        return np.exp(np.asarray(timestep, dtype=np.float64) / 0.25)
+
+
+class DiscreteFlowSampling(ModelSampling):
+    """ComfyUI's ModelSamplingDiscreteFlow: the shifted times of MODEL_SIGMAS uniform steps; the
+    timestep is MODEL_SIGMAS sigma."""
+
+    def model_sigmas(self):
+        np = _np()
+        from .grids import shift_time
+
+        return shift_time(np.arange(1, MODEL_SIGMAS + 1) / MODEL_SIGMAS, self.shift)
+
+    def timestep(self, sigma: float) -> float:
         return MODEL_SIGMAS * float(sigma)
 
     def sigma(self, timestep):
         np = _np()
-        ts = np.asarray(timestep, dtype=np.float64)
-        if self.family == "discrete":  # log sigma interpolated between training steps
-            i = np.clip(ts, 0, len(self.sigmas) - 1)
-            return np.exp(np.interp(i, np.arange(len(self.sigmas)), np.log(self.sigmas)))
-        if self.family == "edm":
-            return np.exp(ts / 0.25)
         from .grids import shift_time
 
-        return shift_time(ts / MODEL_SIGMAS, self.shift)
+        return shift_time(np.asarray(timestep, dtype=np.float64) / MODEL_SIGMAS, self.shift)
+
+
+# ComfyUI's model_sampling classes by name (``Schedule.comfy_sampling``)
+MODEL_SAMPLINGS = {"ModelSamplingDiscrete": DiscreteSampling, "ModelSamplingContinuousEDM": ContinuousEDMSampling,
+                   "ModelSamplingDiscreteFlow": DiscreteFlowSampling}
+
+
+def model_sampling(schedule, shift: float | None = None) -> ModelSampling:
+    """The ``ModelSampling`` of the ComfyUI class that samples ``schedule``'s family
+    (``Schedule.comfy_sampling``); BadInput for a family ComfyUI has none for."""
+    kind = MODEL_SAMPLINGS.get(schedule.comfy_sampling)
+    if kind is None:
+        raise BadInput(f"ComfyUI's schedulers know discrete, EDM and flow models, not {schedule.family}")
+    return kind(schedule, shift)
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -278,11 +328,11 @@ def _closed(formula):
 
 
 def _over_model(scheduler):
-    return lambda ctx, n: scheduler(n, ModelSampling(ctx["schedule"], ctx["shift"]).sigmas)
+    return lambda ctx, n: scheduler(n, model_sampling(ctx["schedule"], ctx["shift"]).sigmas)
 
 
 def _sgm(ctx, n):
-    ms = ModelSampling(ctx["schedule"], ctx["shift"])
+    ms = model_sampling(ctx["schedule"], ctx["shift"])
     return sgm_uniform(n, ms.timestep(ms.sigmas[-1]), ms.timestep(ms.sigmas[0]), ms.sigma)
 
 
@@ -410,9 +460,8 @@ def consumer_steps(name: str, schedule, nfe: int, T: float, eps: float, shift: f
     lam[0], lam[-1] = lam_T, ZERO_SIGMA_LAMBDA
     with np.errstate(divide="ignore", invalid="ignore"):
         lam[1:-1] = schedule.lam_of_sampler_sigma(sigmas[1:-1])
-    # a last call at sigma(eps) computed another way (tan(arctan(sigma))) may pass it by rounding
-    lam[1:-1] = np.where(np.abs(lam[1:-1] - lam_eps) <= CALL_ATOL * (lam_eps - lam_T), np.minimum(lam[1:-1], lam_eps),
-                         lam[1:-1])
+    # a last call at sigma(eps) computed another way (tan(arctan(sigma)), (sigma^(1/7))^7) misses it by rounding
+    lam[1:-1] = np.where(np.abs(lam[1:-1] - lam_eps) <= CALL_ATOL * (lam_eps - lam_T), lam_eps, lam[1:-1])
     if not (np.all(np.diff(lam) > 0) and lam[-2] <= lam_eps):
         raise BadInput(f"baseline {name} at {nfe} steps does not fit the interval from T = {T:g} to eps = {eps:g}: "
                        "its sigmas leave it or repeat")

@@ -295,6 +295,11 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     ``null_class``: the null class of a class-conditional UNet for guidance (``with_null_class``;
     a DiT's is its ``num_embeds_ada_norm``, a UNet's may be recorded in ``CONDITIONING_FILE``).
     Every problem is a ``BadInput`` with one line.
+
+    A folder is read in steps, each its own function: its layout (``folder_layout``), its schedule
+    (``checkpoint_schedule``), then a text-to-image pipeline is only described
+    (``pipeline_checkpoint``) and a network's config checked (``model_config``) before its weights
+    load (``load_weights``).
     """
     if null_class is not None:
         in_bounds("null_class", null_class)
@@ -307,10 +312,37 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
             return with_null_class(_load_gmm(p, device, schedule, prediction_type), null_class)
         raise BadInput(f"checkpoint {source}: expected a diffusers folder or a Gaussian-mixture .yaml/.npz file")
 
-    # --- a folder: a pipeline (unet/ or transformer/ + scheduler/) or a bare model
-    index = None
-    if (p / "model_index.json").is_file():
-        index = read_json(p / "model_index.json", "pipeline index")
+    layout = folder_layout(p)
+    read = checkpoint_schedule(p, schedule, layout.text)
+    sched = read.schedule
+    ptype = check_prediction_type(prediction_type or read.prediction_type or "epsilon", sched, source)
+    if layout.text:
+        return with_null_class(pipeline_checkpoint(layout, sched, ptype, source, device, dtype), null_class)
+    model = model_config(layout.model_dir, source)
+    network = load_weights(model, source, device, dtype)
+    latent = model.kind == "transformer" and ((p / "vae").is_dir() or bool(layout.index and "vae" in layout.index))
+    note = "latent model: the denoiser works on latents; decode them with the pipeline's vae" if latent else ""
+    return with_null_class(Checkpoint(model.kind, sched, ptype, model.shape, model.num_classes, source, model=network,
+                                      device=device, dtype=dtype, note=note, latent=latent,
+                                      model_class=model.class_name, null_class=model.null_class),
+                           null_class)
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What a diffusers folder holds: ``index`` (its model_index.json, or None), ``text`` (a
+    text-to-image pipeline: a text encoder beside the network) and ``model_dir`` (the network's
+    folder: unet/, transformer/ or the folder itself; None for a pipeline without either)."""
+
+    index: dict | None
+    text: bool
+    model_dir: Path | None
+
+
+def folder_layout(p: Path) -> FolderLayout:
+    """The layout of the diffusers folder ``p``: a pipeline (unet/ or transformer/ beside
+    scheduler/), a text-to-image pipeline or a bare model (config.json); BadInput for none."""
+    index = read_json(p / "model_index.json", "pipeline index") if (p / "model_index.json").is_file() else None
     text = (p / "text_encoder").is_dir() or bool(index and isinstance(index.get("text_encoder"), list)
                                                   and index["text_encoder"][0] is not None)
     if (p / "unet").is_dir():
@@ -322,49 +354,74 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     elif text:
         model_dir = None
     else:
-        raise BadInput(f"checkpoint {source}: no unet/, transformer/ or config.json (not a diffusers model folder)")
+        raise BadInput(f"checkpoint {p}: no unet/, transformer/ or config.json (not a diffusers model folder)")
+    return FolderLayout(index, text, model_dir)
 
+
+def checkpoint_schedule(p: Path, schedule, text: bool) -> ScheduleSource:
+    """The schedule of the folder ``p``: its scheduler config's (``find_scheduler_config``), which a
+    ``schedule`` given must equal; the one given where the folder has none (or, for a text-to-image
+    pipeline, one dmsteps cannot read). EDM and score-SDE VE schedulers are refused for networks
+    (dmsteps does not apply their preconditioning)."""
+    source = str(p)
     cfg_path = find_scheduler_config(p)
-    if cfg_path is not None:
-        cfg = read_json(cfg_path, "scheduler config")
-        cls = str(cfg.get("_class_name", ""))
-        if not text and cls.startswith(("EDM", "ScoreSdeVe")):
-            raise BadInput(f"scheduler config {cfg_path}: {cls} models need the scheduler's input/output "
-                           "preconditioning, which dmsteps does not apply")
-        try:
-            own = read_scheduler_config(cfg, f"scheduler config {cfg_path}", str(cfg_path))
-        except BadInput:
-            if not (text and schedule is not None):
-                raise
-            own = None
-        if schedule is not None:
-            given = _schedule_of(schedule)
-            if own is not None and not same_schedule(given.schedule.identity(), own.schedule.identity()):
-                raise BadInput(f"checkpoint {source}: the schedule given ({given.schedule.name}) differs from the "
-                               f"checkpoint's scheduler config {cfg_path}")
-            read = given if own is None else own
-        else:
-            read = own
-    elif schedule is not None:
-        read = _schedule_of(schedule)
-    else:
-        raise mentioning("schedule", f"checkpoint {source} has no scheduler config: give its noise schedule "
-                                     "({setting}: a preset or a scheduler_config.json)")
-    sched = read.schedule
-    ptype = check_prediction_type(prediction_type or read.prediction_type or "epsilon", sched, source)
+    if cfg_path is None:
+        if schedule is None:
+            raise mentioning("schedule", f"checkpoint {source} has no scheduler config: give its noise schedule "
+                                         "({setting}: a preset or a scheduler_config.json)")
+        return _schedule_of(schedule)
+    cfg = read_json(cfg_path, "scheduler config")
+    cls = str(cfg.get("_class_name", ""))
+    if not text and cls.startswith(("EDM", "ScoreSdeVe")):
+        raise BadInput(f"scheduler config {cfg_path}: {cls} models need the scheduler's input/output "
+                       "preconditioning, which dmsteps does not apply")
+    try:
+        own = read_scheduler_config(cfg, f"scheduler config {cfg_path}", str(cfg_path))
+    except BadInput:
+        if not (text and schedule is not None):
+            raise
+        own = None
+    if schedule is None:
+        return own
+    given = _schedule_of(schedule)
+    if own is not None and not same_schedule(given.schedule.identity(), own.schedule.identity()):
+        raise BadInput(f"checkpoint {source}: the schedule given ({given.schedule.name}) differs from the "
+                       f"checkpoint's scheduler config {cfg_path}")
+    return given if own is None else own
 
-    if text:
-        shape, cls_name = None, ""
-        if model_dir is not None and (model_dir / "config.json").is_file():
-            mcfg = read_json(model_dir / "config.json", "model config")
-            cls_name = str(mcfg.get("_class_name", ""))
-            if isinstance(mcfg.get("in_channels"), int) and isinstance(mcfg.get("sample_size"), int):
-                shape = (mcfg["in_channels"], mcfg["sample_size"], mcfg["sample_size"])
-        return with_null_class(Checkpoint("pipeline", sched, ptype, shape, None, source, device=device, dtype=dtype,
-                                          model_class=cls_name,
-                                          note="text-to-image pipeline: sample it through the pipeline's own call "
-                                               "(dmsteps sample), not through a bare denoiser"), null_class)
 
+def pipeline_checkpoint(layout: FolderLayout, sched: Schedule, ptype: str, source: str, device, dtype) -> Checkpoint:
+    """A text-to-image pipeline, detected only (it runs through the pipeline's own call): its
+    schedule, prediction type, and the network's class and sample shape where its config says."""
+    shape, cls_name = None, ""
+    if layout.model_dir is not None and (layout.model_dir / "config.json").is_file():
+        mcfg = read_json(layout.model_dir / "config.json", "model config")
+        cls_name = str(mcfg.get("_class_name", ""))
+        if isinstance(mcfg.get("in_channels"), int) and isinstance(mcfg.get("sample_size"), int):
+            shape = (mcfg["in_channels"], mcfg["sample_size"], mcfg["sample_size"])
+    return Checkpoint("pipeline", sched, ptype, shape, None, source, device=device, dtype=dtype, model_class=cls_name,
+                      note="text-to-image pipeline: sample it through the pipeline's own call (dmsteps sample), not "
+                           "through a bare denoiser")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A network's config.json, checked: ``kind`` ("unet" or "transformer"), ``class_name`` (one of
+    ``SUPPORTED_MODEL_CLASSES``), ``shape`` ((C, H, W) or None where unknown), ``num_classes``
+    (None: not class-conditional), ``null_class`` (the one it names: a DiT's, or a UNet's
+    ``CONDITIONING_FILE``), ``folder`` (where config and weights lie)."""
+
+    kind: str
+    class_name: str
+    shape: tuple | None
+    num_classes: int | None
+    null_class: int | None
+    folder: Path
+
+
+def model_config(model_dir: Path, source: str) -> ModelConfig:
+    """The checked config of the network in ``model_dir``; BadInput for a missing config, an
+    unsupported class or option, or missing weights."""
     mcfg_path = model_dir / "config.json"
     if not mcfg_path.is_file():
         raise BadInput(f"checkpoint {source}: {mcfg_path} is missing")
@@ -384,7 +441,6 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
             raise BadInput(f"model config {mcfg_path}: field '{key}' must be a positive integer")
         return value
 
-    num_classes = own_null = None
     if cls_name == "UNet2DModel":
         if mcfg.get("time_embedding_type", "positional") != "positional":
             raise BadInput(f"model config {mcfg_path}: time_embedding_type "
@@ -415,27 +471,25 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, schedule=None,
     if shape and out_channels not in (shape[0], 2 * shape[0]):
         raise BadInput(f"model config {mcfg_path}: out_channels {out_channels} is neither in_channels "
                        f"({shape[0]}) nor twice that (learned variance)")
+    return ModelConfig(kind, cls_name, shape, num_classes, own_null, model_dir)
 
+
+def load_weights(model: ModelConfig, source: str, device, dtype):
+    """The network of ``model`` (diffusers' ``from_pretrained``) in ``dtype`` on ``device``, in eval
+    mode without gradients for its parameters."""
     diffusers = import_diffusers()
-    model_cls = getattr(diffusers, cls_name)
+    model_cls = getattr(diffusers, model.class_name)
     try:
-        model = model_cls.from_pretrained(str(model_dir), torch_dtype=dtype,
-                                          low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+        network = model_cls.from_pretrained(str(model.folder), torch_dtype=dtype,
+                                            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except Exception as exc:  # corrupt or mismatched weights raise many kinds of errors
-        raise BadInput(f"checkpoint {source}: cannot load {cls_name} from {model_dir} ({first_line(exc)})") from None
+        raise BadInput(f"checkpoint {source}: cannot load {model.class_name} from {model.folder} "
+                       f"({first_line(exc)})") from None
     try:
-        model = model.to(device)
+        network = network.to(device)
     except Exception as exc:
         raise BadInput(f"checkpoint {source}: cannot move the model to {device} ({first_line(exc)})") from None
-    model.eval().requires_grad_(False)
-    note, latent = "", False
-    if kind == "transformer" and ((p / "vae").is_dir() or (index and "vae" in index)):
-        note, latent = "latent model: the denoiser works on latents; decode them with the pipeline's vae", True
-    return with_null_class(Checkpoint(kind, sched, ptype, shape, num_classes, source, model=model, device=device,
-                                      dtype=dtype, note=note, latent=latent, model_class=cls_name,
-                                      null_class=own_null),
-                           null_class)
-
+    return network.eval().requires_grad_(False)
 
 
 def _load_gmm(p: Path, device, schedule, prediction_type) -> Checkpoint:

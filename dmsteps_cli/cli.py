@@ -69,11 +69,16 @@ def parse_nfe(text: str) -> tuple[int, ...]:
 
 @app.command()
 def optimize(
-    schedule: str = typer.Option("scaled_linear", "--schedule", "-s",
-                                 help="Preset name (see `dmsteps schedules`), a diffusers scheduler_config.json, "
-                                      "betas:FILE or alphas_cumprod:FILE (.npy/.txt)."),
-    solver: str = typer.Option("unipc", help="Solver whose order pattern the objective assumes: unipc, dpmpp, "
-                               "ddim (also called euler), ipndm; `dmsteps solvers` lists their orders and samplers."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", "-s",
+                                           help="Preset name (see `dmsteps schedules`), a diffusers "
+                                                "scheduler_config.json, betas:FILE or alphas_cumprod:FILE (.npy/.txt); "
+                                                "default scaled_linear."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model instead of --schedule (`dmsteps tables --model "
+                                        "all` lists them): its schedule and shift, and by default the solver and "
+                                        "order its runtime samples with; distilled models are refused."),
+    solver: Optional[str] = typer.Option(None, help="Solver whose order pattern the objective assumes: unipc "
+                                         "(default), dpmpp, ddim (also called euler), ipndm; `dmsteps solvers` lists "
+                                         "their orders and samplers."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the solver's; `dmsteps solvers`)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh2 (default, as diffusers) or bh1."),
     nfe: str = typer.Option("5..15", help="Step counts: 5..15, 8 or 5,7,10."),
@@ -106,6 +111,17 @@ def optimize(
     from .schedule_sources import get_schedule
     from .tables import dumps, format_for
 
+    if model is not None:
+        from .models import model_settings
+
+        if schedule is not None or shift is not None:
+            raise BadInput("give --model or --schedule and --shift, not both (--model sets the schedule and shift)")
+        settings = model_settings(model)
+        schedule, shift = settings["schedule"], settings["shift"]
+        if solver is None:
+            solver, order = settings["solver"], settings["order"] if order is None else order
+    schedule = "scaled_linear" if schedule is None else schedule
+    solver = "unipc" if solver is None else solver
     out_fmt = format_for(output, fmt)
     sched = get_schedule(schedule)
     config = resolve(StepConfig(schedule=schedule, solver=solver, order=order, variant=variant, objective=objective,
@@ -164,13 +180,31 @@ def show(
     baselines: str = typer.Option(",".join(GRIDS), help="With --plot: the baselines drawn (grids or named "
                                   "schedules, as evaluate --baselines)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: told apart by content)."),
+    split_at_sigma: Optional[float] = typer.Option(None, "--split-at-sigma", help="With --nfe: the steps as two "
+                                                   "sampler runs split exactly at this sampler sigma (Wan 2.2's "
+                                                   "expert switch: 0.875, 0.9 for image-to-video), two lines "
+                                                   "(--as, default sigmas); the second run restarts the solver."),
+    split_steps: str = typer.Option("warp", "--split-steps", help="With --split-at-sigma: warp (the table's "
+                                    "list, its step nearest the sigma moved onto it; measured best) or optimize "
+                                    "(each run's steps placed anew)."),
+    denoise: Optional[float] = typer.Option(None, "--denoise", help="With --nfe: a partial run (img2img) at this "
+                                            "denoise, 0 to 1: round(NFE x denoise) steps from the list's point "
+                                            "there, as the ComfyUI nodes run it (one line, --as, default sigmas)."),
+    denoise_steps: str = typer.Option("tail", "--denoise-steps", help="With --denoise: tail (the list's last "
+                                      "steps; measured best) or placed (steps placed anew on the partial "
+                                      "interval)."),
 ):
-    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it."""
+    """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it;
+    --split-at-sigma and --denoise print the parts of two runs and of a partial run."""
     from .integrations.exports import FINAL_SIGMAS, decimals, sigmas_for
     from .table_reader import load_table
     from .tables import entry_for
 
     table = load_table(file, fmt)
+    if split_at_sigma is not None or denoise is not None:
+        sys.stdout.write(_parts(table, nfe, as_, final_sigma, split_at_sigma, split_steps, denoise, denoise_steps,
+                                plot, end))
+        return
     line = None
     if end is not None:
         _deprecated("--end", "--final-sigma (--end min is --final-sigma table)")
@@ -200,6 +234,41 @@ def show(
         sys.stdout.write(line)
     elif plot is None:
         _console_stdout().print(table_summary(table))
+
+
+def _parts(table, nfe, as_, final_sigma, split_at_sigma, split_placement, denoise, denoise_placement, plot,
+           end) -> str:
+    """``show --split-at-sigma`` (two lines) or ``--denoise`` (one line), after refusing what does not
+    go with them."""
+    from .integrations.exports import FINAL_SIGMAS, decimals
+    from .partial import part_values, partial_run, split_steps, split_values
+
+    if split_at_sigma is not None and denoise is not None:
+        raise BadInput("give --split-at-sigma or --denoise, not both")
+    if plot is not None or end is not None:
+        raise BadInput(f"{'--plot' if plot is not None else '--end'} does not go with --split-at-sigma or --denoise")
+    held = [e["nfe"] for e in table["entries"]]
+    n = _one_nfe(nfe, "show", held)
+    if n is None:
+        raise BadInput("--split-at-sigma and --denoise need --nfe (one of the table's: "
+                       f"{', '.join(map(str, held))})")
+    field = as_ or "sigmas"
+    if field not in AS_FIELDS:
+        raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
+    if final_sigma is not None and field != "sigmas":
+        raise BadInput("--final-sigma applies only to --as sigmas")
+    if final_sigma not in (None, *FINAL_SIGMAS):
+        raise BadInput(f"--final-sigma {final_sigma!r}: choose from {', '.join(FINAL_SIGMAS)}")
+    final_sigma = final_sigma or "table"
+    if split_at_sigma is not None:
+        split = split_steps(table, n, split_at_sigma, split_placement)
+        high, low = split_values(table, split, field, final_sigma)
+        _note(f"two runs: {split.high['nfe']} steps to sigma {split.sigma:g}, then {split.low['nfe']} steps "
+              f"({split_placement}); the second run restarts the solver")
+        return decimals(high) + "\n" + decimals(low) + "\n"
+    entry = partial_run(table, n, denoise, denoise_placement)
+    _note(f"a partial run: {entry['nfe']} of {n} steps from sigma {entry['sigmas'][0]:g} ({denoise_placement})")
+    return decimals(part_values(table, entry, field, final_sigma, starts_run=entry["nfe"] == n)) + "\n"
 
 
 def _one_nfe(text: str | None, command: str, held=None) -> int | None:
@@ -279,17 +348,44 @@ def tables_command(
                          f"NFE {format_nfe(row['nfe'])}\t{'; '.join(row['models'])}\t{row.get('steps', '')}\n")
 
 
-DEVICE_HELP = ("auto (CUDA when this machine has it, else the CPU), cpu, cuda or cuda:K; the output records the "
-               "device used.")
-LABELS_HELP = ("Classes for class-conditional models, paired with the noises round robin (noise i takes label "
-               "number i mod n of the n given): a range 0..9, a list 3,5,7 or both (0..4,7); instead of --class-label.")
-NULL_CLASS_HELP = ("The class a class-conditional UNet was trained to drop labels to (its unconditional input), "
-                   "for --guidance-scale; a DiT's, or one its class_conditioning.json records, is read from the model.")
-GUIDANCE_HELP = ("Classifier-free guidance scale (class-conditional models with a null class, text-to-image "
-                 "pipelines; 1: none).")
-PROMPTS_HELP = ("Text-to-image pipelines (SD 1.x/2.x, SDXL, SD3): a file of prompts, one per line, paired with "
-                "the noises round robin; each is encoded once. Errors are measured on the latents.")
-NEGATIVE_HELP = "Text-to-image pipelines: the negative prompt of --guidance-scale (default: the empty prompt)."
+# --- the options of the commands that run a model, declared once: sample, evaluate and refine take those
+# of run_settings.RunSettings, evaluate and refine those of MeasureSettings too, each with one meaning
+
+CHECKPOINT = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (a pipeline with unet/ or transformer/ "
+                          "and scheduler/, a bare UNet2DModel, a text-to-image pipeline: sample with --prompt, "
+                          "evaluate and refine with --prompts) or a Gaussian-mixture .yaml/.npz.")
+SCHEDULE = typer.Option(None, help="Noise schedule of a checkpoint that names none (a bare UNet): a preset "
+                        "(dmsteps schedules) or a scheduler_config.json.")
+DTYPE = typer.Option("float32", help="The network's dtype as loaded: float32, float16 or bfloat16 (a Gaussian "
+                     "mixture keeps its own).")
+DEVICE = typer.Option("auto", help="auto (CUDA when this machine has it, else the CPU), cpu, cuda or cuda:K; the "
+                      "output records the device used.")
+SEED = typer.Option(0, help="First seed: noise (sample) i uses seed + i; refine's are its held-out noises, its "
+                    "training and validation seeds lie 1000000 and 2000000 above.")
+CLASS_LABEL = typer.Option(None, help="Class for class-conditional models (every noise).")
+CLASS_LABELS = typer.Option(None, help="Classes for class-conditional models, paired with the noises round robin "
+                            "(noise i takes label number i mod n of the n given): a range 0..9, a list 3,5,7 or both "
+                            "(0..4,7); instead of --class-label.")
+NULL_CLASS = typer.Option(None, help="The class a class-conditional UNet was trained to drop labels to (its "
+                          "unconditional input), for --guidance-scale; a DiT's, or one its class_conditioning.json "
+                          "records, is read from the model.")
+GUIDANCE_SCALE = typer.Option(1.0, help="Classifier-free guidance scale (class-conditional models with a null class, "
+                              "text-to-image pipelines; 1: none).")
+BATCH = typer.Option(64, help="Noises per batch of the solves (refine: of its backward passes too): lower it if "
+                     "they do not fit in memory (the numbers change only by rounding).")
+REF_STEPS = typer.Option(64, help="Reference solution: the first S of its convergence rule (UniPC-3 on 2S "
+                         "uniform-lambda steps, S doubled until S and 2S steps agree to 1% of the smallest error "
+                         "measured; docs/cli.md).")
+CACHE = typer.Option(None, help="Folder of the reference-solution cache (default $DMSTEPS_CACHE, else "
+                     "$XDG_CACHE_HOME/dmsteps, else ~/.cache/dmsteps).")
+NO_CACHE = typer.Option(False, "--no-cache", help="Compute the reference solutions without reading or writing the "
+                        "cache.")
+PROMPTS = typer.Option(None, help="Text-to-image pipelines (SD 1.x/2.x, SDXL, SD3): a file of prompts, one per line, "
+                       "paired with the noises round robin (refine: its training and validation noises); each is "
+                       "encoded once. Errors are measured on the latents.")
+NEGATIVE_PROMPT = typer.Option(None, help="Text-to-image pipelines: the negative prompt of --guidance-scale "
+                               "(default: the empty prompt).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr.")
 
 
 def _labels(class_label, class_labels):
@@ -301,30 +397,28 @@ def _labels(class_label, class_labels):
 
 @app.command()
 def sample(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (pipeline with unet/ or "
-                                    "transformer/ and scheduler/, or a bare UNet2DModel) or a Gaussian-mixture "
-                                    ".yaml/.npz."),
+    checkpoint: Path = CHECKPOINT,
     table: str = typer.Option(..., "--table", "-t", help="A step table (JSON/YAML; - is standard input)."),
     nfe: Optional[str] = typer.Option(None, help="Which NFE of the table, one (needed when it holds several)."),
     samples: int = typer.Option(16, "--samples", help="Number of samples (seeds seed ... seed + samples - 1)."),
     batch: Optional[int] = typer.Option(None, hidden=True, help="Deprecated: --samples."),
-    seed: int = typer.Option(0, help="Sample i uses seed + i."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    seed: int = SEED,
+    device: str = DEVICE,
     output: str = typer.Option("samples", "--output", "-o", help="Output folder (samples.npz, grid.png, "
                                "sample.json)."),
     out: Optional[str] = typer.Option(None, "--out", hidden=True, help="Deprecated: --output."),
     solver: Optional[str] = typer.Option(None, help="Solver (default: the table's)."),
     order: Optional[int] = typer.Option(None, help="Solver order (default: the table's)."),
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h): bh1 or bh2 (default: the table's)."),
-    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (every sample)."),
-    class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP.replace("noises", "samples")),
-    null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
-    guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
+    class_label: Optional[int] = CLASS_LABEL,
+    class_labels: Optional[str] = CLASS_LABELS,
+    null_class: Optional[int] = NULL_CLASS,
+    guidance_scale: float = GUIDANCE_SCALE,
     prompt: Optional[str] = typer.Option(None, help="Prompt for text-to-image pipelines."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, float16 or bfloat16."),
-    schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none (a bare UNet)."),
+    dtype: str = DTYPE,
+    schedule: Optional[str] = SCHEDULE,
     force: bool = typer.Option(False, help="Use a table made for another schedule."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    quiet: bool = QUIET,
 ):
     """Sample a checkpoint with a table's steps (loads torch; diffusers for diffusers checkpoints)."""
     if batch is not None:
@@ -336,35 +430,24 @@ def sample(
     needs_torch("sample")
     from .sample import SampleRequest, run_sample
 
-    try:
-        req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=_one_nfe(nfe, "sample"), batch=samples,
-                            seed=seed,
-                            device=device, out=str(output), solver=solver, order=order, variant=variant,
-                            class_label=class_label, class_labels=_labels(class_label, class_labels),
-                            null_class=null_class, guidance_scale=guidance_scale, prompt=prompt, force=force,
-                            dtype=dtype, schedule=schedule)
-        err = _stderr()
-        if not quiet and err.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    req = SampleRequest(checkpoint=str(checkpoint), table=str(table), nfe=_one_nfe(nfe, "sample"), samples=samples,
+                        seed=seed, device=device, output=str(output), solver=solver, order=order, variant=variant,
+                        class_label=class_label, class_labels=_labels(class_label, class_labels),
+                        null_class=null_class, guidance_scale=guidance_scale, prompt=prompt, force=force,
+                        dtype=dtype, schedule=schedule)
+    err = _stderr()
+    if not quiet and err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err, transient=True) as bar:
-                task = bar.add_task("nfe", total=None)
-                sidecar = run_sample(req, progress=lambda k, n: bar.update(task, completed=k, total=n))
-        else:
-            sidecar = run_sample(req)
-    except BadInput as exc:
-        if getattr(exc, "field", None) == "batch":  # the library's batch is sample's number of samples
-            exc.field = "samples"
-        raise
+        with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("nfe", total=None)
+            sidecar = run_sample(req, progress=lambda k, n: bar.update(task, completed=k, total=n))
+    else:
+        sidecar = run_sample(req)
     if sidecar is not None and not quiet:
         _note(f"{len(sidecar['seeds'])} samples, NFE {sidecar['nfe']} {sidecar['solver']}, "
               f"{sidecar['seconds']:.2f} s on {sidecar['device']} -> {output}/")
-
-
-CACHE_HELP = ("Folder of the reference-solution cache (default $DMSTEPS_CACHE, else $XDG_CACHE_HOME/dmsteps, "
-              "else ~/.cache/dmsteps).")
-NO_CACHE_HELP = "Compute the reference solutions without reading or writing the cache."
 
 
 def _open_cache(folder, no_cache: bool):
@@ -435,8 +518,7 @@ def _baseline_names(text: str) -> tuple:
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (UNet or DiT, or a "
-                                    "text-to-image pipeline with --prompts) or a Gaussian-mixture .yaml/.npz."),
+    checkpoint: Path = CHECKPOINT,
     table: List[str] = typer.Option([], "--table", "-t", help="Tables to measure (repeat the option; - is "
                                     "standard input)."),
     baselines: Optional[str] = typer.Option(None, help="Baselines to measure, comma-separated: the hand-made "
@@ -449,25 +531,23 @@ def evaluate(
     variant: Optional[str] = typer.Option(None, help="UniPC's B(h) (default: the first table's)."),
     nfe: Optional[str] = typer.Option(None, help="NFEs to measure (default: the tables' own; 5..15 without)."),
     samples: int = typer.Option(256, help="Number of noises (seeds seed ... seed + samples - 1)."),
-    batch: int = typer.Option(64, help="Noises per batch of the solves: lower it if they do not fit in memory "
-                              "(the numbers do not change)."),
-    seed: int = typer.Option(0, help="First seed."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    ref_steps: int = typer.Option(64, help="Reference solution: the first S of its convergence rule (UniPC-3 on "
-                                  "2S uniform-lambda steps, S doubled until S and 2S steps agree to 1% of the "
-                                  "smallest error measured; docs/cli.md)."),
-    cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
-    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
-    schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
-    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (every noise)."),
-    class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP),
-    null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
-    guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
-    prompts: Optional[str] = typer.Option(None, help=PROMPTS_HELP),
-    negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
+    batch: int = BATCH,
+    seed: int = SEED,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    ref_steps: int = REF_STEPS,
+    cache: Optional[str] = CACHE,
+    no_cache: bool = NO_CACHE,
+    schedule: Optional[str] = SCHEDULE,
+    class_label: Optional[int] = CLASS_LABEL,
+    class_labels: Optional[str] = CLASS_LABELS,
+    null_class: Optional[int] = NULL_CLASS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    prompts: Optional[str] = PROMPTS,
+    negative_prompt: Optional[str] = NEGATIVE_PROMPT,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the JSON report here (else stdout)."),
     plot: Optional[str] = typer.Option(None, help="Error vs NFE plot (PNG; needs matplotlib)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    quiet: bool = QUIET,
 ):
     """Measure the sampling error of tables and hand-made grids against a high-accuracy solution."""
     import json
@@ -487,8 +567,7 @@ def evaluate(
     req = EvalRequest(checkpoint=str(checkpoint), tables=[str(p) for p in table],
                       baselines=None if baselines is None else _baseline_names(baselines), solver=solver,
                       order=order, variant=variant, nfe=parse_nfe(nfe) if nfe else None, samples=samples, seed=seed,
-                      batch=batch,
-                      device=device, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
+                      batch=batch, device=device, dtype=dtype, ref_steps=ref_steps, schedule=schedule, class_label=class_label,
                       class_labels=_labels(class_label, class_labels), null_class=null_class,
                       guidance_scale=guidance_scale, prompts=prompts, negative_prompt=negative_prompt,
                       cache=_open_cache(cache, no_cache), no_cache=no_cache)
@@ -508,8 +587,7 @@ def evaluate(
 
 @app.command()
 def refine(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A diffusers folder (UNet or DiT, or a "
-                                    "text-to-image pipeline with --prompts) or a Gaussian-mixture .yaml/.npz."),
+    checkpoint: Path = CHECKPOINT,
     table: str = typer.Option(..., "--table", "-t", help="The optimized table to start from (- is standard input)."),
     nfe: Optional[str] = typer.Option(None, help="NFEs to refine (default: all of the table's)."),
     train: int = typer.Option(64, help="Training noises (seeds seed + 1000000 ...)."),
@@ -518,7 +596,7 @@ def refine(
                                    "after --patience validations without a lower one. 0: none (the steps with the "
                                    "lowest training error are kept)."),
     holdout: int = typer.Option(256, help="Held-out noises (seeds seed ... seed + holdout - 1)."),
-    seed: int = typer.Option(0, help="First held-out seed."),
+    seed: int = SEED,
     optimizer: str = typer.Option("lbfgs", help="lbfgs: L-BFGS-B on every training noise; adam: Adam on "
                                   "mini-batches of --minibatch noises, for models where a full-batch step costs "
                                   "too much."),
@@ -527,9 +605,8 @@ def refine(
                                  "(0: never early)."),
     minibatch: int = typer.Option(16, help="adam: training noises per update."),
     lr: float = typer.Option(0.05, help="adam: step size in the gap logits."),
-    grad_batch: int = typer.Option(64, help="Training noises per backward pass, and noises per batch of the "
-                                   "forward solves: lower it if the memory does not fit (the result changes only by "
-                                   "rounding)."),
+    batch: int = BATCH,
+    grad_batch: Optional[int] = typer.Option(None, hidden=True, help="Deprecated: --batch."),
     activation_checkpointing: Optional[bool] = typer.Option(
         None, "--activation-checkpointing/--no-activation-checkpointing",
         help="Recompute each model evaluation's activations in the backward pass: the gradient keeps one "
@@ -539,29 +616,40 @@ def refine(
                                                  help="Deprecated: --activation-checkpointing."),
     network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "
                                                 "bfloat16 (autocast; for large models on CUDA); references and "
-                                                "every reported error stay in float32. Default: float32 (as loaded)."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    schedule: Optional[str] = typer.Option(None, help="Schedule of a checkpoint that names none."),
-    cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
-    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
-    class_label: Optional[int] = typer.Option(None, help="Class for class-conditional models (every noise)."),
-    class_labels: Optional[str] = typer.Option(None, help=LABELS_HELP),
-    null_class: Optional[int] = typer.Option(None, help=NULL_CLASS_HELP),
-    guidance_scale: float = typer.Option(1.0, help=GUIDANCE_HELP),
-    prompts: Optional[str] = typer.Option(None, help=PROMPTS_HELP.replace("the noises", "the training and "
-                                                                          "validation noises")),
+                                                "every reported error stay in --dtype. Default: --dtype (as loaded)."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    ref_steps: int = REF_STEPS,
+    schedule: Optional[str] = SCHEDULE,
+    cache: Optional[str] = CACHE,
+    no_cache: bool = NO_CACHE,
+    class_label: Optional[int] = CLASS_LABEL,
+    class_labels: Optional[str] = CLASS_LABELS,
+    null_class: Optional[int] = NULL_CLASS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    prompts: Optional[str] = PROMPTS,
     holdout_prompts: Optional[str] = typer.Option(None, help="Text-to-image pipelines: prompts for the held-out "
                                                   "noises, so the report shows the steps on prompts they were not "
                                                   "fitted to (default: --prompts)."),
-    negative_prompt: Optional[str] = typer.Option(None, help=NEGATIVE_HELP),
+    negative_prompt: Optional[str] = NEGATIVE_PROMPT,
+    baselines: Optional[str] = typer.Option(None, help="Baselines measured beside the table on every set of noises "
+                                            "and considered as starts, comma-separated (as evaluate --baselines); "
+                                            "default every one that fits the schedule and NFE. The fit starts from "
+                                            "the best on the training noises; the summary gives the refined steps' "
+                                            "ratio to the best on the held-out noises."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the refined table here (else stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
+    quiet: bool = QUIET,
 ):
     """Refine a table's steps on a model: minimize the measured error, report it on held-out noises."""
     if checkpointing is not None:
         _deprecated("--checkpointing", "--activation-checkpointing")
         activation_checkpointing = checkpointing if activation_checkpointing is None else activation_checkpointing
+    if grad_batch is not None:
+        _deprecated("--grad-batch", "--batch (noises per batch, as in evaluate)")
+        if batch != grad_batch and batch != BATCH.default:
+            raise BadInput("give --batch only (--grad-batch is its old spelling)")
+        batch = grad_batch
     needs_torch("refine")
     from .files import check_writable, write_output
     from .refine import RefineRequest
@@ -577,15 +665,18 @@ def refine(
                                              nfe=parse_nfe(nfe) if nfe else None, train=train,
                                              validation=validation, holdout=holdout, seed=seed,
                                              optimizer=optimizer, maxiter=maxiter, patience=patience,
-                                             minibatch=minibatch, lr=lr, grad_batch=grad_batch,
-                                             checkpointing=activation_checkpointing, network_dtype=network_dtype,
-                                             device=device, schedule=schedule,
+                                             minibatch=minibatch, lr=lr, batch=batch,
+                                             activation_checkpointing=activation_checkpointing,
+                                             network_dtype=network_dtype, device=device, dtype=dtype,
+                                             ref_steps=ref_steps, schedule=schedule,
                                              cache=reference_cache, no_cache=no_cache,
                                              class_label=class_label,
                                              class_labels=_labels(class_label, class_labels),
                                              null_class=null_class, guidance_scale=guidance_scale,
                                              prompts=prompts, holdout_prompts=holdout_prompts,
-                                             negative_prompt=negative_prompt), progress)
+                                             negative_prompt=negative_prompt,
+                                             baselines=None if baselines is None else _baseline_names(baselines)),
+                                   progress)
     if not writes:
         return
     write_output("-" if output is None else output, dumps(table_out, out_fmt))
@@ -632,7 +723,8 @@ def check(
 
 
 # library parameter -> the flag that sets it, where the two are not the same name with dashes
-FLAGS: dict[str, str] = {}
+FLAGS: dict[str, str] = {"sigma": "--split-at-sigma", "placement": "--split-steps",
+                         "denoise_placement": "--denoise-steps"}  # library parameters named otherwise
 
 
 def message_of(exc: BadInput) -> str:

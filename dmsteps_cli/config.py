@@ -121,15 +121,6 @@ def parse_class_labels(value) -> tuple[int, ...]:
     return tuple(k for lo, hi in spans for k in range(lo, hi + 1))
 
 
-def checked_settings(class_label=None, class_labels=None, **bounded) -> tuple[int, ...] | None:
-    """The class labels given (``class_label_list``), once every setting of ``bounded`` (name ->
-    value, each a name of ``limits.BOUNDS``) is within its bounds (``limits.in_bounds``): the one
-    check of the settings that sample, evaluate and refine share."""
-    for name, value in bounded.items():
-        in_bounds(name, value)
-    return class_label_list(class_label, class_labels)
-
-
 def class_label_list(class_label=None, class_labels=None) -> tuple[int, ...] | None:
     """The labels of ``class_label`` (one label) or ``class_labels`` (anything ``parse_class_labels``
     takes), whichever is given; None when neither is; BadInput when both are."""

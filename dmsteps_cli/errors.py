@@ -4,10 +4,10 @@
 `TableError` means a table file is malformed and names the offending field.
 
 Library messages speak in the library's words: a setting is named as the Python parameter that
-holds it (``grad_batch must be between 1 and 65536``, ``... is class-conditional: give class_label
+holds it (``batch must be between 1 and 65536``, ``... is class-conditional: give class_label
 in 0..4``). Such an error carries the parameter as ``field`` and its message as a template with
 ``{setting}`` where the name stands (``bad_setting``, ``mentioning``), so the command line can show
-the flag there instead (``--grad-batch must be ...``).
+the flag there instead (``--batch must be ...``).
 """
 
 from __future__ import annotations

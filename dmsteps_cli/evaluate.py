@@ -1,24 +1,28 @@
 """`dmsteps evaluate`: the measured sampling error of step sets (tables, hand-made grids) on a model.
 
-For every NFE, every table that has it and every baseline grid, the checkpoint is sampled from the
-same noises with the same solver, and each sample is compared with a high-accuracy solution of the
-same probability-flow ODE from the same noise, over the same interval [eps, T]:
+For every NFE, every table that has it and every baseline, the checkpoint is sampled from the same
+noises with the same solver, each step list as its consumer runs it (N model calls, then sigma 0:
+``schedules.consumer_lambda``), and each sample is compared with a high-accuracy solution of the
+same probability-flow ODE from the same noise, from T to the same end point, sigma 0:
 
     error = mean over samples of RMS(x - x_ref)   (root mean square over the sample's dimensions)
 
 The reference solution is the closed form for a single-Gaussian checkpoint, and otherwise x_2S,
-UniPC order 3 (bh2) on 2S steps uniform in lambda, for the first S of ``ref_steps`` (default 64),
+UniPC order 3 (bh2) on 2S steps uniform in lambda to eps, carried to sigma 0 by the consumers' last
+step there (the denoiser's output at eps), for the first S of ``ref_steps`` (default 64),
 twice that, ... at which the convergence rule holds: check(S) = mean over the noises of
 RMS(x_S - x_2S) is at most 1% of the smallest mean error measured against it (``Evaluator`` states
 the rule in full). The report gives S, check(S) (``check_error``) and that smallest error, so a
 reader sees that the reference is two orders of magnitude closer than anything measured. Reference
 solutions are kept on disk per model, setting and seed (``reference_cache``) and read back by later
 runs. The ratio of each error to the best baseline at that NFE is reported too: the best of the
-baselines measured, by default the four hand-made grids (below 1: better than every one of them);
-``baselines`` may name the schedules users pick instead or as well (``baselines.BASELINES``).
+baselines measured, by default the four hand-made grids and every named schedule that fits the
+schedule and the NFE (``baselines.fitting_baselines``; the report lists the ones skipped and why;
+below 1: better than every one of them); ``baselines`` narrows them (``baselines.BASELINES``).
 
-Steps are N + 1 increasing log-SNRs lambda, noise end first (lambda(T) ... lambda(eps)); errors are
-in the units of the samples.
+Steps are N + 1 increasing log-SNRs lambda, noise end first (a table's lambda(T) ... lambda(eps), or
+a consumer's list ending at sigma 0, ``schedules.ZERO_SIGMA_LAMBDA``); errors are in the units of
+the samples.
 
 - ``Evaluator``: a checkpoint's fixed noises and their reference solutions; the errors of any steps;
 - ``compare_at``: at one NFE, the errors of every hand-made grid and of named steps, the best grid
@@ -42,7 +46,6 @@ import torch
 
 from .baselines import check_baselines, check_names, consumer_steps, fitting_baselines
 from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_labels
-from .config import checked_settings, class_label_list
 from .errors import BadInput
 from .gradients import mean_error_and_grad
 from .grids import GRIDS, grid_lambda
@@ -50,11 +53,13 @@ from .limits import BOUNDS, in_bounds
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
+from .run_settings import BATCH, REF_STEPS, MeasureSettings, checked_run
 from .runtime import (
     Ranks,
     denoiser_for,
     full_precision,
     integrate,
+    network_dtype_named,
     noise_for,
     rank_device,
     rms_error,
@@ -68,8 +73,6 @@ from .text_to_image import load_model, read_prompts
 SCHEMA = "dmsteps.evaluation/1"
 REF_SOLVER = ("unipc", 3, "bh2")
 REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
-REF_STEPS = 64  # the first S of the convergence rule (Evaluator)
-BATCH = 64  # noises per batch of the forward solves (Evaluator): bounds their memory
 REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
 STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
@@ -77,9 +80,13 @@ END_POINT = ("sigma = 0, as consumers run every list: N model calls, then 0 (a t
              "replaced by 0); the reference: the ODE solution to eps, then the denoiser's output there")
 
 
-@dataclass
-class EvalRequest:
-    checkpoint: str
+@dataclass(kw_only=True)
+class EvalRequest(MeasureSettings):
+    """What ``evaluate`` measures: the ``tables`` (paths or names) and ``baselines`` at ``nfe``
+    (None: the tables' own NFEs) on ``samples`` noises (seeds seed ... seed + samples - 1) of the
+    model of ``MeasureSettings``; ``solver``/``order``/``variant`` and the interval ``T``/``eps``/
+    ``shift`` default to the first table's."""
+
     tables: list = field(default_factory=list)
     baselines: tuple | None = None  # None: every grid and named schedule that fits (``baselines.fitting_baselines``)
     solver: str | None = None
@@ -87,22 +94,12 @@ class EvalRequest:
     variant: str | None = None
     nfe: tuple | None = None
     samples: int = 256
-    batch: int = BATCH  # noises per batch of the forward solves
-    seed: int = 0
-    device: str = "cpu"
-    ref_steps: int = REF_STEPS
-    cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
-    no_cache: bool = False  # True: no reference cache
-    schedule: str | None = None
-    class_label: int | None = None  # one class for every noise (or class_labels)
-    class_labels: object = None  # classes paired with the noises round robin: "0..9", "3,5,7" or ints
-    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
-    guidance_scale: float = 1.0
-    prompts: str | None = None  # a text-to-image pipeline's prompt file, one per line, paired round robin
-    negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
     T: float | None = None
     eps: float | None = None
     shift: float | None = None
+
+    def bounded(self) -> dict:
+        return {**super().bounded(), "samples": self.samples}
 
 
 def paired_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = 2000) -> list[float]:
@@ -515,16 +512,6 @@ def conditioned_evaluator(ckpt: Checkpoint, seeds, class_labels, guidance_scale:
                      fingerprint=fingerprint, progress=progress, label=label)
 
 
-def _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines,
-                    class_labels=None) -> tuple | None:
-    """The class labels given once every setting is within its bounds and the baselines are known."""
-    labels = checked_settings(class_label, class_labels, samples=samples, seed=seed, ref_steps=ref_steps,
-                              guidance_scale=guidance_scale)
-    if baselines is not None:
-        check_names(baselines)
-    return labels
-
-
 def needs_denoiser(ckpt: Checkpoint, source: str) -> None:
     """Refuse a text-to-image pipeline loaded without its prompts (``checkpoints.load_checkpoint``
     only detects one): its network is measured once ``text_to_image.load_model`` conditions it."""
@@ -545,7 +532,9 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     ``tables``: {name: table dict} or (name, table) pairs, made for the checkpoint's schedule and
     one interval; ``steps``: {name: {nfe: N + 1 lambdas}}, step sets on the same interval (rows of
     kind "table" too). Each NFE in ``nfe`` (default: the NFEs the tables and steps hold, else
-    5..15) is measured for every grid in ``baselines`` and every table or step set that has it, on
+    5..15) is measured for every baseline in ``baselines`` (None: every grid and named schedule that
+    fits, at the NFEs it fits; the report's ``baselines`` lists them and the skipped ones with the
+    reason) and every table or step set that has it, on
     the noises of seeds seed ... seed + samples - 1. The interval (T, eps, shift) and the solver
     default to the first table's, else the schedule's and UniPC's. ``source`` names the checkpoint
     in the report (default ``ckpt.source``); ``progress``: a ``progress.Progress`` callback told
@@ -563,7 +552,10 @@ def evaluate_checkpoint(ckpt: Checkpoint, tables=(), steps: Mapping | None = Non
     by ``Evaluator``'s rule); an NFE measured before the reference last changed is measured again,
     so every row of the report is measured against the one reference the report describes.
     """
-    labels = _check_settings(samples, seed, ref_steps, guidance_scale, class_label, baselines, class_labels)
+    labels = checked_run(seed=seed, guidance_scale=guidance_scale, class_label=class_label, class_labels=class_labels,
+                         samples=samples, ref_steps=ref_steps, batch=batch)
+    if baselines is not None:
+        check_names(baselines)
     source = ckpt.source if source is None else source
     needs_denoiser(ckpt, source)
     labels = noise_labels(ckpt, labels)
@@ -642,16 +634,16 @@ def evaluate(req: EvalRequest, progress=None) -> dict:
     """Load the request's checkpoint (on ``req.device``: ``runtime.resolve_device``) and tables, then
     ``evaluate_checkpoint`` with the request's reference cache
     (``reference_cache.open_cache(req.cache, not req.no_cache)``) and ``progress``."""
-    _check_settings(req.samples, req.seed, req.ref_steps, req.guidance_scale, req.class_label, req.baselines,
-                    req.class_labels)
-    in_bounds("batch", req.batch)
+    req.check()
+    if req.baselines is not None:
+        check_names(req.baselines)
     prompts = None if req.prompts is None else read_prompts(req.prompts)
     cache = open_cache(req.cache, enabled=not req.no_cache)
     device = rank_device(req.device)
     phase(progress, f"loading the model {req.checkpoint} on {device}")
-    ckpt = load_model(req.checkpoint, device=device, schedule=req.schedule,
-                      null_class=req.null_class, prompts=prompts, negative_prompt=req.negative_prompt,
-                      class_labels=class_label_list(req.class_label, req.class_labels))
+    ckpt = load_model(req.checkpoint, device=device, dtype=network_dtype_named(req.dtype, "dtype"),
+                      schedule=req.schedule, null_class=req.null_class, prompts=prompts,
+                      negative_prompt=req.negative_prompt, class_labels=req.labels())
     tables = [(str(p), load_table(p)) for p in req.tables]
     return evaluate_checkpoint(ckpt, tables, baselines=req.baselines, nfe=req.nfe, solver=req.solver,
                                order=req.order, variant=req.variant, samples=req.samples, seed=req.seed,

@@ -136,8 +136,8 @@ def _flux_dev(width: int) -> ModelRecord:
         comfyui_class="Flux", comfyui_sampling=FLUX, comfyui_setting=None, comfyui_patch=(width, width),
         shifts=(Setting("ComfyUI", math.exp(mu), f"{COMFYUI_NODES} ModelSamplingFlux.patch(max_shift 1.15, base_shift "
                         f"0.5, width = height = {width}): mu = {mu:.6g}, s = e^mu"),
-                Setting("diffusers", math.exp(mu), "diffusers pipelines/flux/pipeline_flux.py calculate_shift (defaults "
-                        f"256, 4096, 0.5, 1.15) at {width * width // FLUX_PIXELS_PER_TOKEN} tokens; "
+                Setting("diffusers", math.exp(mu), "diffusers pipelines/flux/pipeline_flux.py calculate_shift "
+                        f"(defaults 256, 4096, 0.5, 1.15) at {width * width // FLUX_PIXELS_PER_TOKEN} tokens; "
                         "FlowMatchEulerDiscreteScheduler time_shift_type exponential")),
         shift_from="ComfyUI",
         steps=(Setting("diffusers", 28, "diffusers FluxPipeline.__call__ num_inference_steps"),
@@ -189,7 +189,8 @@ def _records() -> list[ModelRecord]:
                               "ModelSamplingDiscrete 'lcm' patched model (comfy_extras/nodes_model_advanced.py) or "
                               "diffusers' LCMScheduler; dmsteps refuses LCM models"),
         ModelRecord("sd3", "Stable Diffusion 3 / 3.5", "flow", "sd3", "euler", 1,
-                    "diffusers StableDiffusion3Pipeline: FlowMatchEulerDiscreteScheduler; ComfyUI: " + KSAMPLER_DEFAULTS,
+                    "diffusers StableDiffusion3Pipeline: FlowMatchEulerDiscreteScheduler; ComfyUI: "
+                    + KSAMPLER_DEFAULTS,
                     comfyui_class="SD3", comfyui_sampling=DISCRETE_FLOW, comfyui_setting=3.0,
                     shifts=(_comfy_shift("SD3", DISCRETE_FLOW, 3.0),), shift_from="ComfyUI",
                     steps=(Setting("diffusers", 28, "diffusers StableDiffusion3Pipeline.__call__ num_inference_steps"),
@@ -370,3 +371,27 @@ def tables_for(record: ModelRecord, index: dict | None = None, solver: str | Non
         differs.append(f"made for {row['solver']} order {row['order']}, not {solver or record.sampler} order {order}")
     note = f"the model's own table {own} is not built yet; the family table {name} applies"
     return TableChoice(name, False, note + (f" ({'; '.join(differs)})" if differs else ""))
+
+
+# --- a model's settings for optimize, and distilled models ---------------------------------------
+
+def refuse_distilled(record: ModelRecord) -> None:
+    """BadInput for a model whose steps were fixed by training: say so and name its own list."""
+    if record.distilled:
+        raise BadInput(f"{record.name} ({record.title}): {record.distilled}")
+
+
+def model_settings(name: str) -> dict:
+    """What ``optimize --model NAME`` makes steps for: the schedule preset, the flow shift (None for
+    other schedules), the solver and order the model's runtime samples with. BadInput for an unknown
+    model and for a distilled one (``refuse_distilled``)."""
+    record = model_record(name)
+    refuse_distilled(record)
+    return {"schedule": record.schedule, "shift": record.shift, "solver": record.sampler, "order": record.order}
+
+
+def distilled_comfyui_model(class_name: str) -> ModelRecord | None:
+    """The distilled model ComfyUI loads as ``class_name`` (comfy/supported_models.py), where no
+    other model loads as that class (FluxSchnell: FLUX.1-schnell); None otherwise."""
+    records = [r for r in MODELS.values() if r.comfyui_class == class_name]
+    return records[0] if len(records) == 1 and records[0].distilled else None

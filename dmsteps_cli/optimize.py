@@ -510,6 +510,9 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     if c["objective"] == "none" and c["init"] == "best":
         raise bad_setting("objective", "none keeps a step rule (init) as it is: name one of "
                           + ", ".join(step_rules()) + " as init, not best")
+    if c["objective"] == "exact" and solver.exact_refused:
+        raise bad_setting("objective", f"exact is not defined for {solver.name}: {solver.exact_refused}; use "
+                                       "reference or paper")
     if c["objective"] == "reference":
         c["trunc"] = in_bounds("trunc", 3 if c["trunc"] is None else c["trunc"])
     elif c["trunc"] is not None:

@@ -8,7 +8,9 @@ is minimized with exact gradients in u: reverse-mode autograd through the solver
 (``gradients.mean_error_and_grad``), chained with d lambda / d u. The fit (``Fit``) is L-BFGS-B on
 all training noises, or Adam on mini-batches of them for models where a full-batch step costs too
 much. It starts from whichever candidate (``candidates``) -- the table's steps ("table") or a
-hand-made grid (``grids.GRIDS``) -- has the lowest training error.
+baseline (a hand-made grid or a named schedule, ``baselines``; default every one that fits) -- has
+the lowest training error, among those a table can hold. Every error is measured as the consumers
+run the steps (N model calls, then sigma 0: ``Evaluator.solve``, docs/cli.md "One frame").
 
 Three sets of noises, by seed: *training* (seed + 1_000_000 ..., ``train_seeds``), *validation*
 (seed + 2_000_000 ..., ``validation_seeds``) and *held-out* (seed ... seed + holdout - 1, the
@@ -33,8 +35,8 @@ The refined table is the input table with these changes:
     entries           only the refined NFEs, ascending; per entry:
       t, lambda, sigmas, timesteps   the refined steps (the start's when nothing beat it)
       objective       the input table's objective (its config) at these steps
-      init            "refined from the table" | "refined from grid G", or "kept the table" |
-                      "kept grid G" when nothing beat the start
+      init            "refined from the table" | "refined from grid G" | "refined from schedule S",
+                      or "kept the table" | "kept grid G" | "kept schedule S" when nothing beat it
       init_objective  that objective at the start used
       orders, baselines   as in the input table (they depend on the NFE and config only)
       optimizer       {status, method, message, iterations, evaluations, validations,
@@ -46,18 +48,23 @@ The refined table is the input table with these changes:
                       after the start's, best_iteration the iteration whose steps were kept (0:
                       the start); message says why the fit stopped
       refine          what was measured:
-        start                 the candidate the fit started from: "table" or a grid name
-        train_errors          {candidate: training error}, for "table" and every grid
+        start                 the candidate the fit started from: "table" or a baseline's name
+        train_errors          {candidate: training error}, for "table" and every baseline
         train_error_start     train_errors[start], the lowest of them
         train_error           the training error of the entry's steps
         iterations            as optimizer.iterations
         validation_error_start, validation_error   the validation error of the start and of the
                               entry's steps (null without validation noises)
         holdout_errors        {candidate: held-out error}, for "table" (the input table's own
-                              steps) and every grid
+                              steps) and every baseline
         holdout_error_start   holdout_errors[start]: the held-out error of the start actually used
         holdout_error         the held-out error of the entry's steps
-    refine            checkpoint, from_table, solver {name, order, variant}, device (what it ran on,
+        best_baseline         the baseline with the lowest held-out error
+        ratio_to_best_baseline   holdout_error / holdout_errors[best_baseline]
+        ratio_ci95            its paired 95% interval over the held-out noises (evaluate's bootstrap)
+        not_starts            {baseline: why no table can hold it}: measured, never a start
+    refine            checkpoint, from_table, solver {name, order, variant}, baselines (how they were
+                      chosen), frame (the end point every error is measured at), device (what it ran on,
                       as torch names it: cpu, cuda, cuda:1, ...), metric, conditioning
                       (null for a model without classes, else the class labels given, their pairing
                       with each set's noises, the guidance scale and null class), reference (of
@@ -72,30 +79,33 @@ and evaluate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .checkpoints import network_denoiser
-from .config import checked_settings, class_label_list
 from .errors import BadInput, bad_setting, mentioning
 from .evaluate import (
+    END_POINT,
     METRIC,
-    REF_STEPS,
     Evaluator,
     conditioned_evaluator,
     conditioning_record,
     needs_denoiser,
     noise_labels,
+    paired_ratio_ci,
     space_of,
 )
-from .grids import GRIDS, grid_lambda
+from .baselines import check_baselines, check_names, consumer_steps, fitting_baselines
+from .grids import GRIDS
 from .optimize import GAP_FRACTION, table_objective
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .refine_records import TABLE
+from .run_settings import BATCH, REF_STEPS, MeasureSettings, checked_run, renamed
 from .runtime import network_dtype_named, rank_device
-from .schedules import same_schedule, step_arrays
+from .schedules import ends_at_zero, same_schedule, step_arrays
 from .solvers import COMPLEX_STEP
 from .table_reader import load_table
 from .tables import entry_for
@@ -108,35 +118,38 @@ REFINE_MARGIN = 0.5  # references are settled for errors down to half the best s
 PATIENCE = 30  # validations without a lower validation error before the fit stops (docs/cli.md: why 30)
 
 
-@dataclass
-class RefineRequest:
-    checkpoint: str
+@dataclass(kw_only=True)
+class RefineRequest(MeasureSettings):
+    """What ``refine`` fits: the table ``table``'s entries ``nfe`` (None: all) on the model of
+    ``MeasureSettings``, with ``train`` training, ``validation`` validation (0: none) and
+    ``holdout`` held-out noises; the fit (``Fit``): ``optimizer`` "lbfgs" or "adam" (mini-batches
+    of ``minibatch`` noises, step size ``lr``), ``maxiter``, ``patience``; the gradient's memory
+    and precision: ``batch`` (noises per backward pass too), ``activation_checkpointing`` (None: on
+    for networks), ``network_dtype`` (autocast: float16, bfloat16); ``holdout_prompts``: a
+    text-to-image pipeline's prompts of the held-out noises (None: ``prompts``). ``grad_batch`` and
+    ``checkpointing`` are the deprecated names of ``batch`` and ``activation_checkpointing``."""
+
     table: str
     nfe: tuple | None = None
     train: int = 64
     validation: int = 64  # validation noises (0: none): early stopping and the choice of the steps kept
     holdout: int = 256
-    seed: int = 0
-    device: str = "cpu"
     optimizer: str = "lbfgs"  # "lbfgs" or "adam" (mini-batches of ``minibatch`` noises, step size ``lr``)
     maxiter: int = 60  # L-BFGS-B iterations or Adam updates per NFE
     patience: int = PATIENCE  # validations without a lower validation error before the fit stops (0: never)
     minibatch: int = 16
     lr: float = 0.05
-    grad_batch: int = 64  # training noises per backward pass (memory), see gradients.mean_error_and_grad
-    checkpointing: bool | None = None  # recompute activations in the backward pass; None: on for networks
+    activation_checkpointing: bool | None = None  # recompute activations in the backward pass; None: on for networks
     network_dtype: str | None = None  # the gradient's model calls under autocast: float16, bfloat16
-    ref_steps: int = REF_STEPS
-    cache: object = None  # the reference cache: a folder or an open ReferenceCache; None: the default folder
-    no_cache: bool = False  # True: no reference cache
-    schedule: str | None = None
-    class_label: int | None = None  # one class for every noise (or class_labels)
-    class_labels: object = None  # classes paired with each set's noises round robin: "0..9", "3,5,7" or ints
-    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
-    guidance_scale: float = 1.0
-    prompts: str | None = None  # a text-to-image pipeline's prompt file: training and validation noises
     holdout_prompts: str | None = None  # prompts of the held-out noises (None: the same prompts)
-    negative_prompt: str | None = None  # guidance's unconditional prompt (None: the pipeline's, empty)
+    baselines: tuple | None = None  # measured beside the table and considered as starts; None: every one that fits
+    grad_batch: int | None = None  # deprecated: batch
+    checkpointing: bool | None = None  # deprecated: activation_checkpointing
+    RENAMED: ClassVar[dict] = {"grad_batch": "batch", "checkpointing": "activation_checkpointing"}
+
+    def bounded(self) -> dict:
+        return {**super().bounded(), "train": self.train, "holdout": self.holdout, "maxiter": self.maxiter,
+                "validation": self.validation, "patience": self.patience, "minibatch": self.minibatch, "lr": self.lr}
 
 
 OPTIMIZERS = ("lbfgs", "adam")
@@ -201,8 +214,8 @@ class Refined:
         return "refined" if self.improved else "kept-start"
 
 
-def _lam_of(u, lam_T, lam_eps):
-    """Lambdas whose gaps are GAP_FRACTION of the range plus shares of the rest by softmax(u):
+def lam_of_logits(u, lam_T, lam_eps):
+    """The N + 1 increasing lambdas from lam_T to lam_eps of the N gap logits ``u``: lambdas whose gaps are GAP_FRACTION of the range plus shares of the rest by softmax(u):
     strictly increasing, neighbours never closer than the optimizer's minimum gap."""
     w = np.exp(u - u.max())
     n = u.size
@@ -211,15 +224,15 @@ def _lam_of(u, lam_T, lam_eps):
     return lam_T + np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def _lam_and_jacobian(u, lam_T, lam_eps):
-    """``_lam_of(u)`` and its Jacobian d lam / d u ((N + 1) x N), by complex step (exact)."""
+def lam_and_jacobian(u, lam_T, lam_eps):
+    """``lam_of_logits(u)`` and its Jacobian d lam / d u ((N + 1) x N), by complex step (exact)."""
     probe = u[:, None] + 1j * COMPLEX_STEP * np.eye(u.size)
-    jac = np.stack([_lam_of(probe[:, j], lam_T, lam_eps).imag / COMPLEX_STEP for j in range(u.size)], axis=1)
-    return _lam_of(u, lam_T, lam_eps), jac
+    jac = np.stack([lam_of_logits(probe[:, j], lam_T, lam_eps).imag / COMPLEX_STEP for j in range(u.size)], axis=1)
+    return lam_of_logits(u, lam_T, lam_eps), jac
 
 
-def _logits_of(lam0) -> np.ndarray:
-    """Gap logits u with ``_lam_of(u)`` = lam0 (to rounding; gaps at the minimum get a tiny share)."""
+def logits_of(lam0) -> np.ndarray:
+    """Gap logits u with ``lam_of_logits(u)`` = lam0 (to rounding; gaps at the minimum get a tiny share)."""
     span = lam0[-1] - lam0[0]
     return np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
 
@@ -285,7 +298,7 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
     count = {"iterations": 0, "evaluations": 0}
 
     def f(u):
-        lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
+        lam, dlam_du = lam_and_jacobian(u, lam_T, lam_eps)
         value, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
                                                        checkpointing=fit.checkpointing,
                                                        network_dtype=fit.network_dtype)
@@ -295,13 +308,13 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
 
     def each_iteration(intermediate_result):
         count["iterations"] += 1
-        lam = _pinned(_lam_of(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
+        lam = _pinned(lam_of_logits(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
         keeper.see(lam, count["iterations"])
         if advance is not None:
             advance(count["iterations"], f"training error {float(intermediate_result.fun):.4g}, {keeper.kept()}")
 
     try:
-        res = minimize(f, _logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
+        res = minimize(f, logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
                        callback=each_iteration)
         message = str(res.message)
     except _EarlyStop as stop:
@@ -318,13 +331,13 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
     size = min(fit.minibatch, n)
     every = -(-n // size)  # updates per pass over the training noises
     rng = np.random.default_rng(fit.seed)
-    u = _logits_of(lam0)
+    u = logits_of(lam0)
     m, v = np.zeros_like(u), np.zeros_like(u)
     (b1, b2), done = ADAM_BETAS, 0
     try:
         for k in range(1, fit.maxiter + 1):
             rows = np.sort(rng.choice(n, size=size, replace=False))
-            lam, dlam_du = _lam_and_jacobian(u, lam_T, lam_eps)
+            lam, dlam_du = lam_and_jacobian(u, lam_T, lam_eps)
             batch_error, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
                                                        checkpointing=fit.checkpointing,
                                                        network_dtype=fit.network_dtype, rows=rows)
@@ -334,7 +347,7 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
             u = u - fit.lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + 1e-12)
             done = k
             if k % every == 0 or k == fit.maxiter:
-                keeper.see(_pinned(_lam_of(u, lam_T, lam_eps), lam_T, lam_eps), k)
+                keeper.see(_pinned(lam_of_logits(u, lam_T, lam_eps), lam_T, lam_eps), k)
             if advance is not None:
                 advance(k, f"mini-batch training error {batch_error:.4g}, {keeper.kept()}")
     except _EarlyStop as stop:
@@ -346,8 +359,10 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
                  validation: Evaluator | None = None, progress=None, what: str = "") -> Refined:
     """Minimize the mean training error over the steps, from the best of ``starts``.
 
-    ``starts`` maps a name to candidate lambdas (the table's steps, the hand-made grids); the one
-    with the lowest training error is where the fit (``fit``) starts. With ``validation`` (an
+    ``starts`` maps a name to candidate lambdas (the table's steps, the baselines: ``candidates``),
+    each measured as its consumer runs it (``Evaluator.errors``); the one with the lowest training
+    error, of those a table on [eps, T] can hold (``not_starts``), is where the fit (``fit``)
+    starts, as a table's lambdas (``table_lambda``). With ``validation`` (an
     Evaluator of other noises) the steps kept are those of the start or an iterate with the lowest
     validation error, and the fit stops early after ``fit.patience`` validations without a new
     lowest; without, those of the start or an iterate with the lowest training error. Either way
@@ -363,8 +378,10 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     for k, (name, lam) in enumerate(starts.items(), 1):
         train_err[name] = float(train.errors(lam, *args).mean())
         advance(k, f"{name} {train_err[name]:.4g}")
-    start = min(train_err, key=train_err.get)
-    lam0 = np.asarray(starts[start], dtype=np.float64)
+    lam_eps = float(train.schedule.lam(train.eps))
+    unwritable = not_starts(starts, lam_eps)
+    start = min((name for name in train_err if name not in unwritable), key=train_err.get)
+    lam0 = table_lambda(starts[start], lam_eps)
     seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
 
     def training_error(lam) -> float:
@@ -407,11 +424,44 @@ def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter
 
 
 def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float | None,
-               table_name: str = TABLE) -> dict:
-    """The starts refine considers at ``nfe``: {table_name: the input table's lambdas, grid: its
-    lambdas for every grid in ``GRIDS`` on [eps, T]} (N + 1 increasing lambdas each, float64)."""
+               table_name: str = TABLE, baselines=GRIDS) -> dict:
+    """The starts refine considers at ``nfe``: {table_name: the input table's lambdas, name: the
+    baseline's lambdas as its consumer runs it (``baselines.consumer_steps``) for every name of
+    ``baselines`` (default the hand-made grids; None: every grid and named schedule that fits at
+    ``nfe``, ``baselines.fitting_baselines``)}, float64 each."""
+    if baselines is None:
+        fits, _ = fitting_baselines(schedule, [nfe], T, eps, shift)
+        baselines = list(fits)
     return {table_name: np.asarray(table_lam, dtype=np.float64),
-            **{g: grid_lambda(g, schedule, nfe, T, eps, shift) for g in GRIDS}}
+            **{b: consumer_steps(b, schedule, nfe, T, eps, shift) for b in dict.fromkeys(baselines)}}
+
+
+def not_starts(starts: dict, lam_eps: float) -> dict:
+    """{name: why} for the lists of ``starts`` that no table on [eps, T] can hold: a consumer's list
+    (``schedules.ends_at_zero``) whose last model call is at sigma(eps), lambda ``lam_eps``
+    (karras, exponential, kl_optimal), since a table's own last point sigma(eps) is where its
+    consumers put 0. Measured like the others, they are never where the fit starts."""
+    return {name: "its last model call is at sigma(eps), where a table's consumers put 0"
+            for name, lam in starts.items() if ends_at_zero(lam) and lam[-2] >= lam_eps}
+
+
+def table_lambda(lam, lam_eps: float) -> np.ndarray:
+    """Steps as a table holds them: a consumer's list (``schedules.consumer_lambda``) with sigma 0
+    replaced by the table's end point ``lam_eps`` = lambda(eps), which its consumers never call;
+    a table's own lambdas as they are. float64."""
+    lam = np.array(lam, dtype=np.float64)
+    if ends_at_zero(lam):
+        lam[-1] = lam_eps
+    return lam
+
+
+def ratio_to_best_baseline(errors: dict, refined: np.ndarray) -> dict:
+    """The held-out ratio of ``refined`` (per-noise errors of the steps kept) to the baseline with
+    the lowest mean held-out error among ``errors`` ({baseline: per-noise errors}), with the
+    paired 95% interval ``evaluate`` computes (``evaluate.paired_ratio_ci``)."""
+    best = min(errors, key=lambda b: float(errors[b].mean()))
+    return {"best_baseline": best, "ratio_to_best_baseline": float(refined.mean()) / float(errors[best].mean()),
+            "ratio_ci95": paired_ratio_ci(refined, errors[best])}
 
 
 def train_seeds(train: int, seed: int = 0) -> range:
@@ -428,7 +478,7 @@ def validation_seeds(validation: int, seed: int = 0) -> range:
 
 def start_label(start: str, improved: bool) -> str:
     """The entry's ``init``: where its steps came from."""
-    what = "the table" if start == TABLE else f"grid {start}"
+    what = "the table" if start == TABLE else f"grid {start}" if start in GRIDS else f"schedule {start}"
     return f"refined from {what}" if improved else f"kept {what}"
 
 
@@ -439,14 +489,17 @@ def optimizer_record(r: Refined, fit: Fit = Fit()) -> dict:
             "validations": r.validations, "best_iteration": r.best_iteration}
 
 
-def refine_record(r: Refined, holdout_errors: dict, holdout_error: float) -> dict:
+def refine_record(r: Refined, holdout_errors: dict, holdout_error: float, versus: dict | None = None,
+                  unwritable: dict | None = None) -> dict:
     """The entry's ``refine`` record (see the module docstring); ``holdout_errors`` maps every
-    candidate to its held-out error, ``holdout_error`` is that of ``r.lam``."""
+    candidate to its held-out error, ``holdout_error`` is that of ``r.lam``; ``versus``: the ratio to
+    the best baseline (``ratio_to_best_baseline``); ``unwritable``: the candidates the fit could not
+    start from, and why."""
     return {"start": r.start, "train_errors": dict(r.train_errors), "train_error_start": r.train_errors[r.start],
             "train_error": r.train_error, "iterations": r.iterations,
             "validation_error_start": r.validation_error_start, "validation_error": r.validation_error,
             "holdout_errors": dict(holdout_errors), "holdout_error_start": holdout_errors[r.start],
-            "holdout_error": holdout_error}
+            "holdout_error": holdout_error, **(versus or {}), "not_starts": dict(unwritable or {})}
 
 
 def best_candidate(errors: dict) -> tuple[str, float]:
@@ -455,16 +508,10 @@ def best_candidate(errors: dict) -> tuple[str, float]:
     return name, errors[name]
 
 
-def _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
-                    validation=0, patience=0, optimizer="lbfgs", minibatch=1, lr=0.05,
-                    class_labels=None) -> tuple | None:
-    """The class labels given once every setting is within its bounds and the optimizer is known."""
-    labels = checked_settings(class_label, class_labels, train=train, holdout=holdout, grad_batch=grad_batch,
-                              maxiter=maxiter, seed=seed, ref_steps=ref_steps, guidance_scale=guidance_scale,
-                              validation=validation, patience=patience, minibatch=minibatch, lr=lr)
+def check_optimizer(optimizer: str) -> None:
+    """BadInput unless ``optimizer`` is one of ``OPTIMIZERS``."""
     if optimizer not in OPTIMIZERS:
         raise bad_setting("optimizer", f"{optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
-    return labels
 
 
 def gradient_dtype(ckpt, network_dtype: str | None) -> torch.dtype | None:
@@ -497,10 +544,11 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
                  seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = PATIENCE,
-                 minibatch: int = 16, lr: float = 0.05, grad_batch: int = 64, checkpointing: bool | None = None,
-                 network_dtype: str | None = None, ref_steps: int = REF_STEPS, cache=None, class_label=None,
-                 guidance_scale: float = 1.0, source: str | None = None, table_name: str = TABLE,
-                 progress=None, class_labels=None) -> dict:
+                 minibatch: int = 16, lr: float = 0.05, batch: int = BATCH,
+                 activation_checkpointing: bool | None = None, network_dtype: str | None = None,
+                 ref_steps: int = REF_STEPS, cache=None, class_label=None, guidance_scale: float = 1.0,
+                 source: str | None = None, table_name: str = TABLE, progress=None, class_labels=None,
+                 baselines=None, grad_batch: int | None = None, checkpointing: bool | None = None) -> dict:
     """The refined table (a dict) of ``table``, an optimized table for the checkpoint's schedule,
     on the loaded checkpoint ``ckpt``.
 
@@ -511,13 +559,17 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     "adam" (``maxiter`` Adam updates of step size ``lr`` on mini-batches of ``minibatch`` training
     noises, validated once per pass over them); with validation noises it stops after
     ``patience`` validations without a lower validation error and keeps the start or iterate with
-    the lowest one. The gradient's memory: ``grad_batch`` training noises per backward pass (and
+    the lowest one. The gradient's memory: ``batch`` training noises per backward pass (and
     per batch of every forward solve);
-    ``checkpointing`` recomputes each model evaluation's activations in the backward pass (None:
+    ``activation_checkpointing`` recomputes each model evaluation's activations in the backward pass (None:
     on for networks, off for mixtures; the result is the same to rounding); ``network_dtype``
     ("float16", "bfloat16"; None: the checkpoint's dtype) runs the gradient's model calls under
     autocast in that dtype, while the references and every recorded error stay at the checkpoint's
     precision.
+    ``baselines``: the baselines measured beside the table and considered as starts (names of
+    ``baselines.BASELINES``, each refused where it does not fit; None: every one that fits at each
+    NFE, ``baselines.fitting_baselines``); the record gives each one's held-out error and the refined
+    steps' ratio to the best of them with its paired 95% interval.
     ``source`` and ``table_name`` name the checkpoint (default ``ckpt.source``) and the table in
     the record and in messages; ``progress``: a ``progress.Progress`` callback told each phase (the
     reference solutions of each set of noises; per NFE the starts, the fit's iterations and the
@@ -533,8 +585,13 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     with its fitted prompts and the held-out noises with its held-out prompts (the fitted ones
     where it has none); guidance uses its negative prompt.
     """
-    labels = _check_settings(train, holdout, grad_batch, maxiter, seed, ref_steps, guidance_scale, class_label,
-                             validation, patience, optimizer, minibatch, lr, class_labels)
+    batch = renamed("grad_batch", grad_batch, "batch", batch, BATCH, "refine_table")
+    activation_checkpointing = renamed("checkpointing", checkpointing, "activation_checkpointing",
+                                       activation_checkpointing, None, "refine_table")
+    labels = checked_run(seed=seed, guidance_scale=guidance_scale, class_label=class_label, class_labels=class_labels,
+                         train=train, holdout=holdout, batch=batch, maxiter=maxiter, ref_steps=ref_steps,
+                         validation=validation, patience=patience, minibatch=minibatch, lr=lr)
+    check_optimizer(optimizer)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
     needs_denoiser(ckpt, source)
@@ -545,8 +602,11 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                        f"not the checkpoint's {schedule.name}")
     cfg = table["config"]
     solver, order, variant = cfg["solver"], cfg["order"], cfg.get("variant")
+    if baselines is not None:
+        baselines = list(dict.fromkeys(baselines))
+        check_baselines(baselines, schedule, nfes, cfg["T"], cfg["eps"], cfg.get("shift"))
     fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
-              grad_batch=grad_batch, checkpointing=checkpointing, network_dtype=low)
+              grad_batch=batch, checkpointing=activation_checkpointing, network_dtype=low)
     labels, held_labels = noise_labels(ckpt, labels), noise_labels(ckpt, labels, held=True)
     network_denoiser(ckpt, labels, guidance_scale)  # the labels and the guidance, checked before any hashing
 
@@ -554,42 +614,48 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
 
     def evaluator(seeds, label, paired=labels) -> Evaluator:
         return conditioned_evaluator(ckpt, seeds, paired, guidance_scale, cfg["T"], cfg["eps"], ref_steps, cache,
-                                     fingerprint, batch=grad_batch, progress=progress, label=label)
+                                     fingerprint, batch=batch, progress=progress, label=label)
 
     seeds, checked = train_seeds(train, seed), validation_seeds(validation, seed)
     training = evaluator(seeds, f"{train} training noises")
     held = evaluator(range(seed, seed + holdout), f"{holdout} held-out noises", held_labels)
     validating = evaluator(checked, f"{validation} validation noises") if validation else None
     top = max(nfes)
-    top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"))
+    top_starts = candidates(entry_for(table, top)["lambda"], schedule, top, cfg["T"], cfg["eps"], cfg.get("shift"),
+                            baselines=baselines)
     for ev in (training, validating, held):
         if ev is not None:
             phase(progress, f"settling the references ({ev.label}) on the starts at NFE {top}")
             ev.settle(top_starts.values(), solver, order, variant, margin=REFINE_MARGIN)
 
-    def held_error(lam) -> float:
-        return float(held.errors(lam, solver, order, variant).mean())
+    def held_errors(lam) -> np.ndarray:
+        return held.errors(lam, solver, order, variant)
 
     entries = []
     for k, n in enumerate(nfes, 1):
         entry = dict(entry_for(table, n))
-        starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"))
+        starts = candidates(entry["lambda"], schedule, n, cfg["T"], cfg["eps"], cfg.get("shift"), baselines=baselines)
         what = f"NFE {n} ({k} of {len(nfes)})"
         r = refine_steps(training, starts, solver, order, variant, fit, validating, progress, what)
-        advance = phase(progress, f"{what}: held-out evaluation", len(starts) + r.improved, "step sets")
-        holdout_errors = {}
+        advance = phase(progress, f"{what}: held-out evaluation", len(starts) + 1, "step sets")
+        per_noise = {}
         for name, lam in starts.items():
-            holdout_errors[name] = held_error(lam)
-            advance(len(holdout_errors), f"{name} {holdout_errors[name]:.4g}")
-        holdout_error = held_error(r.lam) if r.improved else holdout_errors[r.start]
-        advance(len(starts) + r.improved, f"refined {holdout_error:.4g}")
+            per_noise[name] = held_errors(lam)
+            advance(len(per_noise), f"{name} {per_noise[name].mean():.4g}")
+        refined = held_errors(r.lam) if r.improved else per_noise[r.start]
+        holdout_errors = {name: float(e.mean()) for name, e in per_noise.items()}
+        holdout_error = float(refined.mean())
+        versus = ratio_to_best_baseline({b: e for b, e in per_noise.items() if b != TABLE}, refined)
+        advance(len(starts) + 1, f"refined {holdout_error:.4g}, {versus['ratio_to_best_baseline']:.3g} x "
+                                 f"{versus['best_baseline']}")
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)
         entry.update({
             **step_arrays(schedule, r.lam, cfg["T"], cfg["eps"]),
             "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
-            "init_objective": objective.value(starts[r.start]),
+            "init_objective": objective.value(table_lambda(starts[r.start], float(schedule.lam(cfg["eps"])))),
             "optimizer": optimizer_record(r, fit),
-            "refine": refine_record(r, holdout_errors, holdout_error),
+            "refine": refine_record(r, holdout_errors, holdout_error, versus,
+                                    not_starts(starts, float(schedule.lam(cfg["eps"])))),
         })
         entries.append(entry)
     kept = (f"; kept the start or iterate with the lowest error on the validation noises, stopping after "
@@ -606,23 +672,27 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
         "train_seeds": [seeds.start, seeds.stop - 1],
         "validation_seeds": [checked.start, checked.stop - 1] if validation else None,
         "holdout_seeds": [seed, seed + holdout - 1],
-        "optimizer": f"{fit.describe()}, from the best of the table and the grids on the training noises" + kept
+        "baselines": "as named (--baselines)" if baselines is not None else
+                     "every hand-made grid and named schedule that fits the schedule and the NFE",
+        "frame": END_POINT,
+        "optimizer": f"{fit.describe()}, from the best of the table and the baselines on the training noises" + kept
                      + ("" if low is None else f"; gradients with the model calls in {network_dtype} (autocast), "
                                                "errors at the checkpoint's precision"),
     }}
 
 
 TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "maxiter", "patience", "minibatch",
-                  "lr", "grad_batch", "checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
-                  "guidance_scale")
+                  "lr", "batch", "activation_checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
+                  "guidance_scale", "baselines")
 
 
 def refine(req: RefineRequest, progress=None) -> dict:
     """Load the request's table and checkpoint (on ``req.device``; under torchrun a CUDA device is
     the rank's own, ``runtime.rank_device``), then ``refine_table`` with ``progress``."""
-    _check_settings(req.train, req.holdout, req.grad_batch, req.maxiter, req.seed, req.ref_steps,
-                    req.guidance_scale, req.class_label, req.validation, req.patience, req.optimizer,
-                    req.minibatch, req.lr, req.class_labels)
+    req.check()
+    check_optimizer(req.optimizer)
+    if req.baselines is not None:  # an unknown name fails before the model loads
+        check_names(req.baselines)
     if req.network_dtype is not None:
         network_dtype_named(req.network_dtype)
     cache = open_cache(req.cache, enabled=not req.no_cache)
@@ -632,9 +702,9 @@ def refine(req: RefineRequest, progress=None) -> dict:
     holdout_prompts = None if req.holdout_prompts is None else read_prompts(req.holdout_prompts, "holdout_prompts")
     device = rank_device(req.device)
     phase(progress, f"loading the model {req.checkpoint} on {device}")
-    ckpt = load_model(req.checkpoint, device=device, schedule=req.schedule,
-                      null_class=req.null_class, prompts=prompts, holdout_prompts=holdout_prompts,
-                      negative_prompt=req.negative_prompt,
-                      class_labels=class_label_list(req.class_label, req.class_labels))
+    ckpt = load_model(req.checkpoint, device=device, dtype=network_dtype_named(req.dtype, "dtype"),
+                      schedule=req.schedule, null_class=req.null_class, prompts=prompts,
+                      holdout_prompts=holdout_prompts, negative_prompt=req.negative_prompt,
+                      class_labels=req.labels())
     return refine_table(ckpt, table, **{k: getattr(req, k) for k in TABLE_SETTINGS}, cache=cache,
                         source=str(req.checkpoint), table_name=str(req.table), progress=progress)

@@ -3,19 +3,20 @@
 A refined entry carries ``optimizer.status`` (one of ``STATUSES``: "refined", its steps beat the
 start on the validation noises, or on the training noises when there were none, or "kept-start")
 and a ``refine`` record of measured errors (mean RMS to the reference solution, in the units of
-the samples): per candidate start (``TABLE``, the input table's own steps, and every hand-made
-grid) the training and held-out error, the start that was used, the validation errors of the
+the samples): per candidate start (``TABLE``, the input table's own steps, and every baseline:
+the hand-made grids, in refined tables since the comparison frame also the named schedules that
+fit) the training and held-out error, the best baseline on the held-out noises and the refined
+steps' ratio to it, the start that was used, the validation errors of the
 start and of the entry's steps (null without validation noises) and the errors of the entry's
 steps (``refine``'s module docstring lays the record out). ``record_drift`` says where those numbers contradict each other.
 
-Imports ``grids`` (names only) and ``tables`` (``is_number``); never torch.
+Imports ``tables`` (``is_number``); never torch.
 """
 
 from __future__ import annotations
 
 import math
 
-from .grids import GRIDS
 from .tables import is_number
 
 TABLE = "table"  # the candidate name of the input table's own steps
@@ -39,8 +40,10 @@ def record_drift(entry: dict) -> list[str]:
     drift = []
     for key in ("holdout_errors", "train_errors"):
         errs = rec.get(key)
-        if not isinstance(errs, dict) or not {TABLE, *GRIDS} <= set(errs) or not all(map(is_number, errs.values())):
-            drift.append(f"refine.{key}: expected a finite error for each of {', '.join((TABLE, *GRIDS))}")
+        if not isinstance(errs, dict) or TABLE not in errs or len(errs) < 2 or not all(map(is_number, errs.values())):
+            drift.append(f"refine.{key}: expected a finite error for {TABLE} and each baseline")
+    if not drift and set(rec["holdout_errors"]) != set(rec["train_errors"]):
+        drift.append("refine.holdout_errors: not the candidates of refine.train_errors")
     for key in ("holdout_error", "holdout_error_start", "train_error", "train_error_start"):
         if not is_number(rec.get(key)):
             drift.append(f"refine.{key}: missing or not finite")
@@ -49,8 +52,19 @@ def record_drift(entry: dict) -> list[str]:
     start = rec.get("start")
     if start not in rec["train_errors"]:
         return [f"refine.start: {start!r} is not one of the candidates"]
-    if rec["train_errors"][start] != min(rec["train_errors"].values()):
+    not_starts = rec.get("not_starts") or {}
+    if start in not_starts:
+        drift.append(f"refine.start: {start} is among the candidates no table can hold (refine.not_starts)")
+    elif rec["train_errors"][start] != min(e for b, e in rec["train_errors"].items() if b not in not_starts):
         drift.append(f"refine.start: {start} is not the candidate with the lowest training error")
+    best = rec.get("best_baseline")
+    if best is not None:
+        baselines = {b: e for b, e in rec["holdout_errors"].items() if b != TABLE}
+        if baselines.get(best) != min(baselines.values()):
+            drift.append(f"refine.best_baseline: {best} is not the baseline with the lowest held-out error")
+        elif not (is_number(rec.get("ratio_to_best_baseline")) and
+                  math.isclose(rec["ratio_to_best_baseline"], rec["holdout_error"] / baselines[best], rel_tol=1e-9)):
+            drift.append("refine.ratio_to_best_baseline: not holdout_error over the best baseline's")
     for kind in ("holdout", "train"):
         if not same_record(rec[f"{kind}_error_start"], rec[f"{kind}_errors"][start]):
             drift.append(f"refine.{kind}_error_start: not the recorded {kind} error of the start {start}")

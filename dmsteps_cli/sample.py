@@ -21,14 +21,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .checkpoints import import_diffusers, load_checkpoint, network_denoiser, pair_labels
-from .config import checked_settings
 from .errors import BadInput, bad_setting, first_line, mentioning
 from .files import output_folder, write_output
+from .run_settings import RunSettings
 from .runtime import (
     Ranks,
     distributed,
@@ -45,26 +46,30 @@ from .table_reader import load_table_text
 from .tables import entry_for
 
 
-@dataclass
-class SampleRequest:
-    checkpoint: str
+@dataclass(kw_only=True)
+class SampleRequest(RunSettings):
+    """What ``run_sample`` makes: ``samples`` samples (seeds seed ... seed + samples - 1) of the
+    checkpoint with the steps of the table ``table``'s entry ``nfe`` (None: its only one), written
+    to the folder ``output``; the model's settings are ``RunSettings``'. ``solver``/``order``/
+    ``variant``: the table's unless given; ``prompt``: a text-to-image pipeline's prompt;
+    ``force``: use a table made for another schedule (not for pipelines). ``batch`` and ``out``
+    are the deprecated names of ``samples`` and ``output`` (one release)."""
+
     table: str
     nfe: int | None = None
-    batch: int = 16
-    seed: int = 0
-    device: str = "auto"  # runtime.resolve_device: CUDA when present, else the CPU
-    out: str = "samples"
+    samples: int = 16
+    output: str = "samples"
     solver: str | None = None
     order: int | None = None
     variant: str | None = None
-    class_label: int | None = None  # one class for every sample (or class_labels)
-    class_labels: object = None  # classes paired with the samples round robin: "0..9", "3,5,7" or ints
-    null_class: int | None = None  # a class-conditional UNet's null class, for guidance
-    guidance_scale: float = 1.0
     prompt: str | None = None
     force: bool = False
-    dtype: str = "float32"
-    schedule: str | None = None
+    batch: int | None = None  # deprecated: samples
+    out: str | None = None  # deprecated: output
+    RENAMED: ClassVar[dict] = {"batch": "samples", "out": "output"}
+
+    def bounded(self) -> dict:
+        return {"samples": self.samples}
 
 
 @dataclass
@@ -90,9 +95,8 @@ class Run:
 
 def prepare(req: SampleRequest) -> Run:
     """Validate the request, load table and checkpoint, check the schedule, build the plan."""
-    labels = checked_settings(req.class_label, req.class_labels, batch=req.batch, seed=req.seed,
-                              guidance_scale=req.guidance_scale)
-    output_folder(req.out)
+    labels = req.check()
+    output_folder(req.output)
     dtype = network_dtype_named(req.dtype, "dtype")
     table, text = load_table_text(req.table)
     entry = entry_for(table, req.nfe)
@@ -114,7 +118,7 @@ def prepare(req: SampleRequest) -> Run:
                                   f"{schedule.name} ({schedule.family}); {{setting}} uses it anyway")
     solver, order, variant = solver_choice(table["config"], req.solver, req.order, req.variant)
     plan = build_plan(schedule, lam, solver, order, variant).map(float)
-    seeds = Ranks(rank, world).share(req.seed + i for i in range(req.batch))
+    seeds = Ranks(rank, world).share(req.seed + i for i in range(req.samples))
     return Run(req, table, hashlib.sha256(text.encode()).hexdigest(), entry, ckpt, solver, plan, t, timesteps,
                device, dtype, rank, world, seeds, labels)
 
@@ -178,9 +182,9 @@ def run_network(run: Run, progress=None) -> np.ndarray:
 
 def sample_labels(req: SampleRequest, seeds, labels) -> list[int] | None:
     """The class label of the sample of each seed of ``seeds`` (some of the request's seeds
-    req.seed ... req.seed + req.batch - 1): seed req.seed + i has labels[i % len(labels)]; None
+    req.seed ... req.seed + req.samples - 1): seed req.seed + i has labels[i % len(labels)]; None
     without labels."""
-    paired = pair_labels(labels, req.batch)
+    paired = pair_labels(labels, req.samples)
     return None if paired is None else [paired[int(s) - req.seed] for s in seeds]
 
 
@@ -263,7 +267,7 @@ def write_outputs(run: Run, seeds, samples, seconds, images=None) -> dict:
     """samples.npz (``samples``: the solver's result, latents for latent models; ``images`` when
     decoded; ``seeds``), grid.png (of the images, else of the samples) and sample.json."""
     req, ckpt, plan = run.req, run.ckpt, run.plan
-    out = output_folder(req.out, create=True)
+    out = output_folder(req.output, create=True)
     arrays = {"samples": samples.astype(np.float32), "seeds": np.asarray(seeds, dtype=np.int64)}
     if images is not None:
         arrays["images"] = images.astype(np.float32)

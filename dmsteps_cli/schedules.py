@@ -63,6 +63,15 @@ class Schedule:
     # the first sigma of a list for k-diffusion-style consumers (ComfyUI), where it is not the table's
     # own sigma(T): a flow model's sigma_max 1 (pure noise), where the table starts at T < 1
     consumer_sigma_max: float | None = None
+    # the sampler sigma is kappa = sigma/alpha = e^-lambda, so a sampler stepping in its log steps in
+    # lambda (VP, EDM); a flow model's is t (ComfyUI's higher-order samplers then step in log t)
+    sampler_sigma_is_kappa: bool = True
+    # a diffusers scheduler's timestep is t times its num_train_timesteps (flow: the FlowMatch
+    # schedulers), not the table's own timesteps
+    timestep_is_scaled_t: bool = False
+    # the ComfyUI model_sampling class that samples this family (baselines.ModelSampling mirrors it;
+    # None: ComfyUI has none)
+    comfy_sampling: str | None = None
 
     @classmethod
     def from_params(cls, params: dict, name: str) -> "Schedule":
@@ -149,8 +158,15 @@ class Schedule:
             "sha256": hashlib.sha256(text.encode()).hexdigest(),
         }
 
-    def describe(self) -> str:
-        return self.name
+    def describe(self, shift: float | None = None) -> str:
+        """The schedule in a few words, for messages: the preset it equals (``preset_of``), else its
+        name; a flow model's ``shift`` where given."""
+        return preset_of(self) or self.name
+
+    def end_difference(self, other: "Schedule") -> str:
+        """The ends in which ``other``, a schedule of this family, differs from this one, in words
+        ("sigma_max 80 vs 120"), where the family is told apart by its ends (EDM); "" otherwise."""
+        return ""
 
 
 def step_arrays(schedule: Schedule, lam, T: float, eps: float) -> dict[str, list[float]]:
@@ -226,6 +242,7 @@ class DiscreteVP(_VP):
     """
 
     family = "discrete"
+    comfy_sampling = "ModelSamplingDiscrete"
 
     @classmethod
     def from_params(cls, params, name):
@@ -276,6 +293,9 @@ class DiscreteVP(_VP):
         ident = super().identity()
         ident["num_train_timesteps"] = self.M
         return ident
+
+    def describe(self, shift: float | None = None) -> str:
+        return preset_of(self) or f"a discrete schedule of {self.M} steps that is no preset"
 
 
 class VPLinear(_VP):
@@ -352,6 +372,7 @@ class EDM(Schedule):
     """Variance exploding / EDM: alpha = 1, sigma = t, lambda = -log sigma; t is sigma."""
 
     family = "edm"
+    comfy_sampling = "ModelSamplingContinuousEDM"
     sigma_is_t = True
     default_p = 1.0  # measured best on pixel EDM models (optimize.default_p)
 
@@ -374,6 +395,13 @@ class EDM(Schedule):
 
     def params(self):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+    def describe(self, shift: float | None = None) -> str:
+        return f"edm (sigma {self.sigma_min:g} to {self.sigma_max:g})"
+
+    def end_difference(self, other: "Schedule") -> str:
+        return ", ".join(f"{name} {a:g} vs {b:g}" for name, a, b in (
+            ("sigma_max", self.sigma_max, other.sigma_max), ("sigma_min", self.sigma_min, other.sigma_min)) if a != b)
 
     def log_alpha(self, t):
         return np.zeros_like(_f64(t))
@@ -401,6 +429,9 @@ class Flow(Schedule):
     """
 
     family = "flow"
+    comfy_sampling = "ModelSamplingDiscreteFlow"
+    sampler_sigma_is_kappa = False
+    timestep_is_scaled_t = True
     sigma_is_t = True
     consumer_sigma_max = 1.0
     prediction_types = ("epsilon", "sample", "flow_prediction")
@@ -420,6 +451,9 @@ class Flow(Schedule):
 
     def params(self):
         return {"default_shift": self.default_shift}
+
+    def describe(self, shift: float | None = None) -> str:
+        return "flow" if shift is None else f"flow (shift {shift:g})"
 
     def log_alpha(self, t):
         return np.log1p(-_f64(t))

@@ -294,7 +294,8 @@ class SolverSpec:
     up (min(k, s + 1)). ``diffusers``: the diffusers scheduler classes that run its tables
     (``apply_table``; the first-order Euler ones at order 1 only), the first the one a pipeline gets
     (``diffusers_options(order, variant)``: its settings); ``comfyui``: the ComfyUI samplers that
-    run it, with the order each runs. ``aliases``: other names it answers to."""
+    run it, with the order each runs. ``aliases``: other names it answers to. ``exact_refused``:
+    why the ``exact`` objective (``objective.ExactObjective``) is not defined for it ("": it is)."""
 
     name: str
     title: str
@@ -310,6 +311,7 @@ class SolverSpec:
     comfyui: tuple[ComfySampler, ...] = ()
     comfyui_missing: str = ""  # what ComfyUI lacks for this solver, said where no sampler fits
     aliases: tuple[str, ...] = ()
+    exact_refused: str = ""
 
     def order_pattern(self, order: int, nfe: int) -> list[int]:
         """The order of each of the ``nfe`` steps (step s from lambda_s to lambda_{s+1}): the solver
@@ -323,12 +325,13 @@ class SolverSpec:
             return step_orders(order, nfe)
         return [min(order, s + 1) for s in range(nfe)]
 
-    def comfyui_samplers(self, order: int, variant: str | None, family: str) -> list[ComfySampler]:
+    def comfyui_samplers(self, order: int, variant: str | None, sigma_is_kappa: bool) -> list[ComfySampler]:
         """The ComfyUI samplers that run this solver's tables of ``order`` (and ``variant``) exactly
-        on a model of schedule ``family``."""
+        on a model whose sampler sigma is kappa = e^-lambda (``Schedule.sampler_sigma_is_kappa``: VP
+        and EDM models; on a flow model, whose sigma is t, only those ``exact_on_flow``)."""
         variant = variant or self.default_variant
         return [s for s in self.comfyui if s.order == order and s.variant in (None, variant)
-                and (family != "flow" or s.exact_on_flow)]
+                and (sigma_is_kappa or s.exact_on_flow)]
 
     def check_variant(self, variant: str | None) -> str | None:
         """The variant to run: ``variant``, else the default; BadInput for one it does not have."""
@@ -367,7 +370,11 @@ SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (
                comfyui=(ComfySampler("euler", 1, exact_on_flow=True), ComfySampler("ddim", 1, exact_on_flow=True))),
     SolverSpec("ipndm", "iPNDM", ipndm_step, (1, 2, 3, 4), 4, lowers_order_at_end=False,
                # ComfyUI's ipndm: order min(4, n + 1), in its own state and sigma (comfy/k_diffusion/sampling.py)
-               comfyui=(ComfySampler("ipndm", 4, exact_on_flow=True),)),
+               comfyui=(ComfySampler("ipndm", 4, exact_on_flow=True),),
+               # measured: optimize --solver ipndm --objective exact piles the steps up (flow NFE 5: objective
+               # 4.1e3, four steps within 0.001 of t = 0.356; scaled_linear NFE 5: four steps at t = 0.001)
+               exact_refused="its fixed Adams-Bashforth coefficients ignore the step sizes, so the weights of the "
+                             "model outputs shrink as the steps pile up and the objective has no useful minimum"),
 )}
 ALIASES = {alias: spec.name for spec in SOLVERS.values() for alias in spec.aliases}
 

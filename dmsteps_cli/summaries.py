@@ -111,30 +111,31 @@ def evaluation_summary(report: dict):
 
 
 def refine_summary(table_out: dict, checkpoint):
-    """refine's summary: per NFE the held-out errors of the table, the grids, the start and the
-    refined steps, the ratio to the best of them, and the training (and validation) errors."""
+    """refine's summary: per NFE the held-out errors of the table, of the best baseline and of the
+    refined steps, their ratio to the best baseline with its 95% interval, the start, and the
+    training (and validation) errors."""
     from rich.table import Table
 
-    from .refine import best_candidate
     from .refine_records import TABLE
 
     info = table_out["refine"]
     first, last = info["holdout_seeds"]
-    grids = [g for g in table_out["entries"][0]["refine"]["holdout_errors"] if g != TABLE]
     t = Table(title=f"refined on {checkpoint}{conditioning_note(info.get('conditioning'))}: mean RMS error on "
                     f"held-out noises (seeds {first}-{last}); "
-                    "ratio = refined / best of the table and the grids",
+                    "ratio = refined / the best baseline (95% interval over the noises)",
               title_justify="left")
     validated = info.get("validation_seeds") is not None
-    for col in ("NFE", "table", *grids, "start", "refined", "ratio", "train: start -> refined",
-                *(["validation: start -> refined", "stopped at"] if validated else [])):
-        t.add_column(col, justify="left" if col == "start" else "right")
+    for col in ("NFE", "table", "best baseline", "start", "refined", "ratio",
+                "train: start -> refined", *(["validation: start -> refined", "stopped at"] if validated else [])):
+        t.add_column(col, justify="left" if col in ("start", "best baseline") else "right")
     for e in table_out["entries"]:
         r = e["refine"]
-        best, best_error = best_candidate(r["holdout_errors"])
+        best = r.get("best_baseline") or min((b for b in r["holdout_errors"] if b != TABLE), key=r["holdout_errors"].get)
+        ratio = r["holdout_error"] / r["holdout_errors"][best]
+        ci = f" ({r['ratio_ci95'][0]:.2f}-{r['ratio_ci95'][1]:.2f})" if r.get("ratio_ci95") else ""
         start = r["start"] + (" (kept)" if e["optimizer"]["status"] == "kept-start" else "")
-        t.add_row(str(e["nfe"]), *(f"{r['holdout_errors'][g]:.4g}" for g in (TABLE, *grids)), start,
-                  f"{r['holdout_error']:.4g}", f"{r['holdout_error'] / best_error:.2f} ({best})",
+        t.add_row(str(e["nfe"]), f"{r['holdout_errors'][TABLE]:.4g}", f"{best} {r['holdout_errors'][best]:.4g}", start,
+                  f"{r['holdout_error']:.4g}", f"{ratio:.2f}{ci}",
                   f"{r['train_error_start']:.4g} -> {r['train_error']:.4g}",
                   *([f"{r['validation_error_start']:.4g} -> {r['validation_error']:.4g}",
                      f"{e['optimizer']['iterations']} (kept {e['optimizer']['best_iteration']})"]

@@ -152,8 +152,9 @@ def import_comfy(source: Path) -> Comfy:
     return Comfy(source, comfy.sd, comfy.samplers, comfy.sample, nodes_model_advanced)
 
 
-def save_tiny_unet(path: Path) -> Path:
-    """A random UNet that ComfyUI's detection reads as SD 2.x, saved as float16 safetensors at ``path``."""
+def save_tiny_unet(path: Path, scale: float = 0.02) -> Path:
+    """A random UNet that ComfyUI's detection reads as SD 2.x, saved as float16 safetensors at ``path``:
+    every weight normal with standard deviation ``scale`` (larger: a less linear denoiser)."""
     import comfy.ops
     import safetensors.torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -164,7 +165,7 @@ def save_tiny_unet(path: Path) -> Path:
                      num_head_channels=64, use_spatial_transformer=True, legacy=False,
                      operations=comfy.ops.disable_weight_init)  # no initialisation: the weights are set below
     generator = torch.Generator().manual_seed(0)
-    weights = {key: (torch.randn(value.shape, generator=generator) * 0.02).to(torch.float16)
+    weights = {key: (torch.randn(value.shape, generator=generator) * scale).to(torch.float16)
                for key, value in unet.state_dict().items()}
     safetensors.torch.save_file(weights, str(path))
     return path

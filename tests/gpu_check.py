@@ -96,11 +96,11 @@ def main() -> int:
         big = diffusers.UNet2DModel(**CIFAR_UNET)
         big_ckpt = save_pipeline(tmp / "cifar", big, diffusers.DDPMScheduler(beta_schedule="linear"))
         for dtype in ("float32", "float16"):
-            run_sample(SampleRequest(checkpoint=str(big_ckpt), table=str(table), nfe=10, batch=256, seed=0,
-                                     device=gpu, out=str(tmp / f"cifar-{dtype}"), dtype=dtype))  # warm-up
+            run_sample(SampleRequest(checkpoint=str(big_ckpt), table=str(table), nfe=10, samples=256, seed=0,
+                                     device=gpu, output=str(tmp / f"cifar-{dtype}"), dtype=dtype))  # warm-up
             t0 = time.perf_counter()
-            side = run_sample(SampleRequest(checkpoint=str(big_ckpt), table=str(table), nfe=10, batch=256, seed=0,
-                                            device=gpu, out=str(tmp / f"cifar-{dtype}"), dtype=dtype))
+            side = run_sample(SampleRequest(checkpoint=str(big_ckpt), table=str(table), nfe=10, samples=256, seed=0,
+                                            device=gpu, output=str(tmp / f"cifar-{dtype}"), dtype=dtype))
             emit(results, check="throughput", model="UNet2DModel 35.7M", dtype=dtype, batch=256, nfe=10,
                  sampling_seconds=side["seconds"], images_per_second=side["images_per_second"],
                  wall_seconds_incl_loading=time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from dmsteps_cli.runtime import noise_for
 from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)
-from tiny import central_differences, mixture_evaluator  # noqa: E402
+from tiny import central_differences, gaussian_consumer_error, mixture_evaluator  # noqa: E402
 MU, S = 0.2, 0.4
 
 
@@ -40,30 +40,7 @@ def files(tmp_path_factory):
 
 
 def independent_error(lam, seeds, solver="unipc", order=3, variant="bh2"):
-    """The same measurement written out in numpy, in the consumer's frame (docs/cli.md, "One frame"):
-    the model is called at lam[0] ... lam[N-1] (closed-form Gaussian denoiser) and the sample is the
-    last call's output, which is what UniPC's and DPM-Solver++'s order-1 last step to sigma 0 gives;
-    the reference is the closed-form ODE solution at eps, denoised there."""
-    s = get_schedule("vp-linear")
-    lam = np.array(lam, dtype=np.float64)
-    lam[-1] = lam[-2] + 1.0  # node N is never called and its step's output is not used
-    la, ls, _, _ = s.log_alpha_sigma_of_lambda(lam)
-    a, g = np.exp(la), np.exp(ls)
-    x_T = noise_for(seeds, (1, 4, 4), 1.0).double().numpy().reshape(len(seeds), -1)
-    plan = build_plan(s, lam, solver, order, variant).map(float)
-    outputs = []
-
-    def denoise(x, k):
-        outputs.append(MU + a[k] * S**2 / (a[k] ** 2 * S**2 + g[k] ** 2) * (x - a[k] * MU))
-        return outputs[-1]
-
-    run_plan(plan, x_T, denoise)
-    z = (x_T - a[0] * MU) / np.sqrt(a[0] ** 2 * S**2 + g[0] ** 2)
-    le, se, _, _ = s.log_alpha_sigma_of_lambda(np.asarray(s.lam(1e-3)))
-    ae, ge = np.exp(le), np.exp(se)
-    at_eps = ae * MU + np.sqrt(ae**2 * S**2 + ge**2) * z
-    ref = MU + ae * S**2 / (ae**2 * S**2 + ge**2) * (at_eps - ae * MU)
-    return np.sqrt(((outputs[-1] - ref) ** 2).mean(axis=1)).mean()
+    return gaussian_consumer_error(lam, seeds, MU, S, solver, order, variant)
 
 
 def test_gaussian_errors_are_exact(files):
@@ -243,10 +220,79 @@ def test_refine_grad_batch_changes_memory_not_the_result(files):
     assert v3 == pytest.approx(v8, rel=1e-13)
     np.testing.assert_allclose(g3, g8, rtol=1e-11, atol=1e-13)
     req = dict(checkpoint=str(root / "mix.yaml"), table=str(table), nfe=(6,), train=8, holdout=8, maxiter=10)
-    whole = refine(RefineRequest(**req, grad_batch=8))["entries"][0]
-    split = refine(RefineRequest(**req, grad_batch=3))["entries"][0]
+    whole = refine(RefineRequest(**req, batch=8))["entries"][0]
+    split = refine(RefineRequest(**req, batch=3))["entries"][0]
     np.testing.assert_allclose(split["lambda"], whole["lambda"], rtol=0, atol=1e-5)
     assert split["refine"]["train_error"] == pytest.approx(whole["refine"]["train_error"], rel=1e-6)
     r = subprocess.run([sys.executable, "-m", "dmsteps_cli", "refine", "-c", str(root / "mix.yaml"), "-t", str(table),
                         "--grad-batch", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--grad-batch must be between 1 and 65536, got 0" in r.stderr
+    assert r.returncode == 2 and "--grad-batch is deprecated" in r.stderr
+    assert r.stderr.splitlines()[-1] == "error: --batch must be between 1 and 65536, got 0"
+
+
+# --- one frame, every baseline that fits (issue 27) ------------------------------------------------
+
+FAMILY_PRESETS = {"discrete": "scaled_linear", "vp-linear": "vp-linear", "vp-cosine": "vp-cosine", "edm": "edm",
+                  "flow": "flow"}
+
+
+def test_family_presets_cover_every_family():
+    from dmsteps_cli.schedules import FAMILIES
+
+    assert set(FAMILY_PRESETS) == set(FAMILIES)
+    assert all(get_schedule(p).family == f for f, p in FAMILY_PRESETS.items())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_default_baselines_are_the_grids_and_every_named_schedule_that_fits(family, tmp_path):
+    """evaluate without --baselines measures the four grids and every named schedule whose source
+    fits the model's family and the NFE, each at the NFEs it fits, and says why it skipped the rest."""
+    from dmsteps_cli.baselines import BASELINES, NAMED_SCHEDULES
+
+    path = tmp_path / "g.yaml"
+    save_mixture(GaussianMixture(torch.full((1, 16), MU, dtype=torch.float64), S, sample_shape=(1, 4, 4)), path,
+                 schedule=FAMILY_PRESETS[family])
+    rep = evaluate(EvalRequest(checkpoint=str(path), nfe=(5, 6), samples=4, no_cache=True))
+    measured = set()
+    for n in (5, 6):
+        want = set(GRIDS) | {b for b, rec in NAMED_SCHEDULES.items() if rec.families is None or family in rec.families}
+        want.discard("ays-svd")  # only an EDM schedule from sigma 700 (SVD's); the edm preset runs from 80
+        if n == 6:
+            want.discard("ddim_uniform")  # ComfyUI's spacing M // 6 = 166 gives 7 steps
+        rows = [r for r in rep["rows"] if r["nfe"] == n and r["kind"] == "baseline"]
+        assert {r["grid"] for r in rows} == want, n
+        assert min(r["ratio_to_best_baseline"] for r in rows) == 1.0
+        measured |= {(b, n) for b in want}
+    skipped = {(k["baseline"], n) for k in rep["baselines"]["skipped"] for n in k["nfe"]}
+    assert skipped == {(b, n) for b in BASELINES for n in (5, 6)} - measured
+    assert all(k["reason"] and "\n" not in k["reason"] for k in rep["baselines"]["skipped"])
+    assert rep["baselines"]["measured"] == {b: [n for n in (5, 6) if (b, n) in measured]
+                                            for b in BASELINES if (b, 5) in measured or (b, 6) in measured}
+
+
+def test_a_named_schedule_and_a_table_equal_to_it_give_the_same_error(tmp_path):
+    """A table whose consumer list is a named schedule's (ays-sd15: calls from sigma(T), then 0) is
+    measured with exactly that schedule's error, through a table file as evaluate reads it; and the
+    bundled SD table is measured as its consumer runs it (its last point sigma(eps) replaced by 0)."""
+    from dmsteps_cli.baselines import consumer_steps
+    from dmsteps_cli.refine import table_lambda
+    from dmsteps_cli.schedules import step_arrays
+
+    sd = get_schedule("scaled_linear")
+    path = tmp_path / "g.yaml"
+    save_mixture(GaussianMixture(torch.full((1, 16), MU, dtype=torch.float64), S, sample_shape=(1, 4, 4)), path,
+                 schedule="scaled_linear")
+    table = make_table(StepConfig(schedule="scaled_linear", nfe=(6,)), sd)
+    lam = table_lambda(consumer_steps("ays-sd15", sd, 6, 1.0, 1e-3), float(sd.lam(1e-3)))
+    table["entries"][0].update(step_arrays(sd, lam, 1.0, 1e-3))
+    (tmp_path / "ays.json").write_text(dumps(table, "json"))
+    rep = evaluate(EvalRequest(checkpoint=str(path), tables=[str(tmp_path / "ays.json"), "sd-unipc-o3"], nfe=(6,),
+                               baselines=("ays-sd15", "unif"), samples=6, no_cache=True))
+    by = {r["grid"]: r["error"] for r in rep["rows"]}
+    assert by[str(tmp_path / "ays.json")] == pytest.approx(by["ays-sd15"], rel=1e-12)
+    assert by["sd-unipc-o3"] == pytest.approx(by["unif"], rel=1e-12)  # the SD tables are the uniform-lambda grid
+    assert by["ays-sd15"] != pytest.approx(by["unif"], rel=1e-3)
+    assert by["ays-sd15"] == pytest.approx(gaussian_consumer_error(consumer_steps("ays-sd15", sd, 6, 1.0, 1e-3),
+                                                                   range(6), MU, S, schedule="scaled_linear"),
+                                           rel=1e-9)
+    assert rep["frame"].startswith("sigma = 0") and rep["reference"]["end"] == rep["frame"]

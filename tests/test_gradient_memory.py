@@ -178,7 +178,7 @@ def test_cli_passes_the_memory_options(monkeypatch, capsys):
     seen = []
 
     def fake_refine(req, progress=None):
-        seen.append((req.checkpointing, req.network_dtype))
+        seen.append((req.activation_checkpointing, req.network_dtype))
         raise BadInput("stop")
 
     monkeypatch.setattr(refine_module, "refine", fake_refine)

@@ -16,7 +16,7 @@ from test_solvers import GaussianOracle
 
 from dmsteps_cli.grids import grid_lambda
 from dmsteps_cli.schedule_sources import get_schedule
-from dmsteps_cli.solvers import ADAMS_BASHFORTH, build_plan, run_plan
+from dmsteps_cli.solvers import ADAMS_BASHFORTH, SOLVERS, build_plan, run_plan
 
 torch.set_num_threads(1)
 
@@ -114,3 +114,30 @@ def test_every_command_takes_ipndm_by_name(run_cli, tmp_path):
     shown = subprocess.run([sys.executable, "-m", "dmsteps_cli", "optimize", "--help"], capture_output=True, text=True,
                            check=True, env={**os.environ, "COLUMNS": "200"})
     assert all(name in " ".join(shown.stdout.split()) for name in (*SOLVERS, *ALIASES))
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_the_exact_objective_is_refused_where_the_registry_says_it_is_undefined(name):
+    """``--objective exact`` for iPNDM piles the steps up (its fixed coefficients ignore the step
+    sizes): the registry record says so and optimize refuses it in one line; every other solver
+    gets a table whose objective is the exact one."""
+    from dmsteps_cli import StepConfig
+    from dmsteps_cli.errors import BadInput
+    from dmsteps_cli.optimize import resolve
+    from dmsteps_cli.schedule_sources import get_schedule
+
+    config = StepConfig(schedule="vp-linear", solver=name, objective="exact", nfe=(5,))
+    if SOLVERS[name].exact_refused:
+        with pytest.raises(BadInput, match=f"exact is not defined for {name}: .*use reference or paper") as exc:
+            resolve(config, get_schedule("vp-linear"))
+        assert "\n" not in str(exc.value) and exc.value.field == "objective"
+    else:
+        assert resolve(config, get_schedule("vp-linear")).objective == "exact"
+    assert [n for n, spec in SOLVERS.items() if spec.exact_refused] == ["ipndm"]
+
+
+def test_the_cli_refuses_exact_for_ipndm_in_one_line(run_cli, tmp_path):
+    rc, err = run_cli("optimize", "--solver", "ipndm", "--objective", "exact", "--nfe", "5", "-o",
+                      str(tmp_path / "t.json"))
+    assert rc == 2 and err.startswith("error: --objective exact is not defined for ipndm") and err.count("\n") == 1
+    assert not (tmp_path / "t.json").exists()

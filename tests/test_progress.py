@@ -159,13 +159,15 @@ def test_refine_reports_every_phase_and_iteration(files, run_cli, every_advance,
     refined = json.loads(out.read_text())
     for k, entry in enumerate(refined["entries"], 1):
         what = f"refine: NFE {entry['nfe']} ({k} of 2)"
-        assert f"{what}: training errors of the starts: 5 of 5 starts" in text
+        starts = len(entry["refine"]["holdout_errors"])  # the table and every baseline that fits
+        assert len(entry["refine"]["holdout_errors"]) == 9
+        assert f"{what}: training errors of the starts: {starts} of {starts} starts" in text
         iterations = entry["optimizer"]["iterations"]
         assert iterations >= 1
         for i in range(1, iterations + 1):  # each iteration, with its count, its loss and the time
             assert re.search(rf"{re.escape(what)}: fitting from \w+ \(lbfgs\): {i} of 3 iterations, "
                              r"training error [0-9.e-]+, lowest validation error .*, elapsed \d:\d\d:\d\d", text)
-        sets = 5 + (entry["optimizer"]["status"] == "refined")  # the table, four grids, the refined steps
+        sets = starts + 1  # the table, the baselines, the refined steps (or the start again)
         assert f"{what}: held-out evaluation: {sets} of {sets} step sets" in text
     assert refined["refine"]["device"] == "cpu"
 
@@ -179,8 +181,8 @@ def test_evaluate_reports_reference_solutions_and_nfes(files, run_cli, every_adv
     assert text.startswith(f"evaluate: loading the model {files / 'mix.yaml'} on cpu")
     assert "evaluate: reference solutions (6 noises, 64 steps): 4 of 6 noises" in text  # batch by batch
     assert "evaluate: reference solutions (6 noises, 64 steps): 6 of 6 noises" in text
-    assert "evaluate: measuring 4 baselines and 1 tables: 1 of 2 NFEs, NFE 6" in text  # largest first
-    assert "evaluate: measuring 4 baselines and 1 tables: 2 of 2 NFEs, NFE 5" in text
+    assert "evaluate: measuring 8 baselines and 1 tables: 1 of 2 NFEs, NFE 6" in text  # largest first
+    assert "evaluate: measuring 8 baselines and 1 tables: 2 of 2 NFEs, NFE 5" in text
     assert json.loads(out.read_text())["device"] == "cpu"
 
 

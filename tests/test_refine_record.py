@@ -14,19 +14,21 @@ import pytest
 import torch
 
 from dmsteps_cli import StepConfig, dumps, get_schedule, make_table
+from dmsteps_cli.baselines import consumer_steps
 from dmsteps_cli.check import check_table
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import EvalRequest, Evaluator, evaluate
-from dmsteps_cli.grids import GRIDS, grid_lambda
+from dmsteps_cli.grids import GRIDS
 from dmsteps_cli.mixtures import GaussianMixture, save_mixture
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, RefineRequest, best_candidate, refine, start_label
-from dmsteps_cli.runtime import noise_for
-from dmsteps_cli.solvers import build_plan, run_plan
 
 torch.set_num_threads(1)
+from tiny import gaussian_consumer_error  # noqa: E402
 MU, S = 0.2, 0.4
 TRAIN, HOLDOUT, MAXITER = 8, 16, 5
-CANDIDATES = ("table", *GRIDS)
+BASELINES = (*GRIDS, "karras", "exponential", "kl_optimal", "linear_quadratic")  # those that fit vp-linear
+CANDIDATES = ("table", *BASELINES)
+NOT_STARTS = ("karras", "exponential", "kl_optimal")  # their last call is at sigma(eps)
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +65,14 @@ def mix_refined(files):
 
 def gaussian_error(lam, seeds):
     """Mean over the seeds' noises of the RMS error of UniPC-3 (bh2) on ``lam`` against the exact
-    ODE solution of the single Gaussian (numpy, independent of the Evaluator)."""
-    s = get_schedule("vp-linear")
-    la, ls, _, _ = s.log_alpha_sigma_of_lambda(np.asarray(lam))
-    a, g = np.exp(la), np.exp(ls)
-    x_T = noise_for(list(seeds), (1, 4, 4), 1.0).double().numpy().reshape(len(seeds), -1)
-    plan = build_plan(s, np.asarray(lam), "unipc", 3, "bh2").map(float)
-    x = run_plan(plan, x_T, lambda x, k: MU + a[k] * S**2 / (a[k] ** 2 * S**2 + g[k] ** 2) * (x - a[k] * MU))
-    z = (x_T - a[0] * MU) / np.sqrt(a[0] ** 2 * S**2 + g[0] ** 2)
-    ref = a[-1] * MU + np.sqrt(a[-1] ** 2 * S**2 + g[-1] ** 2) * z
-    return float(np.sqrt(((x - ref) ** 2).mean(axis=1)).mean())
+    solution of the single Gaussian, as its consumer runs it (numpy, independent of the Evaluator)."""
+    return gaussian_consumer_error(lam, seeds, MU, S)
 
 
 def _candidate_lambdas(root, table, n):
     s = get_schedule("vp-linear")
     entry = next(e for e in json.loads((root / table).read_text())["entries"] if e["nfe"] == n)
-    return {"table": entry["lambda"], **{g: grid_lambda(g, s, n, s.T, s.eps_default) for g in GRIDS}}, entry
+    return {"table": entry["lambda"], **{b: consumer_steps(b, s, n, s.T, s.eps_default) for b in BASELINES}}, entry
 
 
 def test_gaussian_start_is_a_grid_and_every_error_is_the_closed_form_one(files):
@@ -89,7 +83,9 @@ def test_gaussian_start_is_a_grid_and_every_error_is_the_closed_form_one(files):
     held, train = range(HOLDOUT), range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + TRAIN)
     want_held = {c: gaussian_error(lam, held) for c, lam in lams.items()}
     want_train = {c: gaussian_error(lam, train) for c, lam in lams.items()}
-    assert r["start"] == min(want_train, key=want_train.get) != "table"
+    startable = {c: e for c, e in want_train.items() if c not in NOT_STARTS}
+    assert r["start"] == min(startable, key=startable.get) != "table"
+    assert set(r["not_starts"]) == set(NOT_STARTS)
     assert r["holdout_error_start"] == pytest.approx(want_held[r["start"]], rel=1e-9)
     assert r["holdout_error_start"] < 0.9 * want_held["table"]  # the input table's number would be wrong here
     assert set(r["holdout_errors"]) == set(r["train_errors"]) == set(CANDIDATES)
@@ -113,15 +109,15 @@ def test_mixture_errors_are_evaluate_numbers_on_the_same_seeds(files, mix_refine
     ev = evaluate(EvalRequest(checkpoint=str(files / "mix.yaml"), tables=[table, str(path)], nfe=(5,),
                               samples=HOLDOUT, seed=0))
     by = {row["grid"]: row["error"] for row in ev["rows"]}
-    assert {g: by[g] for g in GRIDS} | {"table": by[table]} == pytest.approx(r["holdout_errors"], rel=1e-9)
+    assert {g: by[g] for g in BASELINES} | {"table": by[table]} == pytest.approx(r["holdout_errors"], rel=1e-9)
     assert r["holdout_error"] == pytest.approx(by[str(path)], rel=1e-9)
     tr = evaluate(EvalRequest(checkpoint=str(files / "mix.yaml"), tables=[table], nfe=(5,), samples=TRAIN,
                               seed=TRAIN_SEED_OFFSET))
     by_train = {row["grid"]: row["error"] for row in tr["rows"]}
-    want_train = {g: by_train[g] for g in GRIDS} | {"table": by_train[table]}
+    want_train = {g: by_train[g] for g in BASELINES} | {"table": by_train[table]}
     assert want_train == pytest.approx(r["train_errors"], rel=1e-9)
     # a grid (quad) starts, not the table, and the recorded start error is that grid's
-    assert r["start"] == min(want_train, key=want_train.get) == "quad"
+    assert r["start"] == min((c for c in want_train if c not in NOT_STARTS), key=want_train.get) == "quad"
     assert r["holdout_error_start"] == pytest.approx(by["quad"], rel=1e-9)
     assert r["holdout_error_start"] < 0.8 * by[table]
 
@@ -153,7 +149,9 @@ def test_kept_start_records_the_start_itself(files, monkeypatch):
     r = e["refine"]
     lams, old = _candidate_lambdas(files, "optimized.json", 5)
     assert e["optimizer"]["status"] == "kept-start" and e["init"] == f"kept grid {r['start']}"
-    assert r["start"] == "unif" and np.array_equal(e["lambda"], lams["unif"])
+    # the grid's calls, and the table's own end lambda(eps) where its consumers put sigma 0
+    assert r["start"] == "unif" and np.array_equal(e["lambda"][:-1], lams["unif"][:-1])
+    assert e["lambda"][-1] == get_schedule("vp-linear").lam(1e-3)
     assert r["holdout_error"] == r["holdout_error_start"] == r["holdout_errors"]["unif"]
     assert r["holdout_error"] == pytest.approx(gaussian_error(lams["unif"], range(HOLDOUT)), rel=1e-9)
     assert r["train_error"] == r["train_error_start"] == r["train_errors"]["unif"]
@@ -178,7 +176,7 @@ def test_check_names_a_hand_edited_record(mix_refined, edit, message):
     assert any(message in d for d in drift), drift
 
 
-def test_cli_summary_shows_every_candidate_and_the_start(files, tmp_path, capsys):
+def test_cli_summary_shows_the_best_baseline_the_start_and_the_ratio(files, tmp_path, capsys):
     out = tmp_path / "refined.json"
     env = {**os.environ, "COLUMNS": "1000", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "dmsteps_cli", "refine", "-c", str(files / "mix.yaml"),
@@ -189,15 +187,18 @@ def test_cli_summary_shows_every_candidate_and_the_start(files, tmp_path, capsys
     rec = json.loads(out.read_text())["entries"][0]["refine"]
     header = next(line for line in r.stderr.splitlines() if line.startswith("┃") and "NFE" in line)
     cells = [c.strip() for c in header.strip("┃│ ").split("┃")]
-    assert cells[:7] == ["NFE", "table", "unif", "unif_t", "quad", "edm", "start"]
-    assert cells[7:9] == ["refined", "ratio"]
+    assert cells[:6] == ["NFE", "table", "best baseline", "start", "refined", "ratio"]
     row = next(line for line in r.stderr.splitlines() if line.strip("│ ").startswith("5 "))
     values = [c.strip() for c in row.strip("│ ").split("│")]
-    best, best_error = min(rec["holdout_errors"].items(), key=lambda kv: kv[1])
-    assert values[1:6] == [f"{rec['holdout_errors'][c]:.4g}" for c in CANDIDATES]
-    assert values[6] == "quad" == rec["start"]
-    assert values[7] == f"{rec['holdout_error']:.4g}"
-    assert values[8] == f"{rec['holdout_error'] / best_error:.2f} ({best})"
+    best, best_error = min(((b, e) for b, e in rec["holdout_errors"].items() if b != "table"), key=lambda kv: kv[1])
+    assert set(rec["holdout_errors"]) == set(CANDIDATES) and rec["best_baseline"] == best
+    assert values[1] == f"{rec['holdout_errors']['table']:.4g}"
+    assert values[2] == f"{best} {best_error:.4g}"
+    assert values[3] == "quad" == rec["start"]
+    assert values[4] == f"{rec['holdout_error']:.4g}"
+    lo, hi = rec["ratio_ci95"]
+    assert lo <= rec["ratio_to_best_baseline"] <= hi
+    assert values[5] == f"{rec['holdout_error'] / best_error:.2f} ({lo:.2f}-{hi:.2f})"
     code, err = _check_exit_code(out, capsys)
     assert code == 0 and err.strip() == f"{out}: ok"
     edited = json.loads(out.read_text())
@@ -226,3 +227,46 @@ def test_small_helpers_and_bad_input(files):
         _refine(files, "gauss.yaml", "optimized.json", nfe=(7,))
     with pytest.raises(BadInput, match="^maxiter must be between 0 and 10000, got -1"):
         _refine(files, "gauss.yaml", "optimized.json", maxiter=-1)
+
+
+def test_refine_starts_from_a_named_schedule_when_it_is_best_on_the_training_noises(tmp_path):
+    """A case built so that a named schedule is the best start: on this Gaussian with SD's schedule,
+    ddim_uniform beats the quad-grid table and the other baselines named by far (0.026 against
+    0.05 and more at NFE 5). refine starts from it, and its record holds every baseline's held-out
+    error (closed-form numbers, numpy) and the ratio to the best with its interval."""
+    sd = get_schedule("scaled_linear")
+    save_mixture(GaussianMixture(torch.full((1, 16), MU, dtype=torch.float64), S, sample_shape=(1, 4, 4)),
+                 tmp_path / "g.yaml", schedule="scaled_linear")
+    (tmp_path / "quad.json").write_text(dumps(make_table(StepConfig(schedule="scaled_linear", nfe=(5,), init="quad",
+                                                                    objective="none"), sd), "json"))
+    named = ("quad", "ddim_uniform", "gits-sd15", "kl_optimal")
+    out = refine(RefineRequest(checkpoint=str(tmp_path / "g.yaml"), table=str(tmp_path / "quad.json"), nfe=(5,),
+                               train=TRAIN, validation=0, holdout=HOLDOUT, maxiter=MAXITER, no_cache=True,
+                               baselines=named))
+    e = out["entries"][0]
+    r = e["refine"]
+    held, train = range(HOLDOUT), range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + TRAIN)
+    lams = {b: consumer_steps(b, sd, 5, 1.0, 1e-3) for b in named}
+    lams["table"] = json.loads((tmp_path / "quad.json").read_text())["entries"][0]["lambda"]
+    for c, lam in lams.items():
+        assert r["holdout_errors"][c] == pytest.approx(gaussian_consumer_error(lam, held, MU, S, schedule="scaled_linear"),
+                                                       rel=1e-9), c
+        assert r["train_errors"][c] == pytest.approx(gaussian_consumer_error(lam, train, MU, S, schedule="scaled_linear"),
+                                                     rel=1e-9), c
+    assert set(r["holdout_errors"]) == set(r["train_errors"]) == {"table", *named}
+    assert r["start"] == "ddim_uniform" == min(r["train_errors"], key=r["train_errors"].get)
+    assert e["init"] in ("refined from schedule ddim_uniform", "kept schedule ddim_uniform")
+    assert set(r["not_starts"]) == {"kl_optimal"}  # its last call is at sigma(eps): no table can hold it
+    best = min(named, key=r["holdout_errors"].get)
+    assert r["best_baseline"] == best
+    assert r["ratio_to_best_baseline"] == pytest.approx(r["holdout_error"] / r["holdout_errors"][best], rel=1e-12)
+    lo, hi = r["ratio_ci95"]
+    assert lo <= r["ratio_to_best_baseline"] <= hi
+    assert r["holdout_error"] == pytest.approx(gaussian_consumer_error(e["lambda"], held, MU, S,
+                                                                       schedule="scaled_linear"), rel=1e-9)
+    assert check_table(json.loads(dumps(out, "json"))) == []
+
+
+def test_refine_refuses_a_baseline_that_does_not_fit(files):
+    with pytest.raises(BadInput, match="optimalsteps-flux fits flow"):
+        _refine(files, "gauss.yaml", "optimized.json", baselines=("unif", "optimalsteps-flux"))

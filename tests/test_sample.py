@@ -46,8 +46,8 @@ def test_samples_follow_the_closed_form_ode_solution(gaussian, tmp_path):
     s = get_schedule("linear")
     errors = []
     for n in (5, 10, 15):
-        side = run_sample(SampleRequest(checkpoint=str(root / "gauss.yaml"), table=str(table), nfe=n, batch=8,
-                                        seed=3, device="cpu", out=str(tmp_path / f"o{n}")))
+        side = run_sample(SampleRequest(checkpoint=str(root / "gauss.yaml"), table=str(table), nfe=n, samples=8,
+                                        seed=3, device="cpu", output=str(tmp_path / f"o{n}")))
         got = np.load(tmp_path / f"o{n}" / "samples.npz")["samples"]
         x_T = noise_for(side["seeds"], (1, 4, 4), 1.0).double()
         want = mixture.ode_solution(x_T, float(s.alpha(1.0)), float(s.sigma(1.0)), float(s.alpha(1e-3)),
@@ -61,8 +61,8 @@ def test_same_seed_same_output_and_batch_independence(gaussian, tmp_path):
     table = write_table(tmp_path / "t.json")
     runs = {}
     for name, batch, seed in (("a", 6, 10), ("b", 6, 10), ("c", 3, 13)):
-        run_sample(SampleRequest(checkpoint=str(root / "gauss.yaml"), table=str(table), nfe=5, batch=batch,
-                                 seed=seed, device="cpu", out=str(tmp_path / name)))
+        run_sample(SampleRequest(checkpoint=str(root / "gauss.yaml"), table=str(table), nfe=5, samples=batch,
+                                 seed=seed, device="cpu", output=str(tmp_path / name)))
         runs[name] = np.load(tmp_path / name / "samples.npz")
     assert (tmp_path / "a" / "samples.npz").read_bytes() == (tmp_path / "b" / "samples.npz").read_bytes()
     np.testing.assert_array_equal(runs["a"]["samples"][3:], runs["c"]["samples"])  # seeds 13, 14, 15
@@ -88,7 +88,7 @@ def test_cli_outputs_and_sidecar(gaussian, tmp_path):
     (["--device", "cuda"], "CUDA is not available"),
     (["--nfe", "7"], "no entry for NFE 7"),
     (["--class-label", "3"], "not class-conditional"),
-    (["--samples", "0"], "--samples must be between 1 and 65536, got 0"),
+    (["--samples", "0"], "--samples must be between 1 and 1048576, got 0"),
     (["--dtype", "int8"], "--dtype 'int8'"),
 ])
 def test_cli_refusals(gaussian, tmp_path, args, message):
@@ -133,14 +133,14 @@ def test_unet_pipeline_checkpoint(tmp_path):
     ckpt = save_pipeline(tmp_path / "pipe", unet,
                          diffusers.DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction"))
     table = write_table(tmp_path / "t.json", solver="dpmpp", order=2)
-    side = run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, batch=3, device="cpu",
-                                    out=str(tmp_path / "out")))
+    side = run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, samples=3, device="cpu",
+                                    output=str(tmp_path / "out")))
     assert (side["checkpoint_kind"], side["solver"], side["orders"]) == ("unet", "dpmpp", [1, 2, 2, 2, 1])
     x = np.load(tmp_path / "out" / "samples.npz")["samples"]
     assert x.shape == (3, 1, 8, 8) and np.all(np.isfinite(x))
     # the same run with the solver overridden differs
-    run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, batch=3, device="cpu",
-                             out=str(tmp_path / "out2"), solver="ddim"))
+    run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, samples=3, device="cpu",
+                             output=str(tmp_path / "out2"), solver="ddim"))
     assert np.abs(np.load(tmp_path / "out2" / "samples.npz")["samples"] - x).max() > 1e-4
 
 
@@ -150,12 +150,12 @@ def test_class_conditional_dit_with_guidance(tmp_path):
     ckpt = save_pipeline(tmp_path / "dit", tiny_dit(), diffusers.DDPMScheduler(beta_schedule="linear"),
                          folder="transformer")
     table = write_table(tmp_path / "t.json")
-    req = dict(checkpoint=str(ckpt), table=str(table), nfe=5, batch=2, device="cpu")
+    req = dict(checkpoint=str(ckpt), table=str(table), nfe=5, samples=2, device="cpu")
     with pytest.raises(BadInput, match="class-conditional"):
-        run_sample(SampleRequest(**req, out=str(tmp_path / "none")))
+        run_sample(SampleRequest(**req, output=str(tmp_path / "none")))
     outs = []
     for g in (1.0, 4.0):
-        run_sample(SampleRequest(**req, out=str(tmp_path / f"g{g}"), class_label=2, guidance_scale=g))
+        run_sample(SampleRequest(**req, output=str(tmp_path / f"g{g}"), class_label=2, guidance_scale=g))
         outs.append(np.load(tmp_path / f"g{g}" / "samples.npz")["samples"])
     assert outs[0].shape == (2, 4, 4, 4) and np.abs(outs[0] - outs[1]).max() > 1e-4
 
@@ -188,8 +188,8 @@ def test_dit_pipeline_with_vae_writes_decoded_images(tmp_path):
                             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
                             norm_num_groups=4).save_pretrained(ckpt / "vae")
     table = write_table(tmp_path / "t.json")
-    run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, batch=2, device="cpu",
-                             out=str(tmp_path / "out"), class_label=1))
+    run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, samples=2, device="cpu",
+                             output=str(tmp_path / "out"), class_label=1))
     data = np.load(tmp_path / "out" / "samples.npz")
     assert data["samples"].shape == (2, 4, 4, 4) and data["images"].shape == (2, 3, 8, 8)
     assert np.abs(data["images"]).max() <= 1.0

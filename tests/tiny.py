@@ -274,3 +274,72 @@ def central_differences(ev, lam, h: float, solver: str = "unipc", order: int = 3
         fd[j] = (ev.errors(lam + e, solver, order, variant).mean()
                  - ev.errors(lam - e, solver, order, variant).mean()) / (2 * h)
     return fd
+
+
+def tiny_flux_pipeline(root, scheduler=None):
+    """A tiny random FLUX.1-dev-architecture pipeline (not saved), 16x16 images, 8x8x4 latents packed
+    2 x 2 into 16 tokens of 16 channels.
+
+    The FluxTransformer2DModel (1 double and 1 single block, 2 heads of 8, rope axes 2 + 2 + 4,
+    guidance embedding as FLUX.1-dev) has joint_attention_dim 48 (T5's d_model) and
+    pooled_projection_dim 16 (the CLIP text model's hidden size); CLIP over ``_clip_tokenizer`` and
+    a T5EncoderModel over ``_t5_tokenizer``. Default scheduler: FLUX.1-dev's
+    FlowMatchEulerDiscreteScheduler config (dynamic shifting, base_shift 0.5, max_shift 1.15, 256 to
+    4096 tokens)."""
+    import diffusers
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer(root)
+    tokenizer_2 = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_config(16, len(tokenizer)))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=48, d_kv=8, d_ff=64, num_layers=1,
+                                             num_heads=2, relative_attention_num_buckets=8,
+                                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                             decoder_start_token_id=0))
+    transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                                   pooled_projection_dim=16, guidance_embeds=True,
+                                                   axes_dims_rope=(2, 2, 4))
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    scheduler = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def gaussian_consumer_error(lam, seeds, mu: float, s: float, solver="unipc", order=3, variant="bh2",
+                            schedule: str = "vp-linear", T: float = 1.0, eps: float = 1e-3) -> float:
+    """The mean error evaluate reports for the steps ``lam`` on the single Gaussian N(mu, s^2 I) over
+    (1, 4, 4) samples, written out in numpy, in the consumer's frame (docs/cli.md, "One frame"): the
+    closed-form denoiser is called at lam[0] ... lam[N-1] and the sample is the last call's output,
+    what UniPC's and DPM-Solver++'s order-1 last step to sigma 0 gives; the reference is the
+    closed-form ODE solution at eps, denoised there."""
+    import numpy as np
+
+    from dmsteps_cli import get_schedule
+    from dmsteps_cli.runtime import noise_for
+    from dmsteps_cli.solvers import build_plan, run_plan
+
+    sch = get_schedule(schedule)
+    lam = np.array(lam, dtype=np.float64)
+    lam[-1] = lam[-2] + 1.0  # node N is never called and the last step's output is not used
+    la, ls, _, _ = sch.log_alpha_sigma_of_lambda(lam)
+    a, g = np.exp(la), np.exp(ls)
+    x_T = noise_for(list(seeds), (1, 4, 4), 1.0).double().numpy().reshape(len(seeds), -1)
+    outputs = []
+
+    def denoise(x, k):
+        outputs.append(mu + a[k] * s**2 / (a[k] ** 2 * s**2 + g[k] ** 2) * (x - a[k] * mu))
+        return outputs[-1]
+
+    run_plan(build_plan(sch, lam, solver, order, variant).map(float), x_T, denoise)
+    z = (x_T - a[0] * mu) / np.sqrt(a[0] ** 2 * s**2 + g[0] ** 2)
+    le, se, _, _ = sch.log_alpha_sigma_of_lambda(np.asarray(sch.lam(eps)))
+    ae, ge = float(np.exp(le)), float(np.exp(se))
+    at_eps = ae * mu + np.sqrt(ae**2 * s**2 + ge**2) * z
+    ref = mu + ae * s**2 / (ae**2 * s**2 + ge**2) * (at_eps - ae * mu)
+    return float(np.sqrt(((outputs[-1] - ref) ** 2).mean(axis=1)).mean())

@@ -52,7 +52,7 @@ from ..build import make_table
 from ..config import MAX_NFE, StepConfig
 from ..errors import BadInput
 from ..schedule_sources import get_schedule
-from ..schedules import EDM, DiscreteVP, Schedule, preset_of, same_schedule, schedule_from_spec
+from ..schedules import EDM, FAMILIES, DiscreteVP, Schedule, preset_of, same_schedule, schedule_from_spec
 from ..solvers import SOLVERS, solver_spec
 from ..table_reader import load_table
 from ..tables import bundled_tables
@@ -81,6 +81,17 @@ def model_sampling_of(model):
     if get is None:
         raise BadInput("model: expected a ComfyUI MODEL (connect a checkpoint loader's MODEL output)")
     return get("model_sampling")
+
+
+def refuse_distilled_model(model) -> None:
+    """BadInput for a model ComfyUI loaded as a distilled model's class (``models.distilled_comfyui_model``:
+    FluxSchnell for FLUX.1-schnell), naming the model's own steps: its steps were fixed by training."""
+    from ..models import distilled_comfyui_model, refuse_distilled
+
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    record = None if config is None else distilled_comfyui_model(type(config).__name__)
+    if record is not None:
+        refuse_distilled(record)
 
 
 def _numbers(values) -> np.ndarray:
@@ -125,16 +136,6 @@ def _sampling_class(model_sampling) -> str:
     return next((c.__name__ for c in mro[1:] if "Sampling" in c.__name__), mro[0].__name__)
 
 
-def describe(schedule: Schedule, shift: float | None) -> str:
-    """A schedule in a few words, for messages: the preset's name, with a flow model's shift."""
-    if schedule.family == "flow":
-        return f"flow (shift {shift:g})" if shift is not None else "flow"
-    if schedule.family == "edm":
-        return f"edm (sigma {schedule.sigma_min:g} to {schedule.sigma_max:g})"
-    name = preset_of(schedule)
-    return name if name is not None else f"a discrete schedule of {schedule.M} steps that is no preset"
-
-
 # --- sigmas --------------------------------------------------------------------------------------
 
 def denoise_tail(sigmas: list[float], denoise: float) -> list[float]:
@@ -151,14 +152,6 @@ def denoise_tail(sigmas: list[float], denoise: float) -> list[float]:
     return list(sigmas[-(kept + 1):])
 
 
-def _edm_difference(made_for: Schedule, model: Schedule) -> str:
-    """The sigma ends in which two EDM schedules differ, e.g. "sigma_max 80 vs 120" (table's first)."""
-    ends = [f"{name} {a:g} vs {b:g}" for name, a, b in (("sigma_max", made_for.sigma_max, model.sigma_max),
-                                                           ("sigma_min", made_for.sigma_min, model.sigma_min))
-            if a != b]
-    return ", ".join(ends)
-
-
 def _flow_shift(table: dict) -> float:
     """The time shift a flow table's steps were placed for (its config's shift; none recorded: 1)."""
     shift = table["config"].get("shift")
@@ -171,17 +164,17 @@ def check_fits(table: dict, schedule: Schedule, shift: float | None, name: str) 
     when a flow table meets a flow model of another shift (the same ODE, steps placed for the other
     shift). ``name`` names the table in messages."""
     made_for = schedule_from_spec(table["schedule"])
-    if made_for.family == schedule.family == "edm" and not same_schedule(table["schedule"]["identity"],
-                                                                          schedule.identity()):
-        raise BadInput(f"table {name} was made for an EDM model of sigma {made_for.sigma_min:g} to "
-                       f"{made_for.sigma_max:g}, but the model samples sigma {schedule.sigma_min:g} to "
-                       f"{schedule.sigma_max:g} ({_edm_difference(made_for, schedule)}): use the dmsteps optimize node "
-                       "for this model")
-    if not same_schedule(table["schedule"]["identity"], schedule.identity()):
+    if same_schedule(table["schedule"]["identity"], schedule.identity()):
+        pass
+    elif type(made_for) is type(schedule) and made_for.end_difference(schedule):
+        raise BadInput(f"table {name} was made for {made_for.describe()}, but the model samples "
+                       f"{schedule.describe(shift)} ({made_for.end_difference(schedule)}): use the dmsteps optimize "
+                       "node for this model")
+    else:
         raise BadInput(f"table {name} was made for the schedule {table['config']['schedule']}, but the model samples "
-                       f"with {describe(schedule, shift)}: choose a table made for it (dmsteps tables) or use the "
+                       f"with {schedule.describe(shift)}: choose a table made for it (dmsteps tables) or use the "
                        "dmsteps optimize node")
-    if schedule.family == "flow" and not math.isclose(_flow_shift(table), shift, rel_tol=SHIFT_RTOL):
+    if schedule.default_shift is not None and not math.isclose(_flow_shift(table), shift, rel_tol=SHIFT_RTOL):
         log.warning("dmsteps: table %s places its steps for flow shift %g, but the model samples with shift %g: "
                     "the steps are used as they are (the same ODE, other step placement); for steps placed for "
                     "shift %g use the dmsteps optimize node", name, _flow_shift(table), shift, shift)
@@ -219,10 +212,11 @@ def sampler_advice(family: str, solver: str, order: int, variant: str | None) ->
     variant) as the table assumed (the solver's registry record, ``SolverSpec.comfyui_samplers``), or
     a plain statement that none does (docs/comfyui.md, "Which sampler")."""
     spec = solver_spec(solver)
-    exact = spec.comfyui_samplers(order, variant, family)
+    kappa = FAMILIES[family].sampler_sigma_is_kappa
+    exact = spec.comfyui_samplers(order, variant, kappa)
     if exact:
         return " or ".join(f"{s.name} ({s.note})" if s.note else s.name for s in exact)
-    if family == "flow" and spec.comfyui_samplers(order, variant, "discrete"):
+    if not kappa and spec.comfyui_samplers(order, variant, True):
         return (f"no exact ComfyUI sampler: on flow models its higher-order samplers step in log sigma, not in the "
                 f"flow lambda these order-{order} steps were placed for; euler runs them at order 1")
     runs = ", ".join(f"{s.name} order {s.order}" for s in spec.comfyui) or "none"
@@ -327,6 +321,7 @@ class DmstepsTable:
         path = bundled_tables().get(table)
         if path is None:
             raise BadInput(f"no ready-made table is called {table!r} (they are: {', '.join(bundled_tables())})")
+        refuse_distilled_model(model)
         loaded = load_table(path)
         sigmas = table_sigmas(loaded, model_sampling_of(model), steps, denoise, table)
         advise(loaded, table)
@@ -363,6 +358,7 @@ class DmstepsTableFile:
         path = path.strip()
         if not path:
             raise BadInput("path: give the path of a table file")
+        refuse_distilled_model(model)
         loaded = load_table(path)
         sigmas = table_sigmas(loaded, model_sampling_of(model), steps, denoise, path)
         advise(loaded, path)
@@ -400,6 +396,7 @@ class DmstepsOptimize:
 
     def get_sigmas(self, model, solver, order, steps, objective, p, denoise):
         p = None if p < 0 else float(p)
+        refuse_distilled_model(model)
         return (sigmas_tensor(optimized_sigmas(model_sampling_of(model), solver, order, steps, objective, p,
                                                denoise)),)
 

@@ -89,7 +89,7 @@ import numpy as np
 
 from ..errors import BadInput, bad_setting
 from ..schedule_sources import read_scheduler_config
-from ..schedules import same_schedule
+from ..schedules import FAMILIES, same_schedule
 from ..solvers import SOLVERS
 from ..table_reader import checked_table, load_table
 from .exports import FINAL_SIGMAS, final_sigma_of
@@ -244,8 +244,7 @@ def _steps_for(kind: str, scheduler, table: dict, entry: dict, k: int, final_sig
     sigmas = np.asarray(entry["sigmas"], dtype=np.float64).copy()
     if final_sigma == "zero":
         sigmas[-1] = 0.0
-    flow = table["schedule"]["family"] == "flow"
-    if flow:  # the scheduler's convention: sigma * num_train_timesteps (1000 t for the table's 1000)
+    if FAMILIES[table["schedule"]["family"]].timestep_is_scaled_t:  # t * num_train_timesteps (1000 t for 1000)
         timesteps = np.asarray(entry["t"][:-1], dtype=np.float64) * float(_cfg(scheduler, "num_train_timesteps", 1000))
     else:
         timesteps = np.asarray(entry["timesteps"], dtype=np.float64)

@@ -8,7 +8,7 @@
 Writes optimized.json, refined.json and gpu-refine.json to --out and prints a summary; 120 s wall on
 one NVIDIA H200 (no run time on a CPU is recorded). Run from the repository root with dmsteps (and
 diffusers) importable:
-    python3 -m studies.gpu_refine --model build/digits-model --out $OUT [--nfe 5..8] [--maxiter 40] [--samples 256]
+    python3 -m studies.gpu_refine_check --model build/digits-model --out $OUT [--nfe 5..8] [--maxiter 40] [--samples 256]
 """
 
 from __future__ import annotations

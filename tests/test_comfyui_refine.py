@@ -1,0 +1,289 @@
+"""The "dmsteps refine" node in the real ComfyUI (tests/comfy_harness.py: the vendored source, the tiny
+UNet its detection reads as SD 2.x, in a real ModelPatcher, patched to flow and EDM by ComfyUI's own
+ModelSampling nodes), called as ComfyUI's executor calls nodes: inside ``torch.inference_mode()``, with
+conditioning shaped as SD 2.x's text encoder makes it (77 x 1024) and made under inference mode too.
+
+- the node's gradient (the engine's, on ComfyUI's guided call) against central differences of the
+  same error, on the flow and EDM models (continuous timesteps; ComfyUI's discrete model rounds the
+  timestep to the nearest of its 1000, so its error has jumps at bin edges: it is fitted, not probed);
+- its SIGMAS, sampled by ComfyUI's own ``comfy.samplers`` code (``comfy.sample.sample_custom``),
+  against ComfyUI's own long-step solution from other noises, beat the start's SIGMAS;
+- the refusals (ancestral and SDE samplers, a run over its budget) are one line, and an interrupt
+  stops the run with nothing written.
+
+The latents are 4 x 4 and cfg is 1 except where guidance is the point: a model call costs ~0.05 s
+per noise on the shared 2-core machine.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from comfy_harness import CONTEXT_SHAPE, comfy, patched, save_tiny_unet  # noqa: F401  (fixtures)
+
+from dmsteps_cli.errors import BadInput
+from dmsteps_cli.gradients import mean_error_and_grad
+from dmsteps_cli.baselines import consumer_steps
+from dmsteps_cli.integrations.comfyui import DmstepsTableFile, model_sampling_of, model_schedule, sigmas_tensor
+from dmsteps_cli.runtime import integrate
+from dmsteps_cli.solvers import build_plan
+from dmsteps_cli.integrations.comfyui_refine import (
+    DmstepsRefine,
+    comfy_denoiser,
+    comfy_fingerprint,
+    fitted_solver,
+    guided_call,
+)
+from dmsteps_cli.reference_cache import open_cache
+from dmsteps_cli.table_reader import load_table
+
+torch.set_num_threads(1)
+SHAPE = (4, 4, 4)  # one latent: SD's 4 channels, 4 x 4
+
+
+def conditioning(seed: int):
+    """A CONDITIONING as ComfyUI's CLIPTextEncode makes one (a [tensor, dict] list), made under
+    inference mode as in a running graph."""
+    with torch.inference_mode():
+        return [[torch.randn(CONTEXT_SHAPE, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+H = 2e-2  # the central differences' widest step in lambda
+WEIGHT_SCALE = 0.06  # the random UNet's weights: large enough that 4 steps err well above the reference's error
+
+
+@pytest.fixture(scope="module")
+def models(comfy, tmp_path_factory) -> dict:
+    """The tiny SD 2.x UNet loaded as ComfyUI's loader node loads it, under inference mode (its
+    weights are inference tensors), patched by ComfyUI's ModelSampling nodes: sd, sd3, flux, edm."""
+    path = save_tiny_unet(tmp_path_factory.mktemp("refine") / "tiny-sd2.safetensors", WEIGHT_SCALE)
+    with torch.inference_mode():
+        base = comfy.sd.load_diffusion_model(str(path))
+        return {name: patched(comfy, base, name) for name in ("sd", "sd3", "flux", "edm")}
+
+
+@pytest.fixture(scope="module")
+def outputs(comfy, tmp_path_factory):
+    """ComfyUI's output folder, a fresh one for these tests (``folder_paths``, as ComfyUI sets it)."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("comfy-output")
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(folder))
+    yield folder
+    folder_paths.set_output_directory(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return open_cache(tmp_path_factory.mktemp("refs"))
+
+
+def run_node(model, sampler, steps=4, cfg=1.0, noises=2, holdout=4, iterations=5, minutes=30.0, start="exponential",
+             start_file="", cache=None, validation=0):
+    """The node called as ComfyUI's executor calls it (under torch.inference_mode()); small: 2 training
+    noises, no validation noises, 4 held-out ones, references from 32 steps up."""
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros((1, *SHAPE))}
+        return DmstepsRefine().refine(model, conditioning(1), conditioning(2), latent, sampler, steps, cfg, 0, noises,
+                                      holdout, iterations, minutes, start, start_file, "dmsteps/test",
+                                      validation=validation, ref_steps=32, cache=cache)
+
+
+# --- the gradient ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["flux", "edm"])
+def test_the_gradient_on_comfyuis_guided_call_matches_central_differences(comfy, models, name):
+    model = models[name]
+    schedule, _ = model_schedule(model_sampling_of(model))
+    T, eps = float(schedule.T), float(schedule.eps_default)
+    lam = np.linspace(schedule.lam(T), schedule.lam(eps), 5)
+    lam[1:-1] += np.array([0.3, -0.2, 0.25])
+    x_T = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(3)) * schedule.initial_noise_scale(T)
+    fine = np.linspace(schedule.lam(T), schedule.lam(eps), 17)  # the error against a 16-step solution
+
+    def work(model_wrap, extra_args, device):
+        denoise = comfy_denoiser(model_wrap, extra_args, schedule.state_scaled_by_alpha)
+        t = schedule.step_times(fine, T, eps)
+        reference = integrate(denoise, schedule, build_plan(schedule, fine, "unipc", 3, "bh2").map(float), t,
+                              schedule.model_timestep(t[:-1]), x_T)
+        value, grad = mean_error_and_grad(denoise, schedule, x_T, reference, T, eps, lam, "unipc", 3, "bh2",
+                                          checkpointing=True)
+
+        def error(at):
+            return mean_error_and_grad(denoise, schedule, x_T, reference, T, eps, at, "unipc", 3, "bh2")[0]
+
+        diffs = []
+        for i in range(1, lam.size - 1):
+            def central(h):
+                up, down = lam.copy(), lam.copy()
+                up[i] += h
+                down[i] -= h
+                return (error(up) - error(down)) / (2 * h)
+
+            # Richardson: O(h^4); h this wide because the model runs in float32 (its rounding moves the
+            # error by ~5e-8, 0.3% of the narrower difference here)
+            diffs.append((4 * central(H / 2) - central(H)) / 3)
+        return value, grad, np.array(diffs)
+
+    with torch.inference_mode():
+        value, grad, diffs = guided_call(model, conditioning(1), conditioning(2), 2.5, SHAPE, work)
+    assert math.isfinite(value) and np.all(np.abs(diffs) > 1e-3 * value), (value, diffs)  # the steps matter
+    np.testing.assert_allclose(grad[1:-1], diffs, rtol=1e-2, atol=1e-2 * np.abs(diffs).max())
+    assert grad[0] == grad[-1] == 0.0
+
+
+# --- the node's steps under ComfyUI's own samplers -------------------------------------------------
+
+def comfy_samples(comfy, model, sampler, sigmas, noise, cfg=1.0):
+    """ComfyUI's ``sampler`` on ``sigmas`` from ``noise`` (its SamplerCustom path), the node's conditioning."""
+    with torch.inference_mode():
+        latent = torch.zeros_like(noise)
+        return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(sampler), sigmas.clone(),
+                                          conditioning(1), conditioning(2), latent, disable_pbar=True, seed=0)
+
+
+def rms(a, b):
+    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+
+
+# model, sampler: both of ComfyUI's exact higher-order samplers on the EDM model (continuous timesteps),
+# euler on a flow model. ComfyUI's discrete SD model rounds the timestep to the nearest of its 1000
+# (model_sampling.timestep: argmin), so its ODE has jumps and the references double to 512 steps and
+# more: too slow for this suite.
+CASES = [("edm", "uni_pc_bh2"), ("edm", "dpmpp_2m"), ("sd3", "euler")]
+LONG = ("uni_pc_bh2", "karras", 40)  # ComfyUI's long-step solution: its sampler, scheduler and steps
+
+
+@pytest.mark.parametrize("name,sampler", CASES)
+def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models, outputs, cache, name, sampler):
+    model = models[name]
+    out = run_node(model, sampler, cache=cache)
+    sigmas, path, text = out["result"]
+    assert out["ui"]["text"] == [text] and "held-out error vs the start exponential" in text
+    table = load_table(path)  # the dmsteps table format, read back by table_reader.checked_table
+    assert os.path.dirname(path).startswith(str(outputs)) and table["entries"][0]["nfe"] == 4
+    assert table["refine"]["comfyui"]["sampler"] == sampler
+    schedule, shift = model_schedule(model_sampling_of(model))
+    T, eps = float(schedule.T), float(schedule.eps_default)
+    ms = model.get_model_object("model_sampling")
+    start = comfy.samplers.calculate_sigmas(ms, "exponential", 4)  # ComfyUI's own list: the node's start
+    lam = consumer_steps("exponential", schedule, 4, T, eps, shift)  # the start as the node read it
+    read = schedule.sampler_sigma(schedule.step_times(lam, T, eps)[:-1])
+    assert read.tolist() == pytest.approx(start[:-1].tolist(), rel=1e-5)
+    from_file = DmstepsTableFile().get_sigmas(model, path, 4, 1.0)[0]  # what dmsteps table file reads back
+    assert torch.equal(from_file, sigmas) and sigmas.shape == start.shape == (5,) and sigmas[-1].item() == 0.0
+    assert sigmas[0].item() == pytest.approx(start[0].item(), rel=1e-6)
+    noise = torch.randn((8, *SHAPE), generator=torch.Generator().manual_seed(77))  # other noises than the node's
+    long = comfy_samples(comfy, model, LONG[0], comfy.samplers.calculate_sigmas(ms, LONG[1], LONG[2]), noise)
+    refined = rms(comfy_samples(comfy, model, sampler, sigmas, noise), long).mean()
+    started = rms(comfy_samples(comfy, model, sampler, start, noise), long).mean()
+    assert refined < 0.9 * started, (name, sampler, float(refined), float(started), text)
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "heun"])
+def test_ancestral_sde_and_other_samplers_are_refused_in_one_line(models, outputs, sampler):
+    with pytest.raises(BadInput, match=f"sampler {sampler} is not one dmsteps fits") as info:
+        run_node(models["sd"], sampler)
+    assert "\n" not in str(info.value) and "uni_pc_bh2" in str(info.value)
+    assert not list(outputs.rglob("*.json"))
+
+
+def test_a_sampler_not_exact_on_flow_is_refused_there(models):
+    with pytest.raises(BadInput, match="steps in log sigma on flow models") as info:
+        run_node(models["sd3"], "dpmpp_2m")
+    assert "\n" not in str(info.value) and "euler" in str(info.value)
+    assert fitted_solver("dpmpp_2m", "discrete") == ("dpmpp", 2, None)
+    assert fitted_solver("uni_pc_bh2", "edm") == ("unipc", 3, "bh2")
+
+
+def test_a_run_over_its_budget_is_refused_in_one_line_before_it_starts(models, tmp_path):
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    try:
+        with pytest.raises(BadInput, match=r"needs about .* minutes \(one model call took .* over the budget of "
+                                           r"0.01 minutes") as info:
+            run_node(models["sd"], "uni_pc_bh2", noises=8, holdout=16, iterations=1000, minutes=0.01)
+    finally:
+        folder_paths.set_output_directory(before)
+    assert "\n" not in str(info.value)
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_an_interrupt_stops_the_run_and_writes_nothing(comfy, models, tmp_path):
+    import comfy.model_management as mm
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    mm.interrupt_current_processing(True)  # the interrupt button, pressed before the first model call
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_node(models["sd"], "uni_pc_bh2")
+    finally:
+        mm.interrupt_current_processing(False)
+        folder_paths.set_output_directory(before)
+    assert not list(tmp_path.rglob("*.json"))
+
+
+# --- the cache key ---------------------------------------------------------------------------------------
+
+def test_the_cache_key_follows_patches_strengths_conditioning_and_cfg(comfy, models):
+    base = models["sd"]
+    key = comfy_fingerprint(base, conditioning(1), conditioning(2), 3.0)
+    assert comfy_fingerprint(base, conditioning(1), conditioning(2), 3.0) == key  # the same: read back
+    assert comfy_fingerprint(base, conditioning(5), conditioning(2), 3.0) != key  # another prompt
+    assert comfy_fingerprint(base, conditioning(1), conditioning(2), 4.0) != key  # another cfg
+    assert comfy_fingerprint(models["sd3"], conditioning(1), conditioning(2), 3.0) != key  # model_sampling
+    weight = next(k for k in base.model_state_dict() if k.endswith("weight") and "out" in k)
+    shape = base.model_state_dict()[weight].shape
+    keys = []
+    for strength in (1.0, 0.5):  # a weight patch (what a LoRA loader adds), at two strengths
+        patched = base.clone()
+        patched.add_patches({weight: (torch.ones(shape) * 0.01,)}, strength)
+        keys.append(comfy_fingerprint(patched, conditioning(1), conditioning(2), 3.0))
+    assert len({key, *keys}) == 3
+
+
+def test_the_pack_registers_the_refine_node(comfy):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("dmsteps_pack", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dmsteps_pack"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("dmsteps_pack", None)
+    assert module.NODE_DISPLAY_NAME_MAPPINGS["DmstepsRefine"] == "dmsteps refine"
+    node = module.NODE_CLASS_MAPPINGS["DmstepsRefine"]
+    required = node.INPUT_TYPES()["required"]
+    assert {"model", "positive", "negative", "latent_image", "sampler_name", "steps", "cfg", "seed", "noises",
+            "iterations", "minutes", "start"} <= set(required)
+    assert "karras" in required["start"][0] and "sd-unipc-o3" in required["start"][0]
+    json.dumps(required, default=str)
+
+
+def test_the_documented_workflow_names_the_nodes_inputs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "comfyui.md").read_text()
+    block = text.split("## dmsteps refine", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    workflow = json.loads(block)
+    refine = [n for n in workflow.values() if n["class_type"] == "DmstepsRefine"]
+    assert len(refine) == 1
+    assert set(refine[0]["inputs"]) == set(DmstepsRefine.INPUT_TYPES()["required"])
+    sampler = next(n for n in workflow.values() if n["class_type"] == "SamplerCustomAdvanced")
+    assert workflow[sampler["inputs"]["sigmas"][0]]["class_type"] == "DmstepsRefine"
+    assert DmstepsRefine.RETURN_TYPES[sampler["inputs"]["sigmas"][1]] == "SIGMAS"
