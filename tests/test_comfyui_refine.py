@@ -150,11 +150,12 @@ def rms(a, b):
     return (a - b).pow(2).flatten(1).mean(1).sqrt()
 
 
-# model, sampler: both of ComfyUI's exact higher-order samplers on the EDM model (continuous timesteps),
-# euler on a flow model. ComfyUI's discrete SD model rounds the timestep to the nearest of its 1000
-# (model_sampling.timestep: argmin), so its ODE has jumps and the references double to 512 steps and
-# more: too slow for this suite.
-CASES = [("edm", "uni_pc_bh2"), ("edm", "dpmpp_2m"), ("sd3", "euler")]
+# model, sampler: both of ComfyUI's exact higher-order samplers on the EDM model. Not here (measured too
+# slow for this suite on the shared 2-core machine): the discrete SD model, whose timestep ComfyUI rounds
+# to the nearest of its 1000 (model_sampling.timestep: argmin), and the flow models, whose ODE this
+# random network makes nearly straight (4 Euler steps err little): on both the references double past
+# 256 steps. Flow models are covered by the gradient test (flux) and the refusal of dpmpp_2m there.
+CASES = [("edm", "uni_pc_bh2"), ("edm", "dpmpp_2m")]
 LONG = ("uni_pc_bh2", "karras", 40)  # ComfyUI's long-step solution: its sampler, scheduler and steps
 
 
@@ -181,6 +182,7 @@ def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models
     long = comfy_samples(comfy, model, LONG[0], comfy.samplers.calculate_sigmas(ms, LONG[1], LONG[2]), noise)
     refined = rms(comfy_samples(comfy, model, sampler, sigmas, noise), long).mean()
     started = rms(comfy_samples(comfy, model, sampler, start, noise), long).mean()
+    print(f"{name} {sampler}: ComfyUI's error refined {float(refined):.4g}, start {float(started):.4g}\n{text}")
     assert refined < 0.9 * started, (name, sampler, float(refined), float(started), text)
 
 
