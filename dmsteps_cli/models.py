@@ -136,8 +136,8 @@ def _flux_dev(width: int) -> ModelRecord:
         comfyui_class="Flux", comfyui_sampling=FLUX, comfyui_setting=None, comfyui_patch=(width, width),
         shifts=(Setting("ComfyUI", math.exp(mu), f"{COMFYUI_NODES} ModelSamplingFlux.patch(max_shift 1.15, base_shift "
                         f"0.5, width = height = {width}): mu = {mu:.6g}, s = e^mu"),
-                Setting("diffusers", math.exp(mu), "diffusers pipelines/flux/pipeline_flux.py calculate_shift (defaults "
-                        f"256, 4096, 0.5, 1.15) at {width * width // FLUX_PIXELS_PER_TOKEN} tokens; "
+                Setting("diffusers", math.exp(mu), "diffusers pipelines/flux/pipeline_flux.py calculate_shift "
+                        f"(defaults 256, 4096, 0.5, 1.15) at {width * width // FLUX_PIXELS_PER_TOKEN} tokens; "
                         "FlowMatchEulerDiscreteScheduler time_shift_type exponential")),
         shift_from="ComfyUI",
         steps=(Setting("diffusers", 28, "diffusers FluxPipeline.__call__ num_inference_steps"),
@@ -189,7 +189,8 @@ def _records() -> list[ModelRecord]:
                               "ModelSamplingDiscrete 'lcm' patched model (comfy_extras/nodes_model_advanced.py) or "
                               "diffusers' LCMScheduler; dmsteps refuses LCM models"),
         ModelRecord("sd3", "Stable Diffusion 3 / 3.5", "flow", "sd3", "euler", 1,
-                    "diffusers StableDiffusion3Pipeline: FlowMatchEulerDiscreteScheduler; ComfyUI: " + KSAMPLER_DEFAULTS,
+                    "diffusers StableDiffusion3Pipeline: FlowMatchEulerDiscreteScheduler; ComfyUI: "
+                    + KSAMPLER_DEFAULTS,
                     comfyui_class="SD3", comfyui_sampling=DISCRETE_FLOW, comfyui_setting=3.0,
                     shifts=(_comfy_shift("SD3", DISCRETE_FLOW, 3.0),), shift_from="ComfyUI",
                     steps=(Setting("diffusers", 28, "diffusers StableDiffusion3Pipeline.__call__ num_inference_steps"),

@@ -134,7 +134,8 @@ def optimized_split(table: dict, nfe: int, sigma: float) -> Split:
     above = cut_index(table, nfe, sigma)
     best = None
     lowest, highest = PART_MIN_NFE, nfe - PART_MIN_NFE
-    for n_high in range(max(lowest, min(above, highest) - SPLIT_WINDOW), min(highest, max(above, lowest) + SPLIT_WINDOW) + 1):
+    first = max(lowest, min(above, highest) - SPLIT_WINDOW)
+    for n_high in range(first, min(highest, max(above, lowest) + SPLIT_WINDOW) + 1):
         high = segment_entry(table, n_high, T, t_split)
         low = segment_entry(table, nfe - n_high, t_split, eps)
         total = _objective(table, high, T, t_split) + _objective(table, low, t_split, eps)
@@ -219,8 +220,8 @@ def denoise_steps(table: dict, nfe: int, denoise: float) -> dict:
     if k == nfe:
         return entry
     if k < PART_MIN_NFE:
-        raise bad_setting("denoise", f"{denoise:g} of {nfe} steps rounds to {k}, fewer than {PART_MIN_NFE} steps: raise "
-                                     "denoise or the steps")
+        raise bad_setting("denoise", f"{denoise:g} of {nfe} steps rounds to {k}, fewer than {PART_MIN_NFE} "
+                                     "steps: raise denoise or the steps")
     return segment_entry(table, k, float(entry["t"][nfe - k]), float(table["config"]["eps"]))
 
 

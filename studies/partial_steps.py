@@ -18,7 +18,8 @@ denoiser at eps (evaluate's frame); its error, against 2 x REF_STEPS, is reporte
 Errors: the mean over the noises of RMS(x - x_ref) per sample; ratios with a paired 95% bootstrap
 interval (``evaluate.paired_ratio_ci``).
 
-    python -m studies.partial_steps [--noises 128] [--out build/partial/results.json]
+    python -m studies.partial_steps [--noises 64] [--out build/partial/results.json]
+    python -m studies.partial_steps --summary LOG      # the summary table of a run's log
 
 Run time: about 10 minutes on one core.
 """
@@ -124,8 +125,8 @@ def split_study(noises: int, proxies) -> list[dict]:
             for sigma in SPLIT_SIGMAS:
                 for n in c["nfe"]:
                     errs = {}
-                    for kind, parts in (("split", optimized_split(table, n, sigma)), ("cut", cut_steps(table, n, sigma)),
-                                        ("warp", warped_split(table, n, sigma))):
+                    methods = (("split", optimized_split), ("cut", cut_steps), ("warp", warped_split))
+                    for kind, parts in ((kind, method(table, n, sigma)) for kind, method in methods):
                         t_mid = float(parts.high["t"][-1])
                         x = run(den, schedule, parts.high["lambda"], T, t_mid, x_T, c["solver"], c["order"],
                                 c.get("variant"))
@@ -180,13 +181,42 @@ def denoise_study(noises: int, proxies) -> list[dict]:
     return rows
 
 
+def _geomean(values) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: per table and method, the geometric mean over proxies, sigmas or denoises and NFEs
+    of the error ratio to cutting the list, the range, and in how many cases its 95% interval lies
+    wholly below 1 (better) or above 1 (worse)."""
+    lines = ["| measured | table | vs | cases | geometric mean ratio | range | better / worse (95%) |",
+             "|---|---|---|---|---|---|---|"]
+    for key, what, base in (("split_vs_cut", "split, optimize", "cut"), ("warp_vs_cut", "split, warp", "cut"),
+                            ("partial_vs_tail", "denoise, placed", "tail")):
+        tables = sorted({r["table"] for r in rows if key in r})
+        for table in tables:
+            picked = [r[key] for r in rows if key in r and r["table"] == table]
+            ratios = [p["ratio"] for p in picked]
+            better = sum(p["ci"][1] < 1 for p in picked)
+            worse = sum(p["ci"][0] > 1 for p in picked)
+            lines.append(f"| {what} | {table} | {base} | {len(picked)} | {_geomean(ratios):.3f} | "
+                         f"{min(ratios):.3f} to {max(ratios):.3f} | {better} / {worse} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--noises", type=int, default=128)
+    parser.add_argument("--noises", type=int, default=64)
     parser.add_argument("--proxies", default=",".join(PROXIES))
     parser.add_argument("--only", choices=("split", "denoise"), default=None)
     parser.add_argument("--out", default="build/partial/results.json")
+    parser.add_argument("--summary", metavar="LOG", default=None,
+                        help="Print the summary table of a run's log (its JSON lines) and stop.")
     args = parser.parse_args(argv)
+    if args.summary is not None:
+        lines = Path(args.summary).read_text().splitlines()
+        print(summary([json.loads(line) for line in lines if line.startswith("{")]), end="")
+        return
     torch.set_num_threads(1)
     proxies = args.proxies.split(",")
     start = time.time()
@@ -199,6 +229,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+    print(summary(results.get("split", []) + results.get("denoise", [])), end="")
     print(f"wrote {out} in {results['seconds']:.0f} s")
 
 

@@ -72,7 +72,7 @@ def test_a_ksampler_run_with_dmsteps_calls_the_model_at_the_tables_steps(comfy, 
 
 
 def test_without_a_ready_made_table_the_default_steps_for_the_model_run(comfy, comfy_models, pack):  # noqa: F811
-    model = comfy_models["flux"]  # no bundled table at FLUX's shift e^1.15: its default steps, made for it
+    model = comfy.advanced.ModelSamplingSD3().patch(comfy_models["sd"], shift=4.2)[0]  # no table at shift 4.2
     calls = ksampler_calls(comfy, model, "euler", "dmsteps", steps=8)
     made = optimized_sigmas(model.get_model_object("model_sampling"), "ddim", 1, 8)
     assert len(calls) == 8 and calls[0] == pytest.approx(1.0)
@@ -92,7 +92,7 @@ def test_a_sampler_that_runs_no_table_falls_back_with_one_warning(comfy, comfy_m
 
 
 def test_basic_scheduler_gets_the_steps_for_euler(comfy, comfy_models, pack):  # noqa: F811
-    ms = comfy_models["sd3"].get_model_object("model_sampling")
+    ms = comfy.advanced.ModelSamplingSD3().patch(comfy_models["sd"], shift=4.2)[0].get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "dmsteps", 6)
     assert sigmas.tolist() == pytest.approx(optimized_sigmas(ms, "ddim", 1, 6), rel=1e-6)
 

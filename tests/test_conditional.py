@@ -75,9 +75,11 @@ def guided_x0(model, channels, x, timestep, alpha, sigma, labels, null, g):
     return (x - sigma * eps) / alpha
 
 
-def direct_solution(ckpt, seeds, labels, null, g, lam, solver="unipc", order=3, variant="bh2"):
+def direct_solution(ckpt, seeds, labels, null, g, lam, solver="unipc", order=3, variant="bh2", to_zero=False):
     """The samples from each seed's noise (a standard normal on the CPU from its own generator) for
-    the steps ``lam``, noise i conditioned on labels[i]."""
+    the steps ``lam``, noise i conditioned on labels[i]; with ``to_zero`` as the consumers run them
+    (docs/cli.md, "One frame"): the last model call's output, which UniPC's order-1 last step to
+    sigma 0 returns."""
     s = ckpt.schedule
     lam = np.asarray(lam, dtype=np.float64)
     steps = step_arrays(s, lam, s.T, s.eps_default)
@@ -86,8 +88,26 @@ def direct_solution(ckpt, seeds, labels, null, g, lam, solver="unipc", order=3, 
     x = torch.stack([torch.randn(ckpt.sample_shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
     plan = build_plan(s, lam, solver, order, variant).map(float)
     channels = ckpt.sample_shape[0]
-    return run_plan(plan, x, lambda x, k: guided_x0(ckpt.model, channels, x, steps["timesteps"][k], float(alpha[k]),
-                                                    float(sigma[k]), labels, null, g))
+    outputs = []
+
+    def denoise(x, k):
+        outputs.append(guided_x0(ckpt.model, channels, x, steps["timesteps"][k], float(alpha[k]), float(sigma[k]),
+                                 labels, null, g))
+        return outputs[-1]
+
+    x = run_plan(plan, x, denoise)
+    return outputs[-1] if to_zero else x
+
+
+def direct_reference(ckpt, seeds, labels, null, g, steps):
+    """The reference at sigma 0: UniPC-3 (bh2) on ``steps`` uniform-lambda steps to eps, then the
+    guided data prediction there."""
+    s = ckpt.schedule
+    at_eps = direct_solution(ckpt, seeds, labels, null, g, grid_lambda("unif", s, steps, s.T, s.eps_default),
+                             *REF_SOLVER)
+    eps = np.array([s.eps_default])
+    return guided_x0(ckpt.model, ckpt.sample_shape[0], at_eps, float(s.model_timestep(eps)[0]), float(s.alpha(eps)[0]),
+                     float(s.sigma(eps)[0]), labels, null, g)
 
 
 def mean_rms(x, ref) -> float:
@@ -108,10 +128,10 @@ def test_evaluate_equals_a_direct_computation(models, case):
     assert pair_labels(labels, 4) == per_noise
     s = ckpt.schedule
     seeds = range(5, 9)
-    ref = direct_solution(ckpt, seeds, per_noise, null, g,
-                          grid_lambda("unif", s, rep["reference"]["steps"], s.T, s.eps_default), *REF_SOLVER)
+    ref = direct_reference(ckpt, seeds, per_noise, null, g, rep["reference"]["steps"])
     for row in rep["rows"]:
-        x = direct_solution(ckpt, seeds, per_noise, null, g, grid_lambda(row["grid"], s, 5, s.T, s.eps_default))
+        x = direct_solution(ckpt, seeds, per_noise, null, g, grid_lambda(row["grid"], s, 5, s.T, s.eps_default),
+                            to_zero=True)
         assert row["error"] == pytest.approx(mean_rms(x, ref), rel=1e-5), row
     # guidance and the labels change the numbers
     plain = evaluate(EvalRequest(checkpoint=str(models[name]), class_label=labels[0], null_class=null_given,
@@ -181,20 +201,23 @@ def test_the_cache_keeps_each_seeds_label_guidance_and_null_class(models, tmp_pa
         ev = conditioned_evaluator(model, seeds, labels, g, s.T, s.eps_default, ref_steps=32, cache=cache)
         return ev, cache, sum(calls)
 
+    # the stored x_32 and x_64 at eps are carried to sigma 0 by one call each (docs/cli.md, "One frame"),
+    # cached or not: guided, 2 rows a call
+    to_zero = 2 * 2 * 4
     first, cache, n = measure((0, 1))  # seeds 0..3 with labels 0, 1, 0, 1
-    assert (cache.hits, cache.misses, cache.written) == (0, 8, 8) and n == 2 * 4 * (32 + 64)  # guided: 2 rows each
+    assert (cache.hits, cache.misses, cache.written) == (0, 8, 8) and n == 2 * 4 * (32 + 64) + to_zero
     assert sorted(first._entries) == [0, 1]
     again, cache, n = measure((0, 1))
-    assert (cache.hits, cache.misses, n) == (8, 0, 0) and torch.equal(again.reference, first.reference)
+    assert (cache.hits, cache.misses, n) == (8, 0, to_zero) and torch.equal(again.reference, first.reference)
     swapped, cache, n = measure((1, 0))  # every seed now has the other label
     assert (cache.hits, cache.misses) == (0, 8) and n > 0
     assert not torch.equal(swapped.reference, first.reference)
     one, cache, n = measure((1,))  # seeds 1, 3 stored with label 1 by the first, 0, 2 by the swapped
-    assert (cache.hits, cache.misses, n) == (8, 0, 0)
+    assert (cache.hits, cache.misses, n) == (8, 0, to_zero)
     torch.testing.assert_close(one.reference[[1, 3]], first.reference[[1, 3]], rtol=0, atol=0)
     torch.testing.assert_close(one.reference[[0, 2]], swapped.reference[[0, 2]], rtol=0, atol=0)
     more, cache, n = measure((0, 1), seeds=range(2, 6))  # seeds 2, 3 keep labels 0, 1: read; 4, 5 new
-    assert (cache.hits, cache.misses) == (4, 4) and n == 2 * 2 * (32 + 64)
+    assert (cache.hits, cache.misses) == (4, 4) and n == 2 * 2 * (32 + 64) + to_zero
     _, cache, n = measure((0, 1), g=3.0)  # another guidance scale
     assert (cache.hits, cache.misses) == (0, 8)
     other_null = dataclasses.replace(ckpt, null_class=2)  # the same weights

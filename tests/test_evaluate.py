@@ -226,7 +226,8 @@ def test_refine_grad_batch_changes_memory_not_the_result(files):
     assert split["refine"]["train_error"] == pytest.approx(whole["refine"]["train_error"], rel=1e-6)
     r = subprocess.run([sys.executable, "-m", "dmsteps_cli", "refine", "-c", str(root / "mix.yaml"), "-t", str(table),
                         "--grad-batch", "0"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--grad-batch must be between 1 and 65536, got 0" in r.stderr
+    assert r.returncode == 2 and "--grad-batch is deprecated" in r.stderr
+    assert r.stderr.splitlines()[-1] == "error: --batch must be between 1 and 65536, got 0"
 
 
 # --- one frame, every baseline that fits (issue 27) ------------------------------------------------

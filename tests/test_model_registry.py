@@ -168,17 +168,25 @@ def test_a_models_own_table_is_picked_when_the_folder_holds_it():
                                             order=2))).own
 
 
+FAMILY_INDEX = {"files": [_row(f"{family}-{solver}-o{order}.json", schedule, shift, solver, order)
+                          for family, schedule, shift in (("sd", "scaled_linear", None), ("flow-shift1", "flow", 1.0),
+                                                          ("flow-shift3", "flow", 3.0))
+                          for solver in ("unipc", "dpmpp") for order in (2, 3)]}  # the family tables alone
+
+
 def test_without_its_own_table_a_model_gets_the_family_table_of_the_nearest_shift():
-    wan = tables_for(MODELS["wan21"])
+    wan = tables_for(MODELS["wan21"], FAMILY_INDEX)
     assert not wan.own
     assert wan.name == "flow-shift3-unipc-o2"  # the same solver and order, shift 3 nearest 8 of {1, 3}
     assert "wan21-shift8-unipc-o2 is not built yet" in wan.note and "shift 3" in wan.note
-    auraflow = tables_for(MODELS["auraflow"])  # 1.73: |log(1.73/1)| = 0.548 < |log(3/1.73)| = 0.550
+    auraflow = tables_for(MODELS["auraflow"], FAMILY_INDEX)  # 1.73: |log(1.73/1)| = 0.548 < |log(3/1.73)| = 0.550
     assert auraflow.name.startswith("flow-shift1-")
-    sd3 = tables_for(MODELS["sd3"], solver="unipc", order=3)
+    sd3 = tables_for(MODELS["sd3"], FAMILY_INDEX, solver="unipc", order=3)
     assert sd3.name == "flow-shift3-unipc-o3" and "placed for shift" not in sd3.note
-    sd = tables_for(MODELS["sd15"], solver="dpmpp", order=2)
+    sd = tables_for(MODELS["sd15"], FAMILY_INDEX, solver="dpmpp", order=2)
     assert sd.name == "sd-dpmpp-o2"
+    euler = tables_for(MODELS["flux1-dev-1024"], FAMILY_INDEX)  # no Euler table: the nearest order, 2
+    assert euler.name == "flow-shift3-dpmpp-o2" and "not euler order 1" in euler.note
     assert table_suffix("euler", 1) == "euler" and table_suffix("unipc", 3) == "unipc-o3"
 
 
@@ -196,8 +204,11 @@ def test_tables_model_answers_for_every_model_with_table_sampler_and_shift():
     assert [line.split("\t")[0] for line in lines] == list(MODELS)
     one = _cli("tables", "--model", "flux1-dev")
     assert one.returncode == 0, one.stderr
-    assert "shift: 3.15819" in one.stdout and "table: flow-shift3-" in one.stdout and "sampler: " in one.stdout
-    assert "flux1-dev-1024-euler is not built yet" in one.stdout
+    assert "shift: 3.15819" in one.stdout and "sampler: " in one.stdout
+    choice = tables_for(MODELS["flux1-dev-1024"])  # the bundled tables: the model's own once it is built
+    assert f"table: {choice.name}" in one.stdout
+    if not choice.own:
+        assert "flux1-dev-1024-euler is not built yet" in one.stdout
     schnell = _cli("tables", "--model", "flux1-schnell")
     assert "distilled: " in schnell.stdout and "table:" not in schnell.stdout
 
@@ -232,3 +243,16 @@ def test_optimize_model_refuses_distilled_models_and_a_second_schedule(tmp_path,
     assert not out.exists()
     if "schnell" in args[1]:
         assert "fixed by training" in r.stderr and "simple scheduler" in r.stderr
+
+
+def test_docs_models_lists_every_record_with_its_shift():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text()
+    for record in MODELS.values():
+        row = next((line for line in text.splitlines() if f"| `{record.name}` |" in line), None)
+        assert row is not None, record.name
+        if record.shift is not None:
+            assert f"| {record.shift:.6g} ({record.shift_from}) |" in row, record.name
+        for setting in record.shifts:
+            assert setting.source in row, (record.name, setting.source)

@@ -119,3 +119,25 @@ def test_show_prints_the_two_runs_and_the_partial_run():
 def test_show_refuses_bad_parts_in_one_line(args):
     r = _show("flow-shift3-unipc-o2", *args)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_the_partial_steps_study_runs_cut_down(monkeypatch, tmp_path):
+    """studies/partial_steps on one small table per part, 4 noises, a short reference: every row has
+    its ratios with intervals, and the summary counts them."""
+    from studies import partial_steps
+
+    monkeypatch.setattr(partial_steps, "REF_STEPS", 40)
+    wan = StepConfig(schedule="flow", shift=8.0, solver="unipc", order=2, nfe=(8,))
+    monkeypatch.setattr(partial_steps, "SPLIT_TABLES", {"flow shift 8": wan})
+    monkeypatch.setattr(partial_steps, "SPLIT_SIGMAS", (0.875,))
+    monkeypatch.setattr(partial_steps, "DENOISE_TABLES", {"edm-unipc-o3": None})
+    monkeypatch.setattr(partial_steps, "DENOISE_NFE", (10,))
+    monkeypatch.setattr(partial_steps, "DENOISES", (0.5,))
+    rows = partial_steps.split_study(4, ["spectral-64"])
+    assert len(rows) == 1 and rows[0]["nfe"] == 8
+    assert all(r["split_vs_cut"]["ci"][0] <= r["split_vs_cut"]["ratio"] <= r["split_vs_cut"]["ci"][1] for r in rows)
+    rows += partial_steps.denoise_study(4, ["spectral-64"])
+    assert rows[-1]["steps"] == 5 and rows[-1]["partial_vs_tail"]["b"] > 0
+    text = partial_steps.summary(rows)
+    assert "| split, warp | flow shift 8 | cut | 1 |" in text
+    assert "| denoise, placed | edm-unipc-o3 | tail | 1 |" in text

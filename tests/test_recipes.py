@@ -20,6 +20,7 @@ and noise.
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -42,7 +43,7 @@ from dmsteps_cli.runtime import noise_for, to_data_prediction  # noqa: E402
 from dmsteps_cli.sample import SampleRequest, run_sample  # noqa: E402
 from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
 from dmsteps_cli.solvers import build_plan, run_plan  # noqa: E402
-from tiny import record_orders, save_pipeline, save_tiny_text_to_image, tiny_unet  # noqa: E402
+from tiny import record_orders, save_pipeline, save_tiny_text_to_image, tiny_flux_pipeline, tiny_unet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## 30-second start"  # the README's recipes are in this section; docs/recipes.md holds the rest
@@ -53,7 +54,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 # every recipe of README.md and docs/recipes.md must be one of these (and each is used by a test below)
 RECIPES = {"diffusers", "diffusers-dpmpp", "diffusers-call", "diffusers-loop", "diffusers-flow", "sigmas-cli",
-           "k-diffusion", "sdcpp-cli", "sdcpp", "dpm-solver"}
+           "k-diffusion", "sdcpp-cli", "sdcpp", "dpm-solver", "flux-table", "diffusers-flux", "diffusers-flux-sigmas",
+           "sdcpp-flux", "wan22-split"}
 
 
 # --- reading README.md and docs/recipes.md -----------------------------------------------------------
@@ -102,7 +104,9 @@ def at_nfe(code: str, n: int) -> str:
 
 # a table as a recipe names it: a path tables/<file>.json, or a ready-made table's name (with or
 # without .json), e.g. "sd-unipc-o3"
-TABLE_REF = re.compile(r"(?<![\w./-])((?:tables/)?[a-z0-9]+(?:-[a-z0-9]+)*-(?:unipc|dpmpp)-o\d(?:\.json)?)(?![\w.-])")
+TABLE_REF = re.compile(r"(?<![\w./-])((?:tables/)?[a-z0-9]+(?:-[a-z0-9]+)*-(?:(?:unipc|dpmpp)-o\d|euler)(?:\.json)?)"
+                       r"(?![\w.-])")
+WRITTEN = re.compile(r"-o (\S+\.json)")  # a table a shell recipe writes (dmsteps optimize -o FILE)
 
 
 def table_refs(code: str) -> list[str]:
@@ -138,10 +142,13 @@ def test_recipes_are_all_known_and_in_place():
     assert {lang for lang, _ in ALL.values()} == {"python", "sh"}
     # every table a recipe names exists: a ready-made table or a file scripts/make_tables.py makes
     made = {row["file"] for row in _make_tables_module().plan()}
+    written = {f for lang, code in ALL.values() if lang == "sh" for f in WRITTEN.findall(code)}
     for name, (_, code) in ALL.items():
         refs = table_refs(code)
-        assert refs or name in ("diffusers-loop", "diffusers-call"), f"recipe {name} names no table"
+        assert refs or name in ("diffusers-loop", "diffusers-call", "wan22-split"), f"recipe {name} names no table"
         for ref in refs:
+            if ref in written:
+                continue
             if ref.startswith("tables/"):
                 assert ref[len("tables/"):] in made, (name, ref)
             else:
@@ -375,6 +382,114 @@ def test_k_diffusion_and_comfyui(in_workdir):
     assert bool((sigmas[1:] < sigmas[:-1]).all())
     manual = [float(v) for v in ns["manual_sigmas"].split(",")]
     assert manual == entry["sigmas"][:-1] + [0.0]
+
+
+# --- FLUX.1-dev and Wan 2.2 by name ----------------------------------------------------------------
+
+FLUX_NFE = 28
+
+
+@pytest.fixture(scope="module")
+def flux_table(workdir, tmp_path_factory):
+    """The flux-table recipe run in the recipes' folder: the table it writes."""
+    r = run_shell(recipe("flux-table", "sh"), workdir, tmp_path_factory.mktemp("flux-table"))
+    assert r.returncode == 0, r.stderr
+    return load_table(str(workdir / "flux1-dev-1024-euler.json"))
+
+
+def test_flux_table_is_made_for_flux_at_its_shift(flux_table):
+    config = flux_table["config"]
+    assert (config["schedule"], config["solver"], config["order"]) == ("flow", "ddim", 1)
+    assert config["shift"] == pytest.approx(math.exp(1.15), rel=1e-12) and FLUX_NFE in config["nfe"]
+
+
+def _tiny_flux(tmp_path):
+    pipe = tiny_flux_pipeline(tmp_path / "flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux_run(pipe, code: str, namespace: dict):
+    """Run a FluxPipeline recipe at the tiny pipeline's size (16 x 16 pixels, 16 latent tokens: the
+    1024 x 1024 of the recipe and its 4096 tokens replaced) with latents out; the transformer's
+    timestep and output at every call, and the final latents."""
+    code = code.replace("height=1024, width=1024", "height=16, width=16, output_type=\"latent\"")
+    code = code.replace("flux_mu(1024, 1024)", "flux_mu(64, 64)")  # 64 x 64 pixels are 16 tokens, as the tiny VAE's 16
+    code = code.replace(".images[0]", ".images")
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((float(kwargs["timestep"][0]), out[0].detach().double())),
+        with_kwargs=True)
+    start = []
+    prepare = pipe.prepare_latents
+
+    def keep_start(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        start.append(out[0].detach().double().clone())
+        return out
+
+    pipe.prepare_latents = keep_start
+    with torch.no_grad():
+        ns = run_python(code, {"pipe": pipe, **namespace})
+    hook.remove()
+    return calls, start[0], ns["image"].double()
+
+
+def _euler_by_hand(start, calls, sigmas):
+    """Euler's method over ``sigmas`` (ending in 0) with the recorded velocities: x += (s' - s) v."""
+    x = start.clone()
+    for (_, v), s, s_next in zip(calls, sigmas, sigmas[1:]):
+        x = x + (s_next - s) * v
+    return x
+
+
+def test_flux_in_diffusers_with_the_euler_table(in_workdir, flux_table, tmp_path):
+    """FluxPipeline's own call after the diffusers-flux recipe: 28 transformer calls at the table's
+    points, and Euler's method over them to 0 gives the pipeline's latents."""
+    entry = entry_for(flux_table, FLUX_NFE)
+    pipe = _tiny_flux(tmp_path)
+    calls, start, latents = _flux_run(pipe, recipe("diffusers-flux", "python"), {})
+    assert len(calls) == FLUX_NFE
+    np.testing.assert_allclose([t for t, _ in calls], entry["t"][:-1], rtol=1e-6)
+    sigmas = [float(v) for v in pipe.scheduler.sigmas]
+    np.testing.assert_allclose(sigmas, entry["t"], rtol=1e-6)  # apply_table's frame: the table's own points
+    diff = (_euler_by_hand(start, calls, sigmas) - latents).abs().max().item()
+    MEASURED["diffusers-flux (FluxPipeline, Euler table) vs Euler by hand"] = diff
+    assert diff < TOL * max(1.0, latents.abs().max().item())
+
+
+def test_flux_with_pipe_sigmas(in_workdir, flux_table, tmp_path):
+    """pipe(sigmas=...) as the recipe passes them: FluxPipeline shifts them back to the consumer's
+    list (1.0, the table's t_1 ... t_27, then 0), 28 calls there."""
+    entry = entry_for(flux_table, FLUX_NFE)
+    pipe = _tiny_flux(tmp_path)
+    calls, start, latents = _flux_run(pipe, recipe("diffusers-flux-sigmas", "python"), {})
+    want = [1.0] + entry["t"][1:-1]
+    assert len(calls) == FLUX_NFE
+    np.testing.assert_allclose([t for t, _ in calls], want, rtol=1e-6)
+    sigmas = [float(v) for v in pipe.scheduler.sigmas]
+    np.testing.assert_allclose(sigmas, want + [0.0], rtol=1e-6)
+    diff = (_euler_by_hand(start, calls, sigmas) - latents).abs().max().item()
+    MEASURED["diffusers-flux-sigmas (FluxPipeline, pipe(sigmas=)) vs Euler by hand"] = diff
+    assert diff < TOL * max(1.0, latents.abs().max().item())
+
+
+def test_sdcpp_flux(in_workdir, flux_table, tmp_path):
+    r = run_shell(recipe("sdcpp-flux", "sh"), in_workdir, tmp_path)
+    assert r.returncode == 0, r.stderr
+    sigmas = _sd_sigmas(json.loads((tmp_path / "sd_args.json").read_text()))
+    entry = entry_for(flux_table, FLUX_NFE)
+    assert sigmas == [1.0] + entry["t"][1:-1] + [0.0] and len(sigmas) == FLUX_NFE + 1
+
+
+def test_wan22_split(in_workdir, tmp_path):
+    r = run_shell(recipe("wan22-split", "sh"), in_workdir, tmp_path)
+    assert r.returncode == 0, r.stderr
+    high, low = ([float(v) for v in line.split(",")] for line in r.stdout.splitlines())
+    assert high[0] == 1.0 and high[-1] == low[0] == 0.875 and low[-1] == 0.0
+    assert (len(high) - 1) + (len(low) - 1) == 20
+    config = load_table(str(in_workdir / "wan22.json"))["config"]
+    assert (config["shift"], config["solver"], config["order"]) == (8.0, "unipc", 2)
 
 
 # --- stable-diffusion.cpp ---------------------------------------------------------------------------

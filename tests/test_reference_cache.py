@@ -1,6 +1,7 @@
 """The reference solution: its convergence rule, and the on-disk cache that computes it once.
 
-Model calls are counted by wrapping the denoiser: a reference read from the cache costs none. The
+Model calls are counted by wrapping the denoiser: a reference read from the cache costs only the
+step that carries x_S and x_2S from eps to sigma 0 (one call per batch of noises each, ``TO_ZERO``). The
 convergence rule is checked against independent solves (x_S, x_2S and a much finer one) and, for a
 mixture whose ODE has a closed form, against the exact solution.
 """
@@ -25,6 +26,7 @@ from dmsteps_cli.reference_cache import (ReferenceCache, default_folder, key_of,
                                          settings)
 
 torch.set_num_threads(1)
+TO_ZERO = 2  # calls per batch of noises that carry x_S and x_2S to sigma 0 (docs/cli.md, "One frame")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "COLUMNS": "1000"}
 
 
@@ -59,12 +61,13 @@ def quad(ev, nfe):
 def test_a_second_evaluator_reads_every_reference_solution(tmp_path):
     ckpt = mixture()
     first, _ = evaluator(ckpt, range(6), ReferenceCache(tmp_path))
-    e1 = first.errors(quad(first, 16), "unipc", 3, "bh2")  # small enough to double S at least once
+    e1 = first.errors(quad(first, 24), "unipc", 3, "bh2")  # small enough to double S at least once
     assert first.reference_steps > 128
     cache = ReferenceCache(tmp_path)
     second, counted = evaluator(ckpt, range(6), cache)
-    e2 = second.errors(quad(second, 16), "unipc", 3, "bh2")
-    assert counted.batches == [6] * 16  # the 16 steps measured, no reference step
+    e2 = second.errors(quad(second, 24), "unipc", 3, "bh2")
+    uses = len(first_steps(first)) - 1  # the S the reference was taken at, each carried to sigma 0 again
+    assert counted.batches == [6] * (24 + TO_ZERO * uses)  # the 24 steps measured, no reference step
     assert cache.misses == 0 and cache.written == 0 and cache.hits == 6 * (len(first_steps(first)))
     assert torch.equal(second.reference, first.reference) and np.array_equal(e1, e2)
     assert second.reference_info == first.reference_info
@@ -85,7 +88,7 @@ def test_more_noises_compute_only_the_new_ones(tmp_path):
     first, _ = evaluator(ckpt, range(4), ReferenceCache(tmp_path))
     cache = ReferenceCache(tmp_path)
     second, counted = evaluator(ckpt, range(8), cache)
-    assert counted.batches == [4] * (64 + 128)  # seeds 4..7 only, at S = 64 and 2S = 128
+    assert counted.batches == [4] * (64 + 128) + [8] * TO_ZERO  # seeds 4..7 only, at S = 64 and 2S = 128
     assert cache.hits == cache.misses == cache.written == 4 * 2
     assert torch.equal(second.reference[:4], first.reference)
     files = sorted(p.name for p in (tmp_path / "references" / second._entries[None].key / f"{REF_NAME}-128").iterdir())
@@ -97,7 +100,7 @@ def test_changed_weights_change_the_key(tmp_path):
     evaluator(ckpt, range(3), ReferenceCache(tmp_path))
     cache = ReferenceCache(tmp_path)
     moved, counted = evaluator(mixture(shift=1e-9), range(3), cache)  # every mean moved by 1e-9
-    assert cache.hits == 0 and cache.misses == 6 and sum(counted.batches) == 3 * (64 + 128)
+    assert cache.hits == 0 and cache.misses == 6 and sum(counted.batches) == 3 * (64 + 128 + TO_ZERO)
     assert len(list((tmp_path / "references").iterdir())) == 2
     assert model_fingerprint(mixture()) == model_fingerprint(ckpt) != model_fingerprint(mixture(shift=1e-9))
 
@@ -126,7 +129,7 @@ def test_unreadable_files_are_computed_again(tmp_path):
     (folder / "4.npy").unlink()
     cache = ReferenceCache(tmp_path)
     second, counted = evaluator(ckpt, range(5), cache)
-    assert counted.batches == [5] * 128  # seeds 0..4 again, for S = 128 only
+    assert counted.batches == [5] * (128 + TO_ZERO)  # seeds 0..4 again, for S = 128 only
     assert cache.unreadable == 4 and cache.misses == 5 and cache.hits == 5 and cache.written == 5
     torch.testing.assert_close(second.reference, first.reference, rtol=0, atol=1e-12)
     third_cache = ReferenceCache(tmp_path)
@@ -139,7 +142,7 @@ def test_without_a_cache_everything_is_computed(tmp_path, monkeypatch):
     ckpt = mixture()
     evaluator(ckpt, range(2), ReferenceCache(tmp_path / "given"))
     _, counted = evaluator(ckpt, range(2), None)
-    assert sum(counted.batches) == 2 * (64 + 128)
+    assert sum(counted.batches) == 2 * (64 + 128 + TO_ZERO)
     assert open_cache(tmp_path / "given", enabled=False) is None
     assert not (tmp_path / "default").exists()
 
@@ -180,14 +183,14 @@ def test_the_reference_and_its_double_agree_to_the_stated_tolerance():
     mean error measured; the reference x_2S is that close to a 4x finer solution too."""
     ckpt = mixture()
     ev, _ = evaluator(ckpt, range(6), None)
-    errors = [float(ev.errors(quad(ev, n), "unipc", 3, "bh2").mean()) for n in (6, 10, 16)]
+    errors = [float(ev.errors(quad(ev, n), "unipc", 3, "bh2").mean()) for n in (6, 12, 24)]
     info = ev.reference_info
     assert info["rule_met"] and info["smallest_error"] == pytest.approx(min(errors), rel=1e-9)
     S = ev.reference_steps // 2
     assert info["steps"] == 2 * S and info["check"] == f"RMS difference to {S} steps" and S > 64
 
-    def solution(steps):
-        return ev.solve(ev._uniform(steps), *REF_SOLVER)
+    def solution(steps):  # to eps on uniform lambda, then the step to sigma 0
+        return ev._to_zero(ev._solve(ev.x_T, ev._uniform(steps), *REF_SOLVER))
 
     x_S, x_2S = solution(S), solution(2 * S)
     check = float(rms_per_sample(x_S, x_2S).mean())
@@ -209,14 +212,14 @@ def test_the_numerical_reference_matches_the_exact_ode_solution():
     error = float(ev.errors(quad(ev, 8), "unipc", 3, "bh2").mean())
     exact = GaussianMixture(mu, 0.2, sample_shape=(1, 4, 4)).ode_solution(
         ev.x_T, float(s.alpha(ev.T)), float(s.sigma(ev.T)), float(s.alpha(ev.eps)), float(s.sigma(ev.eps)))
-    gap = float(rms_per_sample(ev.reference, exact).mean())
+    gap = float(rms_per_sample(ev.reference, ev._to_zero(exact.to(ev.x_T.dtype))).mean())
     assert ev.reference_info["rule_met"] and gap <= ev.check_error <= REF_TOLERANCE * error
 
 
 def test_ref_steps_sets_the_first_s_and_is_bounded():
     ckpt = mixture()
     ev, counted = evaluator(ckpt, range(2), None, ref_steps=32)
-    assert ev.reference_steps == 64 and sum(counted.batches) == 2 * (32 + 64)
+    assert ev.reference_steps == 64 and sum(counted.batches) == 2 * (32 + 64 + TO_ZERO)
     with pytest.raises(BadInput, match="^ref_steps must be between 32 and 100000, got 31$"):
         evaluator(ckpt, range(2), None, ref_steps=31)
 
@@ -238,19 +241,19 @@ def unet_folder(tmp_path_factory):
 def test_a_unet_reference_is_read_back_and_changed_weights_are_not(unet_folder, tmp_path):
     ckpt = load_checkpoint(unet_folder)
     first, counted = evaluator(ckpt, range(2), ReferenceCache(tmp_path), ref_steps=32)
-    assert sum(counted.batches) == 2 * (32 + 64)
+    assert sum(counted.batches) == 2 * (32 + 64 + TO_ZERO)
     import shutil
 
     moved = shutil.copytree(unet_folder, tmp_path / "elsewhere")
     again = load_checkpoint(moved)  # loaded anew from another folder: the same weights, the same key
     cache = ReferenceCache(tmp_path)
     second, counted = evaluator(again, range(2), cache, ref_steps=32)
-    assert counted.batches == [] and cache.hits == 4 and torch.equal(second.reference, first.reference)
+    assert counted.batches == [2] * TO_ZERO and cache.hits == 4 and torch.equal(second.reference, first.reference)
     with torch.no_grad():
         next(again.model.parameters()).view(-1)[0] += 1e-3  # one weight of one parameter
     cache = ReferenceCache(tmp_path)
     third, counted = evaluator(again, range(2), cache, ref_steps=32)
-    assert cache.hits == 0 and sum(counted.batches) == 2 * (32 + 64)
+    assert cache.hits == 0 and sum(counted.batches) == 2 * (32 + 64 + TO_ZERO)
     assert third._entries[None].key != second._entries[None].key
     assert not torch.equal(third.reference, second.reference)
 

@@ -276,6 +276,41 @@ def central_differences(ev, lam, h: float, solver: str = "unipc", order: int = 3
     return fd
 
 
+def tiny_flux_pipeline(root, scheduler=None):
+    """A tiny random FLUX.1-dev-architecture pipeline (not saved), 16x16 images, 8x8x4 latents packed
+    2 x 2 into 16 tokens of 16 channels.
+
+    The FluxTransformer2DModel (1 double and 1 single block, 2 heads of 8, rope axes 2 + 2 + 4,
+    guidance embedding as FLUX.1-dev) has joint_attention_dim 48 (T5's d_model) and
+    pooled_projection_dim 16 (the CLIP text model's hidden size); CLIP over ``_clip_tokenizer`` and
+    a T5EncoderModel over ``_t5_tokenizer``. Default scheduler: FLUX.1-dev's
+    FlowMatchEulerDiscreteScheduler config (dynamic shifting, base_shift 0.5, max_shift 1.15, 256 to
+    4096 tokens)."""
+    import diffusers
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer(root)
+    tokenizer_2 = _t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_clip_config(16, len(tokenizer)))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=48, d_kv=8, d_ff=64, num_layers=1,
+                                             num_heads=2, relative_attention_num_buckets=8,
+                                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                                             decoder_start_token_id=0))
+    transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                                   pooled_projection_dim=16, guidance_embeds=True,
+                                                   axes_dims_rope=(2, 2, 4))
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False)
+    scheduler = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
 def gaussian_consumer_error(lam, seeds, mu: float, s: float, solver="unipc", order=3, variant="bh2",
                             schedule: str = "vp-linear", T: float = 1.0, eps: float = 1e-3) -> float:
     """The mean error evaluate reports for the steps ``lam`` on the single Gaussian N(mu, s^2 I) over
