@@ -380,7 +380,9 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     for k, (name, lam) in enumerate(starts.items(), 1):
         train_err[name] = float(train.errors(lam, *args).mean())
         advance(k, f"{name} {train_err[name]:.4g}")
-    lam_eps = float(train.schedule.lam(train.eps))
+    # lambda(eps): a table's own end point (every start refine_table gives has one), else the evaluator's
+    tables = [lam for lam in starts.values() if not ends_at_zero(lam)]
+    lam_eps = float(tables[0][-1]) if tables else float(train.schedule.lam(train.eps))
     unwritable = not_starts(starts, lam_eps)
     start = min((name for name in train_err if name not in unwritable), key=train_err.get)
     lam0 = table_lambda(starts[start], lam_eps)
