@@ -611,7 +611,8 @@ def refine(
         None, "--activation-checkpointing/--no-activation-checkpointing",
         help="Recompute each model evaluation's activations in the backward pass: the gradient keeps one "
              "evaluation's activations instead of NFE of them, for one more forward pass (about 1.5x the time); "
-             "same result to rounding. Default: on for networks, off for Gaussian mixtures."),
+             "same result to rounding. Default: on where the gradient's graph would take more than a quarter of "
+             "the free memory (measured from one model call), off for Gaussian mixtures."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", hidden=True,
                                                  help="Deprecated: --activation-checkpointing."),
     network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "
