@@ -16,10 +16,12 @@ Tolerances, and why:
 - a float32 network (convolutions): 1e-6 relative for the errors and the mean, 1e-5 of the
   largest entry for the gradient: float32 convolutions on a batch of 4 or 3 instead of 7 may
   round differently (~1e-7 relative), and the gradient sums many such terms;
-- refined steps: 1e-5 in lambda, training error 1e-6 relative (as for ``--grad-batch``, whose
+- refined steps: 1e-4 in lambda, their errors 1e-4 relative (as for ``--grad-batch``, whose
   chunks reorder the same sums): L-BFGS-B starts from the same point and sees the same numbers to
   rounding, but amplifies that rounding over its iterations, and it stops where the projected
-  gradient is below its tolerance, where the error is flat in lambda.
+  gradient is below its tolerance, where the error is flat in lambda (measured on this mixture
+  since errors are measured at sigma 0, docs/cli.md "One frame": 5.4e-5 in lambda and 1.9e-5
+  relative in the training error after 15 iterations; 1e-5 and 1e-6 held before).
 
 The two ranks of one launch must hold the same bits (they take the same decisions: when to double
 the reference, where L-BFGS-B goes), which ``test_two_processes_measure_what_one_does`` checks.
@@ -221,7 +223,7 @@ def test_evaluate_on_two_processes_reports_what_one_does(files, tmp_path):
 
 def test_refine_on_two_processes_fits_what_one_does(files, tmp_path):
     """`torchrun ... refine -o FILE`: the file is written once, complete and consistent, with the
-    steps of one process to 1e-5 in lambda (see the module docstring)."""
+    steps of one process to 1e-4 in lambda (see the module docstring)."""
     from dmsteps_cli.check import check_table
     from dmsteps_cli.refine import RefineRequest, refine
 
@@ -236,10 +238,10 @@ def test_refine_on_two_processes_fits_what_one_does(files, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert check_table(two) == []
     a, b = two["entries"][0], one["entries"][0]
-    np.testing.assert_allclose(a["lambda"], b["lambda"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a["lambda"], b["lambda"], rtol=0, atol=1e-4)
     assert a["refine"]["start"] == b["refine"]["start"] and a["optimizer"]["status"] == b["optimizer"]["status"]
     for key in ("train_error", "validation_error", "holdout_error"):
-        assert a["refine"][key] == pytest.approx(b["refine"][key], rel=1e-6)
+        assert a["refine"][key] == pytest.approx(b["refine"][key], rel=1e-4)
     for name, error in b["refine"]["holdout_errors"].items():
         assert a["refine"]["holdout_errors"][name] == pytest.approx(error, rel=1e-12)
     assert two["refine"]["reference"]["steps"] == one["refine"]["reference"]["steps"]
