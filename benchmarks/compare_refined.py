@@ -22,6 +22,7 @@ import torch
 from dmsteps_cli.baselines import consumer_steps, fitting_baselines
 from dmsteps_cli.config import parse_class_labels
 from dmsteps_cli.evaluate import conditioned_evaluator, paired_ratio_ci
+from dmsteps_cli.reference_cache import open_cache
 from dmsteps_cli.table_reader import load_table
 from dmsteps_cli.text_to_image import load_model
 
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=5_000_000)
     ap.add_argument("--class-labels", default=None)
     ap.add_argument("--guidance-scale", type=float, default=1.0)
+    ap.add_argument("--cache", default=None, help="a reference cache folder (default: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     labels = None if args.class_labels is None else parse_class_labels(args.class_labels)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     nfes = sorted({e["nfe"] for e in tables[0]["entries"]}, reverse=True)
     fits, _ = fitting_baselines(s, nfes, cfg["T"], cfg["eps"], cfg.get("shift"))
     ev = conditioned_evaluator(ckpt, range(args.seed, args.seed + args.samples), labels, args.guidance_scale,
-                               cfg["T"], cfg["eps"], batch=256)
+                               cfg["T"], cfg["eps"], cache=open_cache(args.cache, args.cache is not None), batch=256)
     top = [next(e["lambda"] for e in t["entries"] if e["nfe"] == nfes[0]) for t in tables]
     ev.settle(top, *solver, margin=0.5)  # the reference holds its rule below the smallest error at the top NFE
     rows = []

@@ -31,7 +31,7 @@ whole script runs on a CPU in seconds (tests/test_gpu_bench_script.py); its numb
 about a GPU. Writes gpu-bench.json to --out and prints every figure. Run from the repository root
 with dmsteps and diffusers importable:
 
-    python3 benchmarks/gpu_refine.py --out DIR [--device cuda] [--only a|b|c] [--smoke]
+    python3 benchmarks/gpu_refine.py --out DIR [--device cuda] [--only a,b,c] [--smoke]
 """
 
 from __future__ import annotations
@@ -410,7 +410,8 @@ def bench_node(out: Path, device: torch.device, s: Settings) -> dict:
         start = time.perf_counter()
         with torch.inference_mode():
             node().refine(model, positive, negative, latent, "uni_pc_bh2", 8, s.guidance_scale, 0, s.node_noises,
-                          s.node_noises, iterations, 600.0, "karras", "", "dmsteps/bench", validation=0, cache=cache)
+                          s.node_noises, iterations, 600.0, "karras", "", "dmsteps/bench", validation=0, cache=cache,
+                          ref_steps=s.ref_steps)
         sync(device)
         return time.perf_counter() - start
 
@@ -455,11 +456,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", "--tiny", dest="tiny", action="store_true",
                     help="tiny models and settings (a CPU smoke run)")
-    ap.add_argument("--only", choices=("a", "b", "c"), default=None,
-                    help="a: the whole refine; b: one gradient's memory; c: the ComfyUI node's seconds per iteration")
+    ap.add_argument("--only", default="a,b,c",
+                    help="the parts to run, comma-separated (default all): a: the whole refine; b: one gradient's "
+                         "memory; c: the ComfyUI node's seconds per iteration")
     ap.add_argument("--refine-dtype", choices=("float16", "bfloat16"), default=None,
                     help="(a): refine's --network-dtype (default: the checkpoint's float32)")
     args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
+    if not parts or not parts <= {"a", "b", "c"}:
+        ap.error(f"--only {args.only}: give parts among a, b, c, comma-separated")
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,11 +475,11 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "diffusers": diffusers.__version__, "tiny": args.tiny,
               "settings": asdict(s)}
     t0 = time.perf_counter()
-    if args.only in (None, "a"):
+    if "a" in parts:
         report["refine"] = bench_refine(out, device, s, args.refine_dtype)
-    if args.only in (None, "b"):
+    if "b" in parts:
         report["memory"] = bench_memory(device, s)
-    if args.only in (None, "c"):
+    if "c" in parts:
         report["node"] = bench_node(out, device, s)
     report["wall_s"] = time.perf_counter() - t0
     (out / "gpu-bench.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")

@@ -2,7 +2,8 @@
 
 A three-component Gaussian mixture on Stable Diffusion's schedule (its exact denoiser; a numerical
 reference) is refined at NFE 5 for UniPC order 3 (bh2) and DPM-Solver++ order 3. The refined steps
-and the best grid on refine's held-out noises are then sampled by diffusers' own
+and the best baseline on refine's held-out noises (the record's ``best_baseline``) are then sampled
+by diffusers' own
 UniPCMultistepScheduler and DPMSolverMultistepScheduler (``apply_table``, final sigma 0, as
 consumers run them) from *other* noises, and measured against the long reference of those noises
 (``Evaluator``: UniPC-3 on 2S steps uniform in lambda, S by its convergence rule). On refine's own
@@ -24,7 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator, paired_ratio_ci, rms_per_sample  # noqa: E402
-from dmsteps_cli.grids import grid_lambda  # noqa: E402
+from dmsteps_cli.baselines import baseline_lambda  # noqa: E402
 from dmsteps_cli.integrations.diffusers import apply_table  # noqa: E402
 from dmsteps_cli.mixtures import GaussianMixture  # noqa: E402
 from dmsteps_cli.refine import refine_table  # noqa: E402
@@ -86,14 +87,15 @@ def test_diffusers_delivers_the_ratio_refine_reports(mixture, solver):
     entry = refined["entries"][0]
     cfg = refined["config"]
     args = (solver, 3, cfg.get("variant"))
-    grids = {g: e for g, e in entry["refine"]["holdout_errors"].items() if g != "table"}
-    best = min(grids, key=grids.get)
-    best_lam = grid_lambda(best, s, NFE, cfg["T"], cfg["eps"])
+    r = entry["refine"]  # what refine reports: the ratio to the best baseline and its paired interval
+    best, ratio, (low, high) = r["best_baseline"], r["ratio_to_best_baseline"], r["ratio_ci95"]
+    best_lam = baseline_lambda(best, s, NFE, cfg["T"], cfg["eps"])  # as a table holds it
 
     held = Evaluator(ckpt, None, range(HOLDOUT), cfg["T"], cfg["eps"], "cpu")
     mine, base = held.errors(entry["lambda"], *args), held.errors(best_lam, *args)
-    assert mine.mean() == pytest.approx(entry["refine"]["holdout_error"], rel=1e-6)  # what refine reported
-    ratio, (low, high) = mine.mean() / base.mean(), paired_ratio_ci(mine, base)
+    assert mine.mean() == pytest.approx(r["holdout_error"], rel=1e-6)  # refine's numbers, measured again
+    assert base.mean() == pytest.approx(r["holdout_errors"][best], rel=1e-6)
+    assert [low, high] == pytest.approx(paired_ratio_ci(mine, base), rel=1e-6)
     assert ratio < 1 and low < ratio < high and record["reference"]["rule_met"]
 
     x_T = held.x_T  # refine's held-out noises, sampled by diffusers: the same numbers to rounding
