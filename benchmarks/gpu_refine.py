@@ -17,11 +17,21 @@
     The reference is a fixed random tensor: the number measures memory, not an error. Goal: under
     24 GB with checkpointing.
 
-``--tiny`` shrinks both models, the sizes, the NFEs and the noises so that the whole script runs on
-a CPU in seconds (the smoke test); its numbers say nothing about a GPU. Writes gpu-bench.json to
---out and prints a summary. Run from the repository root with dmsteps and diffusers importable:
+(c) ``node``: the "dmsteps refine" ComfyUI node's seconds per fit iteration on an SD 1.5-architecture
+    UNet (ComfyUI's own UNetModel, random float16 weights, loaded by ComfyUI's loader) at 64x64x4
+    latents, cfg 7.5, UniPC (uni_pc_bh2), 8 steps: the node run with 1 and with 1 + ``node_iterations``
+    iterations on a warm reference cache, the difference over ``node_iterations``. It needs the node
+    (``dmsteps_cli.integrations.comfyui_refine``) and the ComfyUI source (tests/comfy_harness.py: the
+    vendored copy beside the clone, or $DMSTEPS_COMFYUI); where either is absent the report says which
+    and the figure is not measured.
 
-    python3 benchmarks/gpu_refine.py --out DIR [--device cuda] [--only a|b] [--tiny]
+One command runs all three: ``python3 benchmarks/gpu_refine.py --out DIR`` (goal: under 8 minutes on
+one H100). ``--smoke`` (``--tiny``) shrinks the models, the sizes, the NFEs and the noises so that the
+whole script runs on a CPU in seconds (tests/test_gpu_bench_script.py); its numbers say nothing
+about a GPU. Writes gpu-bench.json to --out and prints every figure. Run from the repository root
+with dmsteps and diffusers importable:
+
+    python3 benchmarks/gpu_refine.py --out DIR [--device cuda] [--only a|b|c] [--smoke]
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from dmsteps_cli.evaluate import REF_STEPS, Evaluator  # noqa: E402
 from dmsteps_cli.gradients import mean_error_and_grad  # noqa: E402
 from dmsteps_cli.grids import grid_lambda  # noqa: E402
 from dmsteps_cli.reference_cache import open_cache  # noqa: E402
+from dmsteps_cli.reference_rule import ReferenceRule  # noqa: E402
 from dmsteps_cli.refine import TRAIN_SEED_OFFSET, refine_table  # noqa: E402
 from dmsteps_cli.runtime import noise_for, resolve_device, timestep_tensor, to_data_prediction  # noqa: E402
 
@@ -99,10 +110,26 @@ class Settings:
     batch: int
     text_tokens: int
     guidance_scale: float
+    node_unet: dict  # ComfyUI UNetModel arguments of (c)
+    node_latent: tuple  # (c)'s latent (channels, height, width)
+    node_noises: int
+    node_iterations: int
 
 
-FULL = Settings(CIFAR_UNET, tuple(range(5, 11)), 64, 256, 20, REF_STEPS, SD15_UNET, 10, 4, 77, 7.5)
-TINY = Settings(TINY_CIFAR_UNET, (5, 6), 4, 4, 2, 32, TINY_SD_UNET, 4, 2, 8, 7.5)
+# Stable Diffusion 1.5's UNet as ComfyUI builds it (comfy/supported_models.py SD15, model_detection)
+NODE_SD15_UNET = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2] * 4,
+                      channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 0],
+                      transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
+                      context_dim=768, num_heads=8, use_linear_in_transformer=False, use_spatial_transformer=True,
+                      legacy=False)
+NODE_TINY_UNET = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                      channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                      transformer_depth_middle=1, context_dim=1024, use_linear_in_transformer=True,
+                      num_head_channels=64, use_spatial_transformer=True, legacy=False)  # read as SD 2.x
+
+FULL = Settings(CIFAR_UNET, tuple(range(5, 11)), 64, 256, 20, REF_STEPS, SD15_UNET, 10, 4, 77, 7.5,
+                NODE_SD15_UNET, (4, 64, 64), 4, 3)
+TINY = Settings(TINY_CIFAR_UNET, (5, 6), 4, 4, 2, 32, TINY_SD_UNET, 4, 2, 8, 7.5, NODE_TINY_UNET, (4, 8, 8), 2, 1)
 
 
 def parameter_count(model) -> int:
@@ -144,7 +171,7 @@ class PartTimer:
         self._mark = now
 
     def wrap(self, method, part):
-        """``method`` of Evaluator, timed under ``part(evaluator)``."""
+        """``method`` of Evaluator or ReferenceRule, timed under ``part(its instance)``."""
         @functools.wraps(method)
         def timed(ev, *args, **kwargs):
             sync(self.device)
@@ -172,21 +199,19 @@ def _fit_or_holdout(ev) -> str:
 
 @contextlib.contextmanager
 def timed_parts(device: torch.device):
-    """Time refine's parts (reference solutions, fitting, held-out) by wrapping Evaluator's methods
-    for the block; yields the PartTimer, or None when Evaluator lacks a method to wrap."""
-    names = {"_solution": lambda ev: "reference", "errors": _fit_or_holdout, "mean_error_and_grad": _fit_or_holdout}
-    if not all(hasattr(Evaluator, n) for n in names):
-        yield None
-        return
+    """Time refine's parts (reference solutions, fitting, held-out) by wrapping the reference rule's
+    solutions and Evaluator's measurements for the block; yields the PartTimer."""
+    wrapped = [(ReferenceRule, "solution", lambda rule: "reference"), (Evaluator, "errors", _fit_or_holdout),
+               (Evaluator, "mean_error_and_grad", _fit_or_holdout)]
     timer = PartTimer(device)
-    saved = {n: getattr(Evaluator, n) for n in names}
-    for n, part in names.items():
-        setattr(Evaluator, n, timer.wrap(saved[n], part))
+    saved = [(cls, name, getattr(cls, name)) for cls, name, _ in wrapped]
+    for (cls, name, part), (_, _, method) in zip(wrapped, saved):
+        setattr(cls, name, timer.wrap(method, part))
     try:
         yield timer
     finally:
-        for n, method in saved.items():
-            setattr(Evaluator, n, method)
+        for cls, name, method in saved:
+            setattr(cls, name, method)
 
 
 def _entry_summary(entry: dict) -> dict:
@@ -213,10 +238,8 @@ def one_refine(model_dir: Path, table: dict, cache_dir: Path, device: torch.devi
                                source=str(model_dir))
     sync(device)
     total = time.perf_counter() - t1
-    parts = None
-    if timer is not None:
-        parts = {k: timer.seconds.get(k, 0.0) for k in ("reference", "fit", "validation", "holdout")}
-        parts["other"] = total - sum(parts.values())
+    parts = {k: timer.seconds.get(k, 0.0) for k in ("reference", "fit", "validation", "holdout")}
+    parts["other"] = total - sum(parts.values())
     return {"load_s": t1 - t0, "refine_s": total, "parts_s": parts,
             "reference_steps": refined["refine"]["reference"].get("steps"),
             "entries": [_entry_summary(e) for e in refined["entries"]]}
@@ -341,6 +364,63 @@ def _memory_text(r: dict) -> str:
 
 # --- the run --------------------------------------------------------------------------------------
 
+def node_and_comfy():
+    """(the refine node's class, ComfyUI's modules) or (None, why not)."""
+    try:
+        from dmsteps_cli.integrations.comfyui_refine import DmstepsRefine
+    except ImportError as e:
+        return None, f"the refine node is not in this checkout ({e})"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from comfy_harness import comfyui_source, import_comfy
+
+    source = comfyui_source()
+    if source is None:
+        return None, "no ComfyUI source (../shared/vendor/comfyui or $DMSTEPS_COMFYUI)"
+    return DmstepsRefine, import_comfy(source)
+
+
+def bench_node(out: Path, device: torch.device, s: Settings) -> dict:
+    """(c): the node's seconds per fit iteration (see the module docstring), or why not measured."""
+    node, comfy = node_and_comfy()
+    if node is None:
+        return {"measured": False, "why": comfy}
+    import comfy.ops
+    import folder_paths
+    import safetensors.torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**s.node_unet, operations=comfy.ops.disable_weight_init)
+    generator = torch.Generator().manual_seed(0)
+    path = out / "node-unet.safetensors"
+    safetensors.torch.save_file({k: (torch.randn(v.shape, generator=generator) * 0.02).to(torch.float16)
+                                 for k, v in unet.state_dict().items()}, str(path))
+    parameters = parameter_count(unet)
+    del unet
+    folder_paths.set_output_directory(str(out / "comfy-output"))
+    cache = open_cache(out / "node-cache")
+    context = s.node_unet["context_dim"]
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(path))
+        positive = [[torch.randn((1, 77, context), generator=generator), {}]]
+        negative = [[torch.zeros((1, 77, context)), {}]]
+        latent = {"samples": torch.zeros((1, *s.node_latent))}
+
+    def run(iterations: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            node().refine(model, positive, negative, latent, "uni_pc_bh2", 8, s.guidance_scale, 0, s.node_noises,
+                          s.node_noises, iterations, 600.0, "karras", "", "dmsteps/bench", validation=0, cache=cache)
+        sync(device)
+        return time.perf_counter() - start
+
+    cold = run(1)  # the references
+    one, more = run(1), run(1 + s.node_iterations)
+    return {"measured": True, "parameters": parameters, "latent": list(s.node_latent), "steps": 8,
+            "noises": s.node_noises, "cfg": s.guidance_scale, "first_run_s": cold, "one_iteration_run_s": one,
+            "iterations": s.node_iterations, "seconds_per_iteration": (more - one) / s.node_iterations}
+
+
 def summary(report: dict) -> list[str]:
     """The summary lines: each part's result against its goal."""
     lines = [f"device {report['device']}, torch {report['torch']}{', TINY settings' if report['tiny'] else ''}"]
@@ -357,6 +437,15 @@ def summary(report: dict) -> list[str]:
         lines.append(f"(b) one gradient, NFE {b['nfe']}, {b['parameters'] / 1e6:.0f}M-parameter UNet, batch "
                      f"{b['batch']} with guidance, fp16, checkpointing on: {_memory_text(on)}; goal under "
                      f"{b['goal_bytes'] / 1e9:.0f} GB")
+    if "node" in report:
+        c = report["node"]
+        if c["measured"]:
+            lines.append(f"(c) the ComfyUI refine node on a {c['parameters'] / 1e6:.0f}M-parameter SD UNet, latents "
+                         f"{'x'.join(map(str, c['latent']))}, {c['noises']} noises, cfg {c['cfg']:g}: "
+                         f"{c['seconds_per_iteration']:.2f} s per iteration ({c['first_run_s']:.1f} s for the "
+                         "first run, references included)")
+        else:
+            lines.append(f"(c) the ComfyUI refine node: not measured: {c['why']}")
     return lines
 
 
@@ -364,8 +453,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for gpu-bench.json, the model and a new reference cache")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="tiny models and settings (a CPU smoke run)")
-    ap.add_argument("--only", choices=("a", "b"), default=None, help="a: the whole refine; b: one gradient's memory")
+    ap.add_argument("--smoke", "--tiny", dest="tiny", action="store_true",
+                    help="tiny models and settings (a CPU smoke run)")
+    ap.add_argument("--only", choices=("a", "b", "c"), default=None,
+                    help="a: the whole refine; b: one gradient's memory; c: the ComfyUI node's seconds per iteration")
     ap.add_argument("--refine-dtype", choices=("float16", "bfloat16"), default=None,
                     help="(a): refine's --network-dtype (default: the checkpoint's float32)")
     args = ap.parse_args(argv)
@@ -379,10 +470,12 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "diffusers": diffusers.__version__, "tiny": args.tiny,
               "settings": asdict(s)}
     t0 = time.perf_counter()
-    if args.only != "b":
+    if args.only in (None, "a"):
         report["refine"] = bench_refine(out, device, s, args.refine_dtype)
-    if args.only != "a":
+    if args.only in (None, "b"):
         report["memory"] = bench_memory(device, s)
+    if args.only in (None, "c"):
+        report["node"] = bench_node(out, device, s)
     report["wall_s"] = time.perf_counter() - t0
     (out / "gpu-bench.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")
     print("\n".join(summary(report)))

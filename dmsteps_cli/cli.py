@@ -85,16 +85,18 @@ def optimize(
     p: Optional[float] = typer.Option(None, "--p", help="Exponent of eps_tilde = sigma^p/alpha (default 2; 1 for "
                                       "EDM, from measurements; the paper: 2 latent, 1 pixel)."),
     init: Optional[str] = typer.Option(None, help=f"Starting grid: {', '.join(GRIDS)}, or best (all, keep the "
-                                       "lowest); default unif_t (with neither --init nor --objective: see --objective)."),
+                                       "lowest); default unif_t (with neither --init nor --objective: see --objective). "
+                                       "With --objective none: any grid, named schedule (karras, beta, ays-sd15, ...) "
+                                       "or kept fitted warp (warp-linear-dpmpp-o2, ...), written as a table."),
     eps: Optional[float] = typer.Option(None, help="Last time (data end); default per schedule (1e-3; EDM 0.002)."),
     T: Optional[float] = typer.Option(None, "--T", help="First time (noise end); default per schedule."),
     shift: Optional[float] = typer.Option(None, help="Flow models only: time-grid shift (SD3: 3.0)."),
     objective: Optional[str] = typer.Option(None, help="reference (the published code), paper (Eq. 35 with "
                                             "--solver's orders), exact (the weights of the real solver, corrector "
-                                            "included) or none (no optimization: the --init grid itself, as a table). "
-                                            "Default: the schedule's default steps, chosen from measurements "
-                                            "(`dmsteps schedules`, docs/research/evaluation-data.md); reference when "
-                                            "--init, --p or --trunc is given."),
+                                            "included) or none (no optimization: the --init step rule itself, as a table). "
+                                            "Default: the default steps of the schedule, solver and order, chosen by "
+                                            "one rule from measurements (`dmsteps schedules`, tables/README.md); "
+                                            "reference when --init, --p or --trunc is given."),
     trunc: Optional[int] = typer.Option(None, help="reference objective: steps s < trunc use L2 terms (default 3)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json or yaml (default: from -o's suffix, else json)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout (- is "
@@ -293,18 +295,19 @@ def _console_stdout():
 
 @app.command()
 def schedules():
-    """List the schedule presets (name, T, default eps, default steps, description; tab-separated)."""
-    from .optimize import DEFAULT_STEPS, measured_shifts
+    """List the schedule presets (name, T, default eps, default steps per solver and order, description;
+    tab-separated)."""
+    from .optimize import DEFAULT_STEPS
     from .schedules import PRESETS
 
-    def label(key):
-        objective, init = DEFAULT_STEPS[key]
-        return f"grid {init}" if objective == "none" else f"{objective} objective"
+    def label(d):
+        rule = d.init if d.objective == "none" else f"{d.objective} from {d.init}"
+        return f"{d.solver}-{d.order} {rule}" + ("" if d.shift is None else f" (shift {d.shift:g})")
 
     for name, (make, desc) in PRESETS.items():
         s = make()
-        shifted = sorted(measured_shifts(name).items(), reverse=True)
-        steps = ", ".join(f"{label(k)} (shift {s:g})" for s, k in shifted) if shifted else label(name)
+        rows = [d for d in DEFAULT_STEPS if d.preset == name]
+        steps = ", ".join(label(d) for d in rows) if rows else "reference objective (no measurements)"
         sys.stdout.write(f"{name}\tT={s.T:g}\teps={s.eps_default:g}\tdefault={steps}\t{desc}\n")
 
 
@@ -329,8 +332,8 @@ def tables_command(
                                         "to run it with and the shift it assumes."),
 ):
     """List the ready-made tables by name (usable wherever a table is taken: show NAME, --table NAME):
-    name, schedule, solver, order, NFEs and the models each fits; tab-separated. With --model, the
-    table for one model."""
+    name, schedule, solver, order, NFEs, the models each fits and what its steps are and why; tab-separated.
+    With --model, the table for one model."""
     from .config import format_nfe
     from .tables import bundled_index
 
@@ -342,7 +345,7 @@ def tables_command(
     for row in bundled_index()["files"]:
         schedule = row["schedule"] + ("" if row["shift"] is None else f" shift {row['shift']:g}")
         sys.stdout.write(f"{row['file'].removesuffix('.json')}\t{schedule}\t{row['solver']}\torder {row['order']}\t"
-                         f"NFE {format_nfe(row['nfe'])}\t{'; '.join(row['models'])}\n")
+                         f"NFE {format_nfe(row['nfe'])}\t{'; '.join(row['models'])}\t{row.get('steps', '')}\n")
 
 
 # --- the options of the commands that run a model, declared once: sample, evaluate and refine take those
@@ -608,7 +611,8 @@ def refine(
         None, "--activation-checkpointing/--no-activation-checkpointing",
         help="Recompute each model evaluation's activations in the backward pass: the gradient keeps one "
              "evaluation's activations instead of NFE of them, for one more forward pass (about 1.5x the time); "
-             "same result to rounding. Default: on for networks, off for Gaussian mixtures."),
+             "same result to rounding. Default: on where the gradient's graph would take more than a quarter of "
+             "the free memory (measured from one model call), off for Gaussian mixtures."),
     checkpointing: Optional[bool] = typer.Option(None, "--checkpointing/--no-checkpointing", hidden=True,
                                                  help="Deprecated: --activation-checkpointing."),
     network_dtype: Optional[str] = typer.Option(None, help="Run the gradient's model calls in float16 or "

@@ -9,11 +9,12 @@ same probability-flow ODE from the same noise, from T to the same end point, sig
 
 The reference solution is the closed form for a single-Gaussian checkpoint, and otherwise x_2S,
 UniPC order 3 (bh2) on 2S steps uniform in lambda to eps, carried to sigma 0 by the consumers' last
-step there (the denoiser's output at eps), for the first S of ``ref_steps`` (default 64),
-twice that, ... at which the convergence rule holds: check(S) = mean over the noises of
-RMS(x_S - x_2S) is at most 1% of the smallest mean error measured against it (``Evaluator`` states
-the rule in full). The report gives S, check(S) (``check_error``) and that smallest error, so a
-reader sees that the reference is two orders of magnitude closer than anything measured. Reference
+step there (the denoiser's output at eps), for the first S of ``ref_steps`` (default 64), twice
+that, ... at which the convergence rule holds: the error of x_2S, estimated from check(S) = mean
+over the noises of RMS(x_S - x_2S) and the order observed (``reference_rule`` states the rule in
+full), is at most 1% of the smallest mean error measured against it. The report gives S, check(S)
+(``check_error``), the estimate and that smallest error, so a reader sees that the reference is two
+orders of magnitude closer than anything measured. Reference
 solutions are kept on disk per model, setting and seed (``reference_cache``) and read back by later
 runs. The ratio of each error to the best baseline at that NFE is reported too: the best of the
 baselines measured, by default the four hand-made grids and every named schedule that fits the
@@ -31,8 +32,8 @@ the samples.
 - ``evaluate_checkpoint``: the report for a loaded checkpoint and tables or steps in memory;
   ``evaluate`` loads the files of an ``EvalRequest`` and calls it.
 
-May import torch, numpy, the torch-free package modules, runtime, checkpoints, gradients and
-reference_cache; refine imports it.
+May import torch, numpy, the torch-free package modules, runtime, checkpoints, gradients,
+reference_cache and reference_rule; refine imports it.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ import torch
 from .baselines import check_baselines, check_names, consumer_steps, fitting_baselines
 from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_labels
 from .errors import BadInput
-from .gradients import mean_error_and_grad
+from .gradients import checkpointing_needed, graph_bytes_per_call, mean_error_and_grad
 from .grids import GRIDS, grid_lambda
 from .limits import BOUNDS, in_bounds
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
+from .reference_rule import REF_NAME, REF_SOLVER, REF_TOLERANCE, ReferenceRule, StoredSolutions  # noqa: F401
 from .run_settings import BATCH, REF_STEPS, MeasureSettings, checked_run
 from .runtime import (
     Ranks,
@@ -71,10 +73,6 @@ from .table_reader import load_table
 from .text_to_image import load_model, read_prompts
 
 SCHEMA = "dmsteps.evaluation/1"
-REF_SOLVER = ("unipc", 3, "bh2")
-REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
-REF_TOLERANCE = 0.01  # check(S) <= REF_TOLERANCE x the smallest mean error measured
-STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing
 METRIC = "mean over samples of RMS(x - x_ref) over the sample's dimensions"
 END_POINT = ("sigma = 0, as consumers run every list: N model calls, then 0 (a table's last point sigma(eps) "
              "replaced by 0); the reference: the ODE solution to eps, then the denoiser's output there")
@@ -132,23 +130,15 @@ class Evaluator:
     key of its reference. Errors are in the units of the samples: RMS(x - x_ref) over each
     sample's dimensions.
 
-    The reference (a single Gaussian: the closed form, exact; otherwise numerical) follows the
-    convergence rule. Let x_S be the solution with UniPC order 3 (bh2) on S steps uniform in lambda
-    from each noise, and check(S) = mean over the noises of RMS(x_S - x_2S). The reference is x_2S
-    for the first S of ``ref_steps``, 2 ``ref_steps``, 4 ``ref_steps``, ... with
-
-        check(S) <= REF_TOLERANCE (1%) x the smallest mean error measured against it so far.
-
-    Before any error is measured the reference is that of S = ``ref_steps``; every measurement
-    (``errors``, ``mean_error_and_grad``, ``settle``) whose mean error m gives
-    check(S) > REF_TOLERANCE m doubles S until the rule holds, then measures again against the new
-    reference, so every number returned satisfies the rule. The doubling stops short of the rule
-    when S would exceed the largest ``ref_steps`` (``limits.BOUNDS``) or when ``STALLS`` (2)
-    doublings in a row do not lower check(S) (rounding, not the steps, limits the reference; one
-    such doubling may be a plateau of the convergence, which a guided model showed between 128 and
-    512 steps); ``reference_info["rule_met"]`` then says False. ``reference_steps`` is the
-    reference's 2S (None for the closed form) and grows only; a caller that compares numbers
-    measured at different times compares their ``reference_steps``.
+    The reference (a single Gaussian: the closed form, exact; otherwise numerical) follows
+    ``reference_rule``: x_2S, UniPC order 3 on 2S steps uniform in lambda, for the first S of
+    ``ref_steps``, 2 ``ref_steps``, ... whose estimated error is at most REF_TOLERANCE (1%) of the
+    smallest mean error measured against it so far. Every measurement (``errors``,
+    ``mean_error_and_grad``, ``settle``) whose mean error breaks the rule doubles S until it holds,
+    then measures again against the new reference, so every number returned satisfies the rule
+    (``reference_info["rule_met"]`` says False where the doubling stopped short of it).
+    ``reference_steps`` is the reference's 2S (None for the closed form) and grows only; a caller
+    that compares numbers measured at different times compares their ``reference_steps``.
 
     ``cache``: a ``reference_cache.ReferenceCache`` or None; with one, each x_S is read per seed
     where it was stored and computed (then stored) for the other seeds only. ``fingerprint``: the
@@ -193,29 +183,56 @@ class Evaluator:
         self.denoiser = denoiser
         scale = self.schedule.initial_noise_scale(self.T)
         self.x_T = noise_for(self.own_seeds, tuple(ckpt.sample_shape), scale).to(device=device, dtype=state_dtype(ckpt))
-        self._solutions: dict[int, torch.Tensor] = {}  # S -> x_S, (samples, *sample_shape)
-        self._smallest: float | None = None  # the smallest mean error measured
-        self._exhausted = False  # the doubling stopped short of the rule
-        self._stalls = 0  # doublings in a row that did not lower check(S)
-        self._entries = None  # class label (None: no labels) -> reference_cache.CacheEntry
-        self.reference_steps: int | None = None
+        self.rule: ReferenceRule | None = None  # None: the closed form
         mixture = self.ckpt.model if self.ckpt.kind == "gmm" else None
         if mixture is not None and mixture.K == 1:
             s = self.schedule
             ref = mixture.ode_solution(self.x_T, float(s.alpha(self.T)), float(s.sigma(self.T)),
                                        float(s.alpha(self.eps)), float(s.sigma(self.eps)))
-            self.reference, self.check_error = self._to_zero(ref.to(self.x_T.dtype)), 0.0
-            self.reference_info = {"method": "closed form (single Gaussian) to eps, then the step to sigma = 0",
-                                   "end": END_POINT}
+            self._closed_form = self._to_zero(ref.to(self.x_T.dtype))
             return
         in_bounds("ref_steps", ref_steps)
+        stored = None
         if cache is not None:
             fingerprint = model_fingerprint(ckpt) if fingerprint is None else fingerprint
-            self._entries = {label: cache.entry(reference_settings(
+            entries = {label: cache.entry(reference_settings(
                 ckpt, T=self.T, eps=self.eps, noise_scale=scale, state_dtype=self.x_T.dtype, class_label=label,
                 guidance_scale=guidance_scale, fingerprint=fingerprint)) for label in set(own_labels or [None])}
-        self._row_labels = own_labels or [None] * len(self.own_seeds)
-        self._use(int(ref_steps))
+            stored = StoredSolutions(entries, self.own_seeds, own_labels or [None] * len(self.own_seeds))
+
+        def solve(lam, rows, advance):
+            return self._solve(self.x_T[torch.tensor(rows, device=self.x_T.device)], lam, *REF_SOLVER, rows=rows,
+                               advance=advance)
+
+        self.rule = ReferenceRule(solve, lambda a, b: float(self._rms(a, b).mean()), self._uniform, self.x_T,
+                                  int(ref_steps), stored, progress, label, finish=self._to_zero,
+                                  end=("to eps, then the step to sigma = 0", END_POINT))
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """This rank's reference solutions (the closed form, or ``reference_rule``'s x_2S)."""
+        return self._closed_form if self.rule is None else self.rule.reference
+
+    @property
+    def reference_steps(self) -> int | None:
+        """The reference's 2S (None for the closed form); it grows only."""
+        return None if self.rule is None else self.rule.reference_steps
+
+    @property
+    def check_steps(self) -> int | None:
+        return None if self.rule is None else self.rule.check_steps
+
+    @property
+    def check_error(self) -> float:
+        """check(S) (``reference_rule``); 0 for the closed form."""
+        return 0.0 if self.rule is None else self.rule.check_error
+
+    @property
+    def reference_info(self) -> dict:
+        """The reference, for a report (``ReferenceRule.info``)."""
+        if self.rule is None:
+            return {"method": "closed form (single Gaussian) to eps, then the step to sigma = 0", "end": END_POINT}
+        return self.rule.info
 
     def solve(self, lam, solver: str, order: int | None, variant: str | None) -> torch.Tensor:
         """This rank's samples (one per seed of ``own_seeds``) for the steps ``lam`` as a consumer runs
@@ -277,12 +294,12 @@ class Evaluator:
         (each rank computes the rows it holds, ``Ranks.own``).
 
         ``chunk``: this rank's noises per backward pass; ``checkpointing``: recompute each model
-        evaluation's activations in the backward pass (None: on for networks, off for the
-        closed-form mixtures, whose evaluations keep little); ``network_dtype``: None, or the
+        evaluation's activations in the backward pass (None: ``_checkpointing`` decides, by the
+        memory the graph would take); ``network_dtype``: None, or the
         dtype the model calls run in under autocast (the error is then that of the low-precision
         model against the reference)."""
         if checkpointing is None:
-            checkpointing = self.ckpt.kind != "gmm"
+            checkpointing = self._checkpointing(len(lam) - 1, chunk)
         own = list(range(self.x_T.shape[0])) if rows is None else self.ranks.own(rows)
         pick = slice(None) if rows is None else torch.as_tensor(np.asarray(own, dtype=np.int64),
                                                                  device=self.x_T.device)
@@ -297,6 +314,22 @@ class Evaluator:
             if not self._require(value):
                 self._measured(value)
                 return value, grad
+
+    def _checkpointing(self, nfe: int, chunk: int) -> bool:
+        """The default of ``mean_error_and_grad``'s checkpointing: off for the closed-form mixtures,
+        whose evaluations keep little; for a network, on where the graph of ``nfe`` calls on ``chunk``
+        noises would take more than ``gradients.GRAPH_SHARE`` of the device's free memory, measured
+        once from the bytes one call saves for the backward pass."""
+        if self.ckpt.kind == "gmm":
+            return False
+        if getattr(self, "_bytes_per_call", None) is None:
+            t = np.array([self.T])
+            timestep, alpha, sigma = (float(v[0]) for v in (self.schedule.model_timestep(t), self.schedule.alpha(t),
+                                                             self.schedule.sigma(t)))
+            denoiser = self.denoiser if self.labels is None else lambda x, *a: denoiser_for(
+                self.denoiser, self.labels[[0] * x.shape[0]])(x, *a)
+            self._bytes_per_call = graph_bytes_per_call(denoiser, self.x_T[:1], self.T, timestep, alpha, sigma)
+        return checkpointing_needed(self._bytes_per_call, nfe, min(chunk, self.x_T.shape[0]), self.x_T.device)
 
     def settle(self, step_sets, solver, order, variant, margin: float = 1.0) -> None:
         """Make the reference hold the rule for errors down to ``margin`` x the smallest mean error of
@@ -313,83 +346,14 @@ class Evaluator:
     def _uniform(self, n: int) -> np.ndarray:
         return grid_lambda("unif", self.schedule, n, self.T, self.eps)
 
-    def _solution(self, steps: int) -> torch.Tensor:
-        """x_S for S = ``steps``: read from the cache where stored, else computed (and stored)."""
-        if steps in self._solutions:
-            return self._solutions[steps]
-        lam = self._uniform(steps)
-        what = f"reference solutions ({self.label}, {steps} steps)"
-        if self._entries is None:
-            x = self._solve(self.x_T, lam, *REF_SOLVER,
-                            advance=phase(self.progress, what, len(self.own_seeds), "noises"))
-        else:
-            found = {}  # row -> solution
-            for label, entry in self._entries.items():
-                rows = [i for i, k in enumerate(self._row_labels) if k == label]
-                stored = entry.load(REF_NAME, steps, [self.own_seeds[i] for i in rows])
-                found.update({i: stored[int(self.own_seeds[i])] for i in rows if int(self.own_seeds[i]) in stored})
-            missing = [i for i in range(len(self.own_seeds)) if i not in found]
-            x = torch.empty_like(self.x_T)
-            for i, a in found.items():
-                x[i] = torch.from_numpy(a).to(device=x.device, dtype=x.dtype)
-            if missing:
-                rows = torch.tensor(missing, device=self.x_T.device)
-                solved = self._solve(self.x_T[rows], lam, *REF_SOLVER, rows=missing,
-                                     advance=phase(self.progress, what, len(missing), "noises"))
-                x[rows] = solved
-                for label, entry in self._entries.items():
-                    entry.save(REF_NAME, steps, {int(self.own_seeds[i]): solved[j] for j, i in enumerate(missing)
-                                                 if self._row_labels[i] == label})
-        self._solutions[steps] = x
-        return x
-
-    def _use(self, steps: int) -> None:
-        """Take x_2S carried to sigma 0 (``_to_zero``) as the reference for S = ``steps``; check(S)
-        (of x_S and x_2S both carried to sigma 0) and the record."""
-        coarse, fine = self._solution(steps), self._solution(2 * steps)
-        self.check_steps, self.reference_steps = steps, 2 * steps
-        self.reference = self._to_zero(fine)
-        self.check_error = float(self._rms(self._to_zero(coarse), self.reference).mean())
-        for s in [s for s in self._solutions if s < 2 * steps]:
-            del self._solutions[s]  # x_2S is the next doubling's x_S
-        self._record()
-
     def _require(self, error: float) -> bool:
-        """Double S until the rule holds for a mean error ``error`` too (or the doubling stops);
-        True when the reference changed (the error must then be measured again)."""
-        if self.reference_steps is None or not math.isfinite(error):
-            return False
-        smallest = error if self._smallest is None else min(self._smallest, error)
-        changed = False
-        while self.check_error > REF_TOLERANCE * smallest and not self._exhausted:
-            if 2 * self.check_steps > BOUNDS["ref_steps"][1]:
-                self._exhausted = True
-                break
-            before = self.check_error
-            self._use(2 * self.check_steps)
-            changed = True
-            self._stalls = 0 if self.check_error < before else self._stalls + 1
-            if self._stalls == STALLS:
-                self._exhausted = True
-        return changed
+        """The rule for a mean error ``error`` (``ReferenceRule.require``): True when the reference
+        changed and the error must be measured again."""
+        return self.rule is not None and self.rule.require(error)
 
     def _measured(self, error: float) -> None:
-        """Note a mean error returned to the caller (measured against the current reference)."""
-        if self.reference_steps is not None and math.isfinite(error):
-            self._smallest = error if self._smallest is None else min(self._smallest, error)
-            self._record()
-
-    def _record(self) -> None:
-        met = self._smallest is None or self.check_error <= REF_TOLERANCE * self._smallest
-        self.reference_info = {
-            "method": f"UniPC order 3 (bh2), {self.reference_steps} steps uniform in lambda to eps, then the step "
-                      "to sigma = 0",
-            "end": END_POINT,
-            "steps": self.reference_steps,
-            "check": f"RMS difference to {self.check_steps} steps", "check_error": self.check_error,
-            "rule": f"check_error <= {REF_TOLERANCE:g} x smallest_error (the smallest mean error measured)",
-            "smallest_error": self._smallest, "rule_met": bool(met),
-        }
+        if self.rule is not None:
+            self.rule.measured(error)
 
 
 # --- comparing with the hand-made grids ----------------------------------------------------------

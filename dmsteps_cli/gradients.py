@@ -68,6 +68,46 @@ def mean_error_and_grad(denoiser, schedule, x_T: torch.Tensor, reference: torch.
     return total, grad
 
 
+GRAPH_SHARE = 0.25  # the share of the device's free memory a gradient's graph may take without checkpointing
+
+
+def graph_bytes_per_call(denoiser, x: torch.Tensor, t: float, timestep, alpha: float, sigma: float) -> int:
+    """The bytes autograd keeps for the backward pass of one model call, per noise: what a call on
+    two copies of the noise ``x`` (1, *shape) saves less what a call on one saves (so the weights a
+    layer saves, the same for any batch, cancel), counted by ``torch.autograd.graph.saved_tensors_hooks``.
+    ``denoiser`` takes either batch."""
+
+    def saved_bytes(batch: torch.Tensor) -> int:
+        total = 0
+
+        def pack(saved: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += saved.numel() * saved.element_size()
+            return saved
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+            denoiser(batch.detach().clone().requires_grad_(True), t, timestep, alpha, sigma)
+        return total
+
+    return max(0, saved_bytes(torch.cat([x, x])) - saved_bytes(x))
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's free memory, else the machine's available physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def checkpointing_needed(per_call: int, calls: int, chunk: int, device: torch.device) -> bool:
+    """Whether a gradient's graph without checkpointing -- ``per_call`` bytes per noise and model
+    call (``graph_bytes_per_call``), ``calls`` calls, ``chunk`` noises -- would take more than
+    GRAPH_SHARE of the free memory on ``device``."""
+    return per_call * calls * chunk > GRAPH_SHARE * free_memory(device)
+
+
 def _differentiable_solve(denoiser, schedule, lam_t, x_T, T, eps, solver, order, variant,
                           checkpointing: bool = False, network_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The samples from ``x_T`` for the steps ``lam_t`` (a float64 tensor), differentiable in lam_t.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -376,54 +376,106 @@ def _polish(objective, lam, min_gap):
 
 # --- one table's worth of optimizations --------------------------------------------------------
 
-INITS = GRIDS + ("best",)
-STEP_OBJECTIVES = OBJECTIVES + ("none",)  # none: keep the starting grid (init) as it is (no optimization)
+INITS = GRIDS + ("best",)  # the optimizer's starts
+STEP_OBJECTIVES = OBJECTIVES + ("none",)  # none: keep a step rule (init) as it is (no optimization)
 
 DEFAULT_SCHEDULE = "scaled_linear"  # the schedule of a config that names none
 
-# The steps `optimize` writes when none of --objective, --init, --p, --trunc is given, per preset
-# (flow: per measured shift), from docs/research/evaluation-data.md (studies/study_data.py): the candidate
-# with the smallest geometric-mean error ratio to the best hand-made grid over three data sets,
-# UniPC-3 and DPM-Solver++-3 and NFE 5..15. ("none", G): the grid G written as a table;
-# ("reference", G): the optimized table from G. tests/test_defaults.py checks this against the
-# study's results files (256 noises, and 4096 on a GPU).
-DEFAULT_STEPS: dict[str, tuple[str, str]] = {
-    "scaled_linear": ("none", "unif"),
-    "linear": ("none", "quad"),
-    "vp-linear": ("none", "quad"),
-    "edm": ("reference", "unif_t"),
-    "flow shift 3": ("none", "quad"),
-    "flow shift 1": ("none", "unif_t"),
-    "squaredcos_cap_v2": ("none", "unif_t"),
-    "vp-cosine": ("reference", "unif_t"),
-}
+
+def step_rules() -> tuple[str, ...]:
+    """What ``--objective none`` can keep as the steps: the hand-made grids, the named schedules users
+    pick (``baselines.NAMED_SCHEDULES``) and the kept fitted warps (``warps.warp_names``)."""
+    from .baselines import BASELINES
+    from .warps import warp_names
+
+    return tuple(BASELINES) + warp_names()
+
+
+def step_rule_lambda(name: str, schedule, nfe: int, T: float, eps: float, shift: float | None):
+    """The step rule ``name`` (see ``step_rules``) with ``nfe`` steps as N + 1 increasing lambdas."""
+    from .baselines import BASELINES, baseline_lambda
+    from .warps import named_warp_lambda
+
+    if name in BASELINES:
+        return baseline_lambda(name, schedule, nfe, T, eps, shift)
+    return named_warp_lambda(name, schedule, nfe, T, eps)
+
+
+@dataclass(frozen=True)
+class DefaultSteps:
+    """The steps ``optimize`` writes when none of --objective, --init, --p, --trunc is given, for one
+    schedule preset (at one flow shift), solver and order: ``objective`` none keeps the step rule
+    ``init`` (a grid, a named schedule or a kept warp); reference optimizes from the grid ``init``.
+    ``measured``: chosen by the default-steps rule from the study's results (studies/default_rule.py);
+    False: a stand-in where no study measured this solver and order (``why`` says which and why)."""
+
+    preset: str
+    shift: float | None
+    solver: str
+    order: int
+    objective: str
+    init: str
+    measured: bool
+    why: str  # one line: what the steps are and why they were chosen
+    scores: dict = field(default_factory=dict, compare=False)  # every candidate's score under the rule
+
+
+def _default_records() -> tuple[DefaultSteps, ...]:
+    from .warps import DATA
+
+    if not DATA.is_file():
+        return ()
+    import json
+
+    rows = json.loads(DATA.read_text())["defaults"]
+    return tuple(DefaultSteps(**{f: r[f] for f in DefaultSteps.__dataclass_fields__}) for r in rows)
+
+
+# every default, from the package's default_steps.json (written by scripts/make_tables.py, which applies
+# the rule of studies/default_rule.py to the kept study results; tests/test_defaults.py recomputes it)
+DEFAULT_STEPS: tuple[DefaultSteps, ...] = _default_records()
 FALLBACK_STEPS = ("reference", "unif_t")  # schedules with no measurements: the paper's method
+STAND_IN_SOLVER = "dpmpp"  # whose defaults a solver without measurements of its own takes (nearest order)
 
 
-def measured_shifts(preset: str) -> dict[float, str]:
-    """{shift: DEFAULT_STEPS key} for a preset measured per shift (flow); {} for the others."""
-    prefix = preset + " shift "
-    return {float(k[len(prefix):]): k for k in DEFAULT_STEPS if k.startswith(prefix)}
+def measured_shifts(preset: str) -> tuple[float, ...]:
+    """The flow shifts at which ``preset`` has default steps (sorted); () for presets without a shift."""
+    return tuple(sorted({d.shift for d in DEFAULT_STEPS if d.preset == preset and d.shift is not None}))
 
 
-def default_key(preset: str | None, shift: float | None) -> str | None:
-    """The DEFAULT_STEPS key of a preset: flow uses the measured shift nearest to ``shift`` (in
-    log scale: below 1.73 that is 1, above it 3)."""
+def default_record(preset: str | None, shift: float | None, solver: str, order: int) -> DefaultSteps | None:
+    """The default steps of a preset, solver and order. Flow uses the measured shift nearest to
+    ``shift`` in log scale (below 1.73 that is 1, above it 3). A solver and order without a record of
+    their own take the same solver's nearest measured order, else STAND_IN_SOLVER's (a record with
+    ``measured`` False whose ``why`` says so); None where the preset has no record."""
     if preset is None:
         return None
-    measured = measured_shifts(preset)
-    if not measured or shift is None or not shift > 0:  # a bad shift is refused by resolve
-        return preset
-    return measured[min(measured, key=lambda s: abs(math.log(s / shift)))]
+    rows = [d for d in DEFAULT_STEPS if d.preset == preset]
+    shifts = measured_shifts(preset)
+    if shifts and shift is not None and shift > 0:  # a bad shift is refused by resolve
+        near = min(shifts, key=lambda s: abs(math.log(s / shift)))
+        rows = [d for d in rows if d.shift == near]
+    same = [d for d in rows if d.solver == solver] or [d for d in rows if d.solver == STAND_IN_SOLVER]
+    d = min(same, key=lambda d: (abs(d.order - order), d.order), default=None)
+    if d is not None and (d.solver, d.order) != (solver, order):
+        d = replace(d, solver=solver, order=order, measured=False,
+                    why=f"stand-in: no study measured {solver} order {order}; the default of {d.solver} order "
+                        f"{d.order}, the nearest measured: {d.why}")
+    if d is not None and d.shift is not None and shift is not None and abs(math.log(d.shift / shift)) > 1e-9:
+        d = replace(d, shift=shift, measured=False,
+                    why=f"measured at shift {d.shift:g}, the nearest measured shift, used at shift {shift:.4g} "
+                        f"(placed on the same lambda interval, docs/research/shift-placement.md): {d.why}")
+    return d
 
 
-def default_steps(schedule, shift: float | None = None) -> tuple[str, str]:
+def default_steps(schedule, shift: float | None = None, solver: str = "unipc", order: int = 3) -> tuple[str, str]:
     """(objective, init) used when neither is given: per preset (matched by alpha and sigma, so a
-    diffusers scheduler_config.json of Stable Diffusion counts as ``scaled_linear``) and, for flow,
-    the shift; other schedules get FALLBACK_STEPS."""
+    diffusers scheduler_config.json of Stable Diffusion counts as ``scaled_linear``), flow shift,
+    solver and order (``default_record``); other schedules get FALLBACK_STEPS."""
     from .schedules import preset_of
 
-    return DEFAULT_STEPS.get(default_key(preset_of(schedule), shift), FALLBACK_STEPS)
+    d = default_record(preset_of(schedule), shift, solver_spec(solver).name, order)
+    return FALLBACK_STEPS if d is None else (d.objective, d.init)
 
 
 def default_p(schedule) -> float:
@@ -449,15 +501,15 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
     c["variant"] = solver.check_variant(c["variant"])
     if c["objective"] is None:  # an optimizer setting asks for the optimizer; none: the default steps
         if c["init"] is None and c["p"] is None and c["trunc"] is None:
-            c["objective"], c["init"] = default_steps(schedule, c["shift"])
+            c["objective"], c["init"] = default_steps(schedule, c["shift"], c["solver"], c["order"])
         else:
             c["objective"] = "reference"
     c["init"] = "unif_t" if c["init"] is None else c["init"]
     if c["objective"] not in STEP_OBJECTIVES:
         raise BadInput(f"unknown objective {c['objective']!r} (choose from {', '.join(STEP_OBJECTIVES)})")
     if c["objective"] == "none" and c["init"] == "best":
-        raise bad_setting("objective", "none keeps the starting grid (init) as it is: name one of "
-                          + ", ".join(GRIDS) + " as init, not best")
+        raise bad_setting("objective", "none keeps a step rule (init) as it is: name one of "
+                          + ", ".join(step_rules()) + " as init, not best")
     if c["objective"] == "exact" and solver.exact_refused:
         raise bad_setting("objective", f"exact is not defined for {solver.name}: {solver.exact_refused}; use "
                                        "reference or paper")
@@ -465,7 +517,10 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
         c["trunc"] = in_bounds("trunc", 3 if c["trunc"] is None else c["trunc"])
     elif c["trunc"] is not None:
         raise bad_setting("trunc", f"applies only to the reference objective, not {c['objective']}")
-    if c["init"] not in INITS:
+    if c["objective"] == "none":
+        if c["init"] not in step_rules():
+            raise BadInput(f"unknown init {c['init']!r} for objective none (choose from {', '.join(step_rules())})")
+    elif c["init"] not in INITS:
         raise BadInput(f"unknown init {c['init']!r} (choose from {', '.join(INITS)})")
     c["p"] = float(in_bounds("p", default_p(schedule) if c["p"] is None else c["p"]))
     c["T"] = float(schedule.T if c["T"] is None else c["T"])
@@ -521,9 +576,10 @@ def optimize_nfe(config: StepConfig, schedule, nfe: int) -> tuple[StepResult, st
     grids = {g: grid_lambda(g, schedule, nfe, config.T, config.eps, config.shift) for g in GRIDS}
     baselines = {g: objective.value(lam) for g, lam in grids.items()}
     if config.objective == "none":
-        lam = grids[config.init]
-        F = baselines[config.init]
-        return (StepResult(lam, F, F, "not-optimized", f"the hand-made grid {config.init} (--objective none)", 0, 0),
+        lam = step_rule_lambda(config.init, schedule, nfe, config.T, config.eps, config.shift)
+        F = objective.value(lam)
+        what = "the hand-made grid" if config.init in GRIDS else "the step rule"
+        return (StepResult(lam, F, F, "not-optimized", f"{what} {config.init} (--objective none)", 0, 0),
                 config.init, baselines, objective.orders)
     starts = GRIDS if config.init == "best" else (config.init,)
     results = [(minimize_steps(objective, grids[g]), g) for g in starts]

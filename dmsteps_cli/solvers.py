@@ -283,6 +283,11 @@ class ComfySampler:
     exact_on_flow: bool = False
     note: str = ""
 
+    def exact_on(self, sigma_is_kappa: bool) -> bool:
+        """Whether it runs the tables exactly on a model whose sampler sigma is kappa = e^-lambda
+        (``Schedule.sampler_sigma_is_kappa``: VP and EDM models), or else on a flow model."""
+        return sigma_is_kappa or self.exact_on_flow
+
 
 @dataclass(frozen=True)
 class SolverSpec:
@@ -331,7 +336,7 @@ class SolverSpec:
         and EDM models; on a flow model, whose sigma is t, only those ``exact_on_flow``)."""
         variant = variant or self.default_variant
         return [s for s in self.comfyui if s.order == order and s.variant in (None, variant)
-                and (sigma_is_kappa or s.exact_on_flow)]
+                and s.exact_on(sigma_is_kappa)]
 
     def check_variant(self, variant: str | None) -> str | None:
         """The variant to run: ``variant``, else the default; BadInput for one it does not have."""

@@ -9,29 +9,29 @@ from .grids import GRIDS
 
 
 def written_note(schedule, config, output: str | None, defaults: bool) -> str:
-    """One line on stderr: what the table holds and why, in words."""
+    """One line on stderr: what the table holds and why, in words; for the default steps, the
+    default-steps record's reason (``optimize.default_record``) and how to ask for the paper's optimizer."""
     from .config import format_nfe
     from .grids import GRID_WORDS
-    from .optimize import FALLBACK_STEPS
+    from .optimize import FALLBACK_STEPS, default_record
     from .schedules import preset_of
 
     nfe = config.nfe
     where = "stdout" if output in (None, "-") else output
     head = f"wrote {where}: NFE {format_nfe(nfe)}"
+    record = default_record(preset_of(schedule), config.shift, config.solver, config.order) if defaults else None
+    if record is not None:
+        return (f"{head}, the default steps: {record.why}; the paper's optimized steps: --objective reference")
     grid = (f"the {GRID_WORDS[config.init]} ({config.init})" if config.init in GRID_WORDS
+            else f"the step rule {config.init}" if config.objective == "none"
             else "whichever hand-made grid gave the lowest objective (best)")
     if config.objective == "none":
-        steps = f"{grid}, as asked" if not defaults else (
-            f"{grid}: the steps measured best for {preset_of(schedule)} over three data sets and two solvers "
-            "(docs/research/evaluation-data.md); the paper's optimized steps: --objective reference")
-        return f"{head}, {steps}"
+        return f"{head}, {grid}, as asked"
     whose = "the paper's" if config.objective in ("reference", "paper") else "the"
     steps = f"{whose} optimized steps ({config.objective} objective, p = {config.p:g}, from {grid})"
-    if defaults and (config.objective, config.init) == FALLBACK_STEPS and preset_of(schedule) is None:
+    if defaults and (config.objective, config.init) == FALLBACK_STEPS:
         steps += ("; no measurements for this schedule, so the paper's method is the default "
                   "(dmsteps evaluate compares it with the hand-made grids on your model)")
-    elif defaults:
-        steps += f": the steps measured best for {preset_of(schedule)} (docs/research/evaluation-data.md)"
     return f"{head}, {steps}"
 
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Write the ready-made step tables in tables/ (``make tables``).
 
-For every model family (a noise schedule, and for flow models a shift) and every solver/order
-pair below, one table ``tables/<family>-<solver>-o<order>.json`` with NFE 5..15 and every other
-setting at the current ``StepConfig`` defaults: the content is exactly
-``dumps(make_table(StepConfig(schedule=..., solver=..., order=..., shift=...)), "json")``, which is
-also what ``dmsteps optimize --schedule S [--shift X] --solver V --order K -o FILE`` writes, so
-``dmsteps check`` can recompute each file from the config recorded in it.
+First the default-steps rule (studies/default_rule.py) runs on the warp study's kept results
+(docs/research/evaluation/warp/) and its choices go to ``dmsteps_cli/default_steps.json``, which
+``optimize`` reads for its defaults. Then, for every model family (a noise schedule, and for flow models
+a shift) and every solver/order pair below, one table ``tables/<family>-<solver>-o<order>.json``
+(``<family>-euler.json`` for Euler) with NFE 4..50 and every other setting at the current ``StepConfig``
+defaults: its content is ``dumps(make_table(StepConfig(schedule=..., solver=..., order=..., shift=...,
+objective=..., init=...)), "json")`` with the default steps written out, which is also what ``dmsteps
+optimize --schedule S [--shift X] --solver V --order K -o FILE`` writes, so ``dmsteps check`` can
+recompute each file from the config recorded in it; beside it, ``provenance``: what the steps are and
+why, every candidate's score, the samplers that run it.
 
 Also written: ``tables/index.json`` (machine-readable: per file its family, schedule, shift, solver,
 order, NFE list, the models it covers and its sha256) and ``tables/README.md`` (the human index).
@@ -32,6 +36,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -43,16 +48,23 @@ sys.path.insert(0, str(ROOT))
 
 from dmsteps_cli import __version__  # noqa: E402
 from dmsteps_cli.build import make_table  # noqa: E402
+from dmsteps_cli.grids import GRID_WORDS  # noqa: E402
 from dmsteps_cli.check import compare_tables  # noqa: E402
 from dmsteps_cli.config import StepConfig  # noqa: E402
 from dmsteps_cli.errors import BadInput  # noqa: E402
 from dmsteps_cli.files import write_output  # noqa: E402
+from dmsteps_cli.schedule_sources import get_schedule  # noqa: E402
 from dmsteps_cli.schedules import schedule_from_spec  # noqa: E402
+from dmsteps_cli.models import MODELS, table_suffix  # noqa: E402
+from dmsteps_cli.solvers import solver_spec  # noqa: E402
+from dmsteps_cli.warps import DATA as DEFAULT_STEPS_FILE  # noqa: E402  (the rule's choices, read by optimize)
 from dmsteps_cli.tables import INDEX_SCHEMA, dumps, parse_document, validate  # noqa: E402
+from studies import default_rule  # noqa: E402
 
-NFE = tuple(range(5, 16))
-SOLVERS = ("unipc", "dpmpp")
-ORDERS = (2, 3)
+# every count to 15, then the counts people run (FLUX and SD3 28, KSampler 20, Wan 40-50)
+NFE = tuple(range(4, 16)) + (16, 18, 20, 24, 28, 30, 32, 40, 50)
+# (solver, order): the samplers people run (the registry's names; euler is ddim's alias)
+SOLVER_ORDERS = (("euler", 1), ("unipc", 2), ("unipc", 3), ("dpmpp", 2), ("dpmpp", 3), ("ipndm", 4))
 
 
 # family -> (schedule preset, shift (flow only), models it covers, one-line note)
@@ -91,24 +103,161 @@ FAMILIES = {
 
 
 def file_name(family: str, solver: str, order: int) -> str:
-    return f"{family}-{solver}-o{order}.json"
+    """``sd-unipc-o3.json``, ``sd-euler.json`` (``models.table_suffix``)."""
+    return f"{family}-{table_suffix(solver, order)}.json"
 
 
-def plan() -> list[dict]:
-    """Every table to make, in a fixed order."""
+def study_family(schedule: str, shift) -> str | None:
+    """The warp study's name of a family (studies/robust_fit.py FAMILIES), None where it has none."""
+    return next((k for k, v in default_rule.FAMILIES.items() if v == (schedule, shift)), None)
+
+
+def warp_name(family: str, solver: str, order: int) -> str:
+    return f"warp-{family}-{solver}-o{order}"
+
+
+def step_words(name: str) -> str:
+    """What a candidate of the rule is, in words."""
+    from dmsteps_cli.baselines import NAMED_SCHEDULES
+
+    if name in GRID_WORDS:
+        return f"the {GRID_WORDS[name]} ({name})"
+    if name in NAMED_SCHEDULES:
+        return f"the named schedule {name} ({NAMED_SCHEDULES[name].words})"
+    if name == default_rule.REFERENCE:
+        return "the paper's optimized table (reference objective)"
+    return "the warp fitted across the proxies"
+
+
+def same_steps(name: str, schedule: str, shift) -> list[str]:
+    """The other step rules that their consumers run as exactly ``name``'s steps (lambda within
+    1e-9, ``baselines.consumer_steps``) at every NFE of the tables on ``schedule``: a grid that is a
+    scheduler users have is said to be one."""
+    import numpy as np
+
+    from dmsteps_cli.baselines import BASELINES, consumer_steps
+
+    if name not in BASELINES:
+        return []
+    s = get_schedule(schedule)
+    T, eps = s.T, s.eps_default
+    out = []
+    for other in BASELINES:
+        if other == name:
+            continue
+        try:
+            if all(np.allclose(consumer_steps(other, s, n, T, eps, shift), consumer_steps(name, s, n, T, eps, shift),
+                               rtol=0, atol=1e-9, equal_nan=True) for n in NFE):
+                out.append(other)
+        except BadInput:
+            pass
+    return out
+
+
+def rule_defaults() -> tuple[list[dict], dict]:
+    """(the default-steps records, the kept warps) from the warp study's kept results
+    (studies/default_rule.py): one record per measured family, solver and order."""
+    records, warps = [], {}
+    for r in default_rule.apply_rule(default_rule.candidate_order()):
+        family, solver, order = r["family"], r["solver"], r["order"]
+        preset, shift = default_rule.FAMILIES[family]
+        name = warp_name(family, *r["warp_of"])
+        if tuple(r["warp_of"]) == (solver, order):  # a fit's file: its warp is kept
+            fit = default_rule.read_lines(ROOT / r["source"])
+            warps[name] = {"family": family, "solver": solver, "order": order, "fitted_on": r["proxies"],
+                           "theta": next(x for x in fit if x["fold"] == default_rule.ALL)["warp"]["theta"],
+                           "source": r["source"] + ' (fold "all")'}
+        chosen = r["chosen"]
+        objective, init = (("reference", "unif_t") if chosen == default_rule.REFERENCE else
+                           ("none", name if chosen == default_rule.WARP else chosen))
+        nxt = [c for c in r["ranking"] if c != chosen][0]
+        if chosen == default_rule.WARP and tuple(r["warp_of"]) != (solver, order):
+            why_warp = f"the warp fitted across the proxies for {r['warp_of'][0]} order {r['warp_of'][1]}"
+        else:
+            why_warp = step_words(chosen)
+        why = (f"{why_warp}: power-8 mean over {len(r['proxies'])} proxies of the held-out ratio to each proxy's "
+               f"best schedule, NFE {r['nfe'][0]}-{r['nfe'][-1]}"
+               + (" (leave-one-proxy-out)" if chosen == default_rule.WARP else "") + f" {r['score']:.3f}")
+        net = r["network"]
+        if not r["passed_over"]:
+            why += f", the lowest (next: {nxt} {r['scores'][nxt]['score']:.3f})"
+        else:
+            why += (f", the lowest once the trained {net['network']} passed over "
+                    + ", ".join(f"{p['candidate']} ({r['scores'][p['candidate']]['score']:.3f} on the proxies; "
+                                f"{p['ratio']:.2f}x {net['previous']} on the network, 95% {p['ci'][0]:.2f}-"
+                                f"{p['ci'][1]:.2f})" for p in r["passed_over"]))
+        equal = same_steps(chosen, preset, shift)
+        if equal:
+            why += "; run by its consumers as the same steps as " + ", ".join(equal)
+        if net is None:
+            why += "; rests on the proxies (no trained network for this family)"
+        elif chosen == net["previous"]:
+            why += "" if r["passed_over"] else f"; the previous default, so nothing to check on the trained {net['network']}"
+        else:
+            m = net["measured"][chosen]
+            why += (f"; on the trained {net['network']} {m['ratio']:.2f}x the previous default {net['previous']} "
+                    f"(95% {m['ci'][0]:.2f}-{m['ci'][1]:.2f})")
+        records.append({"preset": preset, "shift": shift, "solver": solver, "order": order, "objective": objective,
+                        "init": init, "measured": True, "why": why, "candidate": chosen, "score": r["score"],
+                        "scores": {c: r["scores"][c]["score"] for c in r["ranking"]},
+                        "passed_over": r["passed_over"], "network": r["network"], "source": r["source"],
+                        "candidates": "fixed ones and another solver's warp (no fit for this solver)"
+                        if tuple(r["warp_of"]) != (solver, order) else "fitted warp, fixed ones, optimized table"
+                        if default_rule.REFERENCE in r["scores"] else "fitted warp and fixed ones"})
+    return records, warps
+
+
+def model_families() -> dict:
+    """The flow models' own table families (``models.MODELS``: one per table stem and shift; distilled
+    models, whose steps are fixed by training, have none), in the form of FAMILIES."""
+    out = {}
+    for r in MODELS.values():
+        if r.shift is None or r.distilled:
+            continue
+        models = out.setdefault(r.table_stem, ("flow", r.shift, [], f"rectified flow at {r.title}'s shift "
+                                                                    f"{r.shift:.4g} ({r.shift_from})"))[2]
+        models.append(r.title)
+    return out
+
+
+def plan(with_models: bool = False) -> list[dict]:
+    """Every table to make, in a fixed order: the schedule families, then (``with_models``) the flow
+    models' own at their shifts. Those are not shipped: at a shift no study measured, the default
+    steps are the nearest measured shift's rule placed on the same lambda interval, which for a warp
+    or a published sigma list are the same steps whatever the shift (docs/research/shift-placement.md);
+    ``models.tables_for`` gives each model its family table at the nearest shift and says so."""
     rows = []
-    for family, (schedule, shift, models, _) in FAMILIES.items():
-        for solver in SOLVERS:
-            for order in ORDERS:
-                rows.append({"file": file_name(family, solver, order), "family": family, "schedule": schedule,
-                             "shift": shift, "solver": solver, "order": order, "nfe": list(NFE),
-                             "models": list(models)})
+    families = {**FAMILIES, **(model_families() if with_models else {})}
+    for family, (schedule, shift, models, _) in families.items():
+        for solver, order in SOLVER_ORDERS:
+            rows.append({"file": file_name(family, solver, order), "family": family, "schedule": schedule,
+                         "shift": shift, "solver": solver_spec(solver).name, "order": order, "nfe": list(NFE),
+                         "models": list(models)})
     return rows
 
 
 def config_for(row: dict) -> StepConfig:
+    """The table's config: the default steps (optimize.default_record) written out."""
+    from dmsteps_cli.optimize import default_steps
+
+    objective, init = default_steps(get_schedule(row["schedule"]), row["shift"], row["solver"], row["order"])
     return StepConfig(schedule=row["schedule"], solver=row["solver"], order=row["order"], shift=row["shift"],
-                      nfe=tuple(row["nfe"]))
+                      nfe=tuple(row["nfe"]), objective=objective, init=init)
+
+
+def provenance(row: dict) -> dict:
+    """What a table's steps are and why (the default-steps record), and which samplers run it."""
+    from dmsteps_cli.optimize import default_record
+
+    d = default_record(row["schedule"], row["shift"], solver_spec(row["solver"]).name, row["order"])
+    spec = solver_spec(row["solver"])
+    low = [n for n in row["nfe"] if max(spec.order_pattern(row["order"], n)) < row["order"]]
+    return {"steps": d.why, "measured": d.measured,
+            "scores": d.scores,
+            "order_capped_at_nfe": low,
+            "runs_with": {"diffusers": list(spec.diffusers),
+                          "comfyui": [c.name for c in spec.comfyui_samplers(row["order"], None, get_schedule(
+                              row["schedule"]).family)]}}
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -120,8 +269,8 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 def write_table(path: Path, table: dict) -> tuple[bool, str]:
     """Write a table unless the file there already holds it: byte for byte, or equal within the
-    reproducibility promise (``compare_tables`` finds no drift and no note), as a table made on
-    another machine is. Returns (whether the file changed, the text now in it)."""
+    reproducibility promise (``compare_tables`` finds no drift and no note) with the same
+    ``provenance``, as a table made on another machine is. Returns (whether the file changed, the text now in it)."""
     text = dumps(table, "json")
     if path.is_file():
         old = path.read_text()
@@ -130,7 +279,8 @@ def write_table(path: Path, table: dict) -> tuple[bool, str]:
         try:
             old_table = parse_document(old, str(path))
             validate(old_table)
-            if compare_tables(old_table, table, schedule_from_spec(table["schedule"])) == ([], []):
+            if (old_table.get("provenance") == table.get("provenance")
+                    and compare_tables(old_table, table, schedule_from_spec(table["schedule"])) == ([], [])):
                 return False, old
         except BadInput:
             pass
@@ -138,99 +288,79 @@ def write_table(path: Path, table: dict) -> tuple[bool, str]:
     return True, text
 
 
-def max_lambda_gap(a: dict, b: dict) -> float:
-    return max(abs(x - y) for ea, eb in zip(a["entries"], b["entries"]) for x, y in zip(ea["lambda"], eb["lambda"]))
-
-
 def readme(rows: list[dict], tables: dict[str, dict]) -> str:
-    """tables/README.md: which file for which model, how they were made and checked."""
-    ex = tables[rows[0]["file"]]["config"]
+    """tables/README.md: which file for which model, what each file's steps are and why, how they
+    were made and checked."""
     lines = [
         "# Ready-made step tables",
         "",
         "<!-- Generated by scripts/make_tables.py (`make tables`); edit that script, not this file. -->",
         "",
-        "One table per model family, solver and order, each with the default steps for NFE "
-        f"{NFE[0]}..{NFE[-1]} (one entry per NFE). `index.json` lists the same in machine-readable form "
-        "(family, schedule, shift, solver, order, NFE list, models, sha256 of each file).",
+        f"One table per model family and sampler, each with the default steps for NFE {NFE[0]}..15, "
+        + ", ".join(str(n) for n in NFE if n > 15) + " (one entry per NFE). `index.json` lists the same in "
+        "machine-readable form (family, schedule, shift, solver, order, NFE list, models, what the steps are, "
+        "sha256 of each file); `dmsteps tables` prints it.",
         "",
         "## Which file for which model",
         "",
-        "| family | schedule | T ... eps | models | files |",
-        "|---|---|---|---|---|",
+        "| family | schedule | T ... eps | models |",
+        "|---|---|---|---|",
     ]
     for family, (schedule, shift, models, note) in FAMILIES.items():
-        files = ", ".join(f"`{file_name(family, s, k)}`" for s in SOLVERS for k in ORDERS)
         sched = f"`{schedule}`" + (f", shift {shift:g}" if shift is not None else "")
-        cfg = tables[file_name(family, SOLVERS[0], ORDERS[0])]["config"]
-        lines.append(f"| `{family}` | {sched}: {note} | {cfg['T']:g} ... {cfg['eps']:g} | {'; '.join(models)} "
-                     f"| {files} |")
+        cfg = tables[file_name(family, *SOLVER_ORDERS[0])]["config"]
+        lines.append(f"| `{family}` | {sched}: {note} | {cfg['T']:g} ... {cfg['eps']:g} | {'; '.join(models)} |")
+    lines += ["", "Pick the file of the sampler you run:", "", "| file suffix | solver, order | diffusers | ComfyUI |",
+              "|---|---|---|---|"]
+    for solver, order in SOLVER_ORDERS:
+        spec = solver_spec(solver)
+        suffix = file_name("", solver, order).removesuffix(".json")
+        comfy = ", ".join(c.name + ("" if c.exact_on_flow else " (not on flow models)")
+                          for c in spec.comfyui if c.order == order) or "-"
+        lines.append(f"| `{suffix}` | {spec.title} order {order} | {', '.join(spec.diffusers) or '-'} | {comfy} |")
     lines += [
         "",
-        "Pick the file whose solver and order your sampler runs: `unipc` = UniPC (diffusers' "
-        "`UniPCMultistepScheduler`, bh2), `dpmpp` = DPM-Solver++ multistep (`DPMSolverMultistepScheduler`); "
-        "`o2`/`o3` = `solver_order` 2 or 3. A table fits a model when the model was *trained* with the "
-        "table's noise schedule (the scheduler config's `beta_schedule`, `beta_start`, `beta_end` and "
-        "`num_train_timesteps`); `apply_table` and `dmsteps sample` compare the two and refuse a mismatch. "
-        "Not covered: zero-terminal-SNR models (`rescale_betas_zero_snr`), which dmsteps refuses, and models "
-        "with other betas or training-step counts (make a table from their `scheduler_config.json`: "
-        "`dmsteps optimize --schedule path/to/scheduler_config.json`).",
+        "A table fits a model when the model was *trained* with the table's noise schedule (the scheduler "
+        "config's `beta_schedule`, `beta_start`, `beta_end` and `num_train_timesteps`); `apply_table` and "
+        "`dmsteps sample` compare the two and refuse a mismatch. Not covered: zero-terminal-SNR models "
+        "(`rescale_betas_zero_snr`), which dmsteps refuses, and models with other betas or training-step "
+        "counts (make a table from their `scheduler_config.json`: `dmsteps optimize --schedule "
+        "path/to/scheduler_config.json`).",
         "",
-        "## How they were made",
+        "## What each table holds, and why",
         "",
-        "`scripts/make_tables.py` calls `make_table(StepConfig(schedule=..., solver=..., order=..., shift=...))` "
-        f"with every other setting at its default (dmsteps {__version__}) and writes `dumps(table, \"json\")` "
-        "atomically. The same table is what `dmsteps optimize --schedule S [--shift X] --solver V --order K "
-        "--nfe 5..15` prints. With none of `--objective`, `--init`, `--p`, `--trunc` given, the steps are the "
-        "schedule's "
-        "**default steps**: the candidate (the optimized table, or one of the four hand-made grids written as a "
-        "table) with the smallest geometric-mean error ratio to the best grid over three data sets, two "
-        "solvers and NFE 5-15 ([docs/research/evaluation-data.md](../docs/research/evaluation-data.md)). Here that is:",
+        "Every table holds its family's **default steps** for its solver and order, chosen by one declared rule "
+        "([studies/default_rule.py](../studies/default_rule.py)) from the warp study's kept results "
+        "([docs/research/robust-steps.md](../docs/research/robust-steps.md), "
+        "`docs/research/evaluation/warp/`): the candidate with the lowest power-8 mean over the seven proxy "
+        "data sets of its geometric-mean held-out error ratio over NFE 5-15 (to each proxy's best schedule), "
+        "among every fitting named schedule and grid, the paper's optimized table where it was measured, and "
+        "the warp fitted across the proxies (scored leave-one-proxy-out). On `linear` and `scaled_linear`, "
+        "whose trained networks we have, a candidate whose paired 95% interval of the ratio to the previous "
+        "default lies entirely above 1 on that network is passed over; the other families rest on the "
+        "proxies. Solvers the study did not measure (Euler, iPNDM) take a stand-in, said in the row. Above "
+        "NFE 15 and at NFE 4 the same rule is used, unmeasured there. Each table's `provenance` field holds "
+        "the same text, every candidate's score and the samplers that run it.",
         "",
-        "| family | steps | config |",
+        "| file | steps | why |",
         "|---|---|---|",
     ]
-    for family in FAMILIES:
-        cfg = tables[file_name(family, SOLVERS[0], ORDERS[0])]["config"]
-        what = (f"the hand-made grid `{cfg['init']}` (not optimized)" if cfg["objective"] == "none" else
-                f"optimized: objective `{cfg['objective']}`, p = {cfg['p']:g}, from `{cfg['init']}`, trunc {cfg['trunc']}")
-        lines.append(f"| `{family}` | {what} | objective `{cfg['objective']}`, init `{cfg['init']}` |")
+    for row in rows:
+        cfg = tables[row["file"]]["config"]
+        what = cfg["init"] if cfg["objective"] == "none" else f"{cfg['objective']} from {cfg['init']}"
+        lines.append(f"| `{row['file']}` | `{what}` | {row['steps']} |")
+    capped = sorted({n for t in tables.values() for n in t["provenance"]["order_capped_at_nfe"]})
     lines += [
         "",
-        f"UniPC files use variant `{ex.get('variant')}`; T and eps are the schedule's defaults (column T ... eps "
-        "above; for EDM these are sigmas). `dmsteps optimize --objective reference ...` makes the paper's "
-        "optimized table for any family.",
+        "Things to know:",
         "",
-        "Things to know about these settings:",
-        "",
-    ]
-    # facts measured on the tables just made
-    same = []
-    for family in FAMILIES:
-        names = [file_name(family, s, k) for s in SOLVERS for k in ORDERS]
-        same.append(max(max_lambda_gap(tables[names[0]], tables[n]) for n in names[1:]))
-    if max(same) == 0.0:
-        lines.append(
-            "- The four files of a family hold the same steps (identical lambdas): a grid does not depend on "
-            "the solver, and the `reference` objective uses the published code's fixed order pattern 1, 2, 3, "
-            "..., 3, 2, 1 whatever the solver and order. They differ in the recorded `config.solver`/"
-            "`config.order`, which `apply_table` uses to run the right order pattern and to check the "
-            "scheduler's `solver_order`.")
-    else:
-        lines.append(
-            "- The four files of a family can hold different steps (largest lambda difference between them: "
-            f"{max(same):.3g}).")
-    lines += [
-        "- Flow models: SD3 (`flow-shift3`) and FLUX.1-schnell (`flow-shift1`) get different grids, because "
-        "the measurements differ: at shift 3 the time-quadratic grid was best, at shift 1 uniform t "
-        "(docs/research/evaluation-data.md). For another shift, `dmsteps optimize --schedule flow --shift X` uses the "
-        "measured shift nearest to X.",
-        "- Why grids: measured on three data sets, the paper's optimized tables lost to the best hand-made "
-        "grid by 1.5-2.1x on average (geometric mean over NFE 5-15, both solvers) for every family here but "
-        "`edm`, where they won (0.89x). Which grid wins depends on the family, and for `sd` also on the data; "
-        "steps refined on one data set lost up to 2.7x on another. The way to beat the grids on *your* model "
-        "is `dmsteps refine` ([docs/results.md](../docs/results.md)).",
-        "- FLUX.1-schnell is timestep-distilled for 1-4 steps; these tables start at 5.",
+        f"- Below 5 steps the solver order is capped at what the NFE allows: the entries at NFE "
+        f"{', '.join(map(str, capped))} of the order-3 tables run at most order 2 (each entry's `orders` "
+        "says which order each step runs; the table's `provenance.order_capped_at_nfe` lists them).",
+        "- FLUX.1-schnell is timestep-distilled for 1-4 steps: its own steps are fixed by training; the "
+        "`flow-shift1` tables start at 4 for undistilled flow models without a shift.",
+        "- `dmsteps optimize --objective reference ...` makes the paper's optimized table for any family; "
+        "`--objective none --init NAME` writes any grid, named schedule or kept warp as a table.",
         "",
         "## Regenerating",
         "",
@@ -238,33 +368,26 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "make tables        # = .venv/bin/python scripts/make_tables.py; prints the wall time",
         "```",
         "",
-        "The output is deterministic: on the same machine, running it again gives byte-identical files. On "
-        "another machine the last digits may differ (within the reproducibility promise: 1e-10 in lambda, "
-        "[docs/reproducibility.md](../docs/reproducibility.md)); a file that holds the same table within "
-        "that promise is left as it is, so regenerating on any machine rewrites nothing. After a change to "
-        "the optimizer or its defaults, run it and commit the changed tables with the change.",
+        "It applies the rule to the kept study results, writes the choices to `dmsteps_cli/default_steps.json` "
+        "(which `optimize` reads for its defaults) and then the tables. The output is deterministic: on the "
+        "same machine, running it again gives byte-identical files; a file that holds the same table within "
+        "the reproducibility promise (1e-10 in lambda, [docs/reproducibility.md](../docs/reproducibility.md)) "
+        "is left as it is.",
         "",
         "## How CI checks them",
         "",
-        "`make test` runs `tests/test_tables_dir.py`, which",
-        "",
-        "- runs `dmsteps check tables/*.json` (the real CLI, all files at once, `index.json` included): each "
-        "table is recomputed from its recorded config and schedule, and the check fails (exit 1, naming the "
-        "field) if lambda (1e-10 absolute), the objectives or baselines (1e-10 relative), the orders, init or "
-        "optimizer status drifted, or t, sigmas and timesteps no longer follow from lambda; so a code change "
-        "that moves the steps fails CI until the tables are regenerated;",
-        "- shows that a hand-edited copy (one lambda changed by 1e-9, or one objective) fails `check`;",
-        "- checks that `index.json` lists every table file with its sha256, and nothing else;",
-        "- (`tests/test_reproducible.py`) recomputes every table under other BLAS kernels, numpy SIMD paths "
-        "and thread counts and checks it against the committed one.",
+        "`tests/test_tables_dir.py` runs `dmsteps check tables/*.json` (each table recomputed from its "
+        "recorded config; lambda 1e-10 absolute, objectives 1e-10 relative), shows that a hand-edited copy "
+        "fails it, and checks `index.json` against the files; `tests/test_defaults.py` recomputes every "
+        "choice of the rule from the kept study results and checks each table's steps and provenance "
+        "against it; `tests/test_reproducible.py` recomputes the tables under other BLAS kernels and "
+        "thread counts.",
         "",
         "## Using them",
         "",
         "Each table is named by its file name without `.json` (`sd-unipc-o3`) wherever dmsteps reads a table; "
-        "a wheel ships copies of these files, made when it is built (setup.py). The shortest recipes are in the top-level README's "
-        "[30-second start](../README.md#30-second-start); recipes for diffusers, k-diffusion / ComfyUI, "
-        "stable-diffusion.cpp and the official DPM-Solver / UniPC code are in "
-        "[docs/recipes.md](../docs/recipes.md) (all tested by `tests/test_recipes.py`).",
+        "a wheel ships copies of these files (setup.py). Recipes for diffusers, k-diffusion / ComfyUI, "
+        "stable-diffusion.cpp and the official DPM-Solver / UniPC code: [docs/recipes.md](../docs/recipes.md).",
         "",
     ]
     return "\n".join(lines)
@@ -273,14 +396,25 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "tables", help="output folder (default: tables/)")
+    ap.add_argument("--with-models", action="store_true",
+                    help="also the flow models' own tables at their shifts (not shipped; see plan())")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    rows = plan()
-    tables, changed = {}, 0
+    defaults, warps = rule_defaults()
+    data = {"rule": "studies/default_rule.py", "made_by": "scripts/make_tables.py", "defaults": defaults,
+            "warps": warps}
+    changed = write_if_changed(DEFAULT_STEPS_FILE, json.dumps(data, separators=(",", ":"), sort_keys=True) + "\n")
+    # optimize and warps read that file when imported: read it again (their functions see the new values)
+    importlib.reload(importlib.import_module("dmsteps_cli.warps"))
+    importlib.reload(importlib.import_module("dmsteps_cli.optimize"))
+    rows = plan(args.with_models)
+    tables = {}
     for row in rows:
         table = make_table(config_for(row))
+        table["provenance"] = provenance(row)
+        row["steps"] = table["provenance"]["steps"]
         tables[row["file"]] = table
         wrote, text = write_table(out / row["file"], table)
         row["sha256"] = hashlib.sha256(text.encode()).hexdigest()

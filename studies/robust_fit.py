@@ -49,12 +49,7 @@ from dmsteps_cli.grids import GRIDS
 from dmsteps_cli.refine import Fit, refine_steps, train_seeds, validation_seeds
 from studies.proxy_data import PROXIES, proxy_checkpoint
 
-# family -> (preset, flow shift): the families the goal names, then the other shipped ones
-FAMILIES = {"scaled_linear": ("scaled_linear", None), "linear": ("linear", None), "edm": ("edm", None),
-            "flow-shift3": ("flow", 3.0),
-            # the other shipped families
-            "ddpm-cosine": ("squaredcos_cap_v2", None), "score-sde-vp": ("vp-linear", None),
-            "flow-shift1": ("flow", 1.0)}
+from studies.default_rule import FAMILIES  # noqa: E402  (family -> (preset, flow shift))
 CLOSED_FORM = tuple(name for name, p in PROXIES.items() if p.closed_form)
 ALL = "all"  # the fold fitted on every proxy
 

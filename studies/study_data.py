@@ -14,7 +14,8 @@ optimized table (reference objective, default p) and the four grids at NFE 5..15
 *choice*: the candidate with the smallest geometric mean of its ratio to the best grid over data
 sets, solvers and NFE (trained UNets join their preset's cases when their results files are there:
 the digits UNet for `linear`, the photo-patches UNet for `scaled_linear`). The tool's default steps per preset
-(``optimize.DEFAULT_STEPS``) are that choice; a test checks them against this script's results file.
+were that choice until the default-steps rule of studies/default_rule.py (on the warp study's seven
+proxies) replaced it; ``default_rule.PREVIOUS_DEFAULTS`` keeps them.
 
 It also refines steps on one data set and measures them on the other (``transfer``): steps that
 are optimal for one data set, used on another.
@@ -45,7 +46,7 @@ from dmsteps_cli import StepConfig, get_schedule, make_table  # noqa: E402
 from dmsteps_cli.checkpoints import mixture_checkpoint  # noqa: E402
 from dmsteps_cli.evaluate import Evaluator, best_grids, compare_at, ratio_to_best_grid  # noqa: E402
 from dmsteps_cli.grids import GRIDS  # noqa: E402
-from dmsteps_cli.optimize import DEFAULT_STEPS, default_key  # noqa: E402
+from dmsteps_cli.optimize import default_steps  # noqa: E402
 from dmsteps_cli.refine import candidates, refine_entry, train_seeds  # noqa: E402
 from studies.proxy_data import digits_mixture, patches_mixture  # noqa: E402
 from studies import options
@@ -137,7 +138,7 @@ def main(argv=None):
                "presets": {}, "transfer": []}
     t_start = time.perf_counter()
     for name, shift in presets:
-        key = default_key(name, shift)
+        key = name if shift is None else f"{name} shift {shift:g}"  # the results file's key
         schedule = get_schedule(name)
         T, eps = schedule.T, schedule.eps_default
         per = {"errors": {}, "ratios": {}}
@@ -156,7 +157,7 @@ def main(argv=None):
         for solver, r in (unet or {}).items():
             per["ratios"][f"{UNETS[key][0]} · {solver}-3 (NFE 5-10)"] = r
         per.update(robust_choice(per["ratios"]))
-        per["default"] = DEFAULT_STEPS.get(key)
+        per["default"] = list(default_steps(get_schedule(name), shift))  # optimize's default for UniPC-3
         results["presets"][key] = per
         (out / "evaluation" / "data-results.partial.json").write_text(json.dumps(results, indent=1) + "\n")
         print(f"{key}: choice {per['choice']} (geometric mean {per['score'][per['choice']]['geomean']:.2f}), "

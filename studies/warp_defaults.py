@@ -1,8 +1,8 @@
-"""Today's default steps, where they are not one of the warp study's baselines, on the study's proxies.
+"""The default steps when the warp study ran, where they are not one of its baselines, on its proxies.
 
-A family's default is a hand-made grid (then the study's own baseline numbers already measure it) or
-the paper's optimized table (``optimize.DEFAULT_STEPS``: ``edm``), which no fold of warp_fit.py
-evaluates. This script makes that table as ``dmsteps optimize`` would, with the family's defaults
+A family's default then (``default_rule.PREVIOUS_DEFAULTS``) was a hand-made grid (the study's own
+baseline numbers already measure it) or the paper's optimized table (``edm``), which no fold of
+warp_fit.py evaluates. This script makes that table as ``dmsteps optimize --objective reference`` does
 (``build.make_table``), and measures it on each closed-form proxy's held-out noises (seeds 0 ..,
 the study's) at each NFE, as error over the proxy's best baseline there, computed here on the same
 noises. For each family, solver and order in the fit's results whose default is not a grid, and not
@@ -27,15 +27,17 @@ import torch
 from dmsteps_cli.build import make_table
 from dmsteps_cli.config import StepConfig
 from studies.robust_fit import ALL, FAMILIES, baselines_at, proxy_sets, ratios_to_best
+from studies.default_rule import PREVIOUS_DEFAULTS
 from studies.warp_report import default_rule, read_lines
 
 
 def default_lambdas(family: str, solver: str, order: int, nfes, T: float, eps: float) -> tuple[dict, dict]:
-    """({nfe: lambdas, noise end first} of the table ``optimize`` writes by default for ``family`` on
-    [eps, T], the table's resolved config)."""
+    """({nfe: lambdas, noise end first} of the table ``optimize`` wrote by default for ``family`` when
+    the study ran (``default_rule.PREVIOUS_DEFAULTS``) on [eps, T], the table's resolved config)."""
     preset, shift = FAMILIES[family]
+    objective, init = PREVIOUS_DEFAULTS[family]
     table = make_table(StepConfig(schedule=preset, solver=solver, order=order, shift=shift, T=T, eps=eps,
-                                  nfe=tuple(nfes)))
+                                  nfe=tuple(nfes), objective=objective, init=init))
     return {e["nfe"]: np.asarray(e["lambda"], dtype=np.float64) for e in table["entries"]}, table["config"]
 
 

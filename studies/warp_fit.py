@@ -46,31 +46,11 @@ import torch
 
 from dmsteps_cli.config import parse_nfe
 from dmsteps_cli.grids import GRIDS, grid_lambda
+from dmsteps_cli.warps import MIN_SHARE, theta_of, warp_lambda, warp_values  # noqa: F401  (the warp itself)
 from studies.robust_fit import ALL, CLOSED_FORM, FAMILIES, baseline_errors, baselines_at, done_keys, power_mean, proxy_sets
 
 COMPLEX_STEP = 1e-30
 KNOTS = 10
-MIN_SHARE = 0.005  # the least share of the lambda range between knots: below every grid's at K = 10
-
-
-def warp_values(theta, u):
-    """w(u) for knots' increments MIN_SHARE + (1 - K MIN_SHARE) softmax(theta) (K = theta.size segments
-    of [0, 1]); ``u`` in [0, 1]. Works on complex theta (for the complex-step Jacobian)."""
-    k = theta.size
-    e = np.exp(theta - theta.real.max())
-    knots = np.concatenate([[0.0], np.cumsum(MIN_SHARE + (1.0 - k * MIN_SHARE) * e / e.sum())])
-    pos = np.asarray(u, dtype=np.float64) * k
-    seg = np.minimum(np.floor(pos).astype(int), k - 1)
-    frac = pos - seg
-    return knots[seg] + frac * (knots[seg + 1] - knots[seg])
-
-
-def warp_lambda(theta, nfe: int, lam_T: float, lam_eps: float) -> np.ndarray:
-    """The warp's N + 1 increasing lambdas at ``nfe``, lambda(T) first, both ends exact."""
-    lam = lam_T + (lam_eps - lam_T) * warp_values(theta, np.arange(nfe + 1) / nfe)
-    if np.isrealobj(lam):
-        lam[0], lam[-1] = lam_T, lam_eps
-    return lam
 
 
 def warp_jacobian(theta, nfe: int, lam_T: float, lam_eps: float) -> np.ndarray:
@@ -78,14 +58,6 @@ def warp_jacobian(theta, nfe: int, lam_T: float, lam_eps: float) -> np.ndarray:
     cols = [warp_lambda(theta + 1j * COMPLEX_STEP * np.eye(theta.size)[j], nfe, lam_T, lam_eps).imag / COMPLEX_STEP
             for j in range(theta.size)]
     return np.stack(cols, axis=1)
-
-
-def theta_of(lam_knots) -> np.ndarray:
-    """Parameters whose knots are ``lam_knots`` (K + 1 increasing lambdas: a grid at N = K), exactly
-    where every share of the range is above MIN_SHARE (smaller ones are raised to it)."""
-    lam = np.asarray(lam_knots, dtype=np.float64)
-    share = np.diff(lam) / (lam[-1] - lam[0])
-    return np.log(np.maximum(share - MIN_SHARE, 1e-12))
 
 
 class WarpObjective:

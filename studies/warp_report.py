@@ -25,8 +25,8 @@ import numpy as np
 
 from dmsteps_cli.baselines import NAMED_SCHEDULES
 from dmsteps_cli.grids import GRIDS
-from dmsteps_cli.optimize import DEFAULT_STEPS, default_key
 from dmsteps_cli.schedule_sources import get_schedule
+from studies.default_rule import PREVIOUS_DEFAULTS
 from studies.robust_fit import ALL, FAMILIES, power_mean, summary
 from studies.warp_fit import warp_values
 
@@ -152,9 +152,10 @@ def baseline_table(fold_all: dict, published) -> list[str]:
 
 
 def default_rule(family: str) -> str | None:
-    """The grid ``optimize`` writes by default for ``family`` (``DEFAULT_STEPS``); None where the
-    default is the optimized table, which is not among the study's baselines."""
-    objective, init = DEFAULT_STEPS[default_key(*FAMILIES[family])]
+    """The grid ``optimize`` wrote by default for ``family`` when the study ran
+    (``default_rule.PREVIOUS_DEFAULTS``); None where that default is the optimized table, which is not
+    among the study's baselines."""
+    objective, init = PREVIOUS_DEFAULTS[family]
     return init if objective == "none" else None
 
 

@@ -43,6 +43,7 @@ from dmsteps_cli.integrations.comfyui import (
     model_schedule,
 )
 from dmsteps_cli.integrations.exports import FLOW_SIGMA_MAX, sigmas_for
+from dmsteps_cli.optimize import default_record
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.schedules import step_arrays
 from dmsteps_cli.table_reader import load_table
@@ -295,8 +296,8 @@ def test_a_table_for_another_schedule_is_refused_in_one_line():
         with pytest.raises(BadInput, match=message) as info:
             DmstepsTable().get_sigmas(model, table, 10, 1.0)
         assert "\n" not in str(info.value)
-    with pytest.raises(BadInput, match="table sd-unipc-o3 holds steps 5 to 15, not 20"):
-        DmstepsTable().get_sigmas(SD15, "sd-unipc-o3", 20, 1.0)
+    with pytest.raises(BadInput, match="table sd-unipc-o3 holds steps 4, 5, .*, 40, 50, not 17: choose one"):
+        DmstepsTable().get_sigmas(SD15, "sd-unipc-o3", 17, 1.0)
     with pytest.raises(BadInput, match="no ready-made table is called"):
         DmstepsTable().get_sigmas(SD15, "sd-unipc-o9", 10, 1.0)
 
@@ -336,7 +337,8 @@ def test_optimize_node_default_steps_are_the_ready_made_tables_steps():
 def test_optimize_node_for_flux_uses_its_time_shift():
     (sigmas,) = DmstepsOptimize().get_sigmas(FLUX, "dpmpp", 2, 7, "default", -1.0, 1.0)
     table = make_table(StepConfig(schedule="flow", shift=math.exp(1.15), solver="dpmpp", order=2, nfe=(7,)))
-    assert table["config"]["init"] == "quad"  # the steps measured best for shift 3, the nearest measured
+    # the default steps of shift 3, the nearest measured shift (optimize.default_record)
+    assert table["config"]["init"] == default_record("flow", 3.0, "dpmpp", 2).init
     assert sigmas.tolist() == f32([1.0] + entry_for(table, 7)["t"][1:-1] + [0.0])
 
 
@@ -386,7 +388,10 @@ def test_the_sampler_advice_names_only_samplers_that_run_the_tables_order(name):
     config = table["config"]
     advice = comfyui.advise(table, name)
     exact = {("dpmpp", 2): "dpmpp_2m", ("unipc", 3): "uni_pc_bh2 (UniPC variant bh2"}
-    if table["schedule"]["family"] == "flow" or (config["solver"], config["order"]) not in exact:
+    on_flow_too = {("ddim", 1): "euler or ddim", ("ipndm", 4): "ipndm"}  # they step in the model's own sigma
+    if (config["solver"], config["order"]) in on_flow_too:
+        assert advice.startswith(on_flow_too[config["solver"], config["order"]]), advice
+    elif table["schedule"]["family"] == "flow" or (config["solver"], config["order"]) not in exact:
         assert advice.startswith("no exact ComfyUI sampler"), advice
     else:
         assert advice.startswith(exact[config["solver"], config["order"]]), advice

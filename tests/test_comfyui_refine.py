@@ -77,6 +77,17 @@ def outputs(comfy, tmp_path_factory):
     folder_paths.set_output_directory(before)
 
 
+@pytest.fixture
+def empty_output(comfy, tmp_path):
+    """ComfyUI's output folder, empty, for one test."""
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    yield tmp_path
+    folder_paths.set_output_directory(before)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return open_cache(tmp_path_factory.mktemp("refs"))
@@ -150,11 +161,12 @@ def rms(a, b):
     return (a - b).pow(2).flatten(1).mean(1).sqrt()
 
 
-# model, sampler: both of ComfyUI's exact higher-order samplers on the EDM model (continuous timesteps),
-# euler on a flow model. ComfyUI's discrete SD model rounds the timestep to the nearest of its 1000
-# (model_sampling.timestep: argmin), so its ODE has jumps and the references double to 512 steps and
-# more: too slow for this suite.
-CASES = [("edm", "uni_pc_bh2"), ("edm", "dpmpp_2m"), ("sd3", "euler")]
+# model, sampler: both of ComfyUI's exact higher-order samplers on the EDM model. Not here (measured too
+# slow for this suite on the shared 2-core machine): the discrete SD model, whose timestep ComfyUI rounds
+# to the nearest of its 1000 (model_sampling.timestep: argmin), and the flow models, whose ODE this
+# random network makes nearly straight (4 Euler steps err little): on both the references double past
+# 256 steps. Flow models are covered by the gradient test (flux) and the refusal of dpmpp_2m there.
+CASES = [("edm", "uni_pc_bh2"), ("edm", "dpmpp_2m")]
 LONG = ("uni_pc_bh2", "karras", 40)  # ComfyUI's long-step solution: its sampler, scheduler and steps
 
 
@@ -181,20 +193,21 @@ def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models
     long = comfy_samples(comfy, model, LONG[0], comfy.samplers.calculate_sigmas(ms, LONG[1], LONG[2]), noise)
     refined = rms(comfy_samples(comfy, model, sampler, sigmas, noise), long).mean()
     started = rms(comfy_samples(comfy, model, sampler, start, noise), long).mean()
+    print(f"{name} {sampler}: ComfyUI's error refined {float(refined):.4g}, start {float(started):.4g}\n{text}")
     assert refined < 0.9 * started, (name, sampler, float(refined), float(started), text)
 
 
 # --- refusals ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "heun"])
-def test_ancestral_sde_and_other_samplers_are_refused_in_one_line(models, outputs, sampler):
+def test_ancestral_sde_and_other_samplers_are_refused_in_one_line(models, empty_output, sampler):
     with pytest.raises(BadInput, match=f"sampler {sampler} is not one dmsteps fits") as info:
         run_node(models["sd"], sampler)
     assert "\n" not in str(info.value) and "uni_pc_bh2" in str(info.value)
-    assert not list(outputs.rglob("*.json"))
+    assert not list(empty_output.rglob("*"))
 
 
-def test_a_sampler_not_exact_on_flow_is_refused_there(models):
+def test_a_sampler_not_exact_on_flow_is_refused_there(models, empty_output):
     with pytest.raises(BadInput, match="steps in log sigma on flow models") as info:
         run_node(models["sd3"], "dpmpp_2m")
     assert "\n" not in str(info.value) and "euler" in str(info.value)
@@ -202,35 +215,36 @@ def test_a_sampler_not_exact_on_flow_is_refused_there(models):
     assert fitted_solver("uni_pc_bh2", "edm") == ("unipc", 3, "bh2")
 
 
-def test_a_run_over_its_budget_is_refused_in_one_line_before_it_starts(models, tmp_path):
-    import folder_paths
-
-    before = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    try:
-        with pytest.raises(BadInput, match=r"needs about .* minutes \(one model call took .* over the budget of "
-                                           r"0.01 minutes") as info:
-            run_node(models["sd"], "uni_pc_bh2", noises=8, holdout=16, iterations=1000, minutes=0.01)
-    finally:
-        folder_paths.set_output_directory(before)
+def test_a_run_over_its_budget_is_refused_in_one_line_before_it_starts(models, empty_output):
+    with pytest.raises(BadInput, match=r"needs about .* minutes \(one model call took .* over the budget of "
+                                       r"0.01 minutes") as info:
+        run_node(models["sd"], "uni_pc_bh2", noises=8, holdout=16, iterations=1000, minutes=0.01)
     assert "\n" not in str(info.value)
-    assert not list(tmp_path.rglob("*"))
+    assert not list(empty_output.rglob("*"))
 
 
-def test_an_interrupt_stops_the_run_and_writes_nothing(comfy, models, tmp_path):
+def test_the_progress_bar_moves_and_an_interrupt_stops_the_run_writing_nothing(comfy, models, empty_output):
     import comfy.model_management as mm
-    import folder_paths
+    import comfy.utils
 
-    before = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(tmp_path))
-    mm.interrupt_current_processing(True)  # the interrupt button, pressed before the first model call
+    seen = []
+
+    def hook(value, total, preview, node_id=None):  # what ComfyUI's server does with a ProgressBar
+        seen.append((value, total))
+        if value >= 40:
+            mm.interrupt_current_processing(True)  # the interrupt button, pressed during the references
+
+    before = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            run_node(models["sd"], "uni_pc_bh2")
+            run_node(models["edm"], "uni_pc_bh2")
     finally:
+        comfy.utils.set_progress_bar_global_hook(before)
         mm.interrupt_current_processing(False)
-        folder_paths.set_output_directory(before)
-    assert not list(tmp_path.rglob("*.json"))
+    assert seen and all(v <= t for v, t in seen) and seen[-1][0] >= 40 and seen[-1][1] > 100
+    assert [v for v, _ in seen] == sorted(v for v, _ in seen)
+    assert not list(empty_output.rglob("*"))
 
 
 # --- the cache key ---------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The default steps (``optimize --schedule S`` with neither --objective nor --init): per preset, the
-choice that studies/study_data.py measured best (docs/research/evaluation-data.md), matched by the schedule
-itself (not its name), per shift for flow, and the paper's method for schedules never measured."""
+"""The default steps (``optimize --schedule S`` with neither --objective nor --init): one declared rule
+(studies/default_rule.py) applied to the warp study's kept results, its choices kept as data
+(dmsteps_cli/default_steps.json, ``optimize.DEFAULT_STEPS``), matched by the schedule itself (not its
+name), per solver and order, per shift for flow, a stand-in for solvers no study measured, and the
+paper's method for schedules never measured."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,64 +14,118 @@ import numpy as np
 import pytest
 
 from dmsteps_cli.config import StepConfig
-from dmsteps_cli.grids import grid_lambda
-from dmsteps_cli.optimize import DEFAULT_STEPS, FALLBACK_STEPS, default_key, resolve
+from dmsteps_cli.optimize import DEFAULT_STEPS, FALLBACK_STEPS, default_record, resolve, step_rule_lambda
 from dmsteps_cli.schedule_sources import get_schedule
-from dmsteps_cli.schedules import preset_names, preset_of
+from dmsteps_cli.schedules import preset_of
 from dmsteps_cli.table_reader import load_table
+from dmsteps_cli.warps import DATA, warp_names
+from studies import default_rule
+from studies.default_rule import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = ROOT / "docs" / "research" / "evaluation"  # the studies' kept results
-DATA_RESULTS = KEPT / "data-results.json"
+TABLES = ROOT / "tables"
 
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "dmsteps_cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.mark.parametrize("results", [DATA_RESULTS, KEPT / "gpu-4096" / "data-results.json"],
-                         ids=["256 noises", "4096 noises"])
-def test_defaults_are_the_study_choices(results):
-    """DEFAULT_STEPS is exactly what the committed study chose (smallest geometric-mean ratio), at
-    256 noises and in the 4096-noise GPU rerun."""
-    res = json.loads(results.read_text())
-    chosen = {}
-    for key, per in res["presets"].items():
-        score = per["score"]
-        best = min(score, key=lambda c: score[c]["geomean"])
-        assert best == per["choice"]  # the file is self-consistent
-        chosen[key] = ("reference", "unif_t") if best == "table" else ("none", best)
-    assert chosen == DEFAULT_STEPS
+@pytest.fixture(scope="module")
+def recomputed():
+    return default_rule.apply_rule(default_rule.candidate_order())
 
 
-def test_every_preset_has_a_default_and_the_study_measured_all_nfe():
-    res = json.loads(DATA_RESULTS.read_text())
-    assert res["nfes"] == list(range(5, 16)) and res["samples"] >= 256
-    for name in preset_names():
-        assert default_key(name, get_schedule(name).default_shift) in DEFAULT_STEPS
-    for per in res["presets"].values():
-        assert len(per["ratios"]) >= 6  # three data sets x two solvers
+def test_the_rule_recomputed_from_the_kept_results_gives_every_default(recomputed):
+    """Each record of DEFAULT_STEPS is what the rule chooses from the kept study data, and every
+    measured family, solver and order has one."""
+    measured = {(d.preset, d.shift, d.solver, d.order): d for d in DEFAULT_STEPS if d.measured}
+    assert len(measured) == len(recomputed) >= 28  # the 28 fits, then the fixed candidates of other solvers
+    for r in recomputed:
+        preset, shift = FAMILIES[r["family"]]
+        d = measured[(preset, shift, r["solver"], r["order"])]
+        want = (("reference", "unif_t") if r["chosen"] == default_rule.REFERENCE else
+                ("none", f"warp-{r['family']}-{r['solver']}-o{r['order']}" if r["chosen"] == default_rule.WARP
+                 else r["chosen"]))
+        assert (d.objective, d.init) == want, r["family"]
+        best = min(s["score"] for s in r["scores"].values())
+        assert math.isclose(d.scores[r["chosen"]], r["score"], rel_tol=1e-12)
+        if not r["passed_over"]:  # nothing passed over: the lowest score wins
+            assert r["score"] <= best * (1 + default_rule.TIE_RTOL)
+        else:  # each candidate passed over measured worse than the previous default on the network
+            assert all(p["ci"][0] > 1 for p in r["passed_over"])
+            assert r["network"] is not None
 
 
-@pytest.mark.parametrize("name", preset_names())
-def test_resolve_uses_the_default_of_the_preset(name):
-    s = get_schedule(name)
-    c = resolve(StepConfig(schedule=name), s)
-    assert (c.objective, c.init) == DEFAULT_STEPS[default_key(name, c.shift)]
+def test_the_score_is_the_power_8_mean_over_proxies_of_the_geometric_mean_over_nfe():
+    """A hand-made case: the score's formula, leave-one-proxy-out for the warp, ties to the first in
+    the candidate order, and the network's pass-over."""
+    def row(fold, nfe, own, base):
+        return {"fold": fold, "nfe": nfe, "holdout_ratio": own, "baseline_holdout_ratio": base}
+
+    base = {5: {"a": {"unif": 1.0, "exponential": 1.0, "quad": 2.0}, "b": {"unif": 4.0, "exponential": 4.0, "quad": 1.0}},
+            6: {"a": {"unif": 1.0, "exponential": 1.0, "quad": 8.0}, "b": {"unif": 1.0, "exponential": 1.0, "quad": 1.0}}}
+    rows = [row("all", n, {"a": 9.0, "b": 9.0}, base[n]) for n in (5, 6)]  # fold all: never scored
+    rows += [row("a", 5, {"a": 1.5, "b": 0.0}, base[5]), row("a", 6, {"a": 1.5, "b": 0.0}, base[6]),
+             row("b", 5, {"a": 0.0, "b": 1.0}, base[5]), row("b", 6, {"a": 0.0, "b": 1.0}, base[6])]
+    ratios, proxies, nfes = default_rule.candidate_ratios(rows)
+    score = default_rule.scores(ratios, proxies, nfes)
+    assert score["quad"][0] == pytest.approx(((4.0 ** 8 + 1.0) / 2) ** (1 / 8))  # GM a: sqrt(2*8) = 4, b: 1
+    assert score["unif"][0] == pytest.approx(((1.0 + 2.0 ** 8) / 2) ** (1 / 8))  # GM b: sqrt(4*1) = 2
+    assert score["warp"][0] == pytest.approx(((1.5 ** 8 + 1.0) / 2) ** (1 / 8))  # each proxy from its own fold
+    order = ("unif", "quad", "exponential", "warp")
+    assert default_rule.ranking(score, order) == ["warp", "unif", "exponential", "quad"]
+    assert default_rule.ranking(score, ("exponential", "unif", "quad", "warp"))[1:3] == ["exponential", "unif"]
+    assert default_rule.choose(score, order, None, None) == ("warp", [])
+    worse = {"warp": {"ratio": 1.3, "ci": [1.1, 1.5]}, "unif": {"ratio": 1.2, "ci": [0.9, 1.6]}}
+    chosen, passed = default_rule.choose(score, order, worse, "quad")
+    assert chosen == "unif" and [p["candidate"] for p in passed] == ["warp"]
+    everything_worse = {c: {"ratio": 2.0, "ci": [1.5, 2.5]} for c in ("warp", "unif", "exponential")}
+    assert default_rule.choose(score, order, everything_worse, "quad")[0] == "quad"  # never passed over
+    with pytest.raises(ValueError, match="no network measurement"):
+        default_rule.choose(score, order, {}, "quad")
+
+
+def test_the_data_file_holds_the_kept_warps_and_they_give_increasing_steps():
+    data = json.loads(DATA.read_text())
+    assert set(data["warps"]) == set(warp_names()) and len(warp_names()) == 28
+    s = get_schedule("linear")
+    for name in warp_names():
+        for n in (2, 4, 15, 50):
+            lam = step_rule_lambda(name, s, n, 1.0, 1e-3, None)
+            assert len(lam) == n + 1 and np.all(np.diff(lam) > 0)
+            assert lam[0] == s.lam(1.0) and lam[-1] == s.lam(1e-3)
+
+
+@pytest.mark.parametrize("d", DEFAULT_STEPS, ids=lambda d: f"{d.preset}-{d.shift}-{d.solver}-{d.order}")
+def test_resolve_uses_the_record_of_the_preset_solver_and_order(d):
+    c = resolve(StepConfig(schedule=d.preset, shift=d.shift, solver=d.solver, order=d.order), get_schedule(d.preset))
+    assert (c.objective, c.init) == (d.objective, d.init)
     assert c.trunc == (3 if c.objective == "reference" else None)
+
+
+def test_a_solver_no_study_measured_takes_a_stand_in_that_says_so():
+    for solver, order, nearest in (("ddim", 1, ("dpmpp", 2)), ("ipndm", 4, ("dpmpp", 3)), ("unipc", 1, ("unipc", 2))):
+        d = default_record("edm", None, solver, order)
+        own = default_record("edm", None, *nearest)
+        assert not d.measured and own.measured
+        assert (d.objective, d.init) == (own.objective, own.init)
+        assert d.why.startswith(f"stand-in: no study measured {solver} order {order}")
+        c = resolve(StepConfig(schedule="edm", solver=solver, order=order), get_schedule("edm"))
+        assert (c.objective, c.init) == (own.objective, own.init)
 
 
 def test_flow_default_follows_the_nearest_measured_shift():
     fl = get_schedule("flow")
-    got = {sh: resolve(StepConfig(schedule="flow", shift=sh), fl).init for sh in (1.0, 1.5, 2.0, 3.0, 6.0)}
-    assert got == {1.0: DEFAULT_STEPS["flow shift 1"][1], 1.5: DEFAULT_STEPS["flow shift 1"][1],
-                   2.0: DEFAULT_STEPS["flow shift 3"][1], 3.0: DEFAULT_STEPS["flow shift 3"][1],
-                   6.0: DEFAULT_STEPS["flow shift 3"][1]}
+    got = {sh: resolve(StepConfig(schedule="flow", shift=sh, solver="dpmpp", order=2), fl).init
+           for sh in (1.0, 1.5, 2.0, 3.0, 6.0)}
+    one, three = (default_record("flow", s, "dpmpp", 2).init for s in (1.0, 3.0))
+    assert got == {1.0: one, 1.5: one, 2.0: three, 3.0: three, 6.0: three}
 
 
 def test_an_explicit_objective_or_init_is_kept():
     sd = get_schedule("scaled_linear")
-    assert (resolve(StepConfig(init="quad"), sd).objective, resolve(StepConfig(init="quad"), sd).init) == ("reference", "quad")
+    c = resolve(StepConfig(init="quad"), sd)
+    assert (c.objective, c.init) == ("reference", "quad")
     c = resolve(StepConfig(objective="reference"), sd)
     assert (c.objective, c.init, c.trunc) == ("reference", "unif_t", 3)
     for kw in ({"p": 1.0}, {"trunc": 0}):  # an optimizer setting asks for the optimizer
@@ -83,7 +140,8 @@ def test_schedules_are_matched_by_their_values_not_their_names(tmp_path):
     s = get_schedule(str(cfg))
     assert preset_of(s) == "scaled_linear"
     c = resolve(StepConfig(schedule=str(cfg)), s)
-    assert (c.objective, c.init) == DEFAULT_STEPS["scaled_linear"]
+    d = default_record("scaled_linear", None, "unipc", 3)
+    assert (c.objective, c.init) == (d.objective, d.init)
     other = tmp_path / "other.json"  # linear betas to 0.03: no preset, no measurements
     other.write_text(json.dumps({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.03,
                                  "num_train_timesteps": 1000}))
@@ -93,23 +151,50 @@ def test_schedules_are_matched_by_their_values_not_their_names(tmp_path):
     assert (c2.objective, c2.init) == FALLBACK_STEPS
 
 
-def test_cli_default_writes_the_grid_says_why_and_checks(tmp_path):
+def test_every_bundled_table_holds_its_default_steps_and_says_why():
+    index = json.loads((TABLES / "index.json").read_text())
+    for row in index["files"]:
+        table = load_table(TABLES / row["file"])
+        c = table["config"]
+        d = default_record(row["schedule"], row["shift"], c["solver"], c["order"])
+        assert (c["objective"], c["init"]) == (d.objective, d.init), row["file"]
+        assert table["provenance"]["steps"] == d.why == row["steps"]
+        assert table["provenance"]["measured"] == d.measured
+        if d.measured:
+            assert table["provenance"]["scores"][default_rule.WARP] > 0  # every candidate's score is recorded
+
+
+def test_cli_default_writes_the_rule_steps_says_why_and_checks(tmp_path):
     out = tmp_path / "t.json"
-    r = run("optimize", "--nfe", "5,8", "-o", str(out))
+    r = run("optimize", "--schedule", "linear", "--solver", "dpmpp", "--order", "2", "--nfe", "5,8", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    obj, init = DEFAULT_STEPS["scaled_linear"]
-    said = r.stderr  # one line, never wrapped
-    assert f"wrote {out}: NFE 5,8, the " in said and f"({init}): the steps measured best for scaled_linear" in said
-    assert "the paper's optimized steps: --objective reference" in said and "not-optimized" not in said
+    d = default_record("linear", None, "dpmpp", 2)
+    said = r.stderr.strip()  # one line, never wrapped
+    assert "\n" not in said and said.startswith(f"wrote {out}: NFE 5,8, the default steps: {d.why}")
+    assert said.endswith("the paper's optimized steps: --objective reference")
     table = load_table(out)
-    assert (table["config"]["objective"], table["config"]["init"]) == (obj, init)
-    s = get_schedule("scaled_linear")
+    assert (table["config"]["objective"], table["config"]["init"]) == (d.objective, d.init)
+    s = get_schedule("linear")
     for e in table["entries"]:
-        if obj == "none":
-            np.testing.assert_allclose(e["lambda"], grid_lambda(init, s, e["nfe"], 1.0, 1e-3), rtol=0, atol=1e-12)
+        if d.objective == "none":
+            np.testing.assert_allclose(e["lambda"], step_rule_lambda(d.init, s, e["nfe"], 1.0, 1e-3, None),
+                                       rtol=0, atol=1e-12)
             assert e["optimizer"]["status"] == "not-optimized"
     assert run("check", str(out)).returncode == 0
     q = run("optimize", "--nfe", "5", "-q")
     assert q.returncode == 0 and q.stderr == ""
     explicit = run("optimize", "--nfe", "5", "--objective", "reference")
     assert explicit.returncode == 0 and "default steps" not in explicit.stderr
+
+
+def test_objective_none_keeps_any_step_rule_and_refuses_an_unknown_one(tmp_path):
+    for init in ("karras", "beta", "warp-edm-unipc-o3"):
+        out = tmp_path / f"{init}.json"
+        r = run("optimize", "--schedule", "edm", "--objective", "none", "--init", init, "--nfe", "4,10", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        assert run("check", str(out)).returncode == 0
+    bad = run("optimize", "--objective", "none", "--init", "nosuch", "--nfe", "5", "-o", str(tmp_path / "x.json"))
+    assert bad.returncode != 0 and bad.stderr.startswith("error: unknown init 'nosuch'")
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x.json").exists()
+    misfit = run("optimize", "--schedule", "edm", "--objective", "none", "--init", "ays-sd15", "--nfe", "5")
+    assert misfit.returncode != 0 and misfit.stderr.startswith("error: ") and len(misfit.stderr.splitlines()) == 1

@@ -65,3 +65,61 @@ def test_describe_and_end_difference():
     assert EDM(0.002, 80).end_difference(EDM(0.002, 120)) == "sigma_max 80 vs 120"
     assert EDM(0.002, 80).end_difference(EDM(0.002, 80)) == ""
     assert get_schedule("scaled_linear").end_difference(get_schedule("linear")) == ""
+
+
+# --- no family or solver name tested outside the registries ---------------------------------------
+
+def _names_in(node) -> set:
+    """The family- or solver-naming words of an expression (``schedule.family``, ``solver``,
+    ``table["schedule"]["family"]``, ``cfg.get("solver")``)."""
+    import ast
+
+    words = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            words.add(sub.id)
+        elif isinstance(sub, ast.Attribute):
+            words.add(sub.attr)
+        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            words.add(sub.value)
+    return {w for w in words if w in ("family", "solver")}
+
+
+def _literals(node) -> set:
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return set()
+
+
+def test_no_family_or_solver_name_is_tested_outside_the_registries():
+    """``family == "flow"``, ``solver in ("unipc", "dpmpp")`` and the like appear in no module but the
+    registries (schedules.py, solvers.py): every other reader asks the record for the fact."""
+    import ast
+    from pathlib import Path
+
+    from dmsteps_cli.solvers import ALIASES, SOLVERS
+
+    names = set(FAMILIES) | set(SOLVERS) | set(ALIASES)
+    package = Path(__file__).resolve().parent.parent / "dmsteps_cli"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name in ("schedules.py", "solvers.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            if any(_literals(s) & names for s in sides) and any(_names_in(s) for s in sides):
+                found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert not found, found
+
+
+def test_the_name_test_check_sees_a_real_one():
+    import ast
+
+    node = ast.parse('table["schedule"]["family"] == "flow"').body[0].value
+    assert _names_in(node.left) == {"family"} and _literals(node.comparators[0]) == {"flow"}

@@ -15,7 +15,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_
 
 def test_gpu_bench_tiny_on_cpu_reports_refine_and_memory(tmp_path):
     out = tmp_path / "o"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_refine.py"), "--tiny", "--device", "cpu",
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_refine.py"), "--smoke", "--device", "cpu",
                           "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "goal under 180 s" in run.stdout and "goal under 24 GB" in run.stdout
@@ -41,3 +41,10 @@ def test_gpu_bench_tiny_on_cpu_reports_refine_and_memory(tmp_path):
     assert b["parameters"] > 0 and b["model_batch"] == 2 * b["batch"] and b["network_dtype"] == "float16"
     assert [r["checkpointing"] for r in b["runs"]] == [True, False]
     assert all(r["fits"] and r["seconds"] > 0 and r["peak_bytes"] is None for r in b["runs"])
+
+    c = report["node"]  # the ComfyUI node's figure: measured where the node and the ComfyUI source are here
+    if c["measured"]:
+        assert c["seconds_per_iteration"] > 0 and c["first_run_s"] > 0 and c["latent"] == [4, 8, 8]
+        assert "s per iteration" in run.stdout
+    else:
+        assert c["why"] and f"(c) the ComfyUI refine node: not measured: {c['why']}" in run.stdout

@@ -59,18 +59,39 @@ def test_checkpointed_gradient_is_the_plain_one_on_a_unet(unet):
     float32 rounding (1e-5 relative to the largest entry); both match central differences of the
     float32 error to 1% relative and 0.2% of the largest entry, with step 3e-3 in lambda: there
     the quotients of steps 1e-2 and 1e-3 agree to about 0.2%, while below 1e-3 the error's float32
-    rounding moves them by percents. The default for a network is checkpointing on."""
+    rounding moves them by percents. The default follows the graph's memory: this small UNet's
+    fits, so checkpointing is off."""
     ev, s = unet
     lam = grid_lambda("quad", s, 5, s.T, s.eps_default)
     v0, g0 = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", checkpointing=False)
     v1, g1 = ev.mean_error_and_grad(lam, "unipc", 3, "bh2", checkpointing=True)
     vd, gd = ev.mean_error_and_grad(lam, "unipc", 3, "bh2")
-    assert v1 == pytest.approx(v0, rel=1e-6) and vd == v1 and np.array_equal(gd, g1)
+    assert v1 == pytest.approx(v0, rel=1e-6) and vd == v0 and np.array_equal(gd, g0)
     np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * np.abs(g0).max())
     assert v1 == pytest.approx(float(ev.errors(lam, "unipc", 3, "bh2").mean()), rel=1e-6)
     fd = central_differences(ev, lam, 3e-3, "unipc", 3, "bh2")
     for g in (g0, g1):
         np.testing.assert_allclose(g, fd, rtol=0.01, atol=0.002 * np.abs(fd).max())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_checkpointing_is_on_by_default_where_the_graph_would_not_fit(unet, monkeypatch):
+    """The bytes one call saves per noise, measured by the pack hook, are what the graph of one
+    noise and one call holds without checkpointing (``_saved_bytes`` of the plain gradient, to
+    the few tensors the solver and the loss add); the default turns checkpointing on when N calls
+    on the chunk would pass GRAPH_SHARE of the free memory."""
+    from dmsteps_cli import gradients
+
+    ev, s = unet
+    lam = grid_lambda("quad", s, 5, s.T, s.eps_default)
+    one, two = (Evaluator(ev.ckpt, None, seeds, s.T, s.eps_default, "cpu", ref_steps=32) for seeds in ([0], [0, 1]))
+    plain = [_saved_bytes(lambda e=e: e.mean_error_and_grad(lam, "unipc", 3, "bh2", checkpointing=False))
+             for e in (one, two)]
+    plain = plain[1] - plain[0]  # one more noise; the weights a layer saves count once
+    assert not one._checkpointing(5, 1)
+    assert 0.5 * plain <= 5 * one._bytes_per_call <= 2 * plain  # the order of size the rule needs
+    monkeypatch.setattr(gradients, "free_memory", lambda device: 4 * 5 * 2 * one._bytes_per_call)
+    assert ev._checkpointing(5, 64) and not ev._checkpointing(5, 1)  # 4 noises' graph passes a quarter, 1's not
 
 
 def _saved_bytes(fn) -> int:

@@ -79,6 +79,16 @@ def test_the_wheel_ships_every_ready_made_table_byte_for_byte(wheel):
     assert outside == []  # neither tables/ nor studies/ nor the build hook itself
 
 
+WHEEL_LIMIT = 5 * 2 ** 20  # bytes: the ready-made tables must not make the package heavy (issue #29)
+
+
+def test_the_wheel_ships_the_default_steps_and_stays_small(wheel):
+    """optimize's defaults (and the kept warps) come with the package, and the wheel is under 5 MB."""
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("dmsteps_cli/default_steps.json") == (ROOT / "dmsteps_cli" / "default_steps.json").read_bytes()
+    assert wheel.stat().st_size < WHEEL_LIMIT
+
+
 def run_installed(site: Path, cwd: Path, *args, stdin: str | None = None):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")

@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TABLES = ROOT / "tables"
 # COLUMNS: `check` prints through rich, which wraps lines at the terminal width (80 without one)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "1000"}
-NAME = re.compile(r"^(?P<family>[a-z0-9-]+)-(?P<solver>unipc|dpmpp)-o(?P<order>\d)\.json$")
+# <family>-<solver>-o<order>.json, or <family>-euler.json for Euler (the registry's ddim, order 1)
+NAME = re.compile(r"^(?P<family>[a-z0-9.-]+?)-(?:(?P<solver>unipc|dpmpp|ipndm)-o(?P<order>\d)|(?P<euler>euler))\.json$")
+# every count to 15, then the counts people run (issue #29)
+NFE = list(range(4, 16)) + [16, 18, 20, 24, 28, 30, 32, 40, 50]
 
 
 def table_files() -> list[Path]:
@@ -45,7 +48,11 @@ def dmsteps(*args, **kw):
 
 def test_there_are_tables():
     files = table_files()
-    assert len(files) >= 28, [p.name for p in files]
+    assert len(files) >= 42, [p.name for p in files]
+    families = {NAME.match(p.name)["family"] for p in files}
+    for family in families:  # every family has a table for each sampler people run
+        assert {p.name.removeprefix(family + "-") for p in files if NAME.match(p.name)["family"] == family} == \
+            {"euler.json", "unipc-o2.json", "unipc-o3.json", "dpmpp-o2.json", "dpmpp-o3.json", "ipndm-o4.json"}, family
     assert all(NAME.match(p.name) for p in files), [p.name for p in files if not NAME.match(p.name)]
 
 
@@ -123,10 +130,11 @@ def test_index_lists_every_table_with_its_sha256():
         table = json.loads(path.read_text())
         cfg = table["config"]
         m = NAME.match(row["file"])
-        assert (m["family"], m["solver"], int(m["order"])) == (row["family"], row["solver"], row["order"])
+        named = ("ddim", 1) if m["euler"] else (m["solver"], int(m["order"]))
+        assert (m["family"], *named) == (row["family"], row["solver"], row["order"])
         assert (cfg["schedule"], cfg["shift"], cfg["solver"], cfg["order"], cfg["nfe"]) == \
             (row["schedule"], row["shift"], row["solver"], row["order"], row["nfe"]), row["file"]
-        assert [e["nfe"] for e in table["entries"]] == row["nfe"] == list(range(5, 16))
+        assert [e["nfe"] for e in table["entries"]] == row["nfe"] == NFE
         assert row["models"] and all(isinstance(x, str) and x for x in row["models"])
 
 

@@ -28,7 +28,8 @@ patches (model_sampling), the conditioning and ``cfg`` -- so a changed LoRA, str
 new references, and an unchanged one reads them back without hashing the weights again.
 
 Before the fit the node times one model call and refuses in one line a run whose estimate
-(``estimate_seconds``) exceeds the budget. ComfyUI's progress bar counts model evaluations against
+(``estimate_seconds``) exceeds the budget, or, on a CUDA device, whose gradient would not fit the
+free memory (``check_memory``; not measured here: the development machine has no GPU). ComfyUI's progress bar counts model evaluations against
 that estimate; the interrupt button ends the run at the next model evaluation (nothing is written).
 
 May import torch, numpy, the package's modules up to ``refine``; imports ``comfy`` and
@@ -272,6 +273,32 @@ def check_budget(estimate: float, minutes: float, pace: float, batch: int) -> No
                        "lower noises, holdout or iterations, or raise minutes")
 
 
+def check_memory(denoise, probe, t, alpha, sigma, steps: int) -> None:
+    """On a CUDA device: BadInput in one line where the gradient's peak cannot fit the free memory
+    ComfyUI reports (``comfy.model_management.get_free_memory``). The peak is estimated from one model
+    call with autograd on ``probe`` (the batch of one backward pass): that call's activations, which the
+    checkpointed backward recomputes one call at a time, plus the solver's states, a few latents per
+    step. Elsewhere (CPU memory) nothing is checked."""
+    if probe.device.type != "cuda":
+        return
+    import comfy.model_management
+
+    torch.cuda.synchronize(probe.device)
+    before = torch.cuda.memory_allocated(probe.device)
+    torch.cuda.reset_peak_memory_stats(probe.device)
+    with torch.enable_grad():
+        x = probe.clone().requires_grad_(True)
+        out = denoise(x, t, None, alpha, sigma)
+        activations = torch.cuda.max_memory_allocated(probe.device) - before
+        del out, x
+    need = activations + 4 * (steps + 1) * probe.numel() * probe.element_size()
+    free = comfy.model_management.get_free_memory(probe.device)
+    if need > free:
+        raise BadInput(f"the gradient needs about {need / 2**30:.1f} GiB on {probe.device} (one model call with "
+                       f"autograd for {probe.shape[0]} noises: {activations / 2**30:.1f} GiB), {free / 2**30:.1f} "
+                       "GiB are free: lower noises and holdout (the batch), or the latent size")
+
+
 # --- the fit inside ComfyUI's sampling ------------------------------------------------------------
 
 def log_progress(event) -> None:
@@ -361,6 +388,7 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
         began = time.perf_counter()
         denoise(probe, t_mid, None, a, s)
         pace = (time.perf_counter() - began) / job.batch
+    check_memory(denoise, probe, t_mid, a, s, job.steps)
     counts = (job.steps, job.train, job.validation, job.holdout, job.iterations, len(starts))
     estimate = estimate_seconds(pace, *counts, ref_steps=job.ref_steps)
     check_budget(estimate, job.minutes, pace, job.batch)
