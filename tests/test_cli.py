@@ -123,7 +123,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     (["--order", "3", "--nfe", "2"], "NFE 2: step counts run from 3 to 100 for a table of unipc order 3"),
     (["--solver", "ddim", "--order", "2"], "orders 1..1"),
     (["--objective", "paper", "--trunc", "2"], "--trunc applies only"),
-    (["--objective", "none", "--init", "best"], "--objective none keeps the starting grid (init) as it is"),
+    (["--objective", "none", "--init", "best"], "--objective none keeps a step rule (init) as it is"),
     (["--objective", "none", "--trunc", "3"], "--trunc applies only"),
     (["--shift", "3"], "--shift applies only to flow"),
     (["--schedule", "missing/scheduler_config.json"], "does not exist"),

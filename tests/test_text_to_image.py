@@ -66,9 +66,10 @@ def loaded(folders, case, held=None):
         return load_model(folders[case], prompts=PROMPTS, holdout_prompts=held, negative_prompt=NEGATIVE)
 
 
-def pipeline_latents(folder, case, table, nfe, prompts, x_T):
+def pipeline_latents(folder, case, table, nfe, prompts, x_T, final_sigma="zero"):
     """The final latents of the pipeline's own call from ``x_T``: UniPC (order 3, bh2) set to the
-    table's steps, prompt i for row i, the negative prompt, guidance G."""
+    table's steps, ending at ``final_sigma`` (``apply_table``; "zero": as evaluate measures,
+    docs/cli.md "One frame"), prompt i for row i, the negative prompt, guidance G."""
     _, _, unipc = CASES[case]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -78,7 +79,7 @@ def pipeline_latents(folder, case, table, nfe, prompts, x_T):
 
     pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, solver_order=3,
                                                                    solver_type="bh2", **unipc)
-    apply_table(pipe.scheduler, table, nfe)
+    apply_table(pipe.scheduler, table, nfe, final_sigma=final_sigma)
     with torch.no_grad():
         out = pipe(prompt=list(prompts), negative_prompt=[NEGATIVE] * len(prompts), latents=x_T.float(),
                    guidance_scale=G, num_inference_steps=nfe, output_type="latent")
@@ -88,7 +89,8 @@ def pipeline_latents(folder, case, table, nfe, prompts, x_T):
 @pytest.mark.parametrize("case", list(CASES))
 def test_samples_equal_the_pipelines_own_call(folders, case):
     """Noises 0..3 pair with the prompts round robin; the Evaluator's samples for a table's NFE 5
-    steps equal the pipeline's call with those prompts, the negative prompt and guidance G."""
+    steps (as consumers run them: N calls, then sigma 0) equal the pipeline's call with those
+    prompts, the negative prompt and guidance G, its scheduler set to end at sigma 0."""
     ckpt = loaded(folders, case)
     table = load_table(CASES[case][1])
     cfg = table["config"]
@@ -148,15 +150,28 @@ def test_sd_error_equals_a_direct_computation(folders):
     s = ckpt.schedule
     prompts = [PROMPTS[i % 2] for i in range(3)]
 
-    def solution(lam, solver="unipc", order=3, variant="bh2"):
+    def solution(lam, solver="unipc", order=3, variant="bh2", to_zero=True):
+        """From the noises to eps, or with ``to_zero`` as consumers run the steps (docs/cli.md "One
+        frame"): the last call's output, which UniPC's order-1 last step to sigma 0 returns."""
         steps = step_arrays(s, lam, s.T, s.eps_default)
         t = np.asarray(steps["t"])
         plan = build_plan(s, lam, solver, order, variant).map(float)
         x = noise_for(range(7, 10), ckpt.sample_shape, 1.0).double()
-        return run_plan(plan, x, lambda x, k: sd_guided_x0(folder, x, steps["timesteps"][k], float(s.alpha(t[k])),
-                                                           float(s.sigma(t[k])), prompts, G))
+        outputs = []
 
-    ref = solution(grid_lambda("unif", s, rep["reference"]["steps"], s.T, s.eps_default), *REF_SOLVER)
+        def denoise(x, k):
+            outputs.append(sd_guided_x0(folder, x, steps["timesteps"][k], float(s.alpha(t[k])), float(s.sigma(t[k])),
+                                        prompts, G))
+            return outputs[-1]
+
+        x = run_plan(plan, x, denoise)
+        return outputs[-1] if to_zero else x
+
+    at_eps = solution(grid_lambda("unif", s, rep["reference"]["steps"], s.T, s.eps_default), *REF_SOLVER,
+                      to_zero=False)
+    eps = np.array([s.eps_default])
+    ref = sd_guided_x0(folder, at_eps, float(s.model_timestep(eps)[0]), float(s.alpha(eps)[0]), float(s.sigma(eps)[0]),
+                       prompts, G)  # the reference carried to sigma 0
     for row in rep["rows"]:
         x = solution(grid_lambda(row["grid"], s, 5, s.T, s.eps_default))
         want = float((x - ref).reshape(3, -1).square().mean(dim=1).sqrt().mean())

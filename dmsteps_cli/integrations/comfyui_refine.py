@@ -72,7 +72,7 @@ from ..refine import (
 )
 from ..refine_records import TABLE
 from ..run_settings import BATCH, REF_STEPS
-from ..schedules import step_arrays
+from ..schedules import FAMILIES, step_arrays
 from ..solvers import SOLVERS
 from ..table_reader import load_table
 from ..tables import bundled_tables, dumps
@@ -105,7 +105,7 @@ def fitted_solver(sampler_name: str, family: str) -> tuple[str, int, str | None]
         for s in spec.comfyui:
             if s.name != sampler_name:
                 continue
-            if family == "flow" and not s.exact_on_flow:
+            if not s.exact_on(FAMILIES[family].sampler_sigma_is_kappa):
                 exact = sorted({c.name for r in SOLVERS.values() for c in r.comfyui if c.exact_on_flow})
                 raise BadInput(f"sampler {sampler_name} steps in log sigma on flow models, not in the flow's lambda "
                                f"that dmsteps fits: on this model choose {', '.join(exact)}")
