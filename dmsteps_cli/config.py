@@ -19,6 +19,8 @@ from .solvers import solver_spec
 
 MIN_NFE, MAX_NFE = BOUNDS["nfe"]
 MIN_TABLE_NFE = 2  # a table entry places at least one step between its two ends
+# why NFE 1 is refused; every solver runs at NFE 2 and up, its order capped there (``SolverSpec.order_pattern``)
+TABLE_NFE_WHY = "NFE 1 is the one step from T to eps, with no step between them to place"
 MIN_LABEL, MAX_LABEL = BOUNDS["class_label"]
 MAX_LABELS = BOUNDS["class_labels"][1]
 
@@ -26,15 +28,6 @@ MAX_LABELS = BOUNDS["class_labels"][1]
 def default_order(solver: str) -> int:
     """The solver order a table assumes when none is given (its registry record's)."""
     return solver_spec(solver).default_order
-
-
-def smallest_nfe(solver: str, order: int | None) -> int:
-    """The fewest steps a table entry for ``solver`` of ``order`` (None: ``default_order``) holds:
-    MIN_TABLE_NFE, and at least the order (a multistep solver of order k needs k steps). An order
-    the solver does not run counts as none here (``optimize.resolve`` refuses it with its own message)."""
-    spec = solver_spec(solver)
-    order = spec.default_order if order is None else order
-    return max(MIN_TABLE_NFE, order) if order in spec.orders else MIN_TABLE_NFE
 
 
 def format_nfe(nfes) -> str:
@@ -181,9 +174,8 @@ class StepConfig:
                 object.__setattr__(self, name, value.item())
         if self.solver is None:
             raise bad_setting("solver", "must be given")
-        order = default_order(self.solver) if self.order is None else self.order
-        object.__setattr__(self, "nfe", parse_nfe(self.nfe, smallest_nfe(self.solver, self.order),
-                                                  f" for a table of {self.solver} order {order}"))
+        solver_spec(self.solver)  # an unknown solver: its one line before any NFE message
+        object.__setattr__(self, "nfe", parse_nfe(self.nfe, MIN_TABLE_NFE, f" ({TABLE_NFE_WHY})"))
 
     def as_dict(self) -> dict:
         return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}

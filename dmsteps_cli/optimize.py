@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .config import StepConfig
+from .config import MIN_TABLE_NFE, TABLE_NFE_WHY, StepConfig
 from .errors import SETTING, BadInput, bad_setting, mentioning
 from .grids import GRIDS, grid_lambda
 from .limits import BOUNDS, OPTIMIZED_NFE_MAX, in_bounds
@@ -543,12 +543,12 @@ def resolve(config: StepConfig, schedule) -> StepConfig:
                                       f"(a hand-made grid, up to {BOUNDS['nfe'][1]})")
     steps_held = getattr(schedule, "M", None)  # a discrete schedule's training steps
     for n in nfes:
-        if n < 2:
-            raise BadInput(f"NFE {n} is too small: a table needs at least 2 steps")
+        if n < MIN_TABLE_NFE:
+            raise BadInput(f"NFE {n} is too small: {TABLE_NFE_WHY}")
         if steps_held is not None and n > (c["T"] - c["eps"]) * steps_held + 1e-9:
             raise BadInput(f"NFE {n} needs more timesteps than the {steps_held} training steps of {schedule.name} "
                            f"hold between T = {c['T']:g} and eps = {c['eps']:g}")
-        order_pattern(c["solver"], c["order"], n)  # raises for an order the NFE cannot hold
+        order_pattern(c["solver"], c["order"], n)  # raises for an order the solver does not run
     c["nfe"] = nfes
     return StepConfig(**c)
 

@@ -320,15 +320,23 @@ class SolverSpec:
 
     def order_pattern(self, order: int, nfe: int) -> list[int]:
         """The order of each of the ``nfe`` steps (step s from lambda_s to lambda_{s+1}): the solver
-        warms up (1, 2, ...) and, where it does, lowers its order on the last steps; BadInput for an
-        order it does not run or that the NFE cannot hold."""
+        warms up (1, 2, ...) and, where it does, lowers its order on the last steps. This is the one
+        rule that caps the order at what the NFE allows: step s has order min(order, s + 1[, N - s]),
+        so below 2 order - 1 steps (below ``order`` steps for a solver that only warms up) no step
+        reaches ``order`` (order 3 at NFE 2, 3, 4: 1,1; 1,2,1; 1,2,2,1; ``capped_order``). BadInput
+        for an order it does not run or an NFE below 1."""
         if order not in self.orders:
             raise BadInput(f"solver {self.name} supports orders {self.orders[0]}..{self.orders[-1]}, got {order}")
-        if nfe < order:
-            raise BadInput(f"order {order} needs at least {order} steps, got NFE {nfe}")
+        if nfe < 1:
+            raise BadInput(f"a solver run takes at least 1 step, got NFE {nfe}")
         if self.lowers_order_at_end:
             return step_orders(order, nfe)
         return [min(order, s + 1) for s in range(nfe)]
+
+    def capped_order(self, order: int, nfe: int) -> int:
+        """The highest order any of the ``nfe`` steps runs at ``order`` (``order_pattern``): ``order``
+        itself from enough steps on, less where the NFE caps it."""
+        return max(self.order_pattern(order, nfe))
 
     def comfyui_samplers(self, order: int, variant: str | None, sigma_is_kappa: bool) -> list[ComfySampler]:
         """The ComfyUI samplers that run this solver's tables of ``order`` (and ``variant``) exactly

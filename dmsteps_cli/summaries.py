@@ -18,7 +18,7 @@ def written_note(schedule, config, output: str | None, defaults: bool) -> str:
 
     nfe = config.nfe
     where = "stdout" if output in (None, "-") else output
-    head = f"wrote {where}: NFE {format_nfe(nfe)}"
+    head = f"wrote {where}: NFE {format_nfe(nfe)}{capped_note(config)}"
     record = default_record(preset_of(schedule), config.shift, config.solver, config.order) if defaults else None
     if record is not None:
         return (f"{head}, the default steps: {record.why}; the paper's optimized steps: --objective reference")
@@ -33,6 +33,24 @@ def written_note(schedule, config, output: str | None, defaults: bool) -> str:
         steps += ("; no measurements for this schedule, so the paper's method is the default "
                   "(dmsteps evaluate compares it with the hand-made grids on your model)")
     return f"{head}, {steps}"
+
+
+def capped_note(config) -> str:
+    """The NFEs of ``config`` at which its solver's order is capped (``SolverSpec.capped_order``), in
+    words (`` (order 3 capped: 1 at NFE 2, 2 at NFE 3, 4)``); "" where none is."""
+    from .config import format_nfe
+    from .solvers import solver_spec
+
+    spec = solver_spec(config.solver)
+    capped: dict[int, list[int]] = {}
+    for n in config.nfe:
+        k = spec.capped_order(config.order, n)
+        if k < config.order:
+            capped.setdefault(k, []).append(n)
+    if not capped:
+        return ""
+    parts = ", ".join(f"{k} at NFE {format_nfe(ns)}" for k, ns in sorted(capped.items()))
+    return f" (order {config.order} capped: {parts})"
 
 
 def table_summary(table: dict):

@@ -251,7 +251,7 @@ def provenance(row: dict) -> dict:
 
     d = default_record(row["schedule"], row["shift"], solver_spec(row["solver"]).name, row["order"])
     spec = solver_spec(row["solver"])
-    low = [n for n in row["nfe"] if max(spec.order_pattern(row["order"], n)) < row["order"]]
+    low = [n for n in row["nfe"] if spec.capped_order(row["order"], n) < row["order"]]
     return {"steps": d.why, "measured": d.measured,
             "scores": d.scores,
             "order_capped_at_nfe": low,

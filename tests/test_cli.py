@@ -110,7 +110,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--nfe", "15..5"], "runs backwards"),
-    (["--nfe", "1"], "NFE 1: step counts run from 3 to 100 for a table of unipc order 3"),
+    (["--nfe", "1"], "NFE 1: step counts run from 2 to 100 (NFE 1 is the one step from T to eps"),
     (["--nfe", "five"], "is not a step count"),
     (["--p", "-1"], "--p must be"),
     (["--eps", "1.5"], "must be below T"),
@@ -120,7 +120,7 @@ def test_check_passes_fresh_and_fails_edited(tmp_path):
     (["--solver", "heun"], "unknown solver 'heun'"),
     (["--init", "random"], "unknown init 'random'"),
     (["--objective", "magic"], "unknown objective 'magic'"),
-    (["--order", "3", "--nfe", "2"], "NFE 2: step counts run from 3 to 100 for a table of unipc order 3"),
+    (["--order", "3", "--nfe", "1"], "NFE 1: step counts run from 2 to 100 (NFE 1 is the one step from T to eps"),
     (["--solver", "ddim", "--order", "2"], "orders 1..1"),
     (["--objective", "paper", "--trunc", "2"], "--trunc applies only"),
     (["--objective", "none", "--init", "best"], "--objective none keeps a step rule (init) as it is"),

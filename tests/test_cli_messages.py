@@ -39,8 +39,8 @@ def test_the_written_note_names_the_nfes_asked(nfe, said, run_cli, tmp_path):
     assert rc == 0 and f"wrote {tmp_path / 't.json'}: {said}" in err, err
 
 
-@pytest.mark.parametrize("solver, order, low", [("unipc", None, 3), ("unipc", 2, 2), ("unipc", 1, 2), ("dpmpp", 3, 3),
-                                                ("dpmpp", 2, 2), ("ddim", None, 2)])
+@pytest.mark.parametrize("solver, order, low", [("unipc", None, 2), ("unipc", 2, 2), ("unipc", 1, 2), ("dpmpp", 3, 2),
+                                                ("dpmpp", 2, 2), ("ddim", None, 2), ("ipndm", None, 2)])
 def test_the_nfe_range_said_is_the_range_accepted(solver, order, low, run_cli, capsys):
     """The refusal of --nfe 0 states a lowest NFE; that one is accepted and the one below refused,
     with the same range."""

@@ -471,7 +471,7 @@ def optimize_case(draw):
     if is_bad(draw, bad / 2):
         objective = draw(st.sampled_from(NAMES))
     # small NFEs where an optimizer runs; large ones only for grids written as tables
-    valid_nfe = ["3", "4", "5", "3..4", "5,6"] + (["100", "2..100", "50..60"] if objective == "none" else [])
+    valid_nfe = ["2", "3", "4", "5", "2..4", "5,6"] + (["100", "2..100", "50..60"] if objective == "none" else [])
     solver = opt(draw, bad, "--solver", SOLVERS, NAMES, omit=0.5)
     groups = [
         ["--schedule", sched],

@@ -192,3 +192,22 @@ def test_the_model_is_hashed_once_for_every_set_of_noises(files, monkeypatch, tm
     out = _refine(files, maxiter=1, cache=str(tmp_path / "cache"), checkpoint=str(files[0] / "mix.yaml"))
     assert len(calls) == 1 and out["refine"]["validation_seeds"] is not None
     assert len(list((tmp_path / "cache").rglob("*.npy"))) > 0
+
+
+def test_refines_nfe_2_and_3_with_the_order_capped(files, tmp_path):
+    """A table optimized at NFE 2 and 3 (order 3, capped there to 1,1 and 1,2,1) is refined: the
+    held-out errors are the closed-form ones of those steps under the capped pattern, and check passes."""
+    from dmsteps_cli import StepConfig, get_schedule, make_table
+
+    root, _ = files
+    low = tmp_path / "low.json"
+    low.write_text(dumps(make_table(StepConfig(schedule="vp-linear", nfe=(2, 3)), get_schedule("vp-linear")), "json"))
+    out = _refine((root, low), nfe=(2, 3), maxiter=5)
+    assert [e["nfe"] for e in out["entries"]] == [2, 3]
+    for e in out["entries"]:
+        assert e["orders"] == {2: [1, 1], 3: [1, 2, 1]}[e["nfe"]]
+        assert e["refine"]["holdout_error"] == pytest.approx(independent_error(e["lambda"], list(range(HOLDOUT))),
+                                                             rel=1e-9)
+        assert e["optimizer"]["status"] in ("refined", "kept-start")
+        assert e["refine"]["validation_error"] <= e["refine"]["validation_error_start"]
+    assert check_table(json.loads(dumps(out, "json"))) == []

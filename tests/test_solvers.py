@@ -133,7 +133,7 @@ def tiny_unet_fixture():
     return tiny_unet()
 
 
-@pytest.mark.parametrize("nfe", [5, 8, 10])
+@pytest.mark.parametrize("nfe", [2, 3, 5, 8, 10])
 @pytest.mark.parametrize("solver, order, variant", [("dpmpp", 2, None), ("dpmpp", 3, None), ("unipc", 2, "bh2"),
                                                     ("unipc", 3, "bh2"), ("unipc", 3, "bh1")])
 def test_matches_diffusers_schedulers(tiny_unet, nfe, solver, order, variant):
@@ -171,3 +171,141 @@ def test_matches_diffusers_schedulers(tiny_unet, nfe, solver, order, variant):
         ours = run_plan(plan, x_T.double(), denoise)
     assert 1.0 < x.abs().max() < 10.0  # samples of unit scale
     assert (ours - x.double()).abs().max().item() < 1e-5
+
+
+# --- NFE 2 and 3: the order capped by the registry's one rule -------------------------------------------
+
+# the order patterns below 2k - 1 steps written out: solvers that lower the order at the end peak in the
+# middle, iPNDM (warm-up only) at the last step; every step's order is at most the order asked for
+LOW_NFE_PATTERNS = {(True, 2): [1, 1], (True, 3): [1, 2, 1], (False, 2): [1, 2], (False, 3): [1, 2, 3]}
+
+
+@pytest.mark.parametrize("solver, order", sorted({(s, k) for s, k, _ in SOLVERS}))
+def test_low_nfe_tables_check_and_record_the_capped_pattern(solver, order):
+    """optimize at NFE 2 and 3 (the paper objective, which models the solver's own pattern) writes
+    entries whose ``orders`` are the capped pattern, and ``check`` recomputes them."""
+    import json
+
+    from dmsteps_cli import StepConfig, dumps, make_table
+    from dmsteps_cli.check import check_table
+
+    spec = REGISTRY[solver]
+    table = json.loads(dumps(make_table(StepConfig(schedule="vp-linear", solver=solver, order=order, objective="paper",
+                                                   nfe=(2, 3)), get_schedule("vp-linear")), "json"))
+    for e in table["entries"]:
+        expected = [min(k, order) for k in LOW_NFE_PATTERNS[(spec.lowers_order_at_end, e["nfe"])]]
+        assert e["orders"] == expected == spec.order_pattern(order, e["nfe"])
+        assert spec.capped_order(order, e["nfe"]) == max(expected) <= order
+        assert e["optimizer"]["status"] == "converged", e["optimizer"]
+    assert table["config"]["order"] == order  # the order asked for; each entry says what runs
+    assert check_table(table) == []
+
+
+def _hand_dpmpp(x, lam, a, g, D, orders):
+    """DPM-Solver++(2M) written out (Lu et al. 2022, multistep, diffusers' midpoint form):
+    x_{i+1} = (g_{i+1}/g_i) x_i - a_{i+1} (e^-h - 1) (D_i + (D_i - D_{i-1}) / (2 r)), r = h_{i-1}/h_i."""
+    for i, k in enumerate(orders):
+        d = D(x, i)
+        h = lam[i + 1] - lam[i]
+        lead = -a[i + 1] * math.expm1(-h)
+        if k == 2:
+            r = (lam[i] - lam[i - 1]) / h
+            d = d + (d - D.outputs[i - 1]) / (2 * r)
+        else:
+            assert k == 1
+        x = g[i + 1] / g[i] * x + lead * d
+    return x
+
+
+def _hand_ddim(x, lam, a, g, D, orders):
+    """DDIM in its own form: x_{i+1} = a_{i+1} D_i + g_{i+1} (x_i - a_i D_i) / g_i."""
+    for i, k in enumerate(orders):
+        assert k == 1
+        d = D(x, i)
+        x = a[i + 1] * d + g[i + 1] * (x - a[i] * d) / g[i]
+    return x
+
+
+def _unipc_update(x, lam, a, g, i, k, outs, new, variant):
+    """One UniPC update from node i to i + 1 (Zhao et al. 2023, data prediction, diffusers' B(h)):
+    the predictor of order k (1 or 2; new None) or UniC after a step of order k (new: D at i + 1)."""
+    h = lam[i + 1] - lam[i]
+    hh = -h
+    e1 = math.expm1(hh)
+    B = hh if variant == "bh1" else e1
+    base = g[i + 1] / g[i] * x - a[i + 1] * e1 * outs[i]
+    if new is None:
+        res = 0.0 if k == 1 else 0.5 * (outs[i - 1] - outs[i]) / ((lam[i - 1] - lam[i]) / h)
+        return base - a[i + 1] * B * res
+    b1 = (e1 / hh - 1) / B
+    b2 = 2 * ((e1 / hh - 1) / hh - 0.5) / B
+    if k == 1:
+        res = 0.5 * (new - outs[i])
+    else:
+        r = (lam[i - 1] - lam[i]) / h
+        rho = np.linalg.solve([[1.0, 1.0], [r, 1.0]], [b1, b2])
+        res = rho[0] * (outs[i - 1] - outs[i]) / r + rho[1] * (new - outs[i])
+    return base - a[i + 1] * B * res
+
+
+def _hand_unipc(variant):
+    def run(x, lam, a, g, D, orders):
+        n = len(orders)
+        for i, k in enumerate(orders):
+            d = D(x, i)
+            if 0 < i:  # UniC at node i with the model output there, after the step of order orders[i - 1]
+                x = _unipc_update(x_prev, lam, a, g, i - 1, orders[i - 1], D.outputs, d, variant)
+            x_prev = x
+            x = _unipc_update(x, lam, a, g, i, k, D.outputs, None, variant)
+        assert len(D.outputs) == n
+        return x
+    return run
+
+
+def _hand_ipndm(scale):
+    """iPNDM in k-diffusion's variables: y = x / s, u = g / s, d = (y - D) / u,
+    y_{i+1} = y_i + (u_{i+1} - u_i) sum_j c_j d_{i-j} (Adams-Bashforth, equal-step coefficients)."""
+    ab = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12]}
+
+    def run(x, lam, a, g, D, orders):
+        s = scale(a)
+        u = g / s
+        ds = []
+        for i, k in enumerate(orders):
+            d = D(x, i)
+            ds.append((x / s[i] - d) / u[i])
+            y = x / s[i] + (u[i + 1] - u[i]) * sum(c * ds[i - j] for j, c in enumerate(ab[k]))
+            x = s[i + 1] * y
+        return x
+    return run
+
+
+class _Recorded:
+    """The closed-form Gaussian denoiser at the nodes, remembering its outputs."""
+
+    def __init__(self, oracle, a, g):
+        self.oracle, self.a, self.g, self.outputs = oracle, a, g, []
+
+    def __call__(self, x, k):
+        self.outputs.append(self.oracle.denoise(x, self.a[k], self.g[k]))
+        return self.outputs[-1]
+
+
+@pytest.mark.parametrize("name", ["scaled_linear", "flow"])
+@pytest.mark.parametrize("nfe", [2, 3])
+@pytest.mark.parametrize("solver, order, variant", SOLVERS)
+def test_low_nfe_runs_equal_hand_written_updates(name, nfe, solver, order, variant):
+    """At NFE 2 and 3 the plan (its order capped) gives the sample of the update written out by hand
+    with that capped pattern, on the closed-form Gaussian denoiser, in float64."""
+    s = get_schedule(name)
+    oracle = GaussianOracle(s, mu=0.3, s=0.5)
+    lam = grid_lambda("quad", s, nfe, s.T, s.eps_default)
+    a, g = oracle.alpha_sigma(lam)
+    x_T = np.array([1.3, -0.7, 0.2]) * g[0]
+    orders = REGISTRY[solver].order_pattern(order, nfe)
+    hand = {"dpmpp": _hand_dpmpp, "ddim": _hand_ddim, "unipc": _hand_unipc(variant),
+            "ipndm": _hand_ipndm(lambda a: a if s.state_scaled_by_alpha else np.ones_like(a))}[solver]
+    ours = solve(s, oracle, lam, solver, order, variant, x_T)
+    theirs = hand(x_T.copy(), lam, a, g, _Recorded(oracle, a, g), orders)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-13)
+    assert np.abs(theirs - oracle.solution(x_T, lam[0], lam[-1])).max() > 1e-6  # a real (coarse) run

@@ -105,8 +105,12 @@ def test_order_patterns():
     assert order_pattern("ddim", 1, 4) == [1, 1, 1, 1]
     assert step_orders(3, 6) == [1, 2, 3, 3, 2, 1] == order_pattern("dpmpp", 3, 6)
     assert step_orders(3, 4) == [1, 2, 2, 1] and step_orders(3, 3) == [1, 2, 1]
-    with pytest.raises(BadInput, match="at least 3 steps"):
-        order_pattern("unipc", 3, 2)
+    # fewer steps than the order needs: the same rule caps it (NFE 2 and 3 run order 1 and 2 at most)
+    assert order_pattern("unipc", 3, 2) == [1, 1] and order_pattern("dpmpp", 2, 2) == [1, 1]
+    assert order_pattern("ipndm", 4, 3) == [1, 2, 3]  # iPNDM only warms up: order 3 at its third step
+    assert order_pattern("unipc", 3, 1) == [1]
+    with pytest.raises(BadInput, match="at least 1 step"):
+        order_pattern("unipc", 3, 0)
     with pytest.raises(BadInput, match="orders 1..1"):
         order_pattern("ddim", 2, 5)
     with pytest.raises(BadInput, match="unknown solver"):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..baselines import NAMED_SCHEDULES, consumer_steps
+from ..config import MIN_TABLE_NFE, TABLE_NFE_WHY, parse_nfe
 from ..errors import BadInput
 from ..evaluate import END_POINT, METRIC, Evaluator, paired_ratio_ci
 from ..files import write_output
@@ -576,7 +577,7 @@ class DmstepsRefine:
             "latent_image": ("LATENT", {"tooltip": "Its size is the size of the latents fitted."}),
             "sampler_name": (samplers, {"default": "uni_pc_bh2" if "uni_pc_bh2" in samplers else samplers[0],
                                         "tooltip": "The sampler the steps are for: deterministic only."}),
-            "steps": ("INT", {"default": 8, "min": 1, "max": 50}),
+            "steps": ("INT", {"default": 8, "min": MIN_TABLE_NFE, "max": 50}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
             "noises": ("INT", {"default": 16, "min": 1, "max": 1024,
@@ -605,7 +606,7 @@ class DmstepsRefine:
         refuse_distilled_model(model)
         schedule, shift = model_schedule(model_sampling_of(model))
         solver, order, variant = fitted_solver(sampler_name, schedule.family)
-        SOLVERS[solver].order_pattern(order, int(steps))  # an order the steps cannot hold: one line
+        parse_nfe(int(steps), MIN_TABLE_NFE, f" ({TABLE_NFE_WHY})")  # steps 1: one line (the order is capped below)
         T, eps = float(schedule.T), float(schedule.eps_default)
 
         start_name, start_lam = start_lambda(start, start_file, schedule, shift, int(steps), T, eps)
