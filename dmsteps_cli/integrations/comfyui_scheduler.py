@@ -93,7 +93,7 @@ def scheduler_sigmas(model_sampling, steps: int, sampler_name: str) -> list[floa
         return sigmas_for(entry, final_sigma="zero", schedule=table["schedule"])
     solver, order, _ = solvers[0]
     try:
-        return optimized_sigmas(model_sampling, solver, min(order, int(steps)), int(steps))
+        return optimized_sigmas(model_sampling, solver, order, int(steps))  # the order capped as the steps allow
     except BadInput as exc:
         log.warning("dmsteps scheduler: %s; using ComfyUI's %s scheduler", exc, FALLBACK_SCHEDULER)
         return None
