@@ -32,6 +32,7 @@ from tiny import record_orders, tiny_unet  # noqa: E402
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 NFES = (5, 10, 15)
+LOW_NFES = (2, 3)  # fewer steps than the order needs: the order capped
 TOL = 1e-5
 MEASURED = {}  # case -> max |diffusers - ours|, printed by the last test (pytest -s)
 
@@ -83,14 +84,14 @@ def pattern(k, n):
 
 # --- parity: DPM-Solver++ and UniPC -------------------------------------------------------------
 
-@pytest.mark.parametrize("nfe", NFES)
+@pytest.mark.parametrize("nfe", (*LOW_NFES, *NFES))
 @pytest.mark.parametrize("order", [3, 2])
 @pytest.mark.parametrize("solver", ["unipc", "dpmpp"])
 def test_multistep_schedulers_match_our_plans(unet, solver, order, nfe):
     """UniPC with lower_order_final=False (never lowers by itself) and DPM-Solver++ with its defaults
     (lowers only below 15 steps): apply_table makes both run the table's order pattern
-    min(k, n+1, N-n), and the sample equals run_plan's."""
-    tab = table(solver, order)
+    min(k, n+1, N-n), capped below 2k - 1 steps (NFE 2 and 3), and the sample equals run_plan's."""
+    tab = table(solver, order, nfe=(*LOW_NFES, *NFES))
     if solver == "unipc":
         sched = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type="bh2", lower_order_final=False,
                                                   prediction_type="v_prediction", **SD)
