@@ -25,11 +25,6 @@ MIN_LABEL, MAX_LABEL = BOUNDS["class_label"]
 MAX_LABELS = BOUNDS["class_labels"][1]
 
 
-def default_order(solver: str) -> int:
-    """The solver order a table assumes when none is given (its registry record's)."""
-    return solver_spec(solver).default_order
-
-
 def format_nfe(nfes) -> str:
     """Step counts as ``parse_nfe`` reads them back: runs of three or more as ``lo..hi``, the rest
     listed (``5..10``, ``5,7,10``, ``5..8,10``)."""

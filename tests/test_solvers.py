@@ -250,14 +250,14 @@ def _unipc_update(x, lam, a, g, i, k, outs, new, variant):
 
 def _hand_unipc(variant):
     def run(x, lam, a, g, D, orders):
-        n = len(orders)
+        x_prev = x  # the state at the node before, the corrector's start
         for i, k in enumerate(orders):
             d = D(x, i)
             if 0 < i:  # UniC at node i with the model output there, after the step of order orders[i - 1]
                 x = _unipc_update(x_prev, lam, a, g, i - 1, orders[i - 1], D.outputs, d, variant)
             x_prev = x
             x = _unipc_update(x, lam, a, g, i, k, D.outputs, None, variant)
-        assert len(D.outputs) == n
+        assert len(D.outputs) == len(orders)
         return x
     return run
 
