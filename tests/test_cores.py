@@ -55,7 +55,15 @@ def test_evaluate_core_gives_the_commands_report(files):
     ckpt = load_checkpoint(ckpt_path)
     in_memory = evaluate_checkpoint(ckpt, {str(table): load_table(table)}, samples=6, seed=3)
     assert in_memory == by_path
-    assert [r["nfe"] for r in in_memory["rows"]] == [5] * 5 + [6] * 5
+    # by default every hand-made grid and every named schedule that fits a continuous VP schedule (the
+    # ComfyUI schedulers built from sigma_min and sigma_max alone; the ones that index a discrete model's
+    # sigmas, the published lists for other models and the flow lists do not fit), then the table
+    fitting = [*GRIDS, "karras", "exponential", "kl_optimal", "linear_quadratic"]
+    assert [(r["nfe"], r["grid"]) for r in in_memory["rows"]] == [(n, g) for n in (5, 6)
+                                                                  for g in [*fitting, str(table)]]
+    assert {row["baseline"] for row in in_memory["baselines"]["skipped"]} == {
+        "sgm_uniform", "simple", "ddim_uniform", "beta", "ays-sd15", "ays-sdxl", "ays-svd", "gits-sd15",
+        "optimalsteps-flux", "optimalsteps-wan", "optimalsteps-chroma"}
 
 
 def test_evaluate_core_takes_steps_per_nfe(files):
@@ -124,7 +132,18 @@ def test_refine_starts_and_training_seeds():
     s = get_schedule("edm")
     starts = candidates([0.0, 1.0, 2.0], s, 2, s.T, s.eps_default, None)
     assert list(starts) == ["table", *GRIDS] and starts["table"].dtype == np.float64
-    np.testing.assert_array_equal(starts["quad"], grid_lambda("quad", s, 2, s.T, s.eps_default))
+    np.testing.assert_array_equal(starts["table"], [0.0, 1.0, 2.0])  # the table's own points, as it holds them
+    # a grid as its consumers run it (docs/cli.md, "One frame"): calls at its first N points, then sigma 0
+    quad = grid_lambda("quad", s, 2, s.T, s.eps_default)
+    np.testing.assert_array_equal(starts["quad"][:-1], quad[:-1])
+    assert np.exp(-starts["quad"][-1]) == 0.0  # EDM's sampler sigma e^-lambda
+    # every baseline that fits: Karras et al.'s rho = 7 list for N = 3 calls from sigma_max to sigma_min, then 0
+    fitting = candidates([0.0, 1.0, 2.0, 3.0], s, 3, s.T, s.eps_default, None, baselines=None)
+    assert {*GRIDS, "karras", "exponential"} <= set(fitting)
+    ramp = np.linspace(0, 1, 3)
+    karras = (s.T ** (1 / 7) + ramp * (s.eps_default ** (1 / 7) - s.T ** (1 / 7))) ** 7
+    np.testing.assert_allclose(np.exp(-fitting["karras"][:-1]), karras, rtol=1e-12)
+    assert np.exp(-fitting["karras"][-1]) == 0.0
     assert next(iter(candidates([0.0, 1.0, 2.0], s, 2, s.T, s.eps_default, None, table_name="mine"))) == "mine"
     assert train_seeds(3, seed=2) == range(TRAIN_SEED_OFFSET + 2, TRAIN_SEED_OFFSET + 5)
 
