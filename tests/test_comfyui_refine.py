@@ -278,6 +278,49 @@ def test_the_progress_bar_moves_and_an_interrupt_stops_the_run_writing_nothing(c
     assert not list(empty_output.rglob("*"))
 
 
+# --- the budget, mid-fit ----------------------------------------------------------------------------
+
+def test_the_budget_callback_stops_only_the_fit_and_only_past_the_deadline():
+    from dmsteps_cli.progress import Event
+    from dmsteps_cli.refine import EarlyStop
+
+    now = {"t": 0.0}
+    seen = []
+    report = comfyui_refine.budget_progress(10.0, seen.append, lambda: now["t"])
+    report(Event("4 steps: fitting from unif (lbfgs)", 1, 30, "iterations"))  # before the deadline
+    now["t"] = 11.0
+    report(Event("4 steps: training errors of the starts", 2, 3, "starts"))  # not the fit: never stopped
+    report(Event("reference solutions", 5, 9, "noises"))
+    report(Event("4 steps: fitting from unif (lbfgs)", 0, 30, "iterations"))  # the fit begins
+    with pytest.raises(EarlyStop, match="time budget ran out after 2 iterations"):
+        report(Event("4 steps: fitting from unif (lbfgs)", 2, 30, "iterations"))
+    report(Event("4 steps: fitting from unif (lbfgs)", 2, 30, "iterations", "stopped", last=True))  # its end
+    assert len(seen) == 6  # every event reported, the one that stopped the fit too
+
+
+def test_a_budget_that_runs_out_mid_fit_keeps_the_best_steps_so_far(comfy, models, outputs, cache, few_baselines,
+                                                                    monkeypatch):
+    """The clock jumps past the budget once the fit begins (refine_steps is called): the fit stops at
+    its first iteration, and the node writes the steps it kept, measured on the held-out noises."""
+    now = {"t": 0.0}
+    every = comfyui_refine.refine_steps
+
+    def refine_steps(*args, **kwargs):
+        now["t"] = 1e6
+        return every(*args, **kwargs)
+
+    monkeypatch.setattr(comfyui_refine, "_clock", lambda: now["t"])
+    monkeypatch.setattr(comfyui_refine, "refine_steps", refine_steps)
+    sigmas, path, text = run_node(models["edm"], "uni_pc_bh2", iterations=50, cache=cache, validation=1)["result"]
+    assert now["t"] == 1e6 and "time budget ran out after 1 iterations" in text
+    entry = load_table(path)["entries"][0]
+    optimizer = entry["optimizer"]
+    assert optimizer["iterations"] == 1 and "time budget" in optimizer["message"]
+    assert optimizer["best_iteration"] in (0, 1) and optimizer["validations"] == 1
+    assert sigmas.shape == (5,) and torch.all(sigmas[:-1] > 0) and torch.all(sigmas[:-2] > sigmas[1:-1])
+    assert "held-out error vs the start exponential" in text and entry["refine"]["holdout_error"] > 0
+
+
 # --- the cache key ---------------------------------------------------------------------------------------
 
 def test_the_cache_key_follows_patches_strengths_conditioning_and_cfg(comfy, models):
