@@ -609,7 +609,8 @@ class DmstepsRefine:
                                 "tooltip": "Held-out noises the result is measured on."}),
             "iterations": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "L-BFGS-B iterations at most."}),
             "minutes": ("FLOAT", {"default": 60.0, "min": 0.01, "max": 10000.0,
-                                  "tooltip": "Time budget: a run estimated longer is refused before it starts."}),
+                                  "tooltip": "Time budget: a run estimated longer is refused before it starts; one that "
+                                             "reaches it while fitting keeps the best steps so far."}),
             "start": (starts, {"default": "karras" if "karras" in starts else starts[0]}),
             "start_file": ("STRING", {"default": "", "tooltip": "A table file, for start 'table file'."}),
             "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX}),
