@@ -206,7 +206,7 @@ def test_the_cache_keeps_each_seeds_label_guidance_and_null_class(models, tmp_pa
     to_zero = 2 * 2 * 4
     first, cache, n = measure((0, 1))  # seeds 0..3 with labels 0, 1, 0, 1
     assert (cache.hits, cache.misses, cache.written) == (0, 8, 8) and n == 2 * 4 * (32 + 64) + to_zero
-    assert sorted(first._entries) == [0, 1]
+    assert sorted(first.rule.stored.entries) == [0, 1]
     again, cache, n = measure((0, 1))
     assert (cache.hits, cache.misses, n) == (8, 0, to_zero) and torch.equal(again.reference, first.reference)
     swapped, cache, n = measure((1, 0))  # every seed now has the other label
@@ -227,7 +227,7 @@ def test_the_cache_keeps_each_seeds_label_guidance_and_null_class(models, tmp_pa
     assert key_of(settings(ckpt, **base)) == key_of(settings(other_null, **base))  # no guidance: no null class
     guided = dict(base, guidance_scale=2.0)
     assert key_of(settings(ckpt, **guided)) != key_of(settings(other_null, **guided))
-    stored = json.loads((first._entries[1].folder / "settings.json").read_text())
+    stored = json.loads((first.rule.stored.entries[1].folder / "settings.json").read_text())
     assert (stored["class_label"], stored["guidance_scale"], stored["null_class"]) == (1, 2.0, NULL)
 
 
