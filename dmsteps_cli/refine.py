@@ -390,7 +390,11 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     tables = [lam for lam in starts.values() if not ends_at_zero(lam)]
     lam_eps = float(tables[0][-1]) if tables else float(train.schedule.lam(train.eps))
     unwritable = not_starts(starts, lam_eps)
-    start = min((name for name in train_err if name not in unwritable), key=train_err.get)
+    writable = [name for name in train_err if name not in unwritable]
+    if not writable:
+        raise BadInput(f"{what or 'refine'}: no start a table can hold ({', '.join(starts)}: "
+                       f"{next(iter(unwritable.values()))}); give a grid or a table as well")
+    start = min(writable, key=train_err.get)
     lam0 = table_lambda(starts[start], lam_eps)
     seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
 
