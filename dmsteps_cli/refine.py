@@ -239,8 +239,14 @@ def logits_of(lam0) -> np.ndarray:
     return np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
 
 
-class _EarlyStop(Exception):
-    """Raised by ``_Keeper.see`` to end the fit: ``patience`` judgements without a new best."""
+FIT_UNITS = ("iterations", "updates")  # the unit of the fit phase's progress events (L-BFGS-B, Adam)
+
+
+class EarlyStop(Exception):
+    """Ends the fit where it is, keeping the steps kept so far (its message is the fit's stop reason):
+    raised by ``_Keeper.see`` after ``patience`` judgements without a new best, and by a progress
+    callback on an event of the fit phase (unit in ``FIT_UNITS``, not ``last``), such as a time
+    budget that ran out."""
 
 
 class _Keeper:
@@ -260,7 +266,7 @@ class _Keeper:
         self.start_error = self.best_error = judge(lam0)
 
     def see(self, lam, iteration: int) -> None:
-        """Judge the point ``lam`` reached at ``iteration``; raises _EarlyStop when patience runs out."""
+        """Judge the point ``lam`` reached at ``iteration``; raises EarlyStop when patience runs out."""
         error = self.judge(lam)
         self.count += 1
         if self.reference_of() != self.reference:
@@ -272,7 +278,7 @@ class _Keeper:
             return
         self.since_best += 1
         if self.patience and self.since_best >= self.patience:
-            raise _EarlyStop(f"stopped early: no lower validation error in {self.patience} validations")
+            raise EarlyStop(f"stopped early: no lower validation error in {self.patience} validations")
 
     @property
     def improved(self) -> bool:
@@ -319,7 +325,7 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
         res = minimize(f, logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
                        callback=each_iteration)
         message = str(res.message)
-    except _EarlyStop as stop:
+    except EarlyStop as stop:
         message = str(stop)
     return count["iterations"], count["evaluations"], message
 
@@ -352,7 +358,7 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
                 keeper.see(_pinned(lam_of_logits(u, lam_T, lam_eps), lam_T, lam_eps), k)
             if advance is not None:
                 advance(k, f"mini-batch training error {batch_error:.4g}, {keeper.kept()}")
-    except _EarlyStop as stop:
+    except EarlyStop as stop:
         return done, done, str(stop)
     return done, done, f"ran its {fit.maxiter} updates"
 
@@ -384,7 +390,11 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     tables = [lam for lam in starts.values() if not ends_at_zero(lam)]
     lam_eps = float(tables[0][-1]) if tables else float(train.schedule.lam(train.eps))
     unwritable = not_starts(starts, lam_eps)
-    start = min((name for name in train_err if name not in unwritable), key=train_err.get)
+    writable = [name for name in train_err if name not in unwritable]
+    if not writable:
+        raise BadInput(f"{what or 'refine'}: no start a table can hold ({', '.join(starts)}: "
+                       f"{next(iter(unwritable.values()))}); give a grid or a table as well")
+    start = min(writable, key=train_err.get)
     lam0 = table_lambda(starts[start], lam_eps)
     seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
 
@@ -399,7 +409,7 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
         keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
                          lambda: validation.reference_steps, noises="validation")
     run = _fit_lbfgs if fit.method == "lbfgs" else _fit_adam
-    unit = "iterations" if fit.method == "lbfgs" else "updates"
+    unit = FIT_UNITS[0] if fit.method == "lbfgs" else FIT_UNITS[1]
     advance = phase(progress, f"{what}: fitting from {start} ({fit.method})", fit.maxiter, unit)
     iterations, evaluations, message = run(train, lam0, args, fit, keeper, seen if fit.network_dtype is None else {},
                                            advance)

@@ -12,7 +12,9 @@ conditioning shaped as SD 2.x's text encoder makes it (77 x 1024) and made under
   stops the run with nothing written.
 
 The latents are 4 x 4 and cfg is 1 except where guidance is the point: a model call costs ~0.05 s
-per noise on the shared 2-core machine.
+on the shared 2-core machine, nearly whatever the batch, so the tests keep the calls few: the node's
+runs share one reference cache (the second reads the first's references) and measure the start
+against two baselines (``few_baselines``), the long-step solution is computed once.
 """
 
 import json
@@ -30,6 +32,7 @@ from dmsteps_cli.baselines import consumer_steps
 from dmsteps_cli.integrations.comfyui import DmstepsTableFile, model_sampling_of, model_schedule, sigmas_tensor
 from dmsteps_cli.runtime import integrate
 from dmsteps_cli.solvers import build_plan
+import dmsteps_cli.integrations.comfyui_refine as comfyui_refine
 from dmsteps_cli.integrations.comfyui_refine import (
     DmstepsRefine,
     comfy_denoiser,
@@ -93,10 +96,26 @@ def cache(tmp_path_factory):
     return open_cache(tmp_path_factory.mktemp("refs"))
 
 
-def run_node(model, sampler, steps=4, cfg=1.0, noises=2, holdout=4, iterations=5, minutes=30.0, start="exponential",
+FEW_BASELINES = ("unif", "karras")  # a grid the fit can start from, and a ComfyUI scheduler it cannot
+
+
+@pytest.fixture
+def few_baselines(monkeypatch):
+    """The node's starts limited to its start and ``FEW_BASELINES`` (it measures every grid and
+    scheduler that fits, 12 on the EDM model at 4 steps: each costs model calls on every set of
+    noises, and which is best is not what these tests check)."""
+    every = comfyui_refine.candidates
+
+    def few(*args, **kwargs):
+        return every(*args, **{**kwargs, "baselines": FEW_BASELINES})
+
+    monkeypatch.setattr(comfyui_refine, "candidates", few)
+
+
+def run_node(model, sampler, steps=4, cfg=1.0, noises=1, holdout=2, iterations=3, minutes=30.0, start="exponential",
              start_file="", cache=None, validation=0):
-    """The node called as ComfyUI's executor calls it (under torch.inference_mode()); small: 2 training
-    noises, no validation noises, 4 held-out ones, references from 32 steps up."""
+    """The node called as ComfyUI's executor calls it (under torch.inference_mode()); small: 1 training
+    noise, no validation noises, 2 held-out ones, references from 32 steps up."""
     with torch.inference_mode():
         latent = {"samples": torch.zeros((1, *SHAPE))}
         return DmstepsRefine().refine(model, conditioning(1), conditioning(2), latent, sampler, steps, cfg, 0, noises,
@@ -114,7 +133,7 @@ def test_the_gradient_on_comfyuis_guided_call_matches_central_differences(comfy,
     lam = np.linspace(schedule.lam(T), schedule.lam(eps), 5)
     lam[1:-1] += np.array([0.3, -0.2, 0.25])
     x_T = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(3)) * schedule.initial_noise_scale(T)
-    fine = np.linspace(schedule.lam(T), schedule.lam(eps), 17)  # the error against a 16-step solution
+    fine = np.linspace(schedule.lam(T), schedule.lam(eps), 9)  # the error against an 8-step solution
 
     def work(model_wrap, extra_args, device):
         denoise = comfy_denoiser(model_wrap, extra_args, schedule.state_scaled_by_alpha)
@@ -170,8 +189,21 @@ CASES = [("edm", "uni_pc_bh2"), ("edm", "dpmpp_2m")]
 LONG = ("uni_pc_bh2", "karras", 40)  # ComfyUI's long-step solution: its sampler, scheduler and steps
 
 
+@pytest.fixture(scope="module")
+def long_solutions(comfy, models) -> dict:
+    """{model name: (noises other than the node's, ComfyUI's long-step solution from them)}, computed once."""
+    found = {}
+    for name in dict.fromkeys(name for name, _ in CASES):
+        model = models[name]
+        noise = torch.randn((4, *SHAPE), generator=torch.Generator().manual_seed(77))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), LONG[1], LONG[2])
+        found[name] = noise, comfy_samples(comfy, model, LONG[0], sigmas, noise)
+    return found
+
+
 @pytest.mark.parametrize("name,sampler", CASES)
-def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models, outputs, cache, name, sampler):
+def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models, outputs, cache, few_baselines,
+                                                                   long_solutions, name, sampler):
     model = models[name]
     out = run_node(model, sampler, cache=cache)
     sigmas, path, text = out["result"]
@@ -189,8 +221,7 @@ def test_the_refined_sigmas_beat_the_start_under_comfyuis_samplers(comfy, models
     from_file = DmstepsTableFile().get_sigmas(model, path, 4, 1.0)[0]  # what dmsteps table file reads back
     assert torch.equal(from_file, sigmas) and sigmas.shape == start.shape == (5,) and sigmas[-1].item() == 0.0
     assert sigmas[0].item() == pytest.approx(start[0].item(), rel=1e-6)
-    noise = torch.randn((8, *SHAPE), generator=torch.Generator().manual_seed(77))  # other noises than the node's
-    long = comfy_samples(comfy, model, LONG[0], comfy.samplers.calculate_sigmas(ms, LONG[1], LONG[2]), noise)
+    noise, long = long_solutions[name]
     refined = rms(comfy_samples(comfy, model, sampler, sigmas, noise), long).mean()
     started = rms(comfy_samples(comfy, model, sampler, start, noise), long).mean()
     print(f"{name} {sampler}: ComfyUI's error refined {float(refined):.4g}, start {float(started):.4g}\n{text}")
@@ -245,6 +276,49 @@ def test_the_progress_bar_moves_and_an_interrupt_stops_the_run_writing_nothing(c
     assert seen and all(v <= t for v, t in seen) and seen[-1][0] >= 40 and seen[-1][1] > 100
     assert [v for v, _ in seen] == sorted(v for v, _ in seen)
     assert not list(empty_output.rglob("*"))
+
+
+# --- the budget, mid-fit ----------------------------------------------------------------------------
+
+def test_the_budget_callback_stops_only_the_fit_and_only_past_the_deadline():
+    from dmsteps_cli.progress import Event
+    from dmsteps_cli.refine import EarlyStop
+
+    now = {"t": 0.0}
+    seen = []
+    report = comfyui_refine.budget_progress(10.0, seen.append, lambda: now["t"])
+    report(Event("4 steps: fitting from unif (lbfgs)", 1, 30, "iterations"))  # before the deadline
+    now["t"] = 11.0
+    report(Event("4 steps: training errors of the starts", 2, 3, "starts"))  # not the fit: never stopped
+    report(Event("reference solutions", 5, 9, "noises"))
+    report(Event("4 steps: fitting from unif (lbfgs)", 0, 30, "iterations"))  # the fit begins
+    with pytest.raises(EarlyStop, match="time budget ran out after 2 iterations"):
+        report(Event("4 steps: fitting from unif (lbfgs)", 2, 30, "iterations"))
+    report(Event("4 steps: fitting from unif (lbfgs)", 2, 30, "iterations", "stopped", last=True))  # its end
+    assert len(seen) == 6  # every event reported, the one that stopped the fit too
+
+
+def test_a_budget_that_runs_out_mid_fit_keeps_the_best_steps_so_far(comfy, models, outputs, cache, few_baselines,
+                                                                    monkeypatch):
+    """The clock jumps past the budget once the fit begins (refine_steps is called): the fit stops at
+    its first iteration, and the node writes the steps it kept, measured on the held-out noises."""
+    now = {"t": 0.0}
+    every = comfyui_refine.refine_steps
+
+    def refine_steps(*args, **kwargs):
+        now["t"] = 1e6
+        return every(*args, **kwargs)
+
+    monkeypatch.setattr(comfyui_refine, "_clock", lambda: now["t"])
+    monkeypatch.setattr(comfyui_refine, "refine_steps", refine_steps)
+    sigmas, path, text = run_node(models["edm"], "uni_pc_bh2", iterations=50, cache=cache, validation=1)["result"]
+    assert now["t"] == 1e6 and "time budget ran out after 1 iterations" in text
+    entry = load_table(path)["entries"][0]
+    optimizer = entry["optimizer"]
+    assert optimizer["iterations"] == 1 and "time budget" in optimizer["message"]
+    assert optimizer["best_iteration"] in (0, 1) and optimizer["validations"] == 1
+    assert sigmas.shape == (5,) and torch.all(sigmas[:-1] > 0) and torch.all(sigmas[:-2] > sigmas[1:-1])
+    assert "held-out error vs the start exponential" in text and entry["refine"]["holdout_error"] > 0
 
 
 # --- the cache key ---------------------------------------------------------------------------------------

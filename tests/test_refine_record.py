@@ -270,3 +270,16 @@ def test_refine_starts_from_a_named_schedule_when_it_is_best_on_the_training_noi
 def test_refine_refuses_a_baseline_that_does_not_fit(files):
     with pytest.raises(BadInput, match="optimalsteps-flux fits flow"):
         _refine(files, "gauss.yaml", "optimized.json", baselines=("unif", "optimalsteps-flux"))
+
+
+def test_refine_steps_refuses_in_one_line_when_no_start_fits_a_table():
+    """karras and exponential put their last call at sigma(eps), which no table on [eps, T] holds: given
+    only those, refine_steps says so instead of failing on an empty choice."""
+    from dmsteps_cli.refine import refine_steps
+    from tiny import mixture_evaluator
+
+    ev, s = mixture_evaluator("vp-linear", seeds=range(2))
+    starts = {b: consumer_steps(b, s, 5, s.T, s.eps_default, None) for b in ("karras", "exponential")}
+    with pytest.raises(BadInput, match=r"^NFE 5: no start a table can hold \(karras, exponential: its last model "
+                                       r"call is at sigma\(eps\)"):
+        refine_steps(ev, starts, "unipc", 3, "bh2", what="NFE 5")

@@ -29,7 +29,10 @@ new references, and an unchanged one reads them back without hashing the weights
 
 Before the fit the node times one model call and refuses in one line a run whose estimate
 (``estimate_seconds``) exceeds the budget, or, on a CUDA device, whose gradient would not fit the
-free memory (``check_memory``; not measured here: the development machine has no GPU). ComfyUI's progress bar counts model evaluations against
+free memory (``check_memory``; not measured here: the development machine has no GPU). A run the
+estimate let through that still reaches the end of its budget while fitting stops there
+(``budget_progress``): the fit ends after the iteration in progress, with the steps it kept so far
+(the lowest validation error), and the held-out measurement the budget saved time for follows. ComfyUI's progress bar counts model evaluations against
 that estimate; the interrupt button ends the run at the next model evaluation (nothing is written).
 
 May import torch, numpy, the package's modules up to ``refine``; imports ``comfy`` and
@@ -58,7 +61,9 @@ from ..limits import BOUNDS
 from ..optimize import table_objective
 from ..reference_cache import open_cache, tensors_sha256
 from ..refine import (
+    FIT_UNITS,
     REFINE_MARGIN,
+    EarlyStop,
     Fit,
     candidates,
     not_starts,
@@ -309,6 +314,22 @@ def log_progress(event) -> None:
         log.info("dmsteps refine: %s%s", event.phase, f": {event.note}" if event.note else "")
 
 
+_clock = time.monotonic  # the budget's clock, seconds
+
+
+def budget_progress(deadline: float, progress=log_progress, clock=None):
+    """The fit's progress callback: ``progress(event)``, then ``refine.EarlyStop`` on an iteration of
+    the fit (an event in ``refine.FIT_UNITS``, not its last) once ``clock()`` (default ``_clock``)
+    passed ``deadline`` (seconds): the fit keeps the steps it kept so far."""
+    def report(event) -> None:
+        progress(event)
+        now = (clock or _clock)()
+        if event.unit in FIT_UNITS and event.done > 0 and not event.last and now > deadline:
+            raise EarlyStop(f"stopped: the time budget ran out after {event.done} {event.unit}")
+
+    return report
+
+
 def _progress_bar(total: int):
     """ComfyUI's progress bar (``comfy.utils.ProgressBar``) of ``total`` model evaluations."""
     import comfy.utils
@@ -396,7 +417,9 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
     bar["total"] = int(model_evaluations(*counts, ref_steps=job.ref_steps))
     bar["bar"] = _progress_bar(bar["total"])
     calls["done"] = 0
-    began = time.perf_counter()
+    began = _clock()
+    # the fit ends where the budget leaves just the held-out measurement of the starts and the result
+    deadline = began + 60.0 * job.minutes - pace * (len(starts) + 1) * job.steps * job.holdout
 
     def evaluator(seeds, label) -> Evaluator:
         return Evaluator(ckpt, denoise, seeds, job.T, job.eps, device, job.ref_steps, cache=job.cache,
@@ -411,10 +434,10 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
         if ev is not None:
             ev.settle(starts.values(), *args, margin=REFINE_MARGIN)
     fit = Fit(method="lbfgs", maxiter=job.iterations, seed=job.seed, grad_batch=job.batch, checkpointing=True)
-    r = refine_steps(training, starts, *args, fit, validating, log_progress, f"{job.steps} steps")
+    r = refine_steps(training, starts, *args, fit, validating, budget_progress(deadline), f"{job.steps} steps")
     holdout_errors = {name: held.errors(lam, *args) for name, lam in starts.items()}
     holdout_error = held.errors(r.lam, *args) if r.improved else holdout_errors[r.start]
-    return Result(r, starts, holdout_errors, holdout_error, held.reference_info, time.perf_counter() - began,
+    return Result(r, starts, holdout_errors, holdout_error, held.reference_info, _clock() - began,
                   estimate, str(device))
 
 
@@ -526,7 +549,8 @@ def report(job: Job, res: Result, sampler_name: str, path: str) -> str:
     return "\n".join([
         f"dmsteps refine: {sampler_name}, {job.steps} steps, cfg {job.cfg:g}, {job.train} training, "
         f"{job.validation} validation and {job.holdout} held-out noises; {res.refined.status} "
-        f"({res.refined.iterations} iterations, {res.seconds:.0f} s; estimated {res.estimate:.0f} s)",
+        f"({res.refined.iterations} iterations, {res.seconds:.0f} s; estimated {res.estimate:.0f} s; "
+        f"{res.refined.message})",
         f"held-out error vs the start {job.start}: {e.mean() / start.mean():.3f}x (95% interval "
         f"{_interval(e, start)})",
         f"vs the best scheduler or grid tried, {versus['best_baseline']}: {versus['ratio_to_best_baseline']:.3f}x "
@@ -586,7 +610,8 @@ class DmstepsRefine:
                                 "tooltip": "Held-out noises the result is measured on."}),
             "iterations": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "L-BFGS-B iterations at most."}),
             "minutes": ("FLOAT", {"default": 60.0, "min": 0.01, "max": 10000.0,
-                                  "tooltip": "Time budget: a run estimated longer is refused before it starts."}),
+                                  "tooltip": "Time budget: a run estimated longer is refused before it starts; one that "
+                                             "reaches it while fitting keeps the best steps so far."}),
             "start": (starts, {"default": "karras" if "karras" in starts else starts[0]}),
             "start_file": ("STRING", {"default": "", "tooltip": "A table file, for start 'table file'."}),
             "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX}),
