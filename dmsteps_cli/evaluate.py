@@ -50,7 +50,7 @@ from .checkpoints import Checkpoint, labelled_denoiser, network_denoiser, pair_l
 from .errors import BadInput
 from .gradients import checkpointing_needed, graph_bytes_per_call, mean_error_and_grad
 from .grids import GRIDS, grid_lambda
-from .limits import BOUNDS, in_bounds
+from .limits import in_bounds
 from .progress import phase
 from .reference_cache import model_fingerprint, open_cache
 from .reference_cache import settings as reference_settings
