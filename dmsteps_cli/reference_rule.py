@@ -44,7 +44,6 @@ from .progress import phase
 
 REF_SOLVER = ("unipc", 3, "bh2")
 REF_NAME = "unipc3-bh2-unif"  # the reference solver and its step placement, as the cache names them
-REF_STEPS = 64  # the first S of the rule
 REF_TOLERANCE = 0.01  # estimated_error(S) <= REF_TOLERANCE x the smallest mean error measured
 REF_ORDER = 2  # the largest order the estimate assumes (below)
 STALLS = 2  # doublings in a row that do not lower check(S) before the reference stops growing
