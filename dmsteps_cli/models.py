@@ -37,7 +37,7 @@ from .errors import BadInput
 COMFYUI = "comfy/supported_models.py"  # the vendored ComfyUI's file of model settings
 COMFYUI_NODES = "comfy_extras/nodes_model_advanced.py"
 KSAMPLER_DEFAULTS = "nodes.py KSampler.INPUT_TYPES: steps default 20, sampler_name euler (first of KSAMPLER_NAMES)"
-SHIFT_RTOL = 1e-6  # shifts that differ by less are the same
+SHIFT_RTOL = 1e-6  # flow shifts that differ by less are the same (ComfyUI holds Flux's mu as given)
 
 # FLUX.1-dev's resolution-dependent shift: mu = base_shift + (max_shift - base_shift)
 # (tokens - BASE_TOKENS) / (MAX_TOKENS - BASE_TOKENS), tokens = width height / 256 (8x VAE, 2x2

@@ -51,6 +51,7 @@ import numpy as np
 from ..build import make_table
 from ..config import MAX_NFE, MIN_TABLE_NFE, StepConfig
 from ..errors import BadInput
+from ..models import SHIFT_RTOL
 from ..schedule_sources import get_schedule
 from ..schedules import EDM, FAMILIES, DiscreteVP, Schedule, preset_of, same_schedule, schedule_from_spec
 from ..solvers import SOLVERS, solver_spec
@@ -70,7 +71,6 @@ DEFAULT_P = -1.0  # the optimize node's p input: below 0 means the schedule's de
 LCM_CLASSES = {"LCM", "ModelSamplingDiscreteDistilled"}
 UNREAD_CLASSES = {"ModelSamplingContinuousV", "ModelSamplingCosmosRFlow", "StableCascadeSampling",
                   "ModelSamplingDiscreteEDM"}
-SHIFT_RTOL = 1e-6  # flow shifts that differ by less are the same (ComfyUI holds Flux's mu as given)
 
 
 # --- what a ComfyUI model samples with ------------------------------------------------------------
