@@ -24,7 +24,7 @@ a run of its own, measured and optimized with its own order pattern.
 
 Entries here are table entries (``step_arrays``: t, lambda, sigmas, N + 1 values, the interval's
 ends first and last; timesteps at t[0..N-1]) whose ends are the part's. Imports ``build``,
-``optimize``, ``schedules``, ``tables``, numpy; never torch.
+``config``, ``optimize``, ``schedules``, ``tables``, numpy; never torch.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .build import make_entry
+from .config import MIN_TABLE_NFE
 from .errors import SETTING, bad_setting, mentioning
 from .optimize import one_blas_thread, resolve, table_objective
 from .schedules import schedule_from_spec, step_arrays
 from .tables import config_of, entry_for
 
 SPLIT_WINDOW = 2  # split counts tried either side of the table's own count above the split sigma
-PART_MIN_NFE = 2  # the fewest steps a part holds (a table entry's least NFE, config.parse_nfe)
+PART_MIN_NFE = MIN_TABLE_NFE  # the fewest steps a part holds: a table entry's least NFE
 # how a split places its steps: warp measured within a few per cent of cutting the list (and the
 # optimized parts mostly worse) on the proxies, docs/research/partial-steps.md
 SPLIT_PLACEMENTS = ("warp", "optimize")
