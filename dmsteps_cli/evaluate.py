@@ -241,12 +241,16 @@ class Evaluator:
         (``schedules.consumer_lambda``)."""
         return self._solve(self.x_T, consumer_lambda(lam), solver, order, variant)
 
+    def _call_at(self, t: float) -> tuple[float, float, float]:
+        """(the network's timestep, alpha, sigma) of a model call at time ``t``."""
+        ts = np.array([t])
+        return tuple(float(v[0]) for v in (self.schedule.model_timestep(ts), self.schedule.alpha(ts),
+                                           self.schedule.sigma(ts)))
+
     def _to_zero(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's states ``x`` at eps carried to sigma 0 by the step every consumer's list ends
         with there (a last call at sigma(eps), then 0): order 1 at sigma 0, the denoiser's output at eps."""
-        t = np.array([self.eps])
-        timestep, alpha, sigma = (float(v[0]) for v in (self.schedule.model_timestep(t), self.schedule.alpha(t),
-                                                          self.schedule.sigma(t)))
+        timestep, alpha, sigma = self._call_at(self.eps)
         parts = []
         with full_precision(), torch.no_grad():
             for i in range(0, x.shape[0], self.batch):
@@ -323,9 +327,7 @@ class Evaluator:
         if self.ckpt.kind == "gmm":
             return False
         if getattr(self, "_bytes_per_call", None) is None:
-            t = np.array([self.T])
-            timestep, alpha, sigma = (float(v[0]) for v in (self.schedule.model_timestep(t), self.schedule.alpha(t),
-                                                             self.schedule.sigma(t)))
+            timestep, alpha, sigma = self._call_at(self.T)
             denoiser = self.denoiser if self.labels is None else lambda x, *a: denoiser_for(
                 self.denoiser, self.labels[[0] * x.shape[0]])(x, *a)
             self._bytes_per_call = graph_bytes_per_call(denoiser, self.x_T[:1], self.T, timestep, alpha, sigma)
