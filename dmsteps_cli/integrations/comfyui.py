@@ -163,14 +163,12 @@ def check_fits(table: dict, schedule: Schedule, shift: float | None, name: str) 
     naming the difference (for EDM: the sigma ends); a warning in ComfyUI's log, naming both shifts,
     when a flow table meets a flow model of another shift (the same ODE, steps placed for the other
     shift). ``name`` names the table in messages."""
-    made_for = schedule_from_spec(table["schedule"])
-    if same_schedule(table["schedule"]["identity"], schedule.identity()):
-        pass
-    elif type(made_for) is type(schedule) and made_for.end_difference(schedule):
-        raise BadInput(f"table {name} was made for {made_for.describe()}, but the model samples "
-                       f"{schedule.describe(shift)} ({made_for.end_difference(schedule)}): use the dmsteps optimize "
-                       "node for this model")
-    else:
+    if not same_schedule(table["schedule"]["identity"], schedule.identity()):
+        made_for = schedule_from_spec(table["schedule"])
+        if type(made_for) is type(schedule) and made_for.end_difference(schedule):
+            raise BadInput(f"table {name} was made for {made_for.describe()}, but the model samples "
+                           f"{schedule.describe(shift)} ({made_for.end_difference(schedule)}): use the dmsteps "
+                           "optimize node for this model")
         raise BadInput(f"table {name} was made for the schedule {table['config']['schedule']}, but the model samples "
                        f"with {schedule.describe(shift)}: choose a table made for it (dmsteps tables) or use the "
                        "dmsteps optimize node")
