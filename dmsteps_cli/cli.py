@@ -196,7 +196,7 @@ def show(
 ):
     """Print one entry as a comma-separated line (--as, --nfe), or a summary of the table; --plot draws it;
     --split-at-sigma and --denoise print the parts of two runs and of a partial run."""
-    from .integrations.exports import FINAL_SIGMAS, decimals, sigmas_for
+    from .integrations.exports import decimals, sigmas_for
     from .table_reader import load_table
     from .tables import entry_for
 
@@ -213,10 +213,7 @@ def show(
         if end not in OLD_SIGMA_ENDS:
             raise BadInput(f"--end {end!r}: choose from {', '.join(OLD_SIGMA_ENDS)}")
         final_sigma = OLD_SIGMA_ENDS[end]
-    if final_sigma is not None and as_ != "sigmas":
-        raise BadInput("--final-sigma applies only to --as sigmas")
-    if final_sigma not in (None, *FINAL_SIGMAS):
-        raise BadInput(f"--final-sigma {final_sigma!r}: choose from {', '.join(FINAL_SIGMAS)}")
+    _check_final_sigma(final_sigma, as_)
     drawn = _baseline_names(baselines)
     if as_ is not None or nfe is not None:  # every refusal comes before the plot is written
         field = as_ or "t"
@@ -236,11 +233,22 @@ def show(
         _console_stdout().print(table_summary(table))
 
 
+def _check_final_sigma(final_sigma: str | None, field: str | None) -> None:
+    """``show``'s refusals of a ``--final-sigma`` given with another ``--as`` than sigmas, or not one of
+    ``exports.FINAL_SIGMAS``."""
+    from .integrations.exports import FINAL_SIGMAS
+
+    if final_sigma is not None and field != "sigmas":
+        raise BadInput("--final-sigma applies only to --as sigmas")
+    if final_sigma not in (None, *FINAL_SIGMAS):
+        raise BadInput(f"--final-sigma {final_sigma!r}: choose from {', '.join(FINAL_SIGMAS)}")
+
+
 def _parts(table, nfe, as_, final_sigma, split_at_sigma, split_placement, denoise, denoise_placement, plot,
            end) -> str:
     """``show --split-at-sigma`` (two lines) or ``--denoise`` (one line), after refusing what does not
     go with them."""
-    from .integrations.exports import FINAL_SIGMAS, decimals
+    from .integrations.exports import decimals
     from .partial import part_values, partial_run, split_steps, split_values
 
     if split_at_sigma is not None and denoise is not None:
@@ -255,10 +263,7 @@ def _parts(table, nfe, as_, final_sigma, split_at_sigma, split_placement, denois
     field = as_ or "sigmas"
     if field not in AS_FIELDS:
         raise BadInput(f"--as {field!r}: choose from {', '.join(AS_FIELDS)}")
-    if final_sigma is not None and field != "sigmas":
-        raise BadInput("--final-sigma applies only to --as sigmas")
-    if final_sigma not in (None, *FINAL_SIGMAS):
-        raise BadInput(f"--final-sigma {final_sigma!r}: choose from {', '.join(FINAL_SIGMAS)}")
+    _check_final_sigma(final_sigma, field)
     final_sigma = final_sigma or "table"
     if split_at_sigma is not None:
         split = split_steps(table, n, split_at_sigma, split_placement)
