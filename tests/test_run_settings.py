@@ -164,3 +164,12 @@ def test_old_refine_grad_batch_spelling_warns(monkeypatch, capsys):
     with pytest.raises(BadInput, match="give --batch only"):
         app(["refine", "-c", "m.yaml", "-t", "t.json", "--batch", "5", "--grad-batch", "6"], prog_name="dmsteps",
             standalone_mode=False)
+
+
+def test_the_cli_defaults_are_the_settings_defaults():
+    """cli.py cannot import run_settings at load (it loads numpy, and `dmsteps --help` must not), so
+    its option defaults repeat the library's: they must stay equal."""
+    from dmsteps_cli import cli, run_settings
+
+    assert cli.BATCH.default == run_settings.BATCH == MeasureSettings.__dataclass_fields__["batch"].default
+    assert cli.REF_STEPS.default == run_settings.REF_STEPS == MeasureSettings.__dataclass_fields__["ref_steps"].default
