@@ -224,12 +224,12 @@ def run_pipeline(run: Run, progress=None) -> np.ndarray:
     apply_table(pipe.scheduler, run.table, entry["nfe"])
     if not seeds:
         return np.zeros((0, 3, 1, 1), dtype=np.float32)
-    callback = None
+    kwargs = {}
     if progress is not None:
-        def callback(pipeline, step, timestep, kwargs):
+        def step_ended(pipeline, step, timestep, callback_kwargs):
             progress(step + 1, entry["nfe"])
-            return kwargs
-    kwargs = {"callback_on_step_end": callback} if callback is not None else {}
+            return callback_kwargs
+        kwargs["callback_on_step_end"] = step_ended
     with torch.no_grad():
         out = pipe(prompt=[req.prompt] * len(seeds), num_inference_steps=entry["nfe"],
                    generator=[torch.Generator().manual_seed(int(s)) for s in seeds],

@@ -219,3 +219,10 @@ def test_text_to_image_pipeline_runs_the_table_through_its_own_call(tmp_path):
     assert side["checkpoint_kind"] == "pipeline" and side["nfe"] == 5
     r = run_cli("sample", "-c", str(ckpt), "-t", str(table), "--device", "cpu", "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and "give --prompt" in r.stderr
+    # the progress callback (the CLI's bar on a terminal) hears each of the pipeline's steps, and the samples stay
+    steps = []
+    run_sample(SampleRequest(checkpoint=str(ckpt), table=str(table), nfe=5, samples=2, seed=4, device="cpu",
+                             prompt="a photo of cat", guidance_scale=3.0, output=str(tmp_path / "bar")),
+               progress=lambda k, n: steps.append((k, n)))
+    assert steps == [(k, 5) for k in range(1, 6)]
+    np.testing.assert_array_equal(np.load(tmp_path / "bar" / "samples.npz")["samples"], got)
