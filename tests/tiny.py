@@ -81,6 +81,14 @@ def _clip_config(hidden_size: int, vocab_size: int, projection_dim=None, num_hid
                           num_hidden_layers=num_hidden_layers, num_attention_heads=2, max_position_embeddings=8,
                           bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra)
 
+def _t5_config(vocab_size: int):
+    """A one-layer T5 encoder of width 48 (SD3's and FLUX's text encoder, tiny)."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size, d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+                    eos_token_id=1, decoder_start_token_id=0)
+
 
 def _tiny_vae(latent_channels: int = 4, **kwargs):
     import diffusers
@@ -188,7 +196,7 @@ def save_tiny_sd3(root, scheduler=None):
     quant convs, and SD3's scaling_factor 1.5305 / shift_factor 0.0609. Default scheduler:
     FlowMatchEulerDiscreteScheduler(shift=3.0)."""
     import diffusers
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = _clip_tokenizer(root)
@@ -199,10 +207,7 @@ def save_tiny_sd3(root, scheduler=None):
                                                             num_hidden_layers=2))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(24, len(tokenizer), projection_dim=24,
                                                               num_hidden_layers=2))
-    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=48, d_kv=8, d_ff=64, num_layers=1,
-                                             num_heads=2, relative_attention_num_buckets=8,
-                                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-                                             decoder_start_token_id=0))
+    text_encoder_3 = T5EncoderModel(_t5_config(len(tokenizer_3)))
     transformer = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16,
                                                   num_layers=1, attention_head_dim=8, num_attention_heads=2,
                                                   joint_attention_dim=48, caption_projection_dim=16,
@@ -287,17 +292,14 @@ def tiny_flux_pipeline(root, scheduler=None):
     FlowMatchEulerDiscreteScheduler config (dynamic shifting, base_shift 0.5, max_shift 1.15, 256 to
     4096 tokens)."""
     import diffusers
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = _clip_tokenizer(root)
     tokenizer_2 = _t5_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_clip_config(16, len(tokenizer)))
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=48, d_kv=8, d_ff=64, num_layers=1,
-                                             num_heads=2, relative_attention_num_buckets=8,
-                                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-                                             decoder_start_token_id=0))
+    text_encoder_2 = T5EncoderModel(_t5_config(len(tokenizer_2)))
     transformer = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
                                                    pooled_projection_dim=16, guidance_embeds=True,
