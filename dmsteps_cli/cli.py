@@ -602,13 +602,14 @@ def refine(
                                    "lowest training error are kept)."),
     holdout: int = typer.Option(256, help="Held-out noises (seeds seed ... seed + holdout - 1)."),
     seed: int = SEED,
-    optimizer: str = typer.Option("lbfgs", help="lbfgs: L-BFGS-B on every training noise; adam: Adam on "
-                                  "mini-batches of --minibatch noises, for models where a full-batch step costs "
-                                  "too much."),
-    maxiter: int = typer.Option(60, help="L-BFGS-B iterations (or Adam updates) per NFE."),
+    optimizer: str = typer.Option("adam+lbfgs", help="adam+lbfgs: Adam on every training noise, then L-BFGS-B "
+                                  "from the best point so far (a trained network's error is rippled in the steps, "
+                                  "where L-BFGS-B alone stops early); lbfgs: L-BFGS-B alone; adam: Adam alone, on "
+                                  "mini-batches of --minibatch noises where a full-batch step costs too much."),
+    maxiter: int = typer.Option(60, help="Adam updates and L-BFGS-B iterations per NFE, each."),
     patience: int = typer.Option(30, help="Validations without a lower validation error before the fit stops "
                                  "(0: never early)."),
-    minibatch: int = typer.Option(16, help="adam: training noises per update."),
+    minibatch: int = typer.Option(0, help="Adam's training noises per update (0: every one)."),
     lr: float = typer.Option(0.05, help="adam: step size in the gap logits."),
     batch: int = BATCH,
     grad_batch: Optional[int] = typer.Option(None, hidden=True, help="Deprecated: --batch."),

@@ -24,7 +24,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "holdout": (1, 1_000_000),  # held-out seeds stay below refine's training seeds (seed + 1,000,000)
     "validation": (0, 65_536),  # 0: no validation noises
     "patience": (0, 10_000),  # 0: never stop early
-    "minibatch": (1, 65_536),
+    "minibatch": (0, 65_536),
     "lr": (1e-6, 10.0),  # Adam's step size in refine's gap logits
     "grad_batch": (1, 65_536),
     "maxiter": (0, 10_000),

@@ -5,9 +5,12 @@ ends stay fixed. For each entry, the interior lambdas are parametrized by the ga
 optimizer's minimum gap + a share softmax(u)_i of the rest (strictly increasing between the fixed
 ends), and the mean RMS error to the reference solution (``evaluate``) over the *training* noises
 is minimized with exact gradients in u: reverse-mode autograd through the solver and the model
-(``gradients.mean_error_and_grad``), chained with d lambda / d u. The fit (``Fit``) is L-BFGS-B on
-all training noises, or Adam on mini-batches of them for models where a full-batch step costs too
-much. It starts from whichever candidate (``candidates``) -- the table's steps ("table") or a
+(``gradients.mean_error_and_grad``), chained with d lambda / d u. The fit (``Fit``), by default
+"adam+lbfgs": Adam on every training noise, then L-BFGS-B from the best point Adam reached (on a
+trained network the error is rippled in lambda at the scale of one network timestep, where L-BFGS-B
+alone stops in the first ripple it meets and Adam's normalized steps carry on: docs/benchmarks.md,
+"The optimizer"); or either alone ("lbfgs", "adam", the latter on mini-batches of the training
+noises for models where a full-batch step costs too much). It starts from whichever candidate (``candidates``) -- the table's steps ("table") or a
 baseline (a hand-made grid or a named schedule, ``baselines``; default every one that fits) -- has
 the lowest training error, among those a table can hold. Every error is measured as the consumers
 run the steps (N model calls, then sigma 0: ``Evaluator.solve``, docs/cli.md "One frame").
@@ -15,8 +18,8 @@ run the steps (N model calls, then sigma 0: ``Evaluator.solve``, docs/cli.md "On
 Three sets of noises, by seed: *training* (seed + 1_000_000 ..., ``train_seeds``), *validation*
 (seed + 2_000_000 ..., ``validation_seeds``) and *held-out* (seed ... seed + holdout - 1, the
 ones ``evaluate`` uses by default). After every L-BFGS-B iteration (every pass over the training
-noises for Adam) the validation error is measured; the fit stops after ``patience`` of them
-without a new lowest, and the steps kept are the start's or the iterate's with the lowest
+noises for Adam) the validation error is measured; each phase of the fit stops after ``patience``
+of them without a new lowest, and the steps kept are the start's or the iterate's with the lowest
 validation error: never worse than the start on the validation noises (the start is kept, and
 said, when no iterate beat it). Without validation noises the steps kept are those with the
 lowest training error. Every candidate and the result are then measured on the held-out noises.
@@ -43,7 +46,7 @@ The refined table is the input table with these changes:
                       best_iteration} of the fit: status "refined" (the steps beat the start on
                       the validation noises, or without them on the training noises) or
                       "kept-start" (nothing did: the steps are the start's); iterations are
-                      L-BFGS-B's iterations or Adam's updates, evaluations the training
+                      Adam's updates plus L-BFGS-B's iterations, evaluations the training
                       error-and-gradient evaluations, validations the validation measurements
                       after the start's, best_iteration the iteration whose steps were kept (0:
                       the start); message says why the fit stopped
@@ -115,6 +118,7 @@ from .text_to_image import load_model, read_prompts
 TRAIN_SEED_OFFSET = 1_000_000
 VALIDATION_SEED_OFFSET = 2_000_000
 METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
+OPTIMIZER = "adam+lbfgs"  # the default fit: Adam on every training noise, then L-BFGS-B from its best point
 REFINE_MARGIN = 0.5  # references are settled for errors down to half the best start's
 PATIENCE = 30  # validations without a lower validation error before the fit stops (docs/cli.md: why 30)
 FORWARD_PER_GRADIENT = 4  # noises per batch of a forward solve, per noise of a backward pass (refine_table)
@@ -124,8 +128,9 @@ FORWARD_PER_GRADIENT = 4  # noises per batch of a forward solve, per noise of a 
 class RefineRequest(MeasureSettings):
     """What ``refine`` fits: the table ``table``'s entries ``nfe`` (None: all) on the model of
     ``MeasureSettings``, with ``train`` training, ``validation`` validation (0: none) and
-    ``holdout`` held-out noises; the fit (``Fit``): ``optimizer`` "lbfgs" or "adam" (mini-batches
-    of ``minibatch`` noises, step size ``lr``), ``maxiter``, ``patience``; the gradient's memory
+    ``holdout`` held-out noises; the fit (``Fit``): ``optimizer`` "adam+lbfgs", "lbfgs" or "adam"
+    (mini-batches of ``minibatch`` noises, 0: every one; step size ``lr``), ``maxiter`` (per phase),
+    ``patience``; the gradient's memory
     and precision: ``batch`` (noises per backward pass too), ``activation_checkpointing`` (None: on
     for networks), ``network_dtype`` (autocast: float16, bfloat16); ``holdout_prompts``: a
     text-to-image pipeline's prompts of the held-out noises (None: ``prompts``). ``grad_batch`` and
@@ -136,10 +141,10 @@ class RefineRequest(MeasureSettings):
     train: int = 64
     validation: int = 64  # validation noises (0: none): early stopping and the choice of the steps kept
     holdout: int = 256
-    optimizer: str = "lbfgs"  # "lbfgs" or "adam" (mini-batches of ``minibatch`` noises, step size ``lr``)
-    maxiter: int = 60  # L-BFGS-B iterations or Adam updates per NFE
+    optimizer: str = OPTIMIZER  # "adam+lbfgs", "lbfgs" or "adam" (``Fit``)
+    maxiter: int = 60  # Adam updates and L-BFGS-B iterations per NFE, each
     patience: int = PATIENCE  # validations without a lower validation error before the fit stops (0: never)
-    minibatch: int = 16
+    minibatch: int = 0  # Adam's training noises per update; 0: every one
     lr: float = 0.05
     activation_checkpointing: bool | None = None  # recompute activations in the backward pass; None: where the graph needs it
     network_dtype: str | None = None  # the gradient's model calls under autocast: float16, bfloat16
@@ -154,7 +159,7 @@ class RefineRequest(MeasureSettings):
                 "validation": self.validation, "patience": self.patience, "minibatch": self.minibatch, "lr": self.lr}
 
 
-OPTIMIZERS = ("lbfgs", "adam")
+OPTIMIZERS = (OPTIMIZER, "lbfgs", "adam")
 ADAM_BETAS = (0.9, 0.999)
 
 
@@ -162,32 +167,38 @@ ADAM_BETAS = (0.9, 0.999)
 class Fit:
     """How ``refine_steps`` fits one NFE's steps.
 
-    ``method``: "lbfgs" (L-BFGS-B on every training noise, ``maxiter`` iterations) or "adam" (Adam
-    on mini-batches of ``minibatch`` training noises drawn without replacement, ``maxiter``
-    updates of step size ``lr`` in the gap logits; the draws follow ``seed``). With validation
-    noises, their mean error is measured after every L-BFGS-B iteration, or after every pass of
-    Adam over the training noises, and the fit stops after ``patience`` measurements in a row
-    without a new lowest one (0: never early).
+    ``method``: "lbfgs" (L-BFGS-B on every training noise, ``maxiter`` iterations), "adam" (Adam
+    on mini-batches of ``minibatch`` training noises drawn without replacement, 0: all of them,
+    ``maxiter`` updates of step size ``lr`` in the gap logits; the draws follow ``seed``) or
+    "adam+lbfgs" (the two in turn: Adam from the start, then L-BFGS-B from the point kept so far).
+    With validation noises, their mean error is measured after every L-BFGS-B iteration, or after
+    every pass of Adam over the training noises, and each phase stops after ``patience``
+    measurements in a row without a new lowest one (0: never early).
     ``grad_batch``, ``checkpointing``, ``network_dtype``: the gradient's memory and precision
     (``Evaluator.mean_error_and_grad``)."""
 
-    method: str = "lbfgs"
+    method: str = OPTIMIZER
     maxiter: int = 60
     patience: int = PATIENCE
-    minibatch: int = 16
+    minibatch: int = 0
     lr: float = 0.05
     seed: int = 0
     grad_batch: int = 64
     checkpointing: bool | None = None
     network_dtype: torch.dtype | None = None
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The methods run in turn: ("adam", "lbfgs") for "adam+lbfgs"."""
+        return tuple(self.method.split("+"))
+
     def describe(self) -> str:
         """The method and its budget, in words (the table's ``refine.optimizer``)."""
-        if self.method == "lbfgs":
-            return f"{METHOD}, maxiter {self.maxiter}"
-        return (f"Adam over softmax gap logits on mini-batches of {self.minibatch} training noises, exact "
-                f"gradients (autograd), {self.maxiter} updates of step size {self.lr:g}, the point judged "
-                "every pass over the training noises")
+        lbfgs = f"{METHOD}, maxiter {self.maxiter}"
+        noises = "every training noise" if self.minibatch == 0 else f"mini-batches of {self.minibatch} training noises"
+        adam = (f"Adam over softmax gap logits on {noises}, exact gradients (autograd), {self.maxiter} updates of "
+                f"step size {self.lr:g}, the point judged every pass over the training noises")
+        return "; then ".join(adam if m == "adam" else lbfgs for m in self.phases)
 
 
 @dataclass
@@ -239,6 +250,7 @@ def logits_of(lam0) -> np.ndarray:
     return np.log(np.maximum(np.diff(lam0) - GAP_FRACTION * span, 1e-12 * span))
 
 
+ROUNDING = 1e-12  # relative: errors closer than this to the lowest so far are not lower (``_Keeper``)
 FIT_UNITS = ("iterations", "updates")  # the unit of the fit phase's progress events (L-BFGS-B, Adam)
 
 
@@ -247,6 +259,11 @@ class EarlyStop(Exception):
     raised by ``_Keeper.see`` after ``patience`` judgements without a new best, and by a progress
     callback on an event of the fit phase (unit in ``FIT_UNITS``, not ``last``), such as a time
     budget that ran out."""
+
+
+class PatienceStop(EarlyStop):
+    """``_Keeper``'s stop after ``patience`` judgements without a new best: it ends one phase of the
+    fit, where any other EarlyStop (a budget) ends the whole fit."""
 
 
 class _Keeper:
@@ -273,12 +290,12 @@ class _Keeper:
             self.reference = self.reference_of()
             self.start_error, self.best_error = self.judge(self.start_lam), self.judge(self.best_lam)
             error = self.judge(lam)
-        if error < self.best_error:
+        if error < self.best_error * (1.0 - ROUNDING):  # a point equal to the best but for rounding is no new best
             self.best_lam, self.best_error, self.best_iteration, self.since_best = lam, error, iteration, 0
             return
         self.since_best += 1
         if self.patience and self.since_best >= self.patience:
-            raise EarlyStop(f"stopped early: no lower validation error in {self.patience} validations")
+            raise PatienceStop(f"stopped early: no lower validation error in {self.patience} validations")
 
     @property
     def improved(self) -> bool:
@@ -296,10 +313,12 @@ def _pinned(lam, lam_T, lam_eps):
     return lam
 
 
-def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None) -> tuple[int, int, str]:
-    """L-BFGS-B on the full training error from lam0; each iterate goes to ``keeper``, and every
-    point evaluated to ``seen`` ({lam bytes: training error}); ``advance(iteration, note)``
-    (``progress.phase``) after each iteration. Returns (iterations, evaluations, stop reason)."""
+def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None,
+               offset: int = 0) -> tuple[int, int, str, bool]:
+    """L-BFGS-B on the full training error from lam0; each iterate goes to ``keeper`` (numbered from
+    ``offset`` + 1), and every point evaluated to ``seen`` ({lam bytes: training error});
+    ``advance(iteration, note)`` (``progress.phase``) after each iteration. Returns (iterations,
+    evaluations, stop reason, whether a stop other than patience ended the whole fit)."""
     from scipy.optimize import minimize
 
     lam_T, lam_eps = lam0[0], lam0[-1]
@@ -317,26 +336,29 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
     def each_iteration(intermediate_result):
         count["iterations"] += 1
         lam = _pinned(lam_of_logits(np.asarray(intermediate_result.x, dtype=np.float64), lam_T, lam_eps), lam_T, lam_eps)
-        keeper.see(lam, count["iterations"])
+        keeper.see(lam, offset + count["iterations"])
         if advance is not None:
             advance(count["iterations"], f"training error {float(intermediate_result.fun):.4g}, {keeper.kept()}")
 
     try:
         res = minimize(f, logits_of(lam0), jac=True, method="L-BFGS-B", options={"maxiter": fit.maxiter},
                        callback=each_iteration)
-        message = str(res.message)
+        message, ended = str(res.message), False
     except EarlyStop as stop:
-        message = str(stop)
-    return count["iterations"], count["evaluations"], message
+        message, ended = str(stop), not isinstance(stop, PatienceStop)
+    return count["iterations"], count["evaluations"], message, ended
 
 
-def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None) -> tuple[int, int, str]:
-    """Adam on mini-batch training errors from lam0; after every pass over the training noises
-    and after the last update, the point goes to ``keeper``; ``advance(update, note)``
-    (``progress.phase``) after each update. Returns (updates, evaluations, stop reason)."""
+def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None,
+              offset: int = 0) -> tuple[int, int, str, bool]:
+    """Adam on mini-batch training errors from lam0 (``fit.minibatch`` noises, 0: all); after every
+    pass over the training noises and after the last update, the point goes to ``keeper``
+    (numbered from ``offset`` + 1); ``advance(update, note)`` (``progress.phase``) after each
+    update. Returns (updates, evaluations, stop reason, whether a stop other than patience ended
+    the whole fit)."""
     lam_T, lam_eps = lam0[0], lam0[-1]
     n = len(train.seeds)
-    size = min(fit.minibatch, n)
+    size = n if fit.minibatch == 0 else min(fit.minibatch, n)
     every = -(-n // size)  # updates per pass over the training noises
     rng = np.random.default_rng(fit.seed)
     u = logits_of(lam0)
@@ -355,12 +377,13 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
             u = u - fit.lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + 1e-12)
             done = k
             if k % every == 0 or k == fit.maxiter:
-                keeper.see(_pinned(lam_of_logits(u, lam_T, lam_eps), lam_T, lam_eps), k)
+                keeper.see(_pinned(lam_of_logits(u, lam_T, lam_eps), lam_T, lam_eps), offset + k)
             if advance is not None:
-                advance(k, f"mini-batch training error {batch_error:.4g}, {keeper.kept()}")
+                advance(k, f"{'training' if size == n else 'mini-batch training'} error {batch_error:.4g}, "
+                           f"{keeper.kept()}")
     except EarlyStop as stop:
-        return done, done, str(stop)
-    return done, done, f"ran its {fit.maxiter} updates"
+        return done, done, str(stop), not isinstance(stop, PatienceStop)
+    return done, done, f"ran its {fit.maxiter} updates", False
 
 
 def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fit = Fit(),
@@ -408,12 +431,21 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     else:
         keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
                          lambda: validation.reference_steps, noises="validation")
-    run = _fit_lbfgs if fit.method == "lbfgs" else _fit_adam
-    unit = FIT_UNITS[0] if fit.method == "lbfgs" else FIT_UNITS[1]
-    advance = phase(progress, f"{what}: fitting from {start} ({fit.method})", fit.maxiter, unit)
-    iterations, evaluations, message = run(train, lam0, args, fit, keeper, seen if fit.network_dtype is None else {},
-                                           advance)
-    advance(iterations, f"{message}; {keeper.kept()}", last=True)
+    iterations = evaluations = 0
+    messages = []
+    for method in fit.phases:
+        run, unit = PHASES[method]
+        origin = start if not iterations else "the point kept so far"
+        advance = phase(progress, f"{what}: fitting from {origin} ({method})", fit.maxiter, unit)
+        keeper.since_best = 0  # each phase has its own patience
+        done_here, evaluated, message, ended = run(train, keeper.best_lam if iterations else lam0, args, fit, keeper,
+                                                  seen if fit.network_dtype is None else {}, advance, iterations)
+        advance(done_here, f"{message}; {keeper.kept()}", last=True)
+        iterations, evaluations = iterations + done_here, evaluations + evaluated
+        messages.append(message if len(fit.phases) == 1 else f"{method}: {message}")
+        if ended:
+            break
+    message = "; ".join(messages)
     done = {"start": start, "train_errors": train_err, "iterations": iterations, "evaluations": evaluations,
             "message": message}
     if validation is not None:
@@ -427,11 +459,14 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
                    **done, **kept)
 
 
+PHASES = {"lbfgs": (_fit_lbfgs, FIT_UNITS[0]), "adam": (_fit_adam, FIT_UNITS[1])}  # method -> (fit, progress unit)
+
+
 def refine_entry(train: Evaluator, starts: dict, solver, order, variant, maxiter: int, grad_batch: int = 64,
                  checkpointing: bool | None = None, network_dtype: torch.dtype | None = None):
     """``refine_steps`` with L-BFGS-B and no validation noises, as a tuple: (lam, start name, the
     training error of every start by name, final training error, iterations)."""
-    r = refine_steps(train, starts, solver, order, variant, Fit(maxiter=maxiter, grad_batch=grad_batch,
+    r = refine_steps(train, starts, solver, order, variant, Fit(method="lbfgs", maxiter=maxiter, grad_batch=grad_batch,
                                                                checkpointing=checkpointing,
                                                                network_dtype=network_dtype))
     return r.lam, r.start, r.train_errors, r.train_error, r.iterations
@@ -557,8 +592,8 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
-                 seed: int = 0, optimizer: str = "lbfgs", maxiter: int = 60, patience: int = PATIENCE,
-                 minibatch: int = 16, lr: float = 0.05, batch: int = BATCH,
+                 seed: int = 0, optimizer: str = OPTIMIZER, maxiter: int = 60, patience: int = PATIENCE,
+                 minibatch: int = 0, lr: float = 0.05, batch: int = BATCH,
                  activation_checkpointing: bool | None = None, network_dtype: str | None = None,
                  ref_steps: int = REF_STEPS, cache=None, class_label=None, guidance_scale: float = 1.0,
                  source: str | None = None, table_name: str = TABLE, progress=None, class_labels=None,
@@ -569,11 +604,12 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     Noises: ``train`` training noises (``train_seeds(train, seed)``), ``validation`` validation
     noises (``validation_seeds``; 0: none) and ``holdout`` held-out ones (seeds seed ... seed +
     holdout - 1). ``nfe``: the NFEs to refine (default all of the table's). The fit per NFE
-    (``Fit``): ``optimizer`` "lbfgs" (``maxiter`` L-BFGS-B iterations on all training noises) or
-    "adam" (``maxiter`` Adam updates of step size ``lr`` on mini-batches of ``minibatch`` training
-    noises, validated once per pass over them); with validation noises it stops after
-    ``patience`` validations without a lower validation error and keeps the start or iterate with
-    the lowest one. The gradient's memory: ``batch`` training noises per backward pass; the forward
+    (``Fit``): ``optimizer`` "adam+lbfgs" (the default: ``maxiter`` Adam updates on every training
+    noise, then ``maxiter`` L-BFGS-B iterations from the best point so far), "lbfgs" (``maxiter``
+    L-BFGS-B iterations on all training noises) or "adam" (``maxiter`` Adam updates of step size
+    ``lr`` on mini-batches of ``minibatch`` training noises, 0: all, validated once per pass over
+    them); with validation noises each phase stops after ``patience`` validations without a lower
+    validation error, and the start or iterate with the lowest one is kept. The gradient's memory: ``batch`` training noises per backward pass; the forward
     solves (references, errors) take ``FORWARD_PER_GRADIENT`` (4) x ``batch`` noises per batch:
     without a graph a model call frees each activation once the next layer has used it, while a
     backward pass keeps the states of every step and one call's activations per noise, so the

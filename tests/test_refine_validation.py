@@ -71,7 +71,10 @@ def test_keeps_the_start_and_stops_when_every_iterate_is_worse_on_validation(fil
     r = refine_steps(train, starts, "unipc", 3, "bh2", Fit(maxiter=30, patience=3), worse)
     assert not r.improved and r.status == "kept-start" and r.best_iteration == 0
     assert np.array_equal(r.lam, starts[r.start])
-    assert r.iterations == r.validations == 3 and r.message.startswith("stopped early")
+    # each phase of the default fit (Adam, then L-BFGS-B) has its own patience
+    assert r.iterations == r.validations == 6
+    assert r.message == "; ".join(f"{m}: stopped early: no lower validation error in 3 validations"
+                                  for m in ("adam", "lbfgs"))
     assert r.validation_error == r.validation_error_start == pytest.approx(
         independent_error(starts[r.start], valid.seeds), rel=1e-9)
     assert r.train_error == r.train_errors[r.start]
@@ -95,7 +98,7 @@ def test_kept_start_on_validation_is_recorded_and_checked(files, monkeypatch):
     out = _refine(files, patience=2)
     e, r = out["entries"][0], out["entries"][0]["refine"]
     assert e["optimizer"]["status"] == "kept-start" and e["init"] == f"kept grid {r['start']}"
-    assert e["optimizer"]["iterations"] == 2 and e["optimizer"]["message"].startswith("stopped early")
+    assert e["optimizer"]["iterations"] == 4 and e["optimizer"]["message"].startswith("adam: stopped early")
     assert r["validation_error"] == r["validation_error_start"] and r["holdout_error"] == r["holdout_error_start"]
     assert check_table(json.loads(dumps(out, "json"))) == []
     edited = json.loads(dumps(out, "json"))
@@ -144,10 +147,10 @@ def test_adam_on_mini_batches_lowers_the_validation_error_reproducibly(files):
 
 
 @pytest.mark.parametrize("setting,value,message", [
-    ("optimizer", "sgd", "optimizer 'sgd': choose from lbfgs, adam"),
+    ("optimizer", "sgd", "optimizer 'sgd': choose from adam\\+lbfgs, lbfgs, adam"),
     ("validation", -1, "validation must be between 0 and 65536"),
     ("patience", 1.5, "patience must be a whole number"),
-    ("minibatch", 0, "minibatch must be between 1 and 65536"),
+    ("minibatch", -1, "minibatch must be between 0 and 65536"),
     ("lr", 0.0, "lr must be between"),
     ("holdout", 1_000_001, "holdout must be between 1 and 1000000"),
 ])

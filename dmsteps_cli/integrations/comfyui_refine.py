@@ -96,7 +96,8 @@ from .exports import sigmas_for
 log = logging.getLogger(__name__)
 
 CALLS_PER_GRADIENT = 4  # a checkpointed gradient: forward, the recomputed forward and the backward (~2 forwards)
-EVALUATIONS_PER_ITERATION = 1.25  # L-BFGS-B's error-and-gradient evaluations per iteration (line searches)
+GRADIENTS_PER_ITERATION = {"adam": 1.0, "lbfgs": 1.25}  # error-and-gradient evaluations per update or iteration
+# (L-BFGS-B's line searches take a quarter more), for each phase of refine's default fit (``Fit().phases``)
 FILE_START = "table file"  # the start input's choice that reads ``start_file``
 DEFAULT_PREFIX = "dmsteps/refined"
 
@@ -257,13 +258,13 @@ def model_evaluations(steps: int, train: int, validation: int, holdout: int, ite
     """Model evaluations of single noises a refinement spends, at the references' first step count
     (a reference that must double costs more): the references (S and 2 S steps of every noise), the
     ``starts`` candidate starts measured on every set of noises and again on the training ones, the
-    fit (``iterations`` checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT``
-    evaluations each, ``EVALUATIONS_PER_ITERATION`` of them and a validation per iteration), and the
-    held-out evaluation of the starts and the result."""
+    fit (for each phase of the default fit, ``iterations`` times ``GRADIENTS_PER_ITERATION``
+    checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT`` evaluations each, and a
+    validation), and the held-out evaluation of the starts and the result."""
     noises = train + validation + holdout
+    per_iteration = sum(GRADIENTS_PER_ITERATION[m] * CALLS_PER_GRADIENT * train + validation for m in Fit().phases)
     return (3 * ref_steps * noises + starts * steps * (noises + train)
-            + iterations * steps * (EVALUATIONS_PER_ITERATION * CALLS_PER_GRADIENT * train + validation)
-            + (starts + 1) * steps * holdout)
+            + iterations * steps * per_iteration + (starts + 1) * steps * holdout)
 
 
 def estimate_seconds(seconds_per_evaluation: float, *counts, **settings) -> float:
@@ -433,7 +434,7 @@ def run_fit(job: Job, model_wrap, extra_args: dict, device) -> Result:
     for ev in (training, validating, held):
         if ev is not None:
             ev.settle(starts.values(), *args, margin=REFINE_MARGIN)
-    fit = Fit(method="lbfgs", maxiter=job.iterations, seed=job.seed, grad_batch=job.batch, checkpointing=True)
+    fit = Fit(maxiter=job.iterations, seed=job.seed, grad_batch=job.batch, checkpointing=True)
     r = refine_steps(training, starts, *args, fit, validating, budget_progress(deadline), f"{job.steps} steps")
     holdout_errors = {name: held.errors(lam, *args) for name, lam in starts.items()}
     holdout_error = held.errors(r.lam, *args) if r.improved else holdout_errors[r.start]
@@ -608,7 +609,7 @@ class DmstepsRefine:
                                "tooltip": "Training noises (as many validation noises are drawn)."}),
             "holdout": ("INT", {"default": 32, "min": 2, "max": 4096,
                                 "tooltip": "Held-out noises the result is measured on."}),
-            "iterations": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "L-BFGS-B iterations at most."}),
+            "iterations": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "Adam updates, then L-BFGS-B iterations, at most (each)."}),
             "minutes": ("FLOAT", {"default": 60.0, "min": 0.01, "max": 10000.0,
                                   "tooltip": "Time budget: a run estimated longer is refused before it starts; one that "
                                              "reaches it while fitting keeps the best steps so far."}),
