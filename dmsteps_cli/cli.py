@@ -606,9 +606,11 @@ def refine(
                                   "from the best point so far (a trained network's error is rippled in the steps, "
                                   "where L-BFGS-B alone stops early); lbfgs: L-BFGS-B alone; adam: Adam alone, on "
                                   "mini-batches of --minibatch noises where a full-batch step costs too much."),
-    maxiter: int = typer.Option(60, help="Adam updates and L-BFGS-B iterations per NFE, each."),
-    patience: int = typer.Option(30, help="Validations without a lower validation error before the fit stops "
-                                 "(0: never early)."),
+    starts: int = typer.Option(2, help="Fit from each of this many best distinct starts on the training noises "
+                               "and keep the steps with the lowest validation error of all."),
+    maxiter: int = typer.Option(60, help="Adam updates and L-BFGS-B iterations per NFE and start, each."),
+    patience: int = typer.Option(10, help="Validations without a lower validation error before a phase of the fit "
+                                 "stops (0: never early)."),
     minibatch: int = typer.Option(0, help="Adam's training noises per update (0: every one)."),
     lr: float = typer.Option(0.05, help="adam: step size in the gap logits."),
     batch: int = BATCH,
@@ -671,7 +673,7 @@ def refine(
         table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                              nfe=parse_nfe(nfe) if nfe else None, train=train,
                                              validation=validation, holdout=holdout, seed=seed,
-                                             optimizer=optimizer, maxiter=maxiter, patience=patience,
+                                             optimizer=optimizer, starts=starts, maxiter=maxiter, patience=patience,
                                              minibatch=minibatch, lr=lr, batch=batch,
                                              activation_checkpointing=activation_checkpointing,
                                              network_dtype=network_dtype, device=device, dtype=dtype,

@@ -81,7 +81,7 @@ and evaluate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -120,7 +120,8 @@ VALIDATION_SEED_OFFSET = 2_000_000
 METHOD = "L-BFGS-B over softmax gap logits, exact gradients (autograd)"
 OPTIMIZER = "adam+lbfgs"  # the default fit: Adam on every training noise, then L-BFGS-B from its best point
 REFINE_MARGIN = 0.5  # references are settled for errors down to half the best start's
-PATIENCE = 30  # validations without a lower validation error before the fit stops (docs/cli.md: why 30)
+PATIENCE = 10  # validations without a lower validation error before a phase of the fit stops (docs/cli.md: why)
+STARTS = 2  # the best distinct candidates on the training noises a fit starts from, the best validated kept
 FORWARD_PER_GRADIENT = 4  # noises per batch of a forward solve, per noise of a backward pass (refine_table)
 
 
@@ -142,6 +143,7 @@ class RefineRequest(MeasureSettings):
     validation: int = 64  # validation noises (0: none): early stopping and the choice of the steps kept
     holdout: int = 256
     optimizer: str = OPTIMIZER  # "adam+lbfgs", "lbfgs" or "adam" (``Fit``)
+    starts: int = STARTS  # the best distinct candidates the fit runs from (``Fit``)
     maxiter: int = 60  # Adam updates and L-BFGS-B iterations per NFE, each
     patience: int = PATIENCE  # validations without a lower validation error before the fit stops (0: never)
     minibatch: int = 0  # Adam's training noises per update; 0: every one
@@ -156,7 +158,8 @@ class RefineRequest(MeasureSettings):
 
     def bounded(self) -> dict:
         return {**super().bounded(), "train": self.train, "holdout": self.holdout, "maxiter": self.maxiter,
-                "validation": self.validation, "patience": self.patience, "minibatch": self.minibatch, "lr": self.lr}
+                "validation": self.validation, "patience": self.patience, "minibatch": self.minibatch, "lr": self.lr,
+                "starts": self.starts}
 
 
 OPTIMIZERS = (OPTIMIZER, "lbfgs", "adam")
@@ -171,6 +174,9 @@ class Fit:
     on mini-batches of ``minibatch`` training noises drawn without replacement, 0: all of them,
     ``maxiter`` updates of step size ``lr`` in the gap logits; the draws follow ``seed``) or
     "adam+lbfgs" (the two in turn: Adam from the start, then L-BFGS-B from the point kept so far).
+    ``starts``: the fit runs from each of the best ``starts`` distinct candidates on the training
+    noises, and the point with the lowest validation error over all of them is kept (the error
+    surface has several basins, and the best start is not always in the best one).
     With validation noises, their mean error is measured after every L-BFGS-B iteration, or after
     every pass of Adam over the training noises, and each phase stops after ``patience``
     measurements in a row without a new lowest one (0: never early).
@@ -178,6 +184,7 @@ class Fit:
     (``Evaluator.mean_error_and_grad``)."""
 
     method: str = OPTIMIZER
+    starts: int = STARTS
     maxiter: int = 60
     patience: int = PATIENCE
     minibatch: int = 0
@@ -221,6 +228,8 @@ class Refined:
     validation_error: float | None = None  # that of lam
     validations: int = 0  # validation measurements after the start's
     best_iteration: int = 0  # the iteration whose steps were kept (0: the start)
+    fits: list = field(default_factory=list)  # every start fitted: {start, iterations, evaluations, message,
+    # error_start, error} (validation errors, or without validation noises training errors)
 
     @property
     def status(self) -> str:
@@ -287,8 +296,7 @@ class _Keeper:
         error = self.judge(lam)
         self.count += 1
         if self.reference_of() != self.reference:
-            self.reference = self.reference_of()
-            self.start_error, self.best_error = self.judge(self.start_lam), self.judge(self.best_lam)
+            self.rejudge()
             error = self.judge(lam)
         if error < self.best_error * (1.0 - ROUNDING):  # a point equal to the best but for rounding is no new best
             self.best_lam, self.best_error, self.best_iteration, self.since_best = lam, error, iteration, 0
@@ -296,6 +304,12 @@ class _Keeper:
         self.since_best += 1
         if self.patience and self.since_best >= self.patience:
             raise PatienceStop(f"stopped early: no lower validation error in {self.patience} validations")
+
+    def rejudge(self) -> None:
+        """Judge the start and the best point again if the judge's reference changed since."""
+        if self.reference_of() != self.reference:
+            self.reference = self.reference_of()
+            self.start_error, self.best_error = self.judge(self.start_lam), self.judge(self.best_lam)
 
     @property
     def improved(self) -> bool:
@@ -417,37 +431,33 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     if not writable:
         raise BadInput(f"{what or 'refine'}: no start a table can hold ({', '.join(starts)}: "
                        f"{next(iter(unwritable.values()))}); give a grid or a table as well")
-    start = min(writable, key=train_err.get)
-    lam0 = table_lambda(starts[start], lam_eps)
-    seen = {lam0.tobytes(): train_err[start]}  # training errors at the checkpoint's precision, by lam
+    seen: dict = {}  # training errors at the checkpoint's precision, by lam bytes
 
     def training_error(lam) -> float:
         if lam.tobytes() not in seen:
             seen[lam.tobytes()] = float(train.errors(lam, *args).mean())
         return seen[lam.tobytes()]
 
-    if validation is None:
-        keeper = _Keeper(training_error, lam0)
-    else:
-        keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
-                         lambda: validation.reference_steps, noises="validation")
-    iterations = evaluations = 0
-    messages = []
-    for method in fit.phases:
-        run, unit = PHASES[method]
-        origin = start if not iterations else "the point kept so far"
-        advance = phase(progress, f"{what}: fitting from {origin} ({method})", fit.maxiter, unit)
-        keeper.since_best = 0  # each phase has its own patience
-        done_here, evaluated, message, ended = run(train, keeper.best_lam if iterations else lam0, args, fit, keeper,
-                                                  seen if fit.network_dtype is None else {}, advance, iterations)
-        advance(done_here, f"{message}; {keeper.kept()}", last=True)
-        iterations, evaluations = iterations + done_here, evaluations + evaluated
-        messages.append(message if len(fit.phases) == 1 else f"{method}: {message}")
-        if ended:
+    fits = []
+    for start in distinct_best(writable, train_err, starts, lam_eps, fit.starts):
+        lam0 = table_lambda(starts[start], lam_eps)
+        seen[lam0.tobytes()] = train_err[start]
+        if validation is None:
+            keeper = _Keeper(training_error, lam0)
+        else:
+            keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
+                             lambda: validation.reference_steps, noises="validation")
+        counts = _run_phases(train, lam0, start, args, fit, keeper, seen, progress, what)
+        fits.append((start, lam0, keeper, counts))
+        if counts[3]:  # a budget ended the fit: no further starts
             break
-    message = "; ".join(messages)
+    for _, _, keeper, _ in fits:
+        keeper.rejudge()  # every fit's numbers on the reference as it is now
+    start, lam0, keeper, (iterations, evaluations, message, _) = min(fits, key=lambda f: f[2].best_error)
+    record = [{"start": name, "iterations": c[0], "evaluations": c[1], "message": c[2],
+               "error_start": k.start_error, "error": k.best_error} for name, _, k, c in fits]
     done = {"start": start, "train_errors": train_err, "iterations": iterations, "evaluations": evaluations,
-            "message": message}
+            "message": message, "fits": record}
     if validation is not None:
         done.update(validations=keeper.count, validation_error_start=keeper.start_error)
     if not keeper.improved:
@@ -457,6 +467,42 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
     kept = {} if validation is None else {"validation_error": keeper.best_error}
     return Refined(lam=lam, train_error=training_error(lam), improved=True, best_iteration=keeper.best_iteration,
                    **done, **kept)
+
+
+def distinct_best(names, errors: dict, starts: dict, lam_eps: float, count: int) -> list[str]:
+    """The first ``count`` of ``names`` by ``errors`` (ties: the order given) whose steps, as a table
+    holds them (``table_lambda``), differ from those of every name chosen before (the input table
+    is often one of the grids)."""
+    chosen, steps = [], []
+    for name in sorted(names, key=errors.get):
+        lam = table_lambda(starts[name], lam_eps)
+        if not any(np.allclose(lam, other, rtol=0.0, atol=1e-9) for other in steps):
+            chosen.append(name)
+            steps.append(lam)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _run_phases(train, lam0, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, progress,
+                what: str) -> tuple[int, int, str, bool]:
+    """The phases of ``fit`` in turn from ``lam0`` (the start ``start``), each from the point
+    ``keeper`` holds; returns (iterations, evaluations, why it stopped, whether a budget ended it)."""
+    iterations = evaluations = 0
+    messages, ended = [], False
+    for method in fit.phases:
+        run, unit = PHASES[method]
+        origin = start if not iterations else f"the point kept from {start}"
+        advance = phase(progress, f"{what}: fitting from {origin} ({method})", fit.maxiter, unit)
+        keeper.since_best = 0  # each phase has its own patience
+        done_here, evaluated, message, ended = run(train, keeper.best_lam if iterations else lam0, args, fit, keeper,
+                                                  seen if fit.network_dtype is None else {}, advance, iterations)
+        advance(done_here, f"{message}; {keeper.kept()}", last=True)
+        iterations, evaluations = iterations + done_here, evaluations + evaluated
+        messages.append(message if len(fit.phases) == 1 else f"{method}: {message}")
+        if ended:
+            break
+    return iterations, evaluations, "; ".join(messages), ended
 
 
 PHASES = {"lbfgs": (_fit_lbfgs, FIT_UNITS[0]), "adam": (_fit_adam, FIT_UNITS[1])}  # method -> (fit, progress unit)
@@ -535,7 +581,7 @@ def optimizer_record(r: Refined, fit: Fit = Fit()) -> dict:
     """The entry's ``optimizer``: the refinement's status, the method and its counts."""
     return {"status": r.status, "method": METHOD if fit.method == "lbfgs" else fit.describe(),
             "message": r.message, "iterations": r.iterations, "evaluations": r.evaluations,
-            "validations": r.validations, "best_iteration": r.best_iteration}
+            "validations": r.validations, "best_iteration": r.best_iteration, "fits": list(r.fits)}
 
 
 def refine_record(r: Refined, holdout_errors: dict, holdout_error: float, versus: dict | None = None,
@@ -592,7 +638,8 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
-                 seed: int = 0, optimizer: str = OPTIMIZER, maxiter: int = 60, patience: int = PATIENCE,
+                 seed: int = 0, optimizer: str = OPTIMIZER, starts: int = STARTS, maxiter: int = 60,
+                 patience: int = PATIENCE,
                  minibatch: int = 0, lr: float = 0.05, batch: int = BATCH,
                  activation_checkpointing: bool | None = None, network_dtype: str | None = None,
                  ref_steps: int = REF_STEPS, cache=None, class_label=None, guidance_scale: float = 1.0,
@@ -645,7 +692,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                                        activation_checkpointing, None, "refine_table")
     labels = checked_run(seed=seed, guidance_scale=guidance_scale, class_label=class_label, class_labels=class_labels,
                          train=train, holdout=holdout, batch=batch, maxiter=maxiter, ref_steps=ref_steps,
-                         validation=validation, patience=patience, minibatch=minibatch, lr=lr)
+                         validation=validation, patience=patience, minibatch=minibatch, lr=lr, starts=starts)
     check_optimizer(optimizer)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
@@ -660,7 +707,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     if baselines is not None:
         baselines = list(dict.fromkeys(baselines))
         check_baselines(baselines, schedule, nfes, cfg["T"], cfg["eps"], cfg.get("shift"))
-    fit = Fit(method=optimizer, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
+    fit = Fit(method=optimizer, starts=starts, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
               grad_batch=batch, checkpointing=activation_checkpointing, network_dtype=low)
     labels, held_labels = noise_labels(ckpt, labels), noise_labels(ckpt, labels, held=True)
     network_denoiser(ckpt, labels, guidance_scale)  # the labels and the guidance, checked before any hashing
@@ -737,7 +784,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     }}
 
 
-TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "maxiter", "patience", "minibatch",
+TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "starts", "maxiter", "patience", "minibatch",
                   "lr", "batch", "activation_checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
                   "guidance_scale", "baselines")
 

@@ -6,7 +6,8 @@ and a ``refine`` record of measured errors (mean RMS to the reference solution, 
 the samples): per candidate start (``TABLE``, the input table's own steps, and every baseline:
 the hand-made grids, in refined tables since the comparison frame also the named schedules that
 fit) the training and held-out error, the best baseline on the held-out noises and the refined
-steps' ratio to it, the start that was used, the validation errors of the
+steps' ratio to it, the start whose fit was kept (``optimizer.fits``: every start fitted, the
+candidates with the lowest training errors first, and the error each fit reached), the validation errors of the
 start and of the entry's steps (null without validation noises) and the errors of the entry's
 steps (``refine``'s module docstring lays the record out). ``record_drift`` says where those numbers contradict each other.
 
@@ -53,10 +54,20 @@ def record_drift(entry: dict) -> list[str]:
     if start not in rec["train_errors"]:
         return [f"refine.start: {start!r} is not one of the candidates"]
     not_starts = rec.get("not_starts") or {}
+    fits = entry["optimizer"].get("fits") or [{"start": start}]  # tables before several starts fitted one
+    fitted = [f.get("start") for f in fits]
+    lowest = min(e for b, e in rec["train_errors"].items() if b not in not_starts)
     if start in not_starts:
         drift.append(f"refine.start: {start} is among the candidates no table can hold (refine.not_starts)")
-    elif rec["train_errors"][start] != min(e for b, e in rec["train_errors"].items() if b not in not_starts):
-        drift.append(f"refine.start: {start} is not the candidate with the lowest training error")
+    elif start not in fitted:
+        drift.append(f"refine.start: {start} is not one of the starts fitted (optimizer.fits)")
+    elif rec["train_errors"].get(fitted[0]) != lowest:
+        drift.append(f"optimizer.fits: the first start, {fitted[0]}, is not the candidate with the lowest training "
+                     "error")
+    elif len(fits) > 1 and not all(is_number(f.get("error")) for f in fits):
+        drift.append("optimizer.fits: expected a finite error for each start fitted")
+    elif len(fits) > 1 and fits[fitted.index(start)]["error"] != min(f["error"] for f in fits):
+        drift.append(f"refine.start: the fit from {start} is not the one with the lowest error (optimizer.fits)")
     best = rec.get("best_baseline")
     if best is not None:
         baselines = {b: e for b, e in rec["holdout_errors"].items() if b != TABLE}

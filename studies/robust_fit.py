@@ -184,7 +184,7 @@ def run(family: str, solver: str, order: int, nfes, names, out: Path, *, train=3
             objective = GeometricRatio([sets[p]["train"] for p in fitted], [best[p]["train"] for p in fitted], power)
             check = GeometricRatio([sets[p]["validation"] for p in fitted], [best[p]["validation"] for p in fitted],
                                    power)
-            r = refine_steps(objective, starts, *args, Fit(maxiter=maxiter, patience=patience), check)
+            r = refine_steps(objective, starts, *args, Fit(method="lbfgs", starts=1, maxiter=maxiter, patience=patience), check)
             held = {p: float(sets[p]["holdout"].errors(r.lam, *args).mean()) / best[p]["holdout"] for p in names}
             record = {"family": family, "solver": solver, "order": order, "variant": variant, "nfe": n,
                       "fold": fold, "fitted_on": fitted, "lambda": [float(v) for v in r.lam],

@@ -162,14 +162,17 @@ def test_refine_reports_every_phase_and_iteration(files, run_cli, every_advance,
         starts = len(entry["refine"]["holdout_errors"])  # the table and every baseline that fits
         assert len(entry["refine"]["holdout_errors"]) == 9
         assert f"{what}: training errors of the starts: {starts} of {starts} starts" in text
-        iterations = entry["optimizer"]["iterations"]
-        assert iterations >= 4  # Adam's 3 updates (no patience), then L-BFGS-B's iterations
-        for i in range(1, 4):  # each update and iteration, with its count, its loss and the time
-            assert re.search(rf"{re.escape(what)}: fitting from \w+ \(adam\): {i} of 3 updates, "
-                             r"training error [0-9.e-]+, lowest validation error .*, elapsed \d:\d\d:\d\d", text)
-        for i in range(1, iterations - 3 + 1):
-            assert re.search(rf"{re.escape(what)}: fitting from the point kept so far \(lbfgs\): {i} of 3 "
-                             r"iterations, training error [0-9.e-]+, lowest validation error .*, elapsed", text)
+        fits = entry["optimizer"]["fits"]
+        assert len(fits) == 2  # the best two distinct starts, each fitted
+        for fit in fits:  # each update and iteration, with its count, its loss and the time
+            name = re.escape(fit["start"])
+            assert fit["iterations"] >= 4  # Adam's 3 updates (no patience), then L-BFGS-B's iterations
+            for i in range(1, 4):
+                assert re.search(rf"{re.escape(what)}: fitting from {name} \(adam\): {i} of 3 updates, "
+                                 r"training error [0-9.e-]+, lowest validation error .*, elapsed \d:\d\d:\d\d", text)
+            for i in range(1, fit["iterations"] - 3 + 1):
+                assert re.search(rf"{re.escape(what)}: fitting from the point kept from {name} \(lbfgs\): {i} of 3 "
+                                 r"iterations, training error [0-9.e-]+, lowest validation error .*, elapsed", text)
         sets = starts + 1  # the table, the baselines, the refined steps (or the start again)
         assert f"{what}: held-out evaluation: {sets} of {sets} step sets" in text
     assert refined["refine"]["device"] == "cpu"

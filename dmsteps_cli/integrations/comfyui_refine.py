@@ -258,11 +258,12 @@ def model_evaluations(steps: int, train: int, validation: int, holdout: int, ite
     """Model evaluations of single noises a refinement spends, at the references' first step count
     (a reference that must double costs more): the references (S and 2 S steps of every noise), the
     ``starts`` candidate starts measured on every set of noises and again on the training ones, the
-    fit (for each phase of the default fit, ``iterations`` times ``GRADIENTS_PER_ITERATION``
+    fit (for each start and each phase of the default fit, ``iterations`` times ``GRADIENTS_PER_ITERATION``
     checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT`` evaluations each, and a
     validation), and the held-out evaluation of the starts and the result."""
     noises = train + validation + holdout
-    per_iteration = sum(GRADIENTS_PER_ITERATION[m] * CALLS_PER_GRADIENT * train + validation for m in Fit().phases)
+    per_iteration = Fit().starts * sum(GRADIENTS_PER_ITERATION[m] * CALLS_PER_GRADIENT * train + validation
+                                       for m in Fit().phases)
     return (3 * ref_steps * noises + starts * steps * (noises + train)
             + iterations * steps * per_iteration + (starts + 1) * steps * holdout)
 
