@@ -469,14 +469,19 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
                    **done, **kept)
 
 
+DISTINCT_STARTS = 0.01  # starts whose lambdas all lie within this share of lambda(eps) - lambda(T) are one start
+
+
 def distinct_best(names, errors: dict, starts: dict, lam_eps: float, count: int) -> list[str]:
     """The first ``count`` of ``names`` by ``errors`` (ties: the order given) whose steps, as a table
-    holds them (``table_lambda``), differ from those of every name chosen before (the input table
-    is often one of the grids)."""
+    holds them (``table_lambda``), differ from those of every name chosen before by more than
+    ``DISTINCT_STARTS`` of the lambda range somewhere (the input table is often one of the grids,
+    and simple, sgm_uniform and unif_t are nearly the same steps on a DDPM schedule)."""
     chosen, steps = [], []
     for name in sorted(names, key=errors.get):
         lam = table_lambda(starts[name], lam_eps)
-        if not any(np.allclose(lam, other, rtol=0.0, atol=1e-9) for other in steps):
+        atol = DISTINCT_STARTS * (lam[-1] - lam[0])
+        if not any(np.allclose(lam, other, rtol=0.0, atol=atol) for other in steps):
             chosen.append(name)
             steps.append(lam)
         if len(chosen) == count:
