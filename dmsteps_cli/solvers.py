@@ -404,6 +404,21 @@ def solvers_with_variants() -> tuple[str, ...]:
     return tuple(name for name, spec in SOLVERS.items() if spec.variants)
 
 
+def solvers_of_comfy_sampler(sampler_name: str, sigma_is_kappa: bool | None = None) -> list[tuple[str, int, str | None]]:
+    """(solver, order, variant) of every registry solver, in registry order, that ComfyUI's
+    ``sampler_name`` runs exactly (``SolverSpec.comfyui``; variant: the sampler's, else the solver's
+    default); with ``sigma_is_kappa`` (a model's ``Schedule.sampler_sigma_is_kappa``) only those it
+    runs exactly on such a model (``ComfySampler.exact_on``). Empty: it runs no table."""
+    return [(spec.name, s.order, s.variant or spec.default_variant) for spec in SOLVERS.values() for s in spec.comfyui
+            if s.name == sampler_name and (sigma_is_kappa is None or s.exact_on(sigma_is_kappa))]
+
+
+def comfy_sampler_names(on_flow: bool = False) -> list[str]:
+    """The ComfyUI samplers that run some registry solver's tables exactly (``on_flow``: on flow
+    models too), sorted."""
+    return sorted({s.name for spec in SOLVERS.values() for s in spec.comfyui if s.exact_on_flow or not on_flow})
+
+
 def solver_spec(name: str) -> SolverSpec:
     """The record of the solver ``name`` (or of the solver an alias names); BadInput naming the
     solvers for an unknown name."""

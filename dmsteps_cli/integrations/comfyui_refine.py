@@ -79,7 +79,7 @@ from ..refine import (
 from ..refine_records import TABLE
 from ..run_settings import BATCH, REF_STEPS
 from ..schedules import FAMILIES, step_arrays
-from ..solvers import SOLVERS
+from ..solvers import comfy_sampler_names, solvers_of_comfy_sampler
 from ..table_reader import load_table
 from ..tables import bundled_tables, dumps
 from .comfyui import (
@@ -108,18 +108,15 @@ def fitted_solver(sampler_name: str, family: str) -> tuple[str, int, str | None]
     """(solver, order, variant) of the dmsteps solver that ComfyUI's ``sampler_name`` runs exactly on a
     model of schedule ``family`` (the registry's ``SolverSpec.comfyui``); BadInput in one line for an
     ancestral, SDE or other sampler the registry does not list, and for one that is not exact on flow."""
-    for spec in SOLVERS.values():
-        for s in spec.comfyui:
-            if s.name != sampler_name:
-                continue
-            if not s.exact_on(FAMILIES[family].sampler_sigma_is_kappa):
-                exact = sorted({c.name for r in SOLVERS.values() for c in r.comfyui if c.exact_on_flow})
-                raise BadInput(f"sampler {sampler_name} steps in log sigma on flow models, not in the flow's lambda "
-                               f"that dmsteps fits: on this model choose {', '.join(exact)}")
-            return spec.name, s.order, s.variant or spec.default_variant
-    fitted = sorted({s.name for spec in SOLVERS.values() for s in spec.comfyui})
-    raise BadInput(f"sampler {sampler_name} is not one dmsteps fits (ancestral and SDE samplers add noise at every "
-                   f"step, and the steps are fitted to one deterministic solver): choose from {', '.join(fitted)}")
+    if not solvers_of_comfy_sampler(sampler_name):
+        raise BadInput(f"sampler {sampler_name} is not one dmsteps fits (ancestral and SDE samplers add noise at every "
+                       f"step, and the steps are fitted to one deterministic solver): choose from "
+                       f"{', '.join(comfy_sampler_names())}")
+    exact = solvers_of_comfy_sampler(sampler_name, FAMILIES[family].sampler_sigma_is_kappa)
+    if not exact:
+        raise BadInput(f"sampler {sampler_name} steps in log sigma on flow models, not in the flow's lambda "
+                       f"that dmsteps fits: on this model choose {', '.join(comfy_sampler_names(on_flow=True))}")
+    return exact[0]
 
 
 def start_lambda(start: str, start_file: str, schedule, shift, steps: int, T: float, eps: float
@@ -575,7 +572,7 @@ def _sampler_names() -> list[str]:
 
         return list(comfy.samplers.SAMPLER_NAMES)
     except ImportError:
-        return sorted({s.name for spec in SOLVERS.values() for s in spec.comfyui})
+        return comfy_sampler_names()
 
 
 class DmstepsRefine:

@@ -32,7 +32,7 @@ import math
 
 from ..errors import BadInput
 from ..schedules import FAMILIES, preset_of
-from ..solvers import SOLVERS
+from ..solvers import solvers_of_comfy_sampler
 from ..table_reader import load_table
 from ..tables import bundled_index, bundled_tables
 from .comfyui import SHIFT_RTOL, model_schedule, optimized_sigmas, refuse_distilled_model, sigmas_tensor
@@ -47,10 +47,8 @@ FALLBACK_SCHEDULER = "simple"  # what KSampler runs for a scheduler it does not 
 
 def solvers_of_sampler(sampler_name: str, family: str) -> list[tuple[str, int, str | None]]:
     """(solver, order, variant) of every registry solver that ComfyUI's ``sampler_name`` runs
-    exactly on a model of schedule ``family`` (empty: it runs no table; ``ComfySampler.exact_on``)."""
-    kappa = FAMILIES[family].sampler_sigma_is_kappa
-    return [(spec.name, s.order, s.variant) for spec in SOLVERS.values() for s in spec.comfyui
-            if s.name == sampler_name and s.exact_on(kappa)]
+    exactly on a model of schedule ``family`` (empty: it runs no table; ``solvers_of_comfy_sampler``)."""
+    return solvers_of_comfy_sampler(sampler_name, FAMILIES[family].sampler_sigma_is_kappa)
 
 
 def ready_made(preset: str | None, shift: float | None, solvers, steps: int) -> str | None:
