@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmsteps_cli.baselines import baseline_lambda
+from dmsteps_cli.baselines import consumer_steps
 from dmsteps_cli.checkpoints import pair_labels
 from dmsteps_cli.evaluate import Evaluator
 from studies.default_rule import FITS, FIXED, NETWORK, NETWORKS, WARP, candidate_order, candidate_ratios, ranking, \
@@ -80,7 +80,7 @@ def measure(family: str, holdout: int = 128, nfes=range(5, 16), only=None, log=p
 
         def errors(name):
             lam = {n: warp_lambda(theta, n, lam_T, lam_eps) if name == WARP else
-                   baseline_lambda(name, s, n, T, eps, shift) for n in nfes}
+                   consumer_steps(name, s, n, T, eps, shift) for n in nfes}
             return np.stack([ev.errors(lam[n], *args) for n in nfes])
 
         ref = errors(previous)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmsteps_cli.baselines import BASELINES, baseline_lambda
+from dmsteps_cli.baselines import BASELINES, consumer_steps
 from dmsteps_cli.config import parse_nfe
 from dmsteps_cli.errors import BadInput
 from dmsteps_cli.evaluate import Evaluator
@@ -82,6 +82,15 @@ class GeometricRatio:
     def reference_steps(self) -> tuple:
         return tuple(ev.reference_steps for ev in self.evaluators)
 
+    @property
+    def schedule(self):
+        """The proxies' schedule (one family: the same for every proxy)."""
+        return self.evaluators[0].schedule
+
+    @property
+    def eps(self) -> float:
+        return self.evaluators[0].eps
+
     def ratios(self, lam, solver, order, variant) -> np.ndarray:
         return np.array([float(ev.errors(lam, solver, order, variant).mean()) / b
                          for ev, b in zip(self.evaluators, self.best)])
@@ -102,11 +111,14 @@ class GeometricRatio:
 
 
 def baselines_at(schedule, nfe: int, T: float, eps: float, shift) -> dict:
-    """{name: N + 1 lambdas} of every baseline that fits the schedule at ``nfe``."""
+    """{name: N + 1 lambdas} of every baseline that fits the schedule at ``nfe``, as its consumer runs
+    it (``baselines.consumer_steps``: N calls, then sigma 0; docs/cli.md, "One frame"). The kept
+    study data (docs/research/evaluation/warp/) was measured before this frame: N + 1 points, the
+    last one moved to sigma(eps)."""
     out = {}
     for name in BASELINES:
         try:
-            out[name] = baseline_lambda(name, schedule, nfe, T, eps, shift)
+            out[name] = consumer_steps(name, schedule, nfe, T, eps, shift)
         except BadInput:
             pass
     return out
