@@ -10,9 +10,11 @@ is minimized with exact gradients in u: reverse-mode autograd through the solver
 trained network the error is rippled in lambda at the scale of one network timestep, where L-BFGS-B
 alone stops in the first ripple it meets and Adam's normalized steps carry on: docs/benchmarks.md,
 "The optimizer"); or either alone ("lbfgs", "adam", the latter on mini-batches of the training
-noises for models where a full-batch step costs too much). It starts from whichever candidate (``candidates``) -- the table's steps ("table") or a
-baseline (a hand-made grid or a named schedule, ``baselines``; default every one that fits) -- has
-the lowest training error, among those a table can hold. Every error is measured as the consumers
+noises for models where a full-batch step costs too much). It runs from each of the candidates
+(``candidates``: the table's steps, "table", and the baselines, hand-made grids and named schedules,
+``baselines``; default every one that fits) with the ``--starts`` lowest training errors whose steps
+differ (``distinct_best``), among those a table can hold, and keeps the fit with the lowest
+validation error. Every error is measured as the consumers
 run the steps (N model calls, then sigma 0: ``Evaluator.solve``, docs/cli.md "One frame").
 
 Three sets of noises, by seed: *training* (seed + 1_000_000 ..., ``train_seeds``), *validation*
@@ -49,7 +51,10 @@ The refined table is the input table with these changes:
                       Adam's updates plus L-BFGS-B's iterations, evaluations the training
                       error-and-gradient evaluations, validations the validation measurements
                       after the start's, best_iteration the iteration whose steps were kept (0:
-                      the start); message says why the fit stopped
+                      the start); message says why the fit stopped; fits: every start fitted,
+                      lowest training error first ({start, iterations, evaluations, message,
+                      error_start, error}: validation errors, or training errors without
+                      validation noises), the counts above being the kept fit's
       refine          what was measured:
         start                 the candidate the fit started from: "table" or a baseline's name
         train_errors          {candidate: training error}, for "table" and every baseline
@@ -145,7 +150,7 @@ class RefineRequest(MeasureSettings):
     optimizer: str = OPTIMIZER  # "adam+lbfgs", "lbfgs" or "adam" (``Fit``)
     starts: int = STARTS  # the best distinct candidates the fit runs from (``Fit``)
     maxiter: int = 60  # Adam updates and L-BFGS-B iterations per NFE, each
-    patience: int = PATIENCE  # validations without a lower validation error before the fit stops (0: never)
+    patience: int = PATIENCE  # validations without a lower validation error before a phase of the fit stops (0: never)
     minibatch: int = 0  # Adam's training noises per update; 0: every one
     lr: float = 0.05
     activation_checkpointing: bool | None = None  # recompute activations in the backward pass; None: where the graph needs it
@@ -402,16 +407,18 @@ def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=
 
 def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fit = Fit(),
                  validation: Evaluator | None = None, progress=None, what: str = "") -> Refined:
-    """Minimize the mean training error over the steps, from the best of ``starts``.
+    """Minimize the mean training error over the steps, from the best ``fit.starts`` of ``starts``.
 
     ``starts`` maps a name to candidate lambdas (the table's steps, the baselines: ``candidates``),
-    each measured as its consumer runs it (``Evaluator.errors``); the one with the lowest training
-    error, of those a table on [eps, T] can hold (``not_starts``), is where the fit (``fit``)
-    starts, as a table's lambdas (``table_lambda``). With ``validation`` (an
-    Evaluator of other noises) the steps kept are those of the start or an iterate with the lowest
-    validation error, and the fit stops early after ``fit.patience`` validations without a new
-    lowest; without, those of the start or an iterate with the lowest training error. Either way
-    the result is the start itself (``improved`` False) when nothing beat it. With
+    each measured as its consumer runs it (``Evaluator.errors``); the ``fit.starts`` with the lowest
+    training errors whose steps differ (``distinct_best``), of those a table on [eps, T] can hold
+    (``not_starts``), are where the fit (``fit``) starts, as a table's lambdas (``table_lambda``),
+    one after the other (a budget's stop ends them all). With ``validation`` (an Evaluator of other
+    noises) each fit keeps its start or an iterate with the lowest validation error, each phase
+    stopping early after ``fit.patience`` validations without a new lowest; without, its start or an
+    iterate with the lowest training error. The fit with the lowest of those is the result
+    (``start``: its start; ``fits``: every fit), which is its start itself (``improved`` False) when
+    nothing beat that. With
     ``fit.network_dtype`` the fit minimizes the low-precision model's error, and the training error
     of the steps kept is measured again at the checkpoint's own precision, like every error recorded.
     ``progress``: a ``progress.Progress`` callback (or None) told of the starts measured and each
