@@ -259,8 +259,9 @@ def model_evaluations(steps: int, train: int, validation: int, holdout: int, ite
     checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT`` evaluations each, and a
     validation), and the held-out evaluation of the starts and the result."""
     noises = train + validation + holdout
-    per_iteration = Fit().starts * sum(GRADIENTS_PER_ITERATION[m] * CALLS_PER_GRADIENT * train + validation
-                                       for m in Fit().phases)
+    fit = Fit()  # the fit run_fit runs: refine's default method and starts
+    per_iteration = fit.starts * sum(GRADIENTS_PER_ITERATION[m] * CALLS_PER_GRADIENT * train + validation
+                                     for m in fit.phases)
     return (3 * ref_steps * noises + starts * steps * (noises + train)
             + iterations * steps * per_iteration + (starts + 1) * steps * holdout)
 
