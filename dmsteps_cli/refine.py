@@ -454,7 +454,7 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
         else:
             keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
                              lambda: validation.reference_steps, noises="validation")
-        counts = _run_phases(train, lam0, start, args, fit, keeper, seen, progress, what)
+        counts = _run_phases(train, start, args, fit, keeper, seen, progress, what)
         fits.append((start, lam0, keeper, counts))
         if counts[3]:  # a budget ended the fit: no further starts
             break
@@ -496,18 +496,18 @@ def distinct_best(names, errors: dict, starts: dict, lam_eps: float, count: int)
     return chosen
 
 
-def _run_phases(train, lam0, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, progress,
+def _run_phases(train, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, progress,
                 what: str) -> tuple[int, int, str, bool]:
-    """The phases of ``fit`` in turn from ``lam0`` (the start ``start``), each from the point
-    ``keeper`` holds; returns (iterations, evaluations, why it stopped, whether a budget ended it)."""
+    """The phases of ``fit`` in turn, each from the point ``keeper`` holds (at first its start, named
+    ``start``); returns (iterations, evaluations, why it stopped, whether a budget ended it)."""
     iterations = evaluations = 0
     messages, ended = [], False
-    for method in fit.phases:
+    for k, method in enumerate(fit.phases):
         run, unit = PHASES[method]
-        origin = start if not iterations else f"the point kept from {start}"
+        origin = f"the point kept from {start}" if k else start
         advance = phase(progress, f"{what}: fitting from {origin} ({method})", fit.maxiter, unit)
         keeper.since_best = 0  # each phase has its own patience
-        done_here, evaluated, message, ended = run(train, keeper.best_lam if iterations else lam0, args, fit, keeper,
+        done_here, evaluated, message, ended = run(train, keeper.best_lam, args, fit, keeper,
                                                   seen if fit.network_dtype is None else {}, advance, iterations)
         advance(done_here, f"{message}; {keeper.kept()}", last=True)
         iterations, evaluations = iterations + done_here, evaluations + evaluated
