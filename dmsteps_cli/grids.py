@@ -42,6 +42,22 @@ def unshift_time(t, shift: float):
     return t / (shift - (shift - 1.0) * t)
 
 
+def carry_shift(lam, schedule, from_shift: float, to_shift: float, T: float, eps: float):
+    """Flow steps placed at shift ``from_shift`` carried to shift ``to_shift`` through the unshifted
+    time: t_i (from the lambdas ``lam``, N + 1 increasing, lambda(T) first), u_i =
+    ``unshift_time(t_i, from_shift)``, t_i' = ``shift_time(u_i, to_shift)``; the ends kept at exactly
+    lambda(T) and lambda(eps). A shift s moves a flow schedule by -log s in lambda, compensating a
+    data SNR s times higher; on data scaled by to_shift / from_shift this keeps an exponential
+    integrator's steps where they were relative to the data (docs/research/shift-placement.md).
+    float64 lambdas."""
+    import numpy as np
+
+    t = schedule.t_of_lambda(np.asarray(lam, dtype=np.float64))
+    out = np.asarray(schedule.lam(shift_time(unshift_time(t, from_shift), to_shift)), dtype=np.float64)
+    out[0], out[-1] = float(schedule.lam(T)), float(schedule.lam(eps))
+    return out
+
+
 def _time_grid(kind: str, T: float, eps: float, n: int, shift: float | None):
     """The n + 1 times of grid ``kind`` (unif_t or quad) from T to eps."""
     import numpy as np

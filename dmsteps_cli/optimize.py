@@ -398,7 +398,7 @@ def step_rule_lambda(name: str, schedule, nfe: int, T: float, eps: float, shift:
 
     if name in BASELINES:
         return baseline_lambda(name, schedule, nfe, T, eps, shift)
-    return named_warp_lambda(name, schedule, nfe, T, eps)
+    return named_warp_lambda(name, schedule, nfe, T, eps, shift)
 
 
 @dataclass(frozen=True)
@@ -421,14 +421,10 @@ class DefaultSteps:
 
 
 def _default_records() -> tuple[DefaultSteps, ...]:
-    from .warps import DATA
+    from .warps import kept_data
 
-    if not DATA.is_file():
-        return ()
-    import json
-
-    rows = json.loads(DATA.read_text())["defaults"]
-    return tuple(DefaultSteps(**{f: r[f] for f in DefaultSteps.__dataclass_fields__}) for r in rows)
+    return tuple(DefaultSteps(**{f: r[f] for f in DefaultSteps.__dataclass_fields__})
+                 for r in kept_data().get("defaults", []))
 
 
 # every default, from the package's default_steps.json (written by scripts/make_tables.py, which applies
@@ -445,7 +441,7 @@ def measured_shifts(preset: str) -> tuple[float, ...]:
 
 def default_record(preset: str | None, shift: float | None, solver: str, order: int) -> DefaultSteps | None:
     """The default steps of a preset, solver and order. Flow uses the measured shift nearest to
-    ``shift`` in log scale (below 1.73 that is 1, above it 3). A solver and order without a record of
+    ``shift`` in log scale (``measured_shifts``: 1, 3 and every model's own). A solver and order without a record of
     their own take the same solver's nearest measured order, else STAND_IN_SOLVER's (a record with
     ``measured`` False whose ``why`` says so); None where the preset has no record."""
     if preset is None:
@@ -463,8 +459,9 @@ def default_record(preset: str | None, shift: float | None, solver: str, order: 
                         f"{d.order}, the nearest measured: {d.why}")
     if d is not None and d.shift is not None and shift is not None and abs(math.log(d.shift / shift)) > 1e-9:
         d = replace(d, shift=shift, measured=False,
-                    why=f"measured at shift {d.shift:g}, the nearest measured shift, used at shift {shift:.4g} "
-                        f"(placed on the same lambda interval, docs/research/shift-placement.md): {d.why}")
+                    why=f"measured at shift {d.shift:.4g}, the nearest measured shift, used at shift {shift:.4g} "
+                        f"(a grid or named schedule at this shift, a warp carried through the unshifted time: "
+                        f"docs/research/shift-placement.md): {d.why}")
     return d
 
 

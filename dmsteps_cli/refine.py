@@ -87,7 +87,7 @@ and evaluate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ from .reference_cache import model_fingerprint, open_cache
 from .refine_records import TABLE
 from .run_settings import BATCH, REF_STEPS, MeasureSettings, checked_run, renamed
 from .runtime import network_dtype_named, rank_device
-from .schedules import ends_at_zero, same_schedule, step_arrays
+from .schedules import ends_at_zero, same_schedule, step_arrays, table_can_hold
 from .solvers import COMPLEX_STEP
 from .table_reader import load_table
 from .tables import entry_for
@@ -456,15 +456,15 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
                              lambda: validation.reference_steps, noises="validation")
         counts = _run_phases(train, start, args, fit, keeper, seen, progress, what)
         fits.append((start, lam0, keeper, counts))
-        if counts[3]:  # a budget ended the fit: no further starts
+        if counts.budget_ended:  # no further starts
             break
     for _, _, keeper, _ in fits:
         keeper.rejudge()  # every fit's numbers on the reference as it is now
-    start, lam0, keeper, (iterations, evaluations, message, _) = min(fits, key=lambda f: f[2].best_error)
-    record = [{"start": name, "iterations": c[0], "evaluations": c[1], "message": c[2],
+    start, lam0, keeper, counts = min(fits, key=lambda f: f[2].best_error)
+    record = [{"start": name, "iterations": c.iterations, "evaluations": c.evaluations, "message": c.message,
                "error_start": k.start_error, "error": k.best_error} for name, _, k, c in fits]
-    done = {"start": start, "train_errors": train_err, "iterations": iterations, "evaluations": evaluations,
-            "message": message, "fits": record}
+    done = {"start": start, "train_errors": train_err, "iterations": counts.iterations,
+            "evaluations": counts.evaluations, "message": counts.message, "fits": record}
     if validation is not None:
         done.update(validations=keeper.count, validation_error_start=keeper.start_error)
     if not keeper.improved:
@@ -496,10 +496,19 @@ def distinct_best(names, errors: dict, starts: dict, lam_eps: float, count: int)
     return chosen
 
 
+class FitCounts(NamedTuple):
+    """What one fit from one start did (``_run_phases``)."""
+
+    iterations: int
+    evaluations: int
+    message: str  # why each phase stopped
+    budget_ended: bool  # a time or iteration budget ended it (no further starts run)
+
+
 def _run_phases(train, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, progress,
-                what: str) -> tuple[int, int, str, bool]:
+                what: str) -> FitCounts:
     """The phases of ``fit`` in turn, each from the point ``keeper`` holds (at first its start, named
-    ``start``); returns (iterations, evaluations, why it stopped, whether a budget ended it)."""
+    ``start``)."""
     iterations = evaluations = 0
     messages, ended = [], False
     for k, method in enumerate(fit.phases):
@@ -514,7 +523,7 @@ def _run_phases(train, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, 
         messages.append(message if len(fit.phases) == 1 else f"{method}: {message}")
         if ended:
             break
-    return iterations, evaluations, "; ".join(messages), ended
+    return FitCounts(iterations, evaluations, "; ".join(messages), ended)
 
 
 PHASES = {"lbfgs": (_fit_lbfgs, FIT_UNITS[0]), "adam": (_fit_adam, FIT_UNITS[1])}  # method -> (fit, progress unit)
@@ -546,11 +555,10 @@ def candidates(table_lam, schedule, nfe: int, T: float, eps: float, shift: float
 
 def not_starts(starts: dict, lam_eps: float) -> dict:
     """{name: why} for the lists of ``starts`` that no table on [eps, T] can hold: a consumer's list
-    (``schedules.ends_at_zero``) whose last model call is at sigma(eps), lambda ``lam_eps``
-    (karras, exponential, kl_optimal), since a table's own last point sigma(eps) is where its
-    consumers put 0. Measured like the others, they are never where the fit starts."""
+    whose last model call is at sigma(eps), lambda ``lam_eps`` (``schedules.table_can_hold``).
+    Measured like the others, they are never where the fit starts."""
     return {name: "its last model call is at sigma(eps), where a table's consumers put 0"
-            for name, lam in starts.items() if ends_at_zero(lam) and lam[-2] >= lam_eps}
+            for name, lam in starts.items() if not table_can_hold(lam, lam_eps)}
 
 
 def table_lambda(lam, lam_eps: float) -> np.ndarray:

@@ -203,6 +203,15 @@ def ends_at_zero(lam) -> bool:
     return float(np.asarray(lam)[-1].real) >= ZERO_SIGMA_LAMBDA
 
 
+def table_can_hold(lam, lam_eps: float) -> bool:
+    """Whether a table on [eps, T] can hold the steps ``lam`` (N + 1 increasing lambdas): every
+    table's own steps can; a consumer's list (``ends_at_zero``) can unless its last model call
+    lam[N-1] is at lambda(eps) = ``lam_eps`` (ComfyUI's karras, exponential and kl_optimal), since a
+    table's own last point sigma(eps) is where its consumers put 0 and never call the model."""
+    lam = np.asarray(lam)
+    return not (ends_at_zero(lam) and float(lam[-2].real) >= lam_eps)
+
+
 def _floats(a) -> list[float]:
     return [float(v) for v in np.asarray(a, dtype=np.float64)]
 

@@ -61,8 +61,14 @@ def theta_of(lam_knots):
 
 
 @lru_cache(maxsize=1)
+def kept_data() -> dict:
+    """The package's default_steps.json, read once: {"defaults": [the rule's choices, read by
+    ``optimize.DEFAULT_STEPS``], "warps": {name: record}, ...}; {} where it is absent."""
+    return json.loads(DATA.read_text()) if DATA.is_file() else {}
+
+
 def _kept() -> dict:
-    return json.loads(DATA.read_text())["warps"] if DATA.is_file() else {}
+    return kept_data().get("warps", {})
 
 
 def warp_names() -> tuple[str, ...]:
@@ -71,20 +77,30 @@ def warp_names() -> tuple[str, ...]:
 
 
 def warp_record(name: str) -> dict:
-    """The kept warp ``name``: {"theta": [...], "family", "solver", "order", "fitted_on": [...], "source"}."""
+    """The kept warp ``name``: {"theta": [...], "family", "shift" (the flow shift it was fitted at, None
+    off flow), "solver", "order", "fitted_on": [...], "source"}."""
     try:
         return _kept()[name]
     except KeyError:
         raise BadInput(f"unknown warp {name!r} (choose from {', '.join(warp_names()) or 'none kept'})") from None
 
 
-def named_warp_lambda(name: str, schedule, nfe: int, T: float, eps: float):
+def named_warp_lambda(name: str, schedule, nfe: int, T: float, eps: float, shift: float | None = None):
     """The kept warp ``name`` with ``nfe`` steps on ``schedule`` from T to eps, as N + 1 increasing
-    lambdas (float64), lambda(T) first and lambda(eps) last, both exact."""
+    lambdas (float64), lambda(T) first and lambda(eps) last, both exact. A warp fitted on a flow
+    schedule at one shift (its record's ``shift``) and asked for at another ``shift`` is carried there
+    through the unshifted time (``grids.carry_shift``), not placed on the same lambdas."""
     import numpy as np
 
-    return warp_lambda(np.asarray(warp_record(name)["theta"], dtype=np.float64), nfe,
-                       float(schedule.lam(T)), float(schedule.lam(eps)))
+    record = warp_record(name)
+    lam = warp_lambda(np.asarray(record["theta"], dtype=np.float64), nfe,
+                      float(schedule.lam(T)), float(schedule.lam(eps)))
+    fitted_at = record.get("shift")
+    if fitted_at is not None and shift is not None and shift != fitted_at:
+        from .grids import carry_shift
+
+        lam = carry_shift(lam, schedule, fitted_at, shift, T, eps)
+    return lam
 
 
 __all__ = ["MIN_SHARE", "named_warp_lambda", "theta_of", "warp_lambda", "warp_names", "warp_record", "warp_values"]

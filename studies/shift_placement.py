@@ -26,16 +26,16 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dmsteps_cli.checkpoints import mixture_checkpoint
 from dmsteps_cli.config import parse_nfe
 from dmsteps_cli.evaluate import Evaluator
-from dmsteps_cli.grids import shift_time, unshift_time
+from dmsteps_cli.grids import carry_shift
 from dmsteps_cli.mixtures import GaussianMixture
 from dmsteps_cli.optimize import default_record, step_rule_lambda
 from dmsteps_cli.schedule_sources import get_schedule
+from dmsteps_cli.warps import warp_names
 from studies.proxy_data import proxy_mixture
 from studies.robust_fit import baselines_at
 
@@ -47,12 +47,7 @@ def scaled(mixture: GaussianMixture, c: float) -> GaussianMixture:
     return GaussianMixture(mixture._means64 * c, mixture._std64 * c, mixture._weights64, mixture.sample_shape)
 
 
-def u_frame(lam, schedule, s0: float, s: float, T: float, eps: float):
-    """Steps placed at shift s0 (lambdas) carried to shift s through the unshifted time; ends at T, eps."""
-    t = schedule.t_of_lambda(np.asarray(lam, dtype=np.float64))
-    lam2 = schedule.lam(shift_time(unshift_time(t, s0), s))
-    lam2[0], lam2[-1] = float(schedule.lam(T)), float(schedule.lam(eps))
-    return lam2
+u_frame = carry_shift  # steps placed at shift s0 carried to shift s through the unshifted time
 
 
 def measure(shift: float, names, solvers, nfes, holdout: int, log=print) -> list[dict]:
@@ -73,7 +68,8 @@ def measure(shift: float, names, solvers, nfes, holdout: int, log=print) -> list
                 errors = {b: float(ev.errors(lam, *args).mean()) for b, lam in base[n].items()}
                 best = min(errors, key=errors.get)
                 at_s0 = step_rule_lambda(d.init, s, n, T, eps, MEASURED_SHIFT)
-                cand = {"same-lambda": step_rule_lambda(d.init, s, n, T, eps, shift),
+                same = at_s0 if d.init in warp_names() else step_rule_lambda(d.init, s, n, T, eps, shift)
+                cand = {"same-lambda": same,
                         "u-frame": u_frame(at_s0, s, MEASURED_SHIFT, shift, T, eps)}
                 rows.append({"proxy": name, "scale": shift / MEASURED_SHIFT, "shift": shift, "solver": solver,
                              "order": order, "nfe": n, "default": d.init, "best_baseline": best,
