@@ -35,7 +35,7 @@ import numpy as np
 
 from .build import make_entry
 from .config import MIN_TABLE_NFE
-from .errors import SETTING, bad_setting, mentioning
+from .errors import SETTING, BadInput, bad_setting, mentioning
 from .optimize import one_blas_thread, resolve, table_objective
 from .schedules import schedule_from_spec, step_arrays
 from .tables import config_of, entry_for
@@ -137,8 +137,13 @@ def optimized_split(table: dict, nfe: int, sigma: float) -> Split:
     lowest, highest = PART_MIN_NFE, nfe - PART_MIN_NFE
     first = max(lowest, min(above, highest) - SPLIT_WINDOW)
     for n_high in range(first, min(highest, max(above, lowest) + SPLIT_WINDOW) + 1):
-        high = segment_entry(table, n_high, T, t_split)
-        low = segment_entry(table, nfe - n_high, t_split, eps)
+        try:
+            high = segment_entry(table, n_high, T, t_split)
+            low = segment_entry(table, nfe - n_high, t_split, eps)
+        except BadInput as e:  # a named schedule's list is defined on the model's own sigmas only
+            raise mentioning("placement", f"{SETTING} optimize places each part anew by the table's steps "
+                                          f"({config['init']}), which cannot be placed on a part: {e}; use "
+                                          f"{SETTING} warp") from None
         total = _objective(table, high, T, t_split) + _objective(table, low, t_split, eps)
         if best is None or total < best.objective:
             best = Split(float(sigma), high, low, total)

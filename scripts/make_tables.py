@@ -62,7 +62,7 @@ from dmsteps_cli.tables import INDEX_SCHEMA, dumps, parse_document, validate  # 
 from studies import default_rule  # noqa: E402
 
 # every count to 15, then the counts people run (FLUX and SD3 28, KSampler 20, Wan 40-50)
-NFE = tuple(range(4, 16)) + (16, 18, 20, 24, 28, 30, 32, 40, 50)
+NFE = default_rule.TABLE_NFE
 # (solver, order): the samplers people run (the registry's names; euler is ddim's alias)
 SOLVER_ORDERS = (("euler", 1), ("unipc", 2), ("unipc", 3), ("dpmpp", 2), ("dpmpp", 3), ("ipndm", 4))
 
@@ -154,38 +154,63 @@ def same_steps(name: str, schedule: str, shift) -> list[str]:
     return out
 
 
+def candidates_words(r: dict) -> str:
+    """What the rule's candidates were for the record ``r`` (``default_rule.apply_rule``), in words."""
+    if r["warp_family"] != r["family"]:
+        return (f"fixed ones and {r['warp_family']}'s {r['warp_of'][0]}-{r['warp_of'][1]} warp carried to this "
+                "shift, on the proxies scaled to it")
+    if tuple(r["warp_of"]) != (r["solver"], r["order"]):
+        return "fixed ones and another solver's warp (no fit for this solver)"
+    return ("fitted warp, fixed ones, optimized table" if default_rule.REFERENCE in r["scores"]
+            else "fitted warp and fixed ones")
+
+
 def rule_defaults() -> tuple[list[dict], dict]:
     """(the default-steps records, the kept warps) from the warp study's kept results
     (studies/default_rule.py): one record per measured family, solver and order."""
     records, warps = [], {}
     for r in default_rule.apply_rule(default_rule.candidate_order()):
         family, solver, order = r["family"], r["solver"], r["order"]
-        preset, shift = default_rule.FAMILIES[family]
-        name = warp_name(family, *r["warp_of"])
-        if tuple(r["warp_of"]) == (solver, order):  # a fit's file: its warp is kept
-            fit = default_rule.read_lines(ROOT / r["source"])
-            warps[name] = {"family": family, "solver": solver, "order": order, "fitted_on": r["proxies"],
-                           "theta": next(x for x in fit if x["fold"] == default_rule.ALL)["warp"]["theta"],
-                           "source": r["source"] + ' (fold "all")'}
+        preset, shift = default_rule.ALL_FAMILIES[family]
+        warp_family = r["warp_family"]
+        name = warp_name(warp_family, *r["warp_of"])
+        if (warp_family, *r["warp_of"]) == (family, solver, order):  # the line's own warp is kept
+            warps[name] = {"family": family, "shift": shift, "solver": solver, "order": order,
+                           "fitted_on": r["proxies"],
+                           "theta": default_rule.fold_all_theta(ROOT / r["warp_source"]),
+                           "source": r["warp_source"] + ' (fold "all")'}
         chosen = r["chosen"]
         objective, init = (("reference", "unif_t") if chosen == default_rule.REFERENCE else
                            ("none", name if chosen == default_rule.WARP else chosen))
-        nxt = [c for c in r["ranking"] if c != chosen][0]
-        if chosen == default_rule.WARP and tuple(r["warp_of"]) != (solver, order):
+        nxt = r["next"]
+        lowest = "the lowest a table can hold" if r["unheld_above"] else "the lowest"
+        if chosen == default_rule.WARP and warp_family != family:
+            why_warp = (f"the warp fitted across the proxies for {warp_family} {r['warp_of'][0]} order "
+                        f"{r['warp_of'][1]}, carried to shift {shift:.4g} through the unshifted time")
+        elif chosen == default_rule.WARP and tuple(r["warp_of"]) != (solver, order):
             why_warp = f"the warp fitted across the proxies for {r['warp_of'][0]} order {r['warp_of'][1]}"
         else:
             why_warp = step_words(chosen)
-        why = (f"{why_warp}: power-8 mean over {len(r['proxies'])} proxies of the held-out ratio to each proxy's "
+        scaled = "" if r["proxy_scale"] == 1.0 else f" (their data scaled by {r['proxy_scale']:.4g} = shift / 3)"
+        why = (f"{why_warp}: power-8 mean over {len(r['proxies'])} proxies{scaled} of the held-out ratio to each proxy's "
                f"best schedule, NFE {r['nfe'][0]}-{r['nfe'][-1]}"
                + (" (leave-one-proxy-out)" if chosen == default_rule.WARP else "") + f" {r['score']:.3f}")
         net = r["network"]
         if not r["passed_over"]:
-            why += f", the lowest (next: {nxt} {r['scores'][nxt]['score']:.3f})"
+            why += f", {lowest}" + (f" (next: {nxt} {r['scores'][nxt]['score']:.3f})" if nxt else "")
         else:
-            why += (f", the lowest once the trained {net['network']} passed over "
+            why += (f", {lowest} once the trained {net['network']} passed over "
                     + ", ".join(f"{p['candidate']} ({r['scores'][p['candidate']]['score']:.3f} on the proxies; "
                                 f"{p['ratio']:.2f}x {net['previous']} on the network, 95% {p['ci'][0]:.2f}-"
                                 f"{p['ci'][1]:.2f})" for p in r["passed_over"]))
+        if r["unheld_above"]:
+            def on_network(c):
+                m = (net or {}).get("measured", {}).get(c)
+                return "" if m is None else (f"; on the trained {net['network']} {m['ratio']:.2f}x the previous default "
+                                             f"{net['previous']}, 95% {m['ci'][0]:.2f}-{m['ci'][1]:.2f}")
+
+            why += "; ranked above it on the proxies but no table can hold them: " + ", ".join(
+                f"{c} ({r['scores'][c]['score']:.3f}{on_network(c)}: {reason})" for c, reason in r["unheld_above"].items())
         equal = same_steps(chosen, preset, shift)
         if equal:
             why += "; run by its consumers as the same steps as " + ", ".join(equal)
@@ -200,10 +225,9 @@ def rule_defaults() -> tuple[list[dict], dict]:
         records.append({"preset": preset, "shift": shift, "solver": solver, "order": order, "objective": objective,
                         "init": init, "measured": True, "why": why, "candidate": chosen, "score": r["score"],
                         "scores": {c: r["scores"][c]["score"] for c in r["ranking"]},
-                        "passed_over": r["passed_over"], "network": r["network"], "source": r["source"],
-                        "candidates": "fixed ones and another solver's warp (no fit for this solver)"
-                        if tuple(r["warp_of"]) != (solver, order) else "fitted warp, fixed ones, optimized table"
-                        if default_rule.REFERENCE in r["scores"] else "fitted warp and fixed ones"})
+                        "passed_over": r["passed_over"], "unheld_above": r["unheld_above"],
+                        "network": r["network"], "source": r["source"],
+                        "candidates": candidates_words(r)})
     return records, warps
 
 
@@ -220,14 +244,12 @@ def model_families() -> dict:
     return out
 
 
-def plan(with_models: bool = False) -> list[dict]:
-    """Every table to make, in a fixed order: the schedule families, then (``with_models``) the flow
-    models' own at their shifts. Those are not shipped: at a shift no study measured, the default
-    steps are the nearest measured shift's rule placed on the same lambda interval, which for a warp
-    or a published sigma list are the same steps whatever the shift (docs/research/shift-placement.md);
-    ``models.tables_for`` gives each model its family table at the nearest shift and says so."""
+def plan() -> list[dict]:
+    """Every table to make, in a fixed order: the schedule families, then the flow models' own at
+    their shifts (``model_families``; ``models.tables_for`` finds them), whose default steps the
+    rule chose on the proxies scaled to each shift (studies/default_rule.py, ``model_shift_families``)."""
     rows = []
-    families = {**FAMILIES, **(model_families() if with_models else {})}
+    families = {**FAMILIES, **model_families()}
     for family, (schedule, shift, models, _) in families.items():
         for solver, order in SOLVER_ORDERS:
             rows.append({"file": file_name(family, solver, order), "family": family, "schedule": schedule,
@@ -306,7 +328,7 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "| family | schedule | T ... eps | models |",
         "|---|---|---|---|",
     ]
-    for family, (schedule, shift, models, note) in FAMILIES.items():
+    for family, (schedule, shift, models, note) in {**FAMILIES, **model_families()}.items():
         sched = f"`{schedule}`" + (f", shift {shift:g}" if shift is not None else "")
         cfg = tables[file_name(family, *SOLVER_ORDERS[0])]["config"]
         lines.append(f"| `{family}` | {sched}: {note} | {cfg['T']:g} ... {cfg['eps']:g} | {'; '.join(models)} |")
@@ -330,15 +352,22 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
         "## What each table holds, and why",
         "",
         "Every table holds its family's **default steps** for its solver and order, chosen by one declared rule "
-        "([studies/default_rule.py](../studies/default_rule.py)) from the warp study's kept results "
-        "([docs/research/robust-steps.md](../docs/research/robust-steps.md), "
-        "`docs/research/evaluation/warp/`): the candidate with the lowest power-8 mean over the seven proxy "
-        "data sets of its geometric-mean held-out error ratio over NFE 5-15 (to each proxy's best schedule), "
-        "among every fitting named schedule and grid, the paper's optimized table where it was measured, and "
-        "the warp fitted across the proxies (scored leave-one-proxy-out). On `linear` and `scaled_linear`, "
+        "([studies/default_rule.py](../studies/default_rule.py)) from the kept study results "
+        "(`docs/research/evaluation/warp/consumer-frame/`, [docs/research/rule-consumer-frame.md]"
+        "(../docs/research/rule-consumer-frame.md)): the candidate with the lowest power-8 mean over the seven "
+        "proxy data sets of its geometric-mean held-out error ratio over NFE 5-15 (to each proxy's best "
+        "schedule), every list measured as its consumer runs it (N model calls, then sigma 0), among every "
+        "fitting named schedule and grid, the paper's optimized table where it was measured, and the warp "
+        "fitted across the proxies (scored leave-one-proxy-out). A named schedule whose last model call is at "
+        "sigma(eps) (karras, exponential, kl_optimal) is scored but cannot be held by a table, whose consumers "
+        "put 0 there; where one ranks above the table's steps the row says so, and in ComfyUI that scheduler "
+        "is the better pick. On `linear` and `scaled_linear`, "
         "whose trained networks we have, a candidate whose paired 95% interval of the ratio to the previous "
         "default lies entirely above 1 on that network is passed over; the other families rest on the "
-        "proxies. Solvers the study did not measure (Euler, iPNDM) take a stand-in, said in the row. Above "
+        "proxies. A model's own flow tables (`flux1-dev-1024-…`, `wan21-shift8-…`) come from the same rule "
+        "at the model's shift, on the proxies with their data scaled by shift / 3 (what a shift compensates "
+        "for), the shift-3 warp carried there through the unshifted time "
+        "([docs/research/shift-placement.md](../docs/research/shift-placement.md)). Above "
         "NFE 15 and at NFE 4 the same rule is used, unmeasured there. Each table's `provenance` field holds "
         "the same text, every candidate's score and the samplers that run it.",
         "",
@@ -396,8 +425,6 @@ def readme(rows: list[dict], tables: dict[str, dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "tables", help="output folder (default: tables/)")
-    ap.add_argument("--with-models", action="store_true",
-                    help="also the flow models' own tables at their shifts (not shipped; see plan())")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     out: Path = args.out
@@ -409,7 +436,7 @@ def main(argv=None) -> int:
     # optimize and warps read that file when imported: read it again (their functions see the new values)
     importlib.reload(importlib.import_module("dmsteps_cli.warps"))
     importlib.reload(importlib.import_module("dmsteps_cli.optimize"))
-    rows = plan(args.with_models)
+    rows = plan()
     tables = {}
     for row in rows:
         table = make_table(config_for(row))

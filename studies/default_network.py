@@ -9,7 +9,7 @@ that default. The ratio is the geometric mean over NFE of mean error / the defau
 resamples, fixed seed). One JSON line per candidate; ``default_rule.py`` passes over a candidate whose
 interval lies entirely above 1.
 
-    python -m studies.default_network --family linear --out docs/research/evaluation/warp/network-check.jsonl
+    python -m studies.default_network --family linear    (into consumer-frame/network-check.jsonl)
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 from dmsteps_cli.baselines import consumer_steps
 from dmsteps_cli.checkpoints import pair_labels
 from dmsteps_cli.evaluate import Evaluator
-from studies.default_rule import FITS, FIXED, NETWORK, NETWORKS, WARP, candidate_order, candidate_ratios, ranking, \
-    read_lines, scores
+from studies.default_rule import NETWORK, NETWORKS, WARP, candidate_order, candidate_ratios, fold_all_theta, \
+    line_files, ranking, read_lines, repo_path, scores, unheld, warp_source
 from studies.proxy_data import proxy, proxy_checkpoint
-from studies.robust_fit import ALL, FAMILIES, baselines_at
+from studies.robust_fit import FAMILIES, baselines_at
 from studies.warp_fit import warp_lambda
 
 RESAMPLES = 2000
@@ -47,8 +47,10 @@ def gm_ratio_ci(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES) -> tup
 
 
 def measure(family: str, holdout: int = 128, nfes=range(5, 16), only=None, log=print) -> list[dict]:
-    """The lines of ``family`` (``only``: just these (solver, order) pairs), from the fits' files and the
-    fixed candidates' (studies/default_candidates.py), whose ``warp`` is another solver's fitted warp."""
+    """The lines of ``family`` (``only``: just these (solver, order) pairs), from the rule's kept lines
+    (``default_rule.line_files``): every candidate the proxies rank above the previous default (those
+    no table can hold too, marked ``table_can_hold`` false: the rule never picks them, a table's
+    record says how they measured), the ``warp`` that of the line's ``warp_source``."""
     network, previous = NETWORKS[family]
     ck = proxy_checkpoint(network)
     s = ck.schedule
@@ -60,20 +62,20 @@ def measure(family: str, holdout: int = 128, nfes=range(5, 16), only=None, log=p
                    guidance_scale=p.guidance_scale)
     base = {n: baselines_at(s, n, T, eps, shift) for n in nfes}
     rows = []
-    for path in sorted(FITS.glob(f"{family}-*.jsonl*")) + sorted(FIXED.glob(f"{family}-*.jsonl*")):
-        fit = read_lines(path)
-        solver, order, variant = fit[0]["solver"], fit[0]["order"], fit[0]["variant"]
-        if only is not None and (solver, order) not in only:
+    for (fam, solver, order), path in line_files().items():
+        if fam != family or (only is not None and (solver, order) not in only):
             continue
-        warp_of = fit[0].get("warp_of")
+        fit = read_lines(path)
+        variant = fit[0]["variant"]
         ratios, proxies, fit_nfes = candidate_ratios(fit)
-        ranked = ranking(scores(ratios, proxies, fit_nfes), candidate_order())
-        above = ranked[:ranked.index(previous)]
+        score = scores(ratios, proxies, fit_nfes)
+        ranked = ranking(score, candidate_order())
+        cannot = unheld(score, family)
+        above = ranked[:ranked.index(previous)]  # those no table can hold too: what a ComfyUI user could pick
         if not above:
             continue
-        own = fit if warp_of is None else read_lines(next(FITS.glob(
-            f"{family}-{warp_of['solver']}-o{warp_of['order']}.jsonl*")))
-        theta = np.array(next(r for r in own if r["fold"] == ALL)["warp"]["theta"])
+        source = warp_source(fit, path)
+        theta = np.array(fold_all_theta(source))
         args = (solver, order, variant)
         t0 = time.time()
         ev.settle(base[max(nfes)].values(), *args, margin=0.5)
@@ -88,8 +90,8 @@ def measure(family: str, holdout: int = 128, nfes=range(5, 16), only=None, log=p
             ratio, ci = gm_ratio_ci(errors(c), ref)
             rows.append({"family": family, "solver": solver, "order": order, "candidate": c, "against": previous,
                          "network": network, "nfe": list(nfes), "holdout": holdout, "ratio": ratio, "ci": ci,
-                         "warp_of": None if c != WARP else "fold all" + (
-                             f" of {warp_of['solver']}-{warp_of['order']}" if warp_of else "")})
+                         "table_can_hold": c not in cannot,
+                         "warp_source": None if c != WARP else f"{repo_path(source)} (fold all)"})
             log(f"{network} {solver}-{order} {c}: {ratio:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] vs {previous}")
         log(f"{network} {solver}-{order}: {time.time() - t0:.0f} s")
     return rows

@@ -26,12 +26,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dmsteps_cli.checkpoints import mixture_checkpoint
 from dmsteps_cli.config import parse_nfe
 from dmsteps_cli.evaluate import Evaluator
-from dmsteps_cli.grids import carry_shift
+from dmsteps_cli.grids import shift_time, unshift_time
 from dmsteps_cli.mixtures import GaussianMixture
 from dmsteps_cli.optimize import default_record, step_rule_lambda
 from dmsteps_cli.schedule_sources import get_schedule
@@ -47,7 +48,14 @@ def scaled(mixture: GaussianMixture, c: float) -> GaussianMixture:
     return GaussianMixture(mixture._means64 * c, mixture._std64 * c, mixture._weights64, mixture.sample_shape)
 
 
-u_frame = carry_shift  # steps placed at shift s0 carried to shift s through the unshifted time
+def u_frame(lam, schedule, s0: float, s: float, T: float, eps: float):
+    """Steps placed at shift s0 (lambdas) carried to shift s through the unshifted time, the ends then
+    set to T and eps (this study's first pass; ``grids.carry_shift``, what the product uses, keeps each
+    step's position in [u(T), u(eps)] instead, which stays increasing at any NFE)."""
+    t = schedule.t_of_lambda(np.asarray(lam, dtype=np.float64))
+    lam2 = schedule.lam(shift_time(unshift_time(t, s0), s))
+    lam2[0], lam2[-1] = float(schedule.lam(T)), float(schedule.lam(eps))
+    return lam2
 
 
 def measure(shift: float, names, solvers, nfes, holdout: int, log=print) -> list[dict]:

@@ -112,6 +112,15 @@ def test_the_table_node_on_wan_and_flux_gives_lists_comfyui_runs(comfy, comfy_mo
     assert any("shift 3" in r.getMessage() for r in caplog.records)  # another shift than the model's: said
     calls = model_calls(comfy, model, sigmas.clone(), "euler")
     assert calls == pytest.approx(sigmas[:-1].tolist(), rel=1e-6)  # 8 calls at the list's points, none at 0
+    own = {"wan": "wan21-shift8-unipc-o3", "flux": "flux1-dev-1024-unipc-o3"}[name]  # the model's own table
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        sigmas = DmstepsTable().get_sigmas(model, own, 8, 1.0)[0]
+    assert not [r for r in caplog.records if "places" in r.getMessage()]  # made for this shift: no shift warning
+    entry = entry_for(load_table(own), 8)
+    assert sigmas[0].item() == 1.0 and sigmas[-1].item() == 0.0
+    assert sigmas[1:-1].tolist() == pytest.approx(entry["t"][1:-1], rel=1e-6)
+    assert model_calls(comfy, model, sigmas.clone(), "euler") == pytest.approx(sigmas[:-1].tolist(), rel=1e-6)
 
 
 def test_a_distilled_model_is_pointed_to_its_own_list(comfy, comfy_models, pack, caplog):  # noqa: F811

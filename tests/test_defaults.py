@@ -20,7 +20,6 @@ from dmsteps_cli.schedules import preset_of
 from dmsteps_cli.table_reader import load_table
 from dmsteps_cli.warps import DATA, warp_names
 from studies import default_rule
-from studies.default_rule import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ROOT / "tables"
@@ -39,15 +38,19 @@ def test_the_rule_recomputed_from_the_kept_results_gives_every_default(recompute
     """Each record of DEFAULT_STEPS is what the rule chooses from the kept study data, and every
     measured family, solver and order has one."""
     measured = {(d.preset, d.shift, d.solver, d.order): d for d in DEFAULT_STEPS if d.measured}
-    assert len(measured) == len(recomputed) >= 28  # the 28 fits, then the fixed candidates of other solvers
+    # every family (the seven, then one per model shift) x UniPC and DPM-Solver++ of orders 2 and 3, Euler, iPNDM
+    assert len(measured) == len(recomputed) == 6 * len(default_rule.ALL_FAMILIES)
     for r in recomputed:
-        preset, shift = FAMILIES[r["family"]]
+        preset, shift = default_rule.ALL_FAMILIES[r["family"]]
         d = measured[(preset, shift, r["solver"], r["order"])]
+        warp = f"warp-{r['warp_family']}-{r['warp_of'][0]}-o{r['warp_of'][1]}"
         want = (("reference", "unif_t") if r["chosen"] == default_rule.REFERENCE else
-                ("none", f"warp-{r['family']}-{r['solver']}-o{r['order']}" if r["chosen"] == default_rule.WARP
-                 else r["chosen"]))
+                ("none", warp if r["chosen"] == default_rule.WARP else r["chosen"]))
         assert (d.objective, d.init) == want, r["family"]
-        best = min(s["score"] for s in r["scores"].values())
+        held = {c: v["score"] for c, v in r["scores"].items() if c not in default_rule.unheld(r["scores"], r["family"])}
+        best = min(held.values())
+        assert r["chosen"] in held
+        assert list(r["unheld_above"]) == [c for c in r["ranking"][:r["ranking"].index(r["chosen"])] if c not in held]
         assert math.isclose(d.scores[r["chosen"]], r["score"], rel_tol=1e-12)
         if not r["passed_over"]:  # nothing passed over: the lowest score wins
             assert r["score"] <= best * (1 + default_rule.TIE_RTOL)
@@ -85,6 +88,14 @@ def test_the_score_is_the_power_8_mean_over_proxies_of_the_geometric_mean_over_n
         default_rule.choose(score, order, {}, "quad")
 
 
+def test_no_table_can_hold_a_list_whose_last_call_is_at_sigma_eps():
+    """karras, exponential and kl_optimal call the model at sigma(eps), where a table's consumers put 0:
+    the rule scores them but never picks them; the grids and a list ending above sigma(eps) it can."""
+    cannot = default_rule.unheld(["exponential", "karras", "kl_optimal", "unif", "quad", "beta", "simple"],
+                                 "scaled_linear")
+    assert cannot == dict.fromkeys(["exponential", "karras", "kl_optimal"], default_rule.LAST_CALL_AT_EPS)
+
+
 def test_the_data_file_holds_the_kept_warps_and_they_give_increasing_steps():
     data = json.loads(DATA.read_text())
     assert set(data["warps"]) == set(warp_names()) and len(warp_names()) == 28
@@ -104,7 +115,7 @@ def test_resolve_uses_the_record_of_the_preset_solver_and_order(d):
 
 
 def test_a_solver_no_study_measured_takes_a_stand_in_that_says_so():
-    for solver, order, nearest in (("ddim", 1, ("dpmpp", 2)), ("ipndm", 4, ("dpmpp", 3)), ("unipc", 1, ("unipc", 2))):
+    for solver, order, nearest in (("dpmpp", 1, ("dpmpp", 2)), ("unipc", 1, ("unipc", 2))):
         d = default_record("edm", None, solver, order)
         own = default_record("edm", None, *nearest)
         assert not d.measured and own.measured
@@ -115,11 +126,24 @@ def test_a_solver_no_study_measured_takes_a_stand_in_that_says_so():
 
 
 def test_flow_default_follows_the_nearest_measured_shift():
+    """Every model's own shift has a measured record; a shift between takes the nearest (log scale),
+    unmeasured there, and says so."""
+    from dmsteps_cli.models import MODELS
+    from dmsteps_cli.optimize import measured_shifts
+
+    shifts = measured_shifts("flow")
+    assert {1.0, 3.0} <= set(shifts)
+    for r in MODELS.values():
+        if r.schedule == "flow" and not r.distilled:
+            assert any(math.isclose(r.shift, m, rel_tol=1e-9) for m in shifts), r.name
+            assert default_record("flow", r.shift, "dpmpp", 2).measured
     fl = get_schedule("flow")
-    got = {sh: resolve(StepConfig(schedule="flow", shift=sh, solver="dpmpp", order=2), fl).init
-           for sh in (1.0, 1.5, 2.0, 3.0, 6.0)}
-    one, three = (default_record("flow", s, "dpmpp", 2).init for s in (1.0, 3.0))
-    assert got == {1.0: one, 1.5: one, 2.0: three, 3.0: three, 6.0: three}
+    for sh in (1.2, 4.0, 9.0, 20.0):
+        near = min(shifts, key=lambda m: abs(math.log(m / sh)))
+        d = default_record("flow", sh, "dpmpp", 2)
+        assert not d.measured and d.why.startswith(f"measured at shift {near:.4g}, the nearest measured shift")
+        assert resolve(StepConfig(schedule="flow", shift=sh, solver="dpmpp", order=2), fl).init == \
+            default_record("flow", near, "dpmpp", 2).init
 
 
 def test_an_explicit_objective_or_init_is_kept():
@@ -198,3 +222,33 @@ def test_objective_none_keeps_any_step_rule_and_refuses_an_unknown_one(tmp_path)
     assert "Traceback" not in bad.stderr and not (tmp_path / "x.json").exists()
     misfit = run("optimize", "--schedule", "edm", "--objective", "none", "--init", "ays-sd15", "--nfe", "5")
     assert misfit.returncode != 0 and misfit.stderr.startswith("error: ") and len(misfit.stderr.splitlines()) == 1
+
+
+def test_carrying_flow_steps_to_another_shift_keeps_their_place_in_the_unshifted_time():
+    """On a flow schedule (lambda = log((1 - t) / t)) a shift s maps u to t with t / (1 - t) = s u / (1 - u):
+    steps carried from shift s0 to s keep their place in [u(T), u(eps)], so the uniform-t grid at s0
+    becomes the uniform-t grid at s, interior steps move by about -log(s / s0) in lambda, the ends stay,
+    every kept warp stays strictly increasing at any NFE and shift, and a kept warp asked for at another
+    shift is carried so."""
+    from dmsteps_cli.grids import carry_shift, grid_lambda
+    from dmsteps_cli.warps import named_warp_lambda, warp_record
+
+    s = get_schedule("flow")
+    T, eps = s.T, s.eps_default
+    for n in (5, 50):
+        np.testing.assert_allclose(carry_shift(grid_lambda("unif_t", s, n, T, eps, 3.0), s, 3.0, 8.0, T, eps),
+                                   grid_lambda("unif_t", s, n, T, eps, 8.0), rtol=0, atol=1e-12)
+    lam = step_rule_lambda("quad", s, 9, T, eps, 3.0)
+    moved = carry_shift(lam, s, 3.0, 8.0, T, eps)
+    assert np.all(np.abs(moved[1:-1] - (lam[1:-1] - math.log(8.0 / 3.0))) < 0.03)
+    assert moved[0] == s.lam(T) and moved[-1] == s.lam(eps)
+    np.testing.assert_allclose(carry_shift(lam, s, 3.0, 3.0, T, eps), lam, rtol=0, atol=1e-12)
+    for name in warp_names():
+        for shift in (1.0, 1.73, 10.7):
+            for n in (2, 4, 50):
+                assert np.all(np.diff(carry_shift(named_warp_lambda(name, s, n, T, eps), s, 3.0, shift, T, eps)) > 0)
+    name = next(n for n in warp_names() if warp_record(n)["shift"] == 3.0)
+    at3 = named_warp_lambda(name, s, 9, T, eps, 3.0)
+    np.testing.assert_array_equal(named_warp_lambda(name, s, 9, T, eps, None), at3)
+    np.testing.assert_allclose(named_warp_lambda(name, s, 9, T, eps, 8.0), carry_shift(at3, s, 3.0, 8.0, T, eps),
+                               rtol=0, atol=0)

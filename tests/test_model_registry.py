@@ -205,10 +205,8 @@ def test_tables_model_answers_for_every_model_with_table_sampler_and_shift():
     one = _cli("tables", "--model", "flux1-dev")
     assert one.returncode == 0, one.stderr
     assert "shift: 3.15819" in one.stdout and "sampler: " in one.stdout
-    choice = tables_for(MODELS["flux1-dev-1024"])  # the bundled tables: the model's own once it is built
-    assert f"table: {choice.name}" in one.stdout
-    if not choice.own:
-        assert "flux1-dev-1024-euler is not built yet" in one.stdout
+    choice = tables_for(MODELS["flux1-dev-1024"])  # the bundled tables: the model's own
+    assert choice.own and choice.name == "flux1-dev-1024-euler" and f"table: {choice.name}" in one.stdout
     schnell = _cli("tables", "--model", "flux1-schnell")
     assert "distilled: " in schnell.stdout and "table:" not in schnell.stdout
 
@@ -256,3 +254,18 @@ def test_docs_models_lists_every_record_with_its_shift():
             assert f"| {record.shift:.6g} ({record.shift_from}) |" in row, record.name
         for setting in record.shifts:
             assert setting.source in row, (record.name, setting.source)
+
+
+def test_every_model_with_a_shift_has_its_own_bundled_tables_for_every_solver():
+    """The model tables are shipped: each flow model that is not distilled finds its own table for every
+    solver and order the tables are made for, at its own shift."""
+    from dmsteps_cli.tables import bundled_index
+
+    rows = {row["file"].removesuffix(".json"): row for row in bundled_index()["files"]}
+    for record in MODELS.values():
+        if record.schedule != "flow" or record.distilled:
+            continue
+        for solver, order in (("euler", 1), ("unipc", 2), ("unipc", 3), ("dpmpp", 2), ("dpmpp", 3), ("ipndm", 4)):
+            choice = tables_for(record, solver=solver, order=order)
+            assert choice.own, (record.name, solver, order, choice.note)
+            assert math.isclose(rows[choice.name]["shift"], record.shift, rel_tol=1e-9)

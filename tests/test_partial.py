@@ -127,7 +127,7 @@ def test_the_partial_steps_study_runs_cut_down(monkeypatch, tmp_path):
     from studies import partial_steps
 
     monkeypatch.setattr(partial_steps, "REF_STEPS", 40)
-    wan = StepConfig(schedule="flow", shift=8.0, solver="unipc", order=2, nfe=(8,))
+    wan = StepConfig(schedule="flow", shift=8.0, solver="unipc", order=2, objective="none", init="quad", nfe=(8,))
     monkeypatch.setattr(partial_steps, "SPLIT_TABLES", {"flow shift 8": wan})
     monkeypatch.setattr(partial_steps, "SPLIT_SIGMAS", (0.875,))
     monkeypatch.setattr(partial_steps, "DENOISE_TABLES", {"edm-unipc-o3": None})
@@ -141,3 +141,13 @@ def test_the_partial_steps_study_runs_cut_down(monkeypatch, tmp_path):
     text = partial_steps.summary(rows)
     assert "| split, warp | flow shift 8 | cut | 1 |" in text
     assert "| denoise, placed | edm-unipc-o3 | tail | 1 |" in text
+
+
+def test_optimized_split_of_a_published_list_is_refused_in_one_line_naming_the_way_out():
+    """A table whose steps are a published list (OptimalSteps) cannot place its parts anew on a part of
+    the interval: one line that names the option and the placement that works."""
+    r = _show("flow-shift3-dpmpp-o2", "--nfe", "10", "--split-at-sigma", "0.875", "--split-steps", "optimize")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --split-steps optimize places each part anew")
+    assert r.stderr.rstrip().endswith("use --split-steps warp")
+    assert _show("flow-shift3-dpmpp-o2", "--nfe", "10", "--split-at-sigma", "0.875").returncode == 0
