@@ -24,29 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmsteps_cli.checkpoints import mixture_checkpoint
-from dmsteps_cli.evaluate import Evaluator
 from dmsteps_cli.grids import carry_shift
-from dmsteps_cli.schedule_sources import get_schedule
 from studies.default_rule import ALL, ALL_FAMILIES, FAMILIES, FITS, MEASURED_SHIFT, proxy_scale, read_lines, repo_path
-from studies.proxy_data import proxy_mixture
 from studies.robust_fit import CLOSED_FORM, baselines_at, proxy_sets, ratios_to_best
-from studies.shift_placement import scaled
 from studies.warp_fit import warp_lambda
-
-
-def holdout_sets(family: str, names, holdout: int) -> dict:
-    """{proxy: Evaluator of its held-out noises (seeds 0 ..)} under ``family``'s schedule, the
-    proxies' data scaled by ``default_rule.proxy_scale`` (a model-shift family's shift / 3)."""
-    if family in FAMILIES:
-        return {name: sets["holdout"] for name, sets in proxy_sets(list(names), family, 1, 1, holdout).items()}
-    scale = proxy_scale(family)
-    s = get_schedule(ALL_FAMILIES[family][0])
-    out = {}
-    for name in names:
-        ck = mixture_checkpoint(scaled(proxy_mixture(name), scale), s, f"proxy {name} x {scale:g}")
-        out[name] = Evaluator(ck, ck.denoiser(), list(range(holdout)), s.T, s.eps_default, ck.device)
-    return out
 
 
 def measure(family: str, solver: str, order: int, warp_of: tuple[str, int], holdout: int = 128, nfes=range(5, 16),
@@ -62,7 +43,7 @@ def measure(family: str, solver: str, order: int, warp_of: tuple[str, int], hold
     warp_file = next(Path(fits).glob(f"{warp_family}-{warp_of[0]}-o{warp_of[1]}.jsonl*"))
     fit = read_lines(warp_file)
     theta = {r["fold"]: np.array(r["warp"]["theta"]) for r in fit}  # every fold's warp (the same at each NFE)
-    sets = holdout_sets(family, names, holdout)
+    sets = {name: roles["holdout"] for name, roles in proxy_sets(list(names), family, 1, 1, holdout).items()}
     first = sets[names[0]]
     s, T, eps = first.schedule, first.T, first.eps
     lam_T, lam_eps = float(s.lam(T)), float(s.lam(eps))

@@ -334,15 +334,26 @@ def proxy_mixture(name: str) -> GaussianMixture:
     return p.build()
 
 
-def proxy_checkpoint(name: str, schedule: str | None = None, rebuild: bool = False):
+def scaled_mixture(mixture: GaussianMixture, c: float) -> GaussianMixture:
+    """The mixture of c x (the data): means and standard deviations times c (a flow shift c times
+    higher compensates it: docs/research/shift-placement.md)."""
+    return GaussianMixture(mixture._means64 * c, mixture._std64 * c, mixture._weights64, mixture.sample_shape)
+
+
+def proxy_checkpoint(name: str, schedule: str | None = None, rebuild: bool = False, scale: float = 1.0):
     """A dmsteps checkpoint of proxy ``name``: a closed-form proxy on ``schedule`` (a preset name
     or scheduler config path; default the proxy's own, ``DEFAULT_SCHEDULE``: the ideal denoiser is
-    exact on any schedule); a trained one loaded from its folder (``trained_model``) on the
-    schedule it was trained with (``schedule``, where given, must be that one)."""
+    exact on any schedule), its data scaled by ``scale`` (``scaled_mixture``); a trained one loaded
+    from its folder (``trained_model``) on the schedule it was trained with (``schedule``, where
+    given, must be that one; ``scale`` 1)."""
     from dmsteps_cli.checkpoints import load_checkpoint, mixture_checkpoint
     from dmsteps_cli.schedule_sources import get_schedule
 
     p = proxy(name)
     if p.build is not None:
-        return mixture_checkpoint(p.build(), get_schedule(schedule or p.schedule), f"proxy {name}")
+        mixture, label = (p.build(), f"proxy {name}") if scale == 1.0 else \
+            (scaled_mixture(p.build(), scale), f"proxy {name} x {scale:g}")
+        return mixture_checkpoint(mixture, get_schedule(schedule or p.schedule), label)
+    if scale != 1.0:
+        raise BadInput(f"proxy {name} is a trained model: its data cannot be scaled")
     return load_checkpoint(trained_model(name, rebuild), schedule=schedule)

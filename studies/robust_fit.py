@@ -49,7 +49,7 @@ from dmsteps_cli.grids import GRIDS
 from dmsteps_cli.refine import Fit, refine_steps, train_seeds, validation_seeds
 from studies.proxy_data import PROXIES, proxy_checkpoint
 
-from studies.default_rule import FAMILIES  # noqa: E402  (family -> (preset, flow shift))
+from studies.default_rule import ALL_FAMILIES, FAMILIES, proxy_scale  # noqa: E402  (family -> (preset, shift))
 CLOSED_FORM = tuple(name for name, p in PROXIES.items() if p.closed_form)
 ALL = "all"  # the fold fitted on every proxy
 
@@ -140,11 +140,12 @@ def ratios_to_best(ev, lam, baselines: dict, args) -> tuple[float, dict, str]:
 
 def proxy_sets(names, family: str, train: int, validation: int, holdout: int) -> dict:
     """{proxy: {"train": Evaluator, "validation": ..., "holdout": ...}} under ``family``'s schedule,
-    on the schedule's default interval."""
-    preset, _ = FAMILIES[family]
+    on the schedule's default interval, the proxies' data scaled by ``default_rule.proxy_scale`` (a
+    model-shift family's shift / 3)."""
+    preset, _ = ALL_FAMILIES[family]
     out = {}
     for name in names:
-        ck = proxy_checkpoint(name, preset)
+        ck = proxy_checkpoint(name, preset, scale=proxy_scale(family))
         s = ck.schedule
         seeds = {"train": train_seeds(train), "validation": validation_seeds(validation), "holdout": range(holdout)}
         out[name] = {role: Evaluator(ck, ck.denoiser(), list(r), s.T, s.eps_default, ck.device)

@@ -29,23 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmsteps_cli.checkpoints import mixture_checkpoint
 from dmsteps_cli.config import parse_nfe
 from dmsteps_cli.evaluate import Evaluator
 from dmsteps_cli.grids import shift_time, unshift_time
-from dmsteps_cli.mixtures import GaussianMixture
 from dmsteps_cli.optimize import default_record, step_rule_lambda
 from dmsteps_cli.schedule_sources import get_schedule
 from dmsteps_cli.warps import warp_names
-from studies.proxy_data import proxy_mixture
+from studies.proxy_data import proxy_checkpoint
 from studies.robust_fit import baselines_at
 
 MEASURED_SHIFT = 3.0
-
-
-def scaled(mixture: GaussianMixture, c: float) -> GaussianMixture:
-    """The mixture of c x (the data): means and standard deviations times c."""
-    return GaussianMixture(mixture._means64 * c, mixture._std64 * c, mixture._weights64, mixture.sample_shape)
 
 
 def u_frame(lam, schedule, s0: float, s: float, T: float, eps: float):
@@ -63,7 +56,7 @@ def measure(shift: float, names, solvers, nfes, holdout: int, log=print) -> list
     T, eps = s.T, s.eps_default
     rows = []
     for name in names:
-        ck = mixture_checkpoint(scaled(proxy_mixture(name), shift / MEASURED_SHIFT), s, f"proxy {name} scaled")
+        ck = proxy_checkpoint(name, "flow", scale=shift / MEASURED_SHIFT)
         ev = Evaluator(ck, ck.denoiser(), range(holdout), T, eps, ck.device)
         for solver, order in solvers:
             t0 = time.time()
