@@ -165,6 +165,13 @@ def candidates_words(r: dict) -> str:
             else "fitted warp and fixed ones")
 
 
+def on_network(net: dict, candidate: str) -> str:
+    """How ``candidate`` measured on the family's trained network (a record's ``network``), in words."""
+    m = net["measured"][candidate]
+    return (f"on the trained {net['network']} {m['ratio']:.2f}x the previous default {net['previous']} "
+            f"(95% {m['ci'][0]:.2f}-{m['ci'][1]:.2f})")
+
+
 def rule_defaults() -> tuple[list[dict], dict]:
     """(the default-steps records, the kept warps) from the warp study's kept results
     (studies/default_rule.py): one record per measured family, solver and order."""
@@ -204,13 +211,10 @@ def rule_defaults() -> tuple[list[dict], dict]:
                                 f"{p['ratio']:.2f}x {net['previous']} on the network, 95% {p['ci'][0]:.2f}-"
                                 f"{p['ci'][1]:.2f})" for p in r["passed_over"]))
         if r["unheld_above"]:
-            def on_network(c):
-                m = (net or {}).get("measured", {}).get(c)
-                return "" if m is None else (f"; on the trained {net['network']} {m['ratio']:.2f}x the previous default "
-                                             f"{net['previous']}, 95% {m['ci'][0]:.2f}-{m['ci'][1]:.2f}")
-
             why += "; ranked above it on the proxies but no table can hold them: " + ", ".join(
-                f"{c} ({r['scores'][c]['score']:.3f}{on_network(c)}: {reason})" for c, reason in r["unheld_above"].items())
+                f"{c} ({r['scores'][c]['score']:.3f}"
+                + (f"; {on_network(net, c)}" if net and c in net["measured"] else "") + f": {reason})"
+                for c, reason in r["unheld_above"].items())
         equal = same_steps(chosen, preset, shift)
         if equal:
             why += "; run by its consumers as the same steps as " + ", ".join(equal)
@@ -219,9 +223,7 @@ def rule_defaults() -> tuple[list[dict], dict]:
         elif chosen == net["previous"]:
             why += "" if r["passed_over"] else f"; the previous default, so nothing to check on the trained {net['network']}"
         else:
-            m = net["measured"][chosen]
-            why += (f"; on the trained {net['network']} {m['ratio']:.2f}x the previous default {net['previous']} "
-                    f"(95% {m['ci'][0]:.2f}-{m['ci'][1]:.2f})")
+            why += f"; {on_network(net, chosen)}"
         records.append({"preset": preset, "shift": shift, "solver": solver, "order": order, "objective": objective,
                         "init": init, "measured": True, "why": why, "candidate": chosen, "score": r["score"],
                         "scores": {c: r["scores"][c]["score"] for c in r["ranking"]},
