@@ -608,6 +608,8 @@ def refine(
                                   "mini-batches of --minibatch noises where a full-batch step costs too much."),
     starts: int = typer.Option(2, help="Fit from each of this many best distinct starts on the training noises "
                                "and keep the steps with the lowest validation error of all."),
+    race: int = typer.Option(10, help="With several starts, each runs this many Adam updates first, then only "
+                             "the one with the lowest validation error goes on (0: every start fitted in full)."),
     maxiter: int = typer.Option(60, help="Adam updates and L-BFGS-B iterations per NFE and start, each."),
     patience: int = typer.Option(10, help="Validations without a lower validation error before a phase of the fit "
                                  "stops (0: never early)."),
@@ -673,7 +675,8 @@ def refine(
         table_out = run_refine(RefineRequest(checkpoint=str(checkpoint), table=str(table),
                                              nfe=parse_nfe(nfe) if nfe else None, train=train,
                                              validation=validation, holdout=holdout, seed=seed,
-                                             optimizer=optimizer, starts=starts, maxiter=maxiter, patience=patience,
+                                             optimizer=optimizer, starts=starts, race=race, maxiter=maxiter,
+                                             patience=patience,
                                              minibatch=minibatch, lr=lr, batch=batch,
                                              activation_checkpointing=activation_checkpointing,
                                              network_dtype=network_dtype, device=device, dtype=dtype,

@@ -26,6 +26,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "patience": (0, 10_000),  # 0: never stop early
     "minibatch": (0, 65_536),
     "starts": (1, 64),
+    "race": (0, 10_000),  # 0: no race
     "lr": (1e-6, 10.0),  # Adam's step size in refine's gap logits
     "grad_batch": (1, 65_536),
     "maxiter": (0, 10_000),

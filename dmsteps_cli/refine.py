@@ -127,6 +127,7 @@ OPTIMIZER = "adam+lbfgs"  # the default fit: Adam on every training noise, then 
 REFINE_MARGIN = 0.5  # references are settled for errors down to half the best start's
 PATIENCE = 10  # validations without a lower validation error before a phase of the fit stops (docs/cli.md: why)
 STARTS = 2  # the best distinct candidates on the training noises a fit starts from, the best validated kept
+RACE = 10  # Adam updates every start runs before only the best goes on (docs/benchmarks.md: the race)
 FORWARD_PER_GRADIENT = 4  # noises per batch of a forward solve, per noise of a backward pass (refine_table)
 
 
@@ -149,6 +150,7 @@ class RefineRequest(MeasureSettings):
     holdout: int = 256
     optimizer: str = OPTIMIZER  # "adam+lbfgs", "lbfgs" or "adam" (``Fit``)
     starts: int = STARTS  # the best distinct candidates the fit runs from (``Fit``)
+    race: int = RACE  # Adam updates each start runs before only the best goes on (``Fit``; 0: no race)
     maxiter: int = 60  # Adam updates and L-BFGS-B iterations per NFE, each
     patience: int = PATIENCE  # validations without a lower validation error before a phase of the fit stops (0: never)
     minibatch: int = 0  # Adam's training noises per update; 0: every one
@@ -164,7 +166,7 @@ class RefineRequest(MeasureSettings):
     def bounded(self) -> dict:
         return {**super().bounded(), "train": self.train, "holdout": self.holdout, "maxiter": self.maxiter,
                 "validation": self.validation, "patience": self.patience, "minibatch": self.minibatch, "lr": self.lr,
-                "starts": self.starts}
+                "starts": self.starts, "race": self.race}
 
 
 OPTIMIZERS = (OPTIMIZER, "lbfgs", "adam")
@@ -185,11 +187,16 @@ class Fit:
     With validation noises, their mean error is measured after every L-BFGS-B iteration, or after
     every pass of Adam over the training noises, and each phase stops after ``patience``
     measurements in a row without a new lowest one (0: never early).
+    ``race``: with several starts and Adam first, every start runs its first ``race`` Adam updates
+    and only the one whose point kept is best (``_Keeper``: validation error, or without validation
+    noises training error) goes on, continuing its Adam run (0, or ``race`` >= ``maxiter``: every
+    start is fitted in full).
     ``grad_batch``, ``checkpointing``, ``network_dtype``: the gradient's memory and precision
     (``Evaluator.mean_error_and_grad``)."""
 
     method: str = OPTIMIZER
     starts: int = STARTS
+    race: int = RACE
     maxiter: int = 60
     patience: int = PATIENCE
     minibatch: int = 0
@@ -204,13 +211,21 @@ class Fit:
         """The methods run in turn: ("adam", "lbfgs") for "adam+lbfgs"."""
         return tuple(self.method.split("+"))
 
+    def races(self, starts: int) -> bool:
+        """Whether ``starts`` starts race (``race``) rather than each being fitted in full."""
+        return starts > 1 and 0 < self.race < self.maxiter and self.phases[0] == "adam"
+
     def describe(self) -> str:
         """The method and its budget, in words (the table's ``refine.optimizer``)."""
         lbfgs = f"{METHOD}, maxiter {self.maxiter}"
         noises = "every training noise" if self.minibatch == 0 else f"mini-batches of {self.minibatch} training noises"
         adam = (f"Adam over softmax gap logits on {noises}, exact gradients (autograd), {self.maxiter} updates of "
                 f"step size {self.lr:g}, the point judged every pass over the training noises")
-        return "; then ".join(adam if m == "adam" else lbfgs for m in self.phases)
+        method = "; then ".join(adam if m == "adam" else lbfgs for m in self.phases)
+        if self.races(self.starts):
+            method += (f"; the {self.starts} best distinct starts each run {self.race} Adam updates, then only the one "
+                       "whose point kept is best goes on")
+        return method
 
 
 @dataclass
@@ -368,40 +383,63 @@ def _fit_lbfgs(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance
     return count["iterations"], count["evaluations"], message, ended
 
 
+@dataclass
+class AdamState:
+    """Where an Adam run stands: the gap logits ``u``, the moment estimates ``m`` and ``v``, the
+    updates done ``k`` and the generator of its mini-batches (``_fit_adam`` continues from it)."""
+
+    u: np.ndarray
+    m: np.ndarray
+    v: np.ndarray
+    rng: np.random.Generator
+    k: int = 0
+
+    @classmethod
+    def start(cls, lam0, seed: int) -> "AdamState":
+        u = logits_of(lam0)
+        return cls(u, np.zeros_like(u), np.zeros_like(u), np.random.default_rng(seed))
+
+
 def _fit_adam(train, lam0, args, fit: Fit, keeper: _Keeper, seen: dict, advance=None,
-              offset: int = 0) -> tuple[int, int, str, bool]:
+              offset: int = 0, state: AdamState | None = None, until: int | None = None) -> tuple[int, int, str, bool]:
     """Adam on mini-batch training errors from lam0 (``fit.minibatch`` noises, 0: all); after every
     pass over the training noises and after the last update, the point goes to ``keeper``
     (numbered from ``offset`` + 1); ``advance(update, note)`` (``progress.phase``) after each
-    update. Returns (updates, evaluations, stop reason, whether a stop other than patience ended
-    the whole fit)."""
+    update. ``state``: an ``AdamState`` to continue (lam0 is then its start, unused), updated in
+    place; ``until``: pause after this many updates in all (None: run to ``fit.maxiter``).
+    Returns (updates run by this call, evaluations, stop reason, whether a stop other than patience
+    ended the whole fit)."""
     lam_T, lam_eps = lam0[0], lam0[-1]
     n = len(train.seeds)
     size = n if fit.minibatch == 0 else min(fit.minibatch, n)
     every = -(-n // size)  # updates per pass over the training noises
-    rng = np.random.default_rng(fit.seed)
-    u = logits_of(lam0)
-    m, v = np.zeros_like(u), np.zeros_like(u)
-    (b1, b2), done = ADAM_BETAS, 0
+    s = AdamState.start(lam0, fit.seed) if state is None else state
+    last = fit.maxiter if until is None else min(until, fit.maxiter)
+    b1, b2 = ADAM_BETAS
+    first = s.k
     try:
-        for k in range(1, fit.maxiter + 1):
-            rows = np.sort(rng.choice(n, size=size, replace=False))
-            lam, dlam_du = lam_and_jacobian(u, lam_T, lam_eps)
+        while s.k < last:
+            k = s.k + 1
+            rows = np.sort(s.rng.choice(n, size=size, replace=False))
+            lam, dlam_du = lam_and_jacobian(s.u, lam_T, lam_eps)
             batch_error, dvalue_dlam = train.mean_error_and_grad(lam, *args, chunk=fit.grad_batch,
                                                        checkpointing=fit.checkpointing,
                                                        network_dtype=fit.network_dtype, rows=rows)
             g = dlam_du.T @ dvalue_dlam
-            m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * g * g
-            u = u - fit.lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + 1e-12)
-            done = k
-            if k % every == 0 or k == fit.maxiter:
-                keeper.see(_pinned(lam_of_logits(u, lam_T, lam_eps), lam_T, lam_eps), offset + k)
+            s.m = b1 * s.m + (1 - b1) * g
+            s.v = b2 * s.v + (1 - b2) * g * g
+            s.u = s.u - fit.lr * (s.m / (1 - b1**k)) / (np.sqrt(s.v / (1 - b2**k)) + 1e-12)
+            s.k = k
+            if k % every == 0 or k == last:
+                keeper.see(_pinned(lam_of_logits(s.u, lam_T, lam_eps), lam_T, lam_eps), offset + k)
             if advance is not None:
                 advance(k, f"{'training' if size == n else 'mini-batch training'} error {batch_error:.4g}, "
                            f"{keeper.kept()}")
     except EarlyStop as stop:
-        return done, done, str(stop), not isinstance(stop, PatienceStop)
+        return s.k - first, s.k - first, str(stop), not isinstance(stop, PatienceStop)
+    done = s.k - first
+    if s.k < fit.maxiter:
+        return done, done, f"paused after {s.k} updates", False
     return done, done, f"ran its {fit.maxiter} updates", False
 
 
@@ -445,19 +483,39 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
             seen[lam.tobytes()] = float(train.errors(lam, *args).mean())
         return seen[lam.tobytes()]
 
-    fits = []
-    for start in distinct_best(writable, train_err, starts, lam_eps, fit.starts):
-        lam0 = table_lambda(starts[start], lam_eps)
-        seen[lam0.tobytes()] = train_err[start]
+    def keeper_at(lam0) -> _Keeper:
         if validation is None:
-            keeper = _Keeper(training_error, lam0)
-        else:
-            keeper = _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
-                             lambda: validation.reference_steps, noises="validation")
-        counts = _run_phases(train, start, args, fit, keeper, seen, progress, what)
-        fits.append((start, lam0, keeper, counts))
-        if counts.budget_ended:  # no further starts
-            break
+            return _Keeper(training_error, lam0)
+        return _Keeper(lambda lam: float(validation.errors(lam, *args).mean()), lam0, fit.patience,
+                       lambda: validation.reference_steps, noises="validation")
+
+    chosen = distinct_best(writable, train_err, starts, lam_eps, fit.starts)
+    lam0s = {name: table_lambda(starts[name], lam_eps) for name in chosen}
+    for name, lam0 in lam0s.items():
+        seen[lam0.tobytes()] = train_err[name]
+    fits = []
+    if fit.races(len(chosen)):
+        keepers = {name: keeper_at(lam0s[name]) for name in chosen}
+        raced = _race(train, chosen, args, fit, keepers, seen, progress, what)
+        leader = min(chosen, key=lambda name: keepers[name].best_error)
+        for name in chosen:
+            run = raced[name]
+            if name == leader and not run.counts.budget_ended:
+                counts = _run_phases(train, name, args, fit, keepers[name], seen, progress, what, run)
+            elif name == leader or run.counts.budget_ended or run.counts.message.startswith("stopped early"):
+                counts = run.counts
+            else:
+                counts = run.counts._replace(message=f"left the race after {run.counts.iterations} updates "
+                                                     f"(validation error {keepers[name].best_error:.4g}; "
+                                                     f"{leader}'s {keepers[leader].best_error:.4g})")
+            fits.append((name, lam0s[name], keepers[name], counts))
+    else:
+        for name in chosen:
+            keeper = keeper_at(lam0s[name])
+            counts = _run_phases(train, name, args, fit, keeper, seen, progress, what)
+            fits.append((name, lam0s[name], keeper, counts))
+            if counts.budget_ended:  # no further starts
+                break
     for _, _, keeper, _ in fits:
         keeper.rejudge()  # every fit's numbers on the reference as it is now
     start, lam0, keeper, counts = min(fits, key=lambda f: f[2].best_error)
@@ -505,20 +563,56 @@ class FitCounts(NamedTuple):
     budget_ended: bool  # a time or iteration budget ended it (no further starts run)
 
 
+class Raced(NamedTuple):
+    """One start's run in the race (``_race``): its first phase's counts so far and its Adam state."""
+
+    counts: FitCounts
+    state: AdamState
+
+
+def _race(train, names, args, fit: Fit, keepers: dict, seen: dict, progress, what: str) -> dict:
+    """The first ``fit.race`` updates of the first phase (Adam) from each start in ``names``, each
+    judged by its keeper (``keepers[name]``, holding the start): {name: Raced}. A budget's stop ends
+    the race (the runs after it are not started: zero updates)."""
+    raced, ended = {}, False
+    for name in names:
+        state = AdamState.start(keepers[name].best_lam, fit.seed)
+        if ended:
+            raced[name] = Raced(FitCounts(0, 0, "not run: the budget ended the race", True), state)
+            continue
+        advance = phase(progress, f"{what}: racing from {name} (adam)", fit.race, PHASES["adam"][1])
+        done, evaluated, message, ended = _fit_adam(train, keepers[name].best_lam, args, fit, keepers[name],
+                                                   seen if fit.network_dtype is None else {}, advance,
+                                                   state=state, until=fit.race)
+        advance(done, f"{message}; {keepers[name].kept()}", last=True)
+        raced[name] = Raced(FitCounts(done, evaluated, message, ended), state)
+    return raced
+
+
 def _run_phases(train, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, progress,
-                what: str) -> FitCounts:
+                what: str, raced: Raced | None = None) -> FitCounts:
     """The phases of ``fit`` in turn, each from the point ``keeper`` holds (at first its start, named
-    ``start``)."""
+    ``start``); ``raced``: the start's run in the race, which the first phase (Adam) continues
+    (its patience count goes on too), unless the race stopped it already."""
     iterations = evaluations = 0
     messages, ended = [], False
     for k, method in enumerate(fit.phases):
         run, unit = PHASES[method]
         origin = f"the point kept from {start}" if k else start
         advance = phase(progress, f"{what}: fitting from {origin} ({method})", fit.maxiter, unit)
-        keeper.since_best = 0  # each phase has its own patience
+        extra = {}
+        if k == 0 and raced is not None:
+            iterations, evaluations = raced.counts.iterations, raced.counts.evaluations
+            if raced.counts.message.startswith("stopped early"):
+                messages.append(f"{method}: {raced.counts.message}")
+                continue
+            extra = {"state": raced.state}
+        else:
+            keeper.since_best = 0  # each phase has its own patience
         done_here, evaluated, message, ended = run(train, keeper.best_lam, args, fit, keeper,
-                                                  seen if fit.network_dtype is None else {}, advance, iterations)
-        advance(done_here, f"{message}; {keeper.kept()}", last=True)
+                                                  seen if fit.network_dtype is None else {}, advance,
+                                                  iterations if k else 0, **extra)
+        advance(iterations + done_here if extra else done_here, f"{message}; {keeper.kept()}", last=True)
         iterations, evaluations = iterations + done_here, evaluations + evaluated
         messages.append(message if len(fit.phases) == 1 else f"{method}: {message}")
         if ended:
@@ -659,7 +753,8 @@ def _nfes_to_refine(table: dict, nfe, table_name: str) -> list[int]:
 
 
 def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: int = 64, holdout: int = 256,
-                 seed: int = 0, optimizer: str = OPTIMIZER, starts: int = STARTS, maxiter: int = 60,
+                 seed: int = 0, optimizer: str = OPTIMIZER, starts: int = STARTS, race: int = RACE,
+                 maxiter: int = 60,
                  patience: int = PATIENCE,
                  minibatch: int = 0, lr: float = 0.05, batch: int = BATCH,
                  activation_checkpointing: bool | None = None, network_dtype: str | None = None,
@@ -713,7 +808,8 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
                                        activation_checkpointing, None, "refine_table")
     labels = checked_run(seed=seed, guidance_scale=guidance_scale, class_label=class_label, class_labels=class_labels,
                          train=train, holdout=holdout, batch=batch, maxiter=maxiter, ref_steps=ref_steps,
-                         validation=validation, patience=patience, minibatch=minibatch, lr=lr, starts=starts)
+                         validation=validation, patience=patience, minibatch=minibatch, lr=lr, starts=starts,
+                         race=race)
     check_optimizer(optimizer)
     nfes = _nfes_to_refine(table, nfe, table_name)
     source = ckpt.source if source is None else source
@@ -728,7 +824,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     if baselines is not None:
         baselines = list(dict.fromkeys(baselines))
         check_baselines(baselines, schedule, nfes, cfg["T"], cfg["eps"], cfg.get("shift"))
-    fit = Fit(method=optimizer, starts=starts, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
+    fit = Fit(method=optimizer, starts=starts, race=race, maxiter=maxiter, patience=patience, minibatch=minibatch, lr=lr, seed=seed,
               grad_batch=batch, checkpointing=activation_checkpointing, network_dtype=low)
     labels, held_labels = noise_labels(ckpt, labels), noise_labels(ckpt, labels, held=True)
     network_denoiser(ckpt, labels, guidance_scale)  # the labels and the guidance, checked before any hashing
@@ -805,7 +901,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
     }}
 
 
-TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "starts", "maxiter", "patience", "minibatch",
+TABLE_SETTINGS = ("nfe", "train", "validation", "holdout", "seed", "optimizer", "starts", "race", "maxiter", "patience", "minibatch",
                   "lr", "batch", "activation_checkpointing", "network_dtype", "ref_steps", "class_label", "class_labels",
                   "guidance_scale", "baselines")
 

@@ -152,6 +152,7 @@ def test_adam_on_mini_batches_lowers_the_validation_error_reproducibly(files):
     ("validation", -1, "validation must be between 0 and 65536"),
     ("patience", 1.5, "patience must be a whole number"),
     ("minibatch", -1, "minibatch must be between 0 and 65536"),
+    ("race", -1, "race must be between 0 and 10000"),
     ("lr", 0.0, "lr must be between"),
     ("holdout", 1_000_001, "holdout must be between 1 and 1000000"),
 ])
@@ -215,3 +216,52 @@ def test_refines_nfe_2_and_3_with_the_order_capped(files, tmp_path):
         assert e["optimizer"]["status"] in ("refined", "kept-start")
         assert e["refine"]["validation_error"] <= e["refine"]["validation_error_start"]
     assert check_table(json.loads(dumps(out, "json"))) == []
+
+
+def test_an_adam_run_paused_and_continued_is_the_run_without_a_pause(files):
+    """The race pauses each start's Adam run and continues the leader's: the same updates, to the bit."""
+    from dmsteps_cli.refine import AdamState, _fit_adam, _Keeper
+
+    train, s = _gaussian(files, range(1_000_000, 1_000_000 + TRAIN))
+    lam0 = grid_lambda("quad", s, 5, s.T, s.eps_default)
+    fit = Fit(method="adam", maxiter=9, minibatch=4, lr=0.1)
+    args = ("unipc", 3, "bh2")
+
+    def judge(lam):
+        return float(train.errors(lam, *args).mean())
+
+    whole, state = _Keeper(judge, lam0), AdamState.start(lam0, fit.seed)
+    assert _fit_adam(train, lam0, args, fit, whole, {}, state=state)[:3] == (9, 9, "ran its 9 updates")
+    paused, again = _Keeper(judge, lam0), AdamState.start(lam0, fit.seed)
+    assert _fit_adam(train, lam0, args, fit, paused, {}, state=again, until=5)[:3] == (5, 5, "paused after 5 updates")
+    assert again.k == 5 and paused.count == 3  # judged every pass (2 updates) and at the pause
+    assert _fit_adam(train, lam0, args, fit, paused, {}, state=again)[:3] == (4, 4, "ran its 9 updates")
+    assert again.k == state.k == 9
+    np.testing.assert_array_equal(again.u, state.u)
+    np.testing.assert_array_equal(paused.best_lam, whole.best_lam)
+
+
+def test_the_starts_race_and_only_the_best_goes_on(files):
+    """Two starts run ``race`` Adam updates each; the one with the lower validation error after them
+    goes on and is the steps kept; the other's record says it left the race and why."""
+    train, s = _gaussian(files, range(1_000_000, 1_000_000 + TRAIN))
+    valid, _ = _gaussian(files, range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + VALID))
+    starts = {g: grid_lambda(g, s, 5, s.T, s.eps_default) for g in GRIDS}
+    args = ("unipc", 3, "bh2")
+    raced = refine_steps(train, starts, *args, Fit(maxiter=12, race=3, patience=0), valid)
+    assert len(raced.fits) == 2
+    leader, other = sorted(raced.fits, key=lambda f: f["error"])
+    assert raced.start == leader["start"] and leader["iterations"] > 3
+    assert other["iterations"] == other["evaluations"] == 3
+    assert other["message"].startswith("left the race after 3 updates (validation error")
+    assert f"{leader['start']}'s" in other["message"]
+    # the leader's run is the one the full fit from that start makes: the race only pauses it
+    alone = refine_steps(train, {leader["start"]: starts[leader["start"]]}, *args, Fit(maxiter=12, patience=0), valid)
+    np.testing.assert_array_equal(raced.lam, alone.lam)
+    assert raced.iterations == alone.iterations and raced.validation_error == alone.validation_error
+    # race 0: every start fitted in full, and the kept steps are no worse on the validation noises
+    full = refine_steps(train, starts, *args, Fit(maxiter=12, race=0, patience=0), valid)
+    assert all(f["iterations"] > 3 and not f["message"].startswith("left") for f in full.fits)
+    assert full.validation_error <= raced.validation_error
+    assert "each run 3 Adam updates" in Fit(maxiter=12, race=3).describe()
+    assert "race" not in Fit(maxiter=12, race=0).describe() and "race" not in Fit(starts=1).describe()
