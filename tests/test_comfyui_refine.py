@@ -375,3 +375,19 @@ def test_the_documented_workflow_names_the_nodes_inputs():
     sampler = next(n for n in workflow.values() if n["class_type"] == "SamplerCustomAdvanced")
     assert workflow[sampler["inputs"]["sigmas"][0]]["class_type"] == "DmstepsRefine"
     assert DmstepsRefine.RETURN_TYPES[sampler["inputs"]["sigmas"][1]] == "SIGMAS"
+
+
+def test_the_estimate_counts_the_race_for_every_start_but_the_best():
+    """Past the race's updates only the leading start's fit grows: one more iteration costs one
+    iteration of each phase of one fit, not of every start's."""
+    from dmsteps_cli.refine import Fit
+
+    fit, steps, train, validation = Fit(), 6, 8, 8
+    at = {n: comfyui_refine.model_evaluations(steps, train, validation, 16, n, 12) for n in (40, 41)}
+    one_iteration = steps * sum(comfyui_refine.GRADIENTS_PER_ITERATION[m] * comfyui_refine.CALLS_PER_GRADIENT * train
+                                + validation for m in fit.phases)
+    assert fit.starts > 1 and fit.races(fit.starts)
+    assert at[41] - at[40] == pytest.approx(one_iteration)
+    # with fewer iterations than the race every start is fitted in full
+    few = {n: comfyui_refine.model_evaluations(steps, train, validation, 16, n, 12) for n in (3, 4)}
+    assert few[4] - few[3] == pytest.approx(fit.starts * one_iteration)

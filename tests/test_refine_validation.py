@@ -265,3 +265,22 @@ def test_the_starts_race_and_only_the_best_goes_on(files):
     assert full.validation_error <= raced.validation_error
     assert "each run 3 Adam updates" in Fit(maxiter=12, race=3).describe()
     assert "race" not in Fit(maxiter=12, race=0).describe() and "race" not in Fit(starts=1).describe()
+
+
+def test_a_budget_that_ends_the_race_ends_the_fit_and_runs_no_further_start(files):
+    from dmsteps_cli.refine import EarlyStop
+
+    train, s = _gaussian(files, range(1_000_000, 1_000_000 + TRAIN))
+    valid, _ = _gaussian(files, range(VALIDATION_SEED_OFFSET, VALIDATION_SEED_OFFSET + VALID))
+    starts = {g: grid_lambda(g, s, 5, s.T, s.eps_default) for g in GRIDS}
+
+    def budget(event):
+        if event.unit == "updates" and event.done == 2 and not event.last:
+            raise EarlyStop("stopped: the time budget ran out after 2 updates")
+
+    r = refine_steps(train, starts, "unipc", 3, "bh2", Fit(maxiter=12, race=3), valid, progress=budget)
+    first, second = r.fits
+    assert (first["iterations"], first["message"]) == (2, "stopped: the time budget ran out after 2 updates")
+    assert (second["iterations"], second["message"]) == (0, "not run: the budget ended the race")
+    assert second["error"] == second["error_start"]
+    assert r.validation_error == min(first["error"], second["error"])

@@ -255,15 +255,21 @@ def model_evaluations(steps: int, train: int, validation: int, holdout: int, ite
     """Model evaluations of single noises a refinement spends, at the references' first step count
     (a reference that must double costs more): the references (S and 2 S steps of every noise), the
     ``starts`` candidate starts measured on every set of noises and again on the training ones, the
-    fit (for each start and each phase of the default fit, ``iterations`` times ``GRADIENTS_PER_ITERATION``
+    fit (each phase of the default fit, ``iterations`` times ``GRADIENTS_PER_ITERATION``
     checkpointed gradients of the training noises, ``CALLS_PER_GRADIENT`` evaluations each, and a
-    validation), and the held-out evaluation of the starts and the result."""
+    validation; for the fit's best start in full, and for each other start in full or, where the
+    starts race, for the race's updates of the first phase), and the held-out evaluation of the
+    starts and the result."""
     noises = train + validation + holdout
-    fit = Fit()  # the fit run_fit runs: refine's default method and starts
-    per_iteration = fit.starts * sum(GRADIENTS_PER_ITERATION[m] * CALLS_PER_GRADIENT * train + validation
-                                     for m in fit.phases)
+    fit = Fit(maxiter=iterations)  # the fit run_fit runs: refine's default method, starts and race
+
+    def per_iteration(method: str) -> float:
+        return GRADIENTS_PER_ITERATION[method] * CALLS_PER_GRADIENT * train + validation
+
+    in_full = iterations * sum(per_iteration(m) for m in fit.phases)
+    other = fit.race * per_iteration(fit.phases[0]) if fit.races(fit.starts) else in_full
     return (3 * ref_steps * noises + starts * steps * (noises + train)
-            + iterations * steps * per_iteration + (starts + 1) * steps * holdout)
+            + steps * (in_full + (fit.starts - 1) * other) + (starts + 1) * steps * holdout)
 
 
 def estimate_seconds(seconds_per_evaluation: float, *counts, **settings) -> float:
