@@ -178,6 +178,27 @@ def test_refine_reports_every_phase_and_iteration(files, run_cli, every_advance,
     assert refined["refine"]["device"] == "cpu"
 
 
+def test_refine_reports_the_race_and_the_leaders_run_going_on(files, run_cli, every_advance, tmp_path):
+    out = tmp_path / "r.json"
+    rc, err = run_cli("refine", "-c", str(files / "mix.yaml"), "-t", str(files / "t.json"), "--nfe", "5",
+                      "--train", "4", "--validation", "4", "--holdout", "4", "--maxiter", "4", "--race", "2",
+                      "--patience", "0", "--no-cache", "-o", str(out))
+    assert rc == 0, err
+    text = "\n".join(progress_lines(err, "refine"))
+    fits = json.loads(out.read_text())["entries"][0]["optimizer"]["fits"]
+    leader = min(fits, key=lambda f: f["error"])["start"]
+    what = "refine: NFE 5 (1 of 1)"
+    for fit in fits:
+        for i in (1, 2):
+            assert re.search(rf"{re.escape(what)}: racing from {re.escape(fit['start'])} \(adam\): {i} of 2 updates, "
+                             r"training error [0-9.e-]+, lowest validation error", text)
+        if fit["start"] != leader:
+            assert fit["iterations"] == 2 and fit["message"].startswith("left the race after 2 updates")
+    for i in (3, 4):  # the leader's Adam run goes on from its third update
+        assert re.search(rf"{re.escape(what)}: fitting from {re.escape(leader)} \(adam\): {i} of 4 updates", text)
+    assert not re.search(rf"fitting from {re.escape(leader)} \(adam\): 1 of 4 updates", text)
+
+
 def test_evaluate_reports_reference_solutions_and_nfes(files, run_cli, every_advance, tmp_path):
     out = tmp_path / "e.json"
     rc, err = run_cli("evaluate", "-c", str(files / "mix.yaml"), "-t", str(files / "t.json"), "--samples", "6",
