@@ -508,19 +508,20 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
                 counts = run.counts._replace(message=f"left the race after {run.counts.iterations} updates "
                                                      f"(validation error {keepers[name].best_error:.4g}; "
                                                      f"{leader}'s {keepers[leader].best_error:.4g})")
-            fits.append((name, lam0s[name], keepers[name], counts))
+            fits.append(StartFit(name, lam0s[name], keepers[name], counts))
     else:
         for name in chosen:
             keeper = keeper_at(lam0s[name])
             counts = _run_phases(train, name, args, fit, keeper, seen, progress, what)
-            fits.append((name, lam0s[name], keeper, counts))
+            fits.append(StartFit(name, lam0s[name], keeper, counts))
             if counts.budget_ended:  # no further starts
                 break
-    for _, _, keeper, _ in fits:
-        keeper.rejudge()  # every fit's numbers on the reference as it is now
-    start, lam0, keeper, counts = min(fits, key=lambda f: f[2].best_error)
-    record = [{"start": name, "iterations": c.iterations, "evaluations": c.evaluations, "message": c.message,
-               "error_start": k.start_error, "error": k.best_error} for name, _, k, c in fits]
+    for f in fits:
+        f.keeper.rejudge()  # every fit's numbers on the reference as it is now
+    start, lam0, keeper, counts = min(fits, key=lambda f: f.keeper.best_error)
+    record = [{"start": f.start, "iterations": f.counts.iterations, "evaluations": f.counts.evaluations,
+               "message": f.counts.message, "error_start": f.keeper.start_error, "error": f.keeper.best_error}
+              for f in fits]
     done = {"start": start, "train_errors": train_err, "iterations": counts.iterations,
             "evaluations": counts.evaluations, "message": counts.message, "fits": record}
     if validation is not None:
@@ -561,6 +562,16 @@ class FitCounts(NamedTuple):
     evaluations: int
     message: str  # why each phase stopped
     budget_ended: bool  # a time or iteration budget ended it (no further starts run)
+
+
+class StartFit(NamedTuple):
+    """One start's fit in ``refine_steps``: its name, its steps (a table's lambdas), the keeper that
+    judged it (the point kept and its error) and what the fit did."""
+
+    start: str
+    lam0: np.ndarray
+    keeper: "_Keeper"
+    counts: FitCounts
 
 
 class Raced(NamedTuple):
