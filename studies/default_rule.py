@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KEPT = ROOT / "docs" / "research" / "evaluation" / "warp"  # the warp study's kept results
 FITS = KEPT / "fits"  # warp_fit.py in the earlier frame (the last step landing at eps): the first warps
 CONSUMER = KEPT / "consumer-frame"  # the rule's data, every list measured as its consumer runs it:
-LINES = CONSUMER  # default_candidates.py, one file per family, solver and order
+# default_candidates.py's lines, one file per family, solver and order
 REFITS = CONSUMER / "fits"  # warp_fit.py run again in this frame (its file replaces the line's)
 OPTIMIZED = CONSUMER / "defaults.jsonl"  # warp_defaults.py: the paper's optimized tables (edm)
 NETWORK = CONSUMER / "network-check.jsonl"  # default_network.py: paired intervals on the trained networks
@@ -182,7 +182,7 @@ def network_records(path: Path = NETWORK) -> dict:
     return out
 
 
-def line_files(lines_dir: Path = LINES, refits_dir: Path = REFITS) -> dict:
+def line_files(lines_dir: Path = CONSUMER, refits_dir: Path = REFITS) -> dict:
     """{(family, solver, order): the file of its candidates}: default_candidates.py's lines
     (``FAMILY-SOLVER-oORDER.jsonl[.gz]``), each replaced by warp_fit.py's file where the warp was
     fitted again in this frame."""
@@ -240,7 +240,7 @@ def unheld(names, family: str, nfes=TABLE_NFE) -> dict:
     return out
 
 
-def apply_rule(order, lines_dir: Path = LINES, refits_dir: Path = REFITS, optimized: Path = OPTIMIZED,
+def apply_rule(order, lines_dir: Path = CONSUMER, refits_dir: Path = REFITS, optimized: Path = OPTIMIZED,
                network: Path = NETWORK) -> list[dict]:
     """One record per family, solver and order in the kept results (``line_files``): the choice, its
     score, every candidate's score and per-proxy ratios, the candidates the network passed over, those
