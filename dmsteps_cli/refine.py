@@ -69,7 +69,7 @@ The refined table is the input table with these changes:
         holdout_error         the held-out error of the entry's steps
         best_baseline         the baseline with the lowest held-out error
         ratio_to_best_baseline   holdout_error / holdout_errors[best_baseline]
-        ratio_ci95            its paired 95% interval over the held-out noises (evaluate's bootstrap)
+        ratio_ci95            its paired 95% interval over the held-out noises (evaluate's bootstrap; null with one)
         not_starts            {baseline: why no table can hold it}: measured, never a start
     refine            checkpoint, from_table, solver {name, order, variant}, baselines (how they were
                       chosen), frame (the end point every error is measured at), device (what it ran on,
@@ -96,13 +96,13 @@ from .checkpoints import network_denoiser
 from .errors import BadInput, bad_setting, mentioning
 from .evaluate import (
     END_POINT,
+    Comparison,
     METRIC,
     Evaluator,
     conditioned_evaluator,
     conditioning_record,
     needs_denoiser,
     noise_labels,
-    paired_ratio_ci,
     space_of,
 )
 from .baselines import check_baselines, check_names, consumer_steps, fitting_baselines
@@ -676,13 +676,14 @@ def table_lambda(lam, lam_eps: float) -> np.ndarray:
     return lam
 
 
-def ratio_to_best_baseline(errors: dict, refined: np.ndarray) -> dict:
-    """The held-out ratio of ``refined`` (per-noise errors of the steps kept) to the baseline with
+def ratio_to_best_baseline(errors: dict, refined: np.ndarray, nfe: int) -> dict:
+    """The held-out ratio at ``nfe`` of ``refined`` (per-noise errors of the steps kept) to the baseline with
     the lowest mean held-out error among ``errors`` ({baseline: per-noise errors}), with the
-    paired 95% interval ``evaluate`` computes (``evaluate.paired_ratio_ci``)."""
-    best = min(errors, key=lambda b: float(errors[b].mean()))
-    return {"best_baseline": best, "ratio_to_best_baseline": float(refined.mean()) / float(errors[best].mean()),
-            "ratio_ci95": paired_ratio_ci(refined, errors[best])}
+    paired 95% interval ``evaluate`` computes (``evaluate.Comparison``, the baselines as its grids;
+    None with one held-out noise)."""
+    versus = Comparison(nfe, grids=errors, steps={})
+    return {"best_baseline": versus.best, "ratio_to_best_baseline": versus.ratio(refined),
+            "ratio_ci95": versus.ratio_ci95(refined)}
 
 
 def train_seeds(train: int, seed: int = 0) -> range:
@@ -876,7 +877,7 @@ def refine_table(ckpt, table: dict, *, nfe=None, train: int = 64, validation: in
         refined = held_errors(r.lam) if r.improved else per_noise[r.start]
         holdout_errors = {name: float(e.mean()) for name, e in per_noise.items()}
         holdout_error = float(refined.mean())
-        versus = ratio_to_best_baseline({b: e for b, e in per_noise.items() if b != TABLE}, refined)
+        versus = ratio_to_best_baseline({b: e for b, e in per_noise.items() if b != TABLE}, refined, n)
         advance(len(starts) + 1, f"refined {holdout_error:.4g}, {versus['ratio_to_best_baseline']:.3g} x "
                                  f"{versus['best_baseline']}")
         objective = table_objective(schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), solver, order, variant, n)

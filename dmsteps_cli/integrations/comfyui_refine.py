@@ -514,7 +514,8 @@ def refined_table(job: Job, res: Result, sampler_name: str) -> dict:
     objective = table_objective(job.schedule, cfg["objective"], cfg["p"], cfg.get("trunc"), job.solver, job.order,
                                 job.variant, job.steps)
     held = {name: float(e.mean()) for name, e in res.holdout_errors.items()}
-    versus = ratio_to_best_baseline({b: e for b, e in res.holdout_errors.items() if b != TABLE}, res.holdout_error)
+    versus = ratio_to_best_baseline({b: e for b, e in res.holdout_errors.items() if b != TABLE}, res.holdout_error,
+                                    job.steps)
     entry.update({**step_arrays(job.schedule, r.lam, job.T, job.eps),
                   "objective": objective.value(r.lam), "init": start_label(r.start, r.improved),
                   "init_objective": objective.value(table_lambda(res.starts[r.start], lam_eps)),
@@ -550,7 +551,7 @@ def report(job: Job, res: Result, sampler_name: str, path: str) -> str:
     over the best baseline's (every hand-made grid and scheduler ComfyUI has that fits), each with a
     paired 95% interval (``evaluate.paired_ratio_ci``)."""
     e, start = res.holdout_error, res.holdout_errors[TABLE]
-    versus = ratio_to_best_baseline({b: x for b, x in res.holdout_errors.items() if b != TABLE}, e)
+    versus = ratio_to_best_baseline({b: x for b, x in res.holdout_errors.items() if b != TABLE}, e, job.steps)
     lo, hi = versus["ratio_ci95"]
     return "\n".join([
         f"dmsteps refine: {sampler_name}, {job.steps} steps, cfg {job.cfg:g}, {job.train} training, "
