@@ -198,11 +198,17 @@ def cut_steps(table: dict, nfe: int, sigma: float) -> Split:
 
 # --- denoise below 1 -----------------------------------------------------------------------------
 
+def calls_at(nfe: int, denoise: float) -> int:
+    """The model calls of a partial run of an ``nfe``-call list at ``denoise`` (0 to 1, unchecked):
+    round(nfe x denoise), half to even, as the ComfyUI nodes count them."""
+    return int(round(nfe * denoise))
+
+
 def denoise_count(nfe: int, denoise: float) -> int:
-    """The model calls of a partial run: round(nfe x denoise), as the ComfyUI nodes count them."""
+    """``calls_at(nfe, denoise)``, once ``denoise`` is above 0 and at most 1 (else BadInput)."""
     if not np.isfinite(denoise) or not 0.0 < denoise <= 1.0:
         raise bad_setting("denoise", f"must be above 0 and at most 1, got {denoise}")
-    return int(round(nfe * denoise))
+    return calls_at(nfe, denoise)
 
 
 def partial_run(table: dict, nfe: int, denoise: float, denoise_placement: str = DEFAULT_DENOISE) -> dict:

@@ -52,6 +52,7 @@ from ..build import make_table
 from ..config import MAX_NFE, MIN_TABLE_NFE, StepConfig
 from ..errors import BadInput
 from ..models import SHIFT_RTOL
+from ..partial import calls_at
 from ..schedule_sources import get_schedule
 from ..schedules import EDM, FAMILIES, DiscreteVP, Schedule, preset_of, same_schedule, schedule_from_spec
 from ..solvers import SOLVERS, solver_spec
@@ -148,7 +149,7 @@ def denoise_tail(sigmas: list[float], denoise: float) -> list[float]:
         return list(sigmas)
     if denoise <= 0.0:
         return []
-    kept = round((len(sigmas) - 1) * denoise)
+    kept = calls_at(len(sigmas) - 1, denoise)
     return list(sigmas[-(kept + 1):])
 
 
