@@ -502,11 +502,11 @@ def refine_steps(train: Evaluator, starts: dict, solver, order, variant, fit: Fi
             run = raced[name]
             if name == leader and not run.counts.budget_ended:
                 counts = _run_phases(train, name, args, fit, keepers[name], seen, progress, what, run)
-            elif name == leader or run.counts.budget_ended or run.counts.message.startswith("stopped early"):
+            elif name == leader or run.counts.budget_ended or run.phase_over:
                 counts = run.counts
             else:
                 counts = run.counts._replace(message=f"left the race after {run.counts.iterations} updates "
-                                                     f"(validation error {keepers[name].best_error:.4g}; "
+                                                     f"({keepers[name].noises} error {keepers[name].best_error:.4g}; "
                                                      f"{leader}'s {keepers[leader].best_error:.4g})")
             fits.append(StartFit(name, lam0s[name], keepers[name], counts))
     else:
@@ -575,10 +575,12 @@ class StartFit(NamedTuple):
 
 
 class Raced(NamedTuple):
-    """One start's run in the race (``_race``): its first phase's counts so far and its Adam state."""
+    """One start's run in the race (``_race``): its first phase's counts so far, its Adam state, and
+    whether that phase is over (its patience ran out within the race) rather than paused."""
 
     counts: FitCounts
     state: AdamState
+    phase_over: bool = False
 
 
 def _race(train, names, args, fit: Fit, keepers: dict, seen: dict, progress, what: str) -> dict:
@@ -596,7 +598,8 @@ def _race(train, names, args, fit: Fit, keepers: dict, seen: dict, progress, wha
                                                    seen if fit.network_dtype is None else {}, advance,
                                                    state=state, until=fit.race)
         advance(done, f"{message}; {keepers[name].kept()}", last=True)
-        raced[name] = Raced(FitCounts(done, evaluated, message, ended), state)
+        raced[name] = Raced(FitCounts(done, evaluated, message, ended), state,
+                            phase_over=not ended and state.k < fit.race)
     return raced
 
 
@@ -614,7 +617,7 @@ def _run_phases(train, start: str, args, fit: Fit, keeper: _Keeper, seen: dict, 
         extra = {}
         if k == 0 and raced is not None:
             iterations, evaluations = raced.counts.iterations, raced.counts.evaluations
-            if raced.counts.message.startswith("stopped early"):
+            if raced.phase_over:
                 messages.append(f"{method}: {raced.counts.message}")
                 continue
             extra = {"state": raced.state}
