@@ -14,7 +14,8 @@ noises for models where a full-batch step costs too much). It runs from each of 
 (``candidates``: the table's steps, "table", and the baselines, hand-made grids and named schedules,
 ``baselines``; default every one that fits) with the ``--starts`` lowest training errors whose steps
 differ (``distinct_best``), among those a table can hold, and keeps the fit with the lowest
-validation error. Every error is measured as the consumers
+validation error; the starts race (``Fit.race``): each runs its first Adam updates, and only the
+best of them goes on. Every error is measured as the consumers
 run the steps (N model calls, then sigma 0: ``Evaluator.solve``, docs/cli.md "One frame").
 
 Three sets of noises, by seed: *training* (seed + 1_000_000 ..., ``train_seeds``), *validation*

@@ -284,3 +284,16 @@ def test_a_budget_that_ends_the_race_ends_the_fit_and_runs_no_further_start(file
     assert (second["iterations"], second["message"]) == (0, "not run: the budget ended the race")
     assert second["error"] == second["error_start"]
     assert r.validation_error == min(first["error"], second["error"])
+
+
+@pytest.mark.parametrize("fit,starts,races", [
+    (Fit(), 2, True),
+    (Fit(), 1, False),  # one start: nothing to race
+    (Fit(race=0), 2, False),
+    (Fit(maxiter=10), 2, False),  # a race as long as the fit is the full fit
+    (Fit(maxiter=11), 2, True),
+    (Fit(method="lbfgs"), 2, False),  # L-BFGS-B cannot pause and go on
+    (Fit(method="adam"), 3, True),
+])
+def test_when_the_starts_race(fit, starts, races):
+    assert fit.races(starts) is races
