@@ -395,6 +395,14 @@ SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (
 ALIASES = {alias: spec.name for spec in SOLVERS.values() for alias in spec.aliases}
 
 
+def same_sampler(a: str, b: str, order: int) -> bool:
+    """Whether the registry solvers ``a`` and ``b`` run the same sampler at ``order``: the same
+    predictor step, no corrector, the same order pattern (DPM-Solver++ of order 1 is DDIM)."""
+    sa, sb = SOLVERS[a], SOLVERS[b]
+    return (order in sa.orders and order in sb.orders and sa.step is sb.step
+            and sa.corrector is None and sb.corrector is None and sa.lowers_order_at_end == sb.lowers_order_at_end)
+
+
 def solver_names() -> tuple[str, ...]:
     """The solvers' names, then their aliases: what ``--solver`` accepts."""
     return (*SOLVERS, *ALIASES)

@@ -115,7 +115,7 @@ def test_resolve_uses_the_record_of_the_preset_solver_and_order(d):
 
 
 def test_a_solver_no_study_measured_takes_a_stand_in_that_says_so():
-    for solver, order, nearest in (("dpmpp", 1, ("dpmpp", 2)), ("unipc", 1, ("unipc", 2))):
+    for solver, order, nearest in (("unipc", 1, ("unipc", 2)),):  # UniPC-1 has a corrector: not DDIM
         d = default_record("edm", None, solver, order)
         own = default_record("edm", None, *nearest)
         assert not d.measured and own.measured
@@ -123,6 +123,25 @@ def test_a_solver_no_study_measured_takes_a_stand_in_that_says_so():
         assert d.why.startswith(f"stand-in: no study measured {solver} order {order}")
         c = resolve(StepConfig(schedule="edm", solver=solver, order=order), get_schedule("edm"))
         assert (c.objective, c.init) == (own.objective, own.init)
+
+
+@pytest.mark.parametrize("preset,shift", [("edm", None), ("scaled_linear", None), ("linear", None), ("flow", 3.0)])
+def test_dpm_solver_pp_of_order_1_takes_ddims_measured_steps(preset, shift, tmp_path):
+    """DPM-Solver++ of order 1 is DDIM (one step function, no corrector): it takes DDIM's measured
+    default, not a stand-in from another order, and optimize writes the same steps for both."""
+    from dmsteps_cli.solvers import same_sampler
+
+    assert same_sampler("dpmpp", "ddim", 1) and not same_sampler("dpmpp", "ddim", 2)
+    assert not same_sampler("unipc", "ddim", 1) and not same_sampler("ipndm", "ddim", 1)
+    d, ddim = default_record(preset, shift, "dpmpp", 1), default_record(preset, shift, "ddim", 1)
+    assert d.measured and ddim.measured and (d.objective, d.init) == (ddim.objective, ddim.init)
+    assert d.why == f"DPM-Solver++ order 1 runs the same steps as DDIM (Euler): {ddim.why}"
+    from dmsteps_cli.build import make_table
+
+    tables = [make_table(StepConfig(schedule=preset, shift=shift, solver=s, order=1, nfe=(5, 8)))
+              for s in ("dpmpp", "ddim")]
+    for a, b in zip(*(t["entries"] for t in tables)):
+        assert a["lambda"] == b["lambda"]
 
 
 def test_flow_default_follows_the_nearest_measured_shift():
