@@ -344,12 +344,12 @@ def tables_for(record: ModelRecord, index: dict | None = None, solver: str | Non
     exists; else the family table of the same schedule at the nearest shift (log distance), the
     same solver and order where there is one, else the one whose solver runs the model's order the
     closest; the note says which model-specific table is not built yet and what differs."""
-    from .solvers import solver_spec
+    from .solvers import own_solver, solver_spec
     from .tables import bundled_index
 
     rows = (index or bundled_index())["files"]
-    spec = solver_spec(solver or record.sampler)
     order = order or record.order
+    spec = solver_spec(own_solver(solver_spec(solver or record.sampler).name, order))  # DPM-Solver++ 1: DDIM's
     own = model_table_name(record, spec.name, order)
     names = {row["file"].removesuffix(".json"): row for row in rows}
     if own in names:

@@ -42,7 +42,7 @@ from .errors import SETTING, BadInput, bad_setting, mentioning
 from .grids import GRIDS, grid_lambda
 from .limits import BOUNDS, OPTIMIZED_NFE_MAX, in_bounds
 from .objective import OBJECTIVES, build_objective
-from .solvers import SOLVERS, order_pattern, same_sampler, solver_spec
+from .solvers import SOLVERS, order_pattern, own_solver, solver_spec
 
 GAP_FRACTION = 1e-4  # minimum gap between neighbouring lambdas, as a fraction of lambda(eps) - lambda(T)
 MAXITER = 100  # SLSQP iterations per run
@@ -451,11 +451,11 @@ def default_record(preset: str | None, shift: float | None, solver: str, order: 
     if shifts and shift is not None and shift > 0:  # a bad shift is refused by resolve
         near = min(shifts, key=lambda s: abs(math.log(s / shift)))
         rows = [d for d in rows if d.shift == near]
-    twin = [d for d in rows if d.order == order and d.solver != solver and same_sampler(d.solver, solver, order)]
-    if twin and not any(d.solver == solver and d.order == order for d in rows):
-        d = replace(twin[0], solver=solver,
-                    why=f"{SOLVERS[solver].title} order {order} runs the same steps as {SOLVERS[twin[0].solver].title}: "
-                        f"{twin[0].why}")
+    own = own_solver(solver, order)
+    twin = [d for d in rows if (d.solver, d.order) == (own, order)] if own != solver else []
+    if twin:
+        d = replace(twin[0], solver=solver, why=f"{SOLVERS[solver].title} order {order} runs the same steps as "
+                                                f"{SOLVERS[own].title}: {twin[0].why}")
     else:
         same = [d for d in rows if d.solver == solver] or [d for d in rows if d.solver == STAND_IN_SOLVER]
         d = min(same, key=lambda d: (abs(d.order - order), d.order), default=None)

@@ -403,6 +403,16 @@ def same_sampler(a: str, b: str, order: int) -> bool:
             and sa.corrector is None and sb.corrector is None and sa.lowers_order_at_end == sb.lowers_order_at_end)
 
 
+def own_solver(name: str, order: int) -> str:
+    """The registry solver whose own tables and defaults serve ``name`` at ``order``: another solver
+    of that default order that runs the same sampler there (``same_sampler``: DDIM for DPM-Solver++
+    of order 1), else ``name`` itself."""
+    for spec in SOLVERS.values():
+        if spec.name != name and spec.default_order == order and same_sampler(spec.name, name, order):
+            return spec.name
+    return name
+
+
 def solver_names() -> tuple[str, ...]:
     """The solvers' names, then their aliases: what ``--solver`` accepts."""
     return (*SOLVERS, *ALIASES)

@@ -129,10 +129,12 @@ def test_a_solver_no_study_measured_takes_a_stand_in_that_says_so():
 def test_dpm_solver_pp_of_order_1_takes_ddims_measured_steps(preset, shift, tmp_path):
     """DPM-Solver++ of order 1 is DDIM (one step function, no corrector): it takes DDIM's measured
     default, not a stand-in from another order, and optimize writes the same steps for both."""
-    from dmsteps_cli.solvers import same_sampler
+    from dmsteps_cli.solvers import own_solver, same_sampler
 
     assert same_sampler("dpmpp", "ddim", 1) and not same_sampler("dpmpp", "ddim", 2)
     assert not same_sampler("unipc", "ddim", 1) and not same_sampler("ipndm", "ddim", 1)
+    assert (own_solver("dpmpp", 1), own_solver("dpmpp", 2), own_solver("unipc", 1), own_solver("ddim", 1)) == \
+        ("ddim", "dpmpp", "unipc", "ddim")
     d, ddim = default_record(preset, shift, "dpmpp", 1), default_record(preset, shift, "ddim", 1)
     assert d.measured and ddim.measured and (d.objective, d.init) == (ddim.objective, ddim.init)
     assert d.why == f"DPM-Solver++ order 1 runs the same steps as DDIM (Euler): {ddim.why}"

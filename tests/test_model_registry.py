@@ -190,6 +190,15 @@ def test_without_its_own_table_a_model_gets_the_family_table_of_the_nearest_shif
     assert table_suffix("euler", 1) == "euler" and table_suffix("unipc", 3) == "unipc-o3"
 
 
+def test_dpm_solver_pp_of_order_1_gets_the_euler_table_which_runs_the_same_sampler():
+    index = {"files": [*FAMILY_INDEX["files"], _row("flow-shift3-euler.json", shift=3.0)]}
+    flux = MODELS["flux1-dev-1024"]
+    choice = tables_for(flux, index, solver="dpmpp", order=1)
+    assert choice.name == "flow-shift3-euler" and "made for" not in choice.note
+    assert tables_for(flux, index, solver="euler").name == "flow-shift3-euler"
+    assert tables_for(flux, index, solver="dpmpp", order=2).name == "flow-shift3-dpmpp-o2"
+
+
 # --- dmsteps tables --model ------------------------------------------------------------------------
 
 def _cli(*args):
