@@ -427,8 +427,8 @@ def solvers_of_comfy_sampler(sampler_name: str, sigma_is_kappa: bool | None = No
     (``SolverSpec.comfyui``; variant: the sampler's, else the solver's default); with
     ``sigma_is_kappa`` (a model's ``Schedule.sampler_sigma_is_kappa``) only those it runs exactly on
     such a model (``ComfySampler.exact_on``). First the solvers for which the sampler's order is their
-    own default (``euler``: DDIM before DPM-Solver++ of order 1, whose defaults are measured at other
-    orders), then registry order. Empty: it runs no table."""
+    own default (``euler``: DDIM before DPM-Solver++ of order 1, the same sampler, whose tables and
+    defaults are DDIM's: ``own_solver``), then registry order. Empty: it runs no table."""
     found = [(spec.name, s.order, s.variant or spec.default_variant) for spec in SOLVERS.values() for s in spec.comfyui
              if s.name == sampler_name and (sigma_is_kappa is None or s.exact_on(sigma_is_kappa))]
     return sorted(found, key=lambda x: x[1] != SOLVERS[x[0]].default_order)
